@@ -197,37 +197,39 @@ class ArchSpec:
     def norms_per_layer(self) -> int:
         return 2 * self.hidden_size
 
+    def shared_expert_params_per_layer(self) -> int:
+        """The shared expert(s) of one MoE layer, with Qwen2-MoE's gate."""
+        if not self.shared_expert_intermediate_size:
+            return 0
+        h = self.hidden_size
+        return 3 * h * self.shared_expert_intermediate_size + (h if self.shared_expert_gate else 0)
+
+    def router_params_per_layer(self) -> int:
+        """The router of one MoE layer: gate weight, plus gpt-oss' bias or DeepSeek-V3's correction bias."""
+        e = self.num_experts
+        return self.hidden_size * e + (e if self.router_bias else 0) + (e if self.router_correction_bias else 0)
+
+    def layer_is_moe(self, i: int) -> bool:
+        return self.is_moe and i in self.moe_layers
+
     def param_counts(self) -> dict[str, int]:
         """Parameters by component, plus "total" and "active" (what one token touches, embeddings included)."""
         h = self.hidden_size
         n_moe = len(self.moe_layers) if self.is_moe else 0
         n_dense = self.num_layers - n_moe
-        attention = self.num_layers * self.attention_params_per_layer()
-        dense_mlp = n_dense * self.dense_mlp_params(self.intermediate_size)
         routed = n_moe * self.num_experts * self.expert_params()
-        shared_one = 0
-        if self.shared_expert_intermediate_size:
-            shared_one = 3 * h * self.shared_expert_intermediate_size + (h if self.shared_expert_gate else 0)
-        shared = n_moe * shared_one
-        router_one = h * self.num_experts + (self.num_experts if self.router_bias else 0)
-        router_one += self.num_experts if self.router_correction_bias else 0
-        router = n_moe * router_one
-        norms = self.num_layers * self.norms_per_layer() + h
-        embeddings = self.vocab_size * h
-        lm_head = 0 if self.tie_word_embeddings else self.vocab_size * h
         counts = {
-            "attention": attention,
-            "dense_mlp": dense_mlp,
+            "attention": self.num_layers * self.attention_params_per_layer(),
+            "dense_mlp": n_dense * self.dense_mlp_params(self.intermediate_size),
             "routed_experts": routed,
-            "shared_experts": shared,
-            "router": router,
-            "norms": norms,
-            "embeddings": embeddings,
-            "lm_head": lm_head,
+            "shared_experts": n_moe * self.shared_expert_params_per_layer(),
+            "router": n_moe * self.router_params_per_layer(),
+            "norms": self.num_layers * self.norms_per_layer() + h,
+            "embeddings": self.vocab_size * h,
+            "lm_head": 0 if self.tie_word_embeddings else self.vocab_size * h,
         }
         total = sum(counts.values())
-        routed_active = n_moe * self.num_experts_per_tok * self.expert_params() if n_moe else 0
-        # a tied lm_head is the embedding matrix: touched twice, counted once
+        routed_active = n_moe * self.num_experts_per_tok * self.expert_params()
         counts["total"] = total
         counts["active"] = total - routed + routed_active
         return counts
@@ -388,8 +390,7 @@ def read_arch(cfg: dict) -> ArchSpec:
             moe_layers=_moe_layers_deepseek(r, num_layers),
             shared_expert_intermediate_size=int(r.opt("n_shared_experts", default=0) or 0) * moe_i,
             router_correction_bias=True,
-            # GLM-4.5/4.6/4.7 checkpoints carry q/k/v biases; transformers' default is the same
-            qkv_bias=bool(r.opt("attention_bias", default=True)),
+            qkv_bias=bool(r.opt("attention_bias", default=False)),  # transformers' default
             qk_norm="head" if r.opt("use_qk_norm", default=False) else "none",
         )
     elif arch == "MiniMaxM2ForCausalLM":

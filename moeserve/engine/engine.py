@@ -1,0 +1,293 @@
+"""LLMEngine: requests in, a step at a time, outputs back. Synchronous; the server drives it from one thread.
+
+    add_request -> Scheduler.schedule -> ModelRunner.execute -> Sampler -> detokenize/stop -> RequestOutput
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from moeserve.config import EngineConfig
+from moeserve.engine.detokenizer import IncrementalDetokenizer
+from moeserve.engine.errors import RequestRejected
+from moeserve.engine.kv_cache import KVCacheManager
+from moeserve.engine.request import Request, Status
+from moeserve.engine.runner import ModelRunner
+from moeserve.engine.sampler import Sampler
+from moeserve.engine.scheduler import Scheduler
+from moeserve.loader.model_loader import load_model, resolve_device, resolve_dtype
+from moeserve.outputs import CompletionOutput, RequestOutput
+from moeserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("moeserve")
+
+CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions_total: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype_name, self.device)
+        torch.manual_seed(config.seed)
+        self.timings: dict[str, float] = {}
+
+        loaded = load_model(config, self.device, self.dtype)
+        self.model, self.hf_config, self.tokenizer = loaded.model, loaded.hf_config, loaded.tokenizer
+        self.eos_token_ids = loaded.eos_token_ids
+        self.model_name = config.served_model_name or loaded.source.name
+        self.timings["load_s"] = loaded.load_seconds
+        self.max_model_len = self._resolve_max_model_len()
+        self.max_num_batched_tokens = self._resolve_batched_tokens()
+        self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+        self.runner = ModelRunner(self.model, self.device, self.dtype, config.block_size, self.max_model_len,
+                                  config.max_num_seqs, self.max_num_batched_tokens,
+                                  use_cuda_graphs=not config.enforce_eager)
+        num_blocks = self._num_kv_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, self.max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
+        self.sampler = Sampler(self.hf_config.vocab_size, self.device, config.seed)
+        self.timings["cuda_graphs_s"] = self.runner.capture_cuda_graphs()
+
+        self.requests: dict[str, Request] = {}
+        self.parents: dict[str, list[Request]] = {}
+        self.parent_prompt: dict[str, str | None] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        logger.info("moeserve engine: model=%s device=%s dtype=%s load=%.1fs profile=%.1fs graphs=%.1fs "
+                    "KV blocks=%d (%d tokens, %.2f GiB)", self.model_name, self.device, self.dtype,
+                    self.timings["load_s"], self.timings.get("profile_s", 0.0), self.timings["cuda_graphs_s"],
+                    num_blocks, num_blocks * config.block_size, num_blocks * self.runner.kv_bytes_per_block() / 2**30)
+
+    @classmethod
+    def from_engine_args(cls, **kwargs) -> "LLMEngine":
+        return cls(EngineConfig.from_kwargs(**kwargs))
+
+    # -- sizing --
+    def _resolve_max_model_len(self) -> int:
+        model_max = int(self.hf_config.get("max_position_embeddings", 0) or 0)
+        window = self.hf_config.get("sliding_window") if self.hf_config.get("use_sliding_window", True) else None
+        limit = min(x for x in (model_max, window) if x) if (model_max or window) else None
+        want = self.config.max_model_len
+        if want is None:
+            if limit is None:
+                raise ValueError("config.json gives no max_position_embeddings; pass max_model_len.")
+            return limit
+        if limit and want > limit:
+            raise ValueError(f"max_model_len={want} exceeds the model's limit of {limit} "
+                             f"({'sliding_window' if window and limit == window else 'max_position_embeddings'}).")
+        return want
+
+    def _resolve_batched_tokens(self) -> int:
+        n = self.config.max_num_batched_tokens
+        if not self.config.enable_chunked_prefill:
+            n = n or self.max_model_len
+            if n < self.max_model_len:
+                raise ValueError(f"Without chunked prefill, max_num_batched_tokens ({n}) must be >= "
+                                 f"max_model_len ({self.max_model_len}).")
+            return n
+        return n or max(8192, self.config.max_num_seqs)
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        per_block = self.runner.kv_bytes_per_block()
+        if cfg.num_gpu_blocks_override is not None:
+            return cfg.num_gpu_blocks_override
+        if cfg.kv_cache_memory_bytes is not None:
+            budget = cfg.kv_cache_memory_bytes
+        elif self.device.type == "cpu":
+            budget = CPU_DEFAULT_KV_BYTES
+        else:
+            t0 = time.perf_counter()
+            peak = self.runner.profile_peak_bytes()
+            free, total = torch.cuda.mem_get_info()
+            others = total - free - torch.cuda.memory_reserved()  # CUDA context, other processes
+            budget = int(total * cfg.gpu_memory_utilization) - peak - max(others, 0)
+            self.timings["profile_s"] = time.perf_counter() - t0
+            self.profile_peak_bytes = peak
+            torch.cuda.empty_cache()
+        blocks = budget // per_block
+        if blocks < 1:
+            raise ValueError(f"No memory left for the KV cache: the budget is {budget / 2**30:.2f} GiB after the "
+                             f"weights ({self.weights_bytes / 2**30:.2f} GiB) and activations; one block needs "
+                             f"{per_block} bytes. Raise gpu_memory_utilization / kv_cache_memory_bytes.")
+        return int(blocks)
+
+    def memory_report(self) -> dict:
+        per_block = self.runner.kv_bytes_per_block()
+        total = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        return {
+            "weights_bytes": self.weights_bytes,
+            "kv_bytes_per_token": per_block // self.config.block_size,
+            "num_blocks": self.kv.num_blocks,
+            "block_size": self.config.block_size,
+            "kv_capacity_tokens": self.kv.capacity_tokens,
+            "kv_cache_bytes": per_block * self.kv.num_blocks,
+            "profile_peak_bytes": getattr(self, "profile_peak_bytes", None),
+            "device_memory_bytes": total,
+            "gpu_memory_utilization": self.config.gpu_memory_utilization,
+            "timings": dict(self.timings),
+        }
+
+    # -- requests --
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.parents:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        text = None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("This model has no tokenizer (dummy weights without tokenizer files): "
+                                 "pass prompt_token_ids instead of text.")
+            text = prompt
+            prompt_ids = self.tokenizer.encode(prompt)
+        else:
+            prompt_ids = list(prompt)
+            vocab = self.hf_config.vocab_size
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
+                raise ValueError(f"prompt_token_ids must be integers in [0, {vocab}).")
+        if not prompt_ids:
+            raise ValueError("The prompt is empty.")
+        n_prompt = len(prompt_ids)
+        if n_prompt >= self.max_model_len:
+            raise RequestRejected(f"The prompt has {n_prompt} tokens, but max_model_len is {self.max_model_len} "
+                                  f"(prompt plus at least one generated token must fit).")
+        if n_prompt + 1 > self.kv.capacity_tokens:
+            raise RequestRejected(f"The prompt needs {n_prompt + 1} tokens of KV cache, but the whole pool holds "
+                                  f"{self.kv.capacity_tokens}.")
+        limit = min(self.max_model_len, self.kv.capacity_tokens) - n_prompt
+        max_tokens = min(params.max_tokens or limit, limit)
+        children = []
+        for i in range(params.n):
+            rid = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(rid, request_id, i, prompt_ids, params, max_tokens, arrival_time)
+            if self.tokenizer is not None and params.detokenize:
+                req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
+                                                         params.stop, params.include_stop_str_in_output)
+            children.append(req)
+        for req in children:
+            self.requests[req.request_id] = req
+            self.scheduler.add(req)
+        self.parents[request_id] = children
+        self.parent_prompt[request_id] = text
+
+    def abort_request(self, request_id: str | list[str]) -> None:
+        for rid in [request_id] if isinstance(request_id, str) else request_id:
+            for req in self.parents.pop(rid, []):
+                if not req.finished:
+                    self.scheduler.finish(req)
+                    req.finish_reason = "abort"
+                self.requests.pop(req.request_id, None)
+            self.parent_prompt.pop(rid, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    def get_stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv.usage(), num_preemptions_total=self.scheduler.num_preemptions_total,
+            prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
+            num_free_blocks=self.kv.pool.num_free, num_total_blocks=self.kv.num_blocks,
+            prefix_cache_queries=self.kv.prefix_queries, prefix_cache_hits=self.kv.prefix_hits,
+        )
+
+    # -- one step --
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return []
+        now = time.time()
+        for req, n in zip(batch.requests, batch.num_tokens):
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+        logits, rows = self.runner.execute(batch)
+        for req, n in zip(batch.requests, batch.num_tokens):
+            req.num_computed_tokens += n
+            self.kv.register_full_blocks(req)
+        touched: dict[str, None] = {}
+        if rows:
+            sampled_reqs = [batch.requests[i] for i in rows]
+            result = self.sampler(logits, sampled_reqs, self.eos_token_ids)
+            now = time.time()
+            for j, req in enumerate(sampled_reqs):
+                self._append(req, result.token_ids[j], result.logprobs[j], result.token_logprobs[j], now)
+                touched[req.parent_id] = None
+        return [self._output(pid) for pid in touched if pid in self.parents]
+
+    def _append(self, req: Request, token: int, logprobs, token_logprob, now: float) -> None:
+        req.append_token(token)
+        self.generation_tokens_total += 1
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+            self.prompt_tokens_total += req.num_prompt_tokens
+        req.metrics.last_token_time = now
+        if logprobs is not None:
+            req.logprobs.append(logprobs)
+            req.cumulative_logprob += token_logprob
+        p = req.params
+        stop_token = (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids))
+        if stop_token:  # the sampler bans them until min_tokens
+            return self._finish(req, "stop", token, now)
+        if req.detokenizer is not None:
+            hit = req.detokenizer.add(token)
+            if hit is not None and len(req.output_token_ids) >= p.min_tokens:
+                return self._finish(req, "stop", hit, now)
+        if len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return self._finish(req, "length", None, now)
+
+    def _finish(self, req: Request, reason: str, stop_reason, now: float) -> None:
+        req.finish_reason, req.stop_reason = reason, stop_reason
+        req.metrics.finished_time = now
+        self.scheduler.finish(req)
+
+    def _output(self, parent_id: str) -> RequestOutput:
+        children = self.parents[parent_id]
+        outs = []
+        for r in children:
+            text = r.detokenizer.visible_text(r.finished) if r.detokenizer is not None else ""
+            outs.append(CompletionOutput(
+                index=r.index, text=text, token_ids=list(r.output_token_ids),
+                cumulative_logprob=r.cumulative_logprob if r.logprobs is not None else None,
+                logprobs=list(r.logprobs) if r.logprobs is not None else None,
+                finish_reason=r.finish_reason, stop_reason=r.stop_reason,
+            ))
+        first = children[0]
+        finished = all(r.finished for r in children)
+        metrics = first.metrics
+        if len(children) > 1:
+            from dataclasses import replace
+            metrics = replace(first.metrics,
+                              first_token_time=min((r.metrics.first_token_time for r in children
+                                                    if r.metrics.first_token_time), default=None),
+                              finished_time=max((r.metrics.finished_time or 0) for r in children) or None)
+        out = RequestOutput(request_id=parent_id, prompt=self.parent_prompt.get(parent_id),
+                            prompt_token_ids=first.prompt_token_ids, outputs=outs, finished=finished,
+                            metrics=metrics, num_cached_tokens=first.num_cached_tokens)
+        if finished:
+            for r in children:
+                self.requests.pop(r.request_id, None)
+            self.parents.pop(parent_id, None)
+            self.parent_prompt.pop(parent_id, None)
+        return out

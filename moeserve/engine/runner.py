@@ -1,0 +1,198 @@
+"""Runs one scheduled step on the device: flat token batch in, one logits row per sampling request out.
+
+Inputs are built with numpy into buffers allocated once, copied to the device in one go (pinned, async on
+CUDA). Decode-only batches on CUDA replay a CUDA graph captured per padded batch size.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from moeserve.engine.scheduler import ScheduledBatch
+from moeserve.layers.attention import AttentionMetadata, ForwardContext
+
+
+def _graph_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 1025, 32))
+    return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, block_size: int,
+                 max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int, use_cuda_graphs: bool):
+        self.model = model
+        self.device, self.dtype = device, dtype
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_tokens = max_num_batched_tokens
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.kv_caches: list[torch.Tensor] | None = None
+        self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pin = device.type == "cuda"
+        T, B = max_num_batched_tokens + max_num_seqs, max_num_seqs
+        # Host staging buffers (allocated once).
+        self.h_input_ids = torch.zeros(T, dtype=torch.int64, pin_memory=pin)
+        self.h_positions = torch.zeros(T, dtype=torch.int64, pin_memory=pin)
+        self.h_slots = torch.zeros(T, dtype=torch.int64, pin_memory=pin)
+        self.h_qsl = torch.zeros(B + 1, dtype=torch.int32, pin_memory=pin)
+        self.h_seq_lens = torch.zeros(B, dtype=torch.int32, pin_memory=pin)
+        self.h_tables = torch.zeros(B, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
+        self.h_logits_idx = torch.zeros(B, dtype=torch.int64, pin_memory=pin)
+        # Device buffers: the same tensors every step, so CUDA graphs can replay over them.
+        self.d_input_ids = torch.zeros(T, dtype=torch.int64, device=device)
+        self.d_positions = torch.zeros(T, dtype=torch.int64, device=device)
+        self.d_slots = torch.zeros(T, dtype=torch.int64, device=device)
+        self.d_qsl = torch.zeros(B + 1, dtype=torch.int32, device=device)
+        self.d_seq_lens = torch.zeros(B, dtype=torch.int32, device=device)
+        self.d_tables = torch.zeros(B, self.max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.d_logits_idx = torch.zeros(B, dtype=torch.int64, device=device)
+
+    # -- KV cache --
+    def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        return self.model.kv_cache_shape(num_blocks, self.block_size)
+
+    def kv_bytes_per_block(self) -> int:
+        shape = self.kv_cache_shape(1)
+        return int(np.prod(shape)) * self.model.num_kv_layers() * torch.tensor([], dtype=self.dtype).element_size()
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        shape = self.kv_cache_shape(num_blocks)
+        # zeros, not empty: padded rows of a CUDA graph may read blocks nothing wrote, and must not read NaNs.
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.model.num_kv_layers())]
+
+    # -- one step --
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Run the step; returns (logits [S, V], indices into batch.requests of the S requests that sample)."""
+        B, T, sample_rows = self._prepare(batch)
+        decode_only = T == B
+        if decode_only and self.use_cuda_graphs and self.graphs:
+            hidden = self._replay(B)
+        else:
+            hidden = self._run_eager(B, T)
+        S = len(sample_rows)
+        if S == 0:
+            return torch.empty(0, device=self.device), []
+        logits = self.model.compute_logits(hidden[self.d_logits_idx[:S]])
+        return logits, sample_rows
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[int, int, list[int]]:
+        bs = self.block_size
+        ids, pos, slots = self.h_input_ids.numpy(), self.h_positions.numpy(), self.h_slots.numpy()
+        qsl, seq_lens, tables = self.h_qsl.numpy(), self.h_seq_lens.numpy(), self.h_tables.numpy()
+        logits_idx = self.h_logits_idx.numpy()
+        t = 0
+        sample_rows = []
+        qsl[0] = 0
+        for b, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):
+            start = req.num_computed_tokens
+            end = start + n
+            ids[t:t + n] = req.all_token_ids[start:end]
+            p = np.arange(start, end)
+            pos[t:t + n] = p
+            blocks = np.asarray(req.block_ids, dtype=np.int64)
+            slots[t:t + n] = blocks[p // bs] * bs + p % bs
+            tables[b, : len(blocks)] = blocks
+            seq_lens[b] = end
+            t += n
+            qsl[b + 1] = t
+            if end == req.num_tokens:  # reached the newest token: this request samples
+                logits_idx[len(sample_rows)] = t - 1
+                sample_rows.append(b)
+        B = len(batch.requests)
+        self._upload(B, t, len(sample_rows))
+        self.meta_cpu = (qsl[: B + 1].copy(), seq_lens[:B].copy())
+        return B, t, sample_rows
+
+    def _upload(self, B: int, T: int, S: int) -> None:
+        nb = self.device.type == "cuda"
+        self.d_input_ids[:T].copy_(self.h_input_ids[:T], non_blocking=nb)
+        self.d_positions[:T].copy_(self.h_positions[:T], non_blocking=nb)
+        self.d_slots[:T].copy_(self.h_slots[:T], non_blocking=nb)
+        self.d_qsl[: B + 1].copy_(self.h_qsl[: B + 1], non_blocking=nb)
+        self.d_seq_lens[:B].copy_(self.h_seq_lens[:B], non_blocking=nb)
+        self.d_tables[:B].copy_(self.h_tables[:B], non_blocking=nb)
+        self.d_logits_idx[:S].copy_(self.h_logits_idx[:S], non_blocking=nb)
+
+    def _metadata(self, B: int, T: int, max_query_len: int, max_seq_len: int) -> AttentionMetadata:
+        qsl, seq_lens = self.meta_cpu
+        return AttentionMetadata(
+            slot_mapping=self.d_slots[:T], query_start_loc=self.d_qsl[: B + 1], seq_lens=self.d_seq_lens[:B],
+            block_tables=self.d_tables[:B], max_query_len=max_query_len, max_seq_len=max_seq_len,
+            query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens,
+        )
+
+    def _run_eager(self, B: int, T: int) -> torch.Tensor:
+        qsl, seq_lens = self.meta_cpu
+        meta = self._metadata(B, T, int(np.diff(qsl).max()), int(seq_lens.max()))
+        return self.model(self.d_input_ids[:T], self.d_positions[:T], ForwardContext(meta, self.kv_caches))
+
+    # -- CUDA graphs for decode --
+    def capture_cuda_graphs(self) -> float:
+        """Capture one graph per padded decode batch size; returns the seconds it took."""
+        if not self.use_cuda_graphs:
+            return 0.0
+        t0 = time.perf_counter()
+        pool = None
+        for B in sorted(_graph_sizes(self.max_num_seqs), reverse=True):
+            self.d_qsl[: B + 1].copy_(torch.arange(B + 1, dtype=torch.int32))
+            self.d_seq_lens[:B].fill_(1)
+            self.d_slots[:B].fill_(-1)
+            meta = AttentionMetadata(
+                slot_mapping=self.d_slots[:B], query_start_loc=self.d_qsl[: B + 1], seq_lens=self.d_seq_lens[:B],
+                block_tables=self.d_tables[:B], max_query_len=1, max_seq_len=self.max_model_len,
+            )
+            ctx = ForwardContext(meta, self.kv_caches)
+            with torch.inference_mode():
+                for _ in range(2):  # warm up (autotune, lazy tables) outside the graph
+                    self.model(self.d_input_ids[:B], self.d_positions[:B], ctx)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self.model(self.d_input_ids[:B], self.d_positions[:B], ctx)
+                pool = graph.pool()
+            self.graphs[B] = (graph, out)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def _replay(self, B: int) -> torch.Tensor:
+        padded = next(s for s in sorted(self.graphs) if s >= B)
+        if padded > B:  # padding rows: one query each, nothing written, a 1-token context
+            self.d_slots[B:padded].fill_(-1)
+            self.d_seq_lens[B:padded].fill_(1)
+            self.d_qsl[B + 1: padded + 1].copy_(
+                torch.arange(B + 1, padded + 1, dtype=torch.int32, device=self.device))
+        graph, out = self.graphs[padded]
+        graph.replay()
+        return out[:B]
+
+    # -- memory profiling (CUDA) --
+    @torch.inference_mode()
+    def profile_peak_bytes(self) -> int:
+        """Peak device memory of the largest step the scheduler can produce, with no KV cache attached."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        T = self.max_tokens
+        B = min(self.max_num_seqs, T)
+        per = T // B
+        lens = np.full(B, per)
+        lens[-1] += T - per * B
+        qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        self.meta_cpu = (qsl, lens.astype(np.int32))
+        meta = AttentionMetadata(
+            slot_mapping=self.d_slots[:T], query_start_loc=self.d_qsl[: B + 1], seq_lens=self.d_seq_lens[:B],
+            block_tables=self.d_tables[:B], max_query_len=int(lens.max()), max_seq_len=int(lens.max()),
+            query_start_loc_cpu=qsl, seq_lens_cpu=lens,
+        )
+        self.d_input_ids[:T].random_(0, 100)
+        self.d_positions[:T].copy_(torch.from_numpy(np.concatenate([np.arange(n) for n in lens])))
+        hidden = self.model(self.d_input_ids[:T], self.d_positions[:T], ForwardContext(meta, None))
+        self.model.compute_logits(hidden[: self.max_num_seqs])
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()

@@ -1,0 +1,118 @@
+"""From the last position's logits to the next token of each request, batched.
+
+Order: penalties -> min_tokens ban -> (logprobs of the model's raw distribution) -> greedy argmax, or
+temperature, top-k, top-p, min-p, then a draw. The draw is argmax(p / q) with q ~ Exp(1) noise, which samples
+exactly from p; a seeded request draws its noise from its own generator, so its tokens do not depend on what
+else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeserve.engine.request import Request
+from moeserve.outputs import Logprob
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob] | None]
+    token_logprobs: list[float | None]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device, seed: int):
+        self.vocab_size = vocab_size
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> SampleResult:
+        logits = logits[:, : self.vocab_size].float()
+        raw = logits
+        logits = self._apply_penalties(logits.clone(), reqs, eos_ids)
+
+        want_logprobs = [r.params.logprobs is not None for r in reqs]
+        greedy = torch.tensor([r.params.greedy for r in reqs], device=logits.device)
+        if bool(greedy.all()):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample(logits, reqs, greedy)
+        token_list = tokens.tolist()
+
+        out_lp: list = [None] * len(reqs)
+        tok_lp: list = [None] * len(reqs)
+        if any(want_logprobs):
+            rows = [i for i, w in enumerate(want_logprobs) if w]
+            logp = torch.log_softmax(raw[rows], dim=-1)
+            chosen = tokens[rows]
+            chosen_lp = logp.gather(1, chosen[:, None]).squeeze(1)
+            ranks = (logp > chosen_lp[:, None]).sum(dim=1) + 1
+            max_n = max(reqs[i].params.logprobs for i in rows)
+            top = logp.topk(max_n, dim=-1) if max_n > 0 else None
+            for j, i in enumerate(rows):
+                d = {token_list[i]: Logprob(float(chosen_lp[j]), int(ranks[j]))}
+                n = reqs[i].params.logprobs
+                if n:
+                    for rank, (tid, lp) in enumerate(zip(top.indices[j, :n].tolist(), top.values[j, :n].tolist()), 1):
+                        d.setdefault(tid, Logprob(lp, rank))
+                out_lp[i] = d
+                tok_lp[i] = float(chosen_lp[j])
+        return SampleResult(token_list, out_lp, tok_lp)
+
+    def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> torch.Tensor:
+        for i, r in enumerate(reqs):
+            p = r.params
+            if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+                out_ids = torch.tensor(r.output_token_ids, dtype=torch.long, device=logits.device)
+                if p.repetition_penalty != 1.0:
+                    seen = torch.tensor(r.all_token_ids, dtype=torch.long, device=logits.device).unique()
+                    vals = logits[i, seen]
+                    logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+                if out_ids.numel() and (p.presence_penalty or p.frequency_penalty):
+                    counts = torch.bincount(out_ids, minlength=logits.shape[1])[: logits.shape[1]].float()
+                    logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+            if len(r.output_token_ids) < p.min_tokens:
+                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids)
+                banned = [t for t in banned if t < logits.shape[1]]
+                if banned:
+                    logits[i, banned] = float("-inf")
+        return logits
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request], greedy: torch.Tensor) -> torch.Tensor:
+        dev = logits.device
+        temp = torch.tensor([max(r.params.temperature, 1e-5) for r in reqs], device=dev)
+        probs = torch.softmax(logits / temp[:, None], dim=-1)
+        top_k = [r.params.top_k for r in reqs]
+        top_p = [r.params.top_p for r in reqs]
+        min_p = [r.params.min_p for r in reqs]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            probs = _top_k_top_p(probs, top_k, top_p)
+        if any(m > 0 for m in min_p):
+            mp = torch.tensor(min_p, device=dev)
+            probs = probs.masked_fill(probs < mp[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, r in enumerate(reqs):
+            if r.params.seed is not None:
+                if r.generator is None:
+                    r.generator = torch.Generator(device=dev).manual_seed(r.params.seed + r.index)
+                noise[i] = torch.empty(probs.shape[1], device=dev).exponential_(generator=r.generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+
+def _top_k_top_p(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Zero every token outside each row's top-k and outside the smallest set whose mass reaches top-p."""
+    dev = probs.device
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    V = probs.shape[1]
+    k = torch.tensor([kk if kk > 0 else V for kk in top_k], device=dev)
+    ranks = torch.arange(V, device=dev)[None, :]
+    drop = ranks >= k[:, None]
+    p = torch.tensor(top_p, device=dev)
+    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+    drop |= mass_before >= p[:, None]
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter_(1, idx, sorted_p)

@@ -1,0 +1,107 @@
+"""Which requests run this step, and how many tokens each (continuous batching with chunked prefill).
+
+Every step has a token budget (max_num_batched_tokens). Running requests go first, in arrival order: a decode
+costs one token, an unfinished prefill the next chunk of its prompt. Then waiting requests are admitted while
+budget, max_num_seqs and KV blocks last. When blocks run out, the newest running request is preempted: its
+blocks are freed and it goes back to the front of the queue, to be recomputed later from its tokens (so its
+output continues exactly where it stopped).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from moeserve.engine.kv_cache import KVCacheManager
+from moeserve.engine.request import Request, Status
+
+
+@dataclass
+class ScheduledBatch:
+    requests: list[Request] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)  # new tokens per request this step
+    num_preempted: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, chunked_prefill: bool):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.chunked_prefill = chunked_prefill
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions_total = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate(req, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                batch.num_preempted += 1
+                preempted = True
+                if victim is req:
+                    break
+            if req.status is not Status.RUNNING:
+                break  # req itself was the newest and got preempted
+            batch.requests.append(req)
+            batch.num_tokens.append(n)
+            budget -= n
+            i += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            req = self.waiting[0]
+            computed = self.kv.computed_blocks(req)
+            n = req.num_tokens - len(computed) * self.kv.block_size
+            if n > budget:
+                if not self.chunked_prefill:
+                    break
+                n = budget
+            if not self.kv.allocate(req, n, computed):
+                break
+            self.waiting.popleft()
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = len(computed) * self.kv.block_size
+            req.num_computed_tokens = len(computed) * self.kv.block_size
+            req.status = Status.RUNNING
+            self.running.append(req)
+            batch.requests.append(req)
+            batch.num_tokens.append(n)
+            budget -= n
+        return batch
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request) -> None:
+        """Remove a finished (or aborted) request wherever it is and free its blocks."""
+        if req.status is Status.RUNNING:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        req.status = Status.FINISHED

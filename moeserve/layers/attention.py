@@ -1,0 +1,107 @@
+"""The attention front: write this step's K/V into the paged cache, then attend over each sequence's blocks.
+
+CUDA tensors go to the Triton kernels; CPU tensors take the reference path below (one SDPA call per sequence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """Where a flat batch of tokens sits in the paged cache. Built once per step by the runner."""
+
+    slot_mapping: torch.Tensor  # [T] int64, block_id * block_size + offset; < 0 = padding, not written
+    query_start_loc: torch.Tensor  # [B+1] int32, cumulative query lengths
+    seq_lens: torch.Tensor  # [B] int32, context length of each sequence including this step's tokens
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    max_query_len: int
+    max_seq_len: int
+    # Host copies, so the CPU path never reads the device.
+    query_start_loc_cpu: np.ndarray | None = None
+    seq_lens_cpu: np.ndarray | None = None
+
+
+@dataclass
+class ForwardContext:
+    attn: AttentionMetadata
+    kv_caches: list[torch.Tensor] | None  # per attention layer; None while profiling memory
+
+
+class PagedAttention(nn.Module):
+    """softmax(q k^T * scale) v over the paged cache; GQA via num_heads // num_kv_heads query heads per KV head."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, layer_idx: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.layer_idx = layer_idx
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """q: [T, H, D], k/v: [T, KVH, D] -> [T, H, D]."""
+        meta = ctx.attn
+        if ctx.kv_caches is None:  # memory profiling: no cache yet, attend within the new tokens only
+            return self._attend_uncached(q, k, v, meta)
+        cache = ctx.kv_caches[self.layer_idx]
+        if q.is_cuda:
+            from moeserve.kernels.attention import paged_attention, write_kv_cache
+
+            write_kv_cache(k, v, cache, meta.slot_mapping)
+            return paged_attention(
+                q, cache, query_start_loc=meta.query_start_loc, seq_lens=meta.seq_lens,
+                block_tables=meta.block_tables, scale=self.scale, max_query_len=meta.max_query_len,
+                max_seq_len=meta.max_seq_len,
+            )
+        write_kv_reference(k, v, cache, meta.slot_mapping)
+        return paged_attention_reference(q, cache, meta, self.scale)
+
+    def _attend_uncached(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        out = torch.empty_like(q)
+        qsl = meta.query_start_loc_cpu
+        for b in range(len(qsl) - 1):
+            s, e = int(qsl[b]), int(qsl[b + 1])
+            out[s:e] = _sdpa(q[s:e], k[s:e], v[s:e], self.scale, causal_offset=0)
+        return out
+
+
+def write_kv_reference(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    flat = cache.view(2, -1, cache.shape[-2], cache.shape[-1])
+    flat[0].index_copy_(0, slots, k[keep].to(cache.dtype))
+    flat[1].index_copy_(0, slots, v[keep].to(cache.dtype))
+
+
+def paged_attention_reference(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float):
+    block_size = cache.shape[2]
+    qsl, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+    tables = meta.block_tables.cpu() if meta.block_tables.is_cuda else meta.block_tables
+    out = torch.empty_like(q)
+    for b in range(len(seq_lens)):
+        s, e, ctx_len = int(qsl[b]), int(qsl[b + 1]), int(seq_lens[b])
+        if e == s:
+            continue
+        blocks = tables[b, : (ctx_len + block_size - 1) // block_size].long()
+        k = cache[0, blocks].flatten(0, 1)[:ctx_len]
+        v = cache[1, blocks].flatten(0, 1)[:ctx_len]
+        out[s:e] = _sdpa(q[s:e], k, v, scale, causal_offset=ctx_len - (e - s))
+    return out
+
+
+def _sdpa(q, k, v, scale: float, causal_offset: int) -> torch.Tensor:
+    """Causal attention of n_q queries at positions causal_offset.. over n_k keys. q [nq,H,D], k/v [nk,KVH,D]."""
+    nq, nk = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    mask = torch.arange(nk, device=q.device)[None, :] <= (torch.arange(nq, device=q.device)[:, None] + causal_offset)
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+    )
+    return o.transpose(0, 1)

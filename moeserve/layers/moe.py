@@ -1,0 +1,136 @@
+"""Mixture-of-Experts: one router that the config parameterises, stacked experts, optional shared experts.
+
+Routing variants are data (RouterConfig), not copies:
+  softmax top-k (Mixtral renormalises, Qwen2-MoE does not, Qwen3-MoE per norm_topk_prob),
+  sigmoid scores with a correction bias that only *chooses* experts (DeepSeek-V3, GLM-4.5),
+  group-limited top-k (n_group / topk_group), routed_scaling_factor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeserve.layers.activation import silu_and_mul
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"  # "softmax" | "sigmoid"
+    renormalize: bool = False  # divide the chosen weights by their sum
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"  # how a group is ranked: "max" (DeepSeek-V2) | "top2_sum" (DeepSeek-V3)
+    correction_bias: bool = False  # e_score_correction_bias: added to scores for the choice only
+    routed_scaling_factor: float = 1.0
+
+
+class Router(nn.Module):
+    def __init__(self, hidden_size: int, cfg: RouterConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden_size))
+        if cfg.correction_bias:
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> (weights [T, k] fp32, expert ids [T, k] int32)."""
+        cfg = self.cfg
+        logits = F.linear(x, self.weight).float()
+        scores = logits.softmax(dim=-1) if cfg.scoring == "softmax" else logits.sigmoid()
+        choice = scores + self.e_score_correction_bias.float() if cfg.correction_bias else scores
+        if cfg.n_group > 1:
+            choice = self._limit_to_groups(choice)
+        ids = choice.topk(cfg.top_k, dim=-1, sorted=True).indices
+        weights = scores.gather(1, ids)
+        if cfg.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if cfg.scoring == "sigmoid" else 0.0))
+        if cfg.routed_scaling_factor != 1.0:
+            weights = weights * cfg.routed_scaling_factor
+        return weights, ids.to(torch.int32)
+
+    def _limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        grouped = choice.view(choice.shape[0], cfg.n_group, -1)
+        if cfg.group_score == "top2_sum":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.max(dim=-1).values
+        top_groups = group_scores.topk(cfg.topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf") if cfg.scoring == "softmax" else 0.0).flatten(1)
+
+
+class Experts(nn.Module):
+    """E gated-SiLU experts stacked: w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from moeserve.kernels.fused_moe import fused_moe
+
+            return fused_moe(x, self.w13, self.w2, weights, ids)
+        return experts_reference(x, self.w13, self.w2, weights, ids)
+
+
+def experts_reference(x, w13, w2, weights, ids) -> torch.Tensor:
+    """Per expert: gather its tokens, run the gated MLP, scale by the routing weight, scatter-add back."""
+    out = torch.zeros_like(x)
+    flat_ids = ids.reshape(-1).long()
+    order = flat_ids.argsort(stable=True)
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    tokens = order // ids.shape[1]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        sel, rows = tokens[start:start + n], order[start:start + n]
+        start += n
+        h = silu_and_mul(x[sel] @ w13[e].t()) @ w2[e].t()
+        out.index_add_(0, sel, h * weights.reshape(-1)[rows].unsqueeze(1).to(h.dtype))
+    return out
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) with HF's parameter names (dense MLPs and shared experts)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    """router -> routed experts (+ shared experts, optionally behind a sigmoid gate)."""
+
+    def __init__(self, hidden_size: int, moe_intermediate_size: int, router: RouterConfig,
+                 shared_intermediate_size: int = 0, shared_gate: bool = False):
+        super().__init__()
+        self.gate = Router(hidden_size, router)
+        self.experts = Experts(router.num_experts, hidden_size, moe_intermediate_size)
+        self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size) if shared_intermediate_size else None
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_gate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        out = self.experts(x, weights, ids)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out

@@ -1,0 +1,107 @@
+"""Rotary position embedding (the rotate-half / NeoX convention HF checkpoints use), with rope scaling variants.
+
+cos/sin tables are built once per device for all positions; applying them is an index and a few multiplies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(dim: int, base: float, s: dict) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate low frequencies, keep high ones, ramp between; returns (inv_freq, attention factor)."""
+    factor = s["factor"]
+    old_len = s.get("original_max_position_embeddings", 4096)
+    beta_fast, beta_slow = s.get("beta_fast", 32), s.get("beta_slow", 1)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)
+    extrapolation_weight = 1 - ramp.clamp(0, 1)
+    inv_freq = interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
+    mscale, mscale_all = s.get("mscale", 1.0), s.get("mscale_all_dim", 0.0)
+    if "attention_factor" in s and s["attention_factor"] is not None:
+        attn_factor = float(s["attention_factor"])
+    elif mscale_all:
+        attn_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+    else:
+        attn_factor = yarn_mscale(factor, mscale)
+    return inv_freq, attn_factor
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, rotary_dim: int, max_position: int, base: float, scaling: dict | None = None,
+                 interleaved: bool = False):
+        super().__init__()
+        self.rotary_dim = rotary_dim
+        self.max_position = max_position
+        self.interleaved = interleaved  # GPT-J style pairs (x0,x1),(x2,x3)... instead of halves
+        with torch.device("cpu"):  # models are built on the meta device; the tables are real data
+            self.inv_freq, self.attention_factor = self._inv_freq(rotary_dim, base, scaling)
+        self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def _inv_freq(rotary_dim: int, base: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+        attention_factor = 1.0
+        kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+        if kind == "default":
+            pass
+        elif kind == "linear":
+            inv_freq = inv_freq / scaling["factor"]
+        elif kind == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, scaling)
+        elif kind == "yarn":
+            inv_freq, attention_factor = _yarn_inv_freq(rotary_dim, base, scaling)
+        else:
+            raise ValueError(f"Unsupported rope_scaling type {kind!r}; supported: default, linear, llama3, yarn.")
+        return inv_freq, attention_factor
+
+    def _cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._cache:
+            pos = torch.arange(self.max_position, dtype=torch.float32)
+            freqs = torch.outer(pos, self.inv_freq)
+            self._cache[device] = ((freqs.cos() * self.attention_factor).to(device),
+                                   (freqs.sin() * self.attention_factor).to(device))
+        return self._cache[device]
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: [T, H, D]; cos/sin: [T, 1, rotary_dim/2] fp32
+        rot, rest = x[..., : self.rotary_dim].float(), x[..., self.rotary_dim:]
+        if self.interleaved:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        else:
+            x1, x2 = rot.chunk(2, dim=-1)
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        out = out.to(x.dtype)
+        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        cos, sin = self._cos_sin(q.device)
+        cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -1,0 +1,132 @@
+"""Llama-family decoders: Llama, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm).
+
+    h   = embed(tokens)
+    for each layer:  h = h + Attn(RMSNorm(h));  h = h + MLP(RMSNorm(h))
+    logits = lm_head(RMSNorm(h))
+
+MoE families reuse this skeleton and only replace the MLP (see mixtral.py, qwen_moe.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeserve.layers.attention import ForwardContext, PagedAttention
+from moeserve.layers.moe import GatedMLP
+from moeserve.layers.norm import RMSNorm
+from moeserve.layers.rotary import RotaryEmbedding
+from moeserve.models.hf_config import HFConfig
+
+
+class GQAAttention(nn.Module):
+    def __init__(self, cfg: HFConfig, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+        super().__init__()
+        hidden, self.num_heads, self.num_kv_heads = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = qk_norm
+        rotary_dim = int(self.head_dim * cfg.get("partial_rotary_factor", 1.0))
+        self.rotary = RotaryEmbedding(rotary_dim, cfg.max_position_embeddings, cfg.get("rope_theta", 10000.0),
+                                      cfg.get("rope_scaling"))
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, layer_idx)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, ctx).reshape(T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: HFConfig, self_attn: nn.Module, mlp: nn.Module, mlp_name: str = "mlp"):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp_name = mlp_name  # checkpoints name it "mlp" or, in Mixtral, "block_sparse_moe"
+        setattr(self, mlp_name, mlp)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), positions, ctx)
+        return h + getattr(self, self.mlp_name)(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: HFConfig, layers: list[nn.Module]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, positions, ctx)
+        return self.norm(h)
+
+
+class CausalLM(nn.Module):
+    """embed -> decoder layers -> norm -> lm_head. Subclasses choose attention and MLP per layer."""
+
+    mlp_name = "mlp"
+
+    def __init__(self, cfg: HFConfig):
+        super().__init__()
+        self.config = cfg
+        layers = [
+            DecoderLayer(cfg, self.make_attention(cfg, i), self.make_mlp(cfg, i), self.mlp_name)
+            for i in range(cfg.num_hidden_layers)
+        ]
+        self.model = DecoderModel(cfg, layers)
+        self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
+        if not self.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    # -- the two choices an architecture makes --
+    def make_attention(self, cfg: HFConfig, layer_idx: int) -> nn.Module:
+        bias = bool(cfg.get("attention_bias", False))
+        return GQAAttention(cfg, layer_idx, qkv_bias=bias, o_bias=bias, qk_norm=False)
+
+    def make_mlp(self, cfg: HFConfig, layer_idx: int) -> nn.Module:
+        return GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=bool(cfg.get("mlp_bias", False)))
+
+    # -- what the paged KV cache holds per layer --
+    def num_kv_layers(self) -> int:
+        return len(self.model.layers)
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, self.config.num_key_value_heads, self.config.head_dim)
+
+    # -- the forward pass --
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight).float()
+
+
+class LlamaForCausalLM(CausalLM):
+    pass
+
+
+class Qwen2ForCausalLM(CausalLM):
+    def make_attention(self, cfg, layer_idx):
+        return GQAAttention(cfg, layer_idx, qkv_bias=True, o_bias=False, qk_norm=False)
+
+
+class Qwen3ForCausalLM(CausalLM):
+    def make_attention(self, cfg, layer_idx):
+        return GQAAttention(cfg, layer_idx, qkv_bias=bool(cfg.get("attention_bias", False)), o_bias=False,
+                            qk_norm=True)
