@@ -32,7 +32,7 @@ class Precision:
 
     def component_bytes(self, spec: ArchSpec, component: str) -> float:
         comps = self.components
-        if comps is _EXPERTS and not spec.is_moe:  # int4 / mxfp4 on a dense model
+        if comps == _EXPERTS and not spec.is_moe:  # int4 / mxfp4 on a dense model
             comps = frozenset({"attention", "dense_mlp"})
         return self.bytes_per_param if component in comps else self.base_bytes
 
@@ -166,31 +166,34 @@ def kv_bytes_per_token_per_gpu(spec: ArchSpec, kv_bytes: int, *, attn_tp: int = 
 
 @dataclass(frozen=True)
 class Overhead:
-    """Per-GPU memory that is neither weights nor KV, in bytes."""
+    """Per-GPU memory that is neither weights nor KV, in bytes, inside the memory budget.
+
+    CUDA graphs are captured after the KV cache is sized (as the engine and vLLM do), so their memory comes
+    out of the headroom the budget leaves, not out of the budget."""
 
     cuda_context: int
     communication: int
     activations: int
     sampler: int
-    cuda_graphs: int
 
     @property
     def total(self) -> int:
-        return self.cuda_context + self.communication + self.activations + self.sampler + self.cuda_graphs
+        return self.cuda_context + self.communication + self.activations + self.sampler
 
     def as_dict(self) -> dict[str, int]:
         return {"cuda_context": self.cuda_context, "communication": self.communication,
-                "activations": self.activations, "sampler": self.sampler, "cuda_graphs": self.cuda_graphs,
-                "total": self.total}
+                "activations": self.activations, "sampler": self.sampler, "total": self.total}
 
 
-CUDA_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA context, cuBLAS/cuDNN workspaces, the allocator's slack
+CUDA_CONTEXT_BYTES = int(0.6 * GiB)  # CUDA context and libraries outside the torch allocator
 COMMUNICATION_BYTES = int(0.5 * GiB)  # NCCL buffers and the custom all-reduce, when there are peers
-CUDA_GRAPH_BYTES = int(0.5 * GiB)  # captured decode graphs
 
 
 def activation_values_per_token(spec: ArchSpec, shard: Shard) -> int:
-    """Values alive per token at the peak of one layer's forward (residual stream plus the widest branch)."""
+    """Values alive per token at the peak of one layer's forward: the residual stream plus the widest branch.
+
+    A fused MoE (vLLM-style) keeps, per token and chosen expert, the gate/up output (2N), the activation (N)
+    and the down output (H), N being the expert width on this GPU; the router adds fp32 logits."""
     h, tp = spec.hidden_size, shard.attn_tp
     if spec.attention == "mla":
         heads = spec.num_heads // tp
@@ -200,11 +203,11 @@ def activation_values_per_token(spec: ArchSpec, shard: Shard) -> int:
     else:
         q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         attn = (q + 2 * kv + q) // tp
-    mlp = 3 * spec.intermediate_size // tp if len(spec.moe_layers) < spec.num_layers or not spec.is_moe else 0
+    has_dense_layers = not spec.is_moe or len(spec.moe_layers) < spec.num_layers
+    mlp = 3 * spec.intermediate_size // tp if has_dense_layers else 0
     if spec.is_moe:
-        expert_tp = 1 if shard.ep > 1 else tp
-        k = spec.num_experts_per_tok
-        moe = k * (2 * h + 3 * spec.moe_intermediate_size // expert_tp) + spec.num_experts
+        n = spec.moe_intermediate_size // (1 if shard.ep > 1 else tp)
+        moe = spec.num_experts_per_tok * (3 * n + h) + 2 * spec.num_experts
         moe += 3 * spec.shared_expert_intermediate_size // tp
         mlp = max(mlp, moe)
     return 4 * h + max(attn, mlp)
@@ -218,9 +221,8 @@ def overhead_bytes(
     max_num_batched_tokens: int = 8192,
     max_num_seqs: int = 256,
     act_bytes: int = 2,
-    cuda_graphs: bool = True,
 ) -> Overhead:
-    """Estimate of the non-weight, non-KV memory of one GPU while serving."""
+    """Estimate of the non-weight, non-KV memory of one GPU: what the engine's profiling run would measure."""
     act = max_num_batched_tokens * activation_values_per_token(spec, shard) * act_bytes
     sampler = max_num_seqs * spec.vocab_size * 4 * 2  # fp32 logits and probabilities of the full vocabulary
     return Overhead(
@@ -228,5 +230,4 @@ def overhead_bytes(
         communication=COMMUNICATION_BYTES if world_size > 1 else 0,
         activations=act,
         sampler=sampler,
-        cuda_graphs=CUDA_GRAPH_BYTES if cuda_graphs else 0,
     )
