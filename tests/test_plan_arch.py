@@ -241,3 +241,12 @@ def test_unsupported_architecture_lists_supported():
         assert arch in str(e.value) and arch in SUPPORTED_ARCHITECTURES
     with pytest.raises(ValueError, match="architectures"):
         read_arch({"hidden_size": 8})
+
+
+@pytest.mark.parametrize("name", CATALOG_IDS)
+def test_engine_normalized_config_reads_the_same(name):
+    """The engine holds configs through models.hf_config (text_config unwrapped); the reading must agree."""
+    from moeserve.models.hf_config import HFConfig
+
+    cfg = load_config(name)
+    assert read_arch(HFConfig(cfg).to_dict()) == read_arch(cfg)

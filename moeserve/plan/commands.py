@@ -68,7 +68,7 @@ def _build(plan: Plan, engine: str) -> str:
     if lay.ep > 1:
         layout_flags.append("--enable-expert-parallel")
 
-    if lay.pp > 1:  # one replica spans nodes
+    if lay.pp > 1 and lay.replica_gpus > fleet.gpus_per_node:  # one replica spans nodes
         if lay.dp > 1:
             lines.append(f"# {lay.dp} replicas, each on its own group of {lay.pp} nodes; per replica:")
         if engine == "vllm":
