@@ -1,0 +1,226 @@
+"""moeserve on the pinned workloads, in its own process (the parent, bench_suite.py, collects the JSON).
+
+Order, so that a run stopped at the deadline still has something of each workload: one latency round over
+every batch size, then the throughput workload, then the remaining latency repeats while time allows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+from worker_common import (Partial, base_parser, latency_table, require_device, specs, summarize_latency_runs,
+                           workloads_of)
+from workloads import latency_prompts, median, throughput_prompts
+
+
+def build_llm(a, p: Partial):
+    from moeserve import LLM
+
+    kwargs = dict(model=a.model or _hub_id(a.shape), load_format="dummy", dtype=a.dtype,
+                  max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+                  gpu_memory_utilization=a.gpu_memory_utilization, seed=0)
+    for kv in a.engine_arg:
+        k, _, v = kv.partition("=")
+        kwargs[k] = json.loads(v) if v[:1] in "[{0123456789-tfn\"" else v
+    p.data["engine_args"] = {k: v for k, v in kwargs.items()}
+    t = time.perf_counter()
+    llm = LLM(**kwargs)
+    p.phase("startup", time.perf_counter() - t)
+    eng = getattr(llm, "llm_engine", None)
+    report = getattr(eng, "memory_report", None)
+    if callable(report):
+        try:
+            p.data["memory_report"] = _jsonable(report())
+        except Exception as e:  # a report is nice to have, never a reason to stop
+            p.note(f"memory_report() failed: {e!r}")
+    return llm
+
+
+def _hub_id(shape: str) -> str:
+    from shapes import get_shape
+
+    return get_shape(shape).hub_id
+
+
+def _jsonable(obj):
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        obj = asdict(obj)
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _params(max_tokens: int):
+    from moeserve import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+
+
+def _generate(llm, prompts, max_tokens: int, device):
+    from worker_common import sync
+
+    reqs = [{"prompt_token_ids": ids} for ids in prompts]
+    sync(device)
+    t = time.perf_counter()
+    outs = llm.generate(reqs, _params(max_tokens))
+    sync(device)
+    wall = time.perf_counter() - t
+    if len(outs) != len(prompts):
+        raise RuntimeError(f"asked for {len(prompts)} completions, got {len(outs)}")
+    short = [len(o.outputs[0].token_ids) for o in outs if len(o.outputs[0].token_ids) != max_tokens]
+    if short:
+        raise RuntimeError(f"ignore_eos run produced {len(short)} completions of the wrong length (e.g. {short[:3]}"
+                           f", want {max_tokens})")
+    return outs, wall
+
+
+def latency_run(llm, spec, batch: int, repeat: int, vocab: int, device) -> dict:
+    prompts = latency_prompts(spec, batch, repeat, vocab)
+    outs, e2e = _generate(llm, prompts, spec.output_len, device)
+    run = {"repeat": repeat, "e2e_ms": 1e3 * e2e}
+    ms = [o.metrics for o in outs]
+    if all(m is not None and m.first_token_time is not None and m.finished_time is not None for m in ms):
+        run["ttft_ms"] = median([1e3 * (m.first_token_time - m.arrival_time) for m in ms])
+        run["tpot_ms"] = median([1e3 * (m.finished_time - m.first_token_time) / (spec.output_len - 1) for m in ms])
+        run["timing"] = "request metrics"
+    else:  # no per-request times: TTFT from a one-token run of the same prompts, TPOT from the rest
+        _, ttft = _generate(llm, latency_prompts(spec, batch, repeat + 10_000, vocab), 1, device)
+        run["ttft_ms"] = 1e3 * ttft
+        run["tpot_ms"] = 1e3 * (e2e - ttft) / (spec.output_len - 1)
+        run["timing"] = "wall clock: e2e of the batch and a max_tokens=1 run"
+    run["decode_step_ms"] = run["tpot_ms"]  # all requests of the batch decode together: a step per token
+    return run
+
+
+def run_latency_round(llm, lat, vocab, device, p: Partial, per_batch: dict, repeat: int) -> bool:
+    for b in lat.batch_sizes:
+        last = per_batch.get(b, {}).get("runs", [])
+        need = 1.3 * (last[-1]["e2e_ms"] / 1e3 if last else 0.0)
+        if p.time_left() < need + 5:
+            p.note(f"latency batch {b} repeat {repeat} skipped: {p.time_left():.0f} s left before the deadline")
+            return False
+        t = time.perf_counter()
+        run = latency_run(llm, lat, b, repeat, vocab, device)
+        per_batch[b] = summarize_latency_runs(last + [run])
+        p.data["latency"] = {**latency_table(per_batch), "spec": p.data["latency"]["spec"],
+                             "per_batch": {str(k): v for k, v in per_batch.items()}}
+        p.phase(f"latency_b{b}_r{repeat}", time.perf_counter() - t)
+    return True
+
+
+def estimate_throughput_s(tp, lat_input_len: int, per_batch: dict, conc: int) -> float | None:
+    """Rough time of the throughput workload from the latency runs (prefill rate and the largest batch's step)."""
+    if not per_batch:
+        return None
+    b = max(per_batch)
+    s = per_batch[b]
+    if "tpot_ms" not in s or "ttft_ms" not in s:
+        return None
+    prefill_tok_s = b * lat_input_len / (s["ttft_ms"] / 1e3)
+    step_s = s["tpot_ms"] / 1e3 * (1 + 0.3 * max(0.0, math.log2(conc / b)))
+    return 1.3 * (tp.num_requests * tp.input_len / prefill_tok_s + math.ceil(tp.num_requests / conc) * tp.output_len * step_s)
+
+
+def run_throughput(llm, tp, lat, vocab, device, p: Partial, per_batch: dict, max_num_seqs: int) -> None:
+    from workloads import ThroughputSpec
+
+    kv_tokens = (p.data.get("memory_report") or {}).get("kv_capacity_tokens")
+    conc = max_num_seqs if not kv_tokens else max(1, min(max_num_seqs, int(kv_tokens) // (tp.input_len + tp.output_len)))
+    est = estimate_throughput_s(tp, lat.input_len, per_batch, conc)
+    n = tp.num_requests
+    if est is not None and est > p.time_left() - 10:
+        n = max(conc, int(n * max(0.0, p.time_left() - 10) / est) // conc * conc)
+        p.note(f"throughput: estimated {est:.0f} s for {tp.num_requests} requests but {p.time_left():.0f} s left; "
+               f"running {n} requests instead")
+        tp = ThroughputSpec(num_requests=n, input_len=tp.input_len, output_len=tp.output_len, seed=tp.seed)
+    prompts = throughput_prompts(tp, vocab)
+    p.note(f"throughput: {n} requests x ({tp.input_len} in, {tp.output_len} out), concurrency limit {conc}, "
+           f"estimated {est if est is None else round(est)} s")
+    outs, wall = _generate(llm, prompts, tp.output_len, device)
+    res = {
+        "num_requests": n,
+        "input_len": tp.input_len,
+        "output_len": tp.output_len,
+        "wall_s": wall,
+        "output_tok_s": n * tp.output_len / wall,
+        "total_tok_s": n * (tp.input_len + tp.output_len) / wall,
+        "concurrency_limit": conc,
+    }
+    ms = [o.metrics for o in outs]
+    if all(m is not None and m.first_token_time is not None for m in ms):
+        ttft = sorted(1e3 * (m.first_token_time - m.arrival_time) for m in ms)
+        res["ttft_ms_p50"] = median(ttft)
+    p.data["throughput"] = {**p.data["throughput"], **res}
+    p.phase("throughput", wall)
+
+
+def main(argv=None) -> int:
+    ap = base_parser(__doc__)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--max-model-len", type=int, default=0, help="0: the longest workload's input + output")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    ap.add_argument("--engine-arg", action="append", default=[], help="extra LLM(...) keyword, key=value (JSON value)")
+    ap.add_argument("--vocab-size", type=int, default=0, help="0: from the shape's config")
+    a = ap.parse_args(argv)
+    if not (a.shape or a.model):
+        ap.error("--shape or --model is required")
+    wl = workloads_of(a)
+    tp, lat = specs(a)
+    if not a.max_model_len:
+        a.max_model_len = max(tp.input_len + tp.output_len if "throughput" in wl else 0,
+                              lat.input_len + lat.output_len if "latency" in wl else 0)
+    if "latency" in wl and max(lat.batch_sizes) > a.max_num_seqs:
+        ap.error(f"latency batch {max(lat.batch_sizes)} exceeds --max-num-seqs {a.max_num_seqs}")
+    p = Partial(a.out, "moeserve", a.deadline)
+    device = require_device(a.allow_cpu)
+    vocab = a.vocab_size or _vocab(a)
+    p.data.update(device=str(device), workloads=wl, vocab_size=vocab)
+    from workloads import spec_dict
+
+    if "throughput" in wl:
+        p.data["throughput"] = {"spec": spec_dict(tp)}
+    if "latency" in wl:
+        p.data["latency"] = {"spec": spec_dict(lat), "timing": "median over requests per run, median over runs"}
+    try:
+        llm = build_llm(a, p)
+        t = time.perf_counter()  # warm-up: compile / autotune outside the timed runs
+        warm_in = tp.input_len if "throughput" in wl else lat.input_len
+        _generate(llm, latency_prompts(lat, 2, -1, vocab), 4, device)
+        _generate(llm, latency_prompts(type(lat)(input_len=warm_in, output_len=4), min(16, a.max_num_seqs), -2, vocab),
+                  4, device)
+        p.phase("warmup", time.perf_counter() - t)
+        per_batch: dict = {}
+        if "latency" in wl:
+            run_latency_round(llm, lat, vocab, device, p, per_batch, 0)
+        if "throughput" in wl:
+            run_throughput(llm, tp, lat, vocab, device, p, per_batch, a.max_num_seqs)
+        if "latency" in wl:
+            for r in range(1, lat.repeats):
+                if not run_latency_round(llm, lat, vocab, device, p, per_batch, r):
+                    break
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        p.data["error"] = f"{type(e).__name__}: {e}"
+        p.save()
+        return 1
+    p.done()
+    return 0
+
+
+def _vocab(a) -> int:
+    if a.model:
+        from pathlib import Path
+
+        return int(json.loads((Path(a.model) / "config.json").read_text())["vocab_size"])
+    from shapes import get_shape, load_config
+
+    return int(load_config(get_shape(a.shape))["vocab_size"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
