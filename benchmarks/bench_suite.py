@@ -255,7 +255,8 @@ def main(argv=None) -> int:
         ceil = json.loads((tmp / "ceil.json").read_text()) if (tmp / "ceil.json").exists() else {
             "error": f"roofline.py exited {rc}"}
     log.phase("roofline", time.time() - t)
-    gpu = ceil.get("gpu") or a.gpu_name or "unknown-gpu"
+    smi = meta["versions"].get("nvidia_smi", "").splitlines()
+    gpu = ceil.get("gpu") or a.gpu_name or (smi[0].split(",")[0].strip() if smi else "") or "unknown-gpu"
 
     # 2. each engine in its own process, moeserve first
     partials: dict[str, tuple[dict | None, int | None]] = {}

@@ -188,9 +188,10 @@ def main(argv=None) -> int:
         llm = build_llm(a, p)
         t = time.perf_counter()  # warm-up: compile / autotune outside the timed runs
         warm_in = tp.input_len if "throughput" in wl else lat.input_len
-        _generate(llm, latency_prompts(lat, 2, -1, vocab), 4, device)
-        _generate(llm, latency_prompts(type(lat)(input_len=warm_in, output_len=4), min(16, a.max_num_seqs), -2, vocab),
-                  4, device)
+        warm_out = max(1, min(4, a.max_model_len - warm_in))
+        _generate(llm, latency_prompts(lat, 2, -1, vocab), max(1, min(4, a.max_model_len - lat.input_len)), device)
+        _generate(llm, latency_prompts(type(lat)(input_len=warm_in), min(16, a.max_num_seqs), -2, vocab),
+                  warm_out, device)
         p.phase("warmup", time.perf_counter() - t)
         per_batch: dict = {}
         if "latency" in wl:
