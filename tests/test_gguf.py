@@ -408,7 +408,7 @@ def test_engine_greedy_tokens_match_transformers_generate(engine, reference):
 def test_default_model_answers_a_factual_question(engine):
     from moeserve import SamplingParams
 
-    tok = engine.get_tokenizer() if hasattr(engine, "get_tokenizer") else load_gguf(default_model_path()).tokenizer
+    tok = engine.get_tokenizer()
     text, _ = _chat_ids(tok, CHAT)
     answer = engine.generate([text], SamplingParams(temperature=0, max_tokens=32))[0].outputs[0].text
     assert "Paris" in answer, answer
