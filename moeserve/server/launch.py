@@ -1,0 +1,64 @@
+"""`moeserve serve`: load the engine, start its thread, and serve the OpenAI API with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from moeserve.server.serving import ServerSettings
+
+logger = logging.getLogger("moeserve")
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """--chat-template is a file path or the Jinja template itself."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:
+        raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template.")
+    return value
+
+
+def build_server(engine, *, served_model_names: list[str] | None = None, api_key: str | None = None,
+                 chat_template: str | None = None, max_waiting_requests: int = 4096,
+                 max_request_body_bytes: int = 16 * 1024 * 1024, max_logprobs: int = 20):
+    """The FastAPI app around an LLMEngine, with the engine thread started. Returns (app, async_engine)."""
+    from moeserve.engine.async_engine import AsyncLLMEngine
+    from moeserve.server.app import build_app
+    from moeserve.server.metrics import ServerMetrics
+    from moeserve.server.serving import OpenAIServing
+
+    names = list(served_model_names or [engine.model_name])
+    async_engine = AsyncLLMEngine(engine, max_waiting_requests=max_waiting_requests)
+    metrics = ServerMetrics(lambda: async_engine.stats, names[0])
+    async_engine.observer = metrics
+    settings = ServerSettings(model_names=names, max_model_len=engine.max_model_len, chat_template=chat_template,
+                              max_logprobs=max_logprobs, api_key=api_key,
+                              max_request_body_bytes=max_request_body_bytes)
+    app = build_app(OpenAIServing(async_engine, engine.tokenizer, settings), metrics)
+    async_engine.start()
+    return app, async_engine
+
+
+def run_server(args, engine_args: dict) -> int:
+    import uvicorn
+
+    from moeserve.engine.engine import LLMEngine
+
+    chat_template = read_chat_template(args.chat_template)
+    engine = LLMEngine.from_engine_args(**engine_args)
+    app, async_engine = build_server(
+        engine, served_model_names=args.served_model_name, api_key=args.api_key, chat_template=chat_template,
+        max_waiting_requests=args.max_waiting_requests, max_request_body_bytes=args.max_request_body_bytes,
+        max_logprobs=args.max_logprobs)
+    logger.info("moeserve: serving %s on http://%s:%d/v1 (max_model_len=%d)", engine.model_name, args.host,
+                args.port, engine.max_model_len)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                    timeout_graceful_shutdown=5)
+    finally:
+        async_engine.shutdown()
+    return 0
