@@ -1,0 +1,370 @@
+"""Paged KV-cache write and paged attention (prefill with cached prefixes, decode, mixed batches) in Triton.
+
+Cache of one layer: kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim] (0 = K, 1 = V); a token's slot
+is block_id * block_size + offset. Semantics: moeserve.kernels.reference.
+
+One attention kernel serves every batch. A program owns BLOCK_Q query tokens of one sequence and one kv head, and
+packs those tokens times the HP query heads that share the kv head into the rows of its tile, so K/V is read once
+per group (GQA). Pure decode (max_query_len == 1) runs one program per (sequence, kv head, context segment) and
+merges the segments in a second small kernel (split-K), so batch 1 still fills the GPU. Every grid size depends
+only on tensor shapes and max_query_len; real lengths are read on the device (CUDA-graph safe, no host syncs).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeserve.kernels import runtime
+from moeserve.kernels.autotune import Config, bucket, get_tuner
+
+LOG2E = 1.4426950408889634
+
+
+# ---------------------------------------------------------------------------------------------- KV write
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head,
+    block_size,
+    KVH: tl.constexpr, D: tl.constexpr, KVH_P: tl.constexpr, D_P: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    h = tl.arange(0, KVH_P)[:, None]
+    d = tl.arange(0, D_P)[None, :]
+    mask = (h < KVH) & (d < D) & (slot >= 0)
+    page = tl.maximum(slot, 0) // block_size
+    dst = cache_ptr + page * stride_c_blk + (slot % block_size) * stride_c_tok + h * stride_c_head + d
+    kx = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    vx = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    tl.store(dst, kx.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + stride_c_kv, vx.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """kv_cache[0/1] at each token's slot = k/v. k, v: [T, KVH, D]; slot_mapping [T] int64, < 0 = skip.
+
+    No block sizes to tune: one program copies one token's KVH x D values of K and of V.
+    """
+    runtime.check_device("write_kv_cache", k, v, kv_cache, slot_mapping)
+    _check_cache(kv_cache)
+    T, kvh, d = k.shape
+    if v.shape != k.shape or kv_cache.shape[3:] != (kvh, d):
+        raise ValueError(f"write_kv_cache: k {tuple(k.shape)}, v {tuple(v.shape)} vs cache {tuple(kv_cache.shape)}")
+    if slot_mapping.shape != (T,):
+        raise ValueError(f"write_kv_cache: slot_mapping shape {tuple(slot_mapping.shape)}, expected ({T},)")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("write_kv_cache: k and v need a contiguous last dimension")
+    if T == 0:
+        return
+    _write_kv_kernel[(T,)](
+        k, v, kv_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        kv_cache.shape[2],
+        KVH=kvh, D=d, KVH_P=runtime.next_pow2(kvh), D_P=runtime.next_pow2(d),
+        num_warps=1 if kvh * d <= 512 else 4,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- attention
+@triton.jit
+def _attend_keys(q, q_pos, m_i, l_i, acc, kv_base, bt_row, lo, hi, scale_log2e, d,
+                 stride_c_kv, stride_c_blk, stride_c_tok,
+                 PAGE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+                 MASKED: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over keys [lo, hi) of one sequence's pages. MASKED=False: every key in whole tiles is
+    visible to every row (no bounds or causal mask); MASKED=True: tail and diagonal tiles."""
+    d_ok = d < D
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        if MASKED:
+            p_ok = pos < hi
+            page = tl.load(bt_row + pos // PAGE, mask=p_ok, other=0).to(tl.int64)
+            kv_mask = p_ok[:, None] & d_ok[None, :]
+        else:
+            page = tl.load(bt_row + pos // PAGE).to(tl.int64)
+            kv_mask = d_ok[None, :]
+        off = page * stride_c_blk + (pos % PAGE) * stride_c_tok
+        if MASKED or D != D_P:
+            k = tl.load(kv_base + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(kv_base + stride_c_kv + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(kv_base + off[:, None] + d[None, :])
+            v = tl.load(kv_base + stride_c_kv + off[:, None] + d[None, :])
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e
+        if MASKED:
+            s = tl.where(p_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = m_new
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit(do_not_specialize=["num_seqs"])
+def _attn_kernel(
+    q_ptr, kv_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    qsl_ptr, seq_lens_ptr, bt_ptr,
+    scale_log2e, num_seqs,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head,
+    stride_bt, num_heads,
+    PAGE: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, D_P: tl.constexpr, NUM_SEG: tl.constexpr, DECODE: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    if DECODE:
+        tile = tl.program_id(0)
+    else:  # reversed: late query tiles of long sequences have the most keys, start them first
+        tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    kvh = tl.program_id(1)
+    seg = tl.program_id(2)
+    if DECODE:
+        b = tile
+    else:
+        # Tiles of sequence b start at qsl[b] // BLOCK_Q + b (an upper bound on the tiles before it):
+        # find the last sequence whose first tile is <= this one.
+        lo = num_seqs * 0
+        hi = num_seqs - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            first = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+            lo = tl.where(first <= tile, mid, lo)
+            hi = tl.where(first <= tile, hi, mid - 1)
+        b = lo
+    q_begin = tl.load(qsl_ptr + b)
+    n_q = tl.load(qsl_ptr + b + 1) - q_begin
+    if DECODE:
+        q0 = 0
+    else:
+        q0 = (tile - (q_begin // BLOCK_Q + b)) * BLOCK_Q
+    if q0 >= n_q:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx_start = seq_len - n_q  # absolute position of the sequence's first new token
+
+    rows = tl.arange(0, BLOCK_Q * HP)
+    q_idx = q0 + rows // HP
+    hh = rows % HP
+    row_ok = (q_idx < n_q) & (hh < G)
+    head = kvh * G + hh
+    q_pos = ctx_start + q_idx
+    d = tl.arange(0, D_P)
+    d_ok = d < D
+    tok = (q_begin + q_idx).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+
+    kv_end = tl.minimum(seq_len, ctx_start + tl.minimum(q0 + BLOCK_Q, n_q))  # past the last visible key
+    if NUM_SEG > 1:
+        seg_len = tl.cdiv(tl.cdiv(kv_end, NUM_SEG), BLOCK_N) * BLOCK_N
+        k_lo = seg * seg_len
+        k_hi = tl.maximum(tl.minimum(kv_end, k_lo + seg_len), k_lo)  # empty segments stay empty
+    else:
+        k_lo = 0
+        k_hi = kv_end
+
+    m_i = tl.full([BLOCK_Q * HP], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q * HP], tl.float32)
+    acc = tl.zeros([BLOCK_Q * HP, D_P], tl.float32)
+    kv_base = kv_ptr + kvh * stride_c_head
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    # Keys before the tile's first query position are visible to every row: whole tiles of them skip the mask.
+    k_full = tl.minimum(tl.maximum(ctx_start + q0 + 1, k_lo), k_hi)
+    k_full = k_lo + (k_full - k_lo) // BLOCK_N * BLOCK_N
+    m_i, l_i, acc = _attend_keys(q, q_pos, m_i, l_i, acc, kv_base, bt_row, k_lo, k_full, scale_log2e, d,
+                                 stride_c_kv, stride_c_blk, stride_c_tok,
+                                 PAGE, BLOCK_N, D, D_P, False, DOT_F32, PRECISION)
+    m_i, l_i, acc = _attend_keys(q, q_pos, m_i, l_i, acc, kv_base, bt_row, k_full, k_hi, scale_log2e, d,
+                                 stride_c_kv, stride_c_blk, stride_c_tok,
+                                 PAGE, BLOCK_N, D, D_P, True, DOT_F32, PRECISION)
+
+    if NUM_SEG > 1:  # unnormalised partials; _merge_segments_kernel combines them
+        part = (tok * num_heads + head) * NUM_SEG + seg
+        tl.store(part_acc_ptr + part[:, None] * D_P + d[None, :], acc, mask=row_ok[:, None])
+        tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+    else:
+        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_segments_kernel(
+    out_ptr, part_acc_ptr, part_ml_ptr, stride_ot, stride_oh, num_heads,
+    D: tl.constexpr, D_P: tl.constexpr, NUM_SEG: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    s = tl.arange(0, NUM_SEG)
+    d = tl.arange(0, D_P)
+    part = (t * num_heads + h) * NUM_SEG + s
+    m = tl.load(part_ml_ptr + part * 2)
+    l = tl.load(part_ml_ptr + part * 2 + 1)
+    acc = tl.load(part_acc_ptr + part[:, None] * D_P + d[None, :])
+    m_max = tl.max(m, 0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)))
+    denom = tl.sum(w * l, 0)
+    o = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    *,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of every sequence's new tokens over its paged context. Returns [T, num_heads, head_dim].
+
+    q: [T, H, D]; query_start_loc [B+1] int32; seq_lens [B] int32 (context incl. the new tokens, already written
+    to the cache); block_tables [B, max_blocks] int32. max_query_len picks the kernel (1 = decode) and must bound
+    the real query lengths; max_seq_len is only an upper bound (decode graphs pass max_model_len).
+    """
+    runtime.check_device("paged_attention", q, kv_cache, query_start_loc, seq_lens, block_tables)
+    _check_cache(kv_cache)
+    T, num_heads, d = q.shape
+    _, _, page, kv_heads, d_cache = kv_cache.shape
+    B = seq_lens.shape[0]
+    if d_cache != d or num_heads % kv_heads:
+        raise ValueError(f"paged_attention: q {tuple(q.shape)} does not fit cache {tuple(kv_cache.shape)}")
+    if query_start_loc.shape != (B + 1,) or block_tables.dim() != 2 or block_tables.shape[0] != B:
+        raise ValueError(f"paged_attention: query_start_loc {tuple(query_start_loc.shape)}, seq_lens ({B},), "
+                         f"block_tables {tuple(block_tables.shape)} disagree")
+    if q.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        raise ValueError("paged_attention: q and block_tables need a contiguous last dimension")
+    if max_query_len < 1:
+        raise ValueError(f"paged_attention: max_query_len must be >= 1, got {max_query_len}")
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"paged_attention: out {tuple(out.shape)} must match q {tuple(q.shape)}, last dim contiguous")
+    if T == 0 or B == 0:
+        return out
+
+    group = num_heads // kv_heads
+    decode = max_query_len == 1
+    shape = AttnShape(T, B, group, d, page, kv_heads, q.dtype, decode, max_seq_len)
+    cfg = get_tuner().choose(
+        "paged_attention", shape.key(), _attn_candidates(shape),
+        lambda c: _launch_attention(c, shape, q, kv_cache, query_start_loc, seq_lens, block_tables, scale, out),
+        _attn_default(shape),
+    )
+    _launch_attention(cfg, shape, q, kv_cache, query_start_loc, seq_lens, block_tables, scale, out)
+    return out
+
+
+class AttnShape:
+    """What the launch and the tuning key depend on (all host-side ints: no device reads)."""
+
+    def __init__(self, T, B, group, d, page, kv_heads, dtype, decode, max_seq_len):
+        self.T, self.B, self.group, self.d, self.page = T, B, group, d, page
+        self.kv_heads, self.dtype, self.decode, self.max_seq_len = kv_heads, dtype, decode, max_seq_len
+
+    def key(self) -> str:
+        mode = f"decode|B={bucket(self.B)}" if self.decode else f"prefill|T={bucket(self.T, 16384)}"
+        return f"{mode}|G={self.group}|D={self.d}|page={self.page}|{str(self.dtype).removeprefix('torch.')}"
+
+
+def _attn_candidates(s: AttnShape) -> list[Config]:
+    cands = _attn_candidates_16bit(s)
+    if s.dtype.itemsize > 2 or s.d > 128:  # keep the pipelined K/V tiles inside shared memory
+        for c in cands:
+            c["BLOCK_N"] = max(16, c["BLOCK_N"] // 2)
+    return cands
+
+
+def _attn_candidates_16bit(s: AttnShape) -> list[Config]:
+    if s.decode:
+        return [
+            {"BLOCK_N": 16, "SEG_X": 1, "num_warps": 4, "num_stages": 2},
+            {"BLOCK_N": 32, "SEG_X": 1, "num_warps": 4, "num_stages": 3},
+            {"BLOCK_N": 64, "SEG_X": 1, "num_warps": 4, "num_stages": 3},
+            {"BLOCK_N": 32, "SEG_X": 2, "num_warps": 4, "num_stages": 3},
+            {"BLOCK_N": 64, "SEG_X": 2, "num_warps": 8, "num_stages": 2},
+        ]
+    return [
+        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
+    ]
+
+
+def _attn_default(s: AttnShape) -> Config:
+    return _attn_candidates(s)[1]
+
+
+def _num_segments(s: AttnShape, cfg: Config, device: torch.device) -> int:
+    """Split the context of decode sequences until there are about two programs per multiprocessor."""
+    if not s.decode:
+        return 1
+    want = runtime.next_pow2(-(-2 * runtime.num_sms(device) // (s.B * s.kv_heads))) * cfg["SEG_X"]
+    most = runtime.next_pow2(max(1, -(-s.max_seq_len // cfg["BLOCK_N"])))
+    return max(1, min(want, most, 64))
+
+
+def _launch_attention(cfg, s: AttnShape, q, kv_cache, qsl, seq_lens, block_tables, scale, out) -> None:
+    num_heads = q.shape[1]
+    hp = runtime.next_pow2(s.group)
+    d_p = max(16, runtime.next_pow2(s.d))
+    if s.decode:
+        block_q, hp = 1, max(hp, 16)  # tl.dot needs >= 16 rows
+        grid0 = s.B
+    else:
+        block_q = max(1, cfg["BLOCK_M"] // hp)
+        hp = max(hp, 16 // block_q)
+        grid0 = s.T // block_q + s.B
+    segs = _num_segments(s, cfg, q.device)
+    if segs > 1:
+        part_acc = torch.empty(s.T * num_heads * segs * d_p, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(s.T * num_heads * segs * 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
+    dot_f32, precision = runtime.dot_flags(q.dtype)
+    _attn_kernel[(grid0, s.kv_heads, segs)](
+        q, kv_cache, out, part_acc, part_ml,
+        qsl, seq_lens, block_tables,
+        scale * LOG2E, s.B,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables.stride(0), num_heads,
+        PAGE=s.page, G=s.group, HP=hp, BLOCK_Q=block_q, BLOCK_N=cfg["BLOCK_N"], D=s.d, D_P=d_p,
+        NUM_SEG=segs, DECODE=s.decode, DOT_F32=dot_f32, PRECISION=precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if segs > 1:
+        _merge_segments_kernel[(s.T, num_heads)](
+            out, part_acc, part_ml, out.stride(0), out.stride(1), num_heads,
+            D=s.d, D_P=d_p, NUM_SEG=segs, num_warps=4 if s.d >= 128 else 2,
+        )
+
+
+def _check_cache(kv_cache: torch.Tensor) -> None:
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(f"kv_cache must be [2, num_blocks, block_size, kv_heads, head_dim], got {tuple(kv_cache.shape)}")
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache needs a contiguous last dimension")

@@ -1,0 +1,173 @@
+"""Block-size choice per (kernel, shape bucket, GPU), timed once and cached on disk, always reported.
+
+The first call of a kernel on a new shape bucket times a handful of candidate configs on the real inputs
+(triton.testing.do_bench, median) and keeps the fastest; the result goes to
+`$MOESERVE_CACHE_DIR/autotune/<gpu>.json` (default `~/.cache/moeserve/autotune/<gpu>.json`) and later processes
+read it from there. Every choice is reported once per process with where it came from: `tuned` (timed now),
+`cache`, or `heuristic` (interpreter, MOESERVE_AUTOTUNE=0, or a call during CUDA graph capture, where nothing can
+be timed - the runner should warm each shape up eagerly before capturing it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from moeserve.kernels import runtime
+
+logger = logging.getLogger("moeserve.kernels.autotune")
+
+Config = dict[str, int]
+
+
+def bucket(n: int, cap: int | None = None) -> int:
+    """Round n up to a power of two (1, 2, 4, ...), at most cap."""
+    b = runtime.next_pow2(max(1, n))
+    return min(b, cap) if cap else b
+
+
+def cache_path(gpu_slug: str | None = None) -> Path:
+    root = Path(os.environ.get("MOESERVE_CACHE_DIR") or "~/.cache/moeserve").expanduser()
+    return root / "autotune" / f"{gpu_slug or runtime.gpu_slug()}.json"
+
+
+def _report(message: str) -> None:
+    """Log at INFO; when logging is not configured at all, print to stderr so the choice is never silent."""
+    if logging.getLogger().hasHandlers() or logger.hasHandlers():
+        logger.info(message)
+    else:
+        print(f"[moeserve.autotune] {message}", file=sys.stderr, flush=True)
+
+
+class Autotuner:
+    """One per process (see `get_tuner`); thread-safe enough for one engine."""
+
+    def __init__(self, path: Path | None = None):
+        self._path = path
+        self._disk: dict[str, dict] | None = None
+        self._chosen: dict[str, dict] = {}  # full key -> {"config", "source", ...}
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        if self._path is None:
+            self._path = cache_path()
+        return self._path
+
+    def choose(
+        self,
+        kernel: str,
+        key: str,
+        candidates: list[Config],
+        run: Callable[[Config], object],
+        default: Config,
+    ) -> Config:
+        """The config for this (kernel, shape key): memo, then disk cache, then timing (or the heuristic default)."""
+        full = f"{kernel}|{key}"
+        hit = self._chosen.get(full)
+        if hit is not None:
+            return hit["config"]
+        with self._lock:
+            if runtime.interpreting() or os.environ.get("MOESERVE_AUTOTUNE", "1") == "0":
+                why = "interpreter" if runtime.interpreting() else "MOESERVE_AUTOTUNE=0"
+                return self._settle(full, default, "heuristic", f"({why}, not timed)")
+            cached = self._load_disk().get(full)
+            if cached is not None and cached.get("config") in candidates:
+                return self._settle(full, cached["config"], "cache", f"from {self.path}")
+            if runtime.capturing():
+                # Nothing can be timed inside a capture; do not memoise, so an eager call can still tune it.
+                if full not in self._warned:
+                    self._warned.add(full)
+                    _report(f"{full}: NOT TUNED (first call is inside CUDA graph capture), heuristic {default}")
+                return default
+            return self._tune(full, candidates, run)
+
+    def _tune(self, full: str, candidates: list[Config], run: Callable[[Config], object]) -> Config:
+        import torch
+        import triton.testing
+
+        # The inputs may still be in flight on the caller's stream; timing runs on a side stream.
+        torch.cuda.current_stream().synchronize()
+        timings: list[tuple[float, Config]] = []
+        for cfg in candidates:
+            try:
+                # Replayed from a CUDA graph: kernel time without Python launch overhead, as decode graphs run.
+                ms = triton.testing.do_bench_cudagraph(lambda: run(cfg), rep=20, return_mode="median")
+            except Exception as exc:  # a config the compiler rejects (shared memory, registers) is skipped
+                _report(f"{full}: candidate {cfg} failed ({type(exc).__name__}: {str(exc)[:120]}), skipped")
+                continue
+            if math.isfinite(ms):
+                timings.append((ms, cfg))
+        if not timings:
+            raise RuntimeError(f"autotune {full}: every candidate config failed")
+        timings.sort(key=lambda t: t[0])
+        best_ms, best = timings[0]
+        table = ", ".join(f"{_short(c)}={ms * 1e3:.1f}us" for ms, c in timings)
+        self._save_disk(full, {"config": best, "ms": best_ms, "timings_ms": [[c, ms] for ms, c in timings]})
+        return self._settle(full, best, "tuned",
+                            f"{best_ms * 1e3:.1f} us (graph replay median); tried {table}; saved to {self.path}")
+
+    def _settle(self, full: str, config: Config, source: str, detail: str) -> Config:
+        self._chosen[full] = {"config": dict(config), "source": source}
+        _report(f"{full}: {_short(config)} [{source}] {detail}")
+        return config
+
+    def report(self) -> dict[str, dict]:
+        """Every choice made in this process: full key -> {"config", "source"}."""
+        return {k: dict(v) for k, v in self._chosen.items()}
+
+    def _load_disk(self) -> dict[str, dict]:
+        if self._disk is None:
+            self._disk = {}
+            try:
+                self._disk = json.loads(self.path.read_text()).get("entries", {})
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError) as exc:
+                _report(f"autotune cache {self.path} unreadable ({exc}); starting empty")
+        return self._disk
+
+    def _save_disk(self, full: str, entry: dict) -> None:
+        self._load_disk()[full] = entry
+        path = self.path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            on_disk: dict[str, dict] = {}
+            if path.exists():  # merge: another process may have tuned other keys meanwhile
+                on_disk = json.loads(path.read_text()).get("entries", {})
+            on_disk.update(self._disk)
+            payload = {"gpu": runtime.gpu_name(), "entries": dict(sorted(on_disk.items()))}
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+                json.dump(payload, f, indent=1)
+            os.replace(f.name, path)
+        except (OSError, ValueError) as exc:
+            _report(f"autotune cache {path} not written ({exc}); the choice holds for this process only")
+
+
+def _short(cfg: Config) -> str:
+    return "/".join(f"{k}{v}" for k, v in cfg.items())
+
+
+_TUNER: Autotuner | None = None
+
+
+def get_tuner() -> Autotuner:
+    global _TUNER
+    if _TUNER is None:
+        _TUNER = Autotuner()
+    return _TUNER
+
+
+def reset_tuner(path: Path | None = None) -> Autotuner:
+    """A fresh process-wide tuner (tests; or after changing MOESERVE_CACHE_DIR)."""
+    global _TUNER
+    _TUNER = Autotuner(path)
+    return _TUNER

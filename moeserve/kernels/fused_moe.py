@@ -1,0 +1,252 @@
+"""Fused MoE experts in Triton: sort pairs by expert, gate/up GEMM with SiLU-and-mul, down GEMM with the routing
+weight folded in, then a sum over the K experts of each token.
+
+    out[t] = sum_k w[t,k] * w2[e] @ (silu(w13[e,:I] @ x[t]) * (w13[e,I:] @ x[t])),  e = topk_ids[t,k]
+
+Per chunk of tokens (so a 64k-token prefill stays inside memory):
+  1. moe_align.align_pairs: (token, k) pairs grouped by expert, padded per expert to BLOCK_M rows;
+  2. _gate_up_kernel: one BLOCK_M x BLOCK_N tile of gate and of up per program, fp32 accumulators, SiLU(gate) * up
+     in the epilogue -> inter1 [pairs, I] (model dtype), rows indexed by pair;
+  3. _down_kernel: inter1 rows @ w2[e]^T, times the pair's routing weight (fp32) -> inter2 [pairs, H];
+  4. out[t] = sum over k of inter2[t*K + k] (torch.sum: fp32 accumulation, one rounding), no atomics.
+Grids depend only on shapes (an upper bound of expert blocks; blocks past the used length exit at once), nothing
+syncs with the host: CUDA-graph safe. Block sizes come from the autotuner, per token-count bucket.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeserve.kernels import runtime
+from moeserve.kernels.autotune import Config, bucket, get_tuner
+from moeserve.kernels.moe_align import align_pairs
+
+DEFAULT_CHUNK = 16384
+
+
+@triton.jit
+def _block_rows(pid_m, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, num_experts,
+                BLOCK_M: tl.constexpr, SORTED: tl.constexpr):
+    """(expert, pair ids of the BLOCK_M rows) of row block pid_m; expert -1 = nothing to do.
+
+    SORTED: blocks of the expert-sorted pair list. Otherwise one pair per block (block_expert_ptr is then the
+    flat topk_ids): no sort launch at all, which wins when there are so few pairs that experts rarely repeat.
+    """
+    rows = tl.arange(0, BLOCK_M)
+    if SORTED:
+        e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        e = tl.where(pid_m * BLOCK_M < tl.load(num_post_ptr), e, -1)
+        pair = tl.load(sorted_ptr + pid_m * BLOCK_M + rows)
+    else:
+        e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        e = tl.where((e >= 0) & (e < num_experts), e, -1)
+        pair = tl.where(rows == 0, pid_m, num_pairs)
+    return e, pair
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, w_ptr, inter_ptr, sorted_ptr, block_expert_ptr, num_post_ptr,
+    num_pairs, num_experts, H, I, stride_xt, stride_we, stride_wn, stride_it,
+    TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SORTED: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(I, BLOCK_N)
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
+    e, pair = _block_rows(pid_m, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, num_experts,
+                          BLOCK_M, SORTED)
+    if e < 0:
+        return
+    row_ok = pair < num_pairs
+    tok = tl.where(row_ok, pair // TOPK, 0).to(tl.int64)  # padding rows read token 0, never stored
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < I
+    kk = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * stride_xt + kk[None, :]
+    g_ptrs = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn + kk[:, None]
+    u_ptrs = g_ptrs + I * stride_wn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        if EVEN_K and EVEN_N:
+            a = tl.load(a_ptrs)
+            g = tl.load(g_ptrs)
+            u = tl.load(u_ptrs)
+        else:
+            k_ok = kk < H - k0
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if DOT_F32:
+            a = a.to(tl.float32)
+            g = g.to(tl.float32)
+            u = u.to(tl.float32)
+        acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    dst = inter_ptr + pair[:, None].to(tl.int64) * stride_it + n[None, :]
+    tl.store(dst, h.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    inter_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, topk_w_ptr,
+    num_pairs, num_experts, H, I, stride_it, stride_we, stride_wn, stride_ot,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SORTED: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(H, BLOCK_N)
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
+    e, pair = _block_rows(pid_m, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, num_experts,
+                          BLOCK_M, SORTED)
+    if e < 0:
+        return
+    row_ok = pair < num_pairs
+    row = tl.where(row_ok, pair, 0).to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < H
+    kk = tl.arange(0, BLOCK_K)
+    a_ptrs = inter_ptr + row[:, None] * stride_it + kk[None, :]
+    b_ptrs = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn + kk[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        if EVEN_K and EVEN_N:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = kk < I - k0
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if DOT_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    acc = acc * tl.load(topk_w_ptr + row, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    dst = out_ptr + row[:, None] * stride_ot + n[None, :]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [T, H]; w13 [E, 2I, H] (gate rows then up rows); w2 [E, H, I]; topk_weights [T, K]; topk_ids [T, K]."""
+    runtime.check_device("fused_moe", x, w13, w2, topk_weights, topk_ids)
+    T, H = x.shape
+    E, two_i, h_w = w13.shape
+    inter = two_i // 2
+    K = topk_ids.shape[1] if topk_ids.dim() == 2 else -1
+    if two_i % 2 or h_w != H or w2.shape != (E, H, inter):
+        raise ValueError(f"fused_moe: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} disagree")
+    if topk_ids.shape != (T, K) or topk_weights.shape != (T, K):
+        raise ValueError(f"fused_moe: topk_ids {tuple(topk_ids.shape)} and topk_weights "
+                         f"{tuple(topk_weights.shape)} must both be [{T}, K]")
+    if topk_ids.dtype not in (torch.int32, torch.int64) or not topk_weights.is_floating_point():
+        raise ValueError(f"fused_moe: topk_ids must be int32/int64 (got {topk_ids.dtype}), weights floating")
+    if x.dtype != w13.dtype or x.dtype != w2.dtype:
+        raise ValueError(f"fused_moe: x {x.dtype}, w13 {w13.dtype}, w2 {w2.dtype} must share a dtype")
+    if x.stride(-1) != 1 or w13.stride(-1) != 1 or w2.stride(-1) != 1:
+        raise ValueError("fused_moe: x, w13 and w2 need a contiguous last dimension")
+    if chunk_size < 1:
+        raise ValueError(f"fused_moe: chunk_size must be >= 1, got {chunk_size}")
+    if out is None:
+        out = torch.empty_like(x)
+    if T == 0:
+        return out
+    topk_weights = topk_weights.contiguous()
+    topk_ids = topk_ids.contiguous()
+
+    rows = min(T, chunk_size)
+    key = f"T={bucket(rows)}|E={E}|K={K}|H={H}|I={inter}|{str(x.dtype).removeprefix('torch.')}"
+    inter1 = torch.empty(rows * K, inter, dtype=x.dtype, device=x.device)
+    inter2 = torch.empty(rows * K, H, dtype=x.dtype, device=x.device)
+
+    def run(cfg: Config, lo: int = 0) -> None:
+        hi = min(lo + rows, T)
+        _moe_chunk(cfg, x[lo:hi], w13, w2, topk_weights[lo:hi], topk_ids[lo:hi], out[lo:hi], inter1, inter2)
+
+    cands = moe_candidates(bucket(rows), K, E, x.element_size())
+    cfg = get_tuner().choose("fused_moe", key, cands, run, cands[0])
+    for lo in range(0, T, rows):
+        run(cfg, lo)
+    return out
+
+
+def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, inter2) -> None:
+    T, H = x.shape
+    E, two_i, _ = w13.shape
+    inter = two_i // 2
+    K = topk_ids.shape[1]
+    pairs = T * K
+    bm = cfg["BLOCK_M"]
+    if cfg.get("SORT", 1):
+        sorted_pairs, block_expert, num_post, num_blocks = align_pairs(topk_ids, E, bm)
+    else:  # one pair per row block, experts straight from topk_ids
+        block_expert = topk_ids.reshape(-1)
+        sorted_pairs = num_post = block_expert  # unused
+        num_blocks = pairs
+    sort = bool(cfg.get("SORT", 1))
+    dot_f32, precision = runtime.dot_flags(x.dtype)
+    bn1, bk1 = cfg["BLOCK_N1"], cfg["BLOCK_K1"]
+    _gate_up_kernel[(num_blocks * triton.cdiv(inter, bn1),)](
+        x, w13, inter1, sorted_pairs, block_expert, num_post,
+        pairs, E, H, inter, x.stride(0), w13.stride(0), w13.stride(1), inter1.stride(0),
+        TOPK=K, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=bk1, EVEN_K=H % bk1 == 0, EVEN_N=inter % bn1 == 0,
+        SORTED=sort, DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg["W1"], num_stages=cfg["S1"],
+    )
+    bn2, bk2 = cfg["BLOCK_N2"], cfg["BLOCK_K2"]
+    _down_kernel[(num_blocks * triton.cdiv(H, bn2),)](
+        inter1, w2, inter2, sorted_pairs, block_expert, num_post, topk_weights,
+        pairs, E, H, inter, inter1.stride(0), w2.stride(0), w2.stride(1), inter2.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=bk2, EVEN_K=inter % bk2 == 0, EVEN_N=H % bn2 == 0,
+        SORTED=sort, DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg["W2"], num_stages=cfg["S2"],
+    )
+    torch.sum(inter2[:pairs].view(T, K, H), dim=1, out=out)
+
+
+def _cfg(bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, sort=1) -> Config:
+    return {"BLOCK_M": bm, "BLOCK_N1": bn1, "BLOCK_K1": bk1, "W1": w1, "S1": s1,
+            "BLOCK_N2": bn2, "BLOCK_K2": bk2, "W2": w2, "S2": s2, "SORT": sort}
+
+
+def moe_candidates(tokens: int, top_k: int, num_experts: int, elem_bytes: int = 2) -> list[Config]:
+    """A handful of configs per regime of rows per expert (tokens = the bucket); the first is the heuristic."""
+    per_expert = tokens * top_k / num_experts
+    if per_expert <= 1:  # decode: each expert sees ~1 row, weight streaming dominates
+        cands = [_cfg(16, 32, 128, 4, 4, 64, 128, 4, 4), _cfg(16, 64, 128, 4, 4, 128, 64, 4, 4),
+                 _cfg(16, 32, 256, 4, 3, 32, 256, 4, 3), _cfg(16, 16, 256, 2, 4, 64, 256, 4, 3)]
+        if tokens * top_k <= 2 * top_k:  # one or two tokens: experts rarely repeat, skip the sort
+            cands += [_cfg(16, 32, 128, 4, 4, 64, 128, 4, 4, sort=0), _cfg(16, 16, 256, 2, 4, 64, 256, 4, 3, sort=0)]
+    elif per_expert <= 16:
+        cands = [_cfg(16, 64, 128, 4, 4, 64, 128, 4, 4), _cfg(16, 32, 128, 4, 4, 64, 128, 4, 4),
+                 _cfg(32, 64, 64, 4, 4, 64, 128, 4, 4), _cfg(16, 64, 256, 4, 3, 128, 128, 4, 3)]
+    elif per_expert <= 128:
+        cands = [_cfg(64, 64, 64, 4, 4, 128, 64, 4, 4), _cfg(32, 64, 128, 4, 3, 64, 128, 4, 3),
+                 _cfg(64, 128, 64, 8, 3, 128, 64, 8, 3), _cfg(32, 128, 64, 4, 4, 128, 64, 4, 4)]
+    else:
+        cands = [_cfg(128, 64, 64, 4, 4, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 3, 128, 64, 8, 4),
+                 _cfg(64, 128, 64, 4, 4, 128, 64, 4, 4), _cfg(128, 128, 64, 8, 4, 256, 64, 8, 3),
+                 _cfg(64, 64, 64, 4, 4, 64, 64, 4, 4)]
+    if elem_bytes > 2:  # fp32: half the K depth keeps the pipelined tiles inside shared memory
+        for c in cands:
+            c["BLOCK_K1"], c["BLOCK_K2"] = max(16, c["BLOCK_K1"] // 2), max(16, c["BLOCK_K2"] // 2)
+    return cands

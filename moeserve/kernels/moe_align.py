@@ -1,0 +1,143 @@
+"""Sort (token, expert) pairs by expert, each expert's run padded to a multiple of BLOCK_M, on the device.
+
+Outputs, for pairs p = t * K + k with expert ids[p]:
+  sorted_pairs [num_blocks * BLOCK_M] int32: pair ids grouped by expert (stable), padding slots = num_pairs;
+  block_expert [num_blocks] int32: the expert of each BLOCK_M block, -1 for blocks past the end;
+  num_post_pad [1] int32: the used length of sorted_pairs (a multiple of BLOCK_M).
+num_blocks = cdiv(M + min(E, M) * (BLOCK_M - 1), BLOCK_M) bounds the blocks any routing can need, so every grid
+depends on shapes only (CUDA-graph safe). Ids outside [0, E) are dropped (their pairs get no output row).
+
+Up to SINGLE_MAX pairs one program does everything (one launch: the decode path); beyond it, three launches:
+count per chunk of pairs, plan (prefix sums, block experts), scatter. Counting uses a one-hot [CHUNK, E] tile, so
+the order inside an expert is the pair order and the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeserve.kernels import runtime
+
+SINGLE_MAX = 2048
+
+
+@triton.jit
+def _count_pairs(ids_ptr, lo, hi, E_P: tl.constexpr, CHUNK: tl.constexpr):
+    e_r = tl.arange(0, E_P)
+    counts = tl.zeros([E_P], tl.int32)
+    for c in range(lo, hi, CHUNK):
+        offs = c + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < hi, other=-1).to(tl.int32)
+        counts += tl.sum((ids[:, None] == e_r[None, :]).to(tl.int32), 0)
+    return counts
+
+
+@triton.jit
+def _scatter_pairs(ids_ptr, sorted_ptr, lo, hi, running, E_P: tl.constexpr, CHUNK: tl.constexpr):
+    """running[e] = the slot of expert e's next pair; each pair goes to running[e] + its rank in the chunk."""
+    e_r = tl.arange(0, E_P)
+    for c in range(lo, hi, CHUNK):
+        offs = c + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < hi, other=-1).to(tl.int32)
+        onehot = (ids[:, None] == e_r[None, :]).to(tl.int32)
+        rank = tl.cumsum(onehot, 0) - 1
+        dest = tl.sum(onehot * (rank + running[None, :]), 1)
+        ok = (offs < hi) & (tl.sum(onehot, 1) > 0)
+        tl.store(sorted_ptr + dest, offs, mask=ok)
+        running += tl.sum(onehot, 0)
+
+
+@triton.jit
+def _plan_blocks(counts, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, num_experts, num_blocks,
+                 BLOCK_M: tl.constexpr, E_P: tl.constexpr, CHUNK_B: tl.constexpr):
+    """Padded offsets per expert; writes num_post_pad, the padding slots and block_expert. Returns the starts."""
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    tl.store(num_post_ptr, tl.sum(padded, 0))
+    slot = (starts + counts)[:, None] + tl.arange(0, BLOCK_M)[None, :]
+    tl.store(sorted_ptr + slot, tl.zeros([E_P, BLOCK_M], tl.int32) + num_pairs, mask=slot < ends[:, None])
+    for bc in range(0, num_blocks, CHUNK_B):
+        blk = bc + tl.arange(0, CHUNK_B)
+        expert = tl.sum((ends[None, :] <= (blk * BLOCK_M)[:, None]).to(tl.int32), 1)
+        tl.store(block_expert_ptr + blk, tl.where(expert < num_experts, expert, -1), mask=blk < num_blocks)
+    return starts
+
+
+@triton.jit
+def _align_single_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, num_experts, num_blocks,
+                         BLOCK_M: tl.constexpr, E_P: tl.constexpr, CHUNK: tl.constexpr, CHUNK_B: tl.constexpr):
+    counts = _count_pairs(ids_ptr, 0, num_pairs, E_P, CHUNK)
+    starts = _plan_blocks(counts, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, num_experts, num_blocks,
+                          BLOCK_M, E_P, CHUNK_B)
+    _scatter_pairs(ids_ptr, sorted_ptr, 0, num_pairs, starts, E_P, CHUNK)
+
+
+@triton.jit
+def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, per_prog, E_P: tl.constexpr, CHUNK: tl.constexpr):
+    p = tl.program_id(0)
+    lo = p * per_prog
+    counts = _count_pairs(ids_ptr, lo, tl.minimum(lo + per_prog, num_pairs), E_P, CHUNK)
+    tl.store(counts_ptr + p * E_P + tl.arange(0, E_P), counts)
+
+
+@triton.jit
+def _align_plan_kernel(counts_ptr, base_ptr, sorted_ptr, block_expert_ptr, num_post_ptr,
+                       num_pairs, num_experts, num_blocks, num_progs,
+                       BLOCK_M: tl.constexpr, E_P: tl.constexpr, P_P: tl.constexpr, CHUNK_B: tl.constexpr):
+    p = tl.arange(0, P_P)[:, None]
+    e = tl.arange(0, E_P)[None, :]
+    per_chunk = tl.load(counts_ptr + p * E_P + e, mask=p < num_progs, other=0)
+    starts = _plan_blocks(tl.sum(per_chunk, 0), sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs,
+                          num_experts, num_blocks, BLOCK_M, E_P, CHUNK_B)
+    base = starts[None, :] + tl.cumsum(per_chunk, 0) - per_chunk
+    tl.store(base_ptr + p * E_P + e, base, mask=p < num_progs)
+
+
+@triton.jit
+def _align_scatter_kernel(ids_ptr, sorted_ptr, base_ptr, num_pairs, per_prog,
+                          E_P: tl.constexpr, CHUNK: tl.constexpr):
+    p = tl.program_id(0)
+    lo = p * per_prog
+    running = tl.load(base_ptr + p * E_P + tl.arange(0, E_P))
+    _scatter_pairs(ids_ptr, sorted_ptr, lo, tl.minimum(lo + per_prog, num_pairs), running, E_P, CHUNK)
+
+
+def num_blocks_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
+    return -(-(num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m)
+
+
+def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """(sorted_pairs, block_expert, num_post_pad, num_blocks) for topk_ids [T, K]; see the module docstring."""
+    ids = topk_ids.reshape(-1)
+    if not ids.is_contiguous():
+        ids = ids.contiguous()
+    m = ids.numel()
+    device = ids.device
+    num_blocks = num_blocks_bound(m, num_experts, block_m)
+    sorted_pairs = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    num_post = torch.empty(1, dtype=torch.int32, device=device)
+    e_p = runtime.next_pow2(num_experts)
+    chunk = max(16, min(128, 8192 // e_p))
+    chunk_b = max(16, min(128, 8192 // e_p))
+    if m <= SINGLE_MAX:
+        _align_single_kernel[(1,)](
+            ids, sorted_pairs, block_expert, num_post, m, num_experts, num_blocks,
+            BLOCK_M=block_m, E_P=e_p, CHUNK=chunk, CHUNK_B=chunk_b, num_warps=4,
+        )
+    else:
+        per_prog = max(SINGLE_MAX, -(-m // 128))
+        per_prog = -(-per_prog // chunk) * chunk
+        progs = -(-m // per_prog)
+        counts = torch.empty(progs, e_p, dtype=torch.int32, device=device)
+        base = torch.empty(progs, e_p, dtype=torch.int32, device=device)
+        _align_count_kernel[(progs,)](ids, counts, m, per_prog, E_P=e_p, CHUNK=chunk, num_warps=4)
+        _align_plan_kernel[(1,)](
+            counts, base, sorted_pairs, block_expert, num_post, m, num_experts, num_blocks, progs,
+            BLOCK_M=block_m, E_P=e_p, P_P=runtime.next_pow2(progs), CHUNK_B=chunk_b, num_warps=8,
+        )
+        _align_scatter_kernel[(progs,)](ids, sorted_pairs, base, m, per_prog, E_P=e_p, CHUNK=chunk, num_warps=4)
+    return sorted_pairs, block_expert, num_post, num_blocks

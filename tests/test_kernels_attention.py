@@ -1,0 +1,163 @@
+"""Paged KV write and paged attention kernels against the plain-torch reference, on fresh random inputs.
+
+On a CUDA machine the compiled kernels run on larger shapes; without CUDA the same tests run the kernels in the
+Triton interpreter on tiny shapes (TRITON_INTERPRET=1, set before the kernels are imported).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from moeserve.kernels import reference, runtime  # noqa: E402
+
+
+def _load(name: str, probe: str):
+    """Import a kernel module; re-import it if it was imported before TRITON_INTERPRET was set (CPU only)."""
+    mod = importlib.import_module(f"moeserve.kernels.{name}")
+    if not CUDA:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        runtime.patch_interpreter_for_numpy()
+        if not isinstance(getattr(mod, probe), InterpretedFunction):
+            mod = importlib.reload(mod)
+    return mod
+
+
+attention = _load("attention", "_attn_kernel")
+DEVICE = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "NaN in output"
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def make_batch(ctx_lens, q_lens, heads, kv_heads, head_dim, page, dtype, seed, spare_blocks=3):
+    """A cache with random pages (shuffled block ids), block tables, and q for the new tokens."""
+    g = torch.Generator().manual_seed(seed)
+    pages = [-(-c // page) for c in ctx_lens]
+    num_blocks = sum(pages) + spare_blocks
+    cache = torch.randn(2, num_blocks, page, kv_heads, head_dim, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.full((len(ctx_lens), max(pages) + 2), num_blocks - 1, dtype=torch.int32)  # junk past the end
+    used = 0
+    for b, n in enumerate(pages):
+        tables[b, :n] = perm[used:used + n].int()
+        used += n
+    qsl = torch.zeros(len(ctx_lens) + 1, dtype=torch.int32)
+    qsl[1:] = torch.tensor(q_lens).cumsum(0)
+    q = torch.randn(int(qsl[-1]), heads, head_dim, generator=g).to(dtype)
+    seq_lens = torch.tensor(ctx_lens, dtype=torch.int32)
+    return [t.to(DEVICE) for t in (q, cache, qsl, seq_lens, tables)]
+
+
+def run_both(ctx_lens, q_lens, heads, kv_heads, head_dim, page, dtype, seed, max_seq_len=None):
+    q, cache, qsl, seq_lens, tables = make_batch(ctx_lens, q_lens, heads, kv_heads, head_dim, page, dtype, seed)
+    scale = head_dim ** -0.5
+    out = torch.full_like(q, float("nan"))  # poison: every element must be written
+    attention.paged_attention(
+        q, cache, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables, scale=scale,
+        max_query_len=max(q_lens), max_seq_len=max_seq_len or max(ctx_lens), out=out,
+    )
+    ref = reference.ref_paged_attention(q.double(), cache.double(), query_start_loc=qsl, seq_lens=seq_lens,
+                                        block_tables=tables, scale=scale)
+    return out, ref
+
+
+# (ctx_lens, q_lens, heads, kv_heads, head_dim, page): decode, prefill, cached prefix, mixed; odd lengths.
+CASES_CPU = [
+    ([5, 17, 40], [1, 1, 1], 8, 2, 64, 16),          # decode, GQA 4
+    ([1, 33], [1, 1], 4, 4, 128, 16),                # decode, MHA, context of one token
+    ([9, 21], [9, 21], 8, 1, 64, 16),                # prefill from scratch, GQA 8
+    ([37, 50], [20, 3], 4, 2, 80, 32),               # prefill over a cached prefix, head_dim 80, page 32
+    ([5, 37, 40, 2], [5, 20, 1, 1], 6, 2, 64, 16),   # mixed: prefill + chunked prefill + decodes, group 3
+]
+CASES_GPU = CASES_CPU + [
+    ([384] * 32, [1] * 32, 32, 4, 128, 16),
+    ([4096, 1000, 17], [1, 1, 1], 32, 4, 128, 16),
+    ([1024, 777], [1024, 300], 32, 4, 128, 16),
+    ([3000, 129, 64, 1], [512, 129, 1, 1], 16, 16, 128, 32),
+    ([2000, 513], [257, 513], 32, 8, 96, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES_GPU if CUDA else CASES_CPU)
+def test_paged_attention_matches_reference(case, dtype):
+    ctx, ql, h, kvh, d, page = case
+    seed = int(torch.randint(0, 2**31 - 1, ()))  # fresh inputs each run; the seed is in the failure message
+    out, ref = run_both(ctx, ql, h, kvh, d, page, dtype, seed=seed)
+    err = rel_err(out, ref)
+    assert err < TOL[dtype], f"relative error {err:.2e} (seed {seed})"
+
+
+def test_decode_split_context_and_loose_max_seq_len(monkeypatch):
+    """Many context segments per sequence (split-K) and max_seq_len far above the real lengths (decode graphs)."""
+    monkeypatch.setattr(runtime, "num_sms", lambda device: 64)
+    out, ref = run_both([70, 3, 130], [1, 1, 1], 4, 2, 64, 16, torch.float32, seed=7, max_seq_len=4096)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_padding_sequence_without_queries():
+    """A sequence with no new tokens (padding in a batch) takes no output rows and does not disturb the rest."""
+    q, cache, qsl, seq_lens, tables = make_batch([12, 30, 7], [4, 0, 7], 4, 2, 64, 16, torch.float32, seed=3)
+    out = attention.paged_attention(q, cache, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
+                                    scale=0.125, max_query_len=7, max_seq_len=30)
+    ref = reference.ref_paged_attention(q.double(), cache.double(), query_start_loc=qsl, seq_lens=seq_lens,
+                                        block_tables=tables, scale=0.125)
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_cache_matches_reference(dtype):
+    g = torch.Generator().manual_seed(11)
+    T, kvh, d, page, blocks = 13, 2, 80, 16, 5
+    qkv = torch.randn(T, 4 + 2 * kvh, d, generator=g).to(dtype)
+    k, v = qkv[:, 4:4 + kvh], qkv[:, 4 + kvh:]  # strided views, as split from a fused qkv projection
+    slots = torch.randperm(blocks * page, generator=g)[:T]
+    slots[[2, 7]] = -1  # padding tokens: skipped
+    cache = torch.randn(2, blocks, page, kvh, d, generator=g).to(dtype)
+    expect = cache.clone()
+    reference.ref_write_kv_cache(k, v, expect, slots)
+    cache, k, v, slots = cache.to(DEVICE), k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE)
+    attention.write_kv_cache(k, v, cache, slots)
+    assert torch.equal(cache.cpu(), expect)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, cache, qsl, seq_lens, tables = make_batch([5], [5], 4, 2, 64, 16, torch.float32, seed=1)
+    with pytest.raises(ValueError, match="does not fit"):
+        attention.paged_attention(q[:, :3], cache, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
+                                  scale=1.0, max_query_len=5, max_seq_len=5)
+    with pytest.raises(ValueError, match="kv_cache must be"):
+        attention.write_kv_cache(q[:, :2], q[:, :2], cache[0], torch.zeros(5, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        attention.write_kv_cache(q[:, :2], q[:, :2], cache, torch.zeros(4, dtype=torch.int64, device=DEVICE))
+
+
+class _Pick:
+    """Stands in for the autotuner: always the candidate at one index (every candidate must be correct)."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def choose(self, kernel, key, candidates, run, default):
+        return candidates[self.index % len(candidates)]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_every_tuning_candidate_is_correct(index, monkeypatch):
+    monkeypatch.setattr(attention, "get_tuner", lambda: _Pick(index))
+    for ctx, ql in (([19, 40], [1, 1]), ([37, 50], [20, 3])):
+        out, ref = run_both(ctx, ql, 8, 2, 64, 16, torch.float32, seed=index)
+        assert rel_err(out, ref) < TOL[torch.float32], (index, ctx, ql)

@@ -1,0 +1,111 @@
+"""The autotuner: times candidates, keeps the fastest, caches it on disk per GPU, and reports every choice."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+pytest.importorskip("triton")
+import triton.testing  # noqa: E402
+
+from moeserve.kernels import autotune, runtime  # noqa: E402
+
+def _take(caplog) -> str:
+    text = caplog.text
+    caplog.clear()
+    return text
+
+
+CANDIDATES = [{"BLOCK": 16}, {"BLOCK": 32}, {"BLOCK": 64}]
+FAKE_MS = {16: 0.30, 32: 0.10, 64: 0.20}
+
+
+@pytest.fixture
+def gpu_like(monkeypatch, tmp_path, caplog):
+    """Pretend to be on a GPU outside graph capture, with a fake timer: time depends on the config only."""
+    monkeypatch.setenv("MOESERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("MOESERVE_AUTOTUNE", raising=False)
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)
+    monkeypatch.setattr(runtime, "capturing", lambda: False)
+    monkeypatch.setattr(runtime, "gpu_slug", lambda device=None: "Fake_GPU")
+    monkeypatch.setattr(runtime, "gpu_name", lambda device=None: "Fake GPU")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: type("S", (), {"synchronize": lambda self: None})())
+    caplog.set_level(logging.INFO, logger="moeserve.kernels.autotune")
+
+    def fake_bench(fn, rep=20, return_mode="median"):
+        return FAKE_MS[fn()]
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake_bench)
+    return tmp_path
+
+
+def test_tunes_once_caches_on_disk_and_reports(gpu_like, caplog):
+    tmp_path = gpu_like
+    runs: list[int] = []
+
+    def run(cfg):
+        runs.append(cfg["BLOCK"])
+        return cfg["BLOCK"]
+
+    tuner = autotune.Autotuner()
+    assert tuner.choose("k", "T=8", CANDIDATES, run, CANDIDATES[0]) == {"BLOCK": 32}
+    assert sorted(runs) == [16, 32, 64]
+    err = _take(caplog)
+    assert "k|T=8: BLOCK32 [tuned]" in err and "BLOCK16=300.0us" in err
+    path = tmp_path / "autotune" / "Fake_GPU.json"
+    entry = json.loads(path.read_text())["entries"]["k|T=8"]
+    assert entry["config"] == {"BLOCK": 32}
+
+    runs.clear()  # same process: memoised, silent
+    assert tuner.choose("k", "T=8", CANDIDATES, run, CANDIDATES[0]) == {"BLOCK": 32}
+    assert runs == [] and _take(caplog) == ""
+
+    fresh = autotune.Autotuner()  # a new process: read from disk, reported as such, nothing timed
+    assert fresh.choose("k", "T=8", CANDIDATES, run, CANDIDATES[0]) == {"BLOCK": 32}
+    assert runs == [] and "[cache]" in _take(caplog)
+    assert fresh.report() == {"k|T=8": {"config": {"BLOCK": 32}, "source": "cache"}}
+
+
+def test_failing_candidate_is_skipped_and_stale_cache_ignored(gpu_like, caplog):
+    tmp_path = gpu_like
+    path = tmp_path / "autotune" / "Fake_GPU.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"entries": {"k|T=1": {"config": {"BLOCK": 128}}}}))  # no longer a candidate
+
+    def run(cfg):
+        if cfg["BLOCK"] == 32:
+            raise RuntimeError("out of shared memory")
+        return cfg["BLOCK"]
+
+    assert autotune.Autotuner().choose("k", "T=1", CANDIDATES, run, CANDIDATES[0]) == {"BLOCK": 64}
+    err = _take(caplog)
+    assert "failed (RuntimeError" in err and "[tuned]" in err
+
+
+def test_no_timing_inside_graph_capture(gpu_like, monkeypatch, caplog):
+    monkeypatch.setattr(runtime, "capturing", lambda: True)
+    tuner = autotune.Autotuner()
+    got = tuner.choose("k", "T=2", CANDIDATES, lambda c: pytest.fail("timed during capture"), CANDIDATES[2])
+    assert got == CANDIDATES[2]
+    assert "NOT TUNED" in _take(caplog)
+    assert tuner.report() == {}  # not memoised: an eager call later still tunes it
+
+
+def test_disabled_or_interpreted_uses_reported_heuristic(gpu_like, monkeypatch, caplog):
+    monkeypatch.setenv("MOESERVE_AUTOTUNE", "0")
+    tuner = autotune.Autotuner()
+    assert tuner.choose("k", "T=4", CANDIDATES, lambda c: pytest.fail("timed"), CANDIDATES[1]) == CANDIDATES[1]
+    assert "[heuristic] (MOESERVE_AUTOTUNE=0" in _take(caplog)
+
+
+def test_buckets_and_cache_path(monkeypatch, tmp_path):
+    assert [autotune.bucket(n) for n in (1, 2, 3, 5, 8, 9000)] == [1, 2, 4, 8, 8, 16384]
+    assert autotune.bucket(50000, cap=16384) == 16384
+    monkeypatch.setenv("MOESERVE_CACHE_DIR", str(tmp_path))
+    assert autotune.cache_path("NVIDIA_H100") == tmp_path / "autotune" / "NVIDIA_H100.json"
+    monkeypatch.delenv("MOESERVE_CACHE_DIR")
+    assert str(autotune.cache_path("X")).endswith(".cache/moeserve/autotune/X.json")
