@@ -62,8 +62,10 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = self.kv_cache_shape(num_blocks)
-        # zeros, not empty: padded rows of a CUDA graph may read blocks nothing wrote, and must not read NaNs.
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # CUDA: zeros, not empty: padded rows of a CUDA graph may read blocks nothing wrote, and must not read
+        # NaNs. The CPU path reads only what it wrote, and untouched pages cost nothing there.
+        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
+        self.kv_caches = [alloc(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.model.num_kv_layers())]
 
     # -- one step --
