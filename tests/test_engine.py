@@ -228,3 +228,16 @@ def test_bad_token_ids(llm):
         llm.generate({"prompt_token_ids": [10**9]})
     with pytest.raises(ValueError, match="empty"):
         llm.generate({"prompt_token_ids": []})
+
+
+def test_start_up_fit_check_refuses_before_loading():
+    """The engine's CUDA start-up check, fed an 80 GB device: Mixtral-8x7B in bf16 cannot fit one GPU."""
+    from moeserve.config import EngineConfig
+    from moeserve.engine.engine import DoesNotFit, check_fits_before_loading
+    from moeserve.loader.model_loader import resolve_source
+
+    cfg = EngineConfig(model="mistralai/Mixtral-8x7B-v0.1", load_format="dummy", max_model_len=4096)
+    with pytest.raises(DoesNotFit, match="does not fit.*weights.*Suggestion"):
+        check_fits_before_loading(cfg, resolve_source(cfg), torch.bfloat16, 80 * 10**9)
+    small = EngineConfig(model="Qwen/Qwen3-30B-A3B", load_format="dummy", max_model_len=4096)
+    check_fits_before_loading(small, resolve_source(small), torch.bfloat16, 80 * 10**9)  # fits: no error

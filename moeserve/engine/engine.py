@@ -19,7 +19,7 @@ from moeserve.engine.request import Request, Status
 from moeserve.engine.runner import ModelRunner
 from moeserve.engine.sampler import Sampler
 from moeserve.engine.scheduler import Scheduler
-from moeserve.loader.model_loader import load_model, resolve_device, resolve_dtype
+from moeserve.loader.model_loader import ModelSource, load_model, resolve_device, resolve_dtype, resolve_source
 from moeserve.outputs import CompletionOutput, RequestOutput
 from moeserve.sampling_params import SamplingParams
 
@@ -42,6 +42,29 @@ class EngineStats:
     prefix_cache_hits: int
 
 
+class DoesNotFit(ValueError):
+    """The model cannot be served on this device with these settings; raised before any weight is loaded."""
+
+
+def check_fits_before_loading(config: EngineConfig, source: ModelSource, dtype: torch.dtype,
+                              device_memory_bytes: int) -> None:
+    """The planner's arithmetic, before loading: weights + KV of one max_model_len sequence + overhead."""
+    from moeserve.models.hf_config import normalize
+    from moeserve.plan.arch import read_arch
+    from moeserve.plan.fit import check_startup_fit
+
+    spec = read_arch(normalize(source.config))
+    max_len = config.max_model_len or spec.max_position_embeddings
+    elem = torch.tensor([], dtype=dtype).element_size()
+    verdict = check_startup_fit(
+        spec, weight_dtype_bytes=elem, kv_dtype_bytes=elem, max_model_len=max_len,
+        device_memory_bytes=device_memory_bytes, memory_utilization=config.gpu_memory_utilization,
+        max_num_batched_tokens=config.max_num_batched_tokens or 8192, max_num_seqs=config.max_num_seqs,
+    )
+    if not verdict.fits:
+        raise DoesNotFit(f"{verdict.message}. Suggestion: {verdict.suggestion}")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -50,7 +73,11 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         self.timings: dict[str, float] = {}
 
-        loaded = load_model(config, self.device, self.dtype)
+        source = resolve_source(config)
+        if self.device.type == "cuda" and source.config:
+            check_fits_before_loading(config, source, self.dtype,
+                                      torch.cuda.get_device_properties(self.device).total_memory)
+        loaded = load_model(config, self.device, self.dtype, source)
         self.model, self.hf_config, self.tokenizer = loaded.model, loaded.hf_config, loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
         self.model_name = config.served_model_name or loaded.source.name

@@ -99,9 +99,10 @@ class LoadedModel:
     load_seconds: float
 
 
-def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
+               source: ModelSource | None = None) -> LoadedModel:
     t0 = time.perf_counter()
-    source = resolve_source(cfg)
+    source = source or resolve_source(cfg)
     tensors = tokenizer = None
     if source.kind == "gguf":
         from moeserve.loader.gguf import load_gguf
