@@ -261,6 +261,19 @@ def test_disconnect_aborts_and_frees_blocks(server):
     assert generated < 4000
 
 
+def test_disconnect_aborts_a_non_streaming_request(server):
+    before = scrape(server)
+    aborted = ("moeserve:request_success_total", (("finished_reason", "abort"),))
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 4000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and hangs up
+        httpx.post(server.base_url + "/completions", json=body, headers=AUTH, timeout=httpx.Timeout(30, read=1.0))
+    after = wait_for(lambda: (m := scrape(server))["moeserve:num_requests_running"] == 0
+                     and m["moeserve:kv_cache_usage_perc"] == 0 and m)
+    assert after, "the abandoned request kept running"
+    assert after.get(aborted, 0) == before.get(aborted, 0) + 1
+    assert after["moeserve:generation_tokens_total"] - before["moeserve:generation_tokens_total"] < 4000
+
+
 def test_metrics_parse_and_count(server, client):
     before = scrape(server)
     r = client.completions.create(model="tiny", prompt="Hello, world", max_tokens=5, **GREEDY)

@@ -100,7 +100,7 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics) -> FastAPI:
 
             async def watch():
                 while (await request.receive())["type"] != "http.disconnect":
-                    pass
+                    await asyncio.sleep(0.05)  # never spin, whatever the server hands back
 
             watcher = asyncio.ensure_future(watch())
             try:

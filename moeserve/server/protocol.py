@@ -3,7 +3,7 @@ not a silent coercion. vLLM's extra sampling fields (top_k, min_p, ignore_eos, .
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -72,5 +72,3 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     best_of: int | None = None
 
-
-Endpoint = Literal["chat", "completion"]

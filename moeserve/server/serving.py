@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from moeserve.engine.async_engine import AsyncLLMEngine, EngineDead, QueueFull, RequestStream
 from moeserve.outputs import Logprob, RequestOutput
@@ -23,7 +23,6 @@ class ServerSettings:
     api_key: str | None = None
     max_request_body_bytes: int = 16 * 1024 * 1024
     retry_after_s: int = 1
-    extra: dict = field(default_factory=dict)
 
 
 class OpenAIServing:
