@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One device call that checks before it times: the image's packages, kernel tests, the CUDA model tests,
+# then a quick end-to-end smoke of a shape. Logs land in $OUT.
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip list --format=freeze > "$OUT/pip_freeze.txt" 2>/dev/null
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+step() { local t=$1; shift; echo "== $* (limit ${t}s)"; local s=$(date +%s); timeout "$t" "$@"; echo "== rc=$? in $(( $(date +%s) - s ))s"; }
+step 150 python3 -m pytest -x -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_moe.py tests/test_kernels_autotune.py ${KERNEL_TESTS:-} > "$OUT/kernel_tests.log" 2>&1; tail -15 "$OUT/kernel_tests.log"
+step 200 python3 -m pytest -x -q -p no:cacheprovider tests/test_models_cuda.py > "$OUT/cuda_models.log" 2>&1; tail -25 "$OUT/cuda_models.log"
+step ${SMOKE_S:-150} python3 benchmarks/smoke.py ${SMOKE_ARGS:-} 2>&1 | tee "$OUT/smoke.log" | grep -v Warning | tail -12
