@@ -317,6 +317,7 @@ ERROR_CASES = [
     ("chat/completions", {"n": 1000}, 400, "n"),
     ("chat/completions", {"logprobs": True, "top_logprobs": 50}, 400, "logprobs"),
     ("chat/completions", {"presence_penalty": 3}, 400, "presence_penalty"),
+    ("chat/completions", {"seed": 2**70}, 400, "seed"),
     ("chat/completions", {"model": "gpt-4"}, 404, "model"),
     ("completions", {"prompt": [5] * 5000}, 400, "prompt"),
     ("completions", {"prompt": "hi", "max_tokens": 5000}, 400, "max_tokens"),

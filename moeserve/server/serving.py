@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -118,7 +119,7 @@ class OpenAIServing:
         return text
 
     def top(self, entry: dict[int, Logprob], n: int) -> list[tuple[int, float]]:
-        ranked = sorted((lp.rank, tid, lp.logprob) for tid, lp in entry.items() if lp.rank <= n)
+        ranked = sorted((lp.rank, tid, _finite(lp.logprob)) for tid, lp in entry.items() if lp.rank <= n)
         return [(tid, lp) for _, tid, lp in ranked[:n]]
 
     def chat_logprobs(self, token_ids: list[int], entries: list[dict[int, Logprob]], top_n: int) -> list[dict]:
@@ -150,7 +151,14 @@ class OpenAIServing:
 
 def _lp(entry: dict[int, Logprob], token_id: int) -> float:
     lp = entry.get(token_id)
-    return lp.logprob if lp is not None else float("-inf")
+    return _finite(lp.logprob) if lp is not None else LOGPROB_FLOOR
+
+
+LOGPROB_FLOOR = -9999.0  # JSON has no -Infinity: an impossible token gets this instead
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else LOGPROB_FLOOR
 
 
 async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
