@@ -69,13 +69,14 @@ def test_flags_reach_the_engine_config(ckpt):
 
 
 def test_generate_prints_the_offline_answer(ckpt, capsys):
-    llm = LLM(model=ckpt)
+    llm = LLM(model=ckpt, device="cpu")
     ref_raw = llm.generate("Hello, world", SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
     ref_chat = llm.chat([{"role": "user", "content": "Hello"}],
                         SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
-    assert main(["generate", "--model", ckpt, "--max-tokens", "8", "--no-chat", "Hello, world"]) == 0
+    assert main(["generate", "--model", ckpt, "--device", "cpu", "--max-tokens", "8", "--no-chat",
+                 "Hello, world"]) == 0
     assert capsys.readouterr().out == ref_raw + "\n"
-    assert main(["generate", "--model", ckpt, "--max-tokens", "8", "Hello"]) == 0
+    assert main(["generate", "--model", ckpt, "--device", "cpu", "--max-tokens", "8", "Hello"]) == 0
     assert capsys.readouterr().out == ref_chat + "\n"
 
 

@@ -1,5 +1,5 @@
-"""End to end: the real `moeserve serve` in a subprocess on a tiny random Llama, spoken to with the openai SDK
-(httpx for raw status codes and SSE lines); greedy answers are checked against the offline LLM API."""
+"""End to end: the real `moeserve serve` in a subprocess on a tiny random Llama (CPU, fp32), spoken to with the
+openai SDK (httpx for raw status codes and SSE lines); greedy answers are checked against the offline LLM API."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    args = [ckpt, "--served-model-name", "tiny", "tiny-alias", "--api-key", KEY, "--max-model-len",
+    args = [ckpt, "--device", "cpu", "--served-model-name", "tiny", "tiny-alias", "--api-key", KEY, "--max-model-len",
             str(MAX_MODEL_LEN), "--max-request-body-bytes", str(BODY_LIMIT)]
     with ServerProcess(args) as s:
         yield s
@@ -42,7 +42,7 @@ def server(ckpt):
 
 @pytest.fixture(scope="module")
 def llm(ckpt):
-    return LLM(model=ckpt, max_model_len=MAX_MODEL_LEN)
+    return LLM(model=ckpt, max_model_len=MAX_MODEL_LEN, device="cpu")
 
 
 @pytest.fixture(scope="module")

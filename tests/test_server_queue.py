@@ -16,7 +16,7 @@ from moeserve.server.process import ServerProcess
 def server(tmp_path_factory):
     ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("queue"), "LlamaForCausalLM",
                                 max_position_embeddings=4096)
-    with ServerProcess([ckpt, "--served-model-name", "tiny", "--max-num-seqs", "1",
+    with ServerProcess([ckpt, "--device", "cpu", "--served-model-name", "tiny", "--max-num-seqs", "1",
                         "--max-waiting-requests", "1"]) as s:
         yield s
 

@@ -149,6 +149,7 @@ class AsyncLLMEngine:
     # -- the engine thread --
     def _run(self) -> None:
         try:
+            self._bind_device()
             while not self._stop.is_set():
                 self._wake.clear()
                 self._drain_inbox()
@@ -164,6 +165,14 @@ class AsyncLLMEngine:
         with self._lock:
             self.dead = error
         self._fail_all(error, drain_inbox=True)
+
+    def _bind_device(self) -> None:
+        """The CUDA current device is per thread: make it the engine's here too (Triton launches on it)."""
+        device = getattr(self.engine, "device", None)
+        if getattr(device, "type", None) == "cuda":
+            import torch
+
+            torch.cuda.set_device(device)
 
     def _drain_inbox(self) -> None:
         while self._inbox:
