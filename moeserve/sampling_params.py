@@ -61,6 +61,8 @@ class SamplingParams:
             bad(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}.")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             bad(f"logprobs must be a non-negative integer, got {self.logprobs!r}.")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            bad(f"seed must be an integer in [0, 2**63), got {self.seed!r}.")
         if any(not s for s in self.stop):
             bad("stop strings must be non-empty.")
 

@@ -217,7 +217,7 @@ def test_prompt_larger_than_kv_pool(path):
 
 @pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_tokens=0),
                                 dict(n=0), dict(top_k=-5), dict(min_p=2), dict(presence_penalty=3),
-                                dict(logprobs=-1), dict(stop=[""])])
+                                dict(logprobs=-1), dict(stop=[""]), dict(seed=2**64), dict(seed=-1)])
 def test_invalid_sampling_params(kw):
     with pytest.raises(ValueError):
         SamplingParams(**kw)

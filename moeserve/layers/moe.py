@@ -42,6 +42,13 @@ class Router(nn.Module):
         """x: [T, H] -> (weights [T, k] fp32, expert ids [T, k] int32)."""
         cfg = self.cfg
         logits = F.linear(x, self.weight).float()
+        if cfg.scoring == "softmax" and cfg.n_group == 1 and not cfg.correction_bias:
+            # Softmax is monotonic: choose on the logits, then weigh with as few kernels as possible.
+            top, ids = logits.topk(cfg.top_k, dim=-1)
+            weights = top.softmax(dim=-1) if cfg.renormalize else (top - logits.logsumexp(-1, keepdim=True)).exp()
+            if cfg.routed_scaling_factor != 1.0:
+                weights = weights * cfg.routed_scaling_factor
+            return weights, ids.to(torch.int32)
         scores = logits.softmax(dim=-1) if cfg.scoring == "softmax" else logits.sigmoid()
         choice = scores + self.e_score_correction_bias.float() if cfg.correction_bias else scores
         if cfg.n_group > 1:
@@ -63,7 +70,8 @@ class Router(nn.Module):
             group_scores = grouped.max(dim=-1).values
         top_groups = group_scores.topk(cfg.topk_group, dim=-1).indices
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
-        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf") if cfg.scoring == "softmax" else 0.0).flatten(1)
+        # -inf, not 0: with a correction bias a kept expert's choice score can be negative.
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
 
 
 class Experts(nn.Module):

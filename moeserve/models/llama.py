@@ -42,9 +42,13 @@ class GQAAttention(nn.Module):
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        if x.is_cuda:  # one fused kernel: per-head norm (Qwen3) + rotary, in place
+            self.rotary.apply_fused(positions, q, k, self.q_norm if self.qk_norm else None,
+                                    self.k_norm if self.qk_norm else None)
+        else:
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v, ctx).reshape(T, -1))
 
 
@@ -57,9 +61,16 @@ class DecoderLayer(nn.Module):
         self.mlp_name = mlp_name  # checkpoints name it "mlp" or, in Mixtral, "block_sparse_moe"
         setattr(self, mlp_name, mlp)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), positions, ctx)
-        return h + getattr(self, self.mlp_name)(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm block. `residual` carries the running sum; each norm folds the previous output into it."""
+        if residual is None:
+            residual, h = h, self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(h, positions, ctx)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return getattr(self, self.mlp_name)(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -70,10 +81,10 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
+        h, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            h = layer(h, positions, ctx)
-        return self.norm(h)
+            h, residual = layer(h, residual, positions, ctx)
+        return self.norm(h, residual)[0]
 
 
 class CausalLM(nn.Module):
