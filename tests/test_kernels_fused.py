@@ -61,3 +61,20 @@ def test_rope_matches_reference(qk_norm, head_dim, partial):
     apply_rope(q, k, pos, cos, sin, qn.weight if qk_norm else None, kn.weight if qk_norm else None, 1e-6)
     torch.testing.assert_close(q, want_q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k, want_k, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+@pytest.mark.parametrize("E,k", [(8, 2), (60, 4), (128, 8)])
+def test_router_kernel_matches_router(renorm, E, k):
+    from moeserve.kernels.router import route_softmax_topk
+    from moeserve.layers.moe import Router, RouterConfig
+
+    g = torch.Generator().manual_seed(E + k)
+    H = 48
+    r = Router(H, RouterConfig(num_experts=E, top_k=k, renormalize=renorm))
+    r.weight.data = torch.randn(E, H, generator=g)
+    x = torch.randn(6, H, generator=g)
+    want_w, want_ids = r(x)  # the CPU torch path
+    w, ids = route_softmax_topk(x.to(DEV), r.weight.to(DEV), k, renorm)
+    assert torch.equal(ids.cpu().long(), want_ids.long())
+    torch.testing.assert_close(w.cpu(), want_w, rtol=1e-5, atol=1e-6)

@@ -41,8 +41,13 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (weights [T, k] fp32, expert ids [T, k] int32)."""
         cfg = self.cfg
+        plain_softmax = cfg.scoring == "softmax" and cfg.n_group == 1 and not cfg.correction_bias
+        if plain_softmax and x.is_cuda and x.shape[0] <= 64 and x.is_contiguous():
+            from moeserve.kernels.router import route_softmax_topk
+
+            return route_softmax_topk(x, self.weight, cfg.top_k, cfg.renormalize, cfg.routed_scaling_factor)
         logits = F.linear(x, self.weight).float()
-        if cfg.scoring == "softmax" and cfg.n_group == 1 and not cfg.correction_bias:
+        if plain_softmax:
             # Softmax is monotonic: choose on the logits, then weigh with as few kernels as possible.
             top, ids = logits.topk(cfg.top_k, dim=-1)
             weights = top.softmax(dim=-1) if cfg.renormalize else (top - logits.logsumexp(-1, keepdim=True)).exp()
@@ -118,8 +123,26 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
+    def post_load(self) -> None:
+        """One GEMM for gate and up once the checkpoint is in."""
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "gate_up_proj"):
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+    """A Linear whose output is the concatenation of the given ones' outputs."""
+    w = torch.cat([l.weight.data for l in linears])
+    has_bias = linears[0].bias is not None
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device=w.device, dtype=w.dtype)
+    fused.weight.data = w
+    if has_bias:
+        fused.bias.data = torch.cat([l.bias.data for l in linears])
+    return fused
 
 
 class SparseMoE(nn.Module):

@@ -123,6 +123,10 @@ def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
         WeightLoader(model, source.path).load(iterate_safetensors(source.path))
     else:
         raise ValueError(f"{source.path} is a config without weights; use load_format='dummy'.")
+    with torch.no_grad():
+        for module in list(model.modules()):
+            if hasattr(module, "post_load"):  # e.g. stacking q/k/v into one GEMM
+                module.post_load()
     model.eval()
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer or (source.path if source.kind == "hf_dir" else None))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from moeserve.layers.attention import ForwardContext, PagedAttention
-from moeserve.layers.moe import GatedMLP
+from moeserve.layers.moe import GatedMLP, fuse_linears
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding
 from moeserve.models.hf_config import HFConfig
@@ -37,11 +37,21 @@ class GQAAttention(nn.Module):
                                       cfg.get("rope_scaling"))
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, layer_idx)
 
+    def post_load(self) -> None:
+        """One GEMM instead of three: q, k, v projections stacked once the checkpoint is in."""
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "qkv_proj"):
+            kv = self.num_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
         if x.is_cuda:  # one fused kernel: per-head norm (Qwen3) + rotary, in place
             self.rotary.apply_fused(positions, q, k, self.q_norm if self.qk_norm else None,
                                     self.k_norm if self.qk_norm else None)
