@@ -152,8 +152,8 @@ class ModelRunner:
             )
             ctx = ForwardContext(meta, self.kv_caches)
             with torch.inference_mode():
-                for _ in range(2):  # warm up (autotune, lazy tables) outside the graph
-                    self.model(self.d_input_ids[:B], self.d_positions[:B], ctx)
+                # warm up outside the graph: kernels autotune and compile, lazy tables get built
+                self.model(self.d_input_ids[:B], self.d_positions[:B], ctx)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
