@@ -57,6 +57,28 @@ ARCH_OVERRIDES: dict[str, dict] = {
         num_hidden_layers=3, head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
         decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=True,
     ),
+    # MLA (latent 32 + rope 8 cached), q_lora_rank null, group-limited softmax routing, 2 shared experts.
+    "DeepseekV2ForCausalLM": dict(
+        num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=24, n_routed_experts=8, n_shared_experts=2, moe_intermediate_size=32, num_experts_per_tok=2,
+        first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+        routed_scaling_factor=1.5,
+    ),
+    # q_lora_rank set, YaRN with mscale != mscale_all_dim, sigmoid routing over groups, renormalised and scaled.
+    "DeepseekV3ForCausalLM": dict(
+        num_hidden_layers=3, num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=24, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32,
+        num_experts_per_tok=2, first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=128, beta_fast=32, beta_slow=1,
+                          mscale=1.0, mscale_all_dim=0.8),
+    ),
+    # head_dim 32 != 64/4, half of it rotated, q/k/v bias, q/k norm, sigmoid groups, a shared expert.
+    "Glm4MoeForCausalLM": dict(
+        head_dim=32, attention_bias=True, use_qk_norm=True, n_routed_experts=8, n_shared_experts=1,
+        moe_intermediate_size=32, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1,
+        norm_topk_prob=True, routed_scaling_factor=1.5,
+    ),
 }
 
 

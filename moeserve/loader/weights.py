@@ -22,6 +22,8 @@ class WeightLoader:
         self.source = source
         self.filled: dict[str, int] = {}  # parameter -> number of elements written
         self.tied = bool(getattr(model, "tie_word_embeddings", False))
+        # e.g. DeepSeek-V3 / GLM-4.5 multi-token-prediction layers, stored after the last decoder layer
+        self.skip = getattr(model, "skip_checkpoint_tensor", None)
 
     def load(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         for name, tensor in tensors:
@@ -29,6 +31,8 @@ class WeightLoader:
         self.check_complete()
 
     def load_one(self, name: str, tensor: torch.Tensor) -> None:
+        if self.skip is not None and self.skip(name):
+            return
         if name in self.params:
             return self._copy(name, self.params[name].data, tensor)
         if name == "lm_head.weight" and self.tied:

@@ -1,0 +1,194 @@
+"""Multi-head latent attention (DeepSeek-V2/V3): the paged cache holds one latent per token per layer.
+
+Per token and layer the cache stores `[c_kv | k_pe]`: the RMS-normed compressed KV (kv_lora_rank values) and the
+roped key shared by all heads (qk_rope_head_dim values) - never expanded K/V. kv_b_proj holds, per head h,
+W_UK[h] [nope, R] and W_UV[h] [v, R], and
+
+    score(i, j) = q_nope[i,h] . (W_UK[h] c_j) + q_pe[i,h] . k_pe[j]  =  (W_UK[h]^T q_nope[i,h]) . c_j + q_pe . k_pe
+    out[i, h]   = W_UV[h] sum_j p_ij c_j
+
+Prefill expands the context's latents to per-head K/V (many queries share them). Decode absorbs W_UK into the
+query and applies W_UV after attending in latent space: it reads only the latents, like MQA with one 576-wide
+key whose first 512 values are also the value.
+
+CUDA tensors go to moeserve.kernels.mla_decode (decode) and the paged attention kernel over expanded pages
+(prefill); CPU tensors take the reference path here, exact in fp32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeserve.layers.attention import AttentionMetadata, ForwardContext
+
+
+def split_kv_b(kv_b_weight: torch.Tensor, num_heads: int, nope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_b_proj.weight [H*(nope+v), R] -> views W_UK [H, nope, R], W_UV [H, v, R] (no copies)."""
+    w = kv_b_weight.view(num_heads, -1, kv_b_weight.shape[-1])
+    return w[:, :nope_dim], w[:, nope_dim:]
+
+
+class LatentAttention(nn.Module):
+    """The MLA front: write this step's latents into the paged cache, attend over each sequence's latents."""
+
+    def __init__(self, num_heads: int, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int,
+                 v_head_dim: int, scale: float, layer_idx: int):
+        super().__init__()
+        self.num_heads, self.kv_lora_rank = num_heads, kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        self.scale = scale
+        self.layer_idx = layer_idx
+
+    @property
+    def latent_dim(self) -> int:
+        return self.kv_lora_rank + self.rope_dim
+
+    def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, kv_b_weight: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        """q_nope [T, H, nope], q_pe [T, H, rope] (roped), latent [T, R + rope] -> [T, H, v]."""
+        w_uk, w_uv = split_kv_b(kv_b_weight, self.num_heads, self.nope_dim)
+        meta = ctx.attn
+        if ctx.kv_caches is None:  # memory profiling: no cache yet, attend within the new tokens only
+            return self._attend_uncached(q_nope, q_pe, latent, w_uk, w_uv, meta)
+        cache = ctx.kv_caches[self.layer_idx]
+        if q_nope.is_cuda:
+            from moeserve.kernels.mla_decode import write_latent_cache
+
+            write_latent_cache(latent, cache, meta.slot_mapping)
+            if meta.max_query_len == 1:  # pure decode: graph-safe, no host reads
+                return self._decode(q_nope, q_pe, cache, meta.seq_lens, meta.block_tables, w_uk, w_uv,
+                                    meta.max_seq_len)
+        else:
+            write_latent_reference(latent, cache, meta.slot_mapping)
+        return self._attend_mixed(q_nope, q_pe, cache, w_uk, w_uv, meta)
+
+    # -- decode: absorbed, over the latent cache --
+    def _decode(self, q_nope, q_pe, cache, seq_lens, block_tables, w_uk, w_uv, max_seq_len) -> torch.Tensor:
+        """One query per sequence (row b of q belongs to sequence b, at its last position)."""
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, R]
+        if q_nope.is_cuda:
+            from moeserve.kernels.mla_decode import mla_decode
+
+            o_lat = mla_decode(q_lat, q_pe, cache, seq_lens=seq_lens, block_tables=block_tables, scale=self.scale,
+                               max_seq_len=max_seq_len)
+        else:
+            o_lat = mla_decode_reference(q_lat, q_pe, cache, seq_lens=seq_lens, block_tables=block_tables,
+                                         scale=self.scale)
+        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, v]
+
+    # -- mixed batches: decodes absorbed, prefills expanded --
+    def _attend_mixed(self, q_nope, q_pe, cache, w_uk, w_uv, meta: AttentionMetadata) -> torch.Tensor:
+        qsl, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+        q_lens = np.diff(qsl)
+        out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)
+        dev = q_nope.device
+        dec = np.flatnonzero(q_lens == 1)
+        if dec.size:
+            tok = torch.from_numpy(qsl[dec].astype(np.int64)).to(dev)
+            rows = torch.from_numpy(dec.astype(np.int64)).to(dev)
+            out[tok] = self._decode(q_nope[tok], q_pe[tok], cache, meta.seq_lens[rows], meta.block_tables[rows],
+                                    w_uk, w_uv, int(seq_lens[dec].max()))
+        pre = np.flatnonzero(q_lens > 1)
+        if pre.size:
+            tok_np = np.concatenate([np.arange(qsl[b], qsl[b + 1]) for b in pre])
+            tok = torch.from_numpy(tok_np).to(dev)
+            block_size = cache.shape[1]
+            n_pages = -(-seq_lens[pre] // block_size)
+            tables = meta.block_tables[torch.from_numpy(pre.astype(np.int64)).to(dev)]
+            take = np.concatenate([i * tables.shape[1] + np.arange(n) for i, n in enumerate(n_pages)])
+            pages = cache[tables.reshape(-1)[torch.from_numpy(take).to(dev)].long()]  # [sum n_pages, bs, R+rope]
+            out[tok] = self._expanded(q_nope[tok], q_pe[tok], pages, n_pages, q_lens[pre], seq_lens[pre], w_uk, w_uv)
+        return out
+
+    def _attend_uncached(self, q_nope, q_pe, latent, w_uk, w_uv, meta: AttentionMetadata) -> torch.Tensor:
+        qsl = meta.query_start_loc_cpu
+        q_lens = np.diff(qsl)
+        pages = latent.unsqueeze(1)  # one token per page: the new tokens are their own context
+        return self._expanded(q_nope, q_pe, pages, q_lens, q_lens, q_lens, w_uk, w_uv)
+
+    def _expanded(self, q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv) -> torch.Tensor:
+        """Causal attention of each sequence's queries over its context, expanded to per-head K/V.
+
+        pages [P, page, R+rope] hold the sequences' contexts one after the other: sequence i owns n_pages[i]
+        pages, its ctx_lens[i] tokens come first in them, and its q_lens[i] queries are its last tokens."""
+        if pages.is_cuda:
+            return self._expanded_cuda(q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv)
+        out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)
+        page0 = q0 = 0
+        for n_p, n_q, n_ctx in zip(n_pages.tolist(), q_lens.tolist(), ctx_lens.tolist()):
+            context = pages[page0:page0 + n_p].flatten(0, 1)[:n_ctx]
+            s = slice(q0, q0 + n_q)
+            out[s] = expanded_attention(q_nope[s], q_pe[s], context, w_uk, w_uv, self.scale)
+            page0, q0 = page0 + n_p, q0 + n_q
+        return out
+
+    def _expanded_cuda(self, q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv) -> torch.Tensor:
+        """Expand the pages to a [2, P, page, H, D] K/V cache (D = max(qk, v), zero padded) and run the paged
+        attention kernel over it."""
+        from moeserve.kernels.attention import paged_attention
+
+        dev, H, N, P, V, R = q_nope.device, self.num_heads, self.nope_dim, self.rope_dim, self.v_dim, self.kv_lora_rank
+        D = max(N + P, V)
+        num_pages, page = pages.shape[:2]
+        c, k_pe = pages[..., :R].reshape(-1, R), pages[..., R:].reshape(-1, 1, P)
+        kv = pages.new_zeros(2, num_pages * page, H, D)
+        kv[0, :, :, :N] = torch.einsum("tr,hnr->thn", c, w_uk)
+        kv[0, :, :, N:N + P] = k_pe
+        kv[1, :, :, :V] = torch.einsum("tr,hvr->thv", c, w_uv)
+        q = q_nope.new_zeros(q_nope.shape[0], H, D)
+        q[..., :N], q[..., N:N + P] = q_nope, q_pe
+        first_page = np.concatenate([[0], np.cumsum(n_pages)[:-1]])
+        tables = first_page[:, None] + np.minimum(np.arange(int(n_pages.max()))[None, :], n_pages[:, None] - 1)
+        qsl = np.concatenate([[0], np.cumsum(q_lens)])
+
+        def up(a):
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(dev)
+
+        o = paged_attention(q, kv.view(2, num_pages, page, H, D), query_start_loc=up(qsl), seq_lens=up(ctx_lens),
+                            block_tables=up(tables), scale=self.scale, max_query_len=int(q_lens.max()),
+                            max_seq_len=int(ctx_lens.max()))
+        return o[..., :V]
+
+
+# ---------------------------------------------------------------------------------------------- references
+def write_latent_reference(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """cache[slot // page, slot % page] = latent row, for every token with slot >= 0. cache [blocks, page, L]."""
+    keep = slot_mapping >= 0
+    cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping[keep], latent[keep].to(cache.dtype))
+
+
+def expanded_attention(q_nope, q_pe, context, w_uk, w_uv, scale: float) -> torch.Tensor:
+    """n_q queries (the last n_q positions of the context) over context [n_ctx, R+rope], via per-head K/V."""
+    R = w_uk.shape[-1]
+    c, k_pe = context[:, :R], context[:, R:]
+    H = q_nope.shape[1]
+    k = torch.cat([torch.einsum("tr,hnr->thn", c, w_uk), k_pe[:, None, :].expand(-1, H, -1)], dim=-1)
+    v = torch.einsum("tr,hvr->thv", c, w_uv)
+    q = torch.cat([q_nope, q_pe], dim=-1)
+    n_q, n_k = q.shape[0], k.shape[0]
+    visible = torch.arange(n_k, device=q.device)[None, :] <= torch.arange(n_k - n_q, n_k, device=q.device)[:, None]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=visible,
+                                       scale=scale)
+    return o.transpose(0, 1)
+
+
+def mla_decode_reference(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, *, seq_lens: torch.Tensor,
+                         block_tables: torch.Tensor, scale: float, **_unused) -> torch.Tensor:
+    """Absorbed decode: o_lat[b, h] = softmax_j((q_lat[b,h] . c_j + q_pe[b,h] . k_pe_j) * scale) c_j over the
+    seq_lens[b] cached tokens of sequence b. q_lat [B, H, R], q_pe [B, H, rope], cache [blocks, page, R+rope].
+
+    The semantics moeserve.kernels.mla_decode is tested against; fp32 (fp64 stays fp64) inside."""
+    R = q_lat.shape[-1]
+    page = cache.shape[1]
+    acc = torch.float64 if q_lat.dtype == torch.float64 else torch.float32
+    lens = seq_lens.tolist()
+    tables = block_tables.long().cpu()
+    out = torch.empty(q_lat.shape, dtype=q_lat.dtype, device=q_lat.device)
+    for b, n in enumerate(lens):
+        context = cache[tables[b, : -(-n // page)].to(cache.device)].flatten(0, 1)[:n].to(acc)  # [n, R+rope]
+        scores = (q_lat[b].to(acc) @ context[:, :R].t() + q_pe[b].to(acc) @ context[:, R:].t()) * scale  # [H, n]
+        out[b] = (scores.softmax(dim=-1) @ context[:, :R]).to(q_lat.dtype)
+    return out
