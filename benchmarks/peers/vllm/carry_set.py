@@ -38,7 +38,8 @@ SKIP_GROUPS: dict[str, tuple[tuple[str, ...], str]] = {
 
 # Where the image's version breaks a pin of vLLM's tree, the image's stays (never shadowed from /tmp/vllm_site).
 KEEP_DEVICE: dict[str, str] = {
-    "numpy": "the image's torch, numba and cupy are built against it; numba 0.65's numpy<2.5 cap is its only complaint",
+    "numpy": "the image's torch, numba and cupy are built against it; the complaints are caps (numba 0.65: <2.5, "
+             "mistral-common: <2.4), not known breakage",
     "numba": "vLLM imports numba only for n-gram speculative decoding, which the benchmark never enables",
     "llvmlite": "numba's partner: stays with the image's numba",
     "setuptools": "not imported on the offline path",
@@ -100,6 +101,12 @@ def reverse_edges(items: list[dict]) -> dict[str, set[str]]:
     return rev
 
 
+def left_behind_versions(items: list[dict], with_groups: tuple[str, ...] = ()) -> dict[str, str]:
+    """{name: version} of the resolved packages in the groups left behind (for the second, placeholder resolve)."""
+    names = {n for g, (members, _) in SKIP_GROUPS.items() if g not in with_groups for n in members}
+    return {i["name"]: i["version"] for i in items if i["name"] in names and not i["from_device"]}
+
+
 def select(items: list[dict], device: dict[str, str | None], dropped_constraints: dict[str, str],
            with_groups: tuple[str, ...] = (), root: str = "vllm") -> Selection:
     unknown = [g for g in with_groups if g not in SKIP_GROUPS]
@@ -111,7 +118,10 @@ def select(items: list[dict], device: dict[str, str | None], dropped_constraints
     candidates = []
     for i in items:
         n = i["name"]
-        if i["from_device"]:
+        if i.get("left_behind"):  # a placeholder of the second resolve: never in the tree as a wheel
+            sel.skipped.append((i, skip_reason.get(n, "left behind")))
+            gone[n] = "skipped"
+        elif i["from_device"]:
             sel.device.append(i)
         elif n in dropped_constraints and n in KEEP_DEVICE:
             sel.kept_device.append((i, f"image has {dropped_constraints[n]}; {KEEP_DEVICE[n]}"))

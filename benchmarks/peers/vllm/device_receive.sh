@@ -6,6 +6,7 @@ part=${1:?usage: device_receive.sh pK}
 src=.vllm_whl/$part
 dst=${VLLM_PARTS:-/root/vllm_parts}
 [[ -f $src/MANIFEST_$part ]] || { echo "device_receive: no $src/MANIFEST_$part here: carry .vllm_whl/$part" >&2; exit 2; }
+python3 -c 'import lzma' || { echo "device_receive: this python3 has no lzma: the LZMA-packed wheels cannot install; re-fetch with fetch.py --no-lzma" >&2; exit 3; }
 mkdir -p "$dst"
 cp -f "$src"/* "$dst"/
 total=$(cat "$dst/PARTS_TOTAL")

@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
 sys.path.insert(0, str(HERE))
 
-from carry_set import SKIP_GROUPS, select  # noqa: E402
+from carry_set import SKIP_GROUPS, left_behind_versions, select  # noqa: E402
 from resolve import canon, parse_device_packages, platform_args, resolve  # noqa: E402
 
 VLLM_VERSION = "0.26.0"
@@ -110,6 +110,42 @@ def trim_wheel(src: Path, dest: Path, members: dict[str, str]) -> list[str]:
             zout.writestr(record, "\n".join(lines) + "\n")
     os.replace(tmp, dest)
     return gone
+
+
+def relzma_wheel(src: Path, dest: Path, min_member: int = 4096) -> None:
+    """The same wheel with its members re-compressed by LZMA (zip method 14), which pip installs like any wheel.
+
+    Shared libraries shrink by about a third against deflate, which saves a whole device call. Members under
+    `min_member` bytes stay deflated. The file name stays the wheel's (pip insists on it).
+    """
+    tmp = dest.with_name(dest.name + ".tmp")
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(tmp, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            zi = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+            zi.external_attr, zi.create_system = info.external_attr, info.create_system
+            zi.compress_type = zipfile.ZIP_LZMA if len(data) >= min_member else zipfile.ZIP_DEFLATED
+            zout.writestr(zi, data)
+    os.replace(tmp, dest)
+
+
+def relzma_cached(files: dict[str, Path], cache: Path, min_bytes: int) -> dict[str, Path]:
+    """relzma_wheel for every wheel of at least min_bytes, reusing earlier results of the same source (by sha256)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    out = dict(files)
+    for name, src in files.items():
+        if src.stat().st_size < min_bytes:
+            continue
+        dest = cache / src.name
+        stamp = cache / (src.name + ".src-sha256")
+        digest = sha256_of(src)
+        if not (dest.exists() and stamp.exists() and stamp.read_text().strip() == digest):
+            print(f"re-compressing {src.name} ({src.stat().st_size / MiB:.1f} MiB) with LZMA")
+            relzma_wheel(src, dest)
+            stamp.write_text(digest + "\n")
+        if dest.stat().st_size < src.stat().st_size:
+            out[name] = dest
+    return out
 
 
 def plan_parts(sizes: dict[str, int], part_bytes: int) -> list[list[tuple[str, int, int]]]:
@@ -215,6 +251,7 @@ def main(argv=None) -> int:
                     help="also carry a group left behind by default")
     ap.add_argument("--full-vllm", action="store_true", help="carry vLLM's wheel untrimmed")
     ap.add_argument("--part-mib", type=float, default=58.0)
+    ap.add_argument("--no-lzma", action="store_true", help="carry the wheels as deflated as they come")
     ap.add_argument("--pip-python", default=sys.executable, help="interpreter whose pip resolves and downloads")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--reuse-resolution", action="store_true", help="skip resolving: reuse OUT/resolution.json")
@@ -227,9 +264,15 @@ def main(argv=None) -> int:
     requirement = a.vllm_wheel or f"vllm=={VLLM_VERSION}"
     if a.reuse_resolution and res_path.exists():
         res = json.loads(res_path.read_text())
+        if res.get("with_groups", []) != sorted(a.with_groups):
+            raise SystemExit("--reuse-resolution: the saved resolution was made with other --with groups")
     else:
-        r = resolve(requirement, device, a.pip_python)
-        res = {"requirement": requirement, "items": r.items, "dropped_constraints": r.dropped_constraints}
+        first = resolve(requirement, device, a.pip_python)
+        behind = left_behind_versions(first.items, tuple(a.with_groups))
+        print(f"resolving again with {len(behind)} left-behind packages as placeholders")
+        r = resolve(requirement, device, a.pip_python, left_behind=behind)
+        res = {"requirement": requirement, "items": r.items, "dropped_constraints": r.dropped_constraints,
+               "left_behind_pins": behind, "with_groups": sorted(a.with_groups)}
     sel = select(res["items"], device, res["dropped_constraints"], tuple(a.with_groups))
     vllm_item = next((i for i in sel.carry if i["name"] == "vllm"), None)
     if vllm_item is None or vllm_item["version"] != VLLM_VERSION:
@@ -246,8 +289,16 @@ def main(argv=None) -> int:
         dest_dir = out / "trimmed"
         dest_dir.mkdir(exist_ok=True)
         dest = dest_dir / src.name
-        trimmed = trim_wheel(src, dest, TRIM_FROM_VLLM)
+        stamp = dest_dir / (src.name + ".src")
+        key = json.dumps({"sha256": sha256_of(src), "trim": sorted(TRIM_FROM_VLLM)})
+        if dest.exists() and stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
+            trimmed = json.loads(stamp.read_text())["removed"]  # the same trim as last time: reuse (and its LZMA)
+        else:
+            trimmed = trim_wheel(src, dest, TRIM_FROM_VLLM)
+            stamp.write_text(json.dumps({"key": key, "removed": trimmed}))
         files["vllm"] = dest
+    if not a.no_lzma:
+        files = relzma_cached(files, out / "lzma", 1 * MiB)
     dirs = write_parts(files, out, int(a.part_mib * MiB))
 
     summary = {
@@ -265,8 +316,10 @@ def main(argv=None) -> int:
         "trimmed_from_vllm_wheel": {m: TRIM_FROM_VLLM[m] for m in trimmed},
         "parts": {d.name: folder_bytes(d) for d in dirs},
     }
+    summary["lzma"] = not a.no_lzma
     res_path.write_text(json.dumps(res, indent=1))
     (out / "carry_summary.json").write_text(json.dumps(summary, indent=1))
+    shutil.copyfile(out / "carry_summary.json", dirs[-1] / "carry_summary.json")  # travels: run_vllm records it
     (HERE / "carry-lock.txt").write_text(
         "# What fetch.py carries to the device (generated; vLLM itself is never committed).\n"
         + "".join(f"{c['name']}=={c['version']}\n" for c in sorted(summary["carry"], key=lambda c: c["name"])))

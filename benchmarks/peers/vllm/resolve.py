@@ -6,6 +6,8 @@ own resolver then resolves vllm for the device's platform (cp312, manylinux x86_
 wherever the image's version satisfies the tree, so what it picks from the registry is exactly what is missing.
 Where the image's version breaks a pin of the tree (say numba's numpy<2.5 against the image's numpy 2.5.2),
 the resolver refuses; the conflicting constraint is dropped, recorded, and the resolve is retried.
+Packages deliberately left behind (carry_set.SKIP_GROUPS) get placeholders too (label `+leftbehind`), so that
+neither they nor their own pins (protobuf<7 from the CuTe DSL, say) shape the rest of the tree.
 
 Pure Python plus pip (run by the tool interpreter given, which must be >= 3.12's pip to resolve for 3.12).
 """
@@ -30,6 +32,7 @@ PLATFORMS = (
 )
 DEVICE_PYTHON = "3.12"
 LOCAL_LABEL = "device"
+LEFT_BEHIND_LABEL = "leftbehind"
 
 
 def canon(name: str) -> str:
@@ -63,14 +66,14 @@ def parse_device_packages(text: str) -> dict[str, str | None]:
     return out
 
 
-def placeholder_version(version: str) -> str:
-    return f"{version.split('+', 1)[0]}+{LOCAL_LABEL}"
+def placeholder_version(version: str, label: str = LOCAL_LABEL) -> str:
+    return f"{version.split('+', 1)[0]}+{label}"
 
 
-def write_placeholder_wheel(folder: Path, name: str, version: str) -> Path:
-    """A dependency-free wheel that only says `name version+device` exists (never installed anywhere)."""
+def write_placeholder_wheel(folder: Path, name: str, version: str, label: str = LOCAL_LABEL) -> Path:
+    """A dependency-free wheel that only says `name version+label` exists (never installed anywhere)."""
     dist = re.sub(r"[-_.]+", "_", name)
-    ver = placeholder_version(version)
+    ver = placeholder_version(version, label)
     info = f"{dist}-{ver}.dist-info"
     files = {
         f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {ver}\n\n",
@@ -124,24 +127,29 @@ def run_pip_resolve(pip_python: str, requirement: str, constraints: dict[str, st
     return proc.returncode, out, (json.loads(report.read_text()) if proc.returncode == 0 and report.exists() else None)
 
 
-def resolve(requirement: str, device: dict[str, str | None], pip_python: str, max_attempts: int = 8,
-            log=print) -> Resolution:
-    """Resolve `requirement` for the device; placeholders stand for the image's packages of known version."""
+def resolve(requirement: str, device: dict[str, str | None], pip_python: str, max_attempts: int = 10,
+            log=print, left_behind: dict[str, str] | None = None) -> Resolution:
+    """Resolve `requirement` for the device; placeholders stand for the image's packages of known version and
+    for the packages left behind (name -> the version the tree pins)."""
+    left_behind = left_behind or {}
     with tempfile.TemporaryDirectory(prefix="vllm_resolve_") as tmp:
         tmp = Path(tmp)
         links = tmp / "placeholders"
         links.mkdir()
-        pinned = {n: v for n, v in device.items() if v}
+        pinned = {n: v for n, v in device.items() if v and n not in left_behind}
         for n, v in pinned.items():
             write_placeholder_wheel(links, n, v)
         constraints = {n: placeholder_version(v) for n, v in pinned.items()}
+        for n, v in left_behind.items():
+            write_placeholder_wheel(links, n, v, LEFT_BEHIND_LABEL)
+            constraints[n] = placeholder_version(v, LEFT_BEHIND_LABEL)
         dropped: dict[str, str] = {}
         for attempt in range(1, max_attempts + 1):
             log(f"resolve attempt {attempt}: {len(constraints)} device pins as constraints")
             rc, out, report = run_pip_resolve(pip_python, requirement, constraints, links, tmp)
             if rc == 0 and report is not None:
                 return Resolution(requirement, [_item(i) for i in report["install"]], dropped, attempt)
-            blamed = [n for n in conflicting_constraints(out) if n in constraints]
+            blamed = [n for n in conflicting_constraints(out) if n in constraints and n not in left_behind]
             if not blamed:
                 raise RuntimeError(f"pip could not resolve {requirement} for the device:\n{out[-4000:]}")
             for n in blamed:
@@ -155,13 +163,16 @@ def _item(entry: dict) -> dict:
     md = entry["metadata"]
     url = entry["download_info"]["url"]
     version = md["version"]
-    from_device = version.endswith("+" + LOCAL_LABEL)
+    label = version.rsplit("+", 1)[1] if "+" in version else ""
+    from_device, left = label == LOCAL_LABEL, label == LEFT_BEHIND_LABEL
+    placeholder = from_device or left
     return {
         "name": canon(md["name"]),
-        "version": version.rsplit("+", 1)[0] if from_device else version,
+        "version": version.rsplit("+", 1)[0] if placeholder else version,
         "from_device": from_device,
-        "url": None if from_device else url,
-        "filename": None if from_device else url.rsplit("/", 1)[-1],
+        "left_behind": left,
+        "url": None if placeholder else url,
+        "filename": None if placeholder else url.rsplit("/", 1)[-1],
         "hashes": (entry["download_info"].get("archive_info") or {}).get("hashes", {}),
         "requires_dist": md.get("requires_dist", []),
         "requested": entry.get("requested", False),

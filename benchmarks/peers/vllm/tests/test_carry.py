@@ -17,7 +17,7 @@ PEER = HERE.parent
 REPO = PEER.parents[2]
 sys.path.insert(0, str(PEER))
 
-from carry_set import SKIP_GROUPS, marker_applies, requirement_name, select  # noqa: E402
+from carry_set import SKIP_GROUPS, left_behind_versions, marker_applies, requirement_name, select  # noqa: E402
 from fetch import plan_parts, trim_wheel, write_parts  # noqa: E402
 from resolve import (canon, conflicting_constraints, parse_device_packages, placeholder_version,  # noqa: E402
                      write_placeholder_wheel)
@@ -101,6 +101,18 @@ def test_select_keeps_the_image_skips_heavy_groups_and_prunes_what_only_they_nee
     with pytest.raises(ValueError, match="unknown group"):
         select(items, device, {}, with_groups=("nope",))
     assert "cutedsl" in SKIP_GROUPS
+
+
+def test_second_resolve_placeholders_mark_left_behind_packages():
+    first = [_item("vllm", "0.26.0", ["flashinfer-python==0.6.14"]), _item("flashinfer-python", "0.6.14"),
+             _item("nvidia-cutlass-dsl", "4.6.0"), _item("torch", "2.11.0", from_device=True)]
+    assert left_behind_versions(first) == {"flashinfer-python": "0.6.14", "nvidia-cutlass-dsl": "4.6.0"}
+    assert left_behind_versions(first, ("flashinfer",)) == {"nvidia-cutlass-dsl": "4.6.0"}
+    second = [_item("vllm", "0.26.0", ["flashinfer-python==0.6.14"]),
+              {**_item("flashinfer-python", "0.6.14"), "left_behind": True, "filename": None}]
+    sel = select(second, {}, {})
+    assert [i["name"] for i in sel.carry] == ["vllm"]
+    assert [i["name"] for i, _ in sel.skipped] == ["flashinfer-python"]
 
 
 def test_trim_wheel_drops_members_and_their_record_lines(tmp_path):
