@@ -69,6 +69,14 @@ class SharedExpertMoE(nn.Module):
         return out
 
 
+def shared_rotary(model: nn.Module, make) -> RotaryEmbedding:
+    """One RotaryEmbedding per model, handed to every layer: its cos/sin tables cover max_position_embeddings
+    positions, which per layer would cost GBs on 100k+-position configs."""
+    if "_shared_rotary" not in model.__dict__:
+        model.__dict__["_shared_rotary"] = make()  # not registered on the model itself: the layers hold it
+    return model.__dict__["_shared_rotary"]
+
+
 def is_moe_layer(cfg: HFConfig, layer_idx: int) -> bool:
     return (int(cfg.get("n_routed_experts", 0) or 0) > 0
             and layer_idx >= int(cfg.get("first_k_dense_replace", 0) or 0)
@@ -78,7 +86,7 @@ def is_moe_layer(cfg: HFConfig, layer_idx: int) -> bool:
 class MLAttention(nn.Module):
     """DeepSeek's projections around the latent-attention front; parameter names as in HF checkpoints."""
 
-    def __init__(self, cfg: HFConfig, layer_idx: int, interleaved_rope: bool):
+    def __init__(self, cfg: HFConfig, layer_idx: int, rotary: RotaryEmbedding):
         super().__init__()
         hidden, H = cfg.hidden_size, cfg.num_attention_heads
         R, N, P, V = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -95,10 +103,8 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(R, 1e-6)
         self.kv_b_proj = nn.Linear(R, H * (N + V), bias=False)
         self.o_proj = nn.Linear(H * V, hidden, bias=bias)
-        scaling = cfg.get("rope_scaling")
-        self.rotary = RotaryEmbedding(P, cfg.max_position_embeddings, cfg.get("rope_theta", 10000.0), scaling,
-                                      interleaved=interleaved_rope)
-        self.attn = LatentAttention(H, R, N, P, V, mla_softmax_scale(N + P, scaling), layer_idx)
+        self.rotary = rotary  # one table for all layers (163840 positions in DeepSeek's configs)
+        self.attn = LatentAttention(H, R, N, P, V, mla_softmax_scale(N + P, cfg.get("rope_scaling")), layer_idx)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x.shape[0]
@@ -127,10 +133,12 @@ class DeepseekV2ForCausalLM(CausalLM):
         check_silu(cfg)
         super().__init__(cfg)
 
-    def interleaved_rope(self, cfg: HFConfig) -> bool:
+    @staticmethod
+    def interleaved_rope(cfg: HFConfig) -> bool:
         return True  # V2 rotates (x0, x1), (x2, x3), ... pairs
 
-    def router_config(self, cfg: HFConfig) -> RouterConfig:
+    @staticmethod
+    def router_config(cfg: HFConfig) -> RouterConfig:
         method = cfg.get("topk_method", "greedy")
         grouped = method == "group_limited_greedy"
         if method not in ("greedy", "group_limited_greedy"):
@@ -144,7 +152,10 @@ class DeepseekV2ForCausalLM(CausalLM):
         )
 
     def make_attention(self, cfg, layer_idx):
-        return MLAttention(cfg, layer_idx, self.interleaved_rope(cfg))
+        rotary = shared_rotary(self, lambda: RotaryEmbedding(
+            cfg.qk_rope_head_dim, cfg.max_position_embeddings, cfg.get("rope_theta", 10000.0),
+            cfg.get("rope_scaling"), interleaved=self.interleaved_rope(cfg)))
+        return MLAttention(cfg, layer_idx, rotary)
 
     def make_mlp(self, cfg, layer_idx):
         if not is_moe_layer(cfg, layer_idx):
@@ -161,10 +172,12 @@ class DeepseekV2ForCausalLM(CausalLM):
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
-    def interleaved_rope(self, cfg: HFConfig) -> bool:
+    @staticmethod
+    def interleaved_rope(cfg: HFConfig) -> bool:
         return bool(cfg.get("rope_interleave", True))
 
-    def router_config(self, cfg: HFConfig) -> RouterConfig:
+    @staticmethod
+    def router_config(cfg: HFConfig) -> RouterConfig:
         return RouterConfig(
             num_experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok,
             scoring=cfg.get("scoring_func", "sigmoid"), renormalize=bool(cfg.get("norm_topk_prob", True)),
