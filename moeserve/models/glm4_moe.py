@@ -15,10 +15,12 @@ from moeserve.models.llama import CausalLM, GQAAttention
 
 
 def _with_glm_defaults(cfg: HFConfig) -> HFConfig:
-    """partial_rotary_factor at the top level (transformers >= 5 keeps it inside rope_parameters)."""
+    """partial_rotary_factor at the top level (transformers >= 5 keeps it inside rope_parameters), and
+    transformers' GLM defaults for what abbreviated configs leave out."""
     rope = cfg.get("rope_parameters") or {}
     factor = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5))
-    return HFConfig({**cfg.to_dict(), "partial_rotary_factor": factor}, source=cfg._source)
+    return HFConfig({**cfg.to_dict(), "partial_rotary_factor": factor, "rms_norm_eps": cfg.get("rms_norm_eps", 1e-5)},
+                    source=cfg._source)
 
 
 class Glm4MoeForCausalLM(CausalLM):
