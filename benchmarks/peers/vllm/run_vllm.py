@@ -102,12 +102,12 @@ def sampling(max_tokens: int):
 
 
 def generate(llm, prompts: list[list[int]], max_tokens: int):
-    """One offline generate of all prompts at once; checks every completion has exactly max_tokens tokens."""
-    import torch
+    """One offline generate of all prompts at once; checks every completion has exactly max_tokens tokens.
 
+    No torch.cuda.synchronize here: generate() returns only when the engine process has finished, and a CUDA
+    context in this front-end process would take GPU memory vLLM's budget does not know about.
+    """
     reqs = [{"prompt_token_ids": ids} for ids in prompts]
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
     t = time.perf_counter()
     outs = llm.generate(reqs, sampling(max_tokens), use_tqdm=False)
     wall = time.perf_counter() - t
