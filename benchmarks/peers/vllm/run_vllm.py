@@ -40,8 +40,10 @@ from workloads import LatencySpec, latency_prompts, median, spec_dict, throughpu
 DEFAULT_SITE = "/tmp/vllm_site"
 VLLM_VERSION = "0.26.0"
 # The device has no network: nothing may try the hub, and vLLM must not phone home.
+# VLLM_USE_FLASHINFER_SAMPLER=0: vLLM's sampler imports FlashInfer's attention backend (left behind) when it is
+# built, unless told not to; every request here is greedy, which never reaches the top-k/top-p sampler anyway.
 QUIET_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-             "TOKENIZERS_PARALLELISM": "false"}
+             "TOKENIZERS_PARALLELISM": "false", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
 
 
 # ---------------------------------------------------------------- environment and model folder
@@ -274,7 +276,7 @@ def worker_main(argv=None) -> int:
         model_dir, changed = model_dir_for(cfg)
         kwargs = engine_kwargs(a, model_dir)
         p.data.update(device="cuda", workloads=wl, vocab_size=vocab, site=site, model=a.model or a.shape,
-                      install=install_notes())
+                      install={**install_notes(), "env": {k: os.environ[k] for k in QUIET_ENV}})
         if changed:
             p.note(f"config.json: dropped {', '.join(changed)} (no remote code, bf16 weights)")
         t = time.perf_counter()
