@@ -222,8 +222,9 @@ def test_fused_expert_tensors_load_like_per_expert(v2_ckpt, tmp_path):
 
     def fuse(t):
         prefix, n = "model.layers.1.mlp.experts", 8
-        t[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([t.pop(f"{prefix}.{e}.gate_proj.weight"),
-                                                              t.pop(f"{prefix}.{e}.up_proj.weight")]) for e in range(n)])
+        gate_up = [torch.cat([t.pop(f"{prefix}.{e}.gate_proj.weight"), t.pop(f"{prefix}.{e}.up_proj.weight")])
+                   for e in range(n)]
+        t[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)  # [E, 2I, H], as transformers >= 5 stores them
         t[f"{prefix}.down_proj"] = torch.stack([t.pop(f"{prefix}.{e}.down_proj.weight") for e in range(n)])
 
     _rewrite(str(fused), fuse)

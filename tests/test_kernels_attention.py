@@ -34,6 +34,12 @@ def _load(name: str, probe: str):
 
 attention = _load("attention", "_attn_kernel")
 DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _untuned(monkeypatch):
+    """Correctness here; timing every new shape would cost compile time. Every candidate has its own test."""
+    monkeypatch.setenv("MOESERVE_AUTOTUNE", "0")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 
 

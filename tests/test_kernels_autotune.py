@@ -55,7 +55,7 @@ def test_tunes_once_caches_on_disk_and_reports(gpu_like, caplog):
     assert tuner.choose("k", "T=8", CANDIDATES, run, CANDIDATES[0]) == {"BLOCK": 32}
     assert sorted(runs) == [16, 32, 64]
     err = _take(caplog)
-    assert "k|T=8: BLOCK32 [tuned]" in err and "BLOCK16=300.0us" in err
+    assert "k|T=8: BLOCK=32 [tuned]" in err and "BLOCK=16=300.0us" in err
     path = tmp_path / "autotune" / "Fake_GPU.json"
     entry = json.loads(path.read_text())["entries"]["k|T=8"]
     assert entry["config"] == {"BLOCK": 32}

@@ -66,7 +66,7 @@ ARCH_OVERRIDES: dict[str, dict] = {
     ),
     # q_lora_rank set, YaRN with mscale != mscale_all_dim, sigmoid routing over groups, renormalised and scaled.
     "DeepseekV3ForCausalLM": dict(
-        num_hidden_layers=3, num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=24, qk_nope_head_dim=16,
+        num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=24, qk_nope_head_dim=16,
         qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32,
         num_experts_per_tok=2, first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True,
         routed_scaling_factor=2.5,

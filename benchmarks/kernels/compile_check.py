@@ -106,10 +106,19 @@ def _shapes():
                                       scale=0.1, max_query_len=qlen, max_seq_len=ctx)
         k = torch.empty(8, kvh, d, dtype=torch.bfloat16)
         attention.write_kv_cache(k, k, cache, torch.zeros(8, dtype=torch.int64, device=dev))
-    # fp32 correctness path compiles too
-    x = torch.empty(5, 64)
-    fused_moe.fused_moe(x, torch.empty(8, 64, 64), torch.empty(8, 64, 32), torch.empty(5, 2),
-                        torch.zeros(5, 2, dtype=torch.int32))
+    # the fp32 correctness path (bench_kernels checks) must compile too
+    for T, e, k, h, i in ((1, 128, 8, 2048, 768), (7, 128, 8, 2048, 768), (333, 60, 4, 2048, 1408),
+                          (4099, 128, 8, 1024, 384), (5, 8, 2, 64, 32)):
+        fused_moe.fused_moe(torch.empty(T, h), torch.empty(e, 2 * i, h), torch.empty(e, h, i), torch.empty(T, k),
+                            torch.zeros(T, k, dtype=torch.int32))
+    for heads, kvh, d in ((32, 4, 128), (32, 8, 96), (8, 8, 64)):
+        for B, qlen in ((3, 1), (2, 300)):
+            cache = torch.empty(2, 64, 16, kvh, d)
+            attention.paged_attention(torch.empty(B * qlen, heads, d), cache,
+                                      query_start_loc=torch.arange(B + 1, dtype=torch.int32) * qlen,
+                                      seq_lens=torch.full((B,), 1000, dtype=torch.int32),
+                                      block_tables=torch.zeros(B, 64, dtype=torch.int32), scale=0.1,
+                                      max_query_len=qlen, max_seq_len=1000)
 
 
 def main() -> int:

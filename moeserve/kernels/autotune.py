@@ -153,7 +153,7 @@ class Autotuner:
 
 
 def _short(cfg: Config) -> str:
-    return "/".join(f"{k}{v}" for k, v in cfg.items())
+    return ",".join(f"{k}={v}" for k, v in cfg.items())
 
 
 _TUNER: Autotuner | None = None

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from moeserve.kernels import runtime
 
-SINGLE_MAX = 2048
+SINGLE_MAX = 256  # pairs; one program loops over them twice, beyond this the work is spread
 
 
 @triton.jit
@@ -121,8 +121,8 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
     num_post = torch.empty(1, dtype=torch.int32, device=device)
     e_p = runtime.next_pow2(num_experts)
-    chunk = max(16, min(128, 8192 // e_p))
-    chunk_b = max(16, min(128, 8192 // e_p))
+    chunk = max(16, min(64, 8192 // e_p))  # one-hot tiles of chunk x E_P int32 stay in registers
+    chunk_b = chunk
     if m <= SINGLE_MAX:
         _align_single_kernel[(1,)](
             ids, sorted_pairs, block_expert, num_post, m, num_experts, num_blocks,

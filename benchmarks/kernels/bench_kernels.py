@@ -1,0 +1,501 @@
+"""Check, then time, every moeserve kernel on the GPU, beside the two ceilings measured in the same run.
+
+1. ceilings: device-to-device copy (bytes read + written) and an 8192^3 bf16 matmul, on random data;
+2. checks: every kernel against moeserve.kernels.reference on fresh random inputs (bf16 and fp32, odd lengths,
+   poisoned outputs), plus CUDA-graph capture/replay with new inputs written in place; any miss -> exit 1;
+3. timings: fused_moe at qwen3-30b-a3b shapes (E=128, K=8, H=2048, I=768) for several token counts, beside a
+   plain torch per-expert loop; paged-attention decode (batch 1/32/128, context 384/4096), prefill 8k, chunked
+   prefill over a cached prefix; KV write. Decode-sized work is timed as CUDA-graph replays over rotating inputs
+   larger than L2, large work with triton.testing.do_bench (median).
+Writes kernels-<date>-<gpu>.json and .log under $OUT (or --out); prints a compact table last.
+
+    python benchmarks/kernels/bench_kernels.py [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+LOG: list[str] = []
+E, K, H, INTER = 128, 8, 2048, 768  # qwen3-30b-a3b experts
+HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 4, 128, 16  # qwen3-30b-a3b attention
+MAX_MODEL_LEN = 40960  # what the decode graphs pass as max_seq_len
+DEV = "cuda"
+SMOKE = False  # --cpu-smoke: tiny shapes through the Triton interpreter, to test this script without a GPU
+
+
+def _smoke_mode() -> None:
+    """Shrink every shape and run on CPU through the interpreter (timings there mean nothing)."""
+    global E, K, H, INTER, HEADS, KV_HEADS, HEAD_DIM, MAX_MODEL_LEN, DEV, SMOKE
+    os.environ["TRITON_INTERPRET"] = "1"
+    E, K, H, INTER, HEADS, KV_HEADS, HEAD_DIM, MAX_MODEL_LEN, DEV, SMOKE = 8, 2, 64, 32, 4, 2, 64, 256, "cpu", True
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def say(msg: str = "") -> None:
+    print(msg, flush=True)
+    LOG.append(msg)
+
+
+# ---------------------------------------------------------------------------------------------- ceilings
+def empty_cache() -> None:
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_ceilings() -> dict:
+    n = (1 << 30) if not SMOKE else (1 << 20)  # bytes per buffer
+    a = torch.randn(n // 2, dtype=torch.bfloat16, device=DEV)
+    b = torch.empty_like(a)
+    ms = eager_ms(lambda: b.copy_(a), rep=300)
+    bw = 2 * n / (ms * 1e-3)
+    m = 8192 if not SMOKE else 128
+    x = torch.randn(m, m, dtype=torch.bfloat16, device=DEV)
+    y = torch.randn(m, m, dtype=torch.bfloat16, device=DEV)
+    ms_mm = eager_ms(lambda: x @ y, rep=500)
+    peak = 2 * m ** 3 / (ms_mm * 1e-3)
+    del a, b, x, y
+    empty_cache()
+    say(f"ceilings: copy {bw / 1e12:.2f} TB/s ({n >> 20} MiB read + written in {ms:.3f} ms), "
+        f"bf16 matmul {peak / 1e12:.0f} TFLOP/s ({m}^3 in {ms_mm:.3f} ms)")
+    return {"copy_TBps": bw / 1e12, "bf16_TFLOPs": peak / 1e12}
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def attn_batch(ctx_lens, q_lens, heads, kv_heads, d, page, dtype, spare=4, rotations=1):
+    """Random cache pages (shuffled ids), `rotations` independent block tables over disjoint pages, and q."""
+    pages = [-(-c // page) for c in ctx_lens]
+    per_set = sum(pages)
+    num_blocks = per_set * rotations + spare
+    cache = torch.randn(2, num_blocks, page, kv_heads, d, device=DEV).to(dtype)
+    perm = torch.randperm(num_blocks, device=DEV).int()
+    tables = []
+    for r in range(rotations):
+        t = torch.full((len(ctx_lens), max(pages) + 1), num_blocks - 1, dtype=torch.int32, device=DEV)
+        used = r * per_set
+        for b, n in enumerate(pages):
+            t[b, :n] = perm[used:used + n]
+            used += n
+        tables.append(t)
+    qsl = torch.zeros(len(ctx_lens) + 1, dtype=torch.int32, device=DEV)
+    qsl[1:] = torch.tensor(q_lens, device=DEV).cumsum(0)
+    q = torch.randn(int(sum(q_lens)), heads, d, device=DEV).to(dtype)
+    seq_lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEV)
+    return q, cache, qsl, seq_lens, tables
+
+
+def moe_inputs(T, e, k, h, inter, dtype, weights=None):
+    x = torch.randn(T, h, device=DEV).to(dtype)
+    if weights is None:
+        w13 = (torch.randn(e, 2 * inter, h, device=DEV) / h ** 0.5).to(dtype)
+        w2 = (torch.randn(e, h, inter, device=DEV) / inter ** 0.5).to(dtype)
+    else:
+        w13, w2 = weights
+    topk_w, ids = torch.randn(T, e, device=DEV).softmax(-1).topk(k)
+    return x, w13, w2, topk_w, ids.int()
+
+
+def rel_err(out, ref) -> float:
+    if torch.isnan(out).any():
+        return float("nan")
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------------------------------------- checks
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2}
+
+
+def run_checks() -> list[dict]:
+    from moeserve.kernels import attention, fused_moe, reference
+
+    results = []
+
+    def record(name, err, tol):
+        ok = math.isfinite(err) and err < tol
+        results.append({"name": name, "rel_err": err, "tol": tol, "ok": ok})
+        say(f"  {'ok  ' if ok else 'FAIL'} {name:<66} rel err {err:.2e} (tol {tol:.0e})")
+
+    say("checks (fresh random inputs, outputs poisoned with NaN):")
+    attn_cases = [
+        ("decode", [5, 17, 40, 1], [1, 1, 1, 1], 32, 4, 128, 16),
+        ("decode long", [4096, 1000, 17], [1, 1, 1], 32, 4, 128, 16),
+        ("decode MHA page32", [383, 384, 385], [1, 1, 1], 16, 16, 128, 32),
+        ("prefill", [1024, 777], [1024, 777], 32, 4, 128, 16),
+        ("prefill on cached prefix", [2000, 513], [257, 100], 32, 8, 96, 16),
+        ("mixed chunked prefill + decodes", [3000, 129, 64, 1], [512, 129, 1, 1], 32, 4, 128, 16),
+        ("prefill head_dim 64 group 1", [300, 45], [300, 45], 8, 8, 64, 16),
+    ]
+    moe_cases = [(1, 128, 8, 2048, 768), (7, 128, 8, 2048, 768), (333, 60, 4, 2048, 1408),
+                 (4099, 128, 8, 1024, 384), (257, 8, 2, 4096, 3584)]
+    kv_write = (1001, 4, 128, 80)
+    long_moe = (40000, 16, 2, 256, 128, 16384)
+    if SMOKE:
+        attn_cases = [("decode", [5, 17, 40], [1, 1, 1], 4, 2, 64, 16),
+                      ("mixed", [37, 50, 3], [20, 3, 1], 4, 2, 80, 32)]
+        moe_cases = [(1, 8, 2, 64, 32), (37, 16, 4, 96, 40)]
+        kv_write = (13, 2, 64, 3)
+        long_moe = (700, 4, 2, 32, 16, 256)
+    for dtype in (torch.bfloat16, torch.float32):
+        for name, ctx, ql, h, kvh, d, page in attn_cases:
+            q, cache, qsl, lens, tables = attn_batch(ctx, ql, h, kvh, d, page, dtype)
+            out = torch.full_like(q, float("nan"))
+            attention.paged_attention(q, cache, query_start_loc=qsl, seq_lens=lens, block_tables=tables[0],
+                                      scale=d ** -0.5, max_query_len=max(ql), max_seq_len=MAX_MODEL_LEN, out=out)
+            ref = reference.ref_paged_attention(q.double(), cache.double(), query_start_loc=qsl, seq_lens=lens,
+                                                block_tables=tables[0], scale=d ** -0.5)
+            record(f"paged_attention {name} {str(dtype)[6:]} ctx={ctx} q={ql} H{h}/{kvh} D{d}", rel_err(out, ref),
+                   TOL[dtype])
+        T, kvh, d, blocks = kv_write
+        k, v = torch.randn(2, T, kvh, d, device=DEV).to(dtype)
+        slots = torch.randperm(blocks * 16, device=DEV)[:T]
+        slots[::7] = -1
+        cache = torch.randn(2, blocks, 16, kvh, d, device=DEV).to(dtype)
+        expect = cache.clone()
+        reference.ref_write_kv_cache(k, v, expect, slots)
+        attention.write_kv_cache(k, v, cache, slots)
+        record(f"write_kv_cache {str(dtype)[6:]} T={T} (exact)", 0.0 if torch.equal(cache, expect) else 1.0, 1e-30)
+        for T, e, k_, h, i in moe_cases:
+            x, w13, w2, tw, ids = moe_inputs(T, e, k_, h, i, dtype)
+            out = torch.full_like(x, float("nan"))
+            fused_moe.fused_moe(x, w13, w2, tw, ids, out=out)
+            ref = reference.ref_fused_moe(x.double(), w13.double(), w2.double(), tw, ids)
+            record(f"fused_moe {str(dtype)[6:]} T={T} E={e} K={k_} H={h} I={i}", rel_err(out, ref), TOL[dtype])
+    T, e, k_, h, i, chunk = long_moe
+    x, w13, w2, tw, ids = moe_inputs(T, e, k_, h, i, torch.bfloat16)
+    out = fused_moe.fused_moe(x, w13, w2, tw, ids, chunk_size=chunk)
+    ref = reference.ref_fused_moe(x.double(), w13.double(), w2.double(), tw, ids)
+    record(f"fused_moe bf16 T={T} in {chunk}-token chunks", rel_err(out, ref), TOL[torch.bfloat16])
+    if DEV == "cuda":
+        results += check_graph_replay()
+    else:
+        say("  skip CUDA graph replay check (no CUDA)")
+    return results
+
+
+def check_graph_replay() -> list[dict]:
+    """Capture decode attention and fused_moe once, write new inputs in place, replay: must match the reference."""
+    from moeserve.kernels import attention, fused_moe, reference
+
+    out_rows = []
+    B = 8
+    q, cache, qsl, lens, tables = attn_batch([700] * B, [1] * B, HEADS, KV_HEADS, HEAD_DIM, PAGE, torch.bfloat16)
+    tables = tables[0]
+    x, w13, w2, tw, ids = moe_inputs(B, E, K, H, INTER, torch.bfloat16)
+
+    def step():
+        a = attention.paged_attention(q, cache, query_start_loc=qsl, seq_lens=lens, block_tables=tables,
+                                      scale=HEAD_DIM ** -0.5, max_query_len=1, max_seq_len=MAX_MODEL_LEN)
+        m = fused_moe.fused_moe(x, w13, w2, tw, ids)
+        return a, m
+
+    step()  # eager warm-up: compiles and tunes before capture, as the runner must
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        a_out, m_out = step()
+    # new inputs in place: other lengths, other pages, other routing
+    lens.copy_(torch.tensor([1, 15, 16, 17, 300, 699, 700, 2], dtype=torch.int32))
+    tables.copy_(tables[torch.randperm(B, device=DEV)])
+    q.copy_(torch.randn_like(q))
+    x.copy_(torch.randn_like(x))
+    _, new_ids = torch.randn(B, E, device=DEV).topk(K)
+    ids.copy_(new_ids.int())
+    tw.copy_(torch.rand_like(tw))
+    g.replay()
+    torch.cuda.synchronize()
+    ref_a = reference.ref_paged_attention(q.double(), cache.double(), query_start_loc=qsl, seq_lens=lens,
+                                          block_tables=tables, scale=HEAD_DIM ** -0.5)
+    ref_m = reference.ref_fused_moe(x.double(), w13.double(), w2.double(), tw, ids)
+    for name, out, ref in (("paged_attention decode", a_out, ref_a), ("fused_moe T=8", m_out, ref_m)):
+        err = rel_err(out, ref)
+        ok = math.isfinite(err) and err < TOL[torch.bfloat16]
+        out_rows.append({"name": f"CUDA graph replay, new inputs: {name}", "rel_err": err,
+                         "tol": TOL[torch.bfloat16], "ok": ok})
+        say(f"  {'ok  ' if ok else 'FAIL'} {'CUDA graph replay, new inputs: ' + name:<66} rel err {err:.2e}")
+    return out_rows
+
+
+POST_CHECKS: list[dict] = []
+
+
+def post_check(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
+    """The output of a timed call (so with the tuned config) against the reference (fp32: big shapes)."""
+    err = rel_err(out, ref)
+    ok = math.isfinite(err) and err < TOL[torch.bfloat16]
+    POST_CHECKS.append({"name": f"tuned: {name}", "rel_err": err, "tol": TOL[torch.bfloat16], "ok": ok})
+    if not ok:
+        say(f"    FAIL tuned config output of {name}: rel err {err:.2e}")
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def graph_ms(calls, min_total_ms: float = 20.0) -> float:
+    """Per-call time of `calls` captured in one CUDA graph (cycled, repeated), median over replays."""
+    for c in calls:  # eager first: compile and tune outside the capture
+        c()
+    sync()
+    if DEV != "cuda":
+        return eager_ms(calls[0])
+    t0 = time.perf_counter()
+    for c in calls:
+        c()
+    sync()
+    est_ms = max((time.perf_counter() - t0) * 1e3 / len(calls), 1e-3)
+    reps = max(1, min(200, int(min_total_ms / (est_ms * len(calls))) + 1))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            for c in calls:
+                c()
+    g.replay()
+    sync()
+    times = []
+    for _ in range(9):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (reps * len(calls)))
+    del g
+    return statistics.median(times)
+
+
+def eager_ms(fn, rep=200) -> float:
+    if DEV != "cuda":  # smoke mode: one wall-clock run
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def row(name, ms, *, bytes_=0.0, flops=0.0, ceil, mode, target=None, extra=None) -> dict:
+    t_bw = bytes_ / (ceil["copy_TBps"] * 1e12) * 1e3
+    t_fl = flops / (ceil["bf16_TFLOPs"] * 1e12) * 1e3
+    floor = max(t_bw, t_fl)
+    r = {"name": name, "mode": mode, "ms": ms, "floor_ms": floor, "bound": "memory" if t_bw >= t_fl else "compute",
+         "bytes": bytes_, "flops": flops, "GBps": bytes_ / (ms * 1e-3) / 1e9, "TFLOPs": flops / (ms * 1e-3) / 1e12,
+         "pct_bw": 100 * t_bw / ms, "pct_peak": 100 * t_fl / ms, "pct_floor": 100 * floor / ms}
+    if target:
+        r["target"] = target
+    r.update(extra or {})
+    say(f"  {name:<44} {ms * 1e3:9.1f} us  floor {floor * 1e3:8.1f} us ({r['bound']})  "
+        f"{r['GBps']:7.0f} GB/s = {r['pct_bw']:5.1f}% BW  {r['TFLOPs']:6.1f} TFLOP/s = {r['pct_peak']:5.1f}% peak"
+        + (f"  [{mode}]" if mode else ""))
+    return r
+
+
+def torch_moe_loop(x, w13, w2, tw, ids):
+    """The plain torch baseline: per hit expert, gather tokens, two matmuls, scatter-add (model dtype)."""
+    out = torch.zeros_like(x)
+    flat = ids.reshape(-1).long()
+    order = flat.argsort()
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    tok = order // ids.shape[1]
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            sel = tok[start:start + n]
+            gu = x[sel] @ w13[e].t()
+            h = torch.nn.functional.silu(gu[:, :INTER]) * gu[:, INTER:]
+            out.index_add_(0, sel, (h @ w2[e].t()) * tw.reshape(-1)[order[start:start + n]].unsqueeze(1).to(x.dtype))
+            start += n
+    return out
+
+
+def bench_moe(ceil, token_counts) -> list[dict]:
+    from moeserve.kernels import fused_moe, reference
+
+    say(f"fused_moe, qwen3-30b-a3b experts (E={E}, K={K}, H={H}, I={INTER}), bf16:")
+    rows = []
+    weights = moe_inputs(1, E, K, H, INTER, torch.bfloat16)[1:3]
+    w_expert = 3 * H * INTER * 2
+    for T in token_counts:
+        sets = 8 if T <= 512 else 1  # rotate routing (and so the experts read) across calls
+        ins = [moe_inputs(T, E, K, H, INTER, torch.bfloat16, weights) for _ in range(sets)]
+        outs = [torch.empty(T, H, dtype=torch.bfloat16, device=DEV) for _ in range(sets)]
+        hit = statistics.mean(len(torch.unique(i[4])) for i in ins)
+        bytes_ = hit * w_expert + 2 * T * H * 2 + T * K * 8
+        flops = 2 * T * K * 3 * H * INTER
+        calls = [lambda i=i: fused_moe.fused_moe(*ins[i], out=outs[i]) for i in range(sets)]
+        if T <= 512:
+            ms = graph_ms(calls)
+            mode = "graph"
+        else:
+            ms = eager_ms(calls[0])
+            mode = "eager"
+        target = {1: ">=70% of BW", 8192: ">=50% of bf16 peak"}.get(T)
+        ref_ms = None
+        if T in (1, 128, 8192):
+            ref_ms = eager_ms(lambda: torch_moe_loop(*ins[0]), rep=100)
+        r = row(f"fused_moe T={T}", ms, bytes_=bytes_, flops=flops, ceil=ceil, mode=mode, target=target,
+                extra={"tokens": T, "experts_hit": hit, "torch_loop_ms": ref_ms})
+        if ref_ms:
+            say(f"    plain torch per-expert loop: {ref_ms * 1e3:.1f} us (x{ref_ms / ms:.1f} slower)")
+        if T <= 8:
+            eager = eager_ms(calls[0])
+            r["eager_ms"] = eager
+            say(f"    eager (no graph, includes Python launch cost): {eager * 1e3:.1f} us")
+        x, w13, w2, tw, ids = ins[0]
+        post_check(f"fused_moe T={T}", fused_moe.fused_moe(x, w13, w2, tw, ids), reference.ref_fused_moe(x.float(), w13.float(), w2.float(), tw, ids))
+        rows.append(r)
+        del ins, outs
+    return rows
+
+
+def bench_attention(ceil, quick: bool) -> list[dict]:
+    from moeserve.kernels import attention, reference
+
+    say(f"paged attention, qwen3-30b-a3b (H={HEADS}, KVH={KV_HEADS}, D={HEAD_DIM}, page {PAGE}), bf16, one layer:")
+    rows = []
+    kv_tok = KV_HEADS * HEAD_DIM * 2 * 2  # K and V bytes per token
+    for B in (1, 32, 128) if not SMOKE else (1, 3):
+        for ctx in (384, 4096) if not SMOKE else (40,):
+            set_bytes = B * ctx * kv_tok
+            rot = max(2, min(256, math.ceil(256e6 / set_bytes)))
+            q, cache, qsl, lens, tables = attn_batch([ctx] * B, [1] * B, HEADS, KV_HEADS, HEAD_DIM, PAGE,
+                                                     torch.bfloat16, rotations=rot)
+            outs = [torch.empty_like(q) for _ in range(min(rot, 8))]
+            calls = [lambda t=t, o=outs[i % len(outs)]: attention.paged_attention(
+                q, cache, query_start_loc=qsl, seq_lens=lens, block_tables=t, scale=HEAD_DIM ** -0.5,
+                max_query_len=1, max_seq_len=MAX_MODEL_LEN, out=o) for i, t in enumerate(tables)]
+            ms = graph_ms(calls)
+            bytes_ = set_bytes + 2 * q.numel() * 2
+            flops = 4 * B * HEADS * HEAD_DIM * ctx
+            rows.append(row(f"attn decode B={B} ctx={ctx}", ms, bytes_=bytes_, flops=flops, ceil=ceil, mode="graph",
+                            extra={"batch": B, "context": ctx}))
+            fresh = attention.paged_attention(q, cache, query_start_loc=qsl, seq_lens=lens, block_tables=tables[0],
+                                              scale=HEAD_DIM ** -0.5, max_query_len=1, max_seq_len=MAX_MODEL_LEN)
+            post_check(f"attn decode B={B} ctx={ctx}", fresh, reference.ref_paged_attention(
+                q.float(), cache.float(), query_start_loc=qsl, seq_lens=lens, block_tables=tables[0],
+                scale=HEAD_DIM ** -0.5))
+            del q, cache, tables, outs, calls
+            empty_cache()
+    prefills = (("attn prefill 8k", [8192], [8192]), ("attn prefill 2k on 6k prefix", [8192], [2048]),
+                ("attn prefill 4 x 2k", [2048] * 4, [2048] * 4))
+    if SMOKE:
+        prefills = (("attn prefill 40", [40], [40]), ("attn prefill 9 on 30 prefix", [39], [9]))
+    for name, ctx, ql in prefills:
+        if quick and "4 x" in name:
+            continue
+        q, cache, qsl, lens, tables = attn_batch(ctx, ql, HEADS, KV_HEADS, HEAD_DIM, PAGE, torch.bfloat16)
+        out = torch.empty_like(q)
+        fn = lambda: attention.paged_attention(q, cache, query_start_loc=qsl, seq_lens=lens, block_tables=tables[0],  # noqa: E731
+                                               scale=HEAD_DIM ** -0.5, max_query_len=max(ql), max_seq_len=max(ctx),
+                                               out=out)
+        fn()
+        ms = eager_ms(fn)
+        pairs = sum(n * (c - n) + n * (n + 1) / 2 for c, n in zip(ctx, ql))  # (query, visible key) pairs
+        flops = 4 * HEADS * HEAD_DIM * pairs
+        bytes_ = sum(ctx) * kv_tok + 2 * q.numel() * 2
+        rows.append(row(name, ms, bytes_=bytes_, flops=flops, ceil=ceil, mode="eager",
+                        extra={"context": ctx, "new_tokens": ql}))
+        post_check(name, out, reference.ref_paged_attention(q.float(), cache.float(), query_start_loc=qsl,
+                                                            seq_lens=lens, block_tables=tables[0],
+                                                            scale=HEAD_DIM ** -0.5))
+        del q, cache, out
+    say(f"write_kv_cache (KVH={KV_HEADS}, D={HEAD_DIM}, bf16):")
+    for T in (128, 8192) if not SMOKE else (16,):
+        k, v = torch.randn(2, T, KV_HEADS, HEAD_DIM, device=DEV).to(torch.bfloat16)
+        cache = torch.empty(2, T // PAGE * 4, PAGE, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device=DEV)
+        slots = torch.randperm(cache.shape[1] * PAGE, device=DEV)[:T]
+        fn = lambda: attention.write_kv_cache(k, v, cache, slots)  # noqa: E731
+        ms = graph_ms([fn]) if T <= 512 else eager_ms(fn)
+        rows.append(row(f"write_kv_cache T={T}", ms, bytes_=2 * 2 * T * KV_HEADS * HEAD_DIM * 2, ceil=ceil,
+                        mode="graph" if T <= 512 else "eager"))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- main
+def git_commit() -> str:
+    if os.environ.get("MOESERVE_COMMIT"):
+        return os.environ["MOESERVE_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for the JSON and the log ($OUT)")
+    ap.add_argument("--quick", action="store_true", help="fewer token counts")
+    ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton interpreter (tests the script)")
+    args = ap.parse_args()
+    if args.cpu_smoke:
+        _smoke_mode()
+    elif not torch.cuda.is_available():
+        print("bench_kernels needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
+        return 2
+    import triton
+
+    from moeserve.kernels import autotune
+
+    gpu = torch.cuda.get_device_name() if DEV == "cuda" else "cpu-interpreter"
+    say(f"moeserve kernel bench: {gpu}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"commit {git_commit()[:12]}, autotune cache {autotune.cache_path()}")
+    result = {"date": dt.date.today().isoformat(), "gpu": gpu, "commit": git_commit(), "torch": torch.__version__,
+              "triton": triton.__version__, "command": " ".join(sys.argv)}
+    t_start = time.time()
+    result["ceilings"] = measure_ceilings()
+    result["checks"] = []
+    if not args.skip_checks:
+        # Correctness of many shapes: untuned (heuristic) configs keep this phase short; every candidate config
+        # is checked by tests/test_kernels_*.py, and the tuned configs of the timed shapes by the post-checks.
+        os.environ["MOESERVE_AUTOTUNE"] = "0"
+        result["checks"] = run_checks()
+        os.environ.pop("MOESERVE_AUTOTUNE")
+        autotune.reset_tuner()  # forget the heuristic choices: the timed shapes get tuned
+    failed = [c["name"] for c in result["checks"] if not c["ok"]]
+    rows = []
+    if not failed:
+        tokens = (1, 32, 8192) if args.quick else (1, 2, 8, 32, 128, 512, 2048, 8192)
+        if SMOKE:
+            tokens = (1, 5)
+        rows += bench_moe(result["ceilings"], tokens)
+        rows += bench_attention(result["ceilings"], args.quick)
+        result["checks"] += POST_CHECKS
+        failed = [c["name"] for c in result["checks"] if not c["ok"]]
+    result["benchmarks"] = rows
+    result["autotune"] = autotune.get_tuner().report()
+    result["wall_s"] = time.time() - t_start
+    say("autotune choices (source: tuned now / cache / heuristic):")
+    for key, v in result["autotune"].items():
+        say(f"  {key}: {v['config']} [{v['source']}]")
+    ceil = result["ceilings"]
+    say(f"\nSUMMARY {gpu}: copy {ceil['copy_TBps']:.2f} TB/s, bf16 {ceil['bf16_TFLOPs']:.0f} TFLOP/s; "
+        f"checks {'FAILED: ' + ', '.join(failed) if failed else 'all passed'}")
+    say(f"{'benchmark':<32} {'mode':<5} {'us':>9} {'floor us':>9} {'%floor':>6} {'%BW':>6} {'%peak':>6}  target")
+    for r in rows:
+        say(f"{r['name']:<32} {r['mode']:<5} {r['ms'] * 1e3:9.1f} {r['floor_ms'] * 1e3:9.1f} {r['pct_floor']:6.1f} "
+            f"{r['pct_bw']:6.1f} {r['pct_peak']:6.1f}  {r.get('target', '')}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"kernels-{result['date']}-{gpu.replace(' ', '_')}"
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{stem}.log").write_text("\n".join(LOG) + "\n")
+        print(f"wrote {out / stem}.json and .log")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
