@@ -1,0 +1,128 @@
+"""Where a decode step's time goes, on the GPU: TPOT at two depths (per-layer slope + fixed cost), the GPU's
+busy time per step against the wall time (host overhead), and the kernels of one layer from a profile.
+
+    python3 benchmarks/kernels/profile_decode.py --shape Qwen/Qwen3-30B-A3B --layers 4,8 --batches 1,32
+
+The model is the shape's config.json with fewer layers and random weights: per-layer kernels are the real
+ones, and the TPOT line a + b*L extrapolates to the full depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def build(shape: str, layers: int, eager: bool, max_model_len: int):
+    from moeserve import LLM
+    from moeserve.plan.catalog import resolve_catalog
+
+    cfg = json.loads(Path(resolve_catalog(shape)).read_text())
+    full = cfg["num_hidden_layers"]
+    cfg["num_hidden_layers"] = layers
+    d = Path(tempfile.mkdtemp()) / f"{shape.split('/')[-1]}-L{layers}"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    llm = LLM(model=str(d / "config.json"), load_format="dummy", dtype="bfloat16", max_model_len=max_model_len,
+              enforce_eager=eager, gpu_memory_utilization=0.5)
+    return llm, full
+
+
+def prompts(llm, b: int, n: int, seed: int = 0):
+    vocab = llm.llm_engine.hf_config.vocab_size
+    rng = np.random.default_rng(seed)
+    return [{"prompt_token_ids": rng.integers(0, vocab, n).tolist()} for _ in range(b)]
+
+
+def tpot_ms(llm, b: int, out: int) -> float:
+    from moeserve import SamplingParams
+
+    p = SamplingParams(temperature=0, max_tokens=out, ignore_eos=True)
+    llm.generate(prompts(llm, b, 128, 1), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    res = llm.generate(prompts(llm, b, 128), p)
+    vals = [(o.metrics.last_token_time - o.metrics.first_token_time) / (out - 1) for o in res]
+    return 1e3 * float(np.median(vals))
+
+
+def profile(llm, b: int, steps: int, top: int) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    from moeserve import SamplingParams
+
+    eng = llm.llm_engine
+    for i, pr in enumerate(prompts(llm, b, 128)):
+        eng.add_request(f"p{b}-{i}", pr["prompt_token_ids"], SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
+    eng.step()  # prefill
+    eng.step()
+    torch.cuda.synchronize()
+    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+    while eng.has_unfinished_requests():
+        eng.step()
+    ev = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in ev) / steps
+    print(f"  batch {b}: wall {wall * 1e3:.2f} ms/step, GPU busy {gpu_us / 1e3:.2f} ms/step "
+          f"({100 * gpu_us / 1e3 / (wall * 1e3):.0f}%)")
+    rows = sorted((e for e in ev if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    print(f"  {'kernel':70s} {'calls/step':>10s} {'us/call':>9s} {'us/step':>9s}")
+    for e in rows[:top]:
+        print(f"  {e.key[:70]:70s} {e.count / steps:10.1f} {e.self_device_time_total / max(1, e.count):9.1f} "
+              f"{e.self_device_time_total / steps:9.1f}")
+    cpu = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:12]
+    print(f"  host (self CPU, us/step): " + ", ".join(f"{e.key[:40]}={e.self_cpu_time_total / steps:.0f}" for e in cpu))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="Qwen/Qwen3-30B-A3B")
+    ap.add_argument("--layers", default="4,8")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--output", type=int, default=64)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args()
+    import torch
+
+    batches = [int(x) for x in args.batches.split(",")]
+    depths = [int(x) for x in args.layers.split(",")]
+    tp: dict[int, dict[int, float]] = {}
+    full = None
+    for L in depths:
+        t = time.perf_counter()
+        llm, full = build(args.shape, L, eager=False, max_model_len=args.max_model_len)
+        print(f"== {L} layers (CUDA graphs): start-up {time.perf_counter() - t:.1f}s "
+              f"{json.dumps(llm.llm_engine.timings)}", flush=True)
+        tp[L] = {b: tpot_ms(llm, b, args.output) for b in batches}
+        print(f"  TPOT ms: {json.dumps({b: round(v, 3) for b, v in tp[L].items()})}", flush=True)
+        if L == depths[-1]:
+            for b in batches:
+                profile(llm, b, args.steps, args.top)
+            del llm
+            torch.cuda.empty_cache()
+            llm, _ = build(args.shape, L, eager=True, max_model_len=args.max_model_len)
+            print(f"== {L} layers, eager (one launch at a time)", flush=True)
+            profile(llm, batches[0], args.steps, args.top)
+        del llm
+        torch.cuda.empty_cache()
+    if len(depths) >= 2:
+        a, c = depths[0], depths[-1]
+        for b in batches:
+            slope = (tp[c][b] - tp[a][b]) / (c - a)
+            fixed = tp[a][b] - slope * a
+            print(f"batch {b}: {slope * 1e3:.1f} us/layer + {fixed:.2f} ms fixed -> {full} layers "
+                  f"{fixed + slope * full:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
