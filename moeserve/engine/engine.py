@@ -95,6 +95,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, self.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
         self.sampler = Sampler(self.hf_config.vocab_size, self.device, config.seed)
+        self.timings["prefill_warmup_s"] = self.runner.warm_up_prefill()
         self.timings["cuda_graphs_s"] = self.runner.capture_cuda_graphs()
 
         self.requests: dict[str, Request] = {}

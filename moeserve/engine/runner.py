@@ -135,6 +135,36 @@ class ModelRunner:
         meta = self._metadata(B, T, int(np.diff(qsl).max()), int(seq_lens.max()))
         return self.model(self.d_input_ids[:T], self.d_positions[:T], ForwardContext(meta, self.kv_caches))
 
+    # -- kernel warm-up (CUDA) --
+    @torch.inference_mode()
+    def warm_up_prefill(self) -> float:
+        """One eager forward per power-of-two token count up to max_num_batched_tokens, so that every prefill
+        shape bucket is autotuned and compiled at startup rather than inside a user's first request."""
+        if self.device.type != "cuda" or self.kv_caches is None:
+            return 0.0
+        t0 = time.perf_counter()
+        limit = min(self.max_tokens, self.max_num_seqs * self.max_model_len)  # the largest step possible
+        T = 2
+        while True:
+            T = min(T, limit)
+            B = -(-T // self.max_model_len)  # sequences of at most max_model_len tokens
+            lens = np.full(B, T // B, dtype=np.int32)
+            lens[: T - int(lens.sum())] += 1
+            qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+            self.meta_cpu = (qsl, lens)
+            self.d_qsl[: B + 1].copy_(torch.from_numpy(qsl))
+            self.d_seq_lens[:B].copy_(torch.from_numpy(lens))
+            self.d_tables[:B].zero_()  # every page is page 0: read, never written
+            self.d_slots[:T].fill_(-1)
+            self.d_input_ids[:T].random_(0, 100)
+            self.d_positions[:T].copy_(torch.from_numpy(np.concatenate([np.arange(n) for n in lens])))
+            self._run_eager(B, T)
+            if T >= limit:
+                break
+            T *= 2
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
     # -- CUDA graphs for decode --
     def capture_cuda_graphs(self) -> float:
         """Capture one graph per padded decode batch size; returns the seconds it took."""
