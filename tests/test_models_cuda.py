@@ -35,7 +35,9 @@ def case(request, tmp_path_factory):
     vocab = cpu.llm_engine.hf_config.vocab_size
     prompts = [rng.integers(3, vocab, n).tolist() for n in PROMPT_LENS]
     ref = _greedy(cpu, prompts)
-    return dict(path=path, cpu=cpu, prompts=prompts, ref=ref)
+    cfg = cpu.llm_engine.hf_config
+    moe = any(cfg.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+    return dict(path=path, cpu=cpu, prompts=prompts, ref=ref, moe=moe)
 
 
 def _greedy(llm, prompts, n=NEW):
@@ -63,6 +65,9 @@ def _full_logits(llm, seqs):
     return out
 
 
+_BF16_REL = {False: 2e-2, True: 4e-2}
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_teacher_forced_agreement_and_logits(case, dtype):
     gpu = LLM(model=case["path"], device="cuda", dtype=dtype, kv_cache_memory_bytes=1 << 28)
@@ -74,7 +79,9 @@ def test_teacher_forced_agreement_and_logits(case, dtype):
         agree += int((a[len(p) - 1:-1].argmax(-1) == nxt).sum())
         total += len(nxt)
         rel = float((a - b).norm() / b.norm())
-        assert rel < (2e-2 if dtype == "bfloat16" else 1e-3), rel
+        # bf16: 8 bits of mantissa, and in MoE models a router score within that noise of its neighbour picks
+        # another expert for the token, so its logits move more than a dense model's.
+        assert rel < (_BF16_REL[case["moe"]] if dtype == "bfloat16" else 1e-3), rel
     assert agree / total >= 0.95, agree / total
 
 
@@ -82,15 +89,38 @@ def test_cuda_graphs_equal_eager_and_survive_preemption_and_chunking(case):
     eager = LLM(model=case["path"], device="cuda", enforce_eager=True, kv_cache_memory_bytes=1 << 28)
     graphs = LLM(model=case["path"], device="cuda", kv_cache_memory_bytes=1 << 28)
     assert graphs.llm_engine.runner.graphs, "no CUDA graphs captured"
-    base = _greedy(eager, case["prompts"])
+    base, margins = _greedy_with_margins(eager, case["prompts"])
     assert _greedy(graphs, case["prompts"]) == base
     small = LLM(model=case["path"], device="cuda", num_gpu_blocks_override=12, block_size=16)
-    assert _agreement(_greedy(small, case["prompts"]), base) >= 0.95
+    _assert_same_up_to_near_ties(_greedy(small, case["prompts"]), base, margins)
     assert small.llm_engine.scheduler.num_preemptions_total > 0
     chunked = LLM(model=case["path"], device="cuda", max_num_batched_tokens=8, kv_cache_memory_bytes=1 << 28)
-    assert _agreement(_greedy(chunked, case["prompts"]), base) >= 0.95
+    _assert_same_up_to_near_ties(_greedy(chunked, case["prompts"]), base, margins)
 
 
-def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    same = sum(x == y for s, t in zip(a, b) for x, y in zip(s, t))
-    return same / sum(len(t) for t in b)
+def _greedy_with_margins(llm, prompts, n=NEW):
+    """Greedy tokens, and at each step the gap between the top two log-probabilities."""
+    p = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=2)
+    outs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": x} for x in prompts], p)]
+    margins = []
+    for o in outs:
+        margins.append([])
+        for step in o.logprobs:
+            top = sorted((lp.logprob for lp in step.values()), reverse=True)
+            margins[-1].append(top[0] - top[1])
+    return [o.token_ids for o in outs], margins
+
+
+# Recomputing a preempted request (or prefilling in chunks) runs other kernels over other batch shapes than
+# decoding did, so bf16 rounding differs: greedy paths may part only where the reference's top two tokens
+# were within that rounding of each other. After such a split the continuations are unrelated.
+NEAR_TIE = 0.1  # nats
+
+
+def _assert_same_up_to_near_ties(ours, base, margins):
+    for i, (a, b, m) in enumerate(zip(ours, base, margins)):
+        split = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if split is not None:
+            assert m[split] < NEAR_TIE, f"prompt {i}: step {split} picked {a[split]} over {b[split]}, " \
+                                        f"whose lead was {m[split]:.3f} nats"
+        assert len(a) == len(b)
