@@ -43,7 +43,9 @@ VLLM_VERSION = "0.26.0"
 # VLLM_USE_FLASHINFER_SAMPLER=0: vLLM's sampler imports FlashInfer's attention backend (left behind) when it is
 # built, unless told not to; every request here is greedy, which never reaches the top-k/top-p sampler anyway.
 QUIET_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-             "TOKENIZERS_PARALLELISM": "false", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+             "TOKENIZERS_PARALLELISM": "false", "VLLM_USE_FLASHINFER_SAMPLER": "0",
+             # the worker has touched CUDA (device check) before vLLM starts its engine-core process: fork fails
+             "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
 
 
 # ---------------------------------------------------------------- environment and model folder
