@@ -48,10 +48,41 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                    help="split long prompts across steps so decodes keep flowing")
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: run without CUDA graphs")
+    g = p.add_argument_group("layout (vLLM's flags; moeserve runs one GPU per server today)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs per tensor-parallel group")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="pipeline stages")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1, help="data-parallel ranks")
+    g.add_argument("--enable-expert-parallel", action="store_true", help="split routed experts over the GPUs")
+    g.add_argument("--nnodes", type=int, default=1, help="nodes of one server")
+    g.add_argument("--node-rank", type=int, default=0, help="this node's rank among --nnodes")
+    g.add_argument("--master-addr", default=None, help="address of node 0")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                   help="KV-cache precision; auto: the model dtype")
+    g.add_argument("--quantization", default=None, help="quantize the weights on load (fp8, int8, int4, ...)")
+
+
+def check_layout(args: argparse.Namespace) -> None:
+    """Refuse, before anything loads, the layouts and precisions that `moeserve plan` can size but the engine
+    cannot run yet."""
+    wants = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in
+             ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "nnodes")
+             if getattr(args, name) != 1]
+    if getattr(args, "enable_expert_parallel", False):
+        wants.append("--enable-expert-parallel")
+    if getattr(args, "kv_cache_dtype", "auto") not in ("auto", "bf16", "fp16"):
+        wants.append(f"--kv-cache-dtype {args.kv_cache_dtype}")
+    if getattr(args, "quantization", None):
+        wants.append(f"--quantization {args.quantization}")
+    if wants:
+        raise ValueError(f"{' '.join(wants)}: moeserve runs a model on one GPU in its checkpoint's precision for "
+                         f"now; tensor, pipeline, data and expert parallelism and quantized weights or KV are not "
+                         f"implemented yet. `moeserve plan MODEL` prints the equivalent vLLM command for this "
+                         f"layout.")
 
 
 def engine_args_from(args: argparse.Namespace) -> dict:
     """The LLMEngine.from_engine_args keywords of the parsed flags."""
+    check_layout(args)
     model = getattr(args, "model", None) or args.model_flag
     served = getattr(args, "served_model_name", None)
     return dict(

@@ -94,3 +94,19 @@ def test_plan_is_wired():
     if "plan" not in sub.choices:
         pytest.skip("moeserve.plan.cli is not in this checkout")
     assert main(["plan", "--list"]) == 0
+
+
+def test_plans_single_gpu_command_parses_and_multi_gpu_layouts_are_refused_clearly(ckpt, capsys):
+    import shlex
+
+    from moeserve.plan.planner import PlanRequest, make_plan
+
+    one = make_plan(PlanRequest("Qwen/Qwen3-30B-A3B", gpus="1xH100-80GB")).commands["moeserve"]
+    argv = shlex.split(one)[1:]  # drop the program name
+    assert argv[0] == "serve" and not one.startswith("#")
+    engine_args_from(_serve_parser().parse_args(argv[1:]))  # every flag the plan writes is accepted
+    eight = make_plan(PlanRequest("deepseek-ai/DeepSeek-V3", gpus="8xH100-80GB", nodes=2)).commands["moeserve"]
+    assert eight.startswith("# moeserve runs one GPU")
+    assert main(["generate", "--model", ckpt, "-tp", "8", "--enable-expert-parallel", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "--tensor-parallel-size 8 --enable-expert-parallel" in err and "vLLM command" in err

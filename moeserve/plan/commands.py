@@ -98,5 +98,14 @@ def _build(plan: Plan, engine: str) -> str:
     return "\n".join(lines)
 
 
+ONE_GPU_NOTE = ("# moeserve runs one GPU per server in the checkpoint's precision today; "
+                "this plan needs the vLLM command until its parallelism lands")
+
+
 def launch_commands(plan: Plan) -> dict[str, str]:
-    return {"moeserve": _build(plan, "moeserve"), "vllm": _build(plan, "vllm")}
+    moeserve = _build(plan, "moeserve")
+    lay = plan.placement.layout
+    single = lay.mode != "dp_attention" and lay.tp == 1 and lay.pp == 1
+    if not single or "--quantization" in moeserve or "--kv-cache-dtype" in moeserve:
+        moeserve = ONE_GPU_NOTE + "\n" + moeserve
+    return {"moeserve": moeserve, "vllm": _build(plan, "vllm")}
