@@ -241,3 +241,28 @@ def test_start_up_fit_check_refuses_before_loading():
         check_fits_before_loading(cfg, resolve_source(cfg), torch.bfloat16, 80 * 10**9)
     small = EngineConfig(model="Qwen/Qwen3-30B-A3B", load_format="dummy", max_model_len=4096)
     check_fits_before_loading(small, resolve_source(small), torch.bfloat16, 80 * 10**9)  # fits: no error
+
+
+def test_block_tables_track_every_request_through_preemption_and_prefix_sharing(path):
+    """The runner rewrites only the block-table entries that changed; after every step each batch row must still
+    hold exactly its request's blocks, whoever held the row before (preempted, finished, shifted rows)."""
+    llm = LLM(model=path, num_gpu_blocks_override=14, block_size=8, max_num_batched_tokens=16)
+    runner = llm.llm_engine.runner
+    prepare, checked = runner._prepare, []
+
+    def checking_prepare(batch):
+        out = prepare(batch)
+        tables = runner.h_tables.numpy()
+        for b, req in enumerate(batch.requests):
+            assert tables[b, : len(req.block_ids)].tolist() == req.block_ids
+        checked.append(len(batch.requests))
+        return out
+
+    runner._prepare = checking_prepare
+    shared = list(range(40, 52))
+    prompts = [{"prompt_token_ids": shared + [7 + i] * (1 + 3 * i)} for i in range(5)]
+    params = [SamplingParams(temperature=0, max_tokens=20 + 10 * i, ignore_eos=True) for i in range(5)]
+    outs = llm.generate(prompts, params)
+    assert llm.llm_engine.scheduler.num_preemptions_total > 0 and max(checked) >= 3
+    ref = LLM(model=path)
+    assert _tokens(outs) == _tokens(ref.generate(prompts, params))

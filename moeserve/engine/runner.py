@@ -43,6 +43,7 @@ class ModelRunner:
         self.h_seq_lens = torch.zeros(B, dtype=torch.int32, pin_memory=pin)
         self.h_tables = torch.zeros(B, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
         self.h_logits_idx = torch.zeros(B, dtype=torch.int64, pin_memory=pin)
+        self.row_owner: list[tuple[list | None, int]] = [(None, 0)] * B  # the block list row b was written from
         # Device buffers: the same tensors every step, so CUDA graphs can replay over them.
         self.d_input_ids = torch.zeros(T, dtype=torch.int64, device=device)
         self.d_positions = torch.zeros(T, dtype=torch.int64, device=device)
@@ -85,9 +86,11 @@ class ModelRunner:
         return logits, sample_rows
 
     def _prepare(self, batch: ScheduledBatch) -> tuple[int, int, list[int]]:
+        if all(n == 1 and r.num_computed_tokens + 1 == r.num_tokens for r, n in zip(batch.requests, batch.num_tokens)):
+            return self._prepare_decode(batch)
         bs = self.block_size
         ids, pos, slots = self.h_input_ids.numpy(), self.h_positions.numpy(), self.h_slots.numpy()
-        qsl, seq_lens, tables = self.h_qsl.numpy(), self.h_seq_lens.numpy(), self.h_tables.numpy()
+        qsl, seq_lens = self.h_qsl.numpy(), self.h_seq_lens.numpy()
         logits_idx = self.h_logits_idx.numpy()
         t = 0
         sample_rows = []
@@ -100,7 +103,7 @@ class ModelRunner:
             pos[t:t + n] = p
             blocks = np.asarray(req.block_ids, dtype=np.int64)
             slots[t:t + n] = blocks[p // bs] * bs + p % bs
-            tables[b, : len(blocks)] = blocks
+            self._table_row(b, req)
             seq_lens[b] = end
             t += n
             qsl[b + 1] = t
@@ -111,6 +114,38 @@ class ModelRunner:
         self._upload(B, t, len(sample_rows))
         self.meta_cpu = (qsl[: B + 1].copy(), seq_lens[:B].copy())
         return B, t, sample_rows
+
+    def _prepare_decode(self, batch: ScheduledBatch) -> tuple[int, int, list[int]]:
+        """Every request feeds its newest token and samples (a decode step): whole-array numpy."""
+        reqs = batch.requests
+        B, bs = len(reqs), self.block_size
+        p = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=B)
+        self.h_input_ids.numpy()[:B] = [r.all_token_ids[-1] for r in reqs]
+        self.h_positions.numpy()[:B] = p
+        page = np.fromiter((r.block_ids[k] for r, k in zip(reqs, (p // bs).tolist())), dtype=np.int64, count=B)
+        self.h_slots.numpy()[:B] = page * bs + p % bs
+        for b, req in enumerate(reqs):
+            self._table_row(b, req)
+        seq_lens = self.h_seq_lens.numpy()
+        seq_lens[:B] = p + 1
+        qsl = self.h_qsl.numpy()
+        qsl[: B + 1] = np.arange(B + 1)
+        self.h_logits_idx.numpy()[:B] = np.arange(B)
+        self._upload(B, B, B)
+        self.meta_cpu = (qsl[: B + 1].copy(), seq_lens[:B].copy())
+        return B, B, list(range(B))
+
+    def _table_row(self, b: int, req) -> None:
+        """Write row b of the host block table: only the entries added since the row was last written from this
+        same block list. A running request's list only grows; freeing gives the request a new list object, so a
+        preempted and resumed request, like any other new owner, rewrites the row."""
+        owner, known = self.row_owner[b]
+        blocks = req.block_ids
+        if owner is not blocks:
+            known = 0
+        if known < len(blocks):
+            self.h_tables.numpy()[b, known: len(blocks)] = blocks[known:]
+            self.row_owner[b] = (blocks, len(blocks))
 
     def _upload(self, B: int, T: int, S: int) -> None:
         nb = self.device.type == "cuda"
