@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from moeserve.engine.engine import LLMEngine
 from moeserve.outputs import RequestOutput
-from moeserve.sampling_params import SamplingParams
+from moeserve.sampling_params import RequestOutputKind, SamplingParams
 
 PromptType = str | dict
 
@@ -32,6 +32,11 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"Got {len(prompts)} prompts but {len(params)} SamplingParams.")
         engine = self.llm_engine
+        final: dict[int, SamplingParams] = {}  # one FINAL_ONLY copy per params object: outputs built once, at the end
+        for p in params:
+            if id(p) not in final:
+                final[id(p)] = p.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+        params = [final[id(p)] for p in params]
         order = []
         for prompt, p in zip(prompts, params):
             rid = str(next(self._ids))

@@ -266,3 +266,19 @@ def test_block_tables_track_every_request_through_preemption_and_prefix_sharing(
     assert llm.llm_engine.scheduler.num_preemptions_total > 0 and max(checked) >= 3
     ref = LLM(model=path)
     assert _tokens(outs) == _tokens(ref.generate(prompts, params))
+
+
+def test_final_only_requests_report_once_and_the_same(llm):
+    from moeserve.sampling_params import RequestOutputKind
+
+    eng = llm.llm_engine
+    base = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, n=2, seed=3)
+    for kind in RequestOutputKind:
+        eng.add_request(f"kind-{kind.name}", PROMPTS[1]["prompt_token_ids"], base.clone(output_kind=kind))
+    seen: dict[str, list] = {f"kind-{k.name}": [] for k in RequestOutputKind}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            seen[out.request_id].append(out)
+    final, cumulative = seen["kind-FINAL_ONLY"], seen["kind-CUMULATIVE"]
+    assert len(final) == 1 and final[0].finished and len(cumulative) == 7
+    assert [c.token_ids for c in final[0].outputs] == [c.token_ids for c in cumulative[-1].outputs]

@@ -21,7 +21,7 @@ from moeserve.engine.sampler import Sampler
 from moeserve.engine.scheduler import Scheduler
 from moeserve.loader.model_loader import ModelSource, load_model, resolve_device, resolve_dtype, resolve_source
 from moeserve.outputs import CompletionOutput, RequestOutput
-from moeserve.sampling_params import SamplingParams
+from moeserve.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("moeserve")
 
@@ -262,7 +262,12 @@ class LLMEngine:
             for j, req in enumerate(sampled_reqs):
                 self._append(req, result.token_ids[j], result.logprobs[j], result.token_logprobs[j], now)
                 touched[req.parent_id] = None
-        return [self._output(pid) for pid in touched if pid in self.parents]
+        return [self._output(pid) for pid in touched if pid in self.parents and self._reports(pid)]
+
+    def _reports(self, parent_id: str) -> bool:
+        children = self.parents[parent_id]
+        return (children[0].params.output_kind is not RequestOutputKind.FINAL_ONLY
+                or all(r.finished for r in children))
 
     def _append(self, req: Request, token: int, logprobs, token_logprob, now: float) -> None:
         req.append_token(token)
