@@ -32,14 +32,15 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> SampleResult:
         logits = logits[:, : self.vocab_size].float()
         raw = logits
-        logits = self._apply_penalties(logits.clone(), reqs, eos_ids)
+        if any(_adjusts_logits(r) for r in reqs):
+            logits = self._apply_penalties(logits.clone(), reqs, eos_ids)
 
         want_logprobs = [r.params.logprobs is not None for r in reqs]
-        greedy = torch.tensor([r.params.greedy for r in reqs], device=logits.device)
-        if bool(greedy.all()):
+        greedy = [r.params.greedy for r in reqs]
+        if all(greedy):  # decided on the host: no device round trip before the argmax
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = self._sample(logits, reqs, greedy)
+            tokens = self._sample(logits, reqs, torch.tensor(greedy, device=logits.device))
         token_list = tokens.tolist()
 
         out_lp: list = [None] * len(reqs)
@@ -101,6 +102,13 @@ class Sampler:
                 noise[i] = torch.empty(probs.shape[1], device=dev).exponential_(generator=r.generator)
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+
+def _adjusts_logits(r: Request) -> bool:
+    """Does a penalty or the min_tokens ban change this request's logits at this step?"""
+    p = r.params
+    return (p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+            or len(r.output_token_ids) < p.min_tokens)
 
 
 def _top_k_top_p(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
