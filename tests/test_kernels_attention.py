@@ -6,34 +6,18 @@ Triton interpreter on tiny shapes (TRITON_INTERPRET=1, set before the kernels ar
 
 from __future__ import annotations
 
-import importlib
-import os
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_kernels import CUDA, DEVICE, load_kernel  # first: without a GPU it sets up the interpreter
+
 pytest.importorskip("triton")
 
 from moeserve.kernels import reference, runtime  # noqa: E402
 
 
-def _load(name: str, probe: str):
-    """Import a kernel module; re-import it if it was imported before TRITON_INTERPRET was set (CPU only)."""
-    mod = importlib.import_module(f"moeserve.kernels.{name}")
-    if not CUDA:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        runtime.patch_interpreter_for_numpy()
-        if not isinstance(getattr(mod, probe), InterpretedFunction):
-            mod = importlib.reload(mod)
-    return mod
-
-
-attention = _load("attention", "_attn_kernel")
-DEVICE = "cuda" if CUDA else "cpu"
+attention = load_kernel("attention", "_attn_kernel")
 
 
 @pytest.fixture(autouse=True)

@@ -5,14 +5,12 @@ Runs natively on CUDA, else in the Triton interpreter on tiny shapes.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_kernels import CUDA  # first: without a GPU it sets up the interpreter
+
 pytest.importorskip("triton")
 
 from moeserve.kernels.norm import rms_norm  # noqa: E402

@@ -7,37 +7,21 @@ in the Triton interpreter on tiny shapes (TRITON_INTERPRET=1, set before the ker
 
 from __future__ import annotations
 
-import importlib
-import os
 
 import numpy as np
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_kernels import CUDA, DEVICE, load_kernel  # first: without a GPU it sets up the interpreter
+
 pytest.importorskip("triton")
 
 from moeserve.kernels import runtime  # noqa: E402
 from moeserve.layers import mla  # noqa: E402
 
 
-def _load(name: str, probe: str):
-    """Import a kernel module; re-import it if it was imported before TRITON_INTERPRET was set (CPU only)."""
-    mod = importlib.import_module(f"moeserve.kernels.{name}")
-    if not CUDA:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        runtime.patch_interpreter_for_numpy()
-        if not isinstance(getattr(mod, probe), InterpretedFunction):
-            mod = importlib.reload(mod)
-    return mod
-
-
-kernel = _load("mla_decode", "_mla_decode_kernel")
-_load("attention", "_attn_kernel")  # the prefill path imports it lazily: make sure it is the interpreted one
-DEVICE = "cuda" if CUDA else "cpu"
+kernel = load_kernel("mla_decode", "_mla_decode_kernel")
+load_kernel("attention", "_attn_kernel")  # the prefill path imports it lazily: make sure it is the interpreted one
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}
 
 

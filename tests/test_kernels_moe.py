@@ -5,37 +5,21 @@ CUDA: compiled kernels on larger shapes. No CUDA: the Triton interpreter on tiny
 
 from __future__ import annotations
 
-import importlib
-import os
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_kernels import CUDA, DEVICE, load_kernel  # first: without a GPU it sets up the interpreter
+
 pytest.importorskip("triton")
 
-from moeserve.kernels import reference, runtime  # noqa: E402
+from moeserve.kernels import reference  # noqa: E402
 
 
-def _load(name: str, probe: str):
-    """Import a kernel module; re-import it if it was imported before TRITON_INTERPRET was set (CPU only)."""
-    mod = importlib.import_module(f"moeserve.kernels.{name}")
-    if not CUDA:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        runtime.patch_interpreter_for_numpy()
-        if not isinstance(getattr(mod, probe), InterpretedFunction):
-            mod = importlib.reload(mod)
-    return mod
-
-
-moe_align = _load("moe_align", "_align_single_kernel")
-fused = _load("fused_moe", "_gate_up_kernel")
+moe_align = load_kernel("moe_align", "_align_single_kernel")
+fused = load_kernel("fused_moe", "_gate_up_kernel")
 if not CUDA:
     fused.align_pairs = moe_align.align_pairs  # the reloaded one
-DEVICE = "cuda" if CUDA else "cpu"
 
 
 @pytest.fixture(autouse=True)
