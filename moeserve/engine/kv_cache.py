@@ -103,6 +103,9 @@ class KVCacheManager:
 
     def allocate(self, req: Request, num_new_tokens: int, computed: list[int] = ()) -> bool:
         """Give req room for num_new_tokens more tokens (after `computed` prefix blocks); False if the pool is short."""
+        if not computed and req.num_computed_tokens and \
+                req.num_computed_tokens + num_new_tokens <= len(req.block_ids) * self.block_size:
+            return True  # a running request whose last block still has room (most decode steps)
         total = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
         new = self.blocks_needed(total) - len(req.block_ids) - len(computed)
         revived = sum(1 for b in computed if self.pool.ref_cnt[b] == 0)
