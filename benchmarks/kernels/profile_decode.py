@@ -49,17 +49,28 @@ def tpot_ms(llm, b: int, out: int) -> float:
     return 1e3 * float(np.median(vals))
 
 
-def profile(llm, b: int, steps: int, top: int) -> None:
+def profile(llm, b: int, steps: int, top: int, mixed: bool = False) -> None:
+    """Decode steps of b requests; or (mixed) the throughput workload's steady state: b running requests of
+    1024-token prompts with more waiting, so that most steps carry decodes plus a prefill chunk."""
     import torch
     from torch.profiler import ProfilerActivity, profile as tprofile
 
     from moeserve import SamplingParams
 
     eng = llm.llm_engine
-    for i, pr in enumerate(prompts(llm, b, 128)):
-        eng.add_request(f"p{b}-{i}", pr["prompt_token_ids"], SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
-    eng.step()  # prefill
-    eng.step()
+    if mixed:
+        eng.scheduler.max_num_seqs = b  # the concurrency the full model's KV cache allows (~100 for qwen3-30b-a3b)
+        for i, pr in enumerate(prompts(llm, 4 * b, 1024)):
+            eng.add_request(f"m{b}-{i}", pr["prompt_token_ids"], SamplingParams(temperature=0, max_tokens=256,
+                                                                                ignore_eos=True))
+        for _ in range(300):  # past the first wave's prefill, into the staggered steady state
+            eng.step()
+    else:
+        for i, pr in enumerate(prompts(llm, b, 128)):
+            eng.add_request(f"p{b}-{i}", pr["prompt_token_ids"], SamplingParams(temperature=0, max_tokens=steps + 8,
+                                                                                ignore_eos=True))
+        eng.step()  # prefill
+        eng.step()
     torch.cuda.synchronize()
     with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
@@ -67,11 +78,10 @@ def profile(llm, b: int, steps: int, top: int) -> None:
             eng.step()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / steps
-    while eng.has_unfinished_requests():
-        eng.step()
     ev = prof.key_averages()
+    eng.abort_request(list(eng.parents))  # the rest is not profiled
     gpu_us = sum(e.self_device_time_total for e in ev) / steps
-    print(f"  batch {b}: wall {wall * 1e3:.2f} ms/step, GPU busy {gpu_us / 1e3:.2f} ms/step "
+    print(f"  {'mixed, ' if mixed else ''}batch {b}: wall {wall * 1e3:.2f} ms/step, GPU busy {gpu_us / 1e3:.2f} ms/step "
           f"({100 * gpu_us / 1e3 / (wall * 1e3):.0f}%)")
     rows = sorted((e for e in ev if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
     print(f"  {'kernel':70s} {'calls/step':>10s} {'us/call':>9s} {'us/step':>9s}")
@@ -91,6 +101,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--mixed", type=int, default=0, metavar="B",
+                    help="also profile the throughput workload's mixed steps at this concurrency (e.g. 104)")
     args = ap.parse_args()
     import torch
 
@@ -108,6 +120,8 @@ def main() -> None:
         if L == depths[-1]:
             for b in batches:
                 profile(llm, b, args.steps, args.top)
+            if args.mixed:
+                profile(llm, args.mixed, args.steps, args.top, mixed=True)
             del llm
             torch.cuda.empty_cache()
             llm, _ = build(args.shape, L, eager=True, max_model_len=args.max_model_len)
