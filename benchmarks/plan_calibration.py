@@ -9,6 +9,7 @@ Pass: weights and KV capacity within 5%. Each shape runs in its own subprocess s
 
     python benchmarks/plan_calibration.py                 # qwen3-30b-a3b and llama-3-8b
     python benchmarks/plan_calibration.py --shapes llama-3-8b --gpu-memory-utilization 0.9
+    python benchmarks/plan_calibration.py --from-suite benchmarks/results/<suite run>.json   # no GPU needed
 
 Writes benchmarks/results/<date>-<gpu>-plan-calibration.json and the raw log beside it (.log).
 """
@@ -64,17 +65,21 @@ def measure_one(shape: str, a) -> dict:
               max_num_seqs=a.max_num_seqs, seed=0)
     startup_s = time.perf_counter() - t0
     eng = llm.llm_engine
-    report = eng.memory_report()
-    max_model_len = int(eng.max_model_len)
-    mnbt = int(eng.max_num_batched_tokens)
-    plan = planner_prediction(hub_id, report, max_model_len, mnbt, a.max_num_seqs)
+    return compare(shape, hub_id, torch.cuda.get_device_name(0), eng.memory_report(), int(eng.max_model_len),
+                   int(eng.max_num_batched_tokens), a.max_num_seqs, startup_s)
+
+
+def compare(shape: str, hub_id: str, gpu: str, report: dict, max_model_len: int, mnbt: int, max_num_seqs: int,
+            startup_s: float | None) -> dict:
+    """One row: the engine's memory report beside the planner's prediction for the same settings."""
+    plan = planner_prediction(hub_id, report, max_model_len, mnbt, max_num_seqs)
     budget = int(report["device_memory_bytes"] * report["gpu_memory_utilization"])
     kv_cache_bytes = report.get("kv_cache_bytes") or report["num_blocks"] * report["block_size"] * report["kv_bytes_per_token"]
     measured_overhead = budget - report["weights_bytes"] - kv_cache_bytes
     peak = report.get("profile_peak_bytes")
     return {
-        "shape": shape, "model": hub_id, "gpu": torch.cuda.get_device_name(0), "startup_s": startup_s,
-        "max_model_len": max_model_len, "max_num_batched_tokens": mnbt, "max_num_seqs": a.max_num_seqs,
+        "shape": shape, "model": hub_id, "gpu": gpu, "startup_s": startup_s,
+        "max_model_len": max_model_len, "max_num_batched_tokens": mnbt, "max_num_seqs": max_num_seqs,
         "engine": {**{k: v for k, v in report.items() if k != "timings"},
                    "overhead_bytes": measured_overhead,
                    "activation_peak_bytes": (peak - report["weights_bytes"]) if peak else None},
@@ -86,6 +91,19 @@ def measure_one(shape: str, a) -> dict:
             "overhead": plan["overhead_bytes"] / max(1, measured_overhead),
         },
     }
+
+
+def from_suite(path: Path) -> dict:
+    """A row from the memory report that a suite run (bench_suite.py) recorded for moeserve on the device."""
+    d = json.loads(path.read_text())
+    m = d["engines"]["moeserve"]
+    args = m["engine_args"]
+    row = compare(d["shape"], args["model"], d["gpu"], m["memory_report"], int(args["max_model_len"]),
+                  int(args.get("max_num_batched_tokens") or 8192), int(args.get("max_num_seqs", 256)),
+                  m["memory_report"].get("timings", {}).get("load_s"))
+    row["source"] = f"{path.name}: engine memory report measured on the device at commit {d.get('commit')}"
+    row["commit"], row["date"] = d.get("commit"), d.get("date")
+    return row
 
 
 def _table(rows: list[dict]) -> str:
@@ -113,13 +131,19 @@ def main(argv=None) -> int:
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one shape in this process
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=280.0, help="seconds per shape")
+    ap.add_argument("--from-suite", nargs="+", metavar="JSON",
+                    help="no GPU: compare with the memory reports that suite runs recorded (benchmarks/results/*.json)")
     a = ap.parse_args(argv)
 
     if a.one:
         Path(a.out).write_text(json.dumps(measure_one(a.one, a)))
         return 0
 
-    from results_io import atomic_write_json, gpu_slug
+
+    if a.from_suite:
+        rows = [from_suite(Path(f)) for f in a.from_suite]
+        return _write(rows, [f"from the memory reports of {', '.join(a.from_suite)}"],
+                      rows[0]["date"], rows[0]["commit"], "-from-suite")
 
     shapes = [s.strip() for s in a.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in SHAPES]
@@ -145,6 +169,17 @@ def main(argv=None) -> int:
                             else {"shape": shape, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}"})
             except subprocess.TimeoutExpired:
                 rows.append({"shape": shape, "error": f"timed out after {a.timeout:.0f}s"})
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return _write(rows, log, dt.date.today().isoformat(), commit or None, "")
+
+
+def _write(rows: list[dict], log: list[str], date: str, commit: str | None, suffix: str) -> int:
+    from results_io import atomic_write_json, gpu_slug
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+        log.append(msg)
+
     table = _table(rows)
     say(table)
     ok = [r for r in rows if "error" not in r]
@@ -154,10 +189,8 @@ def main(argv=None) -> int:
     say(f"within {TOLERANCE:.0%}: {'PASS' if passed else 'FAIL'}")
 
     gpu = ok[0]["gpu"] if ok else "unknown-gpu"
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    stem = f"{dt.date.today().isoformat()}-{gpu_slug(gpu)}-plan-calibration"
-    result = {"date": dt.date.today().isoformat(), "gpu": gpu, "commit": commit or None,
-              "tolerance": TOLERANCE, "passed": passed, "shapes": rows}
+    stem = f"{date}-{gpu_slug(gpu)}-plan-calibration{suffix}"
+    result = {"date": date, "gpu": gpu, "commit": commit, "tolerance": TOLERANCE, "passed": passed, "shapes": rows}
     results = HERE / "results"
     atomic_write_json(results / f"{stem}.json", result)
     (results / f"{stem}.log").write_text("\n".join(log) + "\n")

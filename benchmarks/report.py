@@ -150,6 +150,8 @@ def summary(results: list[dict]) -> str:
 def load_results(results_dir: Path = RESULTS_DIR) -> list[dict]:
     out = []
     for path in sorted(Path(results_dir).glob("*.json")):
+        if "-plan-calibration" in path.name:  # the planner's calibration (plan_calibration.py), not a workload
+            continue
         r = json.loads(path.read_text())
         try:
             validate(r)
