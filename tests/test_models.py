@@ -67,6 +67,8 @@ def test_prefill_logits_match_transformers(ckpt):
 def test_greedy_batch_matches_transformers(ckpt):
     llm = LLM(model=ckpt["path"])
     assert _greedy(llm, ckpt["prompts"]) == ckpt["ref"]
+    layers = llm.llm_engine.model.model.layers
+    assert len({id(layer.self_attn.rotary) for layer in layers}) == 1  # one cos/sin table for the whole model
 
 
 def test_batched_equals_one_by_one(ckpt):

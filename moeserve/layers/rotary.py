@@ -64,6 +64,11 @@ class RotaryEmbedding(nn.Module):
             self.inv_freq, self.attention_factor = self._inv_freq(rotary_dim, base, scaling)
         self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def signature(self) -> tuple:
+        """Equal signatures, equal tables: layers with the same one can share a single RotaryEmbedding."""
+        return (self.rotary_dim, self.max_position, self.interleaved, self.attention_factor,
+                tuple(self.inv_freq.tolist()))
+
     @staticmethod
     def _inv_freq(rotary_dim: int, base: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
         inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))

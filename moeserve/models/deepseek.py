@@ -69,14 +69,6 @@ class SharedExpertMoE(nn.Module):
         return out
 
 
-def shared_rotary(model: nn.Module, make) -> RotaryEmbedding:
-    """One RotaryEmbedding per model, handed to every layer: its cos/sin tables cover max_position_embeddings
-    positions, which per layer would cost GBs on 100k+-position configs."""
-    if "_shared_rotary" not in model.__dict__:
-        model.__dict__["_shared_rotary"] = make()  # not registered on the model itself: the layers hold it
-    return model.__dict__["_shared_rotary"]
-
-
 def is_moe_layer(cfg: HFConfig, layer_idx: int) -> bool:
     return (int(cfg.get("n_routed_experts", 0) or 0) > 0
             and layer_idx >= int(cfg.get("first_k_dense_replace", 0) or 0)
@@ -103,7 +95,7 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(R, 1e-6)
         self.kv_b_proj = nn.Linear(R, H * (N + V), bias=False)
         self.o_proj = nn.Linear(H * V, hidden, bias=bias)
-        self.rotary = rotary  # one table for all layers (163840 positions in DeepSeek's configs)
+        self.rotary = rotary
         self.attn = LatentAttention(H, R, N, P, V, mla_softmax_scale(N + P, cfg.get("rope_scaling")), layer_idx)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -152,10 +144,9 @@ class DeepseekV2ForCausalLM(CausalLM):
         )
 
     def make_attention(self, cfg, layer_idx):
-        rotary = shared_rotary(self, lambda: RotaryEmbedding(
-            cfg.qk_rope_head_dim, cfg.max_position_embeddings, cfg.get("rope_theta", 10000.0),
-            cfg.get("rope_scaling"), interleaved=self.interleaved_rope(cfg)))
-        return MLAttention(cfg, layer_idx, rotary)
+        rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.max_position_embeddings, cfg.get("rope_theta", 10000.0),
+                                 cfg.get("rope_scaling"), interleaved=self.interleaved_rope(cfg))
+        return MLAttention(cfg, layer_idx, rotary)  # CausalLM hands every layer the first one (one table)
 
     def make_mlp(self, cfg, layer_idx):
         if not is_moe_layer(cfg, layer_idx):

@@ -9,7 +9,7 @@ does not weigh), groups ranked by their top-2 sum, norm_topk_prob, routed_scalin
 from __future__ import annotations
 
 from moeserve.layers.moe import GatedMLP, RouterConfig
-from moeserve.models.deepseek import SharedExpertMoE, check_silu, is_moe_layer, is_mtp_tensor, shared_rotary
+from moeserve.models.deepseek import SharedExpertMoE, check_silu, is_moe_layer, is_mtp_tensor
 from moeserve.models.hf_config import HFConfig
 from moeserve.models.llama import CausalLM, GQAAttention
 
@@ -29,10 +29,8 @@ class Glm4MoeForCausalLM(CausalLM):
         super().__init__(_with_glm_defaults(cfg))
 
     def make_attention(self, cfg, layer_idx):
-        attn = GQAAttention(cfg, layer_idx, qkv_bias=bool(cfg.get("attention_bias", False)), o_bias=False,
+        return GQAAttention(cfg, layer_idx, qkv_bias=bool(cfg.get("attention_bias", False)), o_bias=False,
                             qk_norm=bool(cfg.get("use_qk_norm", False)))
-        attn.rotary = shared_rotary(self, lambda: attn.rotary)  # one cos/sin table for all layers
-        return attn
 
     def make_mlp(self, cfg, layer_idx):
         if not is_moe_layer(cfg, layer_idx):

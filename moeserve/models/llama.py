@@ -97,6 +97,16 @@ class DecoderModel(nn.Module):
         return self.norm(h, residual)[0]
 
 
+def share_rotary(layers: list[nn.Module]) -> None:
+    """One RotaryEmbedding for all layers that build the same one: its cos/sin tables cover every position of
+    max_position_embeddings (~20 MB at 40k positions, GBs over a deep model with 160k positions)."""
+    shared: dict[tuple, RotaryEmbedding] = {}
+    for layer in layers:
+        attn = layer.self_attn
+        if isinstance(getattr(attn, "rotary", None), RotaryEmbedding):
+            attn.rotary = shared.setdefault(attn.rotary.signature(), attn.rotary)
+
+
 class CausalLM(nn.Module):
     """embed -> decoder layers -> norm -> lm_head. Subclasses choose attention and MLP per layer."""
 
@@ -109,6 +119,7 @@ class CausalLM(nn.Module):
             DecoderLayer(cfg, self.make_attention(cfg, i), self.make_mlp(cfg, i), self.mlp_name)
             for i in range(cfg.num_hidden_layers)
         ]
+        share_rotary(layers)
         self.model = DecoderModel(cfg, layers)
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
         if not self.tie_word_embeddings:
