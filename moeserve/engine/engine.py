@@ -261,10 +261,12 @@ class LLMEngine:
             now = time.time()
             for j, req in enumerate(sampled_reqs):
                 self._append(req, result.token_ids[j], result.logprobs[j], result.token_logprobs[j], now)
-                touched[req.parent_id] = None
+                if req.finished or req.params.output_kind is not RequestOutputKind.FINAL_ONLY:
+                    touched[req.parent_id] = None
         return [self._output(pid) for pid in touched if pid in self.parents and self._reports(pid)]
 
     def _reports(self, parent_id: str) -> bool:
+        """FINAL_ONLY parents report once, when their last child ends."""
         children = self.parents[parent_id]
         return (children[0].params.output_kind is not RequestOutputKind.FINAL_ONLY
                 or all(r.finished for r in children))
