@@ -7,11 +7,10 @@ every batch size, then the throughput workload, then the remaining latency repea
 from __future__ import annotations
 
 import json
-import math
 import time
 
-from worker_common import (Partial, base_parser, latency_table, require_device, specs, summarize_latency_runs,
-                           workloads_of)
+from worker_common import (Partial, base_parser, fit_throughput, latency_table, require_device, specs,
+                           summarize_latency_runs, workloads_of)
 from workloads import latency_prompts, median, throughput_prompts
 
 
@@ -110,34 +109,12 @@ def run_latency_round(llm, lat, vocab, device, p: Partial, per_batch: dict, repe
     return True
 
 
-def estimate_throughput_s(tp, lat_input_len: int, per_batch: dict, conc: int) -> float | None:
-    """Rough time of the throughput workload from the latency runs (prefill rate and the largest batch's step)."""
-    if not per_batch:
-        return None
-    b = max(per_batch)
-    s = per_batch[b]
-    if "tpot_ms" not in s or "ttft_ms" not in s:
-        return None
-    prefill_tok_s = b * lat_input_len / (s["ttft_ms"] / 1e3)
-    step_s = s["tpot_ms"] / 1e3 * (1 + 0.3 * max(0.0, math.log2(conc / b)))
-    return 1.3 * (tp.num_requests * tp.input_len / prefill_tok_s + math.ceil(tp.num_requests / conc) * tp.output_len * step_s)
-
-
 def run_throughput(llm, tp, lat, vocab, device, p: Partial, per_batch: dict, max_num_seqs: int) -> None:
-    from workloads import ThroughputSpec
-
     kv_tokens = (p.data.get("memory_report") or {}).get("kv_capacity_tokens")
     conc = max_num_seqs if not kv_tokens else max(1, min(max_num_seqs, int(kv_tokens) // (tp.input_len + tp.output_len)))
-    est = estimate_throughput_s(tp, lat.input_len, per_batch, conc)
+    tp = fit_throughput(tp, lat, per_batch, conc, p)
     n = tp.num_requests
-    if est is not None and est > p.time_left() - 10:
-        n = max(conc, int(n * max(0.0, p.time_left() - 10) / est) // conc * conc)
-        p.note(f"throughput: estimated {est:.0f} s for {tp.num_requests} requests but {p.time_left():.0f} s left; "
-               f"running {n} requests instead")
-        tp = ThroughputSpec(num_requests=n, input_len=tp.input_len, output_len=tp.output_len, seed=tp.seed)
     prompts = throughput_prompts(tp, vocab)
-    p.note(f"throughput: {n} requests x ({tp.input_len} in, {tp.output_len} out), concurrency limit {conc}, "
-           f"estimated {est if est is None else round(est)} s")
     outs, wall = _generate(llm, prompts, tp.output_len, device)
     res = {
         "num_requests": n,

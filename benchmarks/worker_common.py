@@ -7,6 +7,7 @@ back everything measured up to then, with what was skipped and why.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -122,3 +123,31 @@ def latency_table(per_batch: dict) -> dict:
                 res[key][str(b)] = s[key]
         res["repeats_done"][str(b)] = s["repeats_done"]
     return res
+
+
+def estimate_throughput_s(tp: ThroughputSpec, lat_input_len: int, per_batch: dict, conc: int) -> float | None:
+    """Rough time of the throughput workload from the latency runs (prefill rate and the largest batch's step)."""
+    if not per_batch:
+        return None
+    b = max(per_batch)
+    s = per_batch[b]
+    if "tpot_ms" not in s or "ttft_ms" not in s:
+        return None
+    prefill_tok_s = b * lat_input_len / (s["ttft_ms"] / 1e3)
+    step_s = s["tpot_ms"] / 1e3 * (1 + 0.3 * max(0.0, math.log2(conc / b)))
+    return 1.3 * (tp.num_requests * tp.input_len / prefill_tok_s + math.ceil(tp.num_requests / conc) * tp.output_len * step_s)
+
+
+def fit_throughput(tp: ThroughputSpec, lat: LatencySpec, per_batch: dict, conc: int, p: Partial) -> ThroughputSpec:
+    """The throughput workload, cut to whole waves of `conc` requests when the estimate exceeds the time left;
+    the decision is noted either way. Every engine's worker applies the same rule."""
+    est = estimate_throughput_s(tp, lat.input_len, per_batch, conc)
+    n = tp.num_requests
+    if est is not None and est > p.time_left() - 10:
+        n = min(n, max(conc, int(n * max(0.0, p.time_left() - 10) / est) // conc * conc))  # never more than asked
+        p.note(f"throughput: estimated {est:.0f} s for {tp.num_requests} requests but {p.time_left():.0f} s left; "
+               f"running {n} requests instead")
+        tp = ThroughputSpec(num_requests=n, input_len=tp.input_len, output_len=tp.output_len, seed=tp.seed)
+    p.note(f"throughput: {n} requests x ({tp.input_len} in, {tp.output_len} out), concurrency limit {conc}, "
+           f"estimated {est if est is None else round(est)} s")
+    return tp

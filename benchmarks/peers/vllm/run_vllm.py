@@ -33,8 +33,8 @@ for p in (str(BENCH), str(REPO)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from worker_common import (Partial, base_parser, latency_table, require_device, specs,  # noqa: E402
-                           summarize_latency_runs, workloads_of)
+from worker_common import (Partial, base_parser, fit_throughput, latency_table, require_device,  # noqa: E402
+                           specs, summarize_latency_runs, workloads_of)
 from workloads import LatencySpec, latency_prompts, median, spec_dict, throughput_prompts  # noqa: E402
 
 DEFAULT_SITE = "/tmp/vllm_site"
@@ -174,28 +174,10 @@ def _keep(section: dict) -> dict:
             if k in section}
 
 
-def estimate_throughput_s(tp, lat_input_len: int, per_batch: dict, conc: int) -> float | None:
-    """The same estimate moeserve's worker uses to shrink the workload to the time left (None without it)."""
-    try:
-        from moeserve_worker import estimate_throughput_s as est
-    except ImportError:
-        return None
-    return est(tp, lat_input_len, per_batch, conc)
-
-
 def run_throughput(llm, tp, lat, vocab: int, p: Partial, per_batch: dict, conc: int) -> None:
-    from workloads import ThroughputSpec
-
-    est = estimate_throughput_s(tp, lat.input_len, per_batch, conc)
+    tp = fit_throughput(tp, lat, per_batch, conc, p)
     n = tp.num_requests
-    if est is not None and est > p.time_left() - 10:
-        n = max(conc, int(n * max(0.0, p.time_left() - 10) / est) // conc * conc)
-        p.note(f"throughput: estimated {est:.0f} s for {tp.num_requests} requests but {p.time_left():.0f} s left; "
-               f"running {n} requests instead")
-        tp = ThroughputSpec(num_requests=n, input_len=tp.input_len, output_len=tp.output_len, seed=tp.seed)
     prompts = throughput_prompts(tp, vocab)
-    p.note(f"throughput: {n} requests x ({tp.input_len} in, {tp.output_len} out), concurrency limit {conc}, "
-           f"estimated {est if est is None else round(est)} s")
     outs, wall = generate(llm, prompts, tp.output_len)
     res = {"num_requests": n, "input_len": tp.input_len, "output_len": tp.output_len, "wall_s": wall,
            "output_tok_s": n * tp.output_len / wall, "total_tok_s": n * (tp.input_len + tp.output_len) / wall,
