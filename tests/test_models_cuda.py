@@ -4,9 +4,9 @@ Per architecture, against the fp32 CPU engine on the same tiny checkpoint:
 - teacher-forced: the bf16 CUDA model's argmax agrees with the CPU's greedy next token on >= 95% of positions,
   and its logits stay within bf16 tolerance (relative L2 error);
 - CUDA graphs (decode replay) give exactly the tokens of the eager CUDA path;
-- preemption and chunked prefill (which recompute K/V through the prefill kernel rather than decode) agree with
-  the uninterrupted run on >= 95% of positions: bf16 rounding may flip a near-tie late in a sequence, as in any
-  engine; on the CPU in fp32 the tests in test_models.py demand identity.
+- preemption and chunked prefill (which recompute K/V through the prefill kernel rather than decode) give the
+  uninterrupted run's tokens, except that greedy paths may part where the reference's top two tokens were within
+  bf16 rounding of each other (a near tie); on the CPU in fp32 the tests in test_models.py demand identity.
 """
 
 from __future__ import annotations
@@ -24,6 +24,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 PROMPT_LENS = [1, 3, 7, 12, 16, 17, 25, 40]
 NEW = 32
+SMALL = dict(max_num_seqs=len(PROMPT_LENS))  # fewer decode graphs to capture
+
+
+@pytest.fixture(autouse=True)
+def _heuristic_block_sizes(monkeypatch):
+    """Correctness, not speed: kernels take their heuristic block sizes instead of autotuning every tiny shape
+    (autotuning has its own tests)."""
+    monkeypatch.setenv("MOESERVE_AUTOTUNE", "0")
 
 
 @pytest.fixture(scope="module", params=list(ARCH_OVERRIDES))
@@ -70,7 +78,7 @@ _BF16_REL = {False: 2e-2, True: 4e-2}
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_teacher_forced_agreement_and_logits(case, dtype):
-    gpu = LLM(model=case["path"], device="cuda", dtype=dtype, kv_cache_memory_bytes=1 << 28)
+    gpu = LLM(model=case["path"], device="cuda", dtype=dtype, kv_cache_memory_bytes=1 << 28, **SMALL)
     seqs = [p + r for p, r in zip(case["prompts"], case["ref"])]
     ours, ref = _full_logits(gpu, seqs), _full_logits(case["cpu"], seqs)
     agree = total = 0
@@ -86,15 +94,16 @@ def test_teacher_forced_agreement_and_logits(case, dtype):
 
 
 def test_cuda_graphs_equal_eager_and_survive_preemption_and_chunking(case):
-    eager = LLM(model=case["path"], device="cuda", enforce_eager=True, kv_cache_memory_bytes=1 << 28)
-    graphs = LLM(model=case["path"], device="cuda", kv_cache_memory_bytes=1 << 28)
+    eager = LLM(model=case["path"], device="cuda", enforce_eager=True, kv_cache_memory_bytes=1 << 28, **SMALL)
+    graphs = LLM(model=case["path"], device="cuda", kv_cache_memory_bytes=1 << 28, **SMALL)
     assert graphs.llm_engine.runner.graphs, "no CUDA graphs captured"
     base, margins = _greedy_with_margins(eager, case["prompts"])
     assert _greedy(graphs, case["prompts"]) == base
-    small = LLM(model=case["path"], device="cuda", num_gpu_blocks_override=12, block_size=16)
+    small = LLM(model=case["path"], device="cuda", num_gpu_blocks_override=12, block_size=16, **SMALL)
     _assert_same_up_to_near_ties(_greedy(small, case["prompts"]), base, margins)
     assert small.llm_engine.scheduler.num_preemptions_total > 0
-    chunked = LLM(model=case["path"], device="cuda", max_num_batched_tokens=8, kv_cache_memory_bytes=1 << 28)
+    chunked = LLM(model=case["path"], device="cuda", max_num_batched_tokens=8, kv_cache_memory_bytes=1 << 28,
+                  **SMALL)
     _assert_same_up_to_near_ties(_greedy(chunked, case["prompts"]), base, margins)
 
 
