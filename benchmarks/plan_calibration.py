@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -169,7 +170,8 @@ def main(argv=None) -> int:
                             else {"shape": shape, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}"})
             except subprocess.TimeoutExpired:
                 rows.append({"shape": shape, "error": f"timed out after {a.timeout:.0f}s"})
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    commit = os.environ.get("MOESERVE_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()  # the device has no .git
     return _write(rows, log, dt.date.today().isoformat(), commit or None, "")
 
 
