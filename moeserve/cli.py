@@ -48,6 +48,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                    help="split long prompts across steps so decodes keep flowing")
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: run without CUDA graphs")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch step n+1 before reading step n's tokens (default: on with CUDA, off on the CPU)")
     g = p.add_argument_group("layout (vLLM's flags; moeserve runs one GPU per server today)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs per tensor-parallel group")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="pipeline stages")
@@ -92,7 +94,7 @@ def engine_args_from(args: argparse.Namespace) -> dict:
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, num_gpu_blocks_override=args.num_gpu_blocks_override,
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill, enforce_eager=args.enforce_eager,
-        served_model_name=served[0] if served else None,
+        async_scheduling=args.async_scheduling, served_model_name=served[0] if served else None,
     )
 
 

@@ -23,6 +23,9 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # CPU default 1 GiB; on CUDA overrides gpu_memory_utilization
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # CUDA: no CUDA graphs
+    # Schedule and launch step n+1 before the host has seen step n's tokens, so the GPU never waits for the
+    # host's bookkeeping. None: on for CUDA, off on the CPU (where nothing runs behind the host's back).
+    async_scheduling: bool | None = None
     served_model_name: str | None = None
 
     @classmethod

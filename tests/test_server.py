@@ -1,5 +1,6 @@
 """End to end: the real `moeserve serve` in a subprocess on a tiny random Llama (CPU, fp32), spoken to with the
-openai SDK (httpx for raw status codes and SSE lines); greedy answers are checked against the offline LLM API."""
+openai SDK (httpx for raw status codes and SSE lines); greedy answers are checked against the offline LLM API.
+The server runs with async scheduling, as it does on a GPU; the offline engine steps synchronously."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ckpt):
     args = [ckpt, "--device", "cpu", "--served-model-name", "tiny", "tiny-alias", "--api-key", KEY, "--max-model-len",
-            str(MAX_MODEL_LEN), "--max-request-body-bytes", str(BODY_LIMIT)]
+            str(MAX_MODEL_LEN), "--max-request-body-bytes", str(BODY_LIMIT), "--async-scheduling"]
     with ServerProcess(args) as s:
         yield s
 

@@ -1,6 +1,12 @@
 """LLMEngine: requests in, a step at a time, outputs back. Synchronous; the server drives it from one thread.
 
     add_request -> Scheduler.schedule -> ModelRunner.execute -> Sampler -> detokenize/stop -> RequestOutput
+
+With async scheduling (the CUDA default) a step launches the next batch before it reads the tokens of the one
+still running: each request's newest token goes from the sampler to the next step's input on the device, and
+the host's bookkeeping (tokens, stop checks, outputs) for step n overlaps the GPU's work on step n+1. A request
+that stopped at step n had one more token computed at n+1, which is thrown away. Requests whose sampling reads
+their own newest tokens (penalties, min_tokens) make the engine wait for each step instead.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from moeserve.engine.errors import RequestRejected
 from moeserve.engine.kv_cache import KVCacheManager
 from moeserve.engine.request import Request, Status
 from moeserve.engine.runner import ModelRunner
-from moeserve.engine.sampler import Sampler
+from moeserve.engine.sampler import PendingSample, Sampler
 from moeserve.engine.scheduler import Scheduler
 from moeserve.loader.model_loader import ModelSource, load_model, resolve_device, resolve_dtype, resolve_source
 from moeserve.outputs import CompletionOutput, RequestOutput
@@ -40,6 +46,13 @@ class EngineStats:
     num_total_blocks: int
     prefix_cache_queries: int
     prefix_cache_hits: int
+
+
+@dataclass
+class _Launched:
+    """A step on its way: the requests that sample in it, in row order, and their draws."""
+    sampled: list[Request]
+    draws: PendingSample | None
 
 
 class DoesNotFit(ValueError):
@@ -98,6 +111,10 @@ class LLMEngine:
         self.timings["prefill_warmup_s"] = self.runner.warm_up_prefill()
         self.timings["cuda_graphs_s"] = self.runner.capture_cuda_graphs()
 
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda")
+        self.inflight: _Launched | None = None
+        self.sync_requests: set[str] = set()  # alive requests whose sampling reads their newest tokens
         self.requests: dict[str, Request] = {}
         self.parents: dict[str, list[Request]] = {}
         self.parent_prompt: dict[str, str | None] = {}
@@ -216,6 +233,8 @@ class LLMEngine:
             children.append(req)
         for req in children:
             self.requests[req.request_id] = req
+            if params.reads_own_tokens:
+                self.sync_requests.add(req.request_id)
             self.scheduler.add(req)
         self.parents[request_id] = children
         self.parent_prompt[request_id] = text
@@ -227,10 +246,11 @@ class LLMEngine:
                     self.scheduler.finish(req)
                     req.finish_reason = "abort"
                 self.requests.pop(req.request_id, None)
+                self.sync_requests.discard(req.request_id)
             self.parent_prompt.pop(rid, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.inflight is not None
 
     def get_stats(self) -> EngineStats:
         return EngineStats(
@@ -243,27 +263,52 @@ class LLMEngine:
 
     # -- one step --
     def step(self) -> list[RequestOutput]:
+        touched: dict[str, None] = {}  # parents with news, in order
+        if self.inflight is not None and self.sync_requests:
+            self._process(self.inflight, touched)
+            self.inflight = None
         batch = self.scheduler.schedule()
-        if not batch.requests:
-            return []
+        launched = self._launch(batch) if batch.requests else None
+        if self.inflight is not None:  # the host's share of the last step, while the GPU runs this one
+            self._process(self.inflight, touched)
+        self.inflight = launched
+        if launched is not None and (not self.async_scheduling or self.sync_requests):
+            self._process(launched, touched)
+            self.inflight = None
+        return [self._output(pid) for pid in touched if pid in self.parents and self._reports(pid)]
+
+    def _launch(self, batch) -> _Launched:
         now = time.time()
-        for req, n in zip(batch.requests, batch.num_tokens):
+        for req in batch.requests:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
         logits, rows = self.runner.execute(batch)
         for req, n in zip(batch.requests, batch.num_tokens):
             req.num_computed_tokens += n
             self.kv.register_full_blocks(req)
-        touched: dict[str, None] = {}
-        if rows:
-            sampled_reqs = [batch.requests[i] for i in rows]
-            result = self.sampler(logits, sampled_reqs, self.eos_token_ids)
-            now = time.time()
-            for j, req in enumerate(sampled_reqs):
-                self._append(req, result.token_ids[j], result.logprobs[j], result.token_logprobs[j], now)
-                if req.finished or req.params.output_kind is not RequestOutputKind.FINAL_ONLY:
-                    touched[req.parent_id] = None
-        return [self._output(pid) for pid in touched if pid in self.parents and self._reports(pid)]
+        sampled = [batch.requests[i] for i in rows]
+        if not sampled:
+            return _Launched([], None)
+        draws = self.sampler.sample(logits, sampled, self.eos_token_ids)
+        self.runner.prev_tokens = draws.tokens
+        for j, req in enumerate(sampled):
+            req.num_pending += 1
+            req.pending_row = j
+        return _Launched(sampled, draws)
+
+    def _process(self, launched: _Launched, touched: dict[str, None]) -> None:
+        """Wait for a launched step's tokens and give them to their requests."""
+        if launched.draws is None:
+            return
+        result = launched.draws.result()
+        now = time.time()
+        for j, req in enumerate(launched.sampled):
+            req.num_pending -= 1
+            if req.finished:  # stopped by an earlier token, or aborted, while this step ran: a wasted token
+                continue
+            self._append(req, result.token_ids[j], result.logprobs[j], result.token_logprobs[j], now)
+            if req.finished or req.params.output_kind is not RequestOutputKind.FINAL_ONLY:
+                touched[req.parent_id] = None
 
     def _reports(self, parent_id: str) -> bool:
         """FINAL_ONLY parents report once, when their last child ends."""
@@ -296,6 +341,7 @@ class LLMEngine:
         req.finish_reason, req.stop_reason = reason, stop_reason
         req.metrics.finished_time = now
         self.scheduler.finish(req)
+        self.sync_requests.discard(req.request_id)
 
     def _output(self, parent_id: str) -> RequestOutput:
         children = self.parents[parent_id]

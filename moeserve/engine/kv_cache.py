@@ -126,7 +126,7 @@ class KVCacheManager:
         """Enter req's newly completed blocks into the prefix cache."""
         if not self.prefix_caching:
             return
-        full = req.num_computed_tokens // self.block_size
+        full = min(req.num_computed_tokens, req.num_tokens) // self.block_size  # pending tokens are not hashable yet
         if full <= req.num_registered_blocks:
             return
         self._update_hashes(req)

@@ -26,7 +26,11 @@ class Request:
         self.max_tokens = max_tokens  # already capped by max_model_len and the KV pool
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
-        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache (or being written by a launched step)
+        # Async scheduling: tokens sampled by launched steps that the host has not seen yet, and the row of the
+        # newest one in its step's sampled-token tensor (the next step reads its input token from there).
+        self.num_pending = 0
+        self.pending_row = -1
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # hashes of this request's full blocks, in order
@@ -44,6 +48,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens the model will have seen once the pending ones arrive: what the scheduler plans with."""
+        return len(self.all_token_ids) + self.num_pending
 
     @property
     def num_prompt_tokens(self) -> int:

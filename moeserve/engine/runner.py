@@ -15,6 +15,29 @@ from moeserve.engine.scheduler import ScheduledBatch
 from moeserve.layers.attention import AttentionMetadata, ForwardContext
 
 
+class _Staging:
+    """One set of pinned host buffers for a step's inputs. The runner keeps two and alternates, so that with
+    async scheduling the host fills one while the previous step's copies out of the other may still be queued
+    behind the GPU's work; `claim` waits for that set's last copies to have left."""
+
+    def __init__(self, T: int, B: int, max_blocks_per_seq: int, pin: bool):
+        self.input_ids = torch.zeros(T, dtype=torch.int64, pin_memory=pin)
+        self.prev_rows = torch.zeros(T, dtype=torch.int64, pin_memory=pin)  # row of a pending input token, or -1
+        self.positions = torch.zeros(T, dtype=torch.int64, pin_memory=pin)
+        self.slots = torch.zeros(T, dtype=torch.int64, pin_memory=pin)
+        self.qsl = torch.zeros(B + 1, dtype=torch.int32, pin_memory=pin)
+        self.seq_lens = torch.zeros(B, dtype=torch.int32, pin_memory=pin)
+        self.tables = torch.zeros(B, max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
+        self.logits_idx = torch.zeros(B, dtype=torch.int64, pin_memory=pin)
+        self.row_owner: list[tuple[list | None, int]] = [(None, 0)] * B  # the block list row b was written from
+        self.copied = torch.cuda.Event() if pin else None
+
+    def claim(self) -> "_Staging":
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self
+
+
 def _graph_sizes(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 1025, 32))
     return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
@@ -35,17 +58,13 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         pin = device.type == "cuda"
         T, B = max_num_batched_tokens + max_num_seqs, max_num_seqs
-        # Host staging buffers (allocated once).
-        self.h_input_ids = torch.zeros(T, dtype=torch.int64, pin_memory=pin)
-        self.h_positions = torch.zeros(T, dtype=torch.int64, pin_memory=pin)
-        self.h_slots = torch.zeros(T, dtype=torch.int64, pin_memory=pin)
-        self.h_qsl = torch.zeros(B + 1, dtype=torch.int32, pin_memory=pin)
-        self.h_seq_lens = torch.zeros(B, dtype=torch.int32, pin_memory=pin)
-        self.h_tables = torch.zeros(B, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
-        self.h_logits_idx = torch.zeros(B, dtype=torch.int64, pin_memory=pin)
-        self.row_owner: list[tuple[list | None, int]] = [(None, 0)] * B  # the block list row b was written from
+        # Host staging buffers (allocated once), two sets used in turn.
+        self.stagings = [_Staging(T, B, self.max_blocks_per_seq, pin) for _ in range(2 if pin else 1)]
+        self.num_steps = 0
+        self.prev_tokens: torch.Tensor | None = None  # the last step's sampled tokens (async scheduling)
         # Device buffers: the same tensors every step, so CUDA graphs can replay over them.
         self.d_input_ids = torch.zeros(T, dtype=torch.int64, device=device)
+        self.d_prev_rows = torch.zeros(T, dtype=torch.int64, device=device)
         self.d_positions = torch.zeros(T, dtype=torch.int64, device=device)
         self.d_slots = torch.zeros(T, dtype=torch.int64, device=device)
         self.d_qsl = torch.zeros(B + 1, dtype=torch.int32, device=device)
@@ -86,76 +105,96 @@ class ModelRunner:
         return logits, sample_rows
 
     def _prepare(self, batch: ScheduledBatch) -> tuple[int, int, list[int]]:
-        if all(n == 1 and r.num_computed_tokens + 1 == r.num_tokens for r, n in zip(batch.requests, batch.num_tokens)):
-            return self._prepare_decode(batch)
+        h = self.stagings[self.num_steps % len(self.stagings)].claim()
+        self.num_steps += 1
+        if all(n == 1 and r.num_computed_tokens + 1 == r.num_scheduled_tokens
+               for r, n in zip(batch.requests, batch.num_tokens)):
+            return self._prepare_decode(batch, h)
         bs = self.block_size
-        ids, pos, slots = self.h_input_ids.numpy(), self.h_positions.numpy(), self.h_slots.numpy()
-        qsl, seq_lens = self.h_qsl.numpy(), self.h_seq_lens.numpy()
-        logits_idx = self.h_logits_idx.numpy()
+        ids, pos, slots, prev = h.input_ids.numpy(), h.positions.numpy(), h.slots.numpy(), h.prev_rows.numpy()
+        qsl, seq_lens = h.qsl.numpy(), h.seq_lens.numpy()
+        logits_idx = h.logits_idx.numpy()
         t = 0
         sample_rows = []
+        any_pending = False
         qsl[0] = 0
         for b, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):
             start = req.num_computed_tokens
             end = start + n
-            ids[t:t + n] = req.all_token_ids[start:end]
+            known = min(end, req.num_tokens)  # a pending token can only be the last one
+            ids[t:t + known - start] = req.all_token_ids[start:known]
+            prev[t:t + n] = -1
+            if known < end:
+                prev[t + n - 1] = req.pending_row
+                any_pending = True
             p = np.arange(start, end)
             pos[t:t + n] = p
             blocks = np.asarray(req.block_ids, dtype=np.int64)
             slots[t:t + n] = blocks[p // bs] * bs + p % bs
-            self._table_row(b, req)
+            self._table_row(h, b, req)
             seq_lens[b] = end
             t += n
             qsl[b + 1] = t
-            if end == req.num_tokens:  # reached the newest token: this request samples
+            if end == req.num_scheduled_tokens:  # reached the newest token: this request samples
                 logits_idx[len(sample_rows)] = t - 1
                 sample_rows.append(b)
         B = len(batch.requests)
-        self._upload(B, t, len(sample_rows))
+        self._upload(h, B, t, len(sample_rows), any_pending)
         self.meta_cpu = (qsl[: B + 1].copy(), seq_lens[:B].copy())
         return B, t, sample_rows
 
-    def _prepare_decode(self, batch: ScheduledBatch) -> tuple[int, int, list[int]]:
+    def _prepare_decode(self, batch: ScheduledBatch, h: _Staging) -> tuple[int, int, list[int]]:
         """Every request feeds its newest token and samples (a decode step): whole-array numpy."""
         reqs = batch.requests
         B, bs = len(reqs), self.block_size
         p = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=B)
-        self.h_input_ids.numpy()[:B] = [r.all_token_ids[-1] for r in reqs]
-        self.h_positions.numpy()[:B] = p
+        prev = np.fromiter((r.pending_row if r.num_pending else -1 for r in reqs), dtype=np.int64, count=B)
+        any_pending = bool((prev >= 0).any())
+        h.input_ids.numpy()[:B] = [0 if r.num_pending else r.all_token_ids[-1] for r in reqs]
+        h.prev_rows.numpy()[:B] = prev
+        h.positions.numpy()[:B] = p
         page = np.fromiter((r.block_ids[k] for r, k in zip(reqs, (p // bs).tolist())), dtype=np.int64, count=B)
-        self.h_slots.numpy()[:B] = page * bs + p % bs
+        h.slots.numpy()[:B] = page * bs + p % bs
         for b, req in enumerate(reqs):
-            self._table_row(b, req)
-        seq_lens = self.h_seq_lens.numpy()
+            self._table_row(h, b, req)
+        seq_lens = h.seq_lens.numpy()
         seq_lens[:B] = p + 1
-        qsl = self.h_qsl.numpy()
+        qsl = h.qsl.numpy()
         qsl[: B + 1] = np.arange(B + 1)
-        self.h_logits_idx.numpy()[:B] = np.arange(B)
-        self._upload(B, B, B)
+        h.logits_idx.numpy()[:B] = np.arange(B)
+        self._upload(h, B, B, B, any_pending)
         self.meta_cpu = (qsl[: B + 1].copy(), seq_lens[:B].copy())
         return B, B, list(range(B))
 
-    def _table_row(self, b: int, req) -> None:
+    @staticmethod
+    def _table_row(h: _Staging, b: int, req) -> None:
         """Write row b of the host block table: only the entries added since the row was last written from this
         same block list. A running request's list only grows; freeing gives the request a new list object, so a
         preempted and resumed request, like any other new owner, rewrites the row."""
-        owner, known = self.row_owner[b]
+        owner, known = h.row_owner[b]
         blocks = req.block_ids
         if owner is not blocks:
             known = 0
         if known < len(blocks):
-            self.h_tables.numpy()[b, known: len(blocks)] = blocks[known:]
-            self.row_owner[b] = (blocks, len(blocks))
+            h.tables.numpy()[b, known: len(blocks)] = blocks[known:]
+            h.row_owner[b] = (blocks, len(blocks))
 
-    def _upload(self, B: int, T: int, S: int) -> None:
+    def _upload(self, h: _Staging, B: int, T: int, S: int, any_pending: bool) -> None:
         nb = self.device.type == "cuda"
-        self.d_input_ids[:T].copy_(self.h_input_ids[:T], non_blocking=nb)
-        self.d_positions[:T].copy_(self.h_positions[:T], non_blocking=nb)
-        self.d_slots[:T].copy_(self.h_slots[:T], non_blocking=nb)
-        self.d_qsl[: B + 1].copy_(self.h_qsl[: B + 1], non_blocking=nb)
-        self.d_seq_lens[:B].copy_(self.h_seq_lens[:B], non_blocking=nb)
-        self.d_tables[:B].copy_(self.h_tables[:B], non_blocking=nb)
-        self.d_logits_idx[:S].copy_(self.h_logits_idx[:S], non_blocking=nb)
+        self.d_input_ids[:T].copy_(h.input_ids[:T], non_blocking=nb)
+        self.d_positions[:T].copy_(h.positions[:T], non_blocking=nb)
+        self.d_slots[:T].copy_(h.slots[:T], non_blocking=nb)
+        self.d_qsl[: B + 1].copy_(h.qsl[: B + 1], non_blocking=nb)
+        self.d_seq_lens[:B].copy_(h.seq_lens[:B], non_blocking=nb)
+        self.d_tables[:B].copy_(h.tables[:B], non_blocking=nb)
+        self.d_logits_idx[:S].copy_(h.logits_idx[:S], non_blocking=nb)
+        if any_pending:  # input tokens the last step sampled and the host has not seen: gathered on the device
+            rows = self.d_prev_rows[:T]
+            rows.copy_(h.prev_rows[:T], non_blocking=nb)
+            ids = self.d_input_ids[:T]
+            ids.copy_(torch.where(rows >= 0, self.prev_tokens[rows.clamp(min=0)], ids))
+        if h.copied is not None:
+            h.copied.record()
 
     def _metadata(self, B: int, T: int, max_query_len: int, max_seq_len: int) -> AttentionMetadata:
         qsl, seq_lens = self.meta_cpu

@@ -23,6 +23,40 @@ class SampleResult:
     token_logprobs: list[float | None]
 
 
+class PendingSample:
+    """A step's draws, still on their way to the host: the token tensor stays on the device (the next step of
+    async scheduling reads its input tokens from it) while copies into host memory run behind the GPU's work.
+    `result()` waits for those copies only."""
+
+    def __init__(self, tokens: torch.Tensor, reqs: list[Request], lp: tuple | None):
+        self.tokens = tokens
+        self.num_logprobs = [r.params.logprobs for r in reqs]
+        self._host = [t.to("cpu", non_blocking=True) for t in (tokens, *(lp or ()))]
+        self._ready = None
+        if tokens.is_cuda:
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def result(self) -> SampleResult:
+        if self._ready is not None:
+            self._ready.synchronize()
+        token_list = self._host[0].tolist()
+        n = len(token_list)
+        out_lp: list = [None] * n
+        tok_lp: list = [None] * n
+        if len(self._host) > 1:
+            chosen_lp, ranks, top_ids, top_lp = (t.tolist() for t in self._host[1:])
+            rows = [i for i, k in enumerate(self.num_logprobs) if k is not None]
+            for j, i in enumerate(rows):
+                d = {token_list[i]: Logprob(chosen_lp[j], ranks[j])}
+                k = self.num_logprobs[i]
+                for rank, (tid, lp) in enumerate(zip(top_ids[j][:k], top_lp[j][:k]), 1):
+                    d.setdefault(tid, Logprob(lp, rank))
+                out_lp[i] = d
+                tok_lp[i] = chosen_lp[j]
+        return SampleResult(token_list, out_lp, tok_lp)
+
+
 class Sampler:
     def __init__(self, vocab_size: int, device: torch.device, seed: int):
         self.vocab_size = vocab_size
@@ -30,38 +64,30 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> SampleResult:
+        return self.sample(logits, reqs, eos_ids).result()
+
+    def sample(self, logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> PendingSample:
+        """Draw on the device; nothing here waits for the GPU."""
         logits = logits[:, : self.vocab_size].float()
         raw = logits
         if any(_adjusts_logits(r) for r in reqs):
             logits = self._apply_penalties(logits.clone(), reqs, eos_ids)
 
-        want_logprobs = [r.params.logprobs is not None for r in reqs]
         greedy = [r.params.greedy for r in reqs]
         if all(greedy):  # decided on the host: no device round trip before the argmax
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, reqs, torch.tensor(greedy, device=logits.device))
-        token_list = tokens.tolist()
 
-        out_lp: list = [None] * len(reqs)
-        tok_lp: list = [None] * len(reqs)
-        if any(want_logprobs):
-            rows = [i for i, w in enumerate(want_logprobs) if w]
+        lp = None
+        rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        if rows:  # the chosen token's log-probability and rank, and the top-n, of the model's raw distribution
             logp = torch.log_softmax(raw[rows], dim=-1)
-            chosen = tokens[rows]
-            chosen_lp = logp.gather(1, chosen[:, None]).squeeze(1)
+            chosen_lp = logp.gather(1, tokens[rows][:, None]).squeeze(1)
             ranks = (logp > chosen_lp[:, None]).sum(dim=1) + 1
-            max_n = max(reqs[i].params.logprobs for i in rows)
-            top = logp.topk(max_n, dim=-1) if max_n > 0 else None
-            for j, i in enumerate(rows):
-                d = {token_list[i]: Logprob(float(chosen_lp[j]), int(ranks[j]))}
-                n = reqs[i].params.logprobs
-                if n:
-                    for rank, (tid, lp) in enumerate(zip(top.indices[j, :n].tolist(), top.values[j, :n].tolist()), 1):
-                        d.setdefault(tid, Logprob(lp, rank))
-                out_lp[i] = d
-                tok_lp[i] = float(chosen_lp[j])
-        return SampleResult(token_list, out_lp, tok_lp)
+            top = logp.topk(max(max(reqs[i].params.logprobs for i in rows), 1), dim=-1)
+            lp = (chosen_lp, ranks, top.indices, top.values)
+        return PendingSample(tokens, reqs, lp)
 
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> torch.Tensor:
         for i, r in enumerate(reqs):

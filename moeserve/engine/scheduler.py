@@ -5,6 +5,9 @@ costs one token, an unfinished prefill the next chunk of its prompt. Then waitin
 budget, max_num_seqs and KV blocks last. When blocks run out, the newest running request is preempted: its
 blocks are freed and it goes back to the front of the queue, to be recomputed later from its tokens (so its
 output continues exactly where it stopped).
+
+With async scheduling a running request may have a pending token (sampled by the step still on the GPU): it is
+scheduled as if that token had arrived, unless it is the request's last by max_tokens.
 """
 
 from __future__ import annotations
@@ -53,7 +56,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_pending and len(req.output_token_ids) + req.num_pending >= req.max_tokens:
+                i += 1  # its pending token is its last: nothing to compute
+                continue
+            n = min(req.num_scheduled_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate(req, n):
                 victim = self.running.pop()
                 self._preempt(victim)
