@@ -21,7 +21,7 @@ from moeserve.config import EngineConfig
 from moeserve.engine.detokenizer import IncrementalDetokenizer
 from moeserve.engine.errors import RequestRejected
 from moeserve.engine.kv_cache import KVCacheManager
-from moeserve.engine.request import Request, Status
+from moeserve.engine.request import Request
 from moeserve.engine.runner import ModelRunner
 from moeserve.engine.sampler import PendingSample, Sampler
 from moeserve.engine.scheduler import Scheduler
