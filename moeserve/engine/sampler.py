@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.engine.request import Request
+from moeserve.kernels.runtime import upload
 from moeserve.outputs import Logprob
 
 
@@ -77,15 +78,17 @@ class Sampler:
         if all(greedy):  # decided on the host: no device round trip before the argmax
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = self._sample(logits, reqs, torch.tensor(greedy, device=logits.device))
+            tokens = self._sample(logits, reqs, upload(greedy, logits.device))
 
         lp = None
         rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
         if rows:  # the chosen token's log-probability and rank, and the top-n, of the model's raw distribution
-            logp = torch.log_softmax(raw[rows], dim=-1)
-            chosen_lp = logp.gather(1, tokens[rows][:, None]).squeeze(1)
+            top_n = max(max(reqs[i].params.logprobs for i in rows), 1)
+            idx = upload(rows, logits.device, torch.int64)
+            logp = torch.log_softmax(raw[idx], dim=-1)
+            chosen_lp = logp.gather(1, tokens[idx][:, None]).squeeze(1)
             ranks = (logp > chosen_lp[:, None]).sum(dim=1) + 1
-            top = logp.topk(max(max(reqs[i].params.logprobs for i in rows), 1), dim=-1)
+            top = logp.topk(top_n, dim=-1)
             lp = (chosen_lp, ranks, top.indices, top.values)
         return PendingSample(tokens, reqs, lp)
 
@@ -93,9 +96,9 @@ class Sampler:
         for i, r in enumerate(reqs):
             p = r.params
             if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-                out_ids = torch.tensor(r.output_token_ids, dtype=torch.long, device=logits.device)
+                out_ids = upload(r.output_token_ids, logits.device, torch.long)
                 if p.repetition_penalty != 1.0:
-                    seen = torch.tensor(r.all_token_ids, dtype=torch.long, device=logits.device).unique()
+                    seen = upload(r.all_token_ids, logits.device, torch.long).unique()
                     vals = logits[i, seen]
                     logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
                 if out_ids.numel() and (p.presence_penalty or p.frequency_penalty):
@@ -110,7 +113,7 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request], greedy: torch.Tensor) -> torch.Tensor:
         dev = logits.device
-        temp = torch.tensor([max(r.params.temperature, 1e-5) for r in reqs], device=dev)
+        temp = upload([max(r.params.temperature, 1e-5) for r in reqs], dev, torch.float32)
         probs = torch.softmax(logits / temp[:, None], dim=-1)
         top_k = [r.params.top_k for r in reqs]
         top_p = [r.params.top_p for r in reqs]
@@ -118,7 +121,7 @@ class Sampler:
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
             probs = _top_k_top_p(probs, top_k, top_p)
         if any(m > 0 for m in min_p):
-            mp = torch.tensor(min_p, device=dev)
+            mp = upload(min_p, dev, torch.float32)
             probs = probs.masked_fill(probs < mp[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, r in enumerate(reqs):
@@ -142,10 +145,10 @@ def _top_k_top_p(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> t
     dev = probs.device
     sorted_p, idx = probs.sort(dim=-1, descending=True)
     V = probs.shape[1]
-    k = torch.tensor([kk if kk > 0 else V for kk in top_k], device=dev)
+    k = upload([kk if kk > 0 else V for kk in top_k], dev, torch.int64)
     ranks = torch.arange(V, device=dev)[None, :]
     drop = ranks >= k[:, None]
-    p = torch.tensor(top_p, device=dev)
+    p = upload(top_p, dev, torch.float32)
     mass_before = sorted_p.cumsum(dim=-1) - sorted_p
     drop |= mass_before >= p[:, None]
     sorted_p = sorted_p.masked_fill(drop, 0.0)

@@ -87,3 +87,15 @@ def patch_interpreter_for_numpy() -> None:
 
 
 patch_interpreter_for_numpy()
+
+
+def upload(data, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host data (list, numpy array or CPU tensor) onto `device` without waiting for the GPU. A copy from
+    pageable memory makes PyTorch synchronise the stream, which would stall the host until every launched step
+    is done (and async scheduling with it); from pinned memory, non_blocking, it is queued like a kernel."""
+    t = data if isinstance(data, torch.Tensor) else torch.as_tensor(data, dtype=dtype)
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

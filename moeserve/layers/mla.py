@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.kernels.runtime import upload
 from moeserve.layers.attention import AttentionMetadata, ForwardContext
 
 
@@ -87,19 +88,19 @@ class LatentAttention(nn.Module):
         dev = q_nope.device
         dec = np.flatnonzero(q_lens == 1)
         if dec.size:
-            tok = torch.from_numpy(qsl[dec].astype(np.int64)).to(dev)
-            rows = torch.from_numpy(dec.astype(np.int64)).to(dev)
+            tok = upload(qsl[dec].astype(np.int64), dev)
+            rows = upload(dec.astype(np.int64), dev)
             out[tok] = self._decode(q_nope[tok], q_pe[tok], cache, meta.seq_lens[rows], meta.block_tables[rows],
                                     w_uk, w_uv, int(seq_lens[dec].max()))
         pre = np.flatnonzero(q_lens > 1)
         if pre.size:
             tok_np = np.concatenate([np.arange(qsl[b], qsl[b + 1]) for b in pre])
-            tok = torch.from_numpy(tok_np).to(dev)
+            tok = upload(tok_np, dev)
             block_size = cache.shape[1]
             n_pages = -(-seq_lens[pre] // block_size)
-            tables = meta.block_tables[torch.from_numpy(pre.astype(np.int64)).to(dev)]
+            tables = meta.block_tables[upload(pre.astype(np.int64), dev)]
             take = np.concatenate([i * tables.shape[1] + np.arange(n) for i, n in enumerate(n_pages)])
-            pages = cache[tables.reshape(-1)[torch.from_numpy(take).to(dev)].long()]  # [sum n_pages, bs, R+rope]
+            pages = cache[tables.reshape(-1)[upload(take, dev)].long()]  # [sum n_pages, bs, R+rope]
             out[tok] = self._expanded(q_nope[tok], q_pe[tok], pages, n_pages, q_lens[pre], seq_lens[pre], w_uk, w_uv)
         return out
 
@@ -145,7 +146,7 @@ class LatentAttention(nn.Module):
         qsl = np.concatenate([[0], np.cumsum(q_lens)])
 
         def up(a):
-            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(dev)
+            return upload(np.ascontiguousarray(a, dtype=np.int32), dev)
 
         o = paged_attention(q, kv.view(2, num_pages, page, H, D), query_start_loc=up(qsl), seq_lens=up(ctx_lens),
                             block_tables=up(tables), scale=self.scale, max_query_len=int(q_lens.max()),
