@@ -133,3 +133,28 @@ def _assert_same_up_to_near_ties(ours, base, margins):
             assert m[split] < NEAR_TIE, f"prompt {i}: step {split} picked {a[split]} over {b[split]}, " \
                                         f"whose lead was {m[split]:.3f} nats"
         assert len(a) == len(b)
+
+
+def test_async_steps_never_wait_for_the_gpu(case):
+    """Async scheduling only helps if nothing in a step makes the host wait for the GPU: a pageable copy, an
+    .item(), a nonzero(). Under sync-debug mode "error" any of those raises; reading a finished step's tokens
+    back (an event wait) is the one allowed wait."""
+    llm = LLM(model=case["path"], device="cuda", kv_cache_memory_bytes=1 << 28, **SMALL)
+    eng = llm.llm_engine
+    assert eng.async_scheduling
+    kinds = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+             SamplingParams(temperature=0.8, top_p=0.9, top_k=20, min_p=0.05, seed=3, max_tokens=12, ignore_eos=True),
+             SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)]
+    prompts = [{"prompt_token_ids": p} for p in case["prompts"]]
+    params = [kinds[i % 3] for i in range(len(prompts))]
+    warm = llm.generate(prompts, params)  # lazy tables and kernels exist before the watched run
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(f"w{i}", p["prompt_token_ids"], sp)
+    outs = {}
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        while eng.has_unfinished_requests():
+            outs.update({o.request_id: o for o in eng.step()})
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [outs[f"w{i}"].outputs[0].token_ids for i in range(len(prompts))] == [o.outputs[0].token_ids for o in warm]
