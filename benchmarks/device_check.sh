@@ -2,7 +2,8 @@
 # One device call that checks before it times: the image's packages, kernel tests, the CUDA model tests,
 # then a quick end-to-end smoke of a shape. Logs land in $OUT.
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# OMP_NUM_THREADS: each xdist worker computes a CPU fp32 reference; 8 workers x all cores each starved them all.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip list --format=freeze > "$OUT/pip_freeze.txt" 2>/dev/null
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv

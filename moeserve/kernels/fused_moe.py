@@ -246,7 +246,8 @@ def moe_candidates(tokens: int, top_k: int, num_experts: int, elem_bytes: int = 
         cands = [_cfg(128, 64, 64, 4, 4, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 3, 128, 64, 8, 4),
                  _cfg(64, 128, 64, 4, 4, 128, 64, 4, 4), _cfg(128, 128, 64, 8, 4, 256, 64, 8, 3),
                  _cfg(64, 64, 64, 4, 4, 64, 64, 4, 4)]
-    if elem_bytes > 2:  # fp32: half the K depth keeps the pipelined tiles inside shared memory
+    if elem_bytes > 2:  # fp32: half the K depth and at most 2 stages keep the tiles inside shared memory
         for c in cands:
             c["BLOCK_K1"], c["BLOCK_K2"] = max(16, c["BLOCK_K1"] // 2), max(16, c["BLOCK_K2"] // 2)
+            c["S1"], c["S2"] = min(c["S1"], 2), min(c["S2"], 2)
     return cands
