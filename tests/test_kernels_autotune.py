@@ -6,6 +6,7 @@ import json
 import logging
 
 import pytest
+import triton_kernels  # noqa: F401  first: without a GPU it sets up the interpreter before triton is imported
 
 pytest.importorskip("triton")
 import triton.testing  # noqa: E402
@@ -84,6 +85,25 @@ def test_failing_candidate_is_skipped_and_stale_cache_ignored(gpu_like, caplog):
     assert autotune.Autotuner().choose("k", "T=1", CANDIDATES, run, CANDIDATES[0]) == {"BLOCK": 64}
     err = _take(caplog)
     assert "failed (RuntimeError" in err and "[tuned]" in err
+
+
+def test_a_candidate_added_since_tuning_is_tried_a_failed_one_is_not_retried(gpu_like, caplog):
+    runs: list[int] = []
+
+    def run(cfg):
+        runs.append(cfg["BLOCK"])
+        if cfg["BLOCK"] == 128:
+            raise RuntimeError("out of shared memory")
+        return cfg["BLOCK"]
+
+    autotune.Autotuner().choose("k", "T=8", CANDIDATES[:2], run, CANDIDATES[0])  # tuned over 16 and 32
+    runs.clear()
+    grown = CANDIDATES + [{"BLOCK": 128}]
+    assert autotune.Autotuner().choose("k", "T=8", grown, run, grown[0]) == {"BLOCK": 32}
+    assert sorted(runs) == [16, 32, 64, 128] and "[tuned]" in _take(caplog)  # 64 and 128 are new: tuned again
+    runs.clear()
+    assert autotune.Autotuner().choose("k", "T=8", grown, run, grown[0]) == {"BLOCK": 32}
+    assert runs == [] and "[cache]" in _take(caplog)  # 128 failed last time: known, not a reason to retune
 
 
 def test_no_timing_inside_graph_capture(gpu_like, monkeypatch, caplog):

@@ -117,3 +117,18 @@ def test_every_tuning_candidate_is_correct(cfg, monkeypatch):
     """Each config any regime may pick (incl. the no-sort decode mode), on a small odd shape."""
     monkeypatch.setattr(fused, "get_tuner", lambda: _Fixed(cfg))
     check(3, 8, 2, 64, 48, torch.float32)
+
+
+FOLDED = [c for c in fused.moe_candidates(1, 8, 128) if c.get("FOLD")]
+
+
+@pytest.mark.parametrize("cfg", FOLDED, ids=lambda c: f"N2={c['BLOCK_N2']}-K2={c['BLOCK_K2']}")
+@pytest.mark.parametrize("T", [1, 2])
+def test_folded_down_sum_at_decode_shapes(cfg, T, monkeypatch):
+    """The down GEMV with the sum over K inside (decode candidates), in bf16: on the GPU at qwen3-30b-a3b's
+    expert shape, in the interpreter at a small odd one."""
+    monkeypatch.setattr(fused, "get_tuner", lambda: _Fixed(cfg))
+    if CUDA:
+        check(T, 128, 8, 2048, 768, torch.bfloat16)
+    else:
+        check(T, 8, 4, 64, 40, torch.bfloat16)

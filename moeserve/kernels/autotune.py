@@ -5,7 +5,8 @@ The first call of a kernel on a new shape bucket times a handful of candidate co
 `$MOESERVE_CACHE_DIR/autotune/<gpu>.json` (default `~/.cache/moeserve/autotune/<gpu>.json`) and later processes
 read it from there. Every choice is reported once per process with where it came from: `tuned` (timed now),
 `cache`, or `heuristic` (interpreter, MOESERVE_AUTOTUNE=0, or a call during CUDA graph capture, where nothing can
-be timed - the runner should warm each shape up eagerly before capturing it).
+be timed - the runner should warm each shape up eagerly before capturing it). A cache entry that never timed one
+of today's candidates (the candidate lists grew since) is tuned again.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class Autotuner:
                 why = "interpreter" if runtime.interpreting() else "MOESERVE_AUTOTUNE=0"
                 return self._settle(full, default, "heuristic", f"({why}, not timed)")
             cached = self._load_disk().get(full)
-            if cached is not None and cached.get("config") in candidates:
+            if cached is not None and _covers(cached, candidates):
                 return self._settle(full, cached["config"], "cache", f"from {self.path}")
             if runtime.capturing():
                 # Nothing can be timed inside a capture; do not memoise, so an eager call can still tune it.
@@ -97,12 +98,14 @@ class Autotuner:
         # The inputs may still be in flight on the caller's stream; timing runs on a side stream.
         torch.cuda.current_stream().synchronize()
         timings: list[tuple[float, Config]] = []
+        failed: list[Config] = []
         for cfg in candidates:
             try:
                 # Replayed from a CUDA graph: kernel time without Python launch overhead, as decode graphs run.
                 ms = triton.testing.do_bench_cudagraph(lambda: run(cfg), rep=20, return_mode="median")
             except Exception as exc:  # a config the compiler rejects (shared memory, registers) is skipped
                 _report(f"{full}: candidate {cfg} failed ({type(exc).__name__}: {str(exc)[:120]}), skipped")
+                failed.append(cfg)
                 continue
             if math.isfinite(ms):
                 timings.append((ms, cfg))
@@ -111,7 +114,8 @@ class Autotuner:
         timings.sort(key=lambda t: t[0])
         best_ms, best = timings[0]
         table = ", ".join(f"{_short(c)}={ms * 1e3:.1f}us" for ms, c in timings)
-        self._save_disk(full, {"config": best, "ms": best_ms, "timings_ms": [[c, ms] for ms, c in timings]})
+        self._save_disk(full, {"config": best, "ms": best_ms, "timings_ms": [[c, ms] for ms, c in timings],
+                               "failed": failed})
         return self._settle(full, best, "tuned",
                             f"{best_ms * 1e3:.1f} us (graph replay median); tried {table}; saved to {self.path}")
 
@@ -150,6 +154,13 @@ class Autotuner:
             os.replace(f.name, path)
         except (OSError, ValueError) as exc:
             _report(f"autotune cache {path} not written ({exc}); the choice holds for this process only")
+
+
+def _covers(entry: dict, candidates: list[Config]) -> bool:
+    """Was this cache entry tuned over (at least) today's candidates? A candidate added since then, never timed
+    and never seen to fail, makes the entry stale: it is tuned again rather than never tried."""
+    seen = [c for c, _ in entry.get("timings_ms", [])] + list(entry.get("failed", []))
+    return entry.get("config") in candidates and all(c in seen for c in candidates)
 
 
 def _short(cfg: Config) -> str:

@@ -9,6 +9,8 @@ Per chunk of tokens (so a 64k-token prefill stays inside memory):
      in the epilogue -> inter1 [pairs, I] (model dtype), rows indexed by pair;
   3. _down_kernel: inter1 rows @ w2[e]^T, times the pair's routing weight (fp32) -> inter2 [pairs, H];
   4. out[t] = sum over k of inter2[t*K + k] (torch.sum: fp32 accumulation, one rounding), no atomics.
+For one or two tokens a tuning candidate may fold 3 and 4 into one launch (_down_sum_kernel: each program owns a
+token's slice of H and adds up its K experts' GEMVs in registers), as the autotuner finds faster or not.
 Grids depend only on shapes (an upper bound of expert blocks; blocks past the used length exit at once), nothing
 syncs with the host: CUDA-graph safe. Block sizes come from the autotuner, per token-count bucket.
 """
@@ -139,6 +141,43 @@ def _down_kernel(
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _down_sum_kernel(
+    inter_ptr, w_ptr, out_ptr, ids_ptr, topk_w_ptr,
+    H, I, stride_it, stride_we, stride_wn, stride_ot,
+    TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    """out[t, n-tile] = sum_k w[t,k] * w2[e_k][n-tile] @ inter1[t*K + k]: steps 3 and 4 in one launch, for decode.
+    One row per expert is a GEMV (no tensor cores to feed): multiply-and-reduce in fp32 registers."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(H, BLOCK_N)
+    t = pid // n_tiles
+    n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < H
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for k in tl.static_range(TOPK):
+        pair = t * TOPK + k
+        e = tl.load(ids_ptr + pair).to(tl.int64)
+        wt = tl.load(topk_w_ptr + pair).to(tl.float32)
+        a_ptrs = inter_ptr + pair.to(tl.int64) * stride_it + kk
+        b_ptrs = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kk[None, :]
+        part = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            if EVEN_K and EVEN_N:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_ok = kk < I - k0
+                a = tl.load(a_ptrs, mask=k_ok, other=0.0)
+                b = tl.load(b_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            part += tl.sum(b.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        acc += wt * part
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
 def fused_moe(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -214,6 +253,13 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
         SORTED=sort, DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg["W1"], num_stages=cfg["S1"],
     )
     bn2, bk2 = cfg["BLOCK_N2"], cfg["BLOCK_K2"]
+    if cfg.get("FOLD"):  # no-sort mode only: inter1 rows are pairs in (token, k) order
+        _down_sum_kernel[(T * triton.cdiv(H, bn2),)](
+            inter1, w2, out, topk_ids, topk_weights, H, inter, inter1.stride(0), w2.stride(0), w2.stride(1),
+            out.stride(0), TOPK=K, BLOCK_N=bn2, BLOCK_K=bk2, EVEN_K=inter % bk2 == 0, EVEN_N=H % bn2 == 0,
+            num_warps=cfg["W2"], num_stages=cfg["S2"],
+        )
+        return
     _down_kernel[(num_blocks * triton.cdiv(H, bn2),)](
         inter1, w2, inter2, sorted_pairs, block_expert, num_post, topk_weights,
         pairs, E, H, inter, inter1.stride(0), w2.stride(0), w2.stride(1), inter2.stride(0),
@@ -223,9 +269,12 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
     torch.sum(inter2[:pairs].view(T, K, H), dim=1, out=out)
 
 
-def _cfg(bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, sort=1) -> Config:
-    return {"BLOCK_M": bm, "BLOCK_N1": bn1, "BLOCK_K1": bk1, "W1": w1, "S1": s1,
-            "BLOCK_N2": bn2, "BLOCK_K2": bk2, "W2": w2, "S2": s2, "SORT": sort}
+def _cfg(bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, sort=1, fold=0) -> Config:
+    cfg = {"BLOCK_M": bm, "BLOCK_N1": bn1, "BLOCK_K1": bk1, "W1": w1, "S1": s1,
+           "BLOCK_N2": bn2, "BLOCK_K2": bk2, "W2": w2, "S2": s2, "SORT": sort}
+    if fold:  # down GEMV and the sum over K in one kernel (requires sort=0)
+        cfg["FOLD"] = 1
+    return cfg
 
 
 def moe_candidates(tokens: int, top_k: int, num_experts: int, elem_bytes: int = 2) -> list[Config]:
@@ -235,7 +284,9 @@ def moe_candidates(tokens: int, top_k: int, num_experts: int, elem_bytes: int = 
         cands = [_cfg(16, 32, 128, 4, 4, 64, 128, 4, 4), _cfg(16, 64, 128, 4, 4, 128, 64, 4, 4),
                  _cfg(16, 32, 256, 4, 3, 32, 256, 4, 3), _cfg(16, 16, 256, 2, 4, 64, 256, 4, 3)]
         if tokens * top_k <= 2 * top_k:  # one or two tokens: experts rarely repeat, skip the sort
-            cands += [_cfg(16, 32, 128, 4, 4, 64, 128, 4, 4, sort=0), _cfg(16, 16, 256, 2, 4, 64, 256, 4, 3, sort=0)]
+            cands += [_cfg(16, 32, 128, 4, 4, 64, 128, 4, 4, sort=0), _cfg(16, 16, 256, 2, 4, 64, 256, 4, 3, sort=0),
+                      _cfg(16, 32, 128, 4, 4, 16, 256, 4, 3, sort=0, fold=1),
+                      _cfg(16, 16, 256, 2, 4, 32, 128, 4, 4, sort=0, fold=1)]
     elif per_expert <= 16:
         cands = [_cfg(16, 64, 128, 4, 4, 64, 128, 4, 4), _cfg(16, 32, 128, 4, 4, 64, 128, 4, 4),
                  _cfg(32, 64, 64, 4, 4, 64, 128, 4, 4), _cfg(16, 64, 256, 4, 3, 128, 128, 4, 3)]
