@@ -80,10 +80,13 @@ class SamplingParams:
         return self.temperature < 1e-5
 
     @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
+    @property
     def reads_own_tokens(self) -> bool:
         """Does sampling a token need the request's previous tokens on the host (penalties, min_tokens)?"""
-        return (self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
-                or self.min_tokens > 0)
+        return self.has_penalties or self.min_tokens > 0
 
     def clone(self, **changes) -> "SamplingParams":
         from dataclasses import replace

@@ -250,8 +250,8 @@ def test_block_tables_track_every_request_through_preemption_and_prefix_sharing(
     runner = llm.llm_engine.runner
     prepare, checked = runner._prepare, []
 
-    def checking_prepare(batch):
-        out = prepare(batch)
+    def checking_prepare(batch, prev_tokens=None):
+        out = prepare(batch, prev_tokens)
         tables = runner.stagings[(runner.num_steps - 1) % len(runner.stagings)].tables.numpy()
         for b, req in enumerate(batch.requests):
             assert tables[b, : len(req.block_ids)].tolist() == req.block_ids

@@ -282,7 +282,8 @@ class LLMEngine:
         for req in batch.requests:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-        logits, rows = self.runner.execute(batch)
+        prev = self.inflight.draws.tokens if self.inflight is not None and self.inflight.draws is not None else None
+        logits, rows = self.runner.execute(batch, prev)
         for req, n in zip(batch.requests, batch.num_tokens):
             req.num_computed_tokens += n
             self.kv.register_full_blocks(req)
@@ -290,7 +291,6 @@ class LLMEngine:
         if not sampled:
             return _Launched([], None)
         draws = self.sampler.sample(logits, sampled, self.eos_token_ids)
-        self.runner.prev_tokens = draws.tokens
         for j, req in enumerate(sampled):
             req.num_pending += 1
             req.pending_row = j

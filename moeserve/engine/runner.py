@@ -61,7 +61,6 @@ class ModelRunner:
         # Host staging buffers (allocated once), two sets used in turn.
         self.stagings = [_Staging(T, B, self.max_blocks_per_seq, pin) for _ in range(2 if pin else 1)]
         self.num_steps = 0
-        self.prev_tokens: torch.Tensor | None = None  # the last step's sampled tokens (async scheduling)
         # Device buffers: the same tensors every step, so CUDA graphs can replay over them.
         self.d_input_ids = torch.zeros(T, dtype=torch.int64, device=device)
         self.d_prev_rows = torch.zeros(T, dtype=torch.int64, device=device)
@@ -90,9 +89,11 @@ class ModelRunner:
 
     # -- one step --
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Run the step; returns (logits [S, V], indices into batch.requests of the S requests that sample)."""
-        B, T, sample_rows = self._prepare(batch)
+    def execute(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Run the step; returns (logits [S, V], indices into batch.requests of the S requests that sample).
+        prev_tokens: the tokens the step before sampled, still on the device (async scheduling), where the
+        requests' pending input tokens are (`Request.pending_row`)."""
+        B, T, sample_rows = self._prepare(batch, prev_tokens)
         decode_only = T == B
         if decode_only and self.use_cuda_graphs and self.graphs:
             hidden = self._replay(B)
@@ -104,12 +105,12 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[self.d_logits_idx[:S]])
         return logits, sample_rows
 
-    def _prepare(self, batch: ScheduledBatch) -> tuple[int, int, list[int]]:
+    def _prepare(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> tuple[int, int, list[int]]:
         h = self.stagings[self.num_steps % len(self.stagings)].claim()
         self.num_steps += 1
         if all(n == 1 and r.num_computed_tokens + 1 == r.num_scheduled_tokens
                for r, n in zip(batch.requests, batch.num_tokens)):
-            return self._prepare_decode(batch, h)
+            return self._prepare_decode(batch, h, prev_tokens)
         bs = self.block_size
         ids, pos, slots, prev = h.input_ids.numpy(), h.positions.numpy(), h.slots.numpy(), h.prev_rows.numpy()
         qsl, seq_lens = h.qsl.numpy(), h.seq_lens.numpy()
@@ -139,11 +140,12 @@ class ModelRunner:
                 logits_idx[len(sample_rows)] = t - 1
                 sample_rows.append(b)
         B = len(batch.requests)
-        self._upload(h, B, t, len(sample_rows), any_pending)
+        self._upload(h, B, t, len(sample_rows), prev_tokens if any_pending else None)
         self.meta_cpu = (qsl[: B + 1].copy(), seq_lens[:B].copy())
         return B, t, sample_rows
 
-    def _prepare_decode(self, batch: ScheduledBatch, h: _Staging) -> tuple[int, int, list[int]]:
+    def _prepare_decode(self, batch: ScheduledBatch, h: _Staging, prev_tokens: torch.Tensor | None
+                        ) -> tuple[int, int, list[int]]:
         """Every request feeds its newest token and samples (a decode step): whole-array numpy."""
         reqs = batch.requests
         B, bs = len(reqs), self.block_size
@@ -162,7 +164,7 @@ class ModelRunner:
         qsl = h.qsl.numpy()
         qsl[: B + 1] = np.arange(B + 1)
         h.logits_idx.numpy()[:B] = np.arange(B)
-        self._upload(h, B, B, B, any_pending)
+        self._upload(h, B, B, B, prev_tokens if any_pending else None)
         self.meta_cpu = (qsl[: B + 1].copy(), seq_lens[:B].copy())
         return B, B, list(range(B))
 
@@ -179,7 +181,7 @@ class ModelRunner:
             h.tables.numpy()[b, known: len(blocks)] = blocks[known:]
             h.row_owner[b] = (blocks, len(blocks))
 
-    def _upload(self, h: _Staging, B: int, T: int, S: int, any_pending: bool) -> None:
+    def _upload(self, h: _Staging, B: int, T: int, S: int, prev_tokens: torch.Tensor | None) -> None:
         nb = self.device.type == "cuda"
         self.d_input_ids[:T].copy_(h.input_ids[:T], non_blocking=nb)
         self.d_positions[:T].copy_(h.positions[:T], non_blocking=nb)
@@ -188,11 +190,11 @@ class ModelRunner:
         self.d_seq_lens[:B].copy_(h.seq_lens[:B], non_blocking=nb)
         self.d_tables[:B].copy_(h.tables[:B], non_blocking=nb)
         self.d_logits_idx[:S].copy_(h.logits_idx[:S], non_blocking=nb)
-        if any_pending:  # input tokens the last step sampled and the host has not seen: gathered on the device
+        if prev_tokens is not None:  # input tokens the last step sampled and the host has not seen yet
             rows = self.d_prev_rows[:T]
             rows.copy_(h.prev_rows[:T], non_blocking=nb)
             ids = self.d_input_ids[:T]
-            ids.copy_(torch.where(rows >= 0, self.prev_tokens[rows.clamp(min=0)], ids))
+            ids.copy_(torch.where(rows >= 0, prev_tokens[rows.clamp(min=0)], ids))
         if h.copied is not None:
             h.copied.record()
 

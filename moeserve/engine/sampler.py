@@ -95,7 +95,7 @@ class Sampler:
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> torch.Tensor:
         for i, r in enumerate(reqs):
             p = r.params
-            if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            if p.has_penalties:
                 out_ids = upload(r.output_token_ids, logits.device, torch.long)
                 if p.repetition_penalty != 1.0:
                     seen = upload(r.all_token_ids, logits.device, torch.long).unique()
@@ -135,9 +135,7 @@ class Sampler:
 
 def _adjusts_logits(r: Request) -> bool:
     """Does a penalty or the min_tokens ban change this request's logits at this step?"""
-    p = r.params
-    return (p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
-            or len(r.output_token_ids) < p.min_tokens)
+    return r.params.has_penalties or len(r.output_token_ids) < r.params.min_tokens
 
 
 def _top_k_top_p(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
