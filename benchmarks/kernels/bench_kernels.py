@@ -4,7 +4,7 @@
 2. checks: every kernel against moeserve.kernels.reference on fresh random inputs (bf16 and fp32, odd lengths,
    poisoned outputs), plus CUDA-graph capture/replay with new inputs written in place; any miss -> exit 1;
 3. timings: fused_moe at qwen3-30b-a3b shapes (E=128, K=8, H=2048, I=768) for several token counts, beside a
-   plain torch per-expert loop; paged-attention decode (batch 1/32/128, context 384/4096), prefill 8k, chunked
+   plain torch per-expert loop; the decode projections (kernels.linear, every candidate beside cuBLAS); paged-attention decode (batch 1/32/128, context 384/4096), prefill 8k, chunked
    prefill over a cached prefix; KV write. Decode-sized work is timed as CUDA-graph replays over rotating inputs
    larger than L2, large work with triton.testing.do_bench (median).
 Writes kernels-<date>-<gpu>.json and .log under $OUT (or --out); prints a compact table last.
@@ -359,6 +359,50 @@ def bench_moe(ceil, token_counts) -> list[dict]:
     return rows
 
 
+def bench_linear(ceil) -> list[dict]:
+    """Decode projections of qwen3-30b-a3b: every candidate of kernels.linear (cuBLAS first) and the tuned choice,
+    on weight sets rotated past L2 so that each call streams its weight from HBM."""
+    from moeserve.kernels import linear
+
+    shapes = (("qkv_proj", (HEADS + 2 * KV_HEADS) * HEAD_DIM, H), ("o_proj", H, HEADS * HEAD_DIM), ("router", E, H))
+    say("linear (decode projections, qwen3-30b-a3b), bf16, one layer; every candidate, then the tuned choice:")
+    rows = []
+    for name, N, Kd in shapes:
+        w_bytes = N * Kd * 2
+        sets = max(2, min(64, math.ceil(120e6 / w_bytes))) if not SMOKE else 2
+        ws = [torch.randn(N, Kd, device=DEV, dtype=torch.bfloat16) / Kd ** 0.5 for _ in range(sets)]
+        for M in (1, 2, 8) if not SMOKE else (1, 3):
+            x = torch.randn(M, Kd, device=DEV, dtype=torch.bfloat16)
+            bytes_ = w_bytes + (M * Kd + M * N) * 2
+            timed = []
+            for cfg in linear.linear_candidates(autotune_bucket(M), N):
+                calls = [lambda w=w, c=cfg: linear.apply_config(c, x, w, None) for w in ws]
+                try:
+                    ms = graph_ms(calls)
+                except Exception as exc:  # report, go on
+                    say(f"    {name} M={M} {cfg}: failed ({type(exc).__name__}: {str(exc)[:100]})")
+                    continue
+                timed.append((ms, cfg))
+                say(f"    {name} M={M} {cfg}: {ms * 1e3:.1f} us, {bytes_ / (ms * 1e-3) / 1e9:.0f} GB/s")
+            ms = graph_ms([lambda w=w: linear.linear(x, w) for w in ws])
+            cublas = next((t for t, c in timed if c.get("CUBLAS")), None)
+            rows.append(row(f"linear {name} M={M} ({N}x{Kd})", ms, bytes_=bytes_, flops=2 * M * N * Kd, ceil=ceil,
+                            mode="graph", extra={"cublas_ms": cublas, "candidates": [[c, t] for t, c in timed]}))
+            if cublas:
+                say(f"    cuBLAS alone: {cublas * 1e3:.1f} us (tuned choice x{cublas / ms:.2f} as fast)")
+            post_check(f"linear {name} M={M}", linear.linear(x, ws[0]), torch.nn.functional.linear(x.float(),
+                                                                                                    ws[0].float()))
+        del ws
+        empty_cache()
+    return rows
+
+
+def autotune_bucket(m: int) -> int:
+    from moeserve.kernels.autotune import bucket
+
+    return bucket(m)
+
+
 def bench_attention(ceil, quick: bool) -> list[dict]:
     from moeserve.kernels import attention, reference
 
@@ -471,6 +515,7 @@ def main() -> int:
         if SMOKE:
             tokens = (1, 5)
         rows += bench_moe(result["ceilings"], tokens)
+        rows += bench_linear(result["ceilings"])
         rows += bench_attention(result["ceilings"], args.quick)
         result["checks"] += POST_CHECKS
         failed = [c["name"] for c in result["checks"] if not c["ok"]]

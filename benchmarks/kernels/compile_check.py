@@ -84,7 +84,7 @@ class CompileEveryCandidate:
 
 def _shapes():
     """The benchmark shapes (qwen3-30b-a3b) plus the other catalog attention geometries."""
-    from moeserve.kernels import attention, fused_moe
+    from moeserve.kernels import attention, fused_moe, linear
 
     dev = "cpu"
     E, K, H, inter = 128, 8, 2048, 768
@@ -94,6 +94,10 @@ def _shapes():
         x = torch.empty(T, H, dtype=torch.bfloat16)
         ids = torch.zeros(T, K, dtype=torch.int32)
         fused_moe.fused_moe(x, w13, w2, torch.empty(T, K), ids)
+    for n, k in ((5120, 2048), (2048, 4096), (128, 2048)):  # qkv, o_proj, router at decode batch sizes
+        for M in (1, 2, 4, 8, 16):
+            linear.linear(torch.empty(M, k, dtype=torch.bfloat16), torch.empty(n, k, dtype=torch.bfloat16))
+    linear.linear(torch.empty(3, 100), torch.empty(37, 100), torch.empty(37))  # fp32 with a bias
     for heads, kvh, d in ((32, 4, 128), (32, 8, 128), (16, 16, 128)):
         for B, ctx, qlen in ((1, 4096, 1), (32, 384, 1), (128, 4096, 1), (1, 8192, 8192), (4, 2048, 512)):
             T = B * qlen

@@ -1,8 +1,9 @@
-"""Softmax top-k routing for small batches: logits = x W^T by cuBLAS, then top-k and weights in one launch.
+"""Softmax top-k routing for small batches: logits = x W^T, then top-k and weights in one launch.
 
 Decode batches route a handful of tokens; done with torch the routing is five launches per MoE layer (linear,
-cast, top-k, softmax, cast), each costing more than its work. The GEMM stays with cuBLAS (the router weight,
-E x H, is streamed by every SM; a one-program-per-token kernel reading it alone ran at 65 us on an H100). Then
+cast, top-k, softmax, cast), each costing more than its work. The GEMM goes to kernels.linear, cuBLAS or a
+split-K skinny GEMM as timed (the router weight, E x H, must be streamed by many SMs; a one-program-per-token
+kernel reading it alone ran at 65 us on an H100). Then
 one program per token picks the k largest logits by repeated argmax and writes weights renormalised over the
 chosen k, or softmax over all E.
 """
@@ -14,6 +15,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import runtime
+from moeserve.kernels.linear import linear
 
 MAX_TOKENS = 64  # beyond this torch's top-k is as cheap
 
@@ -55,7 +57,7 @@ def route_softmax_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, renorm
     i_out = torch.empty(T, top_k, dtype=torch.int32, device=x.device)
     if T == 0:
         return w_out, i_out
-    logits = torch.nn.functional.linear(x, weight)  # in the activation dtype, as the torch path rounds it
+    logits = linear(x, weight)  # in the activation dtype, as the torch path rounds it
     _topk_softmax_kernel[(T,)](logits, w_out, i_out, E, logits.stride(0), scaling, K=top_k,
                                K_P=triton.next_power_of_2(top_k), E_P=triton.next_power_of_2(E),
                                RENORM=renormalize, num_warps=1 if E <= 256 else 4)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.layers.activation import silu_and_mul
+from moeserve.layers.linear import Linear
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,12 @@ class Router(nn.Module):
             from moeserve.kernels.router import route_softmax_topk
 
             return route_softmax_topk(x, self.weight, cfg.top_k, cfg.renormalize, cfg.routed_scaling_factor)
-        logits = F.linear(x, self.weight).float()
+        if x.is_cuda and x.dim() == 2:
+            from moeserve.kernels.linear import linear
+
+            logits = linear(x, self.weight).float()
+        else:
+            logits = F.linear(x, self.weight).float()
         if plain_softmax:
             # Softmax is monotonic: choose on the logits, then weigh with as few kernels as possible.
             top, ids = logits.topk(cfg.top_k, dim=-1)
@@ -119,9 +125,9 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def post_load(self) -> None:
         """One GEMM for gate and up once the checkpoint is in."""
@@ -134,11 +140,11 @@ class GatedMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+def fuse_linears(*linears: nn.Linear) -> Linear:
     """A Linear whose output is the concatenation of the given ones' outputs."""
     w = torch.cat([l.weight.data for l in linears])
     has_bias = linears[0].bias is not None
-    fused = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device=w.device, dtype=w.dtype)
+    fused = Linear(w.shape[1], w.shape[0], bias=has_bias, device=w.device, dtype=w.dtype)
     fused.weight.data = w
     if has_bias:
         fused.bias.data = torch.cat([l.bias.data for l in linears])
@@ -154,7 +160,7 @@ class SparseMoE(nn.Module):
         self.gate = Router(hidden_size, router)
         self.experts = Experts(router.num_experts, hidden_size, moe_intermediate_size)
         self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size) if shared_intermediate_size else None
-        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_gate else None
+        self.shared_expert_gate = Linear(hidden_size, 1, bias=False) if shared_gate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)

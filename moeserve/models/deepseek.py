@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from moeserve.layers.attention import ForwardContext
+from moeserve.layers.linear import Linear
 from moeserve.layers.mla import LatentAttention
 from moeserve.layers.moe import Experts, GatedMLP, Router, RouterConfig
 from moeserve.layers.norm import RMSNorm
@@ -86,15 +87,15 @@ class MLAttention(nn.Module):
         bias = bool(cfg.get("attention_bias", False))
         self.q_lora_rank = cfg.get("q_lora_rank")
         if self.q_lora_rank:
-            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(hidden, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)  # DeepSeek's inner norms use eps 1e-6
-            self.q_b_proj = nn.Linear(self.q_lora_rank, H * (N + P), bias=False)
+            self.q_b_proj = Linear(self.q_lora_rank, H * (N + P), bias=False)
         else:
-            self.q_proj = nn.Linear(hidden, H * (N + P), bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, R + P, bias=bias)
+            self.q_proj = Linear(hidden, H * (N + P), bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden, R + P, bias=bias)
         self.kv_a_layernorm = RMSNorm(R, 1e-6)
-        self.kv_b_proj = nn.Linear(R, H * (N + V), bias=False)
-        self.o_proj = nn.Linear(H * V, hidden, bias=bias)
+        self.kv_b_proj = Linear(R, H * (N + V), bias=False)
+        self.o_proj = Linear(H * V, hidden, bias=bias)
         self.rotary = rotary
         self.attn = LatentAttention(H, R, N, P, V, mla_softmax_scale(N + P, cfg.get("rope_scaling")), layer_idx)
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from moeserve.layers.attention import ForwardContext, PagedAttention
+from moeserve.layers.linear import Linear
 from moeserve.layers.moe import GatedMLP, fuse_linears
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding
@@ -24,10 +25,10 @@ class GQAAttention(nn.Module):
         super().__init__()
         hidden, self.num_heads, self.num_kv_heads = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -123,7 +124,7 @@ class CausalLM(nn.Module):
         self.model = DecoderModel(cfg, layers)
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
         if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     # -- the two choices an architecture makes --
     def make_attention(self, cfg: HFConfig, layer_idx: int) -> nn.Module:
