@@ -119,16 +119,52 @@ def test_every_tuning_candidate_is_correct(cfg, monkeypatch):
     check(3, 8, 2, 64, 48, torch.float32)
 
 
-FOLDED = [c for c in fused.moe_candidates(1, 8, 128) if c.get("FOLD")]
+def _decode(dtype):
+    """The one/two-token candidates as moe_candidates hands them out for dtype (fp32 halves BLOCK_K)."""
+    return fused.moe_candidates(1, 8, 128, torch.empty(0, dtype=dtype).element_size())
 
 
-@pytest.mark.parametrize("cfg", FOLDED, ids=lambda c: f"N2={c['BLOCK_N2']}-K2={c['BLOCK_K2']}")
+def _name(c):
+    up = "gemv" if c.get("GEMV1") else f"dot{c['BLOCK_M']}x"
+    down = "fold" if c.get("FOLD") else "down"
+    return (f"{up}{c['BLOCK_N1']}x{c['BLOCK_K1']}w{c['W1']}-{down}{c['BLOCK_N2']}x{c['BLOCK_K2']}w{c['W2']}"
+            f"-{'sort' if c['SORT'] else 'nosort'}")
+
+
+DECODE = _decode(torch.bfloat16)
+assert DECODE == fused.moe_candidates(2, 8, 128) and any(c.get("GEMV1") and not c.get("FOLD") for c in DECODE)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("idx", range(len(DECODE)), ids=[_name(c) for c in DECODE])
 @pytest.mark.parametrize("T", [1, 2])
-def test_folded_down_sum_at_decode_shapes(cfg, T, monkeypatch):
-    """The down GEMV with the sum over K inside (decode candidates), in bf16: on the GPU at qwen3-30b-a3b's
-    expert shape, in the interpreter at a small odd one."""
+def test_decode_candidates_at_decode_shapes(T, idx, dtype, monkeypatch):
+    """Every one/two-token candidate (the sorted and no-sort dot paths, the GEMV gate/up, the folded down+sum and
+    their mixes) as its dtype gets it: on the GPU at qwen3-30b-a3b's expert shape, in the interpreter at a small
+    odd one (H = 136 and I = 20 are multiples of no block; blocks of K up to 128 take two k steps over H, the last
+    partial). The interpreter costs ~0.1 s a program, hence K=2 and small I."""
+    cfg = _decode(dtype)[idx]
     monkeypatch.setattr(fused, "get_tuner", lambda: _Fixed(cfg))
     if CUDA:
-        check(T, 128, 8, 2048, 768, torch.bfloat16)
+        check(T, 128, 8, 2048, 768, dtype)
     else:
-        check(T, 8, 4, 64, 40, torch.bfloat16)
+        check(T, 8, 2, 136, 20, dtype)
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["step-sum", "late-sum"])
+@pytest.mark.parametrize("H, inter", [(72, 20), (64, 16)], ids=["masked", "even"])
+def test_gemv_gate_up_rows_and_pairs_without_an_expert(H, inter, late):
+    """The GEMV gate/up alone, over several k steps, masked and unmasked: each real pair's inter1 row is
+    silu(gate) * up; expert ids outside [0, E) (-1 and E) leave that pair's row alone (as the no-sort dot path)."""
+    E, K, bn, bk = 4, 2, 8, 32
+    x, w13, _, _, ids = make_moe(2, E, K, H, inter, torch.float32, seed=3)
+    ids[0, 1], ids[1, 0] = -1, E
+    inter1 = torch.full((4, inter), float("nan"), device=DEVICE)
+    fused._gate_up_gemv_kernel[(4 * fused.triton.cdiv(inter, bn),)](
+        x, w13, inter1, ids, E, H, inter, x.stride(0), w13.stride(0), w13.stride(1), inter1.stride(0),
+        TOPK=K, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=H % bk == 0, EVEN_N=inter % bn == 0, LATE_SUM=late)
+    inter1, x, w13, flat = inter1.cpu().double(), x.cpu().double(), w13.cpu().double(), ids.cpu().view(-1)
+    for p in (0, 3):  # the two real pairs
+        g, u = w13[flat[p], :inter] @ x[p // K], w13[flat[p], inter:] @ x[p // K]
+        torch.testing.assert_close(inter1[p], torch.nn.functional.silu(g) * u, rtol=1e-5, atol=1e-6)
+    assert torch.isnan(inter1[1]).all() and torch.isnan(inter1[2]).all()

@@ -10,7 +10,9 @@ Per chunk of tokens (so a 64k-token prefill stays inside memory):
   3. _down_kernel: inter1 rows @ w2[e]^T, times the pair's routing weight (fp32) -> inter2 [pairs, H];
   4. out[t] = sum over k of inter2[t*K + k] (torch.sum: fp32 accumulation, one rounding), no atomics.
 For one or two tokens a tuning candidate may fold 3 and 4 into one launch (_down_sum_kernel: each program owns a
-token's slice of H and adds up its K experts' GEMVs in registers), as the autotuner finds faster or not.
+token's slice of H and adds up its K experts' GEMVs in registers), and may replace 2 by _gate_up_gemv_kernel (one
+pair's slice of I per program, multiply-and-reduce in fp32 registers: no 16-row tensor-core tile of which 15 rows
+are padding), as the autotuner finds faster or not.
 Grids depend only on shapes (an upper bound of expert blocks; blocks past the used length exit at once), nothing
 syncs with the host: CUDA-graph safe. Block sizes come from the autotuner, per token-count bucket.
 """
@@ -99,6 +101,61 @@ def _gate_up_kernel(
 
 
 @triton.jit
+def _gate_up_gemv_kernel(
+    x_ptr, w_ptr, inter_ptr, ids_ptr, num_experts, H, I, stride_xt, stride_we, stride_wn, stride_it,
+    TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    LATE_SUM: tl.constexpr,
+):
+    """inter1[pair, n-tile] = silu(gate[e] @ x[t]) * (up[e] @ x[t]), e = topk_ids[pair]: step 2 for decode.
+    _gate_up_kernel's tl.dot needs BLOCK_M >= 16 rows where a pair has one, so at one or two tokens the tensor cores
+    idle while the weights stream; as a GEMV the same bytes feed fp32 multiply-and-reduce, and one program per
+    (pair, BLOCK_N rows of I) spreads the 8-16 pairs of a decode step over every SM."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(I, BLOCK_N)
+    pair = pid // n_tiles
+    e = tl.load(ids_ptr + pair).to(tl.int64)
+    if (e < 0) | (e >= num_experts):  # as _block_rows without the sort: nothing to do
+        return
+    n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < I
+    kk = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + (pair // TOPK).to(tl.int64) * stride_xt + kk
+    g_ptrs = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kk[None, :]
+    u_ptrs = w_ptr + e * stride_we + (n + I)[:, None].to(tl.int64) * stride_wn + kk[None, :]
+    if LATE_SUM:  # element-wise products over the K loop, summed once after it: no cross-thread reduce per step
+        acc_g2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        acc_u2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    else:
+        acc_g = tl.zeros([BLOCK_N], tl.float32)
+        acc_u = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        if EVEN_K and EVEN_N:
+            a = tl.load(a_ptrs)
+            g = tl.load(g_ptrs)
+            u = tl.load(u_ptrs)
+        else:
+            k_ok = kk < H - k0
+            a = tl.load(a_ptrs, mask=k_ok, other=0.0)
+            g = tl.load(g_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        a = a.to(tl.float32)[None, :]
+        if LATE_SUM:
+            acc_g2 += g.to(tl.float32) * a
+            acc_u2 += u.to(tl.float32) * a
+        else:
+            acc_g += tl.sum(g.to(tl.float32) * a, axis=1)
+            acc_u += tl.sum(u.to(tl.float32) * a, axis=1)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    if LATE_SUM:
+        acc_g = tl.sum(acc_g2, axis=1)
+        acc_u = tl.sum(acc_u2, axis=1)
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(inter_ptr + pair.to(tl.int64) * stride_it + n, h.to(inter_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
 def _down_kernel(
     inter_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, topk_w_ptr,
     num_pairs, num_experts, H, I, stride_it, stride_we, stride_wn, stride_ot,
@@ -146,6 +203,7 @@ def _down_sum_kernel(
     inter_ptr, w_ptr, out_ptr, ids_ptr, topk_w_ptr,
     H, I, stride_it, stride_we, stride_wn, stride_ot,
     TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    LATE_SUM: tl.constexpr,
 ):
     """out[t, n-tile] = sum_k w[t,k] * w2[e_k][n-tile] @ inter1[t*K + k]: steps 3 and 4 in one launch, for decode.
     One row per expert is a GEMV (no tensor cores to feed): multiply-and-reduce in fp32 registers."""
@@ -156,6 +214,8 @@ def _down_sum_kernel(
     n_ok = n < H
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N], tl.float32)
+    if LATE_SUM:  # weighted products of all K experts in one fp32 tile, summed over I once at the end
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k in tl.static_range(TOPK):
         pair = t * TOPK + k
         e = tl.load(ids_ptr + pair).to(tl.int64)
@@ -171,10 +231,16 @@ def _down_sum_kernel(
                 k_ok = kk < I - k0
                 a = tl.load(a_ptrs, mask=k_ok, other=0.0)
                 b = tl.load(b_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            part += tl.sum(b.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
+            if LATE_SUM:
+                acc2 += b.to(tl.float32) * (wt * a.to(tl.float32))[None, :]
+            else:
+                part += tl.sum(b.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
-        acc += wt * part
+        if not LATE_SUM:
+            acc += wt * part
+    if LATE_SUM:
+        acc = tl.sum(acc2, axis=1)
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -246,18 +312,25 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
     sort = bool(cfg.get("SORT", 1))
     dot_f32, precision = runtime.dot_flags(x.dtype)
     bn1, bk1 = cfg["BLOCK_N1"], cfg["BLOCK_K1"]
-    _gate_up_kernel[(num_blocks * triton.cdiv(inter, bn1),)](
-        x, w13, inter1, sorted_pairs, block_expert, num_post,
-        pairs, E, H, inter, x.stride(0), w13.stride(0), w13.stride(1), inter1.stride(0),
-        TOPK=K, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=bk1, EVEN_K=H % bk1 == 0, EVEN_N=inter % bn1 == 0,
-        SORTED=sort, DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg["W1"], num_stages=cfg["S1"],
-    )
+    if cfg.get("GEMV1"):  # one program per (pair, BLOCK_N1 rows of I), experts straight from topk_ids
+        _gate_up_gemv_kernel[(pairs * triton.cdiv(inter, bn1),)](
+            x, w13, inter1, topk_ids, E, H, inter, x.stride(0), w13.stride(0), w13.stride(1), inter1.stride(0),
+            TOPK=K, BLOCK_N=bn1, BLOCK_K=bk1, EVEN_K=H % bk1 == 0, EVEN_N=inter % bn1 == 0,
+            LATE_SUM=bool(cfg.get("LATE")), num_warps=cfg["W1"], num_stages=cfg["S1"],
+        )
+    else:
+        _gate_up_kernel[(num_blocks * triton.cdiv(inter, bn1),)](
+            x, w13, inter1, sorted_pairs, block_expert, num_post,
+            pairs, E, H, inter, x.stride(0), w13.stride(0), w13.stride(1), inter1.stride(0),
+            TOPK=K, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=bk1, EVEN_K=H % bk1 == 0, EVEN_N=inter % bn1 == 0,
+            SORTED=sort, DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg["W1"], num_stages=cfg["S1"],
+        )
     bn2, bk2 = cfg["BLOCK_N2"], cfg["BLOCK_K2"]
     if cfg.get("FOLD"):  # no-sort mode only: inter1 rows are pairs in (token, k) order
         _down_sum_kernel[(T * triton.cdiv(H, bn2),)](
             inter1, w2, out, topk_ids, topk_weights, H, inter, inter1.stride(0), w2.stride(0), w2.stride(1),
             out.stride(0), TOPK=K, BLOCK_N=bn2, BLOCK_K=bk2, EVEN_K=inter % bk2 == 0, EVEN_N=H % bn2 == 0,
-            num_warps=cfg["W2"], num_stages=cfg["S2"],
+            LATE_SUM=bool(cfg.get("LATE")), num_warps=cfg["W2"], num_stages=cfg["S2"],
         )
         return
     _down_kernel[(num_blocks * triton.cdiv(H, bn2),)](
@@ -269,11 +342,15 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
     torch.sum(inter2[:pairs].view(T, K, H), dim=1, out=out)
 
 
-def _cfg(bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, sort=1, fold=0) -> Config:
+def _cfg(bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, sort=1, fold=0, gemv1=0, late=0) -> Config:
     cfg = {"BLOCK_M": bm, "BLOCK_N1": bn1, "BLOCK_K1": bk1, "W1": w1, "S1": s1,
            "BLOCK_N2": bn2, "BLOCK_K2": bk2, "W2": w2, "S2": s2, "SORT": sort}
     if fold:  # down GEMV and the sum over K in one kernel (requires sort=0)
         cfg["FOLD"] = 1
+    if gemv1:  # gate/up as a GEMV per pair (used with sort=0; BLOCK_M then only shapes the non-fold down)
+        cfg["GEMV1"] = 1
+    if late:  # the GEMV kernels sum their fp32 products over K once after the loop, not at every step
+        cfg["LATE"] = 1
     return cfg
 
 
@@ -287,6 +364,17 @@ def moe_candidates(tokens: int, top_k: int, num_experts: int, elem_bytes: int = 
             cands += [_cfg(16, 32, 128, 4, 4, 64, 128, 4, 4, sort=0), _cfg(16, 16, 256, 2, 4, 64, 256, 4, 3, sort=0),
                       _cfg(16, 32, 128, 4, 4, 16, 256, 4, 3, sort=0, fold=1),
                       _cfg(16, 16, 256, 2, 4, 32, 128, 4, 4, sort=0, fold=1)]
+            # gate/up as a GEMV: BLOCK_N1 rows of I per program, so T=1 (8 pairs, I=768) is 384-768 programs on 132
+            # SMs, each with 8-16 KB of gate+up rows in flight per k step (32 KB for the 16x512 one; its 166
+            # registers still leave 3 programs an SM). Its loads are not pipelined (S1 is moot): the bytes in flight
+            # come from the programs resident per SM. Tiles of at most 8192 elements keep the fp32 products in
+            # registers
+            cands += [_cfg(16, 8, 512, 4, 3, 16, 256, 4, 3, sort=0, fold=1, gemv1=1),
+                      _cfg(16, 16, 256, 4, 4, 32, 128, 4, 4, sort=0, fold=1, gemv1=1),
+                      _cfg(16, 8, 256, 2, 4, 16, 256, 4, 3, sort=0, fold=1, gemv1=1),
+                      _cfg(16, 16, 512, 4, 3, 64, 256, 4, 3, sort=0, gemv1=1),
+                      _cfg(16, 8, 512, 4, 3, 16, 256, 4, 3, sort=0, fold=1, gemv1=1, late=1),
+                      _cfg(16, 16, 256, 4, 4, 32, 128, 4, 4, sort=0, fold=1, gemv1=1, late=1)]
     elif per_expert <= 16:
         cands = [_cfg(16, 64, 128, 4, 4, 64, 128, 4, 4), _cfg(16, 32, 128, 4, 4, 64, 128, 4, 4),
                  _cfg(32, 64, 64, 4, 4, 64, 128, 4, 4), _cfg(16, 64, 256, 4, 3, 128, 128, 4, 3)]
@@ -297,7 +385,8 @@ def moe_candidates(tokens: int, top_k: int, num_experts: int, elem_bytes: int = 
         cands = [_cfg(128, 64, 64, 4, 4, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 3, 128, 64, 8, 4),
                  _cfg(64, 128, 64, 4, 4, 128, 64, 4, 4), _cfg(128, 128, 64, 8, 4, 256, 64, 8, 3),
                  _cfg(64, 64, 64, 4, 4, 64, 64, 4, 4)]
-    if elem_bytes > 2:  # fp32: half the K depth and at most 2 stages keep the tiles inside shared memory
+    if elem_bytes > 2:  # fp32: half the K depth and at most 2 stages keep the tiles inside shared memory (GEMV tiles:
+        # the same bytes per load, fewer fp32 products in registers)
         for c in cands:
             c["BLOCK_K1"], c["BLOCK_K2"] = max(16, c["BLOCK_K1"] // 2), max(16, c["BLOCK_K2"] // 2)
             c["S1"], c["S2"] = min(c["S1"], 2), min(c["S2"], 2)
