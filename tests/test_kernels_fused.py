@@ -61,6 +61,38 @@ def test_rope_matches_reference(qk_norm, head_dim, partial):
     torch.testing.assert_close(k, want_k, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("head_dim,partial", [(32, 1.0), (48, 0.5)])
+def test_rope_writes_k_and_v_into_the_paged_cache(qk_norm, head_dim, partial):
+    """kv_write: the rotated K (rest dims included) and V land at each token's slot, slot -1 writes nothing, and
+    q/k come out as without it."""
+    from moeserve.layers.attention import write_kv_reference
+
+    g = torch.Generator().manual_seed(head_dim + qk_norm)
+    T, H, KVH, blocks, page = 5, 4, 2, 6, 4
+    rot = RotaryEmbedding(int(head_dim * partial), 256, 10000.0)
+    q = torch.randn(T, H, head_dim, generator=g).to(DEV)
+    k = torch.randn(T, KVH, head_dim, generator=g).to(DEV)
+    v = torch.randn(T, KVH, head_dim, generator=g).to(DEV)
+    pos = torch.tensor([0, 3, 17, 100, 255], device=DEV)
+    slots = torch.tensor([5, -1, 0, 23, 9], device=DEV)
+    qn = kn = None
+    if qk_norm:
+        qn, kn = RMSNorm(head_dim).to(DEV), RMSNorm(head_dim).to(DEV)
+        qn.weight.data = torch.randn(head_dim, generator=g).to(DEV)
+        kn.weight.data = torch.randn(head_dim, generator=g).to(DEV)
+    cos, sin = rot._cos_sin(q.device)
+    q2, k2 = q.clone(), k.clone()
+    apply_rope(q2, k2, pos, cos, sin, qn.weight if qk_norm else None, kn.weight if qk_norm else None, 1e-6)
+    cache = torch.full((2, blocks, page, KVH, head_dim), float("nan"), device=DEV)
+    apply_rope(q, k, pos, cos, sin, qn.weight if qk_norm else None, kn.weight if qk_norm else None, 1e-6,
+               kv_write=(v, cache, slots))
+    assert torch.equal(q, q2) and torch.equal(k, k2)
+    want = torch.full_like(cache, float("nan"))
+    write_kv_reference(k2, v, want, slots)
+    torch.testing.assert_close(cache, want, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("renorm", [True, False])
 @pytest.mark.parametrize("E,k", [(8, 2), (60, 4), (128, 8)])
 def test_router_kernel_matches_router(renorm, E, k):

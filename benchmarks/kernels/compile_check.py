@@ -84,7 +84,7 @@ class CompileEveryCandidate:
 
 def _shapes():
     """The benchmark shapes (qwen3-30b-a3b) plus the other catalog attention geometries."""
-    from moeserve.kernels import attention, fused_moe, linear
+    from moeserve.kernels import attention, fused_moe, linear, rotary
 
     dev = "cpu"
     E, K, H, inter = 128, 8, 2048, 768
@@ -98,6 +98,13 @@ def _shapes():
         for M in (1, 2, 4, 8, 16):
             linear.linear(torch.empty(M, k, dtype=torch.bfloat16), torch.empty(n, k, dtype=torch.bfloat16))
     linear.linear(torch.empty(3, 100), torch.empty(37, 100), torch.empty(37))  # fp32 with a bias
+    for T in (1, 64):  # qwen3's q/k norm + rotary, with and without the K/V cache write
+        q, k = torch.empty(T, 32, 128, dtype=torch.bfloat16), torch.empty(T, 4, 128, dtype=torch.bfloat16)
+        cs, nw = torch.empty(4096, 64), torch.empty(128, dtype=torch.bfloat16)
+        cache = torch.empty(2, 64, 16, 4, 128, dtype=torch.bfloat16)
+        rotary.apply_rope(q, k, torch.zeros(T, dtype=torch.int64), cs, cs, nw, nw)
+        rotary.apply_rope(q, k, torch.zeros(T, dtype=torch.int64), cs, cs, nw, nw,
+                          kv_write=(k, cache, torch.zeros(T, dtype=torch.int64)))
     for heads, kvh, d in ((32, 4, 128), (32, 8, 128), (16, 16, 128)):
         for B, ctx, qlen in ((1, 4096, 1), (32, 384, 1), (128, 4096, 1), (1, 8192, 8192), (4, 2048, 512)):
             T = B * qlen

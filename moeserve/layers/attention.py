@@ -43,7 +43,15 @@ class PagedAttention(nn.Module):
         self.scale = scale
         self.layer_idx = layer_idx
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def kv_target(self, v: torch.Tensor, ctx: ForwardContext) -> tuple | None:
+        """(v, this layer's cache, slot mapping) for a CUDA kernel that stores K/V on its way (the fused rotary),
+        so that forward(..., kv_written=True) skips its own write; None where there is no cache to write."""
+        if ctx.kv_caches is None or not v.is_cuda:
+            return None
+        return v, ctx.kv_caches[self.layer_idx], ctx.attn.slot_mapping
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
+                kv_written: bool = False) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, KVH, D] -> [T, H, D]."""
         meta = ctx.attn
         if ctx.kv_caches is None:  # memory profiling: no cache yet, attend within the new tokens only
@@ -52,7 +60,8 @@ class PagedAttention(nn.Module):
         if q.is_cuda:
             from moeserve.kernels.attention import paged_attention, write_kv_cache
 
-            write_kv_cache(k, v, cache, meta.slot_mapping)
+            if not kv_written:
+                write_kv_cache(k, v, cache, meta.slot_mapping)
             return paged_attention(
                 q, cache, query_start_loc=meta.query_start_loc, seq_lens=meta.seq_lens,
                 block_tables=meta.block_tables, scale=self.scale, max_query_len=meta.max_query_len,

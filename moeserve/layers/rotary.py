@@ -106,15 +106,18 @@ class RotaryEmbedding(nn.Module):
         out = out.to(x.dtype)
         return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
-    def apply_fused(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm=None, k_norm=None) -> None:
-        """CUDA: optional per-head RMSNorm then rotary, in place, in one kernel."""
+    def apply_fused(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm=None, k_norm=None,
+                    kv_write: tuple | None = None) -> None:
+        """CUDA: optional per-head RMSNorm then rotary, in place, in one kernel; with kv_write = (v, cache, slots)
+        the same kernel stores K and V into the paged cache."""
         if self.interleaved:
             raise NotImplementedError("the fused rotary kernel covers the rotate-half convention only")
         from moeserve.kernels.rotary import apply_rope
 
         cos, sin = self._cos_sin(q.device)
         apply_rope(q, k, positions, cos, sin, q_norm.weight if q_norm is not None else None,
-                   k_norm.weight if k_norm is not None else None, q_norm.eps if q_norm is not None else 1e-6)
+                   k_norm.weight if k_norm is not None else None, q_norm.eps if q_norm is not None else 1e-6,
+                   kv_write=kv_write)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         cos, sin = self._cos_sin(q.device)

@@ -53,14 +53,16 @@ class GQAAttention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        if x.is_cuda:  # one fused kernel: per-head norm (Qwen3) + rotary, in place
+        kv_write = None
+        if x.is_cuda:  # one fused kernel: per-head norm (Qwen3) + rotary in place, and K/V into the paged cache
+            kv_write = self.attn.kv_target(v, ctx)
             self.rotary.apply_fused(positions, q, k, self.q_norm if self.qk_norm else None,
-                                    self.k_norm if self.qk_norm else None)
+                                    self.k_norm if self.qk_norm else None, kv_write=kv_write)
         else:
             if self.qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, ctx).reshape(T, -1))
+        return self.o_proj(self.attn(q, k, v, ctx, kv_written=kv_write is not None).reshape(T, -1))
 
 
 class DecoderLayer(nn.Module):
