@@ -109,14 +109,18 @@ class _Fixed:
         return self.cfg
 
 
-ALL_CANDIDATES = [c for tokens in (1, 16, 128, 1024) for c in fused.moe_candidates(tokens, 8, 128)]
+# Each dtype with the candidates handed out for it (fp32 gets shallower tiles: bf16's would not fit shared memory).
+ALL_CANDIDATES = [(dtype, c) for dtype in (torch.bfloat16, torch.float32) for tokens in (1, 16, 128, 1024)
+                  for c in fused.moe_candidates(tokens, 8, 128, torch.empty(0, dtype=dtype).element_size())]
 
 
-@pytest.mark.parametrize("cfg", ALL_CANDIDATES, ids=lambda c: "-".join(str(v) for v in c.values()))
-def test_every_tuning_candidate_is_correct(cfg, monkeypatch):
+@pytest.mark.parametrize("dtype,cfg", ALL_CANDIDATES,
+                         ids=lambda c: str(c).removeprefix("torch.") if isinstance(c, torch.dtype)
+                         else "-".join(str(v) for v in c.values()))
+def test_every_tuning_candidate_is_correct(dtype, cfg, monkeypatch):
     """Each config any regime may pick (incl. the no-sort decode mode), on a small odd shape."""
     monkeypatch.setattr(fused, "get_tuner", lambda: _Fixed(cfg))
-    check(3, 8, 2, 64, 48, torch.float32)
+    check(3, 8, 2, 64, 48, dtype)
 
 
 def _decode(dtype):

@@ -73,7 +73,8 @@ def _full_logits(llm, seqs):
     return out
 
 
-_BF16_REL = {False: 2e-2, True: 4e-2}
+def _rel_per_position(ours, ref) -> torch.Tensor:
+    return torch.cat([(a - b).norm(dim=-1) / b.norm(dim=-1) for a, b in zip(ours, ref)])
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -82,15 +83,27 @@ def test_teacher_forced_agreement_and_logits(case, dtype):
     seqs = [p + r for p, r in zip(case["prompts"], case["ref"])]
     ours, ref = _full_logits(gpu, seqs), _full_logits(case["cpu"], seqs)
     agree = total = 0
-    for s, p, a, b in zip(seqs, case["prompts"], ours, ref):
+    for s, p, a in zip(seqs, case["prompts"], ours):
         nxt = torch.tensor(s[len(p):])
         agree += int((a[len(p) - 1:-1].argmax(-1) == nxt).sum())
         total += len(nxt)
-        rel = float((a - b).norm() / b.norm())
-        # bf16: 8 bits of mantissa, and in MoE models a router score within that noise of its neighbour picks
-        # another expert for the token, so its logits move more than a dense model's.
-        assert rel < (_BF16_REL[case["moe"]] if dtype == "bfloat16" else 1e-3), rel
     assert agree / total >= 0.95, agree / total
+    if dtype == "bfloat16" and case["moe"]:
+        # A router score within bf16 noise of its neighbour picks another expert, and that position's logits
+        # move a lot: the CPU reference path itself, run in bf16, is 0.06-0.09 off (relative L2) on some
+        # sequences of these MoE checkpoints, from a few positions at 0.3-0.6 (Qwen3-MoE: 24 % of positions over
+        # 2e-2). So the bulk must be within bf16 tolerance, and the outlying positions no more frequent than
+        # twice the reference's own rate in bf16.
+        cpu_bf16 = LLM(model=case["path"], device="cpu", dtype="bfloat16")
+        base = _rel_per_position(_full_logits(cpu_bf16, seqs), ref)
+        pos = _rel_per_position(ours, ref)
+        assert float(pos.median()) < 2e-2, float(pos.median())
+        outliers, allowed = float((pos > 2e-2).float().mean()), max(2 * float((base > 2e-2).float().mean()), 0.05)
+        assert outliers <= allowed, (outliers, allowed)
+        return
+    for a, b in zip(ours, ref):
+        rel = float((a - b).norm() / b.norm())
+        assert rel < (2e-2 if dtype == "bfloat16" else 1e-3), rel
 
 
 def test_cuda_graphs_equal_eager_and_survive_preemption_and_chunking(case):
