@@ -110,7 +110,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = bucket(M)
     key = f"M={rows}|N={N}|K={K}|{str(x.dtype).removeprefix('torch.')}"
     cands = linear_candidates(rows, N, x.element_size())
-    cfg = get_tuner().choose("linear", key, cands, lambda c: apply_config(c, x, weight, bias), cands[0])
+    cfg = get_tuner().choose("linear", key, cands, lambda c: apply_config(c, x, weight, bias), cands[0], cold_l2=True)
     return apply_config(cfg, x, weight, bias)
 
 
