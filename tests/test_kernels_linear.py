@@ -73,3 +73,16 @@ def test_linear_entry_point_tunes_and_falls_back(monkeypatch, tmp_path):
         assert any(k.startswith("linear|M=1|") for k in autotune.get_tuner().report())
     finally:
         autotune.reset_tuner()
+
+
+def test_tuning_streams_copies_of_the_weight(monkeypatch):
+    """The tuner's run(cfg) reads a rotating set of weight copies (> L2 in all), made only when it first runs."""
+    monkeypatch.setattr(lin._Streamed, "STREAM_BYTES", 4 * 64 * 37 * 4)  # four copies of a 37 x 64 fp32 weight
+    x = torch.randn(2, 64).to(DEVICE)
+    w = torch.randn(37, 64).to(DEVICE)
+    run = lin._Streamed(x, w, None)
+    assert run.copies == []
+    outs = [run({"CUBLAS": 1}) for _ in range(6)]
+    assert len(run.copies) == 4 and len({c.data_ptr() for c in run.copies}) == 4
+    for out in outs:
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, w))

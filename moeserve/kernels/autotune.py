@@ -70,14 +70,8 @@ class Autotuner:
         candidates: list[Config],
         run: Callable[[Config], object],
         default: Config,
-        cold_l2: bool = False,
     ) -> Config:
-        """The config for this (kernel, shape key): memo, then disk cache, then timing (or the heuristic default).
-
-        cold_l2: time each call after flushing the L2 cache (triton.testing.do_bench) instead of replaying a CUDA
-        graph of back-to-back calls. For a weight-streaming kernel whose operands fit in L2 (a 21 MB projection
-        on a 50 MB L2), back-to-back replays read the weight from L2 and rank configs by a bandwidth the model,
-        streaming 48 layers of weights, never sees."""
+        """The config for this (kernel, shape key): memo, then disk cache, then timing (or the heuristic default)."""
         full = f"{kernel}|{key}"
         hit = self._chosen.get(full)
         if hit is not None:
@@ -87,9 +81,7 @@ class Autotuner:
                 why = "interpreter" if runtime.interpreting() else "MOESERVE_AUTOTUNE=0"
                 return self._settle(full, default, "heuristic", f"({why}, not timed)")
             cached = self._load_disk().get(full)
-            # An entry timed hot where cold timing is asked for ranks configs on the wrong bandwidth: tuned again.
-            timed_as_asked = not cold_l2 or (cached or {}).get("timing") == "cold-L2 median"
-            if cached is not None and _covers(cached, candidates) and timed_as_asked:
+            if cached is not None and _covers(cached, candidates):
                 return self._settle(full, cached["config"], "cache", f"from {self.path}")
             if runtime.capturing():
                 # Nothing can be timed inside a capture; do not memoise, so an eager call can still tune it.
@@ -97,10 +89,9 @@ class Autotuner:
                     self._warned.add(full)
                     _report(f"{full}: NOT TUNED (first call is inside CUDA graph capture), heuristic {default}")
                 return default
-            return self._tune(full, candidates, run, cold_l2)
+            return self._tune(full, candidates, run)
 
-    def _tune(self, full: str, candidates: list[Config], run: Callable[[Config], object],
-              cold_l2: bool = False) -> Config:
+    def _tune(self, full: str, candidates: list[Config], run: Callable[[Config], object]) -> Config:
         import torch
         import triton.testing
 
@@ -110,10 +101,8 @@ class Autotuner:
         failed: list[Config] = []
         for cfg in candidates:
             try:
-                if cold_l2:  # L2 flushed before each timed call; the flush covers the host's launch time
-                    ms = triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
-                else:  # replayed from a CUDA graph: kernel time without Python launch overhead, as decode graphs run
-                    ms = triton.testing.do_bench_cudagraph(lambda: run(cfg), rep=20, return_mode="median")
+                # Replayed from a CUDA graph: kernel time without Python launch overhead, as decode graphs run.
+                ms = triton.testing.do_bench_cudagraph(lambda: run(cfg), rep=20, return_mode="median")
             except Exception as exc:  # a config the compiler rejects (shared memory, registers) is skipped
                 _report(f"{full}: candidate {cfg} failed ({type(exc).__name__}: {str(exc)[:120]}), skipped")
                 failed.append(cfg)
@@ -125,10 +114,10 @@ class Autotuner:
         timings.sort(key=lambda t: t[0])
         best_ms, best = timings[0]
         table = ", ".join(f"{_short(c)}={ms * 1e3:.1f}us" for ms, c in timings)
-        how = "cold-L2 median" if cold_l2 else "graph replay median"
         self._save_disk(full, {"config": best, "ms": best_ms, "timings_ms": [[c, ms] for ms, c in timings],
-                               "failed": failed, "timing": how})
-        return self._settle(full, best, "tuned", f"{best_ms * 1e3:.1f} us ({how}); tried {table}; saved to {self.path}")
+                               "failed": failed})
+        return self._settle(full, best, "tuned",
+                            f"{best_ms * 1e3:.1f} us (graph replay median); tried {table}; saved to {self.path}")
 
     def _settle(self, full: str, config: Config, source: str, detail: str) -> Config:
         self._chosen[full] = {"config": dict(config), "source": source}
