@@ -50,6 +50,7 @@ def test_candidates_cover_both_forms_and_split_k():
     assert {c.get("DOT") for c in cands[1:]} == {0, 1}
     assert any(c["SPLIT_K"] > 1 for c in cands[1:])
     assert all(c["DOT"] == 1 for c in lin.linear_candidates(16, 2048)[1:]), "GEMV form holds at most 4 rows"
+    assert lin.linear_candidates(16, 2048, elem_bytes=4) == [{"CUBLAS": 1}], "fp32: no tl.dot form"
 
 
 def test_gemv_form_refuses_more_than_four_rows():

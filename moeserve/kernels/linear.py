@@ -185,9 +185,10 @@ def linear_candidates(rows: int, n: int, elem_bytes: int = 2) -> list[Config]:
         cands += [_k(8, bk, 1, 4, 3), _k(16, bk // 2, 1, 4, 3), _k(8, bk, 2, 4, 3), _k(16, bk // 2, 4, 4, 3)]
         if n <= 1024:
             cands += [_k(8, bk, 8, 4, 3)]
-    cands += [_k(32, 128, 1, 4, 3, dot=1), _k(64, 128, 1, 4, 3, dot=1), _k(32, 128, 4, 4, 3, dot=1)]
-    if elem_bytes > 2:  # fp32: half the K depth, so the tiles stay inside registers and shared memory
+    if elem_bytes > 2:  # fp32 (the correctness path): half the K depth, and no tl.dot form: one of its configs
+        # (64 x 64, M=1) came out at 4e-4 relative error on the H100 despite input_precision="ieee"
         for c in cands[1:]:
             c["BLOCK_K"] = max(16, c["BLOCK_K"] // 2)
             c["S"] = min(c["S"], 2)
-    return cands
+        return cands
+    return cands + [_k(32, 128, 1, 4, 3, dot=1), _k(64, 128, 1, 4, 3, dot=1), _k(32, 128, 4, 4, 3, dot=1)]
