@@ -363,6 +363,7 @@ def bench_linear(ceil) -> list[dict]:
     """Decode projections of qwen3-30b-a3b: every candidate of kernels.linear (cuBLAS first) and the tuned choice,
     on weight sets rotated past L2 so that each call streams its weight from HBM."""
     from moeserve.kernels import linear
+    from moeserve.kernels.autotune import bucket
 
     shapes = (("qkv_proj", (HEADS + 2 * KV_HEADS) * HEAD_DIM, H), ("o_proj", H, HEADS * HEAD_DIM), ("router", E, H))
     say("linear (decode projections, qwen3-30b-a3b), bf16, one layer; every candidate, then the tuned choice:")
@@ -375,7 +376,7 @@ def bench_linear(ceil) -> list[dict]:
             x = torch.randn(M, Kd, device=DEV, dtype=torch.bfloat16)
             bytes_ = w_bytes + (M * Kd + M * N) * 2
             timed = []
-            for cfg in linear.linear_candidates(autotune_bucket(M), N):
+            for cfg in linear.linear_candidates(bucket(M), N):
                 calls = [lambda w=w, c=cfg: linear.apply_config(c, x, w, None) for w in ws]
                 try:
                     ms = graph_ms(calls)
@@ -395,12 +396,6 @@ def bench_linear(ceil) -> list[dict]:
         del ws
         empty_cache()
     return rows
-
-
-def autotune_bucket(m: int) -> int:
-    from moeserve.kernels.autotune import bucket
-
-    return bucket(m)
 
 
 def bench_attention(ceil, quick: bool) -> list[dict]:

@@ -11,10 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through kernels.linear for a 2-D CUDA input."""
+    if x.is_cuda and x.dim() == 2:
+        from moeserve.kernels.linear import linear as cuda_linear
+
+        return cuda_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dim() == 2:
-            from moeserve.kernels.linear import linear
-
-            return linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)

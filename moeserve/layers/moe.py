@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.layers.activation import silu_and_mul
-from moeserve.layers.linear import Linear
+from moeserve.layers.linear import Linear, linear
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,7 @@ class Router(nn.Module):
             from moeserve.kernels.router import route_softmax_topk
 
             return route_softmax_topk(x, self.weight, cfg.top_k, cfg.renormalize, cfg.routed_scaling_factor)
-        if x.is_cuda and x.dim() == 2:
-            from moeserve.kernels.linear import linear
-
-            logits = linear(x, self.weight).float()
-        else:
-            logits = F.linear(x, self.weight).float()
+        logits = linear(x, self.weight).float()
         if plain_softmax:
             # Softmax is monotonic: choose on the logits, then weigh with as few kernels as possible.
             top, ids = logits.topk(cfg.top_k, dim=-1)
