@@ -1,0 +1,171 @@
+"""The process groups of one worker, set once at start-up.
+
+Global ranks are laid out [DP][PP][TP], TP innermost (vLLM's order): rank = (dp * pp_size + pp) * tp_size + tp.
+The expert-parallel group, when `--enable-expert-parallel` is on, is every DP x TP rank of one pipeline stage,
+so EP size = DP x TP and attention stays TP-sharded (with DP attention each DP rank holds its own tokens).
+
+Before `initialize_model_parallel` (one process, or a test building a single layer) every group is the trivial
+group of size 1 and every collective is the identity, so layers ask for their rank and size without caring
+whether torch.distributed is up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    enable_expert_parallel: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def ep(self) -> int:
+        """Ranks the routed experts are spread over (whole experts per rank); 1 when EP is off."""
+        return self.tp * self.dp if self.enable_expert_parallel else 1
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(dp, pp, tp) coordinates of a global rank."""
+        return rank // (self.pp * self.tp), (rank // self.tp) % self.pp, rank % self.tp
+
+
+class GroupCoordinator:
+    """One process group as seen from one rank: its rank inside the group, the group's size, and collectives
+    that are the identity when the group has one member. On gloo (CPU), reduce-scatter is an all-reduce and a
+    slice, since gloo has no reduce-scatter."""
+
+    def __init__(self, ranks: list[int], group=None, global_rank: int = 0):
+        self.ranks = ranks
+        self.size = len(ranks)
+        self.rank = ranks.index(global_rank) if global_rank in ranks else 0
+        self.group = group
+        self.first_rank = ranks[0]
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.size - 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Concatenate every rank's x along dim (all the same shape)."""
+        if self.size == 1:
+            return x
+        x = x.contiguous()
+        if x.is_cuda:
+            out = torch.empty((self.size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+            dist.all_gather_into_tensor(out, x, group=self.group)
+            if dim != 0:
+                out = torch.cat(out.chunk(self.size, dim=0), dim=dim)
+            return out
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x, group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, each keeping its own 1/size of dim 0 (dim 0 divisible by size)."""
+        if self.size == 1:
+            return x
+        x = x.contiguous()
+        n = x.shape[0] // self.size
+        if x.is_cuda:
+            out = torch.empty((n,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+            dist.reduce_scatter_tensor(out, x, group=self.group)
+            return out
+        dist.all_reduce(x, group=self.group)
+        return x[self.rank * n:(self.rank + 1) * n].clone()
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """src: rank inside this group."""
+        if self.size > 1:
+            dist.broadcast(x, src=self.ranks[src], group=self.group)
+        return x
+
+    def send(self, x: torch.Tensor, dst: int) -> None:
+        dist.send(x, dst=self.ranks[dst], group=self.group)
+
+    def recv(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        dist.recv(x, src=self.ranks[src], group=self.group)
+        return x
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier(group=self.group)
+
+
+_TRIVIAL = GroupCoordinator([0])
+_groups: dict[str, GroupCoordinator] = {}
+_layout = ParallelLayout()
+
+
+def layout() -> ParallelLayout:
+    return _layout
+
+
+def get_tp_group() -> GroupCoordinator:
+    return _groups.get("tp", _TRIVIAL)
+
+
+def get_pp_group() -> GroupCoordinator:
+    return _groups.get("pp", _TRIVIAL)
+
+
+def get_dp_group() -> GroupCoordinator:
+    return _groups.get("dp", _TRIVIAL)
+
+
+def get_ep_group() -> GroupCoordinator:
+    return _groups.get("ep", _TRIVIAL)
+
+
+def get_world_group() -> GroupCoordinator:
+    return _groups.get("world", _TRIVIAL)
+
+
+def initialize_model_parallel(lay: ParallelLayout) -> None:
+    """Make the TP, PP, DP and EP groups of this rank. torch.distributed must be initialised with
+    world_size == lay.world_size. Every rank calls new_group for every group, in the same order."""
+    global _layout
+    world = dist.get_world_size()
+    if world != lay.world_size:
+        raise ValueError(f"torch.distributed has {world} ranks but the layout needs tp*pp*dp = {lay.world_size}.")
+    me = dist.get_rank()
+    tp, pp, dp = lay.tp, lay.pp, lay.dp
+    rank = lambda d, p, t: (d * pp + p) * tp + t  # noqa: E731
+
+    def make(name: str, all_ranks: list[list[int]]) -> None:
+        for ranks in all_ranks:
+            group = dist.new_group(ranks) if len(ranks) > 1 else None
+            if me in ranks:
+                _groups[name] = GroupCoordinator(ranks, group, me)
+
+    make("world", [list(range(world))])
+    make("tp", [[rank(d, p, t) for t in range(tp)] for d in range(dp) for p in range(pp)])
+    make("pp", [[rank(d, p, t) for p in range(pp)] for d in range(dp) for t in range(tp)])
+    make("dp", [[rank(d, p, t) for d in range(dp)] for p in range(pp) for t in range(tp)])
+    if lay.enable_expert_parallel:
+        make("ep", [[rank(d, p, t) for d in range(dp) for t in range(tp)] for p in range(pp)])
+    _layout = lay
+
+
+def destroy_model_parallel() -> None:
+    global _layout
+    _groups.clear()
+    _layout = ParallelLayout()
