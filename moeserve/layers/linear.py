@@ -21,5 +21,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
+    # A quantization method (layers/quant/) that owns this layer's weight once set: forward calls
+    # quant_method.apply(self, x) (bias included) instead of the dense matmul.
+    quant_method = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x)
         return linear(x, self.weight, self.bias)
