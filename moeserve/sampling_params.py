@@ -2,8 +2,35 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
+
+MAX_INT32 = 2**31 - 1  # integer fields go to the device as int32/int64 tensors: bounded, never a Python bigint
+MAX_TEMPERATURE = 100.0  # far past anything useful (2 is OpenAI's own bound); a bound keeps logits finite
+MAX_REPETITION_PENALTY = 2.0
+
+
+class InvalidSamplingParam(ValueError):
+    """A sampling field out of its range; `param` names the field (the server's 400 carries it)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _int(name: str, value, low: int, high: int, hint: str | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidSamplingParam(name, f"{name} must be {hint or f'an integer in [{low}, {high}]'}, "
+                                         f"got {value!r}.")
+
+
+def _real(name: str, value, low: float, high: float, open_low: bool = False) -> None:
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (low < value if open_low else low <= value) and value <= high)
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise InvalidSamplingParam(name, f"{name} must be a finite number in {bracket}{low}, {high}], got {value!r}.")
 
 
 class RequestOutputKind(Enum):
@@ -45,35 +72,29 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        def bad(msg: str) -> None:
-            raise ValueError(msg)
-
-        if not isinstance(self.n, int) or self.n < 1:
-            bad(f"n must be an integer >= 1, got {self.n!r}.")
-        if self.temperature < 0:
-            bad(f"temperature must be >= 0, got {self.temperature}.")
-        if not 0 < self.top_p <= 1:
-            bad(f"top_p must be in (0, 1], got {self.top_p}.")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            bad(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}.")
-        if not 0 <= self.min_p <= 1:
-            bad(f"min_p must be in [0, 1], got {self.min_p}.")
-        if self.repetition_penalty <= 0:
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}.")
-        if not -2 <= self.presence_penalty <= 2:
-            bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
-        if not -2 <= self.frequency_penalty <= 2:
-            bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
-        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
-            bad(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}.")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            bad(f"logprobs must be a non-negative integer, got {self.logprobs!r}.")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            bad(f"seed must be an integer in [0, 2**63), got {self.seed!r}.")
-        if any(not s for s in self.stop):
-            bad("stop strings must be non-empty.")
+        """Every field checked for type, finiteness and range, so a bad value fails here, naming its field,
+        rather than inside the batch it would have joined."""
+        _int("n", self.n, 1, MAX_INT32)
+        _real("temperature", self.temperature, 0, MAX_TEMPERATURE)
+        _real("top_p", self.top_p, 0, 1, open_low=True)
+        _int("top_k", self.top_k, 0, MAX_INT32, hint="-1, 0 (off) or a positive integer")
+        _real("min_p", self.min_p, 0, 1)
+        _real("repetition_penalty", self.repetition_penalty, 0, MAX_REPETITION_PENALTY, open_low=True)
+        _real("presence_penalty", self.presence_penalty, -2, 2)
+        _real("frequency_penalty", self.frequency_penalty, -2, 2)
+        if self.max_tokens is not None:
+            _int("max_tokens", self.max_tokens, 1, MAX_INT32)
+        _int("min_tokens", self.min_tokens, 0, self.max_tokens if self.max_tokens is not None else MAX_INT32,
+             hint="an integer in [0, max_tokens]")
+        if self.logprobs is not None:
+            _int("logprobs", self.logprobs, 0, MAX_INT32)
+        if self.seed is not None:
+            _int("seed", self.seed, 0, 2**63 - 1)
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise InvalidSamplingParam("stop", f"stop strings must be non-empty strings, got {s!r}.")
+        for t in self.stop_token_ids:
+            _int("stop_token_ids", t, 0, MAX_INT32, hint="token ids, integers >= 0")
 
     @property
     def greedy(self) -> bool:
