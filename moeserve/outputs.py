@@ -45,3 +45,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+    # Set when this request failed inside the engine (its own sampling or detokenizing raised); the request
+    # ended there and every other request ran on untouched.
+    error: str | None = None

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from moeserve.engine.async_engine import AsyncLLMEngine, EngineDead, QueueFull
+from moeserve.engine.async_engine import AsyncLLMEngine, EngineDead, QueueFull, RequestFailed
 from moeserve.engine.engine import EngineStats
 from moeserve.engine.errors import RequestRejected
 from moeserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -22,6 +22,7 @@ class ScriptedEngine:
         self.requests: dict[str, list] = {}  # id -> [tokens, max_tokens, arrival]
         self.aborted: list[str] = []
         self.fail_steps = 0
+        self.error_for = None  # a request id whose next output reports a failure of its own
         self.num_waiting = 0
         self.threads: set[str] = set()
 
@@ -40,9 +41,10 @@ class ScriptedEngine:
         outs = []
         for rid, (tokens, max_tokens, arrival) in list(self.requests.items()):
             tokens.append(len(tokens))
-            done = len(tokens) >= max_tokens
+            done = len(tokens) >= max_tokens or rid == self.error_for
             outs.append(RequestOutput(rid, None, [1], [CompletionOutput(0, "x" * len(tokens), list(tokens),
-                                      finish_reason="length" if done else None)], done, RequestMetrics(arrival)))
+                                      finish_reason="length" if done else None)], done, RequestMetrics(arrival),
+                                      error="injected failure" if rid == self.error_for else None))
             if done:
                 del self.requests[rid]
         return outs
@@ -135,17 +137,40 @@ def test_full_waiting_queue(engine):
     assert run(collect(engine, "q", 2))[-1].finished
 
 
-def test_a_failing_step_fails_its_requests_not_the_server(engine):
-    async def two():
+def test_a_failing_step_kills_the_engine_loudly(engine):
+    """A fault of the whole step (device, model, worker) cannot be survived: every request fails, health goes
+    down, the server is told (on_death) so it exits non-zero, and new requests are refused."""
+    deaths = []
+    engine.on_death = deaths.append
+
+    async def one():
         stream = await engine.add_request("f", "p", SamplingParams(max_tokens=100000))
         engine.engine.fail_steps = 1
-        with pytest.raises(RuntimeError, match="boom"):
+        with pytest.raises(EngineDead, match="boom"):
             async for _ in stream:
                 pass
 
-    run(two())
+    run(one())
     assert engine.step_errors == 1 and "f" in engine.engine.aborted
-    assert run(collect(engine, "after", 3))[-1].finished
+    assert not engine.is_running and len(deaths) == 1
+    with pytest.raises(EngineDead):
+        run(collect(engine, "after", 3))
+
+
+def test_one_failed_request_fails_alone(engine):
+    """An output with `error` (one request's own sampling failed in the engine) fails that stream only."""
+    engine.engine.error_for = "bad"
+
+    async def both():
+        bad = await engine.add_request("bad", "p", SamplingParams(max_tokens=5))
+        good = collect(engine, "good", 5)
+        with pytest.raises(RequestFailed, match="injected"):
+            async for _ in bad:
+                pass
+        return await good
+
+    outs = run(both())
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 5 and engine.is_running
 
 
 def test_shutdown_fails_in_flight_and_new_requests(engine):

@@ -31,6 +31,10 @@ class EngineDead(RuntimeError):
     """The engine thread has stopped; nothing more will be served."""
 
 
+class RequestFailed(RuntimeError):
+    """This request failed inside the engine (its own sampling or output); the others were not affected."""
+
+
 class StepObserver(Protocol):
     """Called from the engine thread (metrics): after each step, and when a request is aborted."""
 
@@ -76,7 +80,8 @@ class AsyncLLMEngine:
         self.observer = observer
         self._idle_wait_s = idle_wait_s
         self._inbox: collections.deque = collections.deque()
-        self._lock = threading.Lock()  # orders _submit against the thread's death
+        self._lock = threading.Lock()  # orders _submit against the thread's death; guards the waiting count
+        self._adds_in_inbox = 0  # adds accepted but not yet applied to the engine (under _lock)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._streams: dict[str, _Stream] = {}  # engine thread only
@@ -84,6 +89,7 @@ class AsyncLLMEngine:
         self.stats = engine.get_stats()  # refreshed by the engine thread; read by /metrics
         self.step_errors = 0
         self.dead: BaseException | None = None
+        self.on_death = None  # called from the engine thread when it dies on its own (not at shutdown)
 
     # -- lifecycle --
     def start(self) -> "AsyncLLMEngine":
@@ -105,8 +111,8 @@ class AsyncLLMEngine:
     # -- the asyncio side --
     def num_waiting(self) -> int:
         """Requests not yet running: the engine's waiting queue plus adds still in the inbox."""
-        pending = sum(1 for item in list(self._inbox) if item[0] == "add")
-        return self.stats.num_waiting + pending
+        with self._lock:
+            return self.stats.num_waiting + self._adds_in_inbox
 
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                           arrival_time: float | None = None) -> "RequestStream":
@@ -115,8 +121,6 @@ class AsyncLLMEngine:
         The caller must iterate the returned stream to the end or `close()` it (which aborts the request)."""
         if not self.is_running:
             raise EngineDead("The engine is not running.")
-        if self.num_waiting() >= self.max_waiting_requests:
-            raise QueueFull(f"The waiting queue is full ({self.max_waiting_requests} requests); retry later.")
         channel = _Stream(asyncio.get_running_loop())
         self._submit(("add", request_id, prompt, params, arrival_time or time.time(), channel))
         try:
@@ -141,8 +145,15 @@ class AsyncLLMEngine:
 
     def _submit(self, item: tuple) -> None:
         with self._lock:
-            if self.dead is not None and item[0] == "add":
-                raise EngineDead("The engine is not running.")
+            if item[0] == "add":
+                if self.dead is not None:
+                    raise EngineDead("The engine is not running.")
+                # The bound is checked and the slot taken in one step under the lock, so a burst of adds
+                # cannot all pass the check before the engine thread has seen any of them.
+                if self.stats.num_waiting + self._adds_in_inbox >= self.max_waiting_requests:
+                    raise QueueFull(f"The waiting queue is full ({self.max_waiting_requests} requests); "
+                                    f"retry later.")
+                self._adds_in_inbox += 1
             self._inbox.append(item)
         self._wake.set()
 
@@ -165,6 +176,8 @@ class AsyncLLMEngine:
         with self._lock:
             self.dead = error
         self._fail_all(error, drain_inbox=True)
+        if self.on_death is not None and not self._stop.is_set():
+            self.on_death(error)
 
     def _bind_device(self) -> None:
         """The CUDA current device is per thread: make it the engine's here too (Triton launches on it)."""
@@ -175,12 +188,21 @@ class AsyncLLMEngine:
             torch.cuda.set_device(device)
 
     def _drain_inbox(self) -> None:
+        added = 0
         while self._inbox:
             item = self._inbox.popleft()
             if item[0] == "add":
+                added += 1
                 self._add(*item[1:])
             else:
                 self._abort(item[1])
+        if added:
+            # The adds leave the inbox count and enter the engine's waiting count in one step: the waiting
+            # total never dips below the truth, so no add can slip past the bound in between.
+            stats = self.engine.get_stats()
+            with self._lock:
+                self._adds_in_inbox -= added
+                self.stats = stats
 
     def _add(self, request_id: str, prompt, params: SamplingParams, arrival: float, stream: _Stream) -> None:
         try:
@@ -199,13 +221,14 @@ class AsyncLLMEngine:
         self.stats = self.engine.get_stats()
 
     def _step(self) -> None:
+        # A failure of one request comes back as that request's output with `error` set. An exception here is a
+        # fault of the whole step (the device, the model, a dead worker): the engine cannot go on, so it dies
+        # loudly (health answers 503 and `moeserve serve` exits non-zero) instead of limping.
         try:
             outputs = self.engine.step()
-        except Exception as e:
+        except Exception:
             self.step_errors += 1
-            logger.exception("moeserve engine step failed; failing the %d requests in flight", len(self._streams))
-            self._fail_all(RuntimeError(f"The engine failed while running this request: {e!r}"))
-            return
+            raise
         now = time.time()
         self.stats = self.engine.get_stats()
         if self.observer is not None:
@@ -220,7 +243,8 @@ class AsyncLLMEngine:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            by_loop.setdefault(stream.loop, []).append((stream, out))
+            item = RequestFailed(out.error) if out.error else out
+            by_loop.setdefault(stream.loop, []).append((stream, item))
         for loop, items in by_loop.items():
             _call_soon(loop, _deliver, items)
 
@@ -235,6 +259,8 @@ class AsyncLLMEngine:
         while drain_inbox and self._inbox:  # adds that never reached the engine
             item = self._inbox.popleft()
             if item[0] == "add":
+                with self._lock:
+                    self._adds_in_inbox -= 1
                 _call_soon(item[5].loop, _resolve, item[5].accepted, error)
         try:
             self.stats = self.engine.get_stats()

@@ -78,6 +78,11 @@ def check_fits_before_loading(config: EngineConfig, source: ModelSource, dtype: 
         raise DoesNotFit(f"{verdict.message}. Suggestion: {verdict.suggestion}")
 
 
+def _is_device_fault(e: Exception) -> bool:
+    """A CUDA error or an out-of-memory: the step itself is broken, not one request."""
+    return isinstance(e, torch.OutOfMemoryError) or "CUDA" in str(e) or "cuda" in type(e).__module__
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -118,6 +123,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.parents: dict[str, list[Request]] = {}
         self.parent_prompt: dict[str, str | None] = {}
+        self.failed_parents: dict[str, None] = {}  # parents with a child failed since the last step's report
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         logger.info("moeserve engine: model=%s device=%s dtype=%s load=%.1fs profile=%.1fs graphs=%.1fs "
@@ -162,7 +168,11 @@ class LLMEngine:
         if cfg.kv_cache_memory_bytes is not None:
             budget = cfg.kv_cache_memory_bytes
         elif self.device.type == "cpu":
-            budget = CPU_DEFAULT_KV_BYTES
+            # What the model and max_model_len need: a few full-length sequences, at most 1 GiB (and never
+            # less than one full-length sequence). The pages stay untouched, so free, until written.
+            per_token = per_block // cfg.block_size
+            budget = max(min(per_token * self.max_model_len * min(cfg.max_num_seqs, 4), CPU_DEFAULT_KV_BYTES),
+                         per_token * self.max_model_len)
         else:
             t0 = time.perf_counter()
             peak = self.runner.profile_peak_bytes()
@@ -217,10 +227,15 @@ class LLMEngine:
         n_prompt = len(prompt_ids)
         if n_prompt >= self.max_model_len:
             raise RequestRejected(f"The prompt has {n_prompt} tokens, but max_model_len is {self.max_model_len} "
-                                  f"(prompt plus at least one generated token must fit).")
-        if n_prompt + 1 > self.kv.capacity_tokens:
-            raise RequestRejected(f"The prompt needs {n_prompt + 1} tokens of KV cache, but the whole pool holds "
-                                  f"{self.kv.capacity_tokens}.")
+                                  f"(prompt plus at least one generated token must fit).",
+                                  code="context_length_exceeded")
+        # A request must fit the whole KV pool alone, or it could never finish: refuse it now rather than cut it
+        # short later. Without max_tokens it may generate until the pool (or max_model_len) is full.
+        need = n_prompt + (params.max_tokens or 1)
+        if need > self.kv.capacity_tokens:
+            raise RequestRejected(f"The request needs {need} tokens of KV cache ({n_prompt} in the prompt, "
+                                  f"{params.max_tokens or 1} to generate), but the whole pool holds "
+                                  f"{self.kv.capacity_tokens}.", code="kv_cache_exceeded")
         limit = min(self.max_model_len, self.kv.capacity_tokens) - n_prompt
         max_tokens = min(params.max_tokens or limit, limit)
         children = []
@@ -263,7 +278,10 @@ class LLMEngine:
 
     # -- one step --
     def step(self) -> list[RequestOutput]:
-        touched: dict[str, None] = {}  # parents with news, in order
+        """One step. Raises only for a fault of the whole step (the device, the model): the engine is then in no
+        state to go on. A failure of one request's own sampling or output ends that request alone."""
+        touched = self.failed_parents  # parents with news, in order (failed ones first)
+        self.failed_parents = {}
         if self.inflight is not None and self.sync_requests:
             self._process(self.inflight, touched)
             self.inflight = None
@@ -275,6 +293,8 @@ class LLMEngine:
         if launched is not None and (not self.async_scheduling or self.sync_requests):
             self._process(launched, touched)
             self.inflight = None
+        touched.update(self.failed_parents)
+        self.failed_parents = {}
         return [self._output(pid) for pid in touched if pid in self.parents and self._reports(pid)]
 
     def _launch(self, batch) -> _Launched:
@@ -290,11 +310,43 @@ class LLMEngine:
         sampled = [batch.requests[i] for i in rows]
         if not sampled:
             return _Launched([], None)
-        draws = self.sampler.sample(logits, sampled, self.eos_token_ids)
+        try:
+            draws = self.sampler.sample(logits, sampled, self.eos_token_ids)
+        except Exception:  # one request's parameters broke the batched draw: find it, end it, draw the rest
+            sampled, draws = self._sample_isolated(logits, sampled)
+            if not sampled:
+                return _Launched([], None)
         for j, req in enumerate(sampled):
             req.num_pending += 1
             req.pending_row = j
         return _Launched(sampled, draws)
+
+    def _sample_isolated(self, logits: torch.Tensor, sampled: list[Request]) -> tuple[list[Request], PendingSample]:
+        """Sample each request alone to find the ones whose own sampling raises; fail those, redraw the others
+        together. A fault of the device itself (CUDA error, OOM) raises again here and fails the step."""
+        keep = []
+        for j, req in enumerate(sampled):
+            try:
+                self.sampler.sample(logits[j: j + 1], [req], self.eos_token_ids).result()
+                keep.append(j)
+            except Exception as e:
+                if _is_device_fault(e):
+                    raise
+                logger.warning("moeserve: request %s failed while sampling: %r", req.request_id, e)
+                self._fail(req, f"sampling failed: {e!r}")
+        survivors = [sampled[j] for j in keep]
+        if not survivors:
+            return [], None
+        rows = torch.tensor(keep, device=logits.device)
+        return survivors, self.sampler.sample(logits[rows], survivors, self.eos_token_ids)
+
+    def _fail(self, req: Request, message: str) -> None:
+        """End one request with an error; the others go on."""
+        if req.finished:
+            return
+        req.error = message
+        self._finish(req, "error", None, time.time())
+        self.failed_parents[req.parent_id] = None
 
     def _process(self, launched: _Launched, touched: dict[str, None]) -> None:
         """Wait for a launched step's tokens and give them to their requests."""
@@ -306,7 +358,11 @@ class LLMEngine:
             req.num_pending -= 1
             if req.finished:  # stopped by an earlier token, or aborted, while this step ran: a wasted token
                 continue
-            self._append(req, result.token_ids[j], result.logprobs[j], result.token_logprobs[j], now)
+            try:
+                self._append(req, result.token_ids[j], result.logprobs[j], result.token_logprobs[j], now)
+            except Exception as e:  # e.g. its detokenizer or stop check: this request alone ends
+                logger.warning("moeserve: request %s failed after sampling: %r", req.request_id, e)
+                self._fail(req, f"processing its output failed: {e!r}")
             if req.finished or req.params.output_kind is not RequestOutputKind.FINAL_ONLY:
                 touched[req.parent_id] = None
 
@@ -355,6 +411,11 @@ class LLMEngine:
                 finish_reason=r.finish_reason, stop_reason=r.stop_reason,
             ))
         first = children[0]
+        errors = [r.error for r in children if r.error]
+        if errors:  # one failed child fails the parent: abort its siblings
+            for r in children:
+                if not r.finished:
+                    self._finish(r, "abort", None, time.time())
         finished = all(r.finished for r in children)
         metrics = first.metrics
         if len(children) > 1:
@@ -365,7 +426,8 @@ class LLMEngine:
                               finished_time=max((r.metrics.finished_time or 0) for r in children) or None)
         out = RequestOutput(request_id=parent_id, prompt=self.parent_prompt.get(parent_id),
                             prompt_token_ids=first.prompt_token_ids, outputs=outs, finished=finished,
-                            metrics=metrics, num_cached_tokens=first.num_cached_tokens)
+                            metrics=metrics, num_cached_tokens=first.num_cached_tokens,
+                            error=errors[0] if errors else None)
         if finished:
             for r in children:
                 self.requests.pop(r.request_id, None)

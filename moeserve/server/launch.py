@@ -24,7 +24,8 @@ def read_chat_template(value: str | None) -> str | None:
 
 def build_server(engine, *, served_model_names: list[str] | None = None, api_key: str | None = None,
                  chat_template: str | None = None, max_waiting_requests: int = 4096,
-                 max_request_body_bytes: int = 16 * 1024 * 1024, max_logprobs: int = 20):
+                 max_request_body_bytes: int = 16 * 1024 * 1024, max_logprobs: int = 20,
+                 max_stop_strings: int = 64, max_stop_token_ids: int = 256, max_prompts_per_request: int = 256):
     """The FastAPI app around an LLMEngine, with the engine thread started. Returns (app, async_engine)."""
     from moeserve.engine.async_engine import AsyncLLMEngine
     from moeserve.server.app import build_app
@@ -37,7 +38,10 @@ def build_server(engine, *, served_model_names: list[str] | None = None, api_key
     async_engine.observer = metrics
     settings = ServerSettings(model_names=names, max_model_len=engine.max_model_len, chat_template=chat_template,
                               max_logprobs=max_logprobs, api_key=api_key,
-                              max_request_body_bytes=max_request_body_bytes)
+                              max_request_body_bytes=max_request_body_bytes,
+                              vocab_size=getattr(getattr(engine, "hf_config", None), "vocab_size", None),
+                              max_stop_strings=max_stop_strings, max_stop_token_ids=max_stop_token_ids,
+                              max_prompts_per_request=max_prompts_per_request)
     app = build_app(OpenAIServing(async_engine, engine.tokenizer, settings), metrics)
     async_engine.start()
     return app, async_engine
@@ -53,12 +57,23 @@ def run_server(args, engine_args: dict) -> int:
     app, async_engine = build_server(
         engine, served_model_names=args.served_model_name, api_key=args.api_key, chat_template=chat_template,
         max_waiting_requests=args.max_waiting_requests, max_request_body_bytes=args.max_request_body_bytes,
-        max_logprobs=args.max_logprobs)
+        max_logprobs=args.max_logprobs, max_stop_strings=args.max_stop_strings,
+        max_stop_token_ids=args.max_stop_token_ids, max_prompts_per_request=args.max_prompts_per_request)
     logger.info("moeserve: serving %s on http://%s:%d/v1 (max_model_len=%d)", engine.model_name, args.host,
                 args.port, engine.max_model_len)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                                          timeout_graceful_shutdown=5))
+
+    died: list[BaseException] = []
+
+    def engine_died(error: BaseException) -> None:  # fail loudly: stop serving and exit non-zero
+        logger.error("moeserve: the engine died (%s); shutting the server down", error)
+        died.append(error)
+        server.should_exit = True
+
+    async_engine.on_death = engine_died
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                    timeout_graceful_shutdown=5)
+        server.run()
     finally:
         async_engine.shutdown()
-    return 0
+    return 1 if died else 0
