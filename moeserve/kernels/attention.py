@@ -35,7 +35,9 @@ def _write_kv_kernel(
     slot = tl.load(slot_ptr + t).to(tl.int64)
     h = tl.arange(0, KVH_P)[:, None]
     d = tl.arange(0, D_P)[None, :]
-    mask = (h < KVH) & (d < D) & (slot >= 0)
+    # The slot test is made on a block, not a scalar: Triton 3.9's interpreter splats a scalar comparison with its
+    # operands' int64 dtype, so `block & (slot >= 0)` came out int32 and was refused as a mask. Same code on GPU.
+    mask = (h < KVH) & (d < D) & (tl.broadcast_to(slot, [KVH_P, D_P]) >= 0)
     page = tl.maximum(slot, 0) // block_size
     dst = cache_ptr + page * stride_c_blk + (slot % block_size) * stride_c_tok + h * stride_c_head + d
     kx = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)

@@ -29,7 +29,7 @@ def _write_latent_kernel(src_ptr, cache_ptr, slot_ptr, stride_st, stride_c_blk, 
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     i = tl.arange(0, L_P)
-    mask = (i < L) & (slot >= 0)
+    mask = (i < L) & (tl.broadcast_to(slot, [L_P]) >= 0)  # a block test: see attention._write_kv_kernel
     page = tl.maximum(slot, 0) // block_size
     x = tl.load(src_ptr + t * stride_st + i, mask=mask)
     tl.store(cache_ptr + page * stride_c_blk + (slot % block_size) * stride_c_tok + i,
