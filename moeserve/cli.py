@@ -123,6 +123,11 @@ def _add_serve(subparsers) -> None:
                    help="larger request bodies are refused with 413")
     g.add_argument("--max-logprobs", type=int, default=20,
                    help="most logprobs / top_logprobs a request may ask for per token")
+    g.add_argument("--max-stop-strings", type=int, default=64,
+                   help="most stop strings in one request (each is searched for after every step)")
+    g.add_argument("--max-stop-token-ids", type=int, default=256, help="most stop_token_ids in one request")
+    g.add_argument("--max-prompts-per-request", type=int, default=256,
+                   help="most prompts in one /v1/completions batch (each is a request of its own)")
     g.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="log level of the HTTP server (access logs at info)")

@@ -10,16 +10,18 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from moeserve import __version__
 from moeserve.server.chat import create_chat_completion
 from moeserve.server.completions import create_completion
 from moeserve.server.errors import APIError, bad_request, from_validation_error
 from moeserve.server.metrics import ServerMetrics
-from moeserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from moeserve.server.protocol import ChatCompletionRequest, CompletionRequest, invalid_unicode_at
 from moeserve.server.serving import OpenAIServing
 
 logger = logging.getLogger("moeserve")
@@ -31,7 +33,8 @@ class ClientGone(Exception):
 
 def build_app(serving: OpenAIServing, metrics: ServerMetrics) -> FastAPI:
     settings = serving.settings
-    app = FastAPI(title="moeserve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="moeserve", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
     app.state.serving = serving
     app.state.metrics = metrics
     api_key = settings.api_key.encode() if settings.api_key else None
@@ -49,10 +52,16 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics) -> FastAPI:
     async def _validation_error(_: Request, e: RequestValidationError):
         return bad_request(str(e.errors()[:1])).response()
 
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(_: Request, e: ClientDisconnect):
+        return Response(status_code=499)  # nobody is listening: no answer, no traceback
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception):
         logger.exception("moeserve: unhandled error")
-        return APIError(500, f"Internal server error: {type(e).__name__}", code="internal_error").response()
+        # Starlette re-raises after sending this, and the connection is not reused: say so to the client.
+        return APIError(500, f"Internal server error: {type(e).__name__}", code="internal_error",
+                        headers={"Connection": "close"}).response()
 
     # -- helpers --
     def check_auth(request: Request) -> None:
@@ -65,6 +74,13 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics) -> FastAPI:
         if not hmac.compare_digest(given, api_key):
             raise APIError(401, "Missing or incorrect API key. Send it as 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
+
+    def check_json_content_type(request: Request) -> None:
+        # A browser may post text/plain across origins without a CORS preflight; application/json needs one.
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+            raise APIError(415, f"The request body must be JSON, sent with 'Content-Type: application/json' "
+                                f"(got {media or 'none'!r}).", code="unsupported_media_type")
 
     async def read_json(request: Request) -> dict:
         limit = settings.max_request_body_bytes
@@ -79,12 +95,15 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics) -> FastAPI:
             chunks.append(chunk)
         try:
             body = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer past Python's 4300 digits
             raise bad_request(f"The request body is not valid JSON: {e}") from None
         except RecursionError:
             raise bad_request("The request body nests too deeply.") from None
         if not isinstance(body, dict):
             raise bad_request("The request body must be a JSON object.")
+        where = invalid_unicode_at(body)
+        if where is not None:
+            raise bad_request(f"{where}: the string is not valid Unicode (a lone surrogate).", param=where)
         return body
 
     def parse(model_cls, body: dict):
@@ -116,6 +135,7 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics) -> FastAPI:
     async def handle(request: Request, model_cls, create):
         arrival = time.time()
         check_auth(request)
+        check_json_content_type(request)
         req = parse(model_cls, await read_json(request))
         try:
             result = await create(serving, req, arrival, until_disconnected(request))
@@ -124,11 +144,12 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics) -> FastAPI:
         return result if isinstance(result, Response) else JSONResponse(result)
 
     # -- routes --
-    @app.post("/v1/chat/completions")
+    # The routes read the body themselves (size limit, OpenAI-shaped errors); the schema still names the models.
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request):
         return await handle(request, ChatCompletionRequest, create_chat_completion)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request):
         return await handle(request, CompletionRequest, create_completion)
 
@@ -155,8 +176,25 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics) -> FastAPI:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (ChatCompletionRequest, CompletionRequest):
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     app.state.started = time.time()
     return app
+
+
+def _body_schema(model) -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
 def _too_large(limit: int) -> APIError:

@@ -49,7 +49,18 @@ def render_prompt(serving: OpenAIServing, req: ChatCompletionRequest) -> list[in
     return serving.encode(text, add_special_tokens=False)
 
 
+# Arguments render_prompt passes itself: chat_template_kwargs may not set them (tools would slip past the
+# tool check; the others would clash with ours).
+RESERVED_TEMPLATE_KWARGS = ("tools", "documents", "messages", "conversation", "chat_template", "tokenize",
+                            "add_generation_prompt", "continue_final_message", "return_dict")
+
+
 def _check_unsupported(req: ChatCompletionRequest) -> None:
+    for key in RESERVED_TEMPLATE_KWARGS:
+        if req.chat_template_kwargs and key in req.chat_template_kwargs:
+            what = "Tool calling is not supported by moeserve" if key == "tools" else f"{key!r} is set by moeserve"
+            raise bad_request(f"chat_template_kwargs may not contain {key!r}: {what}.",
+                              param=f"chat_template_kwargs.{key}")
     if req.tools:
         raise bad_request("Tool calling is not supported by moeserve.", param="tools")
     if req.tool_choice not in (None, "none"):

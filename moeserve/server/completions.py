@@ -18,10 +18,18 @@ def prompts_of(serving: OpenAIServing, prompt) -> list[list[int]]:
     if not prompt:
         raise bad_request("prompt must not be empty.", param="prompt")
     if isinstance(prompt[0], int):
-        return [list(prompt)]
-    if isinstance(prompt[0], str):
-        return [serving.encode(p) for p in prompt]
-    return [list(p) for p in prompt]
+        prompts = [list(prompt)]
+    else:
+        limit = serving.settings.max_prompts_per_request
+        if len(prompt) > limit:
+            raise bad_request(f"At most {limit} prompts per request are served (--max-prompts-per-request); got "
+                              f"{len(prompt)}.", param="prompt")
+        if isinstance(prompt[0], str):
+            return [serving.encode(p) for p in prompt]
+        prompts = [list(p) for p in prompt]
+    for ids in prompts:
+        serving.check_token_ids(ids, "prompt")
+    return prompts
 
 
 def _check_unsupported(req: CompletionRequest) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from moeserve.engine.async_engine import AsyncLLMEngine, EngineDead, QueueFull, RequestStream
 from moeserve.outputs import Logprob, RequestOutput
-from moeserve.sampling_params import SamplingParams
+from moeserve.sampling_params import InvalidSamplingParam, SamplingParams
 from moeserve.server.errors import APIError, bad_request
 
 
@@ -24,6 +24,12 @@ class ServerSettings:
     api_key: str | None = None
     max_request_body_bytes: int = 16 * 1024 * 1024
     retry_after_s: int = 1
+    vocab_size: int | None = None  # token ids (prompt, stop_token_ids) must lie in [0, vocab_size)
+    # Caps on lists whose length costs every request in the batch (each stop string is searched for after
+    # every step), or fills the waiting queue from one request (each prompt of a batch is its own request).
+    max_stop_strings: int = 64
+    max_stop_token_ids: int = 256
+    max_prompts_per_request: int = 256
 
 
 class OpenAIServing:
@@ -45,14 +51,27 @@ class OpenAIServing:
         return requested
 
     def sampling_params(self, req, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        settings = self.settings
         if req.logit_bias:
             raise bad_request("logit_bias is not supported by moeserve.", param="logit_bias")
-        if logprobs is not None and logprobs > self.settings.max_logprobs:
-            raise bad_request(f"At most {self.settings.max_logprobs} logprobs per token are served "
+        if logprobs is not None and logprobs > settings.max_logprobs:
+            raise bad_request(f"At most {settings.max_logprobs} logprobs per token are served "
                               f"(--max-logprobs); got {logprobs}.", param="logprobs")
+        stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        if len(stop) > settings.max_stop_strings:
+            raise bad_request(f"At most {settings.max_stop_strings} stop strings are served (--max-stop-strings); "
+                              f"got {len(stop)}.", param="stop")
+        stop_ids = req.stop_token_ids or []
+        if len(stop_ids) > settings.max_stop_token_ids:
+            raise bad_request(f"At most {settings.max_stop_token_ids} stop_token_ids are served "
+                              f"(--max-stop-token-ids); got {len(stop_ids)}.", param="stop_token_ids")
+        self.check_token_ids(stop_ids, "stop_token_ids")
+        if req.min_tokens > settings.max_model_len:
+            raise bad_request(f"min_tokens ({req.min_tokens}) is more than the model's maximum context length "
+                              f"({settings.max_model_len}).", param="min_tokens")
         kwargs = dict(
             n=req.n, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-            seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, max_tokens=max_tokens,
+            seed=req.seed, stop=stop, stop_token_ids=stop_ids, max_tokens=max_tokens,
             min_tokens=req.min_tokens, logprobs=logprobs, ignore_eos=req.ignore_eos,
             skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
         )
@@ -62,8 +81,17 @@ class OpenAIServing:
                 kwargs[name] = value
         try:
             return SamplingParams(**kwargs)
+        except InvalidSamplingParam as e:
+            raise bad_request(str(e), param=e.param) from None
         except (ValueError, TypeError) as e:
             raise bad_request(str(e)) from None
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.settings.vocab_size
+        high = vocab if vocab is not None else 2**31
+        for t in ids:
+            if not 0 <= t < high:
+                raise bad_request(f"{param}: token id {t} is outside the vocabulary [0, {high}).", param=param)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.tokenizer is None:
@@ -93,8 +121,8 @@ class OpenAIServing:
                            headers={"Retry-After": str(self.settings.retry_after_s)}) from None
         except EngineDead as e:
             raise APIError(503, str(e), code="engine_dead") from None
-        except ValueError as e:  # RequestRejected and the engine's other input checks
-            raise bad_request(str(e)) from None
+        except ValueError as e:  # RequestRejected (e.g. code kv_cache_exceeded) and the engine's other checks
+            raise bad_request(str(e), param=getattr(e, "param", None), code=getattr(e, "code", None)) from None
 
     async def start_all(self, base_id: str, prompts: list[list[int]], params: SamplingParams,
                         arrival_time: float) -> list[RequestStream]:
