@@ -25,6 +25,7 @@ from moeserve.engine.request import Request
 from moeserve.engine.runner import ModelRunner
 from moeserve.engine.sampler import PendingSample, Sampler
 from moeserve.engine.scheduler import Scheduler
+from moeserve.engine.step import StepInput
 from moeserve.loader.model_loader import ModelSource, load_model, resolve_device, resolve_dtype, resolve_source
 from moeserve.outputs import CompletionOutput, RequestOutput
 from moeserve.sampling_params import RequestOutputKind, SamplingParams
@@ -123,7 +124,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.parents: dict[str, list[Request]] = {}
         self.parent_prompt: dict[str, str | None] = {}
-        self.failed_parents: dict[str, None] = {}  # parents with a child failed since the last step's report
+        self.failed_parents: dict[str, None] = {}
+        self.sent_blocks: dict[str, int] = {}  # request -> how many of its blocks the workers know  # parents with a child failed since the last step's report
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         logger.info("moeserve engine: model=%s device=%s dtype=%s load=%.1fs profile=%.1fs graphs=%.1fs "
@@ -303,11 +305,12 @@ class LLMEngine:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
         prev = self.inflight.draws.tokens if self.inflight is not None and self.inflight.draws is not None else None
-        logits, rows = self.runner.execute(batch, prev)
+        step = self._step_input(batch)
+        logits = self.runner.execute(step, prev)
         for req, n in zip(batch.requests, batch.num_tokens):
             req.num_computed_tokens += n
             self.kv.register_full_blocks(req)
-        sampled = [batch.requests[i] for i in rows]
+        sampled = [batch.requests[i] for i in step.sample_rows]
         if not sampled:
             return _Launched([], None)
         try:
@@ -320,6 +323,34 @@ class LLMEngine:
             req.num_pending += 1
             req.pending_row = j
         return _Launched(sampled, draws)
+
+    def _step_input(self, batch) -> StepInput:
+        """The scheduler's decision as plain data for the workers (see engine/step.py)."""
+        step = StepInput(freed=self.scheduler.freed_ids)
+        self.scheduler.freed_ids = []
+        for rid in step.freed:
+            self.sent_blocks.pop(rid, None)
+        for b, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):
+            rid, start = req.request_id, req.num_computed_tokens
+            end = start + n
+            known = min(end, req.num_tokens)
+            step.req_ids.append(rid)
+            step.starts.append(start)
+            step.num_tokens.append(n)
+            step.token_ids.append(req.all_token_ids[start:known])
+            step.pending_rows.append(req.pending_row if known < end else -1)
+            if end == req.num_scheduled_tokens:  # reached its newest token: it samples
+                step.sample_rows.append(b)
+            sent = self.sent_blocks.get(rid)
+            if sent is None:
+                step.reset.append(rid)
+                sent = 0
+            if len(req.block_ids) > sent:
+                step.new_blocks[rid] = req.block_ids[sent:]
+                self.sent_blocks[rid] = len(req.block_ids)
+            elif sent == 0:
+                self.sent_blocks[rid] = 0
+        return step
 
     def _sample_isolated(self, logits: torch.Tensor, sampled: list[Request]) -> tuple[list[Request], PendingSample]:
         """Sample each request alone to find the ones whose own sampling raises; fail those, redraw the others

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from moeserve.engine.scheduler import ScheduledBatch
+from moeserve.engine.step import BlockTables, StepInput
 from moeserve.layers.attention import AttentionMetadata, ForwardContext
 
 
@@ -61,6 +61,7 @@ class ModelRunner:
         # Host staging buffers (allocated once), two sets used in turn.
         self.stagings = [_Staging(T, B, self.max_blocks_per_seq, pin) for _ in range(2 if pin else 1)]
         self.num_steps = 0
+        self.tables = BlockTables()  # each request's KV blocks, kept from the step messages
         # Device buffers: the same tensors every step, so CUDA graphs can replay over them.
         self.d_input_ids = torch.zeros(T, dtype=torch.int64, device=device)
         self.d_prev_rows = torch.zeros(T, dtype=torch.int64, device=device)
@@ -89,76 +90,71 @@ class ModelRunner:
 
     # -- one step --
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
-        """Run the step; returns (logits [S, V], indices into batch.requests of the S requests that sample).
+    def execute(self, step: StepInput, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the step; returns the logits [S, V] of the step's sample_rows, in order.
         prev_tokens: the tokens the step before sampled, still on the device (async scheduling), where the
-        requests' pending input tokens are (`Request.pending_row`)."""
-        B, T, sample_rows = self._prepare(batch, prev_tokens)
+        requests' pending input tokens are (`step.pending_rows`)."""
+        self.tables.apply(step)
+        B, T = self._prepare(step, prev_tokens)
         decode_only = T == B
         if decode_only and self.use_cuda_graphs and self.graphs:
             hidden = self._replay(B)
         else:
             hidden = self._run_eager(B, T)
-        S = len(sample_rows)
+        S = len(step.sample_rows)
         if S == 0:
-            return torch.empty(0, device=self.device), []
-        logits = self.model.compute_logits(hidden[self.d_logits_idx[:S]])
-        return logits, sample_rows
+            return torch.empty(0, device=self.device)
+        return self.model.compute_logits(hidden[self.d_logits_idx[:S]])
 
-    def _prepare(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> tuple[int, int, list[int]]:
+    def _prepare(self, step: StepInput, prev_tokens: torch.Tensor | None = None) -> tuple[int, int]:
         h = self.stagings[self.num_steps % len(self.stagings)].claim()
         self.num_steps += 1
-        if all(n == 1 and r.num_computed_tokens + 1 == r.num_scheduled_tokens
-               for r, n in zip(batch.requests, batch.num_tokens)):
-            return self._prepare_decode(batch, h, prev_tokens)
+        if step.decode_only:
+            return self._prepare_decode(step, h, prev_tokens)
         bs = self.block_size
         ids, pos, slots, prev = h.input_ids.numpy(), h.positions.numpy(), h.slots.numpy(), h.prev_rows.numpy()
         qsl, seq_lens = h.qsl.numpy(), h.seq_lens.numpy()
-        logits_idx = h.logits_idx.numpy()
         t = 0
-        sample_rows = []
+        ends = []
         any_pending = False
         qsl[0] = 0
-        for b, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):
-            start = req.num_computed_tokens
+        for b, (rid, start, n, known_ids, pending) in enumerate(zip(
+                step.req_ids, step.starts, step.num_tokens, step.token_ids, step.pending_rows)):
             end = start + n
-            known = min(end, req.num_tokens)  # a pending token can only be the last one
-            ids[t:t + known - start] = req.all_token_ids[start:known]
+            ids[t:t + len(known_ids)] = known_ids
             prev[t:t + n] = -1
-            if known < end:
-                prev[t + n - 1] = req.pending_row
+            if pending >= 0:  # a pending token can only be the last one
+                prev[t + n - 1] = pending
                 any_pending = True
             p = np.arange(start, end)
             pos[t:t + n] = p
-            blocks = np.asarray(req.block_ids, dtype=np.int64)
-            slots[t:t + n] = blocks[p // bs] * bs + p % bs
-            self._table_row(h, b, req)
+            blocks = self.tables[rid]
+            slots[t:t + n] = np.asarray(blocks, dtype=np.int64)[p // bs] * bs + p % bs
+            self._table_row(h, b, blocks)
             seq_lens[b] = end
             t += n
             qsl[b + 1] = t
-            if end == req.num_scheduled_tokens:  # reached the newest token: this request samples
-                logits_idx[len(sample_rows)] = t - 1
-                sample_rows.append(b)
-        B = len(batch.requests)
-        self._upload(h, B, t, len(sample_rows), prev_tokens if any_pending else None)
+            ends.append(t - 1)
+        h.logits_idx.numpy()[:len(step.sample_rows)] = [ends[b] for b in step.sample_rows]
+        B = len(step)
+        self._upload(h, B, t, len(step.sample_rows), prev_tokens if any_pending else None)
         self.meta_cpu = (qsl[: B + 1].copy(), seq_lens[:B].copy())
-        return B, t, sample_rows
+        return B, t
 
-    def _prepare_decode(self, batch: ScheduledBatch, h: _Staging, prev_tokens: torch.Tensor | None
-                        ) -> tuple[int, int, list[int]]:
+    def _prepare_decode(self, step: StepInput, h: _Staging, prev_tokens: torch.Tensor | None) -> tuple[int, int]:
         """Every request feeds its newest token and samples (a decode step): whole-array numpy."""
-        reqs = batch.requests
-        B, bs = len(reqs), self.block_size
-        p = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=B)
-        prev = np.fromiter((r.pending_row if r.num_pending else -1 for r in reqs), dtype=np.int64, count=B)
+        B, bs = len(step), self.block_size
+        p = np.asarray(step.starts, dtype=np.int64)
+        prev = np.asarray(step.pending_rows, dtype=np.int64)
         any_pending = bool((prev >= 0).any())
-        h.input_ids.numpy()[:B] = [0 if r.num_pending else r.all_token_ids[-1] for r in reqs]
+        h.input_ids.numpy()[:B] = [t[0] if t else 0 for t in step.token_ids]
         h.prev_rows.numpy()[:B] = prev
         h.positions.numpy()[:B] = p
-        page = np.fromiter((r.block_ids[k] for r, k in zip(reqs, (p // bs).tolist())), dtype=np.int64, count=B)
+        tables = [self.tables[rid] for rid in step.req_ids]
+        page = np.fromiter((blocks[k] for blocks, k in zip(tables, (p // bs).tolist())), dtype=np.int64, count=B)
         h.slots.numpy()[:B] = page * bs + p % bs
-        for b, req in enumerate(reqs):
-            self._table_row(h, b, req)
+        for b, blocks in enumerate(tables):
+            self._table_row(h, b, blocks)
         seq_lens = h.seq_lens.numpy()
         seq_lens[:B] = p + 1
         qsl = h.qsl.numpy()
@@ -166,15 +162,14 @@ class ModelRunner:
         h.logits_idx.numpy()[:B] = np.arange(B)
         self._upload(h, B, B, B, prev_tokens if any_pending else None)
         self.meta_cpu = (qsl[: B + 1].copy(), seq_lens[:B].copy())
-        return B, B, list(range(B))
+        return B, B
 
     @staticmethod
-    def _table_row(h: _Staging, b: int, req) -> None:
+    def _table_row(h: _Staging, b: int, blocks: list[int]) -> None:
         """Write row b of the host block table: only the entries added since the row was last written from this
-        same block list. A running request's list only grows; freeing gives the request a new list object, so a
+        same block list. A running request's list only grows; a reset gives the request a new list object, so a
         preempted and resumed request, like any other new owner, rewrites the row."""
         owner, known = h.row_owner[b]
-        blocks = req.block_ids
         if owner is not blocks:
             known = 0
         if known < len(blocks):

@@ -42,6 +42,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions_total = 0
+        self.freed_ids: list[str] = []  # requests whose blocks went back since the workers last heard
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -97,6 +98,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        self.freed_ids.append(req.request_id)
         req.num_computed_tokens = 0
         req.status = Status.WAITING
         req.num_preemptions += 1
@@ -110,4 +112,5 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv.free(req)
+        self.freed_ids.append(req.request_id)
         req.status = Status.FINISHED
