@@ -50,36 +50,32 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: run without CUDA graphs")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch step n+1 before reading step n's tokens (default: on with CUDA, off on the CPU)")
-    g = p.add_argument_group("layout (vLLM's flags; moeserve runs one GPU per server today)")
+    g = p.add_argument_group("layout (vLLM's flags: one process per GPU, on one node or several)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs per tensor-parallel group")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="pipeline stages")
     g.add_argument("--data-parallel-size", "-dp", type=int, default=1, help="data-parallel ranks")
     g.add_argument("--enable-expert-parallel", action="store_true", help="split routed experts over the GPUs")
     g.add_argument("--nnodes", type=int, default=1, help="nodes of one server")
     g.add_argument("--node-rank", type=int, default=0, help="this node's rank among --nnodes")
-    g.add_argument("--master-addr", default=None, help="address of node 0")
+    g.add_argument("--master-addr", default=None, help="address of node 0 (torch.distributed's TCP rendezvous)")
+    g.add_argument("--master-port", type=int, default=29501, help="rendezvous port on node 0")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp8", "fp8_e4m3", "fp8_e5m2"],
                    help="KV-cache precision; auto: the model dtype")
     g.add_argument("--quantization", default=None, help="quantize the weights on load (fp8, int8, int4, ...)")
 
 
 def check_layout(args: argparse.Namespace) -> None:
-    """Refuse, before anything loads, the layouts and precisions that `moeserve plan` can size but the engine
-    cannot run yet."""
-    wants = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in
-             ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "nnodes")
-             if getattr(args, name) != 1]
-    if getattr(args, "enable_expert_parallel", False):
-        wants.append("--enable-expert-parallel")
+    """Refuse, before anything loads, the precisions that `moeserve plan` can size but the engine cannot run yet
+    (the layouts the engine cannot run yet are refused by EngineConfig)."""
+    wants = []
     if getattr(args, "kv_cache_dtype", "auto") not in ("auto", "bf16", "fp16"):
         wants.append(f"--kv-cache-dtype {args.kv_cache_dtype}")
     if getattr(args, "quantization", None):
         wants.append(f"--quantization {args.quantization}")
     if wants:
-        raise ValueError(f"{' '.join(wants)}: moeserve runs a model on one GPU in its checkpoint's precision for "
-                         f"now; tensor, pipeline, data and expert parallelism and quantized weights or KV are not "
-                         f"implemented yet. `moeserve plan MODEL` prints the equivalent vLLM command for this "
-                         f"layout.")
+        raise ValueError(f"{' '.join(wants)}: moeserve runs a model in its checkpoint's precision for now; "
+                         f"quantized weights or KV are not implemented yet. `moeserve plan MODEL` prints the "
+                         f"equivalent vLLM command.")
 
 
 def engine_args_from(args: argparse.Namespace) -> dict:
@@ -95,6 +91,10 @@ def engine_args_from(args: argparse.Namespace) -> dict:
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling, served_model_name=served[0] if served else None,
+        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
+        nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr or "127.0.0.1",
+        master_port=args.master_port,
     )
 
 

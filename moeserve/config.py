@@ -27,6 +27,15 @@ class EngineConfig:
     # host's bookkeeping. None: on for CUDA, off on the CPU (where nothing runs behind the host's back).
     async_scheduling: bool | None = None
     served_model_name: str | None = None
+    # The layout (vLLM's names and meanings): ranks = TP x PP x DP, one process per GPU, over `nnodes` nodes.
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29501
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -54,6 +63,26 @@ class EngineConfig:
               "num_gpu_blocks_override must be >= 1.")
         check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes must be > 0.")
         check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1].")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "nnodes"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1.")
+        check(0 <= self.node_rank < self.nnodes, f"node_rank must be in [0, nnodes); got {self.node_rank}.")
+        check(self.world_size % self.nnodes == 0,
+              f"tp x pp x dp = {self.world_size} ranks do not split evenly over {self.nnodes} nodes.")
+        # Not built yet: say so before anything loads rather than run something else.
+        check(self.pipeline_parallel_size == 1,
+              "pipeline_parallel_size > 1 is not implemented yet (tensor and expert parallelism are).")
+        check(self.data_parallel_size == 1,
+              "data_parallel_size > 1 (DP attention) is not implemented yet (tensor and expert parallelism are).")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+    def parallel_layout(self):
+        from moeserve.distributed.parallel_state import ParallelLayout
+
+        return ParallelLayout(tp=self.tensor_parallel_size, pp=self.pipeline_parallel_size,
+                              dp=self.data_parallel_size, enable_expert_parallel=self.enable_expert_parallel)
 
     @property
     def dtype_name(self) -> str:

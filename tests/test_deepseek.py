@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from engine_probe import prefill_hidden
 from tiny_checkpoints import make_tokenizer, tiny_config
 
 from moeserve import LLM, SamplingParams
 from moeserve.engine.request import Request
-from moeserve.engine.scheduler import ScheduledBatch
 from moeserve.layers import mla
 from moeserve.layers.moe import Router, RouterConfig
 from moeserve.models.hf_config import HFConfig
@@ -81,8 +81,7 @@ def _prefill_logits(llm, prompts):
         assert engine.kv.allocate(r, len(p))
         reqs.append(r)
     with torch.inference_mode():
-        B, T, _ = engine.runner._prepare(ScheduledBatch(reqs, [len(p) for p in prompts]))
-        logits = engine.model.compute_logits(engine.runner._run_eager(B, T))
+        logits = engine.model.compute_logits(prefill_hidden(engine, reqs))
     for r in reqs:
         engine.kv.free(r)
     return torch.split(logits, [len(p) for p in prompts])

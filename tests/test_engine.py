@@ -250,12 +250,13 @@ def test_block_tables_track_every_request_through_preemption_and_prefix_sharing(
     runner = llm.llm_engine.runner
     prepare, checked = runner._prepare, []
 
-    def checking_prepare(batch, prev_tokens=None):
-        out = prepare(batch, prev_tokens)
+    def checking_prepare(step, prev_tokens=None):
+        out = prepare(step, prev_tokens)
         tables = runner.stagings[(runner.num_steps - 1) % len(runner.stagings)].tables.numpy()
-        for b, req in enumerate(batch.requests):
-            assert tables[b, : len(req.block_ids)].tolist() == req.block_ids
-        checked.append(len(batch.requests))
+        for b, rid in enumerate(step.req_ids):  # the scheduler's truth, not the runner's own copy
+            blocks = llm.llm_engine.requests[rid].block_ids
+            assert tables[b, : len(blocks)].tolist() == blocks
+        checked.append(len(step.req_ids))
         return out
 
     runner._prepare = checking_prepare

@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from engine_probe import prefill_hidden
 from tiny_checkpoints import ARCH_OVERRIDES, make_tiny_checkpoint
 
 from moeserve import LLM, SamplingParams
 from moeserve.engine.request import Request
-from moeserve.engine.scheduler import ScheduledBatch
 
 ARCHS = list(ARCH_OVERRIDES)
 PROMPT_LENS = [1, 3, 7, 12, 16, 17, 25, 40]
@@ -51,11 +51,8 @@ def test_prefill_logits_match_transformers(ckpt):
         r = Request(str(i), str(i), 0, p, SamplingParams(), max_tokens=1)
         assert engine.kv.allocate(r, len(p))
         reqs.append(r)
-    batch = ScheduledBatch(reqs, [len(p) for p in prompts])
-    runner = engine.runner
     with torch.inference_mode():
-        B, T, _ = runner._prepare(batch)
-        logits = engine.model.compute_logits(runner._run_eager(B, T))
+        logits = engine.model.compute_logits(prefill_hidden(engine, reqs))
         start = 0
         for p in prompts:
             ref = ckpt["hf"](torch.tensor([p])).logits[0].float()

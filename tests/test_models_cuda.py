@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from engine_probe import prefill_hidden
 from tiny_checkpoints import ARCH_OVERRIDES, make_tiny_checkpoint
 
 from moeserve import LLM, SamplingParams
 from moeserve.engine.request import Request
-from moeserve.engine.scheduler import ScheduledBatch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -62,8 +62,7 @@ def _full_logits(llm, seqs):
         assert eng.kv.allocate(r, len(s))
         reqs.append(r)
     with torch.inference_mode():
-        B, T, _ = eng.runner._prepare(ScheduledBatch(reqs, [len(s) for s in seqs]))
-        logits = eng.model.compute_logits(eng.runner._run_eager(B, T)).float().cpu()
+        logits = eng.model.compute_logits(prefill_hidden(eng, reqs)).float().cpu()
     for r in reqs:
         eng.kv.free(r)
     out, start = [], 0

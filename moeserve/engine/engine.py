@@ -22,17 +22,17 @@ from moeserve.engine.detokenizer import IncrementalDetokenizer
 from moeserve.engine.errors import RequestRejected
 from moeserve.engine.kv_cache import KVCacheManager
 from moeserve.engine.request import Request
-from moeserve.engine.runner import ModelRunner
+from moeserve.engine.executor import InProcessExecutor, MultiprocExecutor
+from moeserve.engine.worker import Worker
 from moeserve.engine.sampler import PendingSample, Sampler
 from moeserve.engine.scheduler import Scheduler
 from moeserve.engine.step import StepInput
-from moeserve.loader.model_loader import ModelSource, load_model, resolve_device, resolve_dtype, resolve_source
+from moeserve.loader.model_loader import ModelSource, resolve_device, resolve_dtype, resolve_source
 from moeserve.outputs import CompletionOutput, RequestOutput
 from moeserve.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("moeserve")
 
-CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
 @dataclass
@@ -74,6 +74,8 @@ def check_fits_before_loading(config: EngineConfig, source: ModelSource, dtype: 
         spec, weight_dtype_bytes=elem, kv_dtype_bytes=elem, max_model_len=max_len,
         device_memory_bytes=device_memory_bytes, memory_utilization=config.gpu_memory_utilization,
         max_num_batched_tokens=config.max_num_batched_tokens or 8192, max_num_seqs=config.max_num_seqs,
+        tp=config.tensor_parallel_size, pp=config.pipeline_parallel_size,
+        enable_expert_parallel=config.enable_expert_parallel,
     )
     if not verdict.fits:
         raise DoesNotFit(f"{verdict.message}. Suggestion: {verdict.suggestion}")
@@ -82,6 +84,24 @@ def check_fits_before_loading(config: EngineConfig, source: ModelSource, dtype: 
 def _is_device_fault(e: Exception) -> bool:
     """A CUDA error or an out-of-memory: the step itself is broken, not one request."""
     return isinstance(e, torch.OutOfMemoryError) or "CUDA" in str(e) or "cuda" in type(e).__module__
+
+
+def make_executor(config: EngineConfig, device: torch.device, dtype: torch.dtype, source: ModelSource):
+    """One rank in this process, or rank 0 of several (the others spawned here, or already started by torchrun)."""
+    if config.world_size == 1:
+        return InProcessExecutor(Worker(config, device, dtype, source))
+    from moeserve.distributed.launch import RankInfo, from_torchrun_env, rank_device
+
+    info = from_torchrun_env()
+    spawn = info is None
+    if info is None:
+        info = RankInfo(rank=0, world_size=config.world_size, local_rank=0, nnodes=config.nnodes,
+                        node_rank=config.node_rank, master_addr=config.master_addr, master_port=config.master_port)
+    if info.world_size != config.world_size:
+        raise ValueError(f"The launcher started {info.world_size} ranks, but tp x pp x dp = {config.world_size}.")
+    if info.rank != 0:
+        raise ValueError("Only rank 0 runs the engine; the other ranks run distributed.worker_main.")
+    return MultiprocExecutor(config, info, rank_device(device.type, info.local_rank), dtype, source, spawn=spawn)
 
 
 class LLMEngine:
@@ -96,26 +116,24 @@ class LLMEngine:
         if self.device.type == "cuda" and source.config:
             check_fits_before_loading(config, source, self.dtype,
                                       torch.cuda.get_device_properties(self.device).total_memory)
-        loaded = load_model(config, self.device, self.dtype, source)
+        self.executor = make_executor(config, self.device, self.dtype, source)
+        worker = self.executor.worker
+        self.device = worker.device
+        loaded = worker.loaded
         self.model, self.hf_config, self.tokenizer = loaded.model, loaded.hf_config, loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
         self.model_name = config.served_model_name or loaded.source.name
-        self.timings["load_s"] = loaded.load_seconds
-        self.max_model_len = self._resolve_max_model_len()
-        self.max_num_batched_tokens = self._resolve_batched_tokens()
-        self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-
-        self.runner = ModelRunner(self.model, self.device, self.dtype, config.block_size, self.max_model_len,
-                                  config.max_num_seqs, self.max_num_batched_tokens,
-                                  use_cuda_graphs=not config.enforce_eager)
-        num_blocks = self._num_kv_blocks()
-        self.runner.allocate_kv_cache(num_blocks)
+        self.max_model_len = worker.max_model_len
+        self.max_num_batched_tokens = worker.max_num_batched_tokens
+        self.weights_bytes = worker.weights_bytes
+        self.runner = worker.runner
+        self.timings = worker.timings
+        self.profile_peak_bytes = worker.profile_peak_bytes
+        num_blocks = self.executor.num_blocks
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, self.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
         self.sampler = Sampler(self.hf_config.vocab_size, self.device, config.seed)
-        self.timings["prefill_warmup_s"] = self.runner.warm_up_prefill()
-        self.timings["cuda_graphs_s"] = self.runner.capture_cuda_graphs()
 
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.device.type == "cuda")
@@ -137,60 +155,6 @@ class LLMEngine:
     def from_engine_args(cls, **kwargs) -> "LLMEngine":
         return cls(EngineConfig.from_kwargs(**kwargs))
 
-    # -- sizing --
-    def _resolve_max_model_len(self) -> int:
-        model_max = int(self.hf_config.get("max_position_embeddings", 0) or 0)
-        window = self.hf_config.get("sliding_window") if self.hf_config.get("use_sliding_window", True) else None
-        limit = min(x for x in (model_max, window) if x) if (model_max or window) else None
-        want = self.config.max_model_len
-        if want is None:
-            if limit is None:
-                raise ValueError("config.json gives no max_position_embeddings; pass max_model_len.")
-            return limit
-        if limit and want > limit:
-            raise ValueError(f"max_model_len={want} exceeds the model's limit of {limit} "
-                             f"({'sliding_window' if window and limit == window else 'max_position_embeddings'}).")
-        return want
-
-    def _resolve_batched_tokens(self) -> int:
-        n = self.config.max_num_batched_tokens
-        if not self.config.enable_chunked_prefill:
-            n = n or self.max_model_len
-            if n < self.max_model_len:
-                raise ValueError(f"Without chunked prefill, max_num_batched_tokens ({n}) must be >= "
-                                 f"max_model_len ({self.max_model_len}).")
-            return n
-        return n or max(8192, self.config.max_num_seqs)
-
-    def _num_kv_blocks(self) -> int:
-        cfg = self.config
-        per_block = self.runner.kv_bytes_per_block()
-        if cfg.num_gpu_blocks_override is not None:
-            return cfg.num_gpu_blocks_override
-        if cfg.kv_cache_memory_bytes is not None:
-            budget = cfg.kv_cache_memory_bytes
-        elif self.device.type == "cpu":
-            # What the model and max_model_len need: a few full-length sequences, at most 1 GiB (and never
-            # less than one full-length sequence). The pages stay untouched, so free, until written.
-            per_token = per_block // cfg.block_size
-            budget = max(min(per_token * self.max_model_len * min(cfg.max_num_seqs, 4), CPU_DEFAULT_KV_BYTES),
-                         per_token * self.max_model_len)
-        else:
-            t0 = time.perf_counter()
-            peak = self.runner.profile_peak_bytes()
-            free, total = torch.cuda.mem_get_info()
-            others = total - free - torch.cuda.memory_reserved()  # CUDA context, other processes
-            budget = int(total * cfg.gpu_memory_utilization) - peak - max(others, 0)
-            self.timings["profile_s"] = time.perf_counter() - t0
-            self.profile_peak_bytes = peak
-            torch.cuda.empty_cache()
-        blocks = budget // per_block
-        if blocks < 1:
-            raise ValueError(f"No memory left for the KV cache: the budget is {budget / 2**30:.2f} GiB after the "
-                             f"weights ({self.weights_bytes / 2**30:.2f} GiB) and activations; one block needs "
-                             f"{per_block} bytes. Raise gpu_memory_utilization / kv_cache_memory_bytes.")
-        return int(blocks)
-
     def memory_report(self) -> dict:
         per_block = self.runner.kv_bytes_per_block()
         total = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
@@ -201,7 +165,7 @@ class LLMEngine:
             "block_size": self.config.block_size,
             "kv_capacity_tokens": self.kv.capacity_tokens,
             "kv_cache_bytes": per_block * self.kv.num_blocks,
-            "profile_peak_bytes": getattr(self, "profile_peak_bytes", None),
+            "profile_peak_bytes": self.profile_peak_bytes,
             "device_memory_bytes": total,
             "gpu_memory_utilization": self.config.gpu_memory_utilization,
             "timings": dict(self.timings),
@@ -266,6 +230,10 @@ class LLMEngine:
                 self.sync_requests.discard(req.request_id)
             self.parent_prompt.pop(rid, None)
 
+    def shutdown(self) -> None:
+        """Stop the other ranks' processes (nothing to do on one rank)."""
+        self.executor.shutdown()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or self.inflight is not None
 
@@ -306,19 +274,22 @@ class LLMEngine:
                 req.metrics.first_scheduled_time = now
         prev = self.inflight.draws.tokens if self.inflight is not None and self.inflight.draws is not None else None
         step = self._step_input(batch)
-        logits = self.runner.execute(step, prev)
+        logits = self.executor.execute(step, prev)
         for req, n in zip(batch.requests, batch.num_tokens):
             req.num_computed_tokens += n
             self.kv.register_full_blocks(req)
         sampled = [batch.requests[i] for i in step.sample_rows]
         if not sampled:
+            self.executor.share_sampled(None, 0)
             return _Launched([], None)
         try:
             draws = self.sampler.sample(logits, sampled, self.eos_token_ids)
         except Exception:  # one request's parameters broke the batched draw: find it, end it, draw the rest
             sampled, draws = self._sample_isolated(logits, sampled)
             if not sampled:
+                self.executor.share_sampled(None, len(step.sample_rows))
                 return _Launched([], None)
+        self.executor.share_sampled(draws.tokens, len(step.sample_rows))
         for j, req in enumerate(sampled):
             req.num_pending += 1
             req.pending_row = j

@@ -52,7 +52,13 @@ def run_server(args, engine_args: dict) -> int:
 
     from moeserve.engine.engine import LLMEngine
 
+    from moeserve.config import EngineConfig
+    from moeserve.distributed.launch import run_if_not_rank_zero
+
     chat_template = read_chat_template(args.chat_template)
+    code = run_if_not_rank_zero(EngineConfig.from_kwargs(**engine_args))
+    if code is not None:  # this process runs worker ranks of a server whose rank 0 is elsewhere
+        return code
     engine = LLMEngine.from_engine_args(**engine_args)
     app, async_engine = build_server(
         engine, served_model_names=args.served_model_name, api_key=args.api_key, chat_template=chat_template,
@@ -76,4 +82,5 @@ def run_server(args, engine_args: dict) -> int:
         server.run()
     finally:
         async_engine.shutdown()
+        engine.shutdown()
     return 1 if died else 0

@@ -1,0 +1,111 @@
+"""How a step reaches the ranks. One interface, two implementations:
+
+- InProcessExecutor: one rank, the runner in this process (one GPU, or the CPU). Nothing is added to its path.
+- MultiprocExecutor: rank 0 in this process, the other ranks in processes of their own (one per GPU, spawned
+  here or by torchrun, on this node or others). Each step message is broadcast to them as plain data over a gloo
+  group; after sampling, rank 0 broadcasts the sampled tokens to its TP group (the next step's pending inputs
+  under async scheduling). A rank that dies makes the engine fail loudly: its step raises, and if the engine is
+  stuck in a collective the watchdog ends the process with exit code 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import torch
+
+from moeserve.engine.step import StepInput
+from moeserve.engine.worker import Worker
+
+logger = logging.getLogger("moeserve")
+
+
+class InProcessExecutor:
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        worker.initialize_cache(worker.available_kv_blocks())
+
+    @property
+    def num_blocks(self) -> int:
+        return self.worker.runner.kv_caches[0].shape[1] if self.worker.runner.kv_caches else 0
+
+    def execute(self, step: StepInput, prev_tokens: torch.Tensor | None) -> torch.Tensor:
+        return self.worker.execute(step, prev_tokens)
+
+    def share_sampled(self, tokens: torch.Tensor | None, num_rows: int) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+class MultiprocExecutor:
+    def __init__(self, config, info, device: torch.device, dtype: torch.dtype, source, spawn: bool = True):
+        from moeserve.distributed import worker_main as wm
+        from moeserve.distributed.launch import init_rank, spawn_workers
+        from moeserve.distributed.parallel_state import get_tp_group
+
+        self.procs = spawn_workers(config, info, device.type) if spawn else []
+        self.failed: str | None = None
+        self._closed = False
+        self._watchdog = threading.Thread(target=self._watch, name="moeserve-rank-watchdog", daemon=True)
+        self._watchdog.start()
+        wm.set_control_group(init_rank(info, config.parallel_layout(), device))
+        self._wm = wm
+        torch.manual_seed(config.seed)
+        self.worker = Worker(config, device, dtype, source)
+        self.num_blocks = wm.agree_num_blocks(self.worker.available_kv_blocks())
+        self.worker.initialize_cache(self.num_blocks)
+        self.tp = get_tp_group()
+
+    def execute(self, step: StepInput, prev_tokens: torch.Tensor | None) -> torch.Tensor:
+        if self.failed:
+            raise RuntimeError(self.failed)
+        self._wm.broadcast_step(step)
+        return self.worker.execute(step, prev_tokens)
+
+    def share_sampled(self, tokens: torch.Tensor | None, num_rows: int) -> None:
+        """Give the step's sampled tokens (num_rows of them, padded when some requests failed) to the TP group."""
+        if num_rows == 0 or self.tp.size == 1:
+            return
+        if tokens is None or tokens.numel() != num_rows:
+            full = torch.zeros(num_rows, dtype=torch.int64, device=self.worker.device)
+            if tokens is not None:
+                full[: tokens.numel()] = tokens
+            tokens = full
+        self.tp.broadcast(tokens, src=0)
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self.failed:
+                self._wm.broadcast_step(None)
+        except Exception:
+            pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+    def _watch(self) -> None:
+        """A rank that exits while the engine runs is fatal: say so, and if the engine does not fail on its own
+        within a few seconds (blocked in a collective that will never complete), exit with code 1."""
+        while not self._closed:
+            for p in self.procs:
+                if not p.is_alive() and not self._closed:
+                    self.failed = f"rank process {p.name} died (exit code {p.exitcode})"
+                    logger.error("moeserve: %s; the engine cannot go on", self.failed)
+                    time.sleep(5.0)
+                    if not self._closed:
+                        logger.error("moeserve: exiting (code 1) after a rank died")
+                        for q in self.procs:
+                            if q.is_alive():
+                                q.kill()
+                        os._exit(1)
+                    return
+            time.sleep(0.5)

@@ -1,0 +1,101 @@
+"""One rank's share of the engine: its model shard, its runner and its KV cache.
+
+The engine's own process holds rank 0's Worker; with several ranks, every other rank runs the same Worker in a
+process of its own (distributed/worker_main.py), fed the same step messages. Every rank takes the same start-up
+path in the same order (load, size the KV cache, warm up, capture graphs), so the collectives inside the
+forward passes line up.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from moeserve.config import EngineConfig
+from moeserve.engine.runner import ModelRunner
+from moeserve.engine.step import StepInput
+from moeserve.loader.model_loader import ModelSource, load_model
+
+CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+def resolve_max_model_len(config: EngineConfig, hf_config) -> int:
+    model_max = int(hf_config.get("max_position_embeddings", 0) or 0)
+    window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
+    limit = min(x for x in (model_max, window) if x) if (model_max or window) else None
+    want = config.max_model_len
+    if want is None:
+        if limit is None:
+            raise ValueError("config.json gives no max_position_embeddings; pass max_model_len.")
+        return limit
+    if limit and want > limit:
+        raise ValueError(f"max_model_len={want} exceeds the model's limit of {limit} "
+                         f"({'sliding_window' if window and limit == window else 'max_position_embeddings'}).")
+    return want
+
+
+def resolve_batched_tokens(config: EngineConfig, max_model_len: int) -> int:
+    n = config.max_num_batched_tokens
+    if not config.enable_chunked_prefill:
+        n = n or max_model_len
+        if n < max_model_len:
+            raise ValueError(f"Without chunked prefill, max_num_batched_tokens ({n}) must be >= "
+                             f"max_model_len ({max_model_len}).")
+        return n
+    return n or max(8192, config.max_num_seqs)
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, device: torch.device, dtype: torch.dtype, source: ModelSource):
+        self.config, self.device, self.dtype = config, device, dtype
+        self.timings: dict[str, float] = {}
+        self.loaded = load_model(config, device, dtype, source)
+        self.model = self.loaded.model
+        self.timings["load_s"] = self.loaded.load_seconds
+        self.max_model_len = resolve_max_model_len(config, self.loaded.hf_config)
+        self.max_num_batched_tokens = resolve_batched_tokens(config, self.max_model_len)
+        self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.runner = ModelRunner(self.model, device, dtype, config.block_size, self.max_model_len,
+                                  config.max_num_seqs, self.max_num_batched_tokens,
+                                  use_cuda_graphs=not config.enforce_eager)
+        self.profile_peak_bytes: int | None = None
+
+    def available_kv_blocks(self) -> int:
+        """How many KV blocks this rank can hold under the configured budget (ranks then agree on the least)."""
+        cfg = self.config
+        per_block = self.runner.kv_bytes_per_block()
+        if cfg.num_gpu_blocks_override is not None:
+            return cfg.num_gpu_blocks_override
+        if cfg.kv_cache_memory_bytes is not None:
+            budget = cfg.kv_cache_memory_bytes
+        elif self.device.type == "cpu":
+            # What the model and max_model_len need: a few full-length sequences, at most 1 GiB (and never
+            # less than one full-length sequence). The pages stay untouched, so free, until written.
+            per_token = per_block // cfg.block_size
+            budget = max(min(per_token * self.max_model_len * min(cfg.max_num_seqs, 4), CPU_DEFAULT_KV_BYTES),
+                         per_token * self.max_model_len)
+        else:
+            t0 = time.perf_counter()
+            peak = self.runner.profile_peak_bytes()
+            free, total = torch.cuda.mem_get_info(self.device)
+            others = total - free - torch.cuda.memory_reserved(self.device)  # CUDA context, other processes
+            budget = int(total * cfg.gpu_memory_utilization) - peak - max(others, 0)
+            self.timings["profile_s"] = time.perf_counter() - t0
+            self.profile_peak_bytes = peak
+            torch.cuda.empty_cache()
+        blocks = budget // per_block
+        if blocks < 1:
+            raise ValueError(f"No memory left for the KV cache: the budget is {budget / 2**30:.2f} GiB after the "
+                             f"weights ({self.weights_bytes / 2**30:.2f} GiB) and activations; one block needs "
+                             f"{per_block} bytes. Raise gpu_memory_utilization / kv_cache_memory_bytes.")
+        return int(blocks)
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        """Allocate the KV cache, then warm up prefill shapes and capture the decode graphs."""
+        self.runner.allocate_kv_cache(num_blocks)
+        self.timings["prefill_warmup_s"] = self.runner.warm_up_prefill()
+        self.timings["cuda_graphs_s"] = self.runner.capture_cuda_graphs()
+
+    def execute(self, step: StepInput, prev_tokens: torch.Tensor | None) -> torch.Tensor:
+        return self.runner.execute(step, prev_tokens)
