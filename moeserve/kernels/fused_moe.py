@@ -31,23 +31,34 @@ DEFAULT_CHUNK = 16384
 
 
 @triton.jit
-def _block_rows(pid_m, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, num_experts,
-                BLOCK_M: tl.constexpr, SORTED: tl.constexpr):
-    """(expert, pair ids of the BLOCK_M rows) of row block pid_m; expert -1 = nothing to do.
+def _local_expert(e, num_experts, map_ptr, HAS_MAP: tl.constexpr):
+    """The w13/w2 row of expert id e, -1 for none: ids outside [0, num_experts), or (with an expert map, ids
+    global) an expert another rank holds."""
+    ok = (e >= 0) & (e < num_experts)
+    if HAS_MAP:
+        e = tl.load(map_ptr + tl.where(ok, e, 0)).to(tl.int64)
+        ok = ok & (e >= 0)
+    return tl.where(ok, e, -1)
+
+
+@triton.jit
+def _block_rows(pid_m, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, num_experts, map_ptr,
+                BLOCK_M: tl.constexpr, SORTED: tl.constexpr, HAS_MAP: tl.constexpr):
+    """(local expert, pair ids of the BLOCK_M rows) of row block pid_m; expert -1 = no expert to run (rows with a
+    pair id below num_pairs are then zeros in the output; a block past the sorted list's end has none).
 
     SORTED: blocks of the expert-sorted pair list. Otherwise one pair per block (block_expert_ptr is then the
     flat topk_ids): no sort launch at all, which wins when there are so few pairs that experts rarely repeat.
     """
     rows = tl.arange(0, BLOCK_M)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if SORTED:
-        e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        e = tl.where(pid_m * BLOCK_M < tl.load(num_post_ptr), e, -1)
-        pair = tl.load(sorted_ptr + pid_m * BLOCK_M + rows)
+        live = pid_m * BLOCK_M < tl.load(num_post_ptr)
+        e = tl.where(live, e, -1)
+        pair = tl.where(live, tl.load(sorted_ptr + pid_m * BLOCK_M + rows), num_pairs)
     else:
-        e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        e = tl.where((e >= 0) & (e < num_experts), e, -1)
         pair = tl.where(rows == 0, pid_m, num_pairs)
-    return e, pair
+    return _local_expert(e, num_experts, map_ptr, HAS_MAP), pair
 
 
 @triton.jit
@@ -56,15 +67,15 @@ def _gate_up_kernel(
     num_pairs, num_experts, H, I, stride_xt, stride_we, stride_wn, stride_it,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SORTED: tl.constexpr, DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, map_ptr=None, HAS_MAP: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(I, BLOCK_N)
     pid_m = pid // n_tiles
     pid_n = pid % n_tiles
-    e, pair = _block_rows(pid_m, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, num_experts,
-                          BLOCK_M, SORTED)
-    if e < 0:
+    e, pair = _block_rows(pid_m, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, num_experts, map_ptr,
+                          BLOCK_M, SORTED, HAS_MAP)
+    if e < 0:  # its inter1 rows stay unwritten: the down step never reads them
         return
     row_ok = pair < num_pairs
     tok = tl.where(row_ok, pair // TOPK, 0).to(tl.int64)  # padding rows read token 0, never stored
@@ -104,7 +115,7 @@ def _gate_up_kernel(
 def _gate_up_gemv_kernel(
     x_ptr, w_ptr, inter_ptr, ids_ptr, num_experts, H, I, stride_xt, stride_we, stride_wn, stride_it,
     TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    LATE_SUM: tl.constexpr,
+    LATE_SUM: tl.constexpr, map_ptr=None, HAS_MAP: tl.constexpr = False,
 ):
     """inter1[pair, n-tile] = silu(gate[e] @ x[t]) * (up[e] @ x[t]), e = topk_ids[pair]: step 2 for decode.
     _gate_up_kernel's tl.dot needs BLOCK_M >= 16 rows where a pair has one, so at one or two tokens the tensor cores
@@ -113,8 +124,8 @@ def _gate_up_gemv_kernel(
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(I, BLOCK_N)
     pair = pid // n_tiles
-    e = tl.load(ids_ptr + pair).to(tl.int64)
-    if (e < 0) | (e >= num_experts):  # as _block_rows without the sort: nothing to do
+    e = _local_expert(tl.load(ids_ptr + pair).to(tl.int64), num_experts, map_ptr, HAS_MAP)
+    if e < 0:  # as _block_rows without the sort: nothing to do
         return
     n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < I
@@ -161,20 +172,26 @@ def _down_kernel(
     num_pairs, num_experts, H, I, stride_it, stride_we, stride_wn, stride_ot,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SORTED: tl.constexpr, DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, map_ptr=None, HAS_MAP: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(H, BLOCK_N)
     pid_m = pid // n_tiles
     pid_n = pid % n_tiles
-    e, pair = _block_rows(pid_m, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, num_experts,
-                          BLOCK_M, SORTED)
-    if e < 0:
-        return
+    e, pair = _block_rows(pid_m, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, num_experts, map_ptr,
+                          BLOCK_M, SORTED, HAS_MAP)
     row_ok = pair < num_pairs
     row = tl.where(row_ok, pair, 0).to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < H
+    if e < 0:
+        # Pairs whose expert is elsewhere (expert map) or none (no-sort mode) get zero rows: the sum over K reads
+        # every pair's row. Without a map the sorted list holds only real experts: blocks past its end just exit.
+        if HAS_MAP or not SORTED:
+            zero = tl.zeros([BLOCK_M, BLOCK_N], out_ptr.dtype.element_ty)
+            dst = out_ptr + row[:, None] * stride_ot + n[None, :]
+            tl.store(dst, zero, mask=row_ok[:, None] & n_ok[None, :])
+        return
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = inter_ptr + row[:, None] * stride_it + kk[None, :]
     b_ptrs = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn + kk[:, None]
@@ -203,7 +220,7 @@ def _down_sum_kernel(
     inter_ptr, w_ptr, out_ptr, ids_ptr, topk_w_ptr,
     H, I, stride_it, stride_we, stride_wn, stride_ot,
     TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    LATE_SUM: tl.constexpr,
+    LATE_SUM: tl.constexpr, num_experts=1 << 30, map_ptr=None, HAS_MAP: tl.constexpr = False,
 ):
     """out[t, n-tile] = sum_k w[t,k] * w2[e_k][n-tile] @ inter1[t*K + k]: steps 3 and 4 in one launch, for decode.
     One row per expert is a GEMV (no tensor cores to feed): multiply-and-reduce in fp32 registers."""
@@ -218,12 +235,13 @@ def _down_sum_kernel(
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k in tl.static_range(TOPK):
         pair = t * TOPK + k
-        e = tl.load(ids_ptr + pair).to(tl.int64)
-        wt = tl.load(topk_w_ptr + pair).to(tl.float32)
+        e = _local_expert(tl.load(ids_ptr + pair).to(tl.int64), num_experts, map_ptr, HAS_MAP)
+        wt = tl.where(e >= 0, tl.load(topk_w_ptr + pair).to(tl.float32), 0.0)
+        k_end = tl.where(e >= 0, I, 0)  # a pair with no local expert: no loop, adds nothing
         a_ptrs = inter_ptr + pair.to(tl.int64) * stride_it + kk
-        b_ptrs = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kk[None, :]
+        b_ptrs = w_ptr + tl.maximum(e, 0) * stride_we + n[:, None].to(tl.int64) * stride_wn + kk[None, :]
         part = tl.zeros([BLOCK_N], tl.float32)
-        for k0 in range(0, I, BLOCK_K):
+        for k0 in range(0, k_end, BLOCK_K):
             if EVEN_K and EVEN_N:
                 a = tl.load(a_ptrs)
                 b = tl.load(b_ptrs)
@@ -253,9 +271,20 @@ def fused_moe(
     *,
     chunk_size: int = DEFAULT_CHUNK,
     out: torch.Tensor | None = None,
+    expert_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [T, H]; w13 [E, 2I, H] (gate rows then up rows); w2 [E, H, I]; topk_weights [T, K]; topk_ids [T, K]."""
+    """x [T, H]; w13 [E, 2I, H] (gate rows then up rows); w2 [E, H, I]; topk_weights [T, K]; topk_ids [T, K].
+
+    expert_map (expert parallelism): int32 [E_global], global id -> row of w13/w2 or -1 for an expert held
+    elsewhere; topk_ids are then global ids and the kernels look the map up themselves (no host sync, no extra
+    launch). A pair whose expert is elsewhere adds exact zeros. Without a map, ids outside [0, E) add nothing in
+    the no-sort and folded paths; the sorted path drops them and leaves their token's row undefined (the router
+    never makes them; DP padding rows are sliced off).
+    """
     runtime.check_device("fused_moe", x, w13, w2, topk_weights, topk_ids)
+    if expert_map is not None and (expert_map.dtype != torch.int32 or expert_map.dim() != 1
+                                   or expert_map.device != topk_ids.device):
+        raise ValueError("fused_moe: expert_map must be a 1-d int32 tensor on the ids' device")
     T, H = x.shape
     E, two_i, h_w = w13.shape
     inter = two_i // 2
@@ -281,24 +310,30 @@ def fused_moe(
     topk_ids = topk_ids.contiguous()
 
     rows = min(T, chunk_size)
+    num_ids = E if expert_map is None else expert_map.numel()  # the experts the ids (and the sort) range over
     key = f"T={bucket(rows)}|E={E}|K={K}|H={H}|I={inter}|{str(x.dtype).removeprefix('torch.')}"
+    if expert_map is not None:
+        key += f"|of={num_ids}"
     inter1 = torch.empty(rows * K, inter, dtype=x.dtype, device=x.device)
     inter2 = torch.empty(rows * K, H, dtype=x.dtype, device=x.device)
 
     def run(cfg: Config, lo: int = 0) -> None:
         hi = min(lo + rows, T)
-        _moe_chunk(cfg, x[lo:hi], w13, w2, topk_weights[lo:hi], topk_ids[lo:hi], out[lo:hi], inter1, inter2)
+        _moe_chunk(cfg, x[lo:hi], w13, w2, topk_weights[lo:hi], topk_ids[lo:hi], out[lo:hi], inter1, inter2,
+                   expert_map)
 
-    cands = moe_candidates(bucket(rows), K, E, x.element_size())
+    cands = moe_candidates(bucket(rows), K, num_ids, x.element_size())
     cfg = get_tuner().choose("fused_moe", key, cands, run, cands[0])
     for lo in range(0, T, rows):
         run(cfg, lo)
     return out
 
 
-def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, inter2) -> None:
+def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, inter2, expert_map=None) -> None:
     T, H = x.shape
-    E, two_i, _ = w13.shape
+    two_i = w13.shape[1]
+    E = w13.shape[0] if expert_map is None else expert_map.numel()  # the id space
+    mapped = {"map_ptr": expert_map, "HAS_MAP": expert_map is not None}
     inter = two_i // 2
     K = topk_ids.shape[1]
     pairs = T * K
@@ -316,28 +351,28 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
         _gate_up_gemv_kernel[(pairs * triton.cdiv(inter, bn1),)](
             x, w13, inter1, topk_ids, E, H, inter, x.stride(0), w13.stride(0), w13.stride(1), inter1.stride(0),
             TOPK=K, BLOCK_N=bn1, BLOCK_K=bk1, EVEN_K=H % bk1 == 0, EVEN_N=inter % bn1 == 0,
-            LATE_SUM=bool(cfg.get("LATE")), num_warps=cfg["W1"], num_stages=cfg["S1"],
+            LATE_SUM=bool(cfg.get("LATE")), num_warps=cfg["W1"], num_stages=cfg["S1"], **mapped,
         )
     else:
         _gate_up_kernel[(num_blocks * triton.cdiv(inter, bn1),)](
             x, w13, inter1, sorted_pairs, block_expert, num_post,
             pairs, E, H, inter, x.stride(0), w13.stride(0), w13.stride(1), inter1.stride(0),
             TOPK=K, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=bk1, EVEN_K=H % bk1 == 0, EVEN_N=inter % bn1 == 0,
-            SORTED=sort, DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg["W1"], num_stages=cfg["S1"],
+            SORTED=sort, DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg["W1"], num_stages=cfg["S1"], **mapped,
         )
     bn2, bk2 = cfg["BLOCK_N2"], cfg["BLOCK_K2"]
     if cfg.get("FOLD"):  # no-sort mode only: inter1 rows are pairs in (token, k) order
         _down_sum_kernel[(T * triton.cdiv(H, bn2),)](
             inter1, w2, out, topk_ids, topk_weights, H, inter, inter1.stride(0), w2.stride(0), w2.stride(1),
             out.stride(0), TOPK=K, BLOCK_N=bn2, BLOCK_K=bk2, EVEN_K=inter % bk2 == 0, EVEN_N=H % bn2 == 0,
-            LATE_SUM=bool(cfg.get("LATE")), num_warps=cfg["W2"], num_stages=cfg["S2"],
+            LATE_SUM=bool(cfg.get("LATE")), num_warps=cfg["W2"], num_stages=cfg["S2"], num_experts=E, **mapped,
         )
         return
     _down_kernel[(num_blocks * triton.cdiv(H, bn2),)](
         inter1, w2, inter2, sorted_pairs, block_expert, num_post, topk_weights,
         pairs, E, H, inter, inter1.stride(0), w2.stride(0), w2.stride(1), inter2.stride(0),
         BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=bk2, EVEN_K=inter % bk2 == 0, EVEN_N=H % bn2 == 0,
-        SORTED=sort, DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg["W2"], num_stages=cfg["S2"],
+        SORTED=sort, DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg["W2"], num_stages=cfg["S2"], **mapped,
     )
     torch.sum(inter2[:pairs].view(T, K, H), dim=1, out=out)
 
