@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.distributed.parallel_state import get_tp_group
 from moeserve.kernels.runtime import upload
 from moeserve.layers.attention import AttentionMetadata, ForwardContext
+from moeserve.layers.linear import divide
 
 
 def split_kv_b(kv_b_weight: torch.Tensor, num_heads: int, nope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,12 +35,14 @@ def split_kv_b(kv_b_weight: torch.Tensor, num_heads: int, nope_dim: int) -> tupl
 
 
 class LatentAttention(nn.Module):
-    """The MLA front: write this step's latents into the paged cache, attend over each sequence's latents."""
+    """The MLA front: write this step's latents into the paged cache, attend over each sequence's latents.
+    num_heads is the model's; this rank attends with its 1/TP of them (the kv_b_proj rows it is handed)."""
 
     def __init__(self, num_heads: int, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int,
                  v_head_dim: int, scale: float, layer_idx: int):
         super().__init__()
-        self.num_heads, self.kv_lora_rank = num_heads, kv_lora_rank
+        self.num_heads = divide(num_heads, get_tp_group().size, "attention heads")  # this rank's heads
+        self.kv_lora_rank = kv_lora_rank
         self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         self.scale = scale
         self.layer_idx = layer_idx

@@ -8,6 +8,7 @@ Routing variants are data (RouterConfig), not copies:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.layers.activation import silu_and_mul
-from moeserve.layers.linear import Linear, linear
+from moeserve.distributed.parallel_state import get_tp_group
+from moeserve.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear, linear
 
 
 @dataclass(frozen=True)
@@ -80,38 +82,68 @@ class Router(nn.Module):
         return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
 
 
-from moeserve.layers.experts import Experts, experts_reference  # noqa: E402,F401  (re-exported)
+class Experts(nn.Module):
+    """E gated-SiLU experts stacked: w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from moeserve.kernels.fused_moe import fused_moe
+
+            return fused_moe(x, self.w13, self.w2, weights, ids)
+        return experts_reference(x, self.w13, self.w2, weights, ids)
+
+
+def experts_reference(x, w13, w2, weights, ids) -> torch.Tensor:
+    """Per expert: gather its tokens, run the gated MLP, scale by the routing weight, scatter-add back."""
+    out = torch.zeros_like(x)
+    flat_ids = ids.reshape(-1).long()
+    order = flat_ids.argsort(stable=True)
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    tokens = order // ids.shape[1]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        sel, rows = tokens[start:start + n], order[start:start + n]
+        start += n
+        h = silu_and_mul(x[sel] @ w13[e].t()) @ w2[e].t()
+        out.index_add_(0, sel, h * weights.reshape(-1)[rows].unsqueeze(1).to(h.dtype))
+    return out
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)) with HF's parameter names (dense MLPs and shared experts)."""
+    """down(act(gate(x)) * up(x)) (dense MLPs and shared experts): gate and up in one column-parallel GEMM
+    (checkpoints' gate_proj / up_proj load into gate_up_proj), down row-parallel. reduce_results=False leaves
+    the TP all-reduce to the caller (a shared expert reduced together with the routed experts)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, reduce_results: bool = True):
         super().__init__()
-        self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
-
-    def post_load(self) -> None:
-        """One GEMM for gate and up once the checkpoint is in."""
-        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
-        del self.gate_proj, self.up_proj
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, reduce_results=reduce_results)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "gate_up_proj"):
-            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
-def fuse_linears(*linears: nn.Linear) -> Linear:
-    """A Linear whose output is the concatenation of the given ones' outputs."""
-    w = torch.cat([l.weight.data for l in linears])
-    has_bias = linears[0].bias is not None
-    fused = Linear(w.shape[1], w.shape[0], bias=has_bias, device=w.device, dtype=w.dtype)
-    fused.weight.data = w
-    if has_bias:
-        fused.bias.data = torch.cat([l.bias.data for l in linears])
-    return fused
+def takes_extra_partial(experts: nn.Module) -> bool:
+    """Whether the experts add an un-reduced partial output before their own TP reduction."""
+    return "extra_partial" in inspect.signature(experts.forward).parameters
+
+
+def routed_plus_shared(experts: nn.Module, fused_reduce: bool, x: torch.Tensor, weights: torch.Tensor,
+                       ids: torch.Tensor, shared_partial: torch.Tensor | None) -> torch.Tensor:
+    """Routed experts' output plus the shared experts' partial (this rank's share, not yet reduced over TP):
+    handed to the experts so one all-reduce covers both, or, with experts that do not take it, reduced here."""
+    if fused_reduce:
+        return experts(x, weights, ids, extra_partial=shared_partial)
+    out = experts(x, weights, ids)
+    return out if shared_partial is None else out + get_tp_group().all_reduce(shared_partial)
 
 
 class SparseMoE(nn.Module):
@@ -122,15 +154,16 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.gate = Router(hidden_size, router)
         self.experts = Experts(router.num_experts, hidden_size, moe_intermediate_size)
-        self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size) if shared_intermediate_size else None
-        self.shared_expert_gate = Linear(hidden_size, 1, bias=False) if shared_gate else None
+        self.shared_expert = (GatedMLP(hidden_size, shared_intermediate_size, reduce_results=False)
+                              if shared_intermediate_size else None)
+        self.shared_expert_gate = ReplicatedLinear(hidden_size, 1, bias=False) if shared_gate else None
+        self.fused_reduce = takes_extra_partial(self.experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
-        out = self.experts(x, weights, ids)
+        shared = None
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared
-        return out
+        return routed_plus_shared(self.experts, self.fused_reduce, x, weights, ids, shared)

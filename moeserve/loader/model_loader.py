@@ -13,6 +13,7 @@ import torch
 from moeserve.config import EngineConfig
 from moeserve.models.hf_config import HFConfig
 from moeserve.models.registry import model_class
+from moeserve.layers.linear import attach_weight_loaders
 from moeserve.loader.weights import WeightLoader, fill_dummy
 
 
@@ -120,12 +121,12 @@ def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
     elif source.kind == "hf_dir":
         from moeserve.loader.safetensors_loader import iterate_safetensors
 
-        WeightLoader(model, source.path).load(iterate_safetensors(source.path))
+        WeightLoader(model, source.path).load(iterate_safetensors(source.path, lazy=True))
     else:
         raise ValueError(f"{source.path} is a config without weights; use load_format='dummy'.")
     with torch.no_grad():
         for module in list(model.modules()):
-            if hasattr(module, "post_load"):  # e.g. stacking q/k/v into one GEMM
+            if hasattr(module, "post_load"):  # a layer's last step once its weights are in
                 module.post_load()
     model.eval()
     if tokenizer is None:
@@ -135,7 +136,9 @@ def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
 
 
 def build_empty(cls, hf_config: HFConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Construct on the meta device (no memory, no init), then give it real, uninitialised storage."""
+    """Construct on the meta device (no memory, no init), then give it real, uninitialised storage. Parallel
+    layers size their parameters for this rank (the TP group must be set up before), and get their weight
+    loaders back (to_empty makes new parameter objects)."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -143,7 +146,9 @@ def build_empty(cls, hf_config: HFConfig, device: torch.device, dtype: torch.dty
             model = cls(hf_config)
     finally:
         torch.set_default_dtype(old)
-    return model.to_empty(device=device)
+    model = model.to_empty(device=device)
+    attach_weight_loaders(model)
+    return model
 
 
 def load_tokenizer(path: str | None):

@@ -26,10 +26,12 @@ def safetensors_files(model_dir: str | os.PathLike) -> list[Path]:
     return files
 
 
-def iterate_safetensors(model_dir: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_safetensors(model_dir: str | os.PathLike, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the checkpoint. lazy=True yields safetensors slices instead, which read
+    only the part a rank asks for (loader.tensor_slices); each is valid until the next one is yielded."""
     from safetensors import safe_open
 
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, (f.get_slice(name) if lazy else f.get_tensor(name))

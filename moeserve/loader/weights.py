@@ -1,7 +1,14 @@
-"""Put checkpoint tensors into a model's parameters: HF names map one to one, except the experts, which
-checkpoints store one tensor per expert (gate/up/down or w1/w3/w2) or fused, and we store stacked.
+"""Put checkpoint tensors into a model's parameters, each through its parameter's `weight_loader`, which reads
+only this rank's part (tensors may be lazy safetensors slices).
 
-Every parameter must be filled exactly once and every tensor must land somewhere; the first mismatch is named.
+Names map one to one, except:
+  - merged parameters: the model's `packed_modules` (e.g. {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}) send
+    `...q_proj.weight` to `...qkv_proj.weight` with shard id 0, `k_proj` with 1, and so on;
+  - experts, which checkpoints store one tensor per expert (gate/up/down or w1/w3/w2) or fused, and we store
+    stacked: handed to the experts module's `load_weight(param, tensor, expert_id, proj)`.
+
+On every rank each local parameter must be filled exactly once and every tensor must land somewhere (a tensor
+for an expert on another rank lands there); the first mismatch is named.
 """
 
 from __future__ import annotations
@@ -12,74 +19,130 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from moeserve.layers.linear import WeightShapeError
+from moeserve.loader.tensor_slices import materialize, shape_of
+
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|w1|up_proj|w3|down_proj|w2)\.weight$")
 _FUSED = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+_PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down",
+         "gate_up_proj": "gate_up"}
+
+
+def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> int:
+    """A parameter held whole on every rank (norms, router weights)."""
+    if shape_of(loaded) != tuple(param.shape):
+        raise WeightShapeError(shape_of(loaded), tuple(param.shape))
+    param.data.copy_(materialize(loaded))
+    return param.numel()
 
 
 class WeightLoader:
     def __init__(self, model: nn.Module, source: str = "checkpoint"):
         self.params = dict(model.named_parameters())
+        self.modules = dict(model.named_modules())
         self.source = source
-        self.filled: dict[str, int] = {}  # parameter -> number of elements written
+        self.filled: dict[str, int] = {}  # parameter -> number of elements written on this rank
+        self.shards_filled: dict[str, set] = {}  # merged parameter -> shard ids loaded (to name a missing one)
         self.tied = bool(getattr(model, "tie_word_embeddings", False))
         # e.g. DeepSeek-V3 / GLM-4.5 multi-token-prediction layers, stored after the last decoder layer
         self.skip = getattr(model, "skip_checkpoint_tensor", None)
+        self.packed = [(packed, i, part) for packed, parts in (getattr(model, "packed_modules", None) or {}).items()
+                       for i, part in enumerate(parts)]
 
-    def load(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load(self, tensors: Iterable[tuple[str, object]]) -> None:
         for name, tensor in tensors:
             self.load_one(name, tensor)
         self.check_complete()
 
-    def load_one(self, name: str, tensor: torch.Tensor) -> None:
+    def load_one(self, name: str, tensor) -> None:
         if self.skip is not None and self.skip(name):
             return
         if name in self.params:
-            return self._copy(name, self.params[name].data, tensor)
+            return self._load(name, name, tensor)
         if name == "lm_head.weight" and self.tied:
             return  # tied checkpoints sometimes store it anyway
         if name.endswith("rotary_emb.inv_freq"):
             return
         m = _PER_EXPERT.match(name)
         if m:
-            e, proj, prefix = int(m["e"]), m["proj"], m["prefix"]
-            if proj in ("down_proj", "w2"):
-                target, pname = self._param(f"{prefix}.w2", name), f"{prefix}.w2"
-                return self._copy(pname, target[e], tensor, label=name)
-            target, pname = self._param(f"{prefix}.w13", name), f"{prefix}.w13"
-            half = target.shape[1] // 2
-            rows = slice(0, half) if proj in ("gate_proj", "w1") else slice(half, 2 * half)
-            return self._copy(pname, target[e, rows], tensor, label=name)
+            return self._load_expert(m["prefix"], "w2" if m["proj"] in ("down_proj", "w2") else "w13", tensor,
+                                     int(m["e"]), m["proj"], name)
         m = _FUSED.match(name)
         if m:
-            pname = f"{m['prefix']}.{'w13' if m['proj'] == 'gate_up_proj' else 'w2'}"
-            target = self._param(pname, name)
-            if tensor.shape != target.shape and tensor.transpose(1, 2).shape == target.shape:
-                tensor = tensor.transpose(1, 2)
-            return self._copy(pname, target, tensor, label=name)
+            return self._load_expert(m["prefix"], "w13" if m["proj"] == "gate_up_proj" else "w2", tensor, None,
+                                     m["proj"], name)
+        for packed, shard_id, part in self.packed:
+            if f".{part}." in name:
+                pname = name.replace(f".{part}.", f".{packed}.")
+                if pname in self.params:
+                    self.shards_filled.setdefault(pname, set()).add(shard_id)
+                    return self._load(pname, name, tensor, shard_id)
         raise ValueError(f"{self.source}: tensor {name!r} matches no parameter of the model "
                          f"(the checkpoint does not match config.json).")
 
-    def _param(self, pname: str, label: str) -> torch.Tensor:
+    def _load(self, pname: str, label: str, tensor, shard_id=None) -> None:
+        param = self.params[pname]
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            n = loader(param, tensor) if shard_id is None else loader(param, tensor, shard_id)
+        except WeightShapeError as e:
+            raise ValueError(f"{self.source}: tensor {label!r} has shape {e.got}, but the config implies "
+                             f"{e.expected}.") from None
+        self._count(pname, label, n)
+
+    def _count(self, pname: str, label: str, n: int) -> None:
+        self.filled[pname] = self.filled.get(pname, 0) + n
+        if self.filled[pname] > self.params[pname].numel():
+            raise ValueError(f"{self.source}: tensor {label!r} writes parameter {pname!r} a second time.")
+
+    def _load_expert(self, prefix: str, param: str, tensor, expert_id: int | None, proj: str, label: str) -> None:
+        pname = f"{prefix}.{param}"
         if pname not in self.params:
             raise ValueError(f"{self.source}: tensor {label!r} matches no parameter of the model.")
-        return self.params[pname].data
+        experts = self.modules[prefix]
+        if hasattr(experts, "load_weight"):
+            try:
+                n = experts.load_weight(param, tensor, expert_id, _PROJ[proj])
+            except ValueError as e:
+                raise ValueError(f"{self.source}: tensor {label!r}: {e}") from None
+            return self._count(pname, label, n)
+        self._copy_expert(pname, tensor, expert_id, _PROJ[proj], label)
 
-    def _copy(self, pname: str, target: torch.Tensor, tensor: torch.Tensor, label: str | None = None) -> None:
-        if tuple(target.shape) != tuple(tensor.shape):
-            raise ValueError(f"{self.source}: tensor {label or pname!r} has shape {tuple(tensor.shape)}, but the "
-                             f"config implies {tuple(target.shape)}.")
-        target.copy_(tensor)
-        self.filled[pname] = self.filled.get(pname, 0) + tensor.numel()
+    def _copy_expert(self, pname: str, tensor, expert_id: int | None, proj: str, label: str) -> None:
+        """Experts held whole on every rank (until the experts module loads its own shards)."""
+        target = self.params[pname].data
+        if expert_id is not None:
+            target = target[expert_id]
+            if proj in ("gate", "up"):
+                half = target.shape[0] // 2
+                target = target[:half] if proj == "gate" else target[half:]
+        shape = shape_of(tensor)
+        if expert_id is None and shape != tuple(target.shape) and (shape[0], shape[2], shape[1]) == tuple(target.shape):
+            tensor = materialize(tensor).transpose(1, 2)
+            shape = tuple(tensor.shape)
+        if shape != tuple(target.shape):
+            raise ValueError(f"{self.source}: tensor {label!r} has shape {shape}, but the config implies "
+                             f"{tuple(target.shape)}.")
+        target.copy_(materialize(tensor))
+        self._count(pname, label, target.numel())
 
     def check_complete(self) -> None:
         for pname, p in self.params.items():
             if self.filled.get(pname, 0) < p.numel():
-                raise ValueError(f"{self.source}: no weights for parameter {pname!r} "
+                raise ValueError(f"{self.source}: no weights for parameter {self._missing_name(pname)!r} "
                                  f"(the checkpoint does not match config.json).")
+
+    def _missing_name(self, pname: str) -> str:
+        """A merged parameter is named by the checkpoint tensor that did not come (e.g. ...up_proj.weight)."""
+        for packed, shard_id, part in self.packed:
+            if f".{packed}." in pname and shard_id not in self.shards_filled.get(pname, set()):
+                return pname.replace(f".{packed}.", f".{part}.")
+        return pname
 
 
 def fill_dummy(model: nn.Module, seed: int, low: float = -1e-3, high: float = 1e-3) -> None:
-    """Seeded small uniform values, as vLLM's dummy format does: no checkpoint needed."""
+    """Seeded small uniform values, as vLLM's dummy format does: no checkpoint needed. Parameters are this
+    rank's shards, built directly; replicated ones come out equal on every rank (same shapes, same order)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():

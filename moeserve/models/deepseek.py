@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from moeserve.layers.attention import ForwardContext
-from moeserve.layers.linear import Linear
+from moeserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from moeserve.layers.mla import LatentAttention
-from moeserve.layers.moe import Experts, GatedMLP, Router, RouterConfig
+from moeserve.layers.moe import Experts, GatedMLP, Router, RouterConfig, routed_plus_shared, takes_extra_partial
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding, yarn_mscale
 from moeserve.models.hf_config import HFConfig
@@ -59,15 +59,14 @@ class SharedExpertMoE(nn.Module):
         super().__init__()
         self.gate = Router(hidden_size, router)
         self.experts = Experts(router.num_experts, hidden_size, moe_intermediate_size)
-        self.shared_experts = (GatedMLP(hidden_size, moe_intermediate_size * n_shared_experts)
+        self.shared_experts = (GatedMLP(hidden_size, moe_intermediate_size * n_shared_experts, reduce_results=False)
                                if n_shared_experts else None)
+        self.fused_reduce = takes_extra_partial(self.experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
-        out = self.experts(x, weights, ids)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        return routed_plus_shared(self.experts, self.fused_reduce, x, weights, ids, shared)
 
 
 def is_moe_layer(cfg: HFConfig, layer_idx: int) -> bool:
@@ -83,21 +82,24 @@ class MLAttention(nn.Module):
         super().__init__()
         hidden, H = cfg.hidden_size, cfg.num_attention_heads
         R, N, P, V = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        self.num_heads, self.nope_dim, self.rope_dim, self.kv_lora_rank = H, N, P, R
+        self.nope_dim, self.rope_dim, self.kv_lora_rank = N, P, R
         bias = bool(cfg.get("attention_bias", False))
         self.q_lora_rank = cfg.get("q_lora_rank")
+        # Heads are split over the TP ranks (per-head projections column/row-parallel); the latent
+        # projections are replicated, so every rank caches the whole latent.
         if self.q_lora_rank:
-            self.q_a_proj = Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)  # DeepSeek's inner norms use eps 1e-6
-            self.q_b_proj = Linear(self.q_lora_rank, H * (N + P), bias=False)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, H * (N + P), bias=False)
         else:
-            self.q_proj = Linear(hidden, H * (N + P), bias=False)
-        self.kv_a_proj_with_mqa = Linear(hidden, R + P, bias=bias)
+            self.q_proj = ColumnParallelLinear(hidden, H * (N + P), bias=False)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, R + P, bias=bias)
         self.kv_a_layernorm = RMSNorm(R, 1e-6)
-        self.kv_b_proj = Linear(R, H * (N + V), bias=False)
-        self.o_proj = Linear(H * V, hidden, bias=bias)
+        self.kv_b_proj = ColumnParallelLinear(R, H * (N + V), bias=False)
+        self.o_proj = RowParallelLinear(H * V, hidden, bias=bias)
         self.rotary = rotary
         self.attn = LatentAttention(H, R, N, P, V, mla_softmax_scale(N + P, cfg.get("rope_scaling")), layer_idx)
+        self.num_heads = self.attn.num_heads  # this rank's
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x.shape[0]

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from moeserve.layers.attention import ForwardContext, PagedAttention
-from moeserve.layers.linear import Linear
-from moeserve.layers.moe import GatedMLP, fuse_linears
+from moeserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from moeserve.layers.linear import QKVParallelLinear, RowParallelLinear
+from moeserve.layers.moe import GatedMLP
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding
 from moeserve.models.hf_config import HFConfig
@@ -23,12 +24,10 @@ from moeserve.models.hf_config import HFConfig
 class GQAAttention(nn.Module):
     def __init__(self, cfg: HFConfig, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
         super().__init__()
-        hidden, self.num_heads, self.num_kv_heads = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
+        hidden, heads, self.head_dim = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, cfg.num_key_value_heads, bias=qkv_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
+        self.o_proj = RowParallelLinear(heads * self.head_dim, hidden, bias=o_bias)
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -38,18 +37,10 @@ class GQAAttention(nn.Module):
                                       cfg.get("rope_scaling"))
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, layer_idx)
 
-    def post_load(self) -> None:
-        """One GEMM instead of three: q, k, v projections stacked once the checkpoint is in."""
-        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
-        del self.q_proj, self.k_proj, self.v_proj
-
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x.shape[0]
-        if hasattr(self, "qkv_proj"):
-            kv = self.num_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv = self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
@@ -89,7 +80,7 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, cfg: HFConfig, layers: list[nn.Module]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -114,6 +105,8 @@ class CausalLM(nn.Module):
     """embed -> decoder layers -> norm -> lm_head. Subclasses choose attention and MLP per layer."""
 
     mlp_name = "mlp"
+    # checkpoint tensors that load into one merged parameter, in its order (the loader's shard ids)
+    packed_modules = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
     def __init__(self, cfg: HFConfig):
         super().__init__()
@@ -125,8 +118,8 @@ class CausalLM(nn.Module):
         share_rotary(layers)
         self.model = DecoderModel(cfg, layers)
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
-        if not self.tie_word_embeddings:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size,
+                                      tied_to=self.model.embed_tokens if self.tie_word_embeddings else None)
 
     # -- the two choices an architecture makes --
     def make_attention(self, cfg: HFConfig, layer_idx: int) -> nn.Module:
@@ -141,15 +134,15 @@ class CausalLM(nn.Module):
         return len(self.model.layers)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        return (2, num_blocks, block_size, self.config.num_key_value_heads, self.config.head_dim)
+        attn = self.model.layers[0].self_attn.attn  # this rank's KV heads
+        return (2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
 
     # -- the forward pass --
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return self.lm_head.compute_logits(hidden)
 
 
 class LlamaForCausalLM(CausalLM):
