@@ -82,39 +82,7 @@ class Router(nn.Module):
         return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
 
 
-class Experts(nn.Module):
-    """E gated-SiLU experts stacked: w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I]."""
-
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.num_experts, self.intermediate_size = num_experts, intermediate_size
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            from moeserve.kernels.fused_moe import fused_moe
-
-            return fused_moe(x, self.w13, self.w2, weights, ids)
-        return experts_reference(x, self.w13, self.w2, weights, ids)
-
-
-def experts_reference(x, w13, w2, weights, ids) -> torch.Tensor:
-    """Per expert: gather its tokens, run the gated MLP, scale by the routing weight, scatter-add back."""
-    out = torch.zeros_like(x)
-    flat_ids = ids.reshape(-1).long()
-    order = flat_ids.argsort(stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
-    tokens = order // ids.shape[1]
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        sel, rows = tokens[start:start + n], order[start:start + n]
-        start += n
-        h = silu_and_mul(x[sel] @ w13[e].t()) @ w2[e].t()
-        out.index_add_(0, sel, h * weights.reshape(-1)[rows].unsqueeze(1).to(h.dtype))
-    return out
+from moeserve.layers.experts import Experts, experts_reference  # noqa: E402,F401  (re-exported)
 
 
 class GatedMLP(nn.Module):
