@@ -1,4 +1,5 @@
-"""Quantized CPU matmuls (layers/quant) against the fp32 reference: gguf's own dequantization, then F.linear.
+"""The CPU fast path against its references: quantized matmuls (layers/quant) against gguf's own
+dequantization then F.linear, and the batched CPU paged attention against the per-sequence ref_paged_attention.
 
 Random raw GGUF blocks (every byte pattern the format allows, fp16 block scales of a sane size) are decoded
 by gguf.quants.dequantize (the reference) and by our int4 terms; the matmul through torch's int4 kernel must
@@ -71,3 +72,46 @@ def test_int4_matmul_matches_dequantize_then_linear(qtype, rows, bias):
 def test_formats_without_an_int4_mapping_say_so():
     assert decode_int4_terms("Q6_K", np.zeros((2, 210), np.uint8), 2, 256) is None
     assert decode_int4_terms("Q4_0", np.zeros((2, 9), np.uint8), 2, 16) is None  # K not a multiple of 32
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batched CPU paged attention (layers.attention.paged_attention_reference) against kernels.reference
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _attention_case(query_lens, seq_lens, heads=6, kv_heads=2, head_dim=16, block_size=4, seed=0):
+    import numpy as np
+
+    from moeserve.layers.attention import AttentionMetadata
+
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [(s + block_size - 1) // block_size for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g)
+    perm = torch.randperm(num_blocks, generator=g).tolist()  # pages scattered over the pool
+    tables = torch.zeros(len(seq_lens), max(blocks_per_seq) + 1, dtype=torch.int32)
+    for b, n in enumerate(blocks_per_seq):
+        tables[b, :n] = torch.tensor([perm.pop() for _ in range(n)])
+    qsl = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)
+    q = torch.randn(int(qsl[-1]), heads, head_dim, generator=g)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), query_start_loc=torch.from_numpy(qsl),
+                             seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=tables,
+                             max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+                             query_start_loc_cpu=qsl, seq_lens_cpu=np.array(seq_lens, dtype=np.int32))
+    return q, cache, meta
+
+
+@pytest.mark.parametrize("query_lens,seq_lens", [
+    ([1] * 5, [7, 1, 13, 4, 9]),  # decode: one batch, ragged contexts
+    ([3, 3, 2], [3, 10, 5]),  # similar prefills/chunks: one padded batch
+    ([1, 9, 1, 0, 4], [6, 9, 17, 5, 12]),  # mixed: decode batch + each prefill alone, one idle sequence
+])
+def test_batched_cpu_attention_matches_the_per_sequence_reference(query_lens, seq_lens):
+    from moeserve.kernels.reference import ref_paged_attention
+    from moeserve.layers.attention import paged_attention_reference
+
+    q, cache, meta = _attention_case(query_lens, seq_lens)
+    got = paged_attention_reference(q, cache, meta, scale=0.3)
+    want = ref_paged_attention(q, cache, query_start_loc=meta.query_start_loc, seq_lens=meta.seq_lens,
+                               block_tables=meta.block_tables, scale=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

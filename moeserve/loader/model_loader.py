@@ -106,18 +106,18 @@ def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
     source = source or resolve_source(cfg)
     tensors = tokenizer = None
     if source.kind == "gguf":
-        from moeserve.loader.gguf import load_gguf
+        from moeserve.loader.gguf import load_gguf_model, read_gguf
 
-        ckpt = load_gguf(source.path, dtype=torch.float32)
-        source.config, tensors, tokenizer = ckpt.config, ckpt.tensors, ckpt.tokenizer
+        if cfg.load_format != "dummy":  # its own path: on CPU the weights stay packed (layers/quant)
+            return load_gguf_model(source, device, dtype, t0)
+        ckpt = read_gguf(source.path)
+        source.config, tokenizer = ckpt.config, ckpt.tokenizer
     hf_config = HFConfig(source.config, source=os.path.join(source.path, "config.json")
                          if source.kind == "hf_dir" else source.path)
     cls = model_class(hf_config.architecture)
     model = build_empty(cls, hf_config, device, dtype)
     if cfg.load_format == "dummy":
         fill_dummy(model, cfg.seed)
-    elif source.kind == "gguf":
-        WeightLoader(model, source.path).load(tensors.items())
     elif source.kind == "hf_dir":
         from moeserve.loader.safetensors_loader import iterate_safetensors
 

@@ -94,3 +94,22 @@ def decode_int4_terms(qtype_name: str, data: np.ndarray, n: int, k: int) -> list
     if decoder is None or k % GROUP or (qtype_name == "Q4_K" and k % 256):
         return None
     return decoder(np.asarray(data, dtype=np.uint8), n, k)
+
+
+def stack_rows(per_part: list[list[Int4Term]]) -> list[Int4Term]:
+    """The terms of several linears' weights stacked by rows (a fused q/k/v or gate/up). Parts with fewer terms
+    (a Q4 part beside a Q8_0 one) get zero terms: q = 8, scale = zero = 0."""
+    count = max(len(terms) for terms in per_part)
+    stacked = []
+    for i in range(count):
+        qs, scales, zeros = [], [], []
+        for terms in per_part:
+            if i < len(terms):
+                t = terms[i]
+            else:
+                n, k = terms[0].q.shape
+                t = Int4Term(np.full((n, k), 8, np.uint8), np.zeros((n, k // GROUP), np.float32),
+                             np.zeros((n, k // GROUP), np.float32))
+            qs.append(t.q), scales.append(t.scale), zeros.append(t.zero)
+        stacked.append(Int4Term(np.concatenate(qs), np.concatenate(scales), np.concatenate(zeros)))
+    return stacked

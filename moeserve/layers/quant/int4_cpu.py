@@ -41,15 +41,16 @@ class Int4CPUMethod:
 
     @staticmethod
     def attach(layer: nn.Module, terms: list[Int4Term]) -> None:
-        """Give `layer` (a Linear of out_features x in_features) the packed terms, drop its dense weight."""
+        """Give `layer` (a Linear of out_features x in_features) the packed terms and drop its dense weight.
+        They are buffers, not parameters: nothing loads into them or trains them."""
         n, k = terms[0].q.shape
         if (n, k) != (layer.out_features, layer.in_features):
             raise ValueError(f"int4 terms of shape {(n, k)} do not fit a Linear of {(layer.out_features, layer.in_features)}")
         layer.register_parameter("weight", None)
         for i, term in enumerate(terms):
             packed, sz = pack_term(term)
-            layer.register_parameter(f"qweight{i}", nn.Parameter(packed, requires_grad=False))
-            layer.register_parameter(f"qscales_zeros{i}", nn.Parameter(sz, requires_grad=False))
+            layer.register_buffer(f"qweight{i}", packed)
+            layer.register_buffer(f"qscales_zeros{i}", sz)
         layer.num_int4_terms = len(terms)
         layer.quant_method = Int4CPUMethod()
 
