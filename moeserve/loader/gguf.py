@@ -238,3 +238,56 @@ def _tokenizer(path: Path) -> "transformers.PreTrainedTokenizerFast":
         return PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except (ValueError, KeyError) as e:
         raise ValueError(f"{path.name}: cannot build a tokenizer from the GGUF metadata: {e}") from e
+
+
+def load_gguf_model(source: Any, device: torch.device, dtype: torch.dtype, t0: float) -> Any:
+    """A GGUF file as a ready model (model_loader.LoadedModel). On CPU (one TP rank), every linear whose
+    checkpoint parts are all in a block format that maps to int4 (Q4_0, Q4_1, Q4_K, Q8_0; layers/quant) keeps
+    them packed: its dense weight is dropped while the model is still on the meta device, so it is never
+    allocated. Everything else (norms, the embedding that is also the tied LM head, other formats, and all of it
+    on CUDA) is dequantized into `dtype` and loaded as from safetensors."""
+    from moeserve.layers.linear import LinearBase, attach_weight_loaders
+    from moeserve.layers.quant.gguf_blocks import decode_int4_terms, stack_rows
+    from moeserve.layers.quant.int4_cpu import Int4CPUMethod
+    from moeserve.loader.model_loader import LoadedModel, eos_ids
+    from moeserve.loader.weights import WeightLoader
+    from moeserve.models.hf_config import HFConfig
+    from moeserve.models.registry import model_class
+
+    f = read_gguf(source.path)
+    source.config = f.config
+    hf_config = HFConfig(f.config, source=source.path)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = model_class(hf_config.architecture)(hf_config)
+    finally:
+        torch.set_default_dtype(old)
+
+    packed: dict[str, list] = {}  # module name -> int4 terms of its (stacked) weight
+    if device.type == "cpu":
+        merged = getattr(model, "packed_modules", None) or {}
+        for module_name, module in model.named_modules():
+            if not isinstance(module, LinearBase) or module.tp_size != 1:
+                continue
+            prefix, _, leaf = module_name.rpartition(".")
+            names = [f"{prefix}.{p}.weight" for p in merged[leaf]] if leaf in merged else [f"{module_name}.weight"]
+            ts = [f.tensors.get(n) for n in names]
+            terms = [t and decode_int4_terms(t.qtype, t.data, *t.shape) for t in ts]
+            if all(terms):
+                packed[module_name] = stack_rows(terms)
+                module.register_parameter("weight", None)  # before to_empty: never allocated
+                f.tensors = {n: t for n, t in f.tensors.items() if n not in names}
+    model = model.to_empty(device=device)
+    attach_weight_loaders(model)
+    for module_name, terms in packed.items():
+        Int4CPUMethod.attach(model.get_submodule(module_name), terms)
+    WeightLoader(model, source.path).load((name, t.dense(dtype)) for name, t in f.tensors.items())
+    with torch.no_grad():
+        for module in list(model.modules()):
+            if hasattr(module, "post_load"):
+                module.post_load()
+    model.eval()
+    return LoadedModel(model, hf_config, f.tokenizer, eos_ids(hf_config, source, f.tokenizer), source,
+                       time.perf_counter() - t0)
