@@ -92,6 +92,11 @@ def _attention_case(query_lens, seq_lens, heads=6, kv_heads=2, head_dim=16, bloc
     tables = torch.zeros(len(seq_lens), max(blocks_per_seq) + 1, dtype=torch.int32)
     for b, n in enumerate(blocks_per_seq):
         tables[b, :n] = torch.tensor([perm.pop() for _ in range(n)])
+        tail = cache[:, tables[b, n - 1].item()].view(2, -1)[:, seq_lens[b] % block_size * kv_heads * head_dim:]
+        if seq_lens[b] % block_size:
+            tail.fill_(float("nan"))  # never-written slots of a sequence's last page hold garbage
+    for free in perm:
+        cache[:, free] = float("nan")
     qsl = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)
     q = torch.randn(int(qsl[-1]), heads, head_dim, generator=g)
     meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), query_start_loc=torch.from_numpy(qsl),
@@ -115,3 +120,31 @@ def test_batched_cpu_attention_matches_the_per_sequence_reference(query_lens, se
     want = ref_paged_attention(q, cache, query_start_loc=meta.query_start_loc, seq_lens=meta.seq_lens,
                                block_tables=meta.block_tables, scale=0.3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The default model end to end: packed by default, the fp32 reference with dtype="float32"
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_default_model_stays_packed_and_follows_the_fp32_reference():
+    from moeserve import LLM, SamplingParams
+    from moeserve.layers.linear import LinearBase
+
+    def engine(**kw):
+        return LLM(max_model_len=128, kv_cache_memory_bytes=16 << 20, **kw)
+
+    packed = engine()
+    model = packed.llm_engine.executor.worker.model
+    tok = packed.get_tokenizer()
+    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                   tokenize=False, add_generation_prompt=True)
+    sp = SamplingParams(temperature=0, max_tokens=12)
+    got = packed.generate([text], sp)[0].outputs[0]
+    assert "Paris" in got.text, got.text
+    linears = [m for m in model.modules() if isinstance(m, LinearBase)]
+    assert len(linears) == 4 * 30 and all(m.quant_method is not None and m.weight is None for m in linears)
+    del packed
+    reference = engine(dtype="float32")
+    want = reference.generate([text], sp)[0].outputs[0]
+    assert got.token_ids[:8] == want.token_ids[:8], (got.text, want.text)

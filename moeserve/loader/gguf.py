@@ -240,12 +240,15 @@ def _tokenizer(path: Path) -> "transformers.PreTrainedTokenizerFast":
         raise ValueError(f"{path.name}: cannot build a tokenizer from the GGUF metadata: {e}") from e
 
 
-def load_gguf_model(source: Any, device: torch.device, dtype: torch.dtype, t0: float) -> Any:
-    """A GGUF file as a ready model (model_loader.LoadedModel). On CPU (one TP rank), every linear whose
+def load_gguf_model(source: Any, device: torch.device, dtype: torch.dtype, t0: float, keep_packed: bool = True) -> Any:
+    """A GGUF file as a ready model (model_loader.LoadedModel). On CPU (one TP rank, keep_packed), every linear whose
     checkpoint parts are all in a block format that maps to int4 (Q4_0, Q4_1, Q4_K, Q8_0; layers/quant) keeps
     them packed: its dense weight is dropped while the model is still on the meta device, so it is never
     allocated. Everything else (norms, the embedding that is also the tied LM head, other formats, and all of it
-    on CUDA) is dequantized into `dtype` and loaded as from safetensors."""
+    on CUDA) is dequantized into `dtype` and loaded as from safetensors.
+
+    keep_packed=False is the fp32 reference (dtype="float32" asked for by name): the int4 kernel runs on bf16
+    activations, close to fp32 but not token-identical to transformers over a long greedy answer."""
     from moeserve.layers.linear import LinearBase, attach_weight_loaders
     from moeserve.layers.quant.gguf_blocks import decode_int4_terms, stack_rows
     from moeserve.layers.quant.int4_cpu import Int4CPUMethod
@@ -266,7 +269,7 @@ def load_gguf_model(source: Any, device: torch.device, dtype: torch.dtype, t0: f
         torch.set_default_dtype(old)
 
     packed: dict[str, list] = {}  # module name -> int4 terms of its (stacked) weight
-    if device.type == "cpu":
+    if device.type == "cpu" and keep_packed:
         merged = getattr(model, "packed_modules", None) or {}
         for module_name, module in model.named_modules():
             if not isinstance(module, LinearBase) or module.tp_size != 1:

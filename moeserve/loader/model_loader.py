@@ -108,8 +108,9 @@ def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
     if source.kind == "gguf":
         from moeserve.loader.gguf import load_gguf_model, read_gguf
 
-        if cfg.load_format != "dummy":  # its own path: on CPU the weights stay packed (layers/quant)
-            return load_gguf_model(source, device, dtype, t0)
+        if cfg.load_format != "dummy":  # its own path: on CPU the weights stay packed (layers/quant) unless
+            # float32 is asked for by name, which gets the dequantized fp32 reference
+            return load_gguf_model(source, device, dtype, t0, keep_packed=cfg.dtype_name != "float32")
         ckpt = read_gguf(source.path)
         source.config, tokenizer = ckpt.config, ckpt.tokenizer
     hf_config = HFConfig(source.config, source=os.path.join(source.path, "config.json")
