@@ -40,18 +40,23 @@ class Int4CPUMethod:
     name = "int4_cpu"
 
     @staticmethod
-    def attach(layer: nn.Module, terms: list[Int4Term]) -> None:
-        """Give `layer` (a Linear of out_features x in_features) the packed terms and drop its dense weight.
-        They are buffers, not parameters: nothing loads into them or trains them."""
-        n, k = terms[0].q.shape
-        if (n, k) != (layer.out_features, layer.in_features):
-            raise ValueError(f"int4 terms of shape {(n, k)} do not fit a Linear of {(layer.out_features, layer.in_features)}")
+    def pack(terms: list[Int4Term]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The terms in the kernel's layout (0.5 byte per weight): pack as soon as decoded, attach later."""
+        return [pack_term(t) for t in terms]
+
+    @staticmethod
+    def attach(layer: nn.Module, terms: list[Int4Term] | list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Give `layer` (a Linear of out_features x in_features) the int4 terms (or their pack()) and drop its
+        dense weight. They are buffers, not parameters: nothing loads into them or trains them."""
+        packed = [t if isinstance(t, tuple) else pack_term(t) for t in terms]
+        n_padded, k = packed[0][0].shape[0], packed[0][0].shape[1] * 2
+        if k != layer.in_features or not 0 <= n_padded - layer.out_features < _N_MULTIPLE:
+            raise ValueError(f"int4 terms of {n_padded} x {k} do not fit a Linear of {(layer.out_features, layer.in_features)}")
         layer.register_parameter("weight", None)
-        for i, term in enumerate(terms):
-            packed, sz = pack_term(term)
-            layer.register_buffer(f"qweight{i}", packed)
+        for i, (weight, sz) in enumerate(packed):
+            layer.register_buffer(f"qweight{i}", weight)
             layer.register_buffer(f"qscales_zeros{i}", sz)
-        layer.num_int4_terms = len(terms)
+        layer.num_int4_terms = len(packed)
         layer.quant_method = Int4CPUMethod()
 
     @staticmethod
