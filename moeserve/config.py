@@ -71,8 +71,9 @@ class EngineConfig:
         # Not built yet: say so before anything loads rather than run something else.
         check(self.pipeline_parallel_size == 1,
               "pipeline_parallel_size > 1 is not implemented yet (tensor and expert parallelism are).")
-        check(self.data_parallel_size == 1,
-              "data_parallel_size > 1 (DP attention) is not implemented yet (tensor and expert parallelism are).")
+        check(self.data_parallel_size == 1 or self.enable_expert_parallel,
+              "data_parallel_size > 1 runs DP attention with expert parallelism: add enable_expert_parallel "
+              "(a dense model needs no DP inside one server; run one server per replica).")
 
     @property
     def world_size(self) -> int:

@@ -8,7 +8,7 @@ from enum import Enum
 
 MAX_INT32 = 2**31 - 1  # integer fields go to the device as int32/int64 tensors: bounded, never a Python bigint
 MAX_TEMPERATURE = 100.0  # far past anything useful (2 is OpenAI's own bound); a bound keeps logits finite
-MAX_REPETITION_PENALTY = 2.0
+MAX_REPETITION_PENALTY = 100.0  # vLLM bounds it only below; any finite factor this large already bans
 
 
 class InvalidSamplingParam(ValueError):

@@ -105,8 +105,14 @@ def test_plans_single_gpu_command_parses_and_multi_gpu_layouts_are_refused_clear
     argv = shlex.split(one)[1:]  # drop the program name
     assert argv[0] == "serve" and not one.startswith("#")
     engine_args_from(_serve_parser().parse_args(argv[1:]))  # every flag the plan writes is accepted
-    eight = make_plan(PlanRequest("deepseek-ai/DeepSeek-V3", gpus="8xH100-80GB", nodes=2)).commands["moeserve"]
-    assert eight.startswith("# moeserve runs one GPU")
-    assert main(["generate", "--model", ckpt, "-tp", "8", "--enable-expert-parallel", "hi"]) == 2
-    err = capsys.readouterr().err
-    assert "--tensor-parallel-size 8 --enable-expert-parallel" in err and "vLLM command" in err
+    four = make_plan(PlanRequest("Qwen/Qwen3-235B-A22B", gpus="4xH200-141GB")).commands["moeserve"]
+    assert four.startswith("moeserve serve")  # a layout the engine runs is printed to run as it is
+    args = engine_args_from(_serve_parser().parse_args(shlex.split(four)[2:]))
+    assert args["tensor_parallel_size"] == 4 and args["enable_expert_parallel"]
+    two_nodes = make_plan(PlanRequest("deepseek-ai/DeepSeek-V3", gpus="8xH100-80GB", nodes=2)).commands["moeserve"]
+    assert two_nodes.startswith("# moeserve does not run pipeline parallelism yet")
+    # what the engine cannot run yet is refused before anything loads, naming the flag
+    assert main(["generate", "--model", ckpt, "-pp", "2", "hi"]) == 2
+    assert "pipeline_parallel_size" in capsys.readouterr().err
+    assert main(["generate", "--model", ckpt, "--quantization", "fp8", "hi"]) == 2
+    assert "--quantization fp8" in capsys.readouterr().err

@@ -210,8 +210,12 @@ def test_prompt_larger_than_kv_pool(path):
     llm = LLM(model=path, num_gpu_blocks_override=2, block_size=16)
     with pytest.raises(RequestRejected, match="pool"):
         llm.generate({"prompt_token_ids": list(range(40))})
-    # a request that fits still runs, capped by the pool rather than hanging
-    out = llm.generate({"prompt_token_ids": list(range(20))}, SamplingParams(max_tokens=100, ignore_eos=True))
+    # prompt + max_tokens beyond the whole pool could never finish: refused at admission, not cut short
+    with pytest.raises(RequestRejected, match="pool") as e:
+        llm.generate({"prompt_token_ids": list(range(20))}, SamplingParams(max_tokens=100, ignore_eos=True))
+    assert e.value.code == "kv_cache_exceeded"
+    # without max_tokens it runs until the pool is full, rather than hanging
+    out = llm.generate({"prompt_token_ids": list(range(20))}, SamplingParams(max_tokens=None, ignore_eos=True))
     assert out[0].outputs[0].finish_reason == "length" and len(out[0].outputs[0].token_ids) == 12
 
 

@@ -90,7 +90,7 @@ def wait_idle(server, timeout_s: float = 30.0) -> dict:
 @pytest.mark.parametrize("field,value", [
     ("temperature", math.nan), ("temperature", math.inf), ("temperature", 1e308), ("temperature", -0.1),
     ("repetition_penalty", math.nan), ("repetition_penalty", math.inf), ("repetition_penalty", 0.0),
-    ("repetition_penalty", 2.5), ("top_p", math.nan), ("min_p", math.nan), ("presence_penalty", math.nan),
+    ("repetition_penalty", 101.0), ("top_p", math.nan), ("min_p", math.nan), ("presence_penalty", math.nan),
     ("frequency_penalty", -math.inf), ("top_k", 2**70), ("top_k", -2), ("top_k", 4.0), ("top_k", True),
     ("stop_token_ids", [-100000]), ("min_tokens", 2**40), ("max_tokens", 4.0), ("seed", -1),
 ])
@@ -252,7 +252,7 @@ def test_lone_surrogates_are_400_naming_the_field(server, path, body, param):
     (b'{"prompt": "x", "temperature": 1e308}', "temperature"),
     (b'{"prompt": "x", "repetition_penalty": NaN}', "repetition_penalty"),
     (b'{"prompt": "x", "repetition_penalty": 1e999}', "repetition_penalty"),
-    (b'{"prompt": "x", "repetition_penalty": 2.5}', "repetition_penalty"),
+    (b'{"prompt": "x", "repetition_penalty": 101}', "repetition_penalty"),
     (b'{"prompt": "x", "top_p": -Infinity}', "top_p"),
     (b'{"prompt": "x", "max_tokens": 4.5}', "max_tokens"),
     (b'{"prompt": "x", "min_tokens": 100000}', "min_tokens"),

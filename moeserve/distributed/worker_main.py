@@ -35,8 +35,8 @@ def broadcast_step(step) -> object:
 
 def worker_main(config, info, device_type: str) -> None:
     from moeserve.distributed.launch import init_rank, rank_device
-    from moeserve.distributed.parallel_state import get_tp_group, layout
-    from moeserve.engine.worker import Worker
+    from moeserve.distributed.parallel_state import get_dp_group, get_tp_group
+    from moeserve.engine.worker import LeaderSampler, Worker
     from moeserve.loader.model_loader import resolve_dtype, resolve_source
 
     logging.basicConfig(level=logging.WARNING)
@@ -46,16 +46,28 @@ def worker_main(config, info, device_type: str) -> None:
     torch.manual_seed(config.seed)
     worker = Worker(config, device, resolve_dtype(config.dtype_name, device), resolve_source(config))
     worker.initialize_cache(agree_num_blocks(worker.available_kv_blocks()))
-    tp = get_tp_group()
+    tp, dp = get_tp_group(), get_dp_group()
+    leader = None
+    if dp.size > 1 and tp.rank == 0:
+        loaded = worker.loaded
+        leader = LeaderSampler(loaded.hf_config.vocab_size, device, config.seed, loaded.eos_token_ids)
     prev = None
     try:
         while True:
             step = broadcast_step(None)
             if step is None:
                 break
+            if isinstance(step, list):  # DP: every DP rank's step in one message; no async scheduling
+                step = step[dp.rank]
+                logits = worker.execute(step, None)
+                if leader is not None:
+                    leader.apply(step)
+                    if step.sample_rows:
+                        dist.send_object_list([leader.sample(step, logits)], dst=0, group=_control)
+                continue
             worker.execute(step, prev)
             S = len(step.sample_rows)
-            if S and layout().world_size > 1:
+            if S and tp.size > 1:
                 prev = tp.broadcast(torch.empty(S, dtype=torch.int64, device=device), src=0)
     finally:
         dist.destroy_process_group()

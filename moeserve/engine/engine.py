@@ -130,13 +130,17 @@ class LLMEngine:
         self.timings = worker.timings
         self.profile_peak_bytes = worker.profile_peak_bytes
         num_blocks = self.executor.num_blocks
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, self.max_num_batched_tokens,
-                                   config.enable_chunked_prefill)
+        # One scheduler and KV pool per data-parallel rank (DP attention): each DP rank holds its own requests'
+        # KV, and all of them step together. self.scheduler / self.kv are DP rank 0's.
+        self.kvs = [KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+                    for _ in range(config.data_parallel_size)]
+        self.schedulers = [Scheduler(kv, config.max_num_seqs, self.max_num_batched_tokens,
+                                     config.enable_chunked_prefill) for kv in self.kvs]
+        self.kv, self.scheduler = self.kvs[0], self.schedulers[0]
         self.sampler = Sampler(self.hf_config.vocab_size, self.device, config.seed)
 
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.device.type == "cuda")
+                                 else self.device.type == "cuda") and config.data_parallel_size == 1
         self.inflight: _Launched | None = None
         self.sync_requests: set[str] = set()  # alive requests whose sampling reads their newest tokens
         self.requests: dict[str, Request] = {}
@@ -212,11 +216,13 @@ class LLMEngine:
                 req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
                                                          params.stop, params.include_stop_str_in_output)
             children.append(req)
+        dp_rank = min(range(len(self.schedulers)), key=lambda d: self.schedulers[d].load())  # the least loaded
         for req in children:
+            req.dp_rank = dp_rank
             self.requests[req.request_id] = req
             if params.reads_own_tokens:
                 self.sync_requests.add(req.request_id)
-            self.scheduler.add(req)
+            self.schedulers[dp_rank].add(req)
         self.parents[request_id] = children
         self.parent_prompt[request_id] = text
 
@@ -224,7 +230,7 @@ class LLMEngine:
         for rid in [request_id] if isinstance(request_id, str) else request_id:
             for req in self.parents.pop(rid, []):
                 if not req.finished:
-                    self.scheduler.finish(req)
+                    self.schedulers[req.dp_rank].finish(req)
                     req.finish_reason = "abort"
                 self.requests.pop(req.request_id, None)
                 self.sync_requests.discard(req.request_id)
@@ -235,15 +241,17 @@ class LLMEngine:
         self.executor.shutdown()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work() or self.inflight is not None
+        return any(s.has_work() for s in self.schedulers) or self.inflight is not None
 
     def get_stats(self) -> EngineStats:
+        scheds, kvs = self.schedulers, self.kvs
+        free, total = sum(kv.pool.num_free for kv in kvs), sum(kv.num_blocks for kv in kvs)
         return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_cache_usage=self.kv.usage(), num_preemptions_total=self.scheduler.num_preemptions_total,
+            num_running=sum(len(s.running) for s in scheds), num_waiting=sum(len(s.waiting) for s in scheds),
+            kv_cache_usage=1.0 - free / total, num_preemptions_total=sum(s.num_preemptions_total for s in scheds),
             prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
-            num_free_blocks=self.kv.pool.num_free, num_total_blocks=self.kv.num_blocks,
-            prefix_cache_queries=self.kv.prefix_queries, prefix_cache_hits=self.kv.prefix_hits,
+            num_free_blocks=free, num_total_blocks=total,
+            prefix_cache_queries=sum(kv.prefix_queries for kv in kvs), prefix_cache_hits=sum(kv.prefix_hits for kv in kvs),
         )
 
     # -- one step --
@@ -252,6 +260,15 @@ class LLMEngine:
         state to go on. A failure of one request's own sampling or output ends that request alone."""
         touched = self.failed_parents  # parents with news, in order (failed ones first)
         self.failed_parents = {}
+        if len(self.schedulers) > 1:
+            self._step_data_parallel(touched)
+        else:
+            self._step_one(touched)
+        touched.update(self.failed_parents)
+        self.failed_parents = {}
+        return [self._output(pid) for pid in touched if pid in self.parents and self._reports(pid)]
+
+    def _step_one(self, touched: dict[str, None]) -> None:
         if self.inflight is not None and self.sync_requests:
             self._process(self.inflight, touched)
             self.inflight = None
@@ -263,9 +280,60 @@ class LLMEngine:
         if launched is not None and (not self.async_scheduling or self.sync_requests):
             self._process(launched, touched)
             self.inflight = None
-        touched.update(self.failed_parents)
-        self.failed_parents = {}
-        return [self._output(pid) for pid in touched if pid in self.parents and self._reports(pid)]
+
+    def _step_data_parallel(self, touched: dict[str, None]) -> None:
+        """DP attention: every DP rank runs this step (a dummy one when it has nothing, so the experts'
+        collectives line up), each rank's leader samples its own rows, and their tokens come back here."""
+        batches = [s.schedule() for s in self.schedulers]
+        if not any(b.requests for b in batches):
+            return
+        now = time.time()
+        steps = []
+        for d, batch in enumerate(batches):
+            for req in batch.requests:
+                if req.metrics.first_scheduled_time is None:
+                    req.metrics.first_scheduled_time = now
+            steps.append(self._step_input(batch, d))
+        if all(st.decode_only for st in steps):  # a dummy step is one decode token
+            pad = max(max(len(st), 1) for st in steps)
+            for st in steps:
+                st.dp_graph_batch = pad
+        else:
+            most = max(max(st.total_tokens, 1) for st in steps)
+            for st in steps:
+                st.dp_max_tokens = most
+        logits = self.executor.execute_data_parallel(steps)
+        for d, batch in enumerate(batches):
+            for req, n in zip(batch.requests, batch.num_tokens):
+                req.num_computed_tokens += n
+                self.kvs[d].register_full_blocks(req)
+        sampled = [batches[0].requests[i] for i in steps[0].sample_rows]
+        mine = None
+        if sampled:
+            try:
+                mine = self.sampler.sample(logits, sampled, self.eos_token_ids)
+            except Exception:
+                sampled, mine = self._sample_isolated(logits, sampled)
+        results = [mine.result() if mine is not None else None] + self.executor.collect_samples(steps)
+        now = time.time()
+        for d, batch in enumerate(batches):
+            reqs = sampled if d == 0 else [batch.requests[i] for i in steps[d].sample_rows]
+            result = results[d]
+            if result is None:
+                continue
+            for j, req in enumerate(reqs):
+                if req.finished:
+                    continue
+                error = getattr(result, "errors", {}).get(j)
+                if error:
+                    self._fail(req, error)
+                    continue
+                try:
+                    self._append(req, result.token_ids[j], result.logprobs[j], result.token_logprobs[j], now)
+                except Exception as e:
+                    self._fail(req, f"processing its output failed: {e!r}")
+                if req.finished or req.params.output_kind is not RequestOutputKind.FINAL_ONLY:
+                    touched[req.parent_id] = None
 
     def _launch(self, batch) -> _Launched:
         now = time.time()
@@ -295,10 +363,12 @@ class LLMEngine:
             req.pending_row = j
         return _Launched(sampled, draws)
 
-    def _step_input(self, batch) -> StepInput:
-        """The scheduler's decision as plain data for the workers (see engine/step.py)."""
-        step = StepInput(freed=self.scheduler.freed_ids)
-        self.scheduler.freed_ids = []
+    def _step_input(self, batch, dp_rank: int = 0) -> StepInput:
+        """The scheduler's decision as plain data for the workers (see engine/step.py). With DP, a request new to
+        its rank's leader also carries what the leader needs to sample it."""
+        scheduler = self.schedulers[dp_rank]
+        step = StepInput(freed=scheduler.freed_ids, is_dummy=not batch.requests)
+        scheduler.freed_ids = []
         for rid in step.freed:
             self.sent_blocks.pop(rid, None)
         for b, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):
@@ -316,6 +386,9 @@ class LLMEngine:
             if sent is None:
                 step.reset.append(rid)
                 sent = 0
+                if dp_rank > 0:
+                    step.sampling[rid] = (req.parent_id, req.index, req.prompt_token_ids,
+                                          list(req.output_token_ids), req.params)
             if len(req.block_ids) > sent:
                 step.new_blocks[rid] = req.block_ids[sent:]
                 self.sent_blocks[rid] = len(req.block_ids)
@@ -398,7 +471,7 @@ class LLMEngine:
     def _finish(self, req: Request, reason: str, stop_reason, now: float) -> None:
         req.finish_reason, req.stop_reason = reason, stop_reason
         req.metrics.finished_time = now
-        self.scheduler.finish(req)
+        self.schedulers[req.dp_rank].finish(req)
         self.sync_requests.discard(req.request_id)
 
     def _output(self, parent_id: str) -> RequestOutput:

@@ -26,11 +26,8 @@ logger = logging.getLogger("moeserve")
 class InProcessExecutor:
     def __init__(self, worker: Worker):
         self.worker = worker
-        worker.initialize_cache(worker.available_kv_blocks())
-
-    @property
-    def num_blocks(self) -> int:
-        return self.worker.runner.kv_caches[0].shape[1] if self.worker.runner.kv_caches else 0
+        self.num_blocks = worker.available_kv_blocks()
+        worker.initialize_cache(self.num_blocks)
 
     def execute(self, step: StepInput, prev_tokens: torch.Tensor | None) -> torch.Tensor:
         return self.worker.execute(step, prev_tokens)
@@ -67,6 +64,27 @@ class MultiprocExecutor:
         self._wm.broadcast_step(step)
         return self.worker.execute(step, prev_tokens)
 
+    def execute_data_parallel(self, steps: list[StepInput]) -> torch.Tensor:
+        """DP: one message with every DP rank's step; returns DP rank 0's logits (its leader is this process)."""
+        if self.failed:
+            raise RuntimeError(self.failed)
+        self._wm.broadcast_step(steps)
+        return self.worker.execute(steps[0], None)
+
+    def collect_samples(self, steps: list[StepInput]) -> list:
+        """The sampled tokens of DP ranks 1.., from their leaders (None for a rank that sampled nothing)."""
+        import torch.distributed as dist
+
+        out = []
+        for d, step in enumerate(steps[1:], start=1):
+            if not step.sample_rows:
+                out.append(None)
+                continue
+            box = [None]
+            dist.recv_object_list(box, src=d * self.tp.size, group=self._wm._control)
+            out.append(box[0])
+        return out
+
     def share_sampled(self, tokens: torch.Tensor | None, num_rows: int) -> None:
         """Give the step's sampled tokens (num_rows of them, padded when some requests failed) to the TP group."""
         if num_rows == 0 or self.tp.size == 1:
@@ -91,6 +109,13 @@ class MultiprocExecutor:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+        import torch.distributed as dist
+
+        from moeserve.distributed.parallel_state import destroy_model_parallel
+
+        destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     def _watch(self) -> None:
         """A rank that exits while the engine runs is fatal: say so, and if the engine does not fail on its own

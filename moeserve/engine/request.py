@@ -36,6 +36,7 @@ class Request:
         self.block_hashes: list[int] = []  # hashes of this request's full blocks, in order
         self.num_registered_blocks = 0  # leading full blocks already entered in the prefix cache
         self.status = Status.WAITING
+        self.dp_rank = 0  # which data-parallel rank's scheduler and KV pool hold it
         self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.error: str | None = None  # why it failed, when finish_reason is "error"
         self.stop_reason: int | str | None = None

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from moeserve.engine.step import BlockTables, StepInput
+from moeserve.layers.experts import set_dp_max_tokens
 from moeserve.layers.attention import AttentionMetadata, ForwardContext
 
 
@@ -62,6 +63,9 @@ class ModelRunner:
         self.stagings = [_Staging(T, B, self.max_blocks_per_seq, pin) for _ in range(2 if pin else 1)]
         self.num_steps = 0
         self.tables = BlockTables()  # each request's KV blocks, kept from the step messages
+        from moeserve.distributed.parallel_state import layout
+
+        self.data_parallel = layout().dp > 1 and layout().enable_expert_parallel
         # Device buffers: the same tensors every step, so CUDA graphs can replay over them.
         self.d_input_ids = torch.zeros(T, dtype=torch.int64, device=device)
         self.d_prev_rows = torch.zeros(T, dtype=torch.int64, device=device)
@@ -95,11 +99,16 @@ class ModelRunner:
         prev_tokens: the tokens the step before sampled, still on the device (async scheduling), where the
         requests' pending input tokens are (`step.pending_rows`)."""
         self.tables.apply(step)
-        B, T = self._prepare(step, prev_tokens)
-        decode_only = T == B
-        if decode_only and self.use_cuda_graphs and self.graphs:
-            hidden = self._replay(B)
+        if step.is_dummy:
+            B, T = self._prepare_dummy()
         else:
+            B, T = self._prepare(step, prev_tokens)
+        decode_only = T == B
+        if decode_only and self.use_cuda_graphs and self.graphs and (not self.data_parallel or step.dp_graph_batch):
+            hidden = self._replay(B, step.dp_graph_batch)
+        else:
+            if self.data_parallel:  # the experts pad every DP rank's tokens to this many: no count all-gather
+                set_dp_max_tokens(step.dp_max_tokens or None)
             hidden = self._run_eager(B, T)
         S = len(step.sample_rows)
         if S == 0:
@@ -163,6 +172,22 @@ class ModelRunner:
         self._upload(h, B, B, B, prev_tokens if any_pending else None)
         self.meta_cpu = (qsl[: B + 1].copy(), seq_lens[:B].copy())
         return B, B
+
+    def _prepare_dummy(self) -> tuple[int, int]:
+        """One token at position 0 that writes nothing and reads one slot: a DP rank with no requests still runs
+        the forward pass, so that the collectives of the others' experts complete."""
+        h = self.stagings[self.num_steps % len(self.stagings)].claim()
+        self.num_steps += 1
+        h.input_ids.numpy()[0] = 0
+        h.positions.numpy()[0] = 0
+        h.slots.numpy()[0] = -1
+        h.qsl.numpy()[:2] = (0, 1)
+        h.seq_lens.numpy()[0] = 1
+        h.tables.numpy()[0, :1] = 0
+        h.row_owner[0] = (None, 0)
+        self._upload(h, 1, 1, 0, None)
+        self.meta_cpu = (h.qsl.numpy()[:2].copy(), h.seq_lens.numpy()[:1].copy())
+        return 1, 1
 
     @staticmethod
     def _table_row(h: _Staging, b: int, blocks: list[int]) -> None:
@@ -252,6 +277,8 @@ class ModelRunner:
                 block_tables=self.d_tables[:B], max_query_len=1, max_seq_len=self.max_model_len,
             )
             ctx = ForwardContext(meta, self.kv_caches)
+            if self.data_parallel:  # every DP rank replays the same size, so the experts' padding is B
+                set_dp_max_tokens(B)
             with torch.inference_mode():
                 # warm up outside the graph: kernels autotune and compile, lazy tables get built
                 self.model(self.d_input_ids[:B], self.d_positions[:B], ctx)
@@ -261,11 +288,13 @@ class ModelRunner:
                     out = self.model(self.d_input_ids[:B], self.d_positions[:B], ctx)
                 pool = graph.pool()
             self.graphs[B] = (graph, out)
+        set_dp_max_tokens(None)
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    def _replay(self, B: int) -> torch.Tensor:
-        padded = next(s for s in sorted(self.graphs) if s >= B)
+    def _replay(self, B: int, at_least: int = 0) -> torch.Tensor:
+        """at_least: DP ranks all replay the graph of the largest batch among them (a collective's shape)."""
+        padded = next(s for s in sorted(self.graphs) if s >= max(B, at_least))
         if padded > B:  # padding rows: one query each, nothing written, a 1-token context
             self.d_slots[B:padded].fill_(-1)
             self.d_seq_lens[B:padded].fill_(1)

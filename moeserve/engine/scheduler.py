@@ -47,6 +47,10 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
+    def load(self) -> tuple[int, int]:
+        """How busy this scheduler is, for placing a new request on the least busy DP rank."""
+        return len(self.running) + len(self.waiting), self.kv.pool.num_blocks - self.kv.pool.num_free
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

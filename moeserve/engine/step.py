@@ -31,6 +31,12 @@ class StepInput:
     reset: list[str] = field(default_factory=list)  # requests whose block list starts anew (new or resumed)
     freed: list[str] = field(default_factory=list)  # requests the workers can forget
     is_dummy: bool = False  # DP: a rank with no work runs a step anyway so that collectives never hang
+    # DP: for a request new to its rank (or resumed), what that rank's leader needs to sample it:
+    # request id -> (parent id, index, prompt token ids, output token ids so far, SamplingParams)
+    sampling: dict[str, tuple] = field(default_factory=dict)
+    # DP with experts: every DP rank's forward pads its tokens to the same count inside the experts' collectives.
+    dp_graph_batch: int = 0  # all ranks decode only: replay the graph of this batch size (0: run eagerly)
+    dp_max_tokens: int = 0  # eager: the most tokens any DP rank runs this step
 
     def __len__(self) -> int:
         return len(self.req_ids)

@@ -13,7 +13,9 @@ import time
 import torch
 
 from moeserve.config import EngineConfig
+from moeserve.engine.request import Request
 from moeserve.engine.runner import ModelRunner
+from moeserve.engine.sampler import SampleResult, Sampler
 from moeserve.engine.step import StepInput
 from moeserve.loader.model_loader import ModelSource, load_model
 
@@ -99,3 +101,47 @@ class Worker:
 
     def execute(self, step: StepInput, prev_tokens: torch.Tensor | None) -> torch.Tensor:
         return self.runner.execute(step, prev_tokens)
+
+
+class LeaderSampler:
+    """Data parallelism: the leader (TP rank 0) of a DP rank other than 0 samples its own rows, from a mirror of
+    each of its requests' sampling state (parameters, prompt, outputs so far) kept from the step messages."""
+
+    def __init__(self, vocab_size: int, device: torch.device, seed: int, eos_ids: set[int]):
+        self.sampler = Sampler(vocab_size, device, seed)
+        self.eos_ids = eos_ids
+        self.reqs: dict[str, Request] = {}
+
+    def apply(self, step: StepInput) -> None:
+        """Forget the freed requests, mirror the new ones."""
+        for rid in step.freed:
+            self.reqs.pop(rid, None)
+        for rid, (parent, index, prompt, outputs, params) in step.sampling.items():
+            req = Request(rid, parent, index, prompt, params, max_tokens=1 << 30)
+            for t in outputs:
+                req.append_token(t)
+            self.reqs[rid] = req
+
+    def sample(self, step: StepInput, logits: torch.Tensor) -> SampleResult:
+        reqs = [self.reqs[step.req_ids[b]] for b in step.sample_rows]
+        try:
+            result = self.sampler(logits, reqs, self.eos_ids)
+            result.errors = {}
+        except Exception:  # one request's parameters broke the batched draw: sample each alone
+            result = SampleResult([], [], [])
+            result.errors = {}
+            for j, req in enumerate(reqs):
+                try:
+                    one = self.sampler(logits[j: j + 1], [req], self.eos_ids)
+                    result.token_ids.append(one.token_ids[0])
+                    result.logprobs.append(one.logprobs[0])
+                    result.token_logprobs.append(one.token_logprobs[0])
+                except Exception as e:
+                    result.token_ids.append(-1)
+                    result.logprobs.append(None)
+                    result.token_logprobs.append(None)
+                    result.errors[j] = f"sampling failed: {e!r}"
+        for j, (req, t) in enumerate(zip(reqs, result.token_ids)):
+            if j not in result.errors:
+                req.append_token(t)
+        return result

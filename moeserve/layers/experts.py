@@ -58,10 +58,8 @@ class Experts(nn.Module):
                 raise ValueError(f"{num_experts} experts cannot be spread over {ep.size} expert-parallel ranks.")
             self.first_local, self.num_local = expert_range(num_experts, ep.size, ep.rank)
             self.shard_rank, self.shard_count = 0, 1
-            expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
-            expert_map[self.first_local:self.first_local + self.num_local] = torch.arange(self.num_local,
-                                                                                          dtype=torch.int32)
-            self.register_buffer("expert_map", expert_map, persistent=False)
+            self.register_buffer("expert_map", torch.empty(num_experts, dtype=torch.int32), persistent=False)
+            self._fill_expert_map()
         else:
             tp = get_tp_group()
             if intermediate_size % tp.size:
@@ -79,6 +77,19 @@ class Experts(nn.Module):
         return local if 0 <= local < self.num_local else -1
 
     # ---- forward -------------------------------------------------------------------------------------------
+
+    def _fill_expert_map(self) -> None:
+        """Global expert id -> local row, -1 elsewhere."""
+        with torch.no_grad():
+            self.expert_map.fill_(-1)
+            self.expert_map[self.first_local:self.first_local + self.num_local] = torch.arange(
+                self.num_local, dtype=torch.int32, device=self.expert_map.device)
+
+    def post_load(self) -> None:
+        """The model is built on the meta device and given uninitialised storage (loader.build_empty): the map is
+        data, not a weight, so it is filled again here."""
+        if self.expert_map is not None:
+            self._fill_expert_map()
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                 extra_partial: torch.Tensor | None = None) -> torch.Tensor:

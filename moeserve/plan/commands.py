@@ -98,14 +98,17 @@ def _build(plan: Plan, engine: str) -> str:
     return "\n".join(lines)
 
 
-ONE_GPU_NOTE = ("# moeserve runs one GPU per server in the checkpoint's precision today; "
-                "this plan needs the vLLM command until its parallelism lands")
+NOT_YET_NOTE = ("# moeserve does not run {what} yet; this plan needs the vLLM command until it lands")
 
 
 def launch_commands(plan: Plan) -> dict[str, str]:
+    """moeserve's command runs as printed where the engine supports the layout and precision (TP, EP, DP
+    attention, several nodes); otherwise it is printed behind a note naming what is missing."""
     moeserve = _build(plan, "moeserve")
     lay = plan.placement.layout
-    single = lay.mode != "dp_attention" and lay.tp == 1 and lay.pp == 1
-    if not single or "--quantization" in moeserve or "--kv-cache-dtype" in moeserve:
-        moeserve = ONE_GPU_NOTE + "\n" + moeserve
+    missing = [what for what, needed in (("pipeline parallelism", lay.pp > 1),
+                                         ("quantized weights", "--quantization" in moeserve),
+                                         ("a quantized KV cache", "--kv-cache-dtype" in moeserve)) if needed]
+    if missing:
+        moeserve = NOT_YET_NOTE.format(what=" or ".join(missing)) + "\n" + moeserve
     return {"moeserve": moeserve, "vllm": _build(plan, "vllm")}
