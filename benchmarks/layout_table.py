@@ -1,0 +1,38 @@
+"""One table of the layouts that run_layouts.sh measured: TPOT per batch size and throughput, with ratios to the
+first layout (one GPU)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def load(folder: Path, workload: str) -> dict:
+    for f in sorted(folder.glob(f"*-{workload}.json")):
+        return json.loads(f.read_text()).get("engines", {}).get("moeserve", {})
+    return {}
+
+
+def main(out: str) -> None:
+    rows = []
+    for folder in sorted(p for p in Path(out).iterdir() if p.is_dir()):
+        lat, thr = load(folder, "latency"), load(folder, "throughput")
+        rows.append((folder.name, lat.get("tpot_ms", {}), thr.get("output_tok_s"), thr.get("num_requests")))
+    if not rows:
+        print("no results")
+        return
+    batches = sorted({b for _, t, _, _ in rows for b in t}, key=int)
+    print("layout    " + "".join(f"TPOT b{b:>4} " for b in batches) + "  out tok/s (requests)")
+    base = rows[0]
+    for name, tpot, tps, n in rows:
+        cells = "".join(f"{tpot.get(b, float('nan')):7.2f} ms " if b in tpot else "      -    " for b in batches)
+        print(f"{name:9s} {cells}  {tps or float('nan'):8.0f} ({n})")
+    for name, tpot, tps, _ in rows[1:]:
+        ratios = " ".join(f"b{b} {tpot[b] / base[1][b]:.2f}x" for b in batches if b in tpot and b in base[1])
+        thr = f", throughput {tps / base[2]:.2f}x" if tps and base[2] else ""
+        print(f"{name} vs {base[0]}: TPOT {ratios}{thr}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
