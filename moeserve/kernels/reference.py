@@ -133,7 +133,7 @@ def batched_paged_attention(
     pos = (ctx - q_lens)[:, None] + row[None, :]  # [B, q_max] position of each query
     keys = torch.arange(k.shape[1], device=dev)
     stale = (keys[None, :] >= ctx[:, None])[:, :, None, None]  # slots past a context: never written, maybe NaN
-    k, v = k.masked_fill(stale, 0), v.masked_fill(stale, 0)  # (a mask alone lets NaN through: 0 * NaN)
+    k.masked_fill_(stale, 0), v.masked_fill_(stale, 0)  # (a mask alone lets NaN through: 0 * NaN); k, v are copies
     visible = keys[None, None, :] <= pos[:, :, None]  # [B, q_max, L]
     visible &= keys[None, None, :] < ctx[:, None, None]  # padded query rows (pos >= ctx) see the whole context
     mask = visible[:, None, None].expand(B, 1, group, q_max, k.shape[1]).reshape(B, 1, group * q_max, k.shape[1])
