@@ -1,5 +1,6 @@
 """The loop of a rank other than 0: take each step message from rank 0, run the forward pass with this rank's
-shard, and receive the step's sampled tokens (the next step's pending inputs) from TP rank 0."""
+shard, and receive the step's sampled tokens (the next step's pending inputs) from TP rank 0. A leader that
+samples on its own (a DP rank's, or the last pipeline stage's) sends its tokens to rank 0 instead."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def broadcast_step(step) -> object:
 
 def worker_main(config, info, device_type: str) -> None:
     from moeserve.distributed.launch import init_rank, rank_device
-    from moeserve.distributed.parallel_state import get_dp_group, get_tp_group
+    from moeserve.distributed.parallel_state import get_dp_group, get_pp_group, get_tp_group
     from moeserve.engine.worker import LeaderSampler, Worker
     from moeserve.loader.model_loader import resolve_dtype, resolve_source
 
@@ -46,9 +47,9 @@ def worker_main(config, info, device_type: str) -> None:
     torch.manual_seed(config.seed)
     worker = Worker(config, device, resolve_dtype(config.dtype_name, device), resolve_source(config))
     worker.initialize_cache(agree_num_blocks(worker.available_kv_blocks()))
-    tp, dp = get_tp_group(), get_dp_group()
-    leader = None
-    if dp.size > 1 and tp.rank == 0:
+    tp, dp, pp = get_tp_group(), get_dp_group(), get_pp_group()
+    leader = None  # samples here, from a mirror of the requests: DP ranks' leaders, the last PP stage's leader
+    if (dp.size > 1 or pp.size > 1) and tp.rank == 0 and pp.is_last:
         loaded = worker.loaded
         leader = LeaderSampler(loaded.hf_config.vocab_size, device, config.seed, loaded.eos_token_ids)
     prev = None
@@ -59,6 +60,13 @@ def worker_main(config, info, device_type: str) -> None:
                 break
             if isinstance(step, list):  # DP: every DP rank's step in one message; no async scheduling
                 step = step[dp.rank]
+                logits = worker.execute(step, None)
+                if leader is not None:
+                    leader.apply(step)
+                    if step.sample_rows:
+                        dist.send_object_list([leader.sample(step, logits)], dst=0, group=_control)
+                continue
+            if pp.size > 1:  # this stage's layers; the last stage's leader samples and tells rank 0
                 logits = worker.execute(step, None)
                 if leader is not None:
                     leader.apply(step)

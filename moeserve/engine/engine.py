@@ -139,8 +139,11 @@ class LLMEngine:
         self.kv, self.scheduler = self.kvs[0], self.schedulers[0]
         self.sampler = Sampler(self.hf_config.vocab_size, self.device, config.seed)
 
+        # Pipeline parallelism: the last stage samples, from a mirror of the requests like a DP leader's.
+        self.pipeline = config.pipeline_parallel_size > 1
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.device.type == "cuda") and config.data_parallel_size == 1
+                                 else self.device.type == "cuda") and config.data_parallel_size == 1 \
+            and not self.pipeline
         self.inflight: _Launched | None = None
         self.sync_requests: set[str] = set()  # alive requests whose sampling reads their newest tokens
         self.requests: dict[str, Request] = {}
@@ -262,6 +265,8 @@ class LLMEngine:
         self.failed_parents = {}
         if len(self.schedulers) > 1:
             self._step_data_parallel(touched)
+        elif self.pipeline:
+            self._step_pipeline(touched)
         else:
             self._step_one(touched)
         touched.update(self.failed_parents)
@@ -315,25 +320,47 @@ class LLMEngine:
             except Exception:
                 sampled, mine = self._sample_isolated(logits, sampled)
         results = [mine.result() if mine is not None else None] + self.executor.collect_samples(steps)
-        now = time.time()
         for d, batch in enumerate(batches):
             reqs = sampled if d == 0 else [batch.requests[i] for i in steps[d].sample_rows]
-            result = results[d]
-            if result is None:
+            if results[d] is not None:
+                self._apply_sampled(reqs, results[d], touched)
+
+    def _step_pipeline(self, touched: dict[str, None]) -> None:
+        """Pipeline parallelism: rank 0 runs the first stage and hands on; the last stage's leader samples from
+        its mirror of the requests (new ones carry their sampling state in the step) and sends the tokens back,
+        so rank 0 never sees logits. One step in flight: the next is scheduled once these tokens are back."""
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return
+        now = time.time()
+        for req in batch.requests:
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+        step = self._step_input(batch)
+        self.executor.execute(step, None)
+        for req, n in zip(batch.requests, batch.num_tokens):
+            req.num_computed_tokens += n
+            self.kv.register_full_blocks(req)
+        if step.sample_rows:
+            self._apply_sampled([batch.requests[i] for i in step.sample_rows], self.executor.collect_last_stage(),
+                                touched)
+
+    def _apply_sampled(self, reqs: list[Request], result, touched: dict[str, None]) -> None:
+        """A leader's SampleResult (rows in `reqs` order, `errors` by row) given to its requests."""
+        now = time.time()
+        for j, req in enumerate(reqs):
+            if req.finished:
                 continue
-            for j, req in enumerate(reqs):
-                if req.finished:
-                    continue
-                error = getattr(result, "errors", {}).get(j)
-                if error:
-                    self._fail(req, error)
-                    continue
-                try:
-                    self._append(req, result.token_ids[j], result.logprobs[j], result.token_logprobs[j], now)
-                except Exception as e:
-                    self._fail(req, f"processing its output failed: {e!r}")
-                if req.finished or req.params.output_kind is not RequestOutputKind.FINAL_ONLY:
-                    touched[req.parent_id] = None
+            error = getattr(result, "errors", {}).get(j)
+            if error:
+                self._fail(req, error)
+                continue
+            try:
+                self._append(req, result.token_ids[j], result.logprobs[j], result.token_logprobs[j], now)
+            except Exception as e:
+                self._fail(req, f"processing its output failed: {e!r}")
+            if req.finished or req.params.output_kind is not RequestOutputKind.FINAL_ONLY:
+                touched[req.parent_id] = None
 
     def _launch(self, batch) -> _Launched:
         now = time.time()
@@ -365,7 +392,7 @@ class LLMEngine:
 
     def _step_input(self, batch, dp_rank: int = 0) -> StepInput:
         """The scheduler's decision as plain data for the workers (see engine/step.py). With DP, a request new to
-        its rank's leader also carries what the leader needs to sample it."""
+        its rank's leader (with PP: the last stage's leader) also carries what that leader needs to sample it."""
         scheduler = self.schedulers[dp_rank]
         step = StepInput(freed=scheduler.freed_ids, is_dummy=not batch.requests)
         scheduler.freed_ids = []
@@ -386,7 +413,7 @@ class LLMEngine:
             if sent is None:
                 step.reset.append(rid)
                 sent = 0
-                if dp_rank > 0:
+                if dp_rank > 0 or self.pipeline:
                     step.sampling[rid] = (req.parent_id, req.index, req.prompt_token_ids,
                                           list(req.output_token_ids), req.params)
             if len(req.block_ids) > sent:

@@ -85,6 +85,15 @@ class MultiprocExecutor:
             out.append(box[0])
         return out
 
+    def collect_last_stage(self) -> object:
+        """Pipeline parallelism: the step's SampleResult, from the leader (TP rank 0) of the last stage."""
+        import torch.distributed as dist
+
+        box = [None]
+        dist.recv_object_list(box, src=(self.worker.config.pipeline_parallel_size - 1) * self.tp.size,
+                              group=self._wm._control)
+        return box[0]
+
     def share_sampled(self, tokens: torch.Tensor | None, num_rows: int) -> None:
         """Give the step's sampled tokens (num_rows of them, padded when some requests failed) to the TP group."""
         if num_rows == 0 or self.tp.size == 1:

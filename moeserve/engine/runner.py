@@ -66,6 +66,13 @@ class ModelRunner:
         from moeserve.distributed.parallel_state import layout
 
         self.data_parallel = layout().dp > 1 and layout().enable_expert_parallel
+        # Pipeline parallelism: this stage receives its inputs from the one before and/or hands on to the next.
+        self.link = None
+        if layout().pp > 1:
+            from moeserve.distributed.pipeline import StageLink
+
+            self.link = StageLink(T, model.config.hidden_size, dtype, device)
+            self.use_cuda_graphs = False  # not yet: a replay would need the hand-over inside the graph
         # Device buffers: the same tensors every step, so CUDA graphs can replay over them.
         self.d_input_ids = torch.zeros(T, dtype=torch.int64, device=device)
         self.d_prev_rows = torch.zeros(T, dtype=torch.int64, device=device)
@@ -89,13 +96,15 @@ class ModelRunner:
         # CUDA: zeros, not empty: padded rows of a CUDA graph may read blocks nothing wrote, and must not read
         # NaNs. The CPU path reads only what it wrote, and untouched pages cost nothing there.
         alloc = torch.zeros if self.device.type == "cuda" else torch.empty
-        self.kv_caches = [alloc(shape, dtype=self.dtype, device=self.device)
-                          for _ in range(self.model.num_kv_layers())]
+        # Indexed by the global layer: a pipeline stage holds only its own layers, from kv_layer_start on.
+        self.kv_caches = [None] * getattr(self.model, "kv_layer_start", 0) + [
+            alloc(shape, dtype=self.dtype, device=self.device) for _ in range(self.model.num_kv_layers())]
 
     # -- one step --
     @torch.inference_mode()
     def execute(self, step: StepInput, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the step; returns the logits [S, V] of the step's sample_rows, in order.
+        """Run the step; returns the logits [S, V] of the step's sample_rows, in order (None on a pipeline stage
+        before the last, which hands its hidden states on instead).
         prev_tokens: the tokens the step before sampled, still on the device (async scheduling), where the
         requests' pending input tokens are (`step.pending_rows`)."""
         self.tables.apply(step)
@@ -110,6 +119,8 @@ class ModelRunner:
             if self.data_parallel:  # the experts pad every DP rank's tokens to this many: no count all-gather
                 set_dp_max_tokens(step.dp_max_tokens or None)
             hidden = self._run_eager(B, T)
+        if hidden is None:
+            return None
         S = len(step.sample_rows)
         if S == 0:
             return torch.empty(0, device=self.device)
@@ -229,7 +240,24 @@ class ModelRunner:
     def _run_eager(self, B: int, T: int) -> torch.Tensor:
         qsl, seq_lens = self.meta_cpu
         meta = self._metadata(B, T, int(np.diff(qsl).max()), int(seq_lens.max()))
-        return self.model(self.d_input_ids[:T], self.d_positions[:T], ForwardContext(meta, self.kv_caches))
+        return self._forward(T, ForwardContext(meta, self.kv_caches))
+
+    def _forward(self, T: int, ctx: ForwardContext, handover: bool = True) -> torch.Tensor | None:
+        """The model over the first T tokens of the input buffers. On a pipeline stage: take the hand-over from
+        the stage before (zeros when `handover` is off, for profiling), and give a stage before the last's
+        result to the next stage (returning None)."""
+        ids, pos = self.d_input_ids[:T], self.d_positions[:T]
+        if self.link is None:
+            return self.model(ids, pos, ctx)
+        inputs = None
+        if not self.link.is_first:
+            inputs = self.link.recv(T) if handover else self.link.zeros(T)
+        out = self.model(ids, pos, ctx, inputs)
+        if self.link.is_last:
+            return out
+        if handover:
+            self.link.send(*out)
+        return None
 
     # -- kernel warm-up (CUDA) --
     @torch.inference_mode()
@@ -324,7 +352,8 @@ class ModelRunner:
         )
         self.d_input_ids[:T].random_(0, 100)
         self.d_positions[:T].copy_(torch.from_numpy(np.concatenate([np.arange(n) for n in lens])))
-        hidden = self.model(self.d_input_ids[:T], self.d_positions[:T], ForwardContext(meta, None))
-        self.model.compute_logits(hidden[: self.max_num_seqs])
+        hidden = self._forward(T, ForwardContext(meta, None), handover=False)
+        if hidden is not None:
+            self.model.compute_logits(hidden[: self.max_num_seqs])
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()

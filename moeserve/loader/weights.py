@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from moeserve.distributed.pipeline import missing_prefixes
 from moeserve.layers.linear import WeightShapeError
 from moeserve.loader.tensor_slices import materialize, shape_of
 
@@ -46,6 +47,8 @@ class WeightLoader:
         self.tied = bool(getattr(model, "tie_word_embeddings", False))
         # e.g. DeepSeek-V3 / GLM-4.5 multi-token-prediction layers, stored after the last decoder layer
         self.skip = getattr(model, "skip_checkpoint_tensor", None)
+        # modules held by other pipeline stages: their tensors are not this rank's
+        self.elsewhere = missing_prefixes(model)
         self.packed = [(packed, i, part) for packed, parts in (getattr(model, "packed_modules", None) or {}).items()
                        for i, part in enumerate(parts)]
 
@@ -56,6 +59,8 @@ class WeightLoader:
 
     def load_one(self, name: str, tensor) -> None:
         if self.skip is not None and self.skip(name):
+            return
+        if self.elsewhere and self._on_other_stage(name):
             return
         if name in self.params:
             return self._load(name, name, tensor)
@@ -79,6 +84,10 @@ class WeightLoader:
                     return self._load(pname, name, tensor, shard_id)
         raise ValueError(f"{self.source}: tensor {name!r} matches no parameter of the model "
                          f"(the checkpoint does not match config.json).")
+
+    def _on_other_stage(self, name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in self.elsewhere for i in range(1, len(parts)))
 
     def _load(self, pname: str, label: str, tensor, shard_id=None) -> None:
         param = self.params[pname]

@@ -9,9 +9,12 @@ MoE families reuse this skeleton and only replace the MLP (see mixtral.py, qwen_
 
 from __future__ import annotations
 
+from itertools import islice
+
 import torch
 from torch import nn
 
+from moeserve.distributed.pipeline import MissingLayer, PipelineStage, pipeline_stage
 from moeserve.layers.attention import ForwardContext, PagedAttention
 from moeserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from moeserve.layers.linear import QKVParallelLinear, RowParallelLinear
@@ -78,16 +81,28 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: HFConfig, layers: list[nn.Module]):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    """The decoder stack, or this pipeline stage's part of it: the first stage embeds, the last one norms;
+    a stage other than the first starts from the (hidden, residual) the stage before handed over, and one other
+    than the last returns that pair instead of the normed hidden."""
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+    def __init__(self, cfg: HFConfig, layers: list[nn.Module], stage: PipelineStage, keep_embedding: bool = False):
+        super().__init__()
+        self.stage = stage
+        self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+                             if stage.is_first or keep_embedding else MissingLayer())
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.is_last else MissingLayer()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
+                intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if intermediate is None:
+            h, residual = self.embed_tokens(input_ids), None
+        else:
+            h, residual = intermediate
+        for layer in islice(self.layers, self.stage.start, self.stage.end):
             h, residual = layer(h, residual, positions, ctx)
+        if not self.stage.is_last:
+            return h, residual
         return self.norm(h, residual)[0]
 
 
@@ -96,6 +111,8 @@ def share_rotary(layers: list[nn.Module]) -> None:
     max_position_embeddings (~20 MB at 40k positions, GBs over a deep model with 160k positions)."""
     shared: dict[tuple, RotaryEmbedding] = {}
     for layer in layers:
+        if isinstance(layer, MissingLayer):
+            continue
         attn = layer.self_attn
         if isinstance(getattr(attn, "rotary", None), RotaryEmbedding):
             attn.rotary = shared.setdefault(attn.rotary.signature(), attn.rotary)
@@ -111,15 +128,19 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: HFConfig):
         super().__init__()
         self.config = cfg
+        stage = pipeline_stage(cfg.num_hidden_layers)  # all layers, without pipeline parallelism
         layers = [
             DecoderLayer(cfg, self.make_attention(cfg, i), self.make_mlp(cfg, i), self.mlp_name)
+            if stage.holds(i) else MissingLayer()
             for i in range(cfg.num_hidden_layers)
         ]
         share_rotary(layers)
-        self.model = DecoderModel(cfg, layers)
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size,
-                                      tied_to=self.model.embed_tokens if self.tie_word_embeddings else None)
+        # tied: the last stage reads the embedding table as its LM head
+        self.model = DecoderModel(cfg, layers, stage, keep_embedding=self.tie_word_embeddings and stage.is_last)
+        self.lm_head = (ParallelLMHead(cfg.vocab_size, cfg.hidden_size,
+                                       tied_to=self.model.embed_tokens if self.tie_word_embeddings else None)
+                        if stage.is_last else MissingLayer())
 
     # -- the two choices an architecture makes --
     def make_attention(self, cfg: HFConfig, layer_idx: int) -> nn.Module:
@@ -129,17 +150,23 @@ class CausalLM(nn.Module):
     def make_mlp(self, cfg: HFConfig, layer_idx: int) -> nn.Module:
         return GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=bool(cfg.get("mlp_bias", False)))
 
-    # -- what the paged KV cache holds per layer --
+    # -- what the paged KV cache holds per layer: this stage's layers, from kv_layer_start on --
     def num_kv_layers(self) -> int:
-        return len(self.model.layers)
+        return self.model.stage.end - self.model.stage.start
+
+    @property
+    def kv_layer_start(self) -> int:
+        return self.model.stage.start
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        attn = self.model.layers[0].self_attn.attn  # this rank's KV heads
+        attn = self.model.layers[self.model.stage.start].self_attn.attn  # this rank's KV heads
         return (2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
 
     # -- the forward pass --
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.model(input_ids, positions, ctx)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
+                intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """The hidden states; on a pipeline stage before the last, the (hidden, residual) to hand on."""
+        return self.model(input_ids, positions, ctx, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)

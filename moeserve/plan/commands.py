@@ -103,10 +103,10 @@ NOT_YET_NOTE = ("# moeserve does not run {what} yet; this plan needs the vLLM co
 
 def launch_commands(plan: Plan) -> dict[str, str]:
     """moeserve's command runs as printed where the engine supports the layout and precision (TP, EP, DP
-    attention, several nodes); otherwise it is printed behind a note naming what is missing."""
+    attention, PP without DP, several nodes); otherwise it is printed behind a note naming what is missing."""
     moeserve = _build(plan, "moeserve")
     lay = plan.placement.layout
-    missing = [what for what, needed in (("pipeline parallelism", lay.pp > 1),
+    missing = [what for what, needed in (("pipeline parallelism with data parallelism", lay.pp > 1 and lay.dp > 1),
                                          ("quantized weights", "--quantization" in moeserve),
                                          ("a quantized KV cache", "--kv-cache-dtype" in moeserve)) if needed]
     if missing:

@@ -1,0 +1,120 @@
+"""Pipeline parallelism: the layer split, one stage's model and weights, and whole engines at PP=2 and TP=2 x PP=2
+(real processes, gloo) whose greedy tokens must equal the one-process engine's, through chunked prefill,
+preemption and the prefix cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dist_harness import free_port
+from tiny_checkpoints import make_tiny_checkpoint
+
+from moeserve import LLM, SamplingParams
+from moeserve.distributed import parallel_state as ps
+from moeserve.distributed.pipeline import MissingLayer, stage_layer_range
+
+PROMPTS = [list(range(5, 5 + n)) for n in (3, 11, 29, 40)]
+SHARED = list(range(40, 72))
+# a small pool and step budget: prompts are chunked, requests preempted and resumed, a prefix is shared
+SMALL = dict(device="cpu", num_gpu_blocks_override=12, block_size=8, max_num_batched_tokens=24)
+
+
+def tokens(llm: LLM, prompts, n: int = 16) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+
+
+@pytest.mark.parametrize("layers, stages, want", [
+    (2, 2, [(0, 1), (1, 2)]),
+    (3, 2, [(0, 2), (2, 3)]),  # the remainder goes before the last stage (which also holds the LM head)
+    (7, 4, [(0, 2), (2, 4), (4, 6), (6, 7)]),
+    (4, 1, [(0, 4)]),
+])
+def test_layers_split_in_contiguous_ranges(layers, stages, want):
+    assert [stage_layer_range(layers, s, stages) for s in range(stages)] == want
+
+
+def test_more_stages_than_layers_is_refused():
+    with pytest.raises(ValueError, match="more than the model's 2 layers"):
+        stage_layer_range(2, 0, 3)
+
+
+@pytest.fixture(scope="module")
+def llama_tied(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("llama_tied"), "LlamaForCausalLM", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("qwen3moe"), "Qwen3MoeForCausalLM")
+
+
+@pytest.fixture
+def as_stage():
+    """Pretend to be stage `rank` of a 2-stage pipeline (a PP group without torch.distributed: only its rank and
+    size are read while building)."""
+    def enter(rank: int):
+        ps._groups["pp"] = ps.GroupCoordinator([0, 1], None, rank)
+    yield enter
+    ps.destroy_model_parallel()
+
+
+def _build(path: str):
+    from moeserve.config import EngineConfig
+    from moeserve.loader.model_loader import load_model
+
+    return load_model(EngineConfig(model=path, device="cpu"), torch.device("cpu"), torch.float32).model
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_stage_builds_and_loads_only_its_part(qwen3_moe, as_stage, rank):
+    """3 layers over 2 stages: stage 0 holds the embedding and layers 0-1, stage 1 layer 2, the norm and the LM
+    head; the loader skips the other stage's tensors and still fills every local parameter."""
+    as_stage(rank)
+    model = _build(qwen3_moe)
+    held = [i for i, layer in enumerate(model.model.layers) if not isinstance(layer, MissingLayer)]
+    assert held == ([0, 1] if rank == 0 else [2])
+    names = {n for n, _ in model.named_parameters()}
+    assert any(n.startswith("model.embed_tokens.") for n in names) == (rank == 0)
+    assert any(n.startswith("lm_head.") for n in names) == (rank == 1)
+    assert any(n.startswith("model.norm.") for n in names) == (rank == 1)
+    assert all(not n.startswith(f"model.layers.{i}.") for n in names for i in range(3) if i not in held)
+    assert model.num_kv_layers() == len(held) and model.kv_layer_start == held[0]
+
+
+def test_the_last_stage_keeps_a_tied_embedding_for_its_lm_head(llama_tied, as_stage):
+    as_stage(1)
+    model = _build(llama_tied)
+    assert isinstance(model.model.layers[0], MissingLayer)
+    assert model.lm_head.table() is model.model.embed_tokens.weight
+    from safetensors.torch import load_file
+    import glob
+
+    (shard,) = glob.glob(f"{llama_tied}/*.safetensors")
+    torch.testing.assert_close(model.lm_head.table(), load_file(shard)["model.embed_tokens.weight"])
+
+
+def _matches_one_process(path: str, tp: int) -> None:
+    prompts = PROMPTS + [SHARED + [7, 8, 9], SHARED + [10, 11]]
+    one = LLM(model=path, **SMALL)
+    ref = tokens(one, prompts)
+    assert one.llm_engine.scheduler.num_preemptions_total > 0  # the case is exercised
+    llm = LLM(model=path, **SMALL, tensor_parallel_size=tp, pipeline_parallel_size=2, master_port=free_port())
+    try:
+        assert tokens(llm, prompts) == ref
+        engine = llm.llm_engine
+        assert engine.scheduler.num_preemptions_total > 0 and engine.kv.prefix_hits > 0
+        assert tokens(llm, prompts[1:2], 5) == [ref[1][:5]]  # the last stage's mirror forgot the finished ones
+        assert engine.get_stats().num_free_blocks == engine.get_stats().num_total_blocks
+    finally:
+        llm.llm_engine.shutdown()
+
+
+@pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "tp2xpp2"])
+def test_llama_tied_pipeline_matches_one_process(llama_tied, tp):
+    _matches_one_process(llama_tied, tp)
+
+
+@pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "tp2xpp2"])
+def test_qwen3_moe_pipeline_with_an_uneven_split_matches_one_process(qwen3_moe, tp):
+    _matches_one_process(qwen3_moe, tp)
