@@ -115,6 +115,11 @@ def test_llama_tied_pipeline_matches_one_process(llama_tied, tp):
     _matches_one_process(llama_tied, tp)
 
 
+def test_deepseek_v2_mla_pipeline_matches_one_process(tmp_path):
+    """MLA: the latent cache of only this stage's layers, indexed by the global layer."""
+    _matches_one_process(make_tiny_checkpoint(tmp_path, "DeepseekV2ForCausalLM"), 1)
+
+
 @pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "tp2xpp2"])
 def test_qwen3_moe_pipeline_with_an_uneven_split_matches_one_process(qwen3_moe, tp):
     _matches_one_process(qwen3_moe, tp)
