@@ -16,7 +16,8 @@ def load(folder: Path, workload: str) -> dict:
 
 def main(out: str) -> None:
     rows = []
-    for folder in sorted(p for p in Path(out).iterdir() if p.is_dir()):
+    folders = sorted((p for p in Path(out).iterdir() if p.is_dir()), key=lambda p: (p.name != "tp1", p.name))
+    for folder in folders:  # one GPU first: the others are compared with it
         lat, thr = load(folder, "latency"), load(folder, "throughput")
         rows.append((folder.name, lat.get("tpot_ms", {}), thr.get("output_tok_s"), thr.get("num_requests")))
     if not rows:

@@ -25,12 +25,13 @@ LAYOUTS = {
 MOE = ("Mixtral", "Moe", "Deepseek")
 
 
-def run(path: str, port: int, **layout) -> tuple[list[list[int]], float]:
+def run(path: str, port: int, dtype: str = "float32", eager: bool = False, **layout
+        ) -> tuple[list[list[int]], float]:
     from moeserve import LLM, SamplingParams
 
     t = time.perf_counter()
-    llm = LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=16, max_num_batched_tokens=256,
-              master_port=port, **layout)
+    llm = LLM(model=path, dtype=dtype, max_model_len=512, max_num_seqs=16, max_num_batched_tokens=256,
+              master_port=port, enforce_eager=eager, **layout)
     start = time.perf_counter() - t
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     out = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)]
@@ -46,19 +47,25 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--archs", default="LlamaForCausalLM,Qwen3MoeForCausalLM,DeepseekV2ForCausalLM,"
                                         "Glm4MoeForCausalLM,MixtralForCausalLM")
+    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--eager", action="store_true")
     a = ap.parse_args()
+    opts = dict(dtype=a.dtype, eager=a.eager)
     bad = 0
     port = 29650
     for arch in a.archs.split(","):
         path = make_tiny_checkpoint(tempfile.mkdtemp(), arch, max_position_embeddings=512)
-        ref, s0 = run(path, port)
+        ref, s0 = run(path, port, **opts)
         print(f"{arch:28s} 1 GPU   start {s0:5.1f}s")
         for name, layout in LAYOUTS.items():
+            if name not in a.layouts.split(","):
+                continue
             if "ep" in name and not any(m in arch for m in MOE):
                 continue
             port += 1
             try:
-                got, s = run(path, port, **layout)
+                got, s = run(path, port, **opts, **layout)
                 same = sum(g == r for g, r in zip(got, ref))
                 ok = same == len(ref)
                 print(f"{arch:28s} {name:7s} start {s:5.1f}s  tokens identical: {same}/{len(ref)}"

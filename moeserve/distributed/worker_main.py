@@ -78,4 +78,19 @@ def worker_main(config, info, device_type: str) -> None:
             if S and tp.size > 1:
                 prev = tp.broadcast(torch.empty(S, dtype=torch.int64, device=device), src=0)
     finally:
+        release_process_groups()
+
+
+def release_process_groups() -> None:
+    """Leave torch.distributed. NCCL's orderly destroy waits on peers that may already be gone (it hung at
+    shutdown on the H200s): abort the communicators instead; gloo's destroy is safe and lets a test start
+    another engine in the same process."""
+    from moeserve.distributed.parallel_state import destroy_model_parallel
+
+    destroy_model_parallel()
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl" and hasattr(dist.distributed_c10d, "_abort_process_group"):
+        dist.distributed_c10d._abort_process_group()
+    else:
         dist.destroy_process_group()

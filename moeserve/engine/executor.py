@@ -118,13 +118,7 @@ class MultiprocExecutor:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-        import torch.distributed as dist
-
-        from moeserve.distributed.parallel_state import destroy_model_parallel
-
-        destroy_model_parallel()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self._wm.release_process_groups()
 
     def _watch(self) -> None:
         """A rank that exits while the engine runs is fatal: say so, and if the engine does not fail on its own
