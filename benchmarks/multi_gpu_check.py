@@ -27,6 +27,32 @@ MOE = ("Mixtral", "Moe", "Deepseek")
 
 def run(path: str, port: int, dtype: str = "float32", eager: bool = False, **layout
         ) -> tuple[list[list[int]], float]:
+    """One engine in a process of its own (on CUDA an engine keeps its NCCL groups until its process ends)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_run_child, args=(queue, path, port, dtype, eager, layout))
+    proc.start()
+    ok, value = queue.get(timeout=600)
+    proc.join(timeout=30)
+    if proc.is_alive():
+        proc.kill()
+    if not ok:
+        raise RuntimeError(value)
+    return value
+
+
+def _run_child(queue, path, port, dtype, eager, layout) -> None:
+    import traceback
+
+    try:
+        queue.put((True, _run_engine(path, port, dtype, eager, **layout)))
+    except BaseException:
+        queue.put((False, traceback.format_exc()))
+
+
+def _run_engine(path: str, port: int, dtype: str, eager: bool, **layout) -> tuple[list[list[int]], float]:
     from moeserve import LLM, SamplingParams
 
     t = time.perf_counter()

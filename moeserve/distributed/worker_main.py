@@ -5,6 +5,7 @@ samples on its own (a DP rank's, or the last pipeline stage's) sends its tokens 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.distributed as dist
@@ -53,6 +54,7 @@ def worker_main(config, info, device_type: str) -> None:
         loaded = worker.loaded
         leader = LeaderSampler(loaded.hf_config.vocab_size, device, config.seed, loaded.eos_token_ids)
     prev = None
+    code = 1
     try:
         while True:
             step = broadcast_step(None)
@@ -77,20 +79,26 @@ def worker_main(config, info, device_type: str) -> None:
             S = len(step.sample_rows)
             if S and tp.size > 1:
                 prev = tp.broadcast(torch.empty(S, dtype=torch.int64, device=device), src=0)
+        code = 0
+    except BaseException:
+        logger.exception("moeserve rank %d failed", info.rank)
+        raise
     finally:
+        if device.type == "cuda":  # see release_process_groups: on NCCL the process just ends
+            logging.shutdown()
+            os._exit(code)
         release_process_groups()
 
 
 def release_process_groups() -> None:
-    """Leave torch.distributed. NCCL's orderly destroy waits on peers that may already be gone (it hung at
-    shutdown on the H200s): abort the communicators instead; gloo's destroy is safe and lets a test start
-    another engine in the same process."""
+    """Leave torch.distributed, so that another engine can start in this process (the CPU tests do). Not on
+    NCCL: its teardown waits on peers that may already be gone (a worker hung in destroy_process_group at
+    shutdown on 2xH200, seen with faulthandler), so a CUDA rank process just ends, and rank 0's process keeps its
+    groups: one multi-GPU engine per process there, as with vLLM."""
     from moeserve.distributed.parallel_state import destroy_model_parallel
 
-    destroy_model_parallel()
-    if not dist.is_initialized():
+    if dist.is_initialized() and dist.get_backend() == "nccl":
         return
-    if dist.get_backend() == "nccl" and hasattr(dist.distributed_c10d, "_abort_process_group"):
-        dist.distributed_c10d._abort_process_group()
-    else:
+    destroy_model_parallel()
+    if dist.is_initialized():
         dist.destroy_process_group()
