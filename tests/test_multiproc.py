@@ -89,18 +89,19 @@ def served_texts(base_url: str, prompts=PROMPTS, n: int = 12) -> list[str]:
     return out
 
 
-def test_two_nodes_on_localhost_with_expert_parallel(qwen3_moe):
+def test_two_nodes_on_localhost_with_expert_parallel(qwen3_moe, tmp_path):
     """`--nnodes 2`: node 1 runs rank 1 only (no server), node 0 serves; TP=2 with experts split over both."""
     ref = texts(LLM(model=qwen3_moe, device="cpu"))
     port = free_port()
     common = [qwen3_moe, "--device", "cpu", "-tp", "2", "--enable-expert-parallel", "--nnodes", "2",
               "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    log = open(tmp_path / "node1.log", "w")
     node1 = subprocess.Popen([sys.executable, "-m", "moeserve.cli", "serve", *common, "--node-rank", "1"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                             stdout=log, stderr=subprocess.STDOUT)
     try:
         with ServerProcess([*common, "--node-rank", "0"]) as server:
             assert served_texts(server.base_url) == ref
-        assert node1.wait(timeout=60) == 0  # rank 0 said stop: node 1 ends cleanly
+        assert node1.wait(timeout=60) == 0, (tmp_path / "node1.log").read_text()[-3000:]  # rank 0 said stop
     finally:
         if node1.poll() is None:
             node1.kill()

@@ -57,7 +57,9 @@ class Worker:
         self.timings["load_s"] = self.loaded.load_seconds
         self.max_model_len = resolve_max_model_len(config, self.loaded.hf_config)
         self.max_num_batched_tokens = resolve_batched_tokens(config, self.max_model_len)
-        self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        # buffers too: packed quantized weights (layers/quant) live there
+        self.weights_bytes = sum(t.numel() * t.element_size()
+                                 for t in (*self.model.parameters(), *self.model.buffers()))
         self.runner = ModelRunner(self.model, device, dtype, config.block_size, self.max_model_len,
                                   config.max_num_seqs, self.max_num_batched_tokens,
                                   use_cuda_graphs=not config.enforce_eager)

@@ -78,6 +78,15 @@ def run_server(args, engine_args: dict) -> int:
         server.should_exit = True
 
     async_engine.on_death = engine_died
+
+    def stop_engine() -> None:
+        """At the application's shutdown, while the process still runs: uvicorn re-raises the SIGTERM it caught
+        once it is done, which ends the process before a `finally` below would run (the other ranks must be
+        told to stop, or they fail on a closed connection)."""
+        async_engine.shutdown()
+        engine.shutdown()
+
+    app.router.on_shutdown.append(stop_engine)
     try:
         server.run()
     finally:
