@@ -62,12 +62,14 @@ def test_dp2_attention_with_expert_parallel_matches_one_process(qwen3_moe, tp):
     """DP=2 (x TP) + EP: each DP rank schedules its own requests into its own KV pool, its leader samples them,
     and a DP rank with nothing to do runs dummy steps so the experts' collectives complete (the solo request)."""
     prompts = PROMPTS + [[9] * 17]
-    ref = tokens(LLM(model=qwen3_moe, device="cpu"), prompts)
+    small = dict(num_gpu_blocks_override=10, block_size=8, max_num_batched_tokens=24)  # chunked, preempted
+    ref = tokens(LLM(model=qwen3_moe, device="cpu", **small), prompts, 20)
     llm = LLM(model=qwen3_moe, device="cpu", data_parallel_size=2, tensor_parallel_size=tp,
-              enable_expert_parallel=True, master_port=free_port())
+              enable_expert_parallel=True, master_port=free_port(), **small)
     try:
-        assert tokens(llm, prompts) == ref
-        assert tokens(llm, prompts[1:2]) == ref[1:2]  # one request: the other DP rank idles in dummy steps
+        assert tokens(llm, prompts, 20) == ref
+        assert llm.llm_engine.get_stats().num_preemptions_total > 0
+        assert tokens(llm, prompts[1:2], 20) == ref[1:2]  # one request: the other DP rank idles in dummy steps
         engine = llm.llm_engine
         assert all(kv.prefix_queries > 0 for kv in engine.kvs)  # requests were spread over both DP ranks
         assert engine.get_stats().num_free_blocks == engine.get_stats().num_total_blocks
