@@ -60,15 +60,11 @@ def worker_main(config, info, device_type: str) -> None:
             step = broadcast_step(None)
             if step is None:
                 break
-            if isinstance(step, list):  # DP: every DP rank's step in one message; no async scheduling
-                step = step[dp.rank]
-                logits = worker.execute(step, None)
-                if leader is not None:
-                    leader.apply(step)
-                    if step.sample_rows:
-                        dist.send_object_list([leader.sample(step, logits)], dst=0, group=_control)
-                continue
-            if pp.size > 1:  # this stage's layers; the last stage's leader samples and tells rank 0
+            # DP (every DP rank's step in one message) and PP (this stage's layers): no async scheduling; the
+            # leader (a DP rank's, or the last stage's TP rank 0) samples and sends the tokens to rank 0
+            if isinstance(step, list) or pp.size > 1:
+                if isinstance(step, list):
+                    step = step[dp.rank]
                 logits = worker.execute(step, None)
                 if leader is not None:
                     leader.apply(step)
