@@ -23,7 +23,7 @@ from moeserve.engine.errors import RequestRejected
 from moeserve.engine.kv_cache import KVCacheManager
 from moeserve.engine.request import Request
 from moeserve.engine.executor import InProcessExecutor, MultiprocExecutor
-from moeserve.engine.worker import Worker
+from moeserve.engine.worker import DoesNotFit, Worker, check_fits_before_loading  # noqa: F401 (re-exported)
 from moeserve.engine.sampler import PendingSample, Sampler
 from moeserve.engine.scheduler import Scheduler
 from moeserve.engine.step import StepInput
@@ -54,31 +54,6 @@ class _Launched:
     """A step on its way: the requests that sample in it, in row order, and their draws."""
     sampled: list[Request]
     draws: PendingSample | None
-
-
-class DoesNotFit(ValueError):
-    """The model cannot be served on this device with these settings; raised before any weight is loaded."""
-
-
-def check_fits_before_loading(config: EngineConfig, source: ModelSource, dtype: torch.dtype,
-                              device_memory_bytes: int) -> None:
-    """The planner's arithmetic, before loading: weights + KV of one max_model_len sequence + overhead."""
-    from moeserve.models.hf_config import normalize
-    from moeserve.plan.arch import read_arch
-    from moeserve.plan.fit import check_startup_fit
-
-    spec = read_arch(normalize(source.config))
-    max_len = config.max_model_len or spec.max_position_embeddings
-    elem = torch.tensor([], dtype=dtype).element_size()
-    verdict = check_startup_fit(
-        spec, weight_dtype_bytes=elem, kv_dtype_bytes=elem, max_model_len=max_len,
-        device_memory_bytes=device_memory_bytes, memory_utilization=config.gpu_memory_utilization,
-        max_num_batched_tokens=config.max_num_batched_tokens or 8192, max_num_seqs=config.max_num_seqs,
-        tp=config.tensor_parallel_size, pp=config.pipeline_parallel_size,
-        enable_expert_parallel=config.enable_expert_parallel,
-    )
-    if not verdict.fits:
-        raise DoesNotFit(f"{verdict.message}. Suggestion: {verdict.suggestion}")
 
 
 def _is_device_fault(e: Exception) -> bool:
@@ -113,9 +88,6 @@ class LLMEngine:
         self.timings: dict[str, float] = {}
 
         source = resolve_source(config)
-        if self.device.type == "cuda" and source.config:
-            check_fits_before_loading(config, source, self.dtype,
-                                      torch.cuda.get_device_properties(self.device).total_memory)
         self.executor = make_executor(config, self.device, self.dtype, source)
         worker = self.executor.worker
         self.device = worker.device
@@ -138,6 +110,7 @@ class LLMEngine:
                                      config.enable_chunked_prefill) for kv in self.kvs]
         self.kv, self.scheduler = self.kvs[0], self.schedulers[0]
         self.sampler = Sampler(self.hf_config.vocab_size, self.device, config.seed)
+        self.grammars = None  # engine/structured.py's Grammars, made when a request first asks for one
 
         # Pipeline parallelism: the last stage samples, from a mirror of the requests like a DP leader's.
         self.pipeline = config.pipeline_parallel_size > 1
@@ -211,6 +184,7 @@ class LLMEngine:
                                   f"{self.kv.capacity_tokens}.", code="kv_cache_exceeded")
         limit = min(self.max_model_len, self.kv.capacity_tokens) - n_prompt
         max_tokens = min(params.max_tokens or limit, limit)
+        grammars = self._grammars(params)  # compiles (or finds cached) before anything is allocated
         children = []
         for i in range(params.n):
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -218,6 +192,8 @@ class LLMEngine:
             if self.tokenizer is not None and params.detokenize:
                 req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
                                                          params.stop, params.include_stop_str_in_output)
+            if grammars is not None:
+                req.grammar = grammars.state(params.structured_outputs)
             children.append(req)
         dp_rank = min(range(len(self.schedulers)), key=lambda d: self.schedulers[d].load())  # the least loaded
         for req in children:
@@ -228,6 +204,19 @@ class LLMEngine:
             self.schedulers[dp_rank].add(req)
         self.parents[request_id] = children
         self.parent_prompt[request_id] = text
+
+    def _grammars(self, params: SamplingParams):
+        """The grammar compiler (made at the first request with structured outputs), or None without one."""
+        if params.structured_outputs is None:
+            return None
+        if len(self.schedulers) > 1 or self.pipeline:
+            raise ValueError("Structured outputs are not supported with data or pipeline parallelism yet.")
+        if self.tokenizer is None:
+            raise ValueError("Structured outputs need the model's tokenizer (this model has none).")
+        if self.grammars is None:
+            from moeserve.engine.structured import Grammars
+            self.grammars = Grammars(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
+        return self.grammars
 
     def abort_request(self, request_id: str | list[str]) -> None:
         for rid in [request_id] if isinstance(request_id, str) else request_id:
@@ -485,7 +474,8 @@ class LLMEngine:
             req.logprobs.append(logprobs)
             req.cumulative_logprob += token_logprob
         p = req.params
-        stop_token = (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids))
+        stop_token = (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
+                      or (req.grammar is not None and token in self.eos_token_ids))  # the grammar let EOS by: done
         if stop_token:  # the sampler bans them until min_tokens
             return self._finish(req, "stop", token, now)
         if req.detokenizer is not None:

@@ -48,10 +48,37 @@ def resolve_batched_tokens(config: EngineConfig, max_model_len: int) -> int:
     return n or max(8192, config.max_num_seqs)
 
 
+class DoesNotFit(ValueError):
+    """The model cannot be served on this device with these settings; raised before any weight is loaded."""
+
+
+def check_fits_before_loading(config: EngineConfig, source: ModelSource, dtype: torch.dtype,
+                              device_memory_bytes: int) -> None:
+    """The planner's arithmetic, before loading: weights + KV of one max_model_len sequence + overhead."""
+    from moeserve.models.hf_config import normalize
+    from moeserve.plan.arch import read_arch
+    from moeserve.plan.fit import check_startup_fit
+
+    spec = read_arch(normalize(source.config))
+    max_len = config.max_model_len or spec.max_position_embeddings
+    elem = torch.tensor([], dtype=dtype).element_size()
+    verdict = check_startup_fit(
+        spec, weight_dtype_bytes=elem, kv_dtype_bytes=elem, max_model_len=max_len,
+        device_memory_bytes=device_memory_bytes, memory_utilization=config.gpu_memory_utilization,
+        max_num_batched_tokens=config.max_num_batched_tokens or 8192, max_num_seqs=config.max_num_seqs,
+        tp=config.tensor_parallel_size, pp=config.pipeline_parallel_size,
+        enable_expert_parallel=config.enable_expert_parallel,
+    )
+    if not verdict.fits:
+        raise DoesNotFit(f"{verdict.message}. Suggestion: {verdict.suggestion}")
+
+
 class Worker:
     def __init__(self, config: EngineConfig, device: torch.device, dtype: torch.dtype, source: ModelSource):
         self.config, self.device, self.dtype = config, device, dtype
         self.timings: dict[str, float] = {}
+        if device.type == "cuda" and source.config:  # every rank, on its own GPU, before a weight is loaded
+            check_fits_before_loading(config, source, dtype, torch.cuda.get_device_properties(device).total_memory)
         self.loaded = load_model(config, device, dtype, source)
         self.model = self.loaded.model
         self.timings["load_s"] = self.loaded.load_seconds
