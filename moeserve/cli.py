@@ -164,6 +164,12 @@ def _add_plan(subparsers) -> None:
     add_parser(subparsers)
 
 
+def _add_bench(subparsers) -> None:
+    from moeserve.bench.cli import add_parser  # client side only: httpx, numpy
+
+    add_parser(subparsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_generate(sub)
     _add_plan(sub)
+    _add_bench(sub)
     return parser
 
 
