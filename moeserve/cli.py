@@ -128,6 +128,13 @@ def _add_serve(subparsers) -> None:
     g.add_argument("--max-stop-token-ids", type=int, default=256, help="most stop_token_ids in one request")
     g.add_argument("--max-prompts-per-request", type=int, default=256,
                    help="most prompts in one /v1/completions batch (each is a request of its own)")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="let the model decide to call tools (tool_choice 'auto'); needs --tool-call-parser")
+    g.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                   help="the model family's tool-call format: hermes, qwen3_coder, llama3_json, llama4_json, "
+                        "pythonic, deepseek_v3, deepseek_v31, kimi_k2, glm45, glm47")
+    g.add_argument("--reasoning-parser", default=None, metavar="NAME",
+                   help="split thinking into reasoning_content: deepseek_r1, qwen3, glm45, kimi_k2")
     g.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="log level of the HTTP server (access logs at info)")

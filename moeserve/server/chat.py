@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from moeserve.server.chat_tools import AnswerParser, history_for_template, plan_tools
 from moeserve.server.errors import APIError, bad_request
 from moeserve.server.protocol import ChatCompletionRequest
 from moeserve.server.serving import OpenAIServing, engine_failure, final_outputs, merged, usage
@@ -29,6 +30,10 @@ def _message_for_template(m) -> dict:
 
 
 def render_prompt(serving: OpenAIServing, req: ChatCompletionRequest) -> list[int]:
+    return serving.encode(render_text(serving, req, req.tools), add_special_tokens=False)
+
+
+def render_text(serving: OpenAIServing, req: ChatCompletionRequest, tools: list[dict] | None) -> str:
     tok = serving.tokenizer
     template = serving.settings.chat_template
     if tok is None:
@@ -36,8 +41,10 @@ def render_prompt(serving: OpenAIServing, req: ChatCompletionRequest) -> list[in
                           "token ids.")
     if template is None and not getattr(tok, "chat_template", None):
         raise bad_request("This model has no chat template; start the server with --chat-template.")
-    messages = [_message_for_template(m) for m in req.messages]
+    messages = [history_for_template(_message_for_template(m), i) for i, m in enumerate(req.messages)]
     kwargs = dict(req.chat_template_kwargs or {})
+    if tools:
+        kwargs["tools"] = tools
     try:
         text = tok.apply_chat_template(
             messages, tokenize=False, chat_template=template,
@@ -46,7 +53,7 @@ def render_prompt(serving: OpenAIServing, req: ChatCompletionRequest) -> list[in
     except Exception as e:  # a template that raises on these messages (e.g. roles out of order)
         raise bad_request(f"The chat template could not render these messages: {e}", param="messages") from None
     # The template writes its own special tokens (BOS included), so none are added on top.
-    return serving.encode(text, add_special_tokens=False)
+    return text
 
 
 # Arguments render_prompt passes itself: chat_template_kwargs may not set them (tools would slip past the
@@ -58,13 +65,9 @@ RESERVED_TEMPLATE_KWARGS = ("tools", "documents", "messages", "conversation", "c
 def _check_unsupported(req: ChatCompletionRequest) -> None:
     for key in RESERVED_TEMPLATE_KWARGS:
         if req.chat_template_kwargs and key in req.chat_template_kwargs:
-            what = "Tool calling is not supported by moeserve" if key == "tools" else f"{key!r} is set by moeserve"
+            what = "send tools in the request's `tools` field" if key == "tools" else f"{key!r} is set by moeserve"
             raise bad_request(f"chat_template_kwargs may not contain {key!r}: {what}.",
                               param=f"chat_template_kwargs.{key}")
-    if req.tools:
-        raise bad_request("Tool calling is not supported by moeserve.", param="tools")
-    if req.tool_choice not in (None, "none"):
-        raise bad_request("Tool calling is not supported by moeserve.", param="tool_choice")
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise bad_request("Only response_format {'type': 'text'} is supported.", param="response_format")
     if req.top_logprobs and not req.logprobs:
@@ -77,8 +80,15 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     _check_unsupported(req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     top_n = (req.top_logprobs or 0) if req.logprobs else None
+    plan = plan_tools(req, serving.settings)
     params = serving.sampling_params(req, max_tokens=max_tokens, logprobs=top_n)
-    prompt_ids = render_prompt(serving, req)
+    if plan.parser is not None and plan.parser.needs_special_tokens:
+        params.skip_special_tokens = False  # the call markers are special tokens
+    prompt_text = render_text(serving, req, plan.tools)
+    prompt_ids = serving.encode(prompt_text, add_special_tokens=False)
+    parse = serving.settings.reasoning_parser is not None or plan.parser is not None
+    answers = ([AnswerParser(plan, serving.settings.reasoning_parser, prompt_text) for _ in range(params.n)]
+               if parse else None)
     serving.check_length(prompt_ids, max_tokens, param="messages")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     streams = await serving.start_all(request_id, [prompt_ids], params, arrival)
@@ -86,7 +96,7 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return EventStreamResponse(_stream(serving, streams, request_id, model, created, params.n, top_n,
-                                           include_usage))
+                                           include_usage, answers))
     try:
         (out,) = await until_disconnected(final_outputs(streams))
     except APIError:
@@ -97,10 +107,10 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     for c in out.outputs:
         choices.append({
             "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
+            "message": answers[c.index].message(c.text) if answers else {"role": "assistant", "content": c.text},
             "logprobs": ({"content": serving.chat_logprobs(c.token_ids, c.logprobs or [], top_n)}
                          if top_n is not None else None),
-            "finish_reason": c.finish_reason,
+            "finish_reason": "tool_calls" if answers and answers[c.index].called else c.finish_reason,
             "stop_reason": c.stop_reason,
         })
     return {
@@ -110,7 +120,8 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
 
 
 async def _stream(serving: OpenAIServing, streams, request_id: str, model: str, created: int, n: int,
-                  top_n: int | None, include_usage: bool) -> AsyncIterator[str]:
+                  top_n: int | None, include_usage: bool,
+                  answers: list[AnswerParser] | None = None) -> AsyncIterator[str]:
     def chunk(choices: list[dict], **extra) -> str:
         return sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": choices, **extra})
@@ -131,15 +142,23 @@ async def _stream(serving: OpenAIServing, streams, request_id: str, model: str, 
                 new_tokens = c.token_ids[sent_tokens[i]:]
                 if not delta and not new_tokens and c.finish_reason is None:
                     continue
-                choice = {"index": i, "delta": {"content": delta} if delta else {}, "logprobs": None,
-                          "finish_reason": c.finish_reason}
+                if answers:  # reasoning, content and tool calls, each in its own field
+                    d = answers[i].delta(delta)
+                    if c.finish_reason is not None:
+                        for k, v in answers[i].delta("", final=True).items():
+                            d[k] = d.get(k, type(v)()) + v
+                    body = d
+                else:
+                    body = {"content": delta} if delta else {}
+                finish = "tool_calls" if answers and answers[i].called and c.finish_reason else c.finish_reason
+                choice = {"index": i, "delta": body, "logprobs": None, "finish_reason": finish}
                 if top_n is not None and new_tokens:
                     entries = (c.logprobs or [])[sent_tokens[i]:]
                     choice["logprobs"] = {"content": serving.chat_logprobs(new_tokens, entries, top_n)}
                 if c.finish_reason is not None:
                     choice["stop_reason"] = c.stop_reason
                     done[i] = True
-                if delta or c.finish_reason is not None or choice["logprobs"] is not None:
+                if body or c.finish_reason is not None or choice["logprobs"] is not None:
                     choices.append(choice)
                 sent_chars[i], sent_tokens[i] = len(c.text), len(c.token_ids)
             if choices:

@@ -22,16 +22,33 @@ def read_chat_template(value: str | None) -> str | None:
     return value
 
 
+def check_agent_flags(enable_auto_tool_choice: bool, tool_call_parser: str | None,
+                      reasoning_parser: str | None) -> None:
+    """Unknown parser names fail at startup, before any weight is loaded."""
+    from moeserve.server.reasoning_parsers import reasoning_parser_class
+    from moeserve.server.tool_parsers import tool_parser_class
+
+    if tool_call_parser is not None:
+        tool_parser_class(tool_call_parser)
+    if reasoning_parser is not None:
+        reasoning_parser_class(reasoning_parser)
+    if enable_auto_tool_choice and tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser NAME.")
+
+
 def build_server(engine, *, served_model_names: list[str] | None = None, api_key: str | None = None,
                  chat_template: str | None = None, max_waiting_requests: int = 4096,
                  max_request_body_bytes: int = 16 * 1024 * 1024, max_logprobs: int = 20,
-                 max_stop_strings: int = 64, max_stop_token_ids: int = 256, max_prompts_per_request: int = 256):
+                 max_stop_strings: int = 64, max_stop_token_ids: int = 256, max_prompts_per_request: int = 256,
+                 enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None,
+                 reasoning_parser: str | None = None):
     """The FastAPI app around an LLMEngine, with the engine thread started. Returns (app, async_engine)."""
     from moeserve.engine.async_engine import AsyncLLMEngine
     from moeserve.server.app import build_app
     from moeserve.server.metrics import ServerMetrics
     from moeserve.server.serving import OpenAIServing
 
+    check_agent_flags(enable_auto_tool_choice, tool_call_parser, reasoning_parser)
     names = list(served_model_names or [engine.model_name])
     async_engine = AsyncLLMEngine(engine, max_waiting_requests=max_waiting_requests)
     metrics = ServerMetrics(lambda: async_engine.stats, names[0])
@@ -41,7 +58,9 @@ def build_server(engine, *, served_model_names: list[str] | None = None, api_key
                               max_request_body_bytes=max_request_body_bytes,
                               vocab_size=getattr(getattr(engine, "hf_config", None), "vocab_size", None),
                               max_stop_strings=max_stop_strings, max_stop_token_ids=max_stop_token_ids,
-                              max_prompts_per_request=max_prompts_per_request)
+                              max_prompts_per_request=max_prompts_per_request,
+                              enable_auto_tool_choice=enable_auto_tool_choice, tool_call_parser=tool_call_parser,
+                              reasoning_parser=reasoning_parser)
     app = build_app(OpenAIServing(async_engine, engine.tokenizer, settings), metrics)
     async_engine.start()
     return app, async_engine
@@ -56,6 +75,10 @@ def run_server(args, engine_args: dict) -> int:
     from moeserve.distributed.launch import run_if_not_rank_zero
 
     chat_template = read_chat_template(args.chat_template)
+    agents = dict(enable_auto_tool_choice=getattr(args, "enable_auto_tool_choice", False),
+                  tool_call_parser=getattr(args, "tool_call_parser", None),
+                  reasoning_parser=getattr(args, "reasoning_parser", None))
+    check_agent_flags(**agents)
     code = run_if_not_rank_zero(EngineConfig.from_kwargs(**engine_args))
     if code is not None:  # this process runs worker ranks of a server whose rank 0 is elsewhere
         return code
@@ -64,7 +87,8 @@ def run_server(args, engine_args: dict) -> int:
         engine, served_model_names=args.served_model_name, api_key=args.api_key, chat_template=chat_template,
         max_waiting_requests=args.max_waiting_requests, max_request_body_bytes=args.max_request_body_bytes,
         max_logprobs=args.max_logprobs, max_stop_strings=args.max_stop_strings,
-        max_stop_token_ids=args.max_stop_token_ids, max_prompts_per_request=args.max_prompts_per_request)
+        max_stop_token_ids=args.max_stop_token_ids, max_prompts_per_request=args.max_prompts_per_request,
+        **agents)
     logger.info("moeserve: serving %s on http://%s:%d/v1 (max_model_len=%d)", engine.model_name, args.host,
                 args.port, engine.max_model_len)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,

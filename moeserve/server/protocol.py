@@ -89,6 +89,7 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
+    parallel_tool_calls: bool | None = None
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | TokenIds | list[TokenIds]
     max_tokens: IntIn(1, MAX_INT32) | None = 16  # OpenAI's default for completions
