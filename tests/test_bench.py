@@ -137,3 +137,14 @@ def test_against_the_real_server(tmp_path):
     assert step["completed"] == 6 and step["failed"] == 0, step["errors"]
     assert step["usage_from_server"] and step["total_output_tokens"] == 6 * 8
     assert step["total_input_tokens"] > 0 and step["mean_ttft_ms"] > 0 and step["mean_tpot_ms"] > 0
+
+
+def test_bench_imports_no_engine_code():
+    import subprocess
+    import sys
+
+    code = ("import sys, moeserve.bench.cli; "
+            "bad = [m for m in sys.modules if m == 'torch' or (m.startswith('moeserve.') "
+            "and not m.startswith('moeserve.bench'))]; print(bad); sys.exit(bool(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
