@@ -33,6 +33,55 @@ def _real(name: str, value, low: float, high: float, open_low: bool = False) -> 
         raise InvalidSamplingParam(name, f"{name} must be a finite number in {bracket}{low}, {high}], got {value!r}.")
 
 
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's shape: exactly one of json (a JSON schema, dict or string), json_object (any JSON object), regex,
+    choice (one of these strings) or grammar (EBNF, GBNF-style). Plain data: it crosses to the workers as is."""
+
+    json: str | dict | None = None
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
+
+    def key(self) -> tuple[str, str]:
+        """(kind, canonical text): what a compiled grammar is cached under."""
+        import json
+        value = getattr(self, self.kind)
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, ensure_ascii=False)  # key order kept: it is the properties' order
+        return self.kind, str(value)
+
+
+def structured_outputs_params(value) -> StructuredOutputsParams | None:
+    """Checked for shape here, then compiled (without a tokenizer) by the grammar library: a schema, regex or
+    grammar it cannot compile fails at construction, naming the field (structured_outputs.<kind>)."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        unknown = set(value) - set(StructuredOutputsParams.KINDS)
+        if unknown:
+            raise InvalidSamplingParam("structured_outputs", f"structured_outputs has unknown fields {sorted(unknown)}; "
+                                       f"it takes one of {list(StructuredOutputsParams.KINDS)}.")
+        value = StructuredOutputsParams(**value)
+    if not isinstance(value, StructuredOutputsParams):
+        raise InvalidSamplingParam("structured_outputs", "structured_outputs must be a StructuredOutputsParams or dict.")
+    given = [k for k in StructuredOutputsParams.KINDS if getattr(value, k) not in (None, False)]
+    if len(given) != 1:
+        raise InvalidSamplingParam("structured_outputs", f"structured_outputs takes exactly one of "
+                                   f"{list(StructuredOutputsParams.KINDS)}, got {given or 'none'}.")
+    kind = given[0]
+    from moeserve.engine.structured import check_compiles  # the grammar library is imported only when used
+    check_compiles(value, lambda msg: InvalidSamplingParam(f"structured_outputs.{kind}", msg))
+    return value
+
+
 class RequestOutputKind(Enum):
     """What `LLMEngine.step` returns for a request: its output so far after every step, or only when it ends."""
 
@@ -61,6 +110,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | dict | None = None  # a grammar the tokens must follow
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -95,6 +145,7 @@ class SamplingParams:
                 raise InvalidSamplingParam("stop", f"stop strings must be non-empty strings, got {s!r}.")
         for t in self.stop_token_ids:
             _int("stop_token_ids", t, 0, MAX_INT32, hint="token ids, integers >= 0")
+        self.structured_outputs = structured_outputs_params(self.structured_outputs)
 
     @property
     def greedy(self) -> bool:
@@ -106,8 +157,9 @@ class SamplingParams:
 
     @property
     def reads_own_tokens(self) -> bool:
-        """Does sampling a token need the request's previous tokens on the host (penalties, min_tokens)?"""
-        return self.has_penalties or self.min_tokens > 0
+        """Does sampling a token need the request's previous tokens on the host (penalties, min_tokens, a
+        grammar's matcher)?"""
+        return self.has_penalties or self.min_tokens > 0 or self.structured_outputs is not None
 
     def clone(self, **changes) -> "SamplingParams":
         from dataclasses import replace

@@ -45,6 +45,7 @@ class Request:
         self.num_preemptions = 0
         self.generator = None  # per-request torch.Generator when params.seed is set (made by the sampler)
         self.detokenizer = None
+        self.grammar = None  # engine/structured.py's GrammarState when params.structured_outputs is set
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
 
     @property

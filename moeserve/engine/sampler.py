@@ -1,6 +1,7 @@
 """From the last position's logits to the next token of each request, batched.
 
-Order: penalties -> min_tokens ban -> (logprobs of the model's raw distribution) -> greedy argmax, or
+Order: penalties -> min_tokens ban -> grammar mask (structured outputs) -> (logprobs of the model's raw
+distribution) -> greedy argmax, or
 temperature, top-k, top-p, min-p, then a draw. The draw is argmax(p / q) with q ~ Exp(1) noise, which samples
 exactly from p; a seeded request draws its noise from its own generator, so its tokens do not depend on what
 else shares the batch.
@@ -63,6 +64,7 @@ class Sampler:
         self.vocab_size = vocab_size
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.grammar_mask = None  # made when a request with a grammar first samples (engine/structured.py)
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request], eos_ids: set[int]) -> SampleResult:
         return self.sample(logits, reqs, eos_ids).result()
@@ -73,6 +75,13 @@ class Sampler:
         raw = logits
         if any(_adjusts_logits(r) for r in reqs):
             logits = self._apply_penalties(logits.clone(), reqs, eos_ids)
+        if any(r.grammar is not None for r in reqs):
+            if logits is raw:
+                logits = logits.clone()
+            if self.grammar_mask is None:
+                from moeserve.engine.structured import GrammarMask
+                self.grammar_mask = GrammarMask(self.vocab_size, self.device)
+            self.grammar_mask.apply(logits, reqs)
 
         greedy = [r.params.greedy for r in reqs]
         if all(greedy):  # decided on the host: no device round trip before the argmax

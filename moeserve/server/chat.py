@@ -68,8 +68,6 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
             what = "send tools in the request's `tools` field" if key == "tools" else f"{key!r} is set by moeserve"
             raise bad_request(f"chat_template_kwargs may not contain {key!r}: {what}.",
                               param=f"chat_template_kwargs.{key}")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise bad_request("Only response_format {'type': 'text'} is supported.", param="response_format")
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true.", param="top_logprobs")
 

@@ -66,6 +66,12 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[IntIn(0, MAX_INT32)] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured outputs, vLLM's way (response_format is OpenAI's; server/structured.py reads them all)
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 class ChatMessage(BaseModel):
@@ -97,6 +103,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: IntIn(1, MAX_N) | None = None
+    response_format: dict[str, Any] | None = None  # vLLM's extension: structured outputs for completions too
 
 
 def invalid_unicode_at(body: Any) -> str | None:

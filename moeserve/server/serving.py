@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from moeserve.engine.async_engine import AsyncLLMEngine, EngineDead, QueueFull, RequestStream
 from moeserve.outputs import Logprob, RequestOutput
 from moeserve.sampling_params import InvalidSamplingParam, SamplingParams
+from moeserve.server.structured import structured_outputs_of
 from moeserve.server.errors import APIError, bad_request
 
 
@@ -78,6 +79,7 @@ class OpenAIServing:
             seed=req.seed, stop=stop, stop_token_ids=stop_ids, max_tokens=max_tokens,
             min_tokens=req.min_tokens, logprobs=logprobs, ignore_eos=req.ignore_eos,
             skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+            structured_outputs=structured_outputs_of(req),
         )
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
             value = getattr(req, name)
