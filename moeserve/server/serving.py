@@ -31,11 +31,11 @@ class ServerSettings:
     max_stop_strings: int = 64
     max_stop_token_ids: int = 256
     max_prompts_per_request: int = 256
-
     # agents: vLLM's --enable-auto-tool-choice, --tool-call-parser, --reasoning-parser
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+
 
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, tokenizer, settings: ServerSettings):
