@@ -27,6 +27,8 @@ class EngineConfig:
     # host's bookkeeping. None: on for CUDA, off on the CPU (where nothing runs behind the host's back).
     async_scheduling: bool | None = None
     served_model_name: str | None = None
+    # Count the tokens routed to each expert on the device (GET /v1/expert_load, the expert gauges of /metrics).
+    expert_load_telemetry: bool = False
     # The layout (vLLM's names and meanings): ranks = TP x PP x DP, one process per GPU, over `nnodes` nodes.
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1

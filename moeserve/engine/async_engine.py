@@ -64,6 +64,14 @@ def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
             fut.set_exception(error)
 
 
+def _set_result(fut: asyncio.Future, value, error: BaseException | None) -> None:
+    if not fut.done():
+        if error is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(error)
+
+
 def _deliver(items: list[tuple[_Stream, object]]) -> None:
     """Runs on the caller's event loop."""
     for stream, item in items:
@@ -87,6 +95,9 @@ class AsyncLLMEngine:
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._thread: threading.Thread | None = None
         self.stats = engine.get_stats()  # refreshed by the engine thread; read by /metrics
+        # Expert-load telemetry: the engine thread's newest snapshot (None: off, or a dense model)
+        self.has_expert_load = bool(getattr(getattr(engine, "config", None), "expert_load_telemetry", False))
+        self.expert_load_latest = None
         self.step_errors = 0
         self.dead: BaseException | None = None
         self.on_death = None  # called from the engine thread when it dies on its own (not at shutdown)
@@ -143,6 +154,18 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._submit(("abort", request_id))
 
+    async def refresh_expert_load(self, timeout_s: float = 5.0):
+        """Ask the engine thread for an expert-load snapshot (it reads the device counts between steps) and
+        return it; None when telemetry is off, the model is dense, or the engine does not answer in time."""
+        if not self.has_expert_load or not self.is_running:
+            return self.expert_load_latest
+        fut = asyncio.get_running_loop().create_future()
+        self._submit(("expert_load", fut))
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except Exception:  # no answer in time, or the device read failed (the next step will say so)
+            return self.expert_load_latest
+
     def _submit(self, item: tuple) -> None:
         with self._lock:
             if item[0] == "add":
@@ -194,6 +217,8 @@ class AsyncLLMEngine:
             if item[0] == "add":
                 added += 1
                 self._add(*item[1:])
+            elif item[0] == "expert_load":
+                self._snapshot_expert_load(item[1])
             else:
                 self._abort(item[1])
         if added:
@@ -212,6 +237,15 @@ class AsyncLLMEngine:
             return
         self._streams[request_id] = stream
         _call_soon(stream.loop, _resolve, stream.accepted, None)
+
+    def _snapshot_expert_load(self, fut: asyncio.Future) -> None:
+        try:
+            snap, error = self.engine.expert_load(), None
+            self.expert_load_latest = snap
+        except Exception as e:  # a device fault surfaces in the next step; this caller just gets the error
+            snap, error = None, e
+        loop = fut.get_loop()
+        _call_soon(loop, _set_result, fut, snap, error)
 
     def _abort(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is not None:

@@ -235,6 +235,12 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return any(s.has_work() for s in self.schedulers) or self.inflight is not None
 
+    def expert_load(self):
+        """The expert-load table over the sliding window (layers/expert_load.py), or None when telemetry is off
+        or the model has no router. Copies the counts to the host: call between steps, when asked."""
+        load = self.executor.worker.expert_load
+        return None if load is None else load.snapshot()
+
     def get_stats(self) -> EngineStats:
         scheds, kvs = self.schedulers, self.kvs
         free, total = sum(kv.pool.num_free for kv in kvs), sum(kv.num_blocks for kv in kvs)

@@ -57,6 +57,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] | None = None
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.expert_load = None  # layers/expert_load.ExpertLoad, set by the worker when telemetry is on
         pin = device.type == "cuda"
         T, B = max_num_batched_tokens + max_num_seqs, max_num_seqs
         # Host staging buffers (allocated once), two sets used in turn.
@@ -113,6 +114,8 @@ class ModelRunner:
         else:
             B, T = self._prepare(step, prev_tokens)
         decode_only = T == B
+        if self.expert_load is not None:  # real rows: a graph's padding rows and dummy steps route nothing
+            self.expert_load.set_valid_tokens(0 if step.is_dummy else T)
         if decode_only and self.use_cuda_graphs and self.graphs and (not self.data_parallel or step.dp_graph_batch):
             hidden = self._replay(B, step.dp_graph_batch)
         else:

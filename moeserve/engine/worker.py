@@ -15,6 +15,7 @@ import torch
 from moeserve.config import EngineConfig
 from moeserve.engine.request import Request
 from moeserve.engine.runner import ModelRunner
+from moeserve.layers.expert_load import ExpertLoad
 from moeserve.engine.sampler import SampleResult, Sampler
 from moeserve.engine.step import StepInput
 from moeserve.loader.model_loader import ModelSource, load_model
@@ -90,6 +91,9 @@ class Worker:
         self.runner = ModelRunner(self.model, device, dtype, config.block_size, self.max_model_len,
                                   config.max_num_seqs, self.max_num_batched_tokens,
                                   use_cuda_graphs=not config.enforce_eager)
+        # before graph capture, so the graphs hold the counting ops
+        self.expert_load = ExpertLoad.attach(self.model, device) if config.expert_load_telemetry else None
+        self.runner.expert_load = self.expert_load
         self.profile_peak_bytes: int | None = None
 
     def available_kv_blocks(self) -> int:
@@ -127,6 +131,8 @@ class Worker:
         self.runner.allocate_kv_cache(num_blocks)
         self.timings["prefill_warmup_s"] = self.runner.warm_up_prefill()
         self.timings["cuda_graphs_s"] = self.runner.capture_cuda_graphs()
+        if self.expert_load is not None:
+            self.expert_load.reset()  # warm-up and capture forwards are not traffic
 
     def execute(self, step: StepInput, prev_tokens: torch.Tensor | None) -> torch.Tensor:
         return self.runner.execute(step, prev_tokens)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.layers.activation import silu_and_mul
+from moeserve.layers.expert_load import count_routed
 from moeserve.distributed.parallel_state import get_tp_group
 from moeserve.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear, linear
 
@@ -40,9 +41,17 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden_size))
         if cfg.correction_bias:
             self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts, dtype=torch.float32))
+        self.expert_counts: torch.Tensor | None = None  # layers/expert_load.py: set when telemetry is on
+        self.valid_tokens: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (weights [T, k] fp32, expert ids [T, k] int32)."""
+        weights, ids = self._route(x)
+        if self.expert_counts is not None:
+            count_routed(self.expert_counts, ids, self.valid_tokens)
+        return weights, ids
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         plain_softmax = cfg.scoring == "softmax" and cfg.n_group == 1 and not cfg.correction_bias
         if plain_softmax and x.is_cuda and x.shape[0] <= 64 and x.is_contiguous():

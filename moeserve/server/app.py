@@ -171,8 +171,17 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics) -> FastAPI:
     async def version():
         return {"version": __version__}
 
+    @app.get("/v1/expert_load")
+    async def expert_load(request: Request):
+        """The layer x expert table of tokens routed over the telemetry window (--expert-load-telemetry)."""
+        check_auth(request)
+        snap = await serving.engine.refresh_expert_load()
+        table = snap.to_json() if snap is not None else {"layers": [], "num_experts": 0, "window_s": 0.0}
+        return {"object": "expert_load", "model": settings.model_names[0], "enabled": snap is not None, **table}
+
     @app.get("/metrics")
     async def prometheus_metrics():
+        await serving.engine.refresh_expert_load()  # the engine thread's snapshot; no-op when telemetry is off
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 

@@ -57,13 +57,43 @@ class _EngineStatsCollector:
         yield counter("prefix_cache_hits", "Prefix-cache hits, in blocks.", s.prefix_cache_hits)
 
 
+class _ExpertLoadCollector:
+    """Per MoE layer, over the telemetry window: imbalance (max / mean tokens per expert) and the hottest expert's
+    share. Labelled by layer only (bounded: one series per MoE layer). Nothing when telemetry is off or dense."""
+
+    def __init__(self, snapshot_source, model_name: str):
+        self.snapshot_source = snapshot_source
+        self.model_name = model_name
+
+    def collect(self):
+        snap = self.snapshot_source()
+        if snap is None:
+            return
+        imbalance = GaugeMetricFamily(PREFIX + "expert_load_imbalance",
+                                      "Tokens of the most loaded expert over the mean, per MoE layer (1 = even).",
+                                      labels=["model_name", "layer"])
+        hottest = GaugeMetricFamily(PREFIX + "expert_load_hottest_share",
+                                    "Share of a MoE layer's routed tokens that went to its most loaded expert.",
+                                    labels=["model_name", "layer"])
+        for layer, ratio, share in snap.layer_stats():
+            imbalance.add_metric([self.model_name, str(layer)], ratio)
+            hottest.add_metric([self.model_name, str(layer)], share)
+        yield imbalance
+        yield hottest
+
+    def describe(self):
+        return []  # series appear only with telemetry on; nothing to pre-declare
+
+
 class ServerMetrics:
     """The registry behind /metrics; also the engine thread's StepObserver."""
 
-    def __init__(self, stats_source, model_name: str):
+    def __init__(self, stats_source, model_name: str, expert_load_source=None):
         disable_created_metrics()  # no `*_created` series: vLLM's exposition has none either
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_EngineStatsCollector(stats_source, model_name))
+        if expert_load_source is not None:
+            self.registry.register(_ExpertLoadCollector(expert_load_source, model_name))
         labels = ["model_name"]
 
         def hist(name, doc, buckets):
