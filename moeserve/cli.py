@@ -50,6 +50,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: run without CUDA graphs")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch step n+1 before reading step n's tokens (default: on with CUDA, off on the CPU)")
+    g.add_argument("--expert-load-telemetry", action="store_true",
+                   help="MoE: count tokens routed to each expert on the device (GET /v1/expert_load, /metrics)")
     g = p.add_argument_group("layout (vLLM's flags: one process per GPU, on one node or several)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs per tensor-parallel group")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="pipeline stages")
@@ -90,7 +92,8 @@ def engine_args_from(args: argparse.Namespace) -> dict:
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, num_gpu_blocks_override=args.num_gpu_blocks_override,
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill, enforce_eager=args.enforce_eager,
-        async_scheduling=args.async_scheduling, served_model_name=served[0] if served else None,
+        async_scheduling=args.async_scheduling, expert_load_telemetry=args.expert_load_telemetry,
+        served_model_name=served[0] if served else None,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         data_parallel_size=args.data_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
         nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr or "127.0.0.1",
