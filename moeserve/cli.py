@@ -138,6 +138,9 @@ def _add_serve(subparsers) -> None:
                         "pythonic, deepseek_v3, deepseek_v31, kimi_k2, glm45, glm47")
     g.add_argument("--reasoning-parser", default=None, metavar="NAME",
                    help="split thinking into reasoning_content: deepseek_r1, qwen3, glm45, kimi_k2")
+    g.add_argument("--drain-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM, stop admitting (503 server_draining) and let requests in flight finish for "
+                        "up to this many seconds, then exit 0")
     g.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="log level of the HTTP server (access logs at info)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from moeserve.server.serving import ServerSettings
 
@@ -45,6 +46,7 @@ def build_server(engine, *, served_model_names: list[str] | None = None, api_key
     """The FastAPI app around an LLMEngine, with the engine thread started. Returns (app, async_engine)."""
     from moeserve.engine.async_engine import AsyncLLMEngine
     from moeserve.server.app import build_app
+    from moeserve.server.lifecycle import Lifecycle, install
     from moeserve.server.metrics import ServerMetrics
     from moeserve.server.serving import OpenAIServing
 
@@ -63,6 +65,7 @@ def build_server(engine, *, served_model_names: list[str] | None = None, api_key
                               enable_auto_tool_choice=enable_auto_tool_choice, tool_call_parser=tool_call_parser,
                               reasoning_parser=reasoning_parser)
     app = build_app(OpenAIServing(async_engine, engine.tokenizer, settings), metrics)
+    install(app, Lifecycle(settings.retry_after_s), async_engine)  # GET /ready and the SIGTERM drain
     async_engine.start()
     return app, async_engine
 
@@ -74,7 +77,9 @@ def run_server(args, engine_args: dict) -> int:
 
     from moeserve.config import EngineConfig
     from moeserve.distributed.launch import run_if_not_rank_zero
+    from moeserve.server.lifecycle import make_draining_server, startup_report
 
+    started = time.perf_counter()
     chat_template = read_chat_template(args.chat_template)
     agents = dict(enable_auto_tool_choice=getattr(args, "enable_auto_tool_choice", False),
                   tool_call_parser=getattr(args, "tool_call_parser", None),
@@ -90,10 +95,13 @@ def run_server(args, engine_args: dict) -> int:
         max_logprobs=args.max_logprobs, max_stop_strings=args.max_stop_strings,
         max_stop_token_ids=args.max_stop_token_ids, max_prompts_per_request=args.max_prompts_per_request,
         **agents)
+    logger.info("%s", startup_report(engine.timings, time.perf_counter() - started))
     logger.info("moeserve: serving %s on http://%s:%d/v1 (max_model_len=%d)", engine.model_name, args.host,
                 args.port, engine.max_model_len)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                                          timeout_graceful_shutdown=5))
+    server = make_draining_server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                       timeout_graceful_shutdown=5),
+        app.state.lifecycle, getattr(args, "drain_timeout_s", 30.0))
 
     died: list[BaseException] = []
 
