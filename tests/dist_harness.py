@@ -19,6 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_except(*taken: int) -> int:
+    """A free port other than those given (a port just released may be handed out again)."""
+    while True:
+        port = free_port()
+        if port not in taken:
+            return port
+
+
 def _entry(rank: int, world: int, port: int, fn, args, queue) -> None:
     try:
         import torch

@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from dist_harness import free_port
+from dist_harness import free_port, free_port_except
 from tiny_checkpoints import make_tiny_checkpoint
 
 from moeserve import LLM, SamplingParams
@@ -94,14 +94,15 @@ def served_texts(base_url: str, prompts=PROMPTS, n: int = 12) -> list[str]:
 def test_two_nodes_on_localhost_with_expert_parallel(qwen3_moe, tmp_path):
     """`--nnodes 2`: node 1 runs rank 1 only (no server), node 0 serves; TP=2 with experts split over both."""
     ref = texts(LLM(model=qwen3_moe, device="cpu"))
-    port = free_port()
+    node0 = ServerProcess([])  # its HTTP port is chosen now; the rendezvous port must differ from it
     common = [qwen3_moe, "--device", "cpu", "-tp", "2", "--enable-expert-parallel", "--nnodes", "2",
-              "--master-addr", "127.0.0.1", "--master-port", str(port)]
+              "--master-addr", "127.0.0.1", "--master-port", str(free_port_except(node0.port))]
+    node0.serve_args = [*common, "--node-rank", "0"]
     log = open(tmp_path / "node1.log", "w")
     node1 = subprocess.Popen([sys.executable, "-m", "moeserve.cli", "serve", *common, "--node-rank", "1"],
                              stdout=log, stderr=subprocess.STDOUT)
     try:
-        with ServerProcess([*common, "--node-rank", "0"]) as server:
+        with node0 as server:
             assert served_texts(server.base_url) == ref
         assert node1.wait(timeout=60) == 0, (tmp_path / "node1.log").read_text()[-3000:]  # rank 0 said stop
     finally:
@@ -119,7 +120,8 @@ def test_torchrun_serves_tp2_and_a_dead_rank_fails_loudly(llama, tmp_path):
     """Every rank started by torchrun: rank 0 serves, rank 1 works. Then kill rank 1: the server must stop
     answering 200 on /health and exit non-zero, never hang."""
     ref = texts(LLM(model=llama, device="cpu"))
-    port, http_port = free_port(), free_port()
+    http_port = free_port()
+    port = free_port_except(http_port)
     log = open(tmp_path / "torchrun.log", "w")
     proc = subprocess.Popen(["torchrun", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
                              str(port), "-m", "moeserve.cli", "serve", llama, "--device", "cpu", "-tp", "2",
@@ -155,7 +157,9 @@ def test_torchrun_serves_tp2_and_a_dead_rank_fails_loudly(llama, tmp_path):
 
 def test_a_spawned_rank_that_dies_fails_the_server_loudly(llama):
     """`moeserve serve -tp 2` spawns rank 1 itself; killing it must make /health fail and the process exit 1."""
-    with ServerProcess([llama, "--device", "cpu", "-tp", "2", "--master-port", str(free_port())]) as server:
+    srv = ServerProcess([])
+    srv.serve_args = [llama, "--device", "cpu", "-tp", "2", "--master-port", str(free_port_except(srv.port))]
+    with srv as server:
         assert served_texts(server.base_url, PROMPTS[:1], 4)
         workers = _children(server.proc.pid)
         assert workers, "no rank process found"
