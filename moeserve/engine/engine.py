@@ -85,7 +85,6 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype_name, self.device)
         torch.manual_seed(config.seed)
-        self.timings: dict[str, float] = {}
 
         source = resolve_source(config)
         self.executor = make_executor(config, self.device, self.dtype, source)
@@ -346,7 +345,7 @@ class LLMEngine:
         for j, req in enumerate(reqs):
             if req.finished:
                 continue
-            error = getattr(result, "errors", {}).get(j)
+            error = result.errors.get(j)
             if error:
                 self._fail(req, error)
                 continue

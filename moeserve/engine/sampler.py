@@ -9,7 +9,7 @@ else shares the batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,7 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[dict[int, Logprob] | None]
     token_logprobs: list[float | None]
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why that row's own sampling failed
 
 
 class PendingSample:

@@ -161,10 +161,8 @@ class LeaderSampler:
         reqs = [self.reqs[step.req_ids[b]] for b in step.sample_rows]
         try:
             result = self.sampler(logits, reqs, self.eos_ids)
-            result.errors = {}
         except Exception:  # one request's parameters broke the batched draw: sample each alone
             result = SampleResult([], [], [])
-            result.errors = {}
             for j, req in enumerate(reqs):
                 try:
                     one = self.sampler(logits[j: j + 1], [req], self.eos_ids)
