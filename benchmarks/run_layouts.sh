@@ -13,6 +13,7 @@ OUT_DIR="${OUT:-benchmarks/results}"
 SHAPE="$1"; LAYOUTS="$2"; shift 2
 IFS=';' read -ra items <<< "$LAYOUTS"
 for item in "${items[@]}"; do
+  [[ -z "$item" ]] && continue
   name="${item%%:*}"; args="${item#*:}"
   flags=()
   IFS=',' read -ra kvs <<< "$args"

@@ -38,6 +38,8 @@ class EngineConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29501
+    # vLLM's flag: every all-reduce through NCCL, none through the symmetric-memory one-shot kernel
+    disable_custom_all_reduce: bool = False
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -85,7 +87,8 @@ class EngineConfig:
         from moeserve.distributed.parallel_state import ParallelLayout
 
         return ParallelLayout(tp=self.tensor_parallel_size, pp=self.pipeline_parallel_size,
-                              dp=self.data_parallel_size, enable_expert_parallel=self.enable_expert_parallel)
+                              dp=self.data_parallel_size, enable_expert_parallel=self.enable_expert_parallel,
+                              custom_all_reduce=not self.disable_custom_all_reduce)
 
     @property
     def dtype_name(self) -> str:

@@ -69,7 +69,7 @@ def init_rank(info: RankInfo, layout: ParallelLayout, device: torch.device):
     dist.init_process_group(backend, init_method=f"tcp://{info.master_addr}:{info.master_port}",
                             rank=info.rank, world_size=info.world_size, **kwargs)
     control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-    initialize_model_parallel(layout)
+    initialize_model_parallel(layout, info.ranks_per_node)
     return control
 
 

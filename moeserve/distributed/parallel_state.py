@@ -23,6 +23,7 @@ class ParallelLayout:
     pp: int = 1
     dp: int = 1
     enable_expert_parallel: bool = False
+    custom_all_reduce: bool = True  # CUDA: small all-reduces through symmetric memory (symmetric_all_reduce.py)
 
     @property
     def world_size(self) -> int:
@@ -49,6 +50,7 @@ class GroupCoordinator:
         self.rank = ranks.index(global_rank) if global_rank in ranks else 0
         self.group = group
         self.first_rank = ranks[0]
+        self.fast_all_reduce = None  # a SymmetricAllReduce on CUDA groups of one node, see initialize_model_parallel
 
     @property
     def is_first(self) -> bool:
@@ -59,8 +61,11 @@ class GroupCoordinator:
         return self.rank == self.size - 1
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the group; may be x itself, summed in place, or a new tensor: use the result."""
         if self.size == 1:
             return x
+        if self.fast_all_reduce is not None and self.fast_all_reduce.handles(x):
+            return self.fast_all_reduce(x)
         dist.all_reduce(x, group=self.group)
         return x
 
@@ -139,9 +144,11 @@ def get_world_group() -> GroupCoordinator:
     return _groups.get("world", _TRIVIAL)
 
 
-def initialize_model_parallel(lay: ParallelLayout) -> None:
+def initialize_model_parallel(lay: ParallelLayout, ranks_per_node: int | None = None) -> None:
     """Make the TP, PP, DP and EP groups of this rank. torch.distributed must be initialised with
-    world_size == lay.world_size. Every rank calls new_group for every group, in the same order."""
+    world_size == lay.world_size. Every rank calls new_group for every group, in the same order. On NCCL the TP
+    and EP groups that sit inside one node (of `ranks_per_node` consecutive ranks) get the symmetric-memory
+    all-reduce for small messages unless `lay.custom_all_reduce` is off."""
     global _layout
     world = dist.get_world_size()
     if world != lay.world_size:
@@ -163,6 +170,14 @@ def initialize_model_parallel(lay: ParallelLayout) -> None:
     if lay.enable_expert_parallel:
         make("ep", [[rank(d, p, t) for d in range(dp) for t in range(tp)] for p in range(pp)])
     _layout = lay
+    if lay.custom_all_reduce and dist.get_backend() == "nccl":
+        from moeserve.distributed.symmetric_all_reduce import make_symmetric_all_reduce
+
+        device = torch.device("cuda", torch.cuda.current_device())
+        for name in ("tp", "ep"):  # all-reduces happen only in these (row-parallel layers, experts, LM head)
+            g = _groups.get(name)
+            if g is not None and g.size > 1:
+                g.fast_all_reduce = make_symmetric_all_reduce(g.group, g.ranks, ranks_per_node or world, device)
 
 
 def destroy_model_parallel() -> None:

@@ -1,0 +1,77 @@
+"""One-shot all-reduce over NVLink through PyTorch's symmetric memory, for the small messages of decode.
+
+At batch 1 a TP=2 step of qwen3-30b-a3b holds 96 all-reduces of 4 KB each, and NCCL's ring spends ~10-20 us on
+each: more than the halved weight reads save. Here every rank of a group owns one buffer that all the others
+can read over NVLink (`torch.distributed._symmetric_memory`); an all-reduce is one kernel
+(`symm_mem::one_shot_all_reduce_copy_out`): each rank copies its input into its buffer, the ranks meet at a
+barrier on the buffer's signal pads, and each sums every rank's copy itself. It needs peer access between the
+GPUs, not NVLink multicast (which stays off on our machines; KINDS.md). Messages above `max_bytes`, other
+dtypes, and groups that span nodes go to NCCL. The choice depends on the tensor's size only, so every rank of
+the group takes the same road, and a CUDA graph captures the kernel like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("moeserve")
+
+# Beyond these sizes (bytes) a ring's bandwidth wins over reading every peer's whole buffer (per group size).
+MAX_BYTES = {2: 1 << 20, 4: 512 << 10, 6: 256 << 10, 8: 256 << 10}
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class SymmetricAllReduce:
+    def __init__(self, group, device: torch.device, max_bytes: int):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.group_name = group.group_name
+        self.max_bytes = max_bytes
+        if hasattr(symm_mem, "enable_symm_mem_for_group") and not symm_mem.is_symm_mem_enabled_for_group(
+                self.group_name):
+            symm_mem.enable_symm_mem_for_group(self.group_name)  # needed up to torch 2.8, a no-op later
+        self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
+        symm_mem.rendezvous(self.buffer, self.group_name)
+
+    def handles(self, x: torch.Tensor) -> bool:
+        nbytes = x.numel() * x.element_size()
+        return x.dtype in DTYPES and 0 < nbytes <= self.max_bytes and nbytes % 16 == 0 and x.is_contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the group's ranks, in a new tensor (x is left as it was)."""
+        flat = x.view(-1)
+        staging = self.buffer[:flat.numel() * flat.element_size()].view(x.dtype)
+        out = torch.empty_like(flat)
+        torch.ops.symm_mem.one_shot_all_reduce_copy_out(staging, flat, "sum", self.group_name, out)
+        return out.view(x.shape)
+
+
+def make_symmetric_all_reduce(group, ranks: list[int], ranks_per_node: int,
+                              device: torch.device) -> SymmetricAllReduce | None:
+    """The fast path for one group, or None where it cannot serve (CPU, one node's ranks not all peers, a
+    group spanning nodes). Every rank of the group decides alike: the same facts, then one NCCL vote."""
+    size = len(ranks)
+    if device.type != "cuda" or size not in MAX_BYTES or len({r // ranks_per_node for r in ranks}) != 1:
+        return None
+    local = [r % ranks_per_node for r in ranks]
+    ok = all(torch.cuda.can_device_access_peer(a, b) for a in local for b in local if a != b)
+    fast = None
+    if ok:
+        try:
+            fast = SymmetricAllReduce(group, device, MAX_BYTES[size])
+        except Exception as e:  # an old driver, no peer mappings: NCCL serves
+            logger.warning("moeserve: symmetric-memory all-reduce unavailable (%s: %s); NCCL serves all sizes",
+                           type(e).__name__, e)
+    if not _all_agree(fast is not None, group, device):
+        return None
+    probe = fast(torch.ones(8, dtype=torch.bfloat16, device=device))  # every rank has a buffer: no one waits alone
+    return fast if _all_agree(bool((probe == size).all().item()), group, device) else None
+
+
+def _all_agree(ok: bool, group, device: torch.device) -> bool:
+    vote = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=group)
+    return vote.item() == 1
