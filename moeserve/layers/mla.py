@@ -11,8 +11,8 @@ Prefill expands the context's latents to per-head K/V (many queries share them).
 query and applies W_UV after attending in latent space: it reads only the latents, like MQA with one 576-wide
 key whose first 512 values are also the value.
 
-CUDA tensors go to moeserve.kernels.mla_decode (decode) and the paged attention kernel over expanded pages
-(prefill); CPU tensors take the reference path here, exact in fp32.
+CUDA tensors go to moeserve.kernels.mla_decode (decode) and moeserve.kernels.mla_prefill (prefill: varlen causal
+flash attention over the contexts expanded chunk by chunk); CPU tensors take the reference path here, exact in fp32.
 """
 
 from __future__ import annotations
@@ -130,9 +130,56 @@ class LatentAttention(nn.Module):
             page0, q0 = page0 + n_p, q0 + n_q
         return out
 
+    # Most context tokens whose K/V are expanded at once: a 32k prompt costs 4 chunks of [8192, H, nope + v]
+    # (8192 x 16 x 256 x 2 bytes = 64 MiB for deepseek-v2-lite) instead of one 256 MiB buffer per layer.
+    prefill_chunk = 8192
+
     def _expanded_cuda(self, q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv) -> torch.Tensor:
-        """Expand the pages to a [2, P, page, H, D] K/V cache (D = max(qk, v), zero padded) and run the paged
-        attention kernel over it."""
+        """The contexts' latents (contiguous per sequence in the flattened pages) expanded chunk by chunk with one
+        GEMM (c @ kv_b_proj^T -> [S, H, nope + v]; k_nope and v are strided views of it, k_pe is read from the
+        latents) and attended by moeserve.kernels.mla_prefill, a varlen causal flash attention that keeps the
+        192-wide key and 128-wide value apart. Chunks after the first are merged by log-sum-exp."""
+        from moeserve.kernels.mla_prefill import merge_partials, mla_prefill_attention
+
+        dev, H, N, V, R = q_nope.device, self.num_heads, self.nope_dim, self.v_dim, self.kv_lora_rank
+        page = pages.shape[1]
+        flat = pages.flatten(0, 1)  # [P*page, R+rope]
+        w = _kv_b_full(w_uk, w_uv).reshape(H * (N + V), R)
+        first_tok = np.concatenate([[0], np.cumsum(n_pages)[:-1]]) * page
+        q_start = np.concatenate([[0], np.cumsum(q_lens)[:-1]])
+        max_q = int(q_lens.max())
+        chunk = int(self.prefill_chunk)
+        n_chunks = -(-int(ctx_lens.max()) // chunk)
+
+        def up(a):
+            return upload(np.ascontiguousarray(a, dtype=np.int32), dev)
+
+        q_start_d, q_len_d = up(q_start), up(q_lens)
+        out = lse = None
+        for ci in range(n_chunks):
+            c0 = ci * chunk
+            k_len = np.clip(ctx_lens - c0, 0, chunk)
+            if n_chunks == 1:  # each context starts its sequence's pages: read them in place, no gather
+                k_start, lat = first_tok, flat
+            else:
+                k_start = np.concatenate([[0], np.cumsum(k_len)[:-1]])
+                rows = np.concatenate([first_tok[i] + c0 + np.arange(n) for i, n in enumerate(k_len)])
+                lat = flat[upload(rows.astype(np.int64), dev)]
+            kv = (lat[:, :R].to(w.dtype) @ w.t()).view(-1, H, N + V)
+            k_pe = lat[:, R:].to(w.dtype)
+            args = dict(q_start=q_start_d, q_len=q_len_d, k_start=up(k_start), k_len=up(k_len),
+                        q_off=up(ctx_lens - q_lens - c0), max_q_len=max_q, scale=self.scale)
+            if n_chunks == 1:
+                return mla_prefill_attention(q_nope, q_pe, kv[..., :N], k_pe, kv[..., N:], **args)
+            lse_c = torch.empty(q_nope.shape[0], H, dtype=torch.float32, device=dev)
+            o_c = mla_prefill_attention(q_nope, q_pe, kv[..., :N], k_pe, kv[..., N:], lse=lse_c, **args)
+            out, lse = (o_c, lse_c) if out is None else merge_partials(out, lse, o_c, lse_c)
+        return out
+
+    def _expanded_cuda_paged(self, q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv) -> torch.Tensor:
+        """The former prefill path, kept as the baseline of benchmarks/kernels/bench_kernels.py (mla_prefill): expand
+        all pages to a [2, P, page, H, D] K/V cache (D = max(qk, v), zero padded; the kernel pads D to a power of
+        two, 256 for DeepSeek) and run the paged attention kernel over it."""
         from moeserve.kernels.attention import paged_attention
 
         dev, H, N, P, V, R = q_nope.device, self.num_heads, self.nope_dim, self.rope_dim, self.v_dim, self.kv_lora_rank
@@ -159,6 +206,18 @@ class LatentAttention(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- references
+def _kv_b_full(w_uk: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+    """[H, nope + v, R]: the kv_b_proj weight that split_kv_b's two views came from (no copy), or their
+    concatenation when they are separate tensors."""
+    H, N, R = w_uk.shape
+    V = w_uv.shape[1]
+    st = ((N + V) * R, R, 1)
+    if (w_uk.stride() == st and w_uv.stride() == st and w_uk.untyped_storage().data_ptr() == w_uv.untyped_storage().data_ptr()
+            and w_uv.data_ptr() == w_uk.data_ptr() + N * R * w_uk.element_size()):
+        return w_uk.as_strided((H, N + V, R), st)
+    return torch.cat([w_uk, w_uv], dim=1)
+
+
 def write_latent_reference(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """cache[slot // page, slot % page] = latent row, for every token with slot >= 0. cache [blocks, page, L]."""
     keep = slot_mapping >= 0
