@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 LOG: list[str] = []
@@ -461,6 +462,52 @@ def bench_attention(ceil, quick: bool) -> list[dict]:
     return rows
 
 
+def bench_mla_prefill(ceil, quick: bool) -> list[dict]:
+    """deepseek-v2-lite MLA prefill, one layer (H=16, R=512, nope 128, rope 64, v 128): the new path (expand by one
+    GEMM per <= 8192-token chunk, varlen flash attention, kernels/mla_prefill.py) against the old one (einsum
+    expansion of every page into a zero-padded paged cache, paged_attention with D padded to 256), same inputs."""
+    from moeserve.layers import mla
+
+    H, R, N, P, V, page = (16, 512, 128, 64, 128, 64) if not SMOKE else (2, 32, 16, 16, 16, 16)
+    say(f"MLA prefill, deepseek-v2-lite (H={H}, R={R}, nope {N}, rope {P}, v {V}, page {page}), bf16, one layer:")
+    att = mla.LatentAttention(H, R, N, P, V, scale=(N + P) ** -0.5, layer_idx=0)
+    cases = ((8192, 8192), (32768, 32768), (10240, 2048)) if not SMOKE else ((40, 40), (70, 9))
+    if quick:
+        cases = cases[:1] + cases[2:]
+    rows = []
+    for ctx, new in cases:
+        g = torch.Generator(device=DEV).manual_seed(ctx + new)
+        n_pages = np.array([-(-ctx // page)])
+        pages = torch.randn(int(n_pages[0]), page, R + P, device=DEV, generator=g).to(torch.bfloat16)
+        w = (torch.randn(H * (N + V), R, device=DEV, generator=g) / R ** 0.5).to(torch.bfloat16)
+        w_uk, w_uv = mla.split_kv_b(w, H, N)
+        q_nope = torch.randn(new, H, N, device=DEV, generator=g).to(torch.bfloat16)
+        q_pe = torch.randn(new, H, P, device=DEV, generator=g).to(torch.bfloat16)
+        args = (q_nope, q_pe, pages, n_pages, np.array([new]), np.array([ctx]), w_uk, w_uv)
+        pairs = new * (ctx - new) + new * (new + 1) / 2
+        flops = 2 * pairs * H * (N + P + V) + 2 * ctx * R * H * (N + V)  # attention + K/V expansion GEMM
+        bytes_ = ctx * (R + P) * 2 + new * H * (N + P + V) * 2 + H * (N + V) * R * 2  # latents, q, out, W
+        label = f"mla prefill {new}" + (f" on {ctx - new} prefix" if ctx > new else "")
+        res = {}
+        for which, fn in (("new", att._expanded_cuda), ("old", att._expanded_cuda_paged)):
+            out = fn(*args)
+            res[which] = out
+            ms = eager_ms(lambda fn=fn: fn(*args), rep=100 if ctx > 16384 else 200)
+            rows.append(row(f"{label} [{which}]", ms, bytes_=bytes_, flops=flops, ceil=ceil, mode="eager",
+                            extra={"context": ctx, "new_tokens": new, "path": which}))
+            empty_cache()
+        post_check(f"{label}: new vs old path", res["new"], res["old"])
+        if ctx <= 8192:  # fp32 reference (SDPA over the expanded K/V) where its [H, n, n] scores fit
+            post_check(f"{label}: new vs fp32 reference", res["new"], mla.expanded_attention(
+                q_nope.float(), q_pe.float(), pages.flatten(0, 1)[:ctx].float(), w_uk.float(), w_uv.float(),
+                att.scale))
+        if len(rows) >= 2:
+            say(f"    new path {rows[-1]['ms'] / rows[-2]['ms']:.2f}x faster than old")
+        del pages, w, q_nope, q_pe, res
+        empty_cache()
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- main
 def git_commit() -> str:
     if os.environ.get("MOESERVE_COMMIT"):
@@ -477,6 +524,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for the JSON and the log ($OUT)")
     ap.add_argument("--quick", action="store_true", help="fewer token counts")
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--only", choices=("mla_prefill",), help="time only this case (after the ceilings)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton interpreter (tests the script)")
     args = ap.parse_args()
     if args.cpu_smoke:
@@ -505,13 +553,18 @@ def main() -> int:
         autotune.reset_tuner()  # forget the heuristic choices: the timed shapes get tuned
     failed = [c["name"] for c in result["checks"] if not c["ok"]]
     rows = []
-    if not failed:
+    if args.only == "mla_prefill":
+        rows += bench_mla_prefill(result["ceilings"], args.quick)
+        result["checks"] += POST_CHECKS
+        failed = [c["name"] for c in result["checks"] if not c["ok"]]
+    elif not failed:
         tokens = (1, 32, 8192) if args.quick else (1, 2, 8, 32, 128, 512, 2048, 8192)
         if SMOKE:
             tokens = (1, 5)
         rows += bench_moe(result["ceilings"], tokens)
         rows += bench_linear(result["ceilings"])
         rows += bench_attention(result["ceilings"], args.quick)
+        rows += bench_mla_prefill(result["ceilings"], args.quick)
         result["checks"] += POST_CHECKS
         failed = [c["name"] for c in result["checks"] if not c["ok"]]
     result["benchmarks"] = rows
