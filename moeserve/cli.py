@@ -65,7 +65,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="CUDA: every all-reduce through NCCL (default: small ones through symmetric memory)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp8", "fp8_e4m3", "fp8_e5m2"],
                    help="KV-cache precision; auto: the model dtype")
-    g.add_argument("--quantization", default=None, help="quantize the weights on load (fp8, int8, int4, ...)")
+    g.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="weight precision: fp8 quantizes a bf16 checkpoint on load; an fp8 checkpoint "
+                        "(quantization_config in config.json) is read as fp8 without the flag")
 
 
 def check_layout(args: argparse.Namespace) -> None:
@@ -74,8 +76,6 @@ def check_layout(args: argparse.Namespace) -> None:
     wants = []
     if getattr(args, "kv_cache_dtype", "auto") not in ("auto", "bf16", "fp16"):
         wants.append(f"--kv-cache-dtype {args.kv_cache_dtype}")
-    if getattr(args, "quantization", None):
-        wants.append(f"--quantization {args.quantization}")
     if wants:
         raise ValueError(f"{' '.join(wants)}: moeserve runs a model in its checkpoint's precision for now; "
                          f"quantized weights or KV are not implemented yet. `moeserve plan MODEL` prints the "
@@ -95,7 +95,7 @@ def engine_args_from(args: argparse.Namespace) -> dict:
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling, expert_load_telemetry=args.expert_load_telemetry,
-        served_model_name=served[0] if served else None,
+        served_model_name=served[0] if served else None, quantization=getattr(args, "quantization", None),
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         data_parallel_size=args.data_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
         nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr or "127.0.0.1",

@@ -27,6 +27,9 @@ class EngineConfig:
     # host's bookkeeping. None: on for CUDA, off on the CPU (where nothing runs behind the host's back).
     async_scheduling: bool | None = None
     served_model_name: str | None = None
+    # Weight precision: None = the checkpoint's (an fp8 quantization_config is read from config.json); "fp8" also
+    # quantizes a bf16/fp32 checkpoint on load (per-channel weights, dynamic per-token activations).
+    quantization: str | None = None
     # Count the tokens routed to each expert on the device (GET /v1/expert_load, the expert gauges of /metrics).
     expert_load_telemetry: bool = False
     # The layout (vLLM's names and meanings): ranks = TP x PP x DP, one process per GPU, over `nnodes` nodes.
@@ -58,6 +61,8 @@ class EngineConfig:
               f"load_format must be one of auto, safetensors, gguf, dummy; got {self.load_format!r}.")
         check(self.dtype in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"),
               f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}.")
+        check(self.quantization in (None, "fp8"),
+              f"quantization must be None or 'fp8' (the only one implemented); got {self.quantization!r}.")
         check(self.max_model_len is None or self.max_model_len > 1, "max_model_len must be > 1.")
         check(self.max_num_seqs >= 1, "max_num_seqs must be >= 1.")
         check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,

@@ -46,6 +46,8 @@ def expert_range(num_experts: int, ep_size: int, ep_rank: int) -> tuple[int, int
 
 
 class Experts(nn.Module):
+    quant_method = None
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         lay = layout()
@@ -102,6 +104,8 @@ class Experts(nn.Module):
         return (get_ep_group() if self.expert_parallel else get_tp_group()).all_reduce(out)
 
     def _local(self, x, weights, ids) -> torch.Tensor:
+        if self.quant_method is not None:  # layers/quant (fp8): its own weights and forward
+            return self.quant_method.apply(self, x, weights, ids)
         if x.is_cuda:
             from moeserve.kernels.fused_moe import fused_moe
 

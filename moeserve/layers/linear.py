@@ -55,11 +55,14 @@ def copy_into(target: torch.Tensor, part) -> int:
 def attach_weight_loaders(module: nn.Module) -> None:
     """Point each parameter's `weight_loader` at its layer's. Layers call this when built; model loading calls it
     again after `to_empty`, which replaces parameters (and drops their attributes) when leaving the meta device."""
+    from moeserve.layers.quant.fp8 import weight_loader_for
+
     for m in module.modules():
         loader = getattr(m, "weight_loader", None)
         if callable(loader):
-            for p in m.parameters(recurse=False):
-                p.weight_loader = loader
+            for name, p in m.named_parameters(recurse=False):
+                p.weight_loader = (weight_loader_for(m, name, loader) if getattr(m, "quant_method", None) is not None
+                                   else loader)
 
 
 def divide(n: int, parts: int, what: str) -> int:
@@ -208,10 +211,10 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return super().forward(x)
-        if self.quant_method is not None:
+        if self.quant_method is not None and not hasattr(self.quant_method, "apply_nobias"):
             raise NotImplementedError("quantized row-parallel layers at TP > 1 are not supported yet")
         add_bias_here = self.bias is not None and (self.reduce_results or self.tp_rank == 0)
-        y = linear(x, self.weight)
+        y = self.quant_method.apply_nobias(self, x) if self.quant_method is not None else linear(x, self.weight)
         if self.reduce_results:
             y = get_tp_group().all_reduce(y)
         return y + self.bias if add_bias_here else y

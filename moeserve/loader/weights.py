@@ -23,7 +23,8 @@ from moeserve.distributed.pipeline import missing_prefixes
 from moeserve.layers.linear import WeightShapeError
 from moeserve.loader.tensor_slices import materialize, shape_of
 
-_PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|w1|up_proj|w3|down_proj|w2)\.weight$")
+_PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|w1|up_proj|w3|down_proj|w2)"
+                         r"\.(?P<kind>weight|weight_scale_inv)$")
 _FUSED = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
 _PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down",
          "gate_up_proj": "gate_up"}
@@ -70,8 +71,10 @@ class WeightLoader:
             return
         m = _PER_EXPERT.match(name)
         if m:
-            return self._load_expert(m["prefix"], "w2" if m["proj"] in ("down_proj", "w2") else "w13", tensor,
-                                     int(m["e"]), m["proj"], name)
+            param = "w2" if m["proj"] in ("down_proj", "w2") else "w13"
+            if m["kind"] == "weight_scale_inv":  # fp8 block scales (layers/quant/fp8)
+                return self._load_expert_scale(m["prefix"], param, tensor, int(m["e"]), m["proj"], name)
+            return self._load_expert(m["prefix"], param, tensor, int(m["e"]), m["proj"], name)
         m = _FUSED.match(name)
         if m:
             return self._load_expert(m["prefix"], "w13" if m["proj"] == "gate_up_proj" else "w2", tensor, None,
@@ -97,6 +100,10 @@ class WeightLoader:
         except WeightShapeError as e:
             raise ValueError(f"{self.source}: tensor {label!r} has shape {e.got}, but the config implies "
                              f"{e.expected}.") from None
+        except ValueError as e:
+            if "scale" not in str(e):
+                raise
+            raise ValueError(f"{self.source}: tensor {label!r}: {e}.") from None
         self._count(pname, label, n)
 
     def _count(self, pname: str, label: str, n: int) -> None:
@@ -116,6 +123,18 @@ class WeightLoader:
                 raise ValueError(f"{self.source}: tensor {label!r}: {e}") from None
             return self._count(pname, label, n)
         self._copy_expert(pname, tensor, expert_id, _PROJ[proj], label)
+
+    def _load_expert_scale(self, prefix: str, param: str, tensor, expert_id: int, proj: str, label: str) -> None:
+        pname = f"{prefix}.{param}_weight_scale_inv"
+        qm = getattr(self.modules.get(prefix), "quant_method", None)
+        if pname not in self.params or qm is None:
+            raise ValueError(f"{self.source}: tensor {label!r} is an fp8 scale, but {prefix} is not quantized "
+                             f"(config.json has no fp8 quantization_config for it).")
+        try:
+            n = qm.load_scale(self.modules[prefix], param, tensor, expert_id, _PROJ[proj])
+        except ValueError as e:
+            raise ValueError(f"{self.source}: tensor {label!r}: {e}") from None
+        self._count(pname, label, n)
 
     def _copy_expert(self, pname: str, tensor, expert_id: int | None, proj: str, label: str) -> None:
         """Experts held whole on every rank (until the experts module loads its own shards)."""
@@ -152,9 +171,12 @@ class WeightLoader:
 def fill_dummy(model: nn.Module, seed: int, low: float = -1e-3, high: float = 1e-3) -> None:
     """Seeded small uniform values, as vLLM's dummy format does: no checkpoint needed. Parameters are this
     rank's shards, built directly; replicated ones come out equal on every rank (same shapes, same order)."""
+    from moeserve.layers.quant.fp8 import fill_dummy_fp8
+
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
+        done = fill_dummy_fp8(model, gen, high)  # fp8 weights with their scales (layers/quant/fp8)
         for p in model.parameters():
-            if p.dtype.is_floating_point:
+            if p.dtype.is_floating_point and id(p) not in done:
                 p.uniform_(low, high, generator=gen)

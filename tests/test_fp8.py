@@ -1,0 +1,239 @@
+"""FP8 weights (issue 19.1/19.2/19.4): block-scaled fp8 checkpoints as DeepSeek-V3 / Qwen3-*-FP8 ship them, and
+online fp8 of a bf16 checkpoint, on the CPU reference path (dequantize, then the dense matmul).
+
+The test quantizes a tiny random checkpoint to block fp8 itself (layers/quant/fp8.quantize_blocks) and writes a
+second checkpoint holding the dequantized weights in fp32: moeserve loading the fp8 one must give the logprobs of
+the dequantized one and the same greedy tokens, at TP=1 and TP=2 (gloo).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_checkpoints import make_tiny_checkpoint
+
+from moeserve import LLM, SamplingParams
+from moeserve.layers.quant.fp8 import FP8, _expand, quantize_blocks, quantize_rows, resolve_quantization
+
+NEW_TOKENS = 6
+PROMPTS = [[5, 17, 42], list(range(3, 40, 3))]
+
+
+def _quantizable(name: str, t: torch.Tensor) -> bool:
+    return (t.dim() == 2 and name.endswith("proj.weight") and ".mlp.gate." not in name)
+
+
+def make_fp8_pair(tmp: Path, arch: str, block: tuple[int, int], ignored: list[str] | None = None, **overrides):
+    """(fp8 checkpoint dir, dequantized fp32 checkpoint dir) of one tiny random model."""
+    src = Path(make_tiny_checkpoint(tmp / "src", arch, **overrides))
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    fp8, deq = {}, {}
+    for name, t in tensors.items():
+        if _quantizable(name, t) and not any(f".{i}." in f".{name}" for i in ignored or []):
+            q, s = quantize_blocks(t, block)
+            fp8[name], fp8[name.replace(".weight", ".weight_scale_inv")] = q, s
+            deq[name] = _expand(q, s, *block)
+        else:
+            fp8[name] = deq[name] = t
+    cfg = json.loads((src / "config.json").read_text())
+    out = []
+    for sub, weights, qcfg in (("fp8", fp8, dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
+                                                   weight_block_size=list(block),
+                                                   **({"modules_to_not_convert": ignored} if ignored else {}))),
+                               ("deq", deq, None)):
+        d = tmp / sub
+        shutil.copytree(src, d, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(d / "model.safetensors"))
+        c = dict(cfg, **({"quantization_config": qcfg} if qcfg else {}))
+        (d / "config.json").write_text(json.dumps(c))
+        out.append(str(d))
+    return out
+
+
+def _generate(path: str, **kw):
+    llm = LLM(model=path, block_size=8, max_num_seqs=4, **kw)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=3)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+    return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in s.items()} for s in o.outputs[0].logprobs])
+            for o in outs]
+
+
+def _assert_same(got, ref, tol=1e-4):
+    for (tokens, lps), (ref_tokens, ref_lps) in zip(got, ref):
+        assert tokens == ref_tokens
+        for step, ref_step in zip(lps, ref_lps):
+            assert step.keys() == ref_step.keys()
+            for t, lp in step.items():
+                assert math.isclose(lp, ref_step[t], rel_tol=tol, abs_tol=tol), (t, lp, ref_step[t])
+
+
+def _model_of(llm):
+    return llm.llm_engine.model if hasattr(llm, "llm_engine") else None
+
+
+# ---- config ----------------------------------------------------------------------------------------------------
+
+def test_resolve_quantization():
+    fp8 = {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                   "weight_block_size": [128, 128], "ignored_layers": ["lm_head"]}}
+    q = resolve_quantization(None, fp8)
+    assert q.block == (128, 128) and not q.online and q.skips("lm_head")
+    assert resolve_quantization("fp8", fp8).block == (128, 128)  # the flag agrees with the checkpoint
+    assert resolve_quantization("fp8", {}).online
+    assert resolve_quantization(None, {}) is None
+    with pytest.raises(ValueError, match="conflicts with --quantization fp8"):
+        resolve_quantization("fp8", {"quantization_config": {"quant_method": "awq"}})
+    with pytest.raises(ValueError, match="only fp8"):
+        resolve_quantization("int4", {})
+    with pytest.raises(ValueError, match="activation_scheme"):
+        resolve_quantization(None, {"quantization_config": {"quant_method": "fp8", "activation_scheme": "static",
+                                                            "weight_block_size": [128, 128]}})
+
+
+def test_quantize_blocks_round_trip():
+    w = torch.randn(40, 72)
+    q, s = quantize_blocks(w, (16, 32))
+    assert q.dtype == FP8 and s.shape == (3, 3)
+    assert torch.allclose(_expand(q, s, 16, 32), w, rtol=0.07, atol=1e-6)  # e4m3: 3 mantissa bits
+    q, s = quantize_rows(w)
+    assert s.shape == (40, 1) and torch.allclose(q.float() * s, w, rtol=0.07, atol=1e-6)
+
+
+# ---- block fp8 checkpoints, TP=1 -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,block,ignored", [
+    ("LlamaForCausalLM", (16, 16), None),
+    ("LlamaForCausalLM", (32, 48), ["o_proj"]),  # partial blocks at the edges; an ignored (bf16) layer
+    ("Qwen3MoeForCausalLM", (8, 8), None),  # experts w13/w2 with per-expert scale blocks
+])
+def test_fp8_checkpoint_matches_dequantized(tmp_path, arch, block, ignored):
+    fp8, deq = make_fp8_pair(tmp_path, arch, block, ignored)
+    _assert_same(_generate(fp8), _generate(deq))
+
+
+def test_fp8_weights_are_fp8_in_memory(tmp_path):
+    from moeserve.config import EngineConfig
+    from moeserve.loader.model_loader import load_model
+
+    fp8, _ = make_fp8_pair(tmp_path, "Qwen3MoeForCausalLM", (8, 8), ["o_proj"])
+    m = load_model(EngineConfig(model=fp8), torch.device("cpu"), torch.float32).model
+    params = dict(m.named_parameters())
+    assert params["model.layers.0.self_attn.qkv_proj.weight"].dtype == FP8
+    assert params["model.layers.0.self_attn.qkv_proj.weight_scale_inv"].shape == ((128 + 64 + 64) // 8, 64 // 8)
+    assert params["model.layers.0.self_attn.o_proj.weight"].dtype == torch.float32  # not converted
+    experts = [n for n in params if n.endswith("experts.w13")]
+    assert experts and params[experts[0]].dtype == FP8
+    assert params[experts[0] + "_weight_scale_inv"].shape == (8, 2 * 48 // 8, 64 // 8)
+
+
+def test_missing_or_misshaped_scale_names_the_tensor(tmp_path):
+    fp8, _ = make_fp8_pair(tmp_path, "LlamaForCausalLM", (16, 16))
+    f = Path(fp8) / "model.safetensors"
+    tensors = load_file(str(f))
+    missing = "model.layers.1.mlp.up_proj.weight_scale_inv"
+    bad = "model.layers.0.self_attn.k_proj.weight_scale_inv"
+    save_file({k: v for k, v in tensors.items() if k != missing}, str(f))
+    with pytest.raises(ValueError, match=missing.replace(".", r"\.")):
+        LLM(model=fp8)
+    tensors[bad] = torch.ones(3, 4)
+    save_file(tensors, str(f))
+    with pytest.raises(ValueError, match=bad.replace(".", r"\.")):
+        LLM(model=fp8)
+
+
+def test_dummy_load_of_fp8_config(tmp_path):
+    from moeserve.config import EngineConfig
+    from moeserve.loader.model_loader import load_model
+
+    fp8, _ = make_fp8_pair(tmp_path, "Qwen3MoeForCausalLM", (8, 8))
+    m = load_model(EngineConfig(model=str(Path(fp8) / "config.json"), load_format="dummy"),
+                   torch.device("cpu"), torch.float32).model
+    w = dict(m.named_parameters())["model.layers.1.mlp.gate_up_proj.weight"]  # the dense (mlp_only) layer
+    assert w.dtype == FP8 and w.float().abs().max() > 1  # real fp8 codes, scaled down by the scales
+    out = LLM(model=str(Path(fp8) / "config.json"), load_format="dummy", block_size=8).generate(
+        [{"prompt_token_ids": [1, 2, 3]}], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+# ---- online fp8 ------------------------------------------------------------------------------------------------
+
+def test_online_fp8_matches_per_channel_dequantized(tmp_path):
+    src = Path(make_tiny_checkpoint(tmp_path / "src", "LlamaForCausalLM"))
+    tensors = load_file(str(src / "model.safetensors"))
+    deq = {k: (lambda q, s: q.float() * s)(*quantize_rows(v)) if _quantizable(k, v) else v for k, v in tensors.items()}
+    d = tmp_path / "deq"
+    shutil.copytree(src, d)
+    save_file(deq, str(d / "model.safetensors"))
+    _assert_same(_generate(str(src), quantization="fp8"), _generate(str(d)))
+
+
+# ---- TP=2 --------------------------------------------------------------------------------------------------------
+
+def _tp_rank(rank: int, path: str):
+    from moeserve.distributed.parallel_state import ParallelLayout, initialize_model_parallel
+
+    initialize_model_parallel(ParallelLayout(tp=2))
+    return _generate(path)
+
+
+def _tp_rank_error(rank: int, path: str):
+    from moeserve.distributed.parallel_state import ParallelLayout, initialize_model_parallel
+
+    initialize_model_parallel(ParallelLayout(tp=2))
+    try:
+        LLM(model=path)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("arch,block", [("LlamaForCausalLM", (16, 16)), ("Qwen3MoeForCausalLM", (8, 8))])
+def test_fp8_tp2_matches_tp1(tmp_path, arch, block):
+    from dist_harness import run_ranks
+
+    fp8, deq = make_fp8_pair(tmp_path, arch, block)
+    ref = _generate(deq)
+    ranks = run_ranks(2, _tp_rank, fp8)
+    assert ranks[0] == ranks[1]
+    _assert_same(ranks[0], ref)
+
+
+def test_tp_split_inside_a_block_is_refused(tmp_path):
+    from dist_harness import run_ranks
+
+    fp8, _ = make_fp8_pair(tmp_path, "LlamaForCausalLM", (64, 64))  # intermediate 96 -> 48 per rank
+    errors = run_ranks(2, _tp_rank_error, fp8)
+    assert errors[0] and "cuts a 64-wide fp8 scale block" in errors[0]
+
+
+# ---- planner -----------------------------------------------------------------------------------------------------
+
+def test_planner_sizes_fp8_checkpoint_at_one_byte_per_param():
+    from moeserve.plan.arch import read_arch
+    from moeserve.plan.memory import native_precision, precision, weight_bytes
+
+    cfg = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 2048, "intermediate_size": 6144,
+           "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+           "vocab_size": 151936, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+           "max_position_embeddings": 4096, "tie_word_embeddings": False,
+           "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                   "weight_block_size": [128, 128]}}
+    assert native_precision(cfg) == "fp8"
+    spec = read_arch(cfg)
+    fp8, bf16 = weight_bytes(spec, precision("fp8")), weight_bytes(spec, precision("bf16"))
+    counts = spec.param_counts()
+    for comp, n in counts.items():
+        if comp in ("total", "active") or comp not in fp8:
+            continue
+        if fp8[comp] != bf16[comp]:  # a quantized component: 1 byte per weight + one fp32 per 128x128 block
+            assert fp8[comp] == math.ceil(n * (1 + 4 / 128 ** 2))
+    assert fp8["total"] < 0.6 * bf16["total"]
