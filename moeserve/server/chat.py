@@ -62,6 +62,14 @@ RESERVED_TEMPLATE_KWARGS = ("tools", "documents", "messages", "conversation", "c
                             "add_generation_prompt", "continue_final_message", "return_dict")
 
 
+def _with_grammar(params, schema: dict):
+    from moeserve.sampling_params import InvalidSamplingParam
+    try:
+        return params.clone(structured_outputs={"json": schema})
+    except InvalidSamplingParam as e:
+        raise bad_request(f"The tools' schemas could not be compiled together: {e}", param="tools") from None
+
+
 def _check_unsupported(req: ChatCompletionRequest) -> None:
     for key in RESERVED_TEMPLATE_KWARGS:
         if req.chat_template_kwargs and key in req.chat_template_kwargs:
@@ -80,6 +88,11 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     top_n = (req.top_logprobs or 0) if req.logprobs else None
     plan = plan_tools(req, serving.settings)
     params = serving.sampling_params(req, max_tokens=max_tokens, logprobs=top_n)
+    if plan.forced_schema is not None:
+        if params.structured_outputs is not None:
+            raise bad_request(f"tool_choice {req.tool_choice!r} is enforced with a grammar of its own; it cannot "
+                              "be combined with another structured output.", param="tool_choice")
+        params = _with_grammar(params, plan.forced_schema)
     if plan.parser is not None and plan.parser.needs_special_tokens:
         params.skip_special_tokens = False  # the call markers are special tokens
     prompt_text = render_text(serving, req, plan.tools)
@@ -108,13 +121,20 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
             "message": answers[c.index].message(c.text) if answers else {"role": "assistant", "content": c.text},
             "logprobs": ({"content": serving.chat_logprobs(c.token_ids, c.logprobs or [], top_n)}
                          if top_n is not None else None),
-            "finish_reason": "tool_calls" if answers and answers[c.index].called else c.finish_reason,
+            "finish_reason": _finish(answers[c.index] if answers else None, c.finish_reason),
             "stop_reason": c.stop_reason,
         })
     return {
         "id": request_id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
         "usage": usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs)),
     }
+
+
+def _finish(answer: AnswerParser | None, reason: str | None) -> str | None:
+    """"tool_calls" when the answer made calls and ended by itself; one cut by max_tokens stays "length"."""
+    if answer is not None and answer.called and reason is not None and reason != "length":
+        return "tool_calls"
+    return reason
 
 
 async def _stream(serving: OpenAIServing, streams, request_id: str, model: str, created: int, n: int,
@@ -148,7 +168,7 @@ async def _stream(serving: OpenAIServing, streams, request_id: str, model: str, 
                     body = d
                 else:
                     body = {"content": delta} if delta else {}
-                finish = "tool_calls" if answers and answers[i].called and c.finish_reason else c.finish_reason
+                finish = _finish(answers[i] if answers else None, c.finish_reason)
                 choice = {"index": i, "delta": body, "logprobs": None, "finish_reason": finish}
                 if top_n is not None and new_tokens:
                     entries = (c.logprobs or [])[sent_tokens[i]:]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from moeserve.server.errors import bad_request
 from moeserve.server.reasoning_parsers import opens_thinking, reasoning_parser_class
 from moeserve.server.tool_parsers import ToolParser, tool_parser_class
+from moeserve.server.tool_parsers.forced import forced_parser, forced_schema
 
 
 @dataclass
@@ -17,6 +18,8 @@ class ToolPlan:
     tools: list[dict] | None  # what the chat template gets
     parser: type[ToolParser] | None  # None: the text is not searched for calls
     parallel: bool = True
+    # tool_choice "required" or a named function: the JSON schema the grammar holds the answer to (None: free)
+    forced_schema: dict | None = None
 
 
 def plan_tools(req, settings) -> ToolPlan:
@@ -34,6 +37,9 @@ def plan_tools(req, settings) -> ToolPlan:
                 raise bad_request(f"tools[{i}].function.parameters must be a JSON Schema object.",
                                   param=f"tools.{i}.function.parameters")
     names = [t["function"]["name"] for t in tools or []]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise bad_request(f"tools[{i}].function.name {name!r} is given twice.", param=f"tools.{i}.function.name")
     if choice is None:
         choice = "auto" if tools else "none"
     if isinstance(choice, dict):
@@ -52,13 +58,33 @@ def plan_tools(req, settings) -> ToolPlan:
         raise bad_request(f"tool_choice {choice!r} needs tools.", param="tool_choice")
     if choice == "none":
         return ToolPlan(tools or None, None)
+    parallel = req.parallel_tool_calls is not False
+    if choice == "required" or isinstance(choice, dict):
+        # Enforced by the grammar, so the call always parses: no --tool-call-parser needed (as in vLLM).
+        name = choice["function"]["name"] if isinstance(choice, dict) else None
+        if getattr(req, "response_format", None) and req.response_format.get("type", "text") != "text":
+            raise bad_request(f"response_format cannot be combined with tool_choice {choice!r}: the call's own "
+                              "schema already holds the answer.", param="response_format")
+        for i, t in enumerate(tools):
+            if name is None or t["function"]["name"] == name:
+                _check_parameters_compile(t, i)
+        return ToolPlan(tools, forced_parser(name), parallel, forced_schema(tools, name, parallel))
     if choice == "auto" and not settings.enable_auto_tool_choice:
         raise bad_request('"auto" tool choice needs the server started with --enable-auto-tool-choice and '
                           '--tool-call-parser.', param="tool_choice")
     if settings.tool_call_parser is None:
         raise bad_request("Tool calls need the server started with --tool-call-parser.", param="tool_choice")
     parser = tool_parser_class(settings.tool_call_parser)
-    return ToolPlan(tools, parser, parallel=req.parallel_tool_calls is not False)
+    return ToolPlan(tools, parser, parallel=parallel)
+
+
+def _check_parameters_compile(tool: dict, index: int) -> None:
+    from moeserve.sampling_params import InvalidSamplingParam, structured_outputs_params
+    try:
+        structured_outputs_params({"json": tool["function"].get("parameters") or {"type": "object"}})
+    except InvalidSamplingParam as e:
+        raise bad_request(f"tools[{index}].function.parameters is not a JSON schema the grammar can enforce: "
+                          f"{e}", param=f"tools.{index}.function.parameters") from None
 
 
 def history_for_template(msg: dict, index: int) -> dict:
@@ -88,8 +114,9 @@ class AnswerParser:
     """One choice's text -> reasoning_content, content and tool_calls. Each choice of each request has its own."""
 
     def __init__(self, plan: ToolPlan, reasoning_parser: str | None, prompt_text: str):
+        # A forced call's grammar holds the answer from its first token: there is no thinking to split off.
         self.reasoning = (reasoning_parser_class(reasoning_parser)(opens_thinking(prompt_text))
-                          if reasoning_parser else None)
+                          if reasoning_parser and plan.forced_schema is None else None)
         self.tools = plan.parser(plan.tools) if plan.parser else None
         self.parallel = plan.parallel
         self._r = self.reasoning.streamer() if self.reasoning else None
