@@ -226,3 +226,16 @@ def test_langchain_chat_openai_binds_a_named_tool(server):
     msg = bound.invoke("What is the weather like in Paris today?")
     assert [c["name"] for c in msg.tool_calls] == ["get_weather"]
     validate(msg.tool_calls[0]["args"], WEATHER)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("litellm") is None, reason="pip install litellm")
+def test_litellm_openai_provider_gets_a_required_call(server, monkeypatch):
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network look-up at import
+    import litellm
+
+    r = litellm.completion(model=f"openai/{MODEL}", api_base=server.base_url, api_key="unused", messages=USER,
+                           tools=TOOLS, tool_choice="required", temperature=0, max_tokens=120, timeout=300)
+    calls = r.choices[0].message.tool_calls
+    assert calls and r.choices[0].finish_reason == "tool_calls"
+    for call in calls:
+        validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
