@@ -225,8 +225,8 @@ class Fp8LinearMethod:
 
     def _kernel_fits(self, layer) -> bool:
         """The Triton GEMM wants one scale row per bn rows of the whole weight (no partial block inside)."""
-        bn, _ = self.block
-        return all(first % bn == 0 and (length % bn == 0 or first + length == layer.out_features)
+        bn, bk = self.block
+        return bk >= 16 and not bk & (bk - 1) and all(first % bn == 0 and (length % bn == 0 or first + length == layer.out_features)
                    for first, length, _ in self.segments)
 
     def dequantize(self, layer, dtype=torch.float32) -> torch.Tensor:
@@ -373,6 +373,19 @@ def _expand(w: torch.Tensor, s: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
     n, k = w.shape[-2:]
     full = s.repeat_interleave(bn, dim=-2)[..., :n, :].repeat_interleave(bk, dim=-1)[..., :k]
     return w.to(torch.float32) * full
+
+
+def quantize_act_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference of kernels.fp8_linear's dynamic activation quantization: x [M, K] -> (e4m3 [M, K], fp32 scales
+    [M, ceil(K/group)]), per token per group of columns, scale = amax / 448."""
+    m, k = x.shape
+    g = _blocks(k, group)
+    pad = torch.zeros(m, g * group, dtype=torch.float32, device=x.device)
+    pad[:, :k] = x.float()
+    tiles = pad.reshape(m, g, group)
+    scale = tiles.abs().amax(dim=2).clamp(min=1e-10) / FP8_MAX
+    q = (tiles / scale[:, :, None]).clamp(-FP8_MAX, FP8_MAX).reshape(m, -1)[:, :k].to(FP8)
+    return q, scale
 
 
 # ---- test and dummy helpers ----------------------------------------------------------------------------------
