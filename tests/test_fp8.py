@@ -27,7 +27,9 @@ PROMPTS = [[5, 17, 42], list(range(3, 40, 3))]
 
 
 def _quantizable(name: str, t: torch.Tensor) -> bool:
-    return (t.dim() == 2 and name.endswith("proj.weight") and ".mlp.gate." not in name)
+    """What the published fp8 checkpoints quantize: every projection; not embeddings, head, norms or the router."""
+    return (t.dim() == 2 and name.endswith(".weight") and ".mlp.gate." not in name
+            and not any(s in name for s in ("embed_tokens", "lm_head", "norm")))
 
 
 def make_fp8_pair(tmp: Path, arch: str, block: tuple[int, int], ignored: list[str] | None = None, **overrides):
@@ -114,6 +116,7 @@ def test_quantize_blocks_round_trip():
     ("LlamaForCausalLM", (16, 16), None),
     ("LlamaForCausalLM", (32, 48), ["o_proj"]),  # partial blocks at the edges; an ignored (bf16) layer
     ("Qwen3MoeForCausalLM", (8, 8), None),  # experts w13/w2 with per-expert scale blocks
+    ("DeepseekV3ForCausalLM", (8, 8), None),  # MLA: kv_b_proj dequantized after load (the attention reads it)
 ])
 def test_fp8_checkpoint_matches_dequantized(tmp_path, arch, block, ignored):
     fp8, deq = make_fp8_pair(tmp_path, arch, block, ignored)
@@ -196,7 +199,8 @@ def _tp_rank_error(rank: int, path: str):
     return None
 
 
-@pytest.mark.parametrize("arch,block", [("LlamaForCausalLM", (16, 16)), ("Qwen3MoeForCausalLM", (8, 8))])
+@pytest.mark.parametrize("arch,block", [("LlamaForCausalLM", (16, 16)), ("Qwen3MoeForCausalLM", (8, 8)),
+                                        ("DeepseekV3ForCausalLM", (8, 8))])
 def test_fp8_tp2_matches_tp1(tmp_path, arch, block):
     from dist_harness import run_ranks
 

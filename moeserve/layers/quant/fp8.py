@@ -94,12 +94,22 @@ def apply_fp8(model: nn.Module, cfg: Fp8Config) -> None:
             Fp8MoEMethod(cfg).create_weights(m, name)
 
 
+# Layers whose weight the model reads directly instead of calling them (MLA absorbs kv_b_proj into its attention):
+# loaded as fp8 with their scales, then dequantized once to the model dtype.
+DENSE_AFTER_LOAD = ("kv_b_proj",)
+
+
 def finalize(model: nn.Module) -> None:
     """After the weights are in: each fp8 layer chooses its forward (CPU reference or CUDA kernel) once."""
-    for m in model.modules():
+    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point and p.dtype != FP8), None)
+    for name, m in model.named_modules():
         qm = getattr(m, "quant_method", None)
         if isinstance(qm, (Fp8LinearMethod, Fp8MoEMethod)):
             qm.finalize(m)
+            if isinstance(qm, Fp8LinearMethod) and name.rsplit(".", 1)[-1] in DENSE_AFTER_LOAD:
+                m.weight = nn.Parameter(qm.dequantize(m, dtype), requires_grad=False)
+                delattr(m, SCALE)
+                m.quant_method = None
 
 
 def _check_aligned(what: str, start: int, n: int, full: int, block: int) -> None:
