@@ -48,3 +48,13 @@ def test_bad_forced_input(extra, param):
     with pytest.raises(APIError) as e:
         plan_tools(req, FLAGS[0])
     assert e.value.status == 400 and e.value.param == param
+
+
+def test_unknown_parser_name_stops_serve_with_a_clear_error():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "moeserve.cli", "serve", "--device", "cpu", "--tool-call-parser",
+                        "nope", "--port", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "--tool-call-parser 'nope' is not known" in r.stderr and "hermes" in r.stderr
