@@ -1,6 +1,8 @@
 """One device call: roofline, then each engine in its own process, then one result JSON + raw log per workload.
 
     python benchmarks/bench_suite.py --shape qwen3-30b-a3b --workloads throughput,latency --out-dir $OUT
+    python benchmarks/bench_suite.py --shape deepseek-v2-lite --workloads varlen,longctx,prefix \
+        --engines moeserve,vllm --out-dir $OUT        # the traffic workloads of issue 16 (benchmarks/traffic.py)
 
 Engines run one after another (a 30B model in bf16 leaves no room for a second copy on one H100). Each gets a
 deadline; a worker stopped there hands back what it measured, and the JSON says what was skipped and why.
@@ -28,11 +30,18 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import roofline as rl  # noqa: E402
-from results_io import METRICS, atomic_write_json, result_stem, validate  # noqa: E402
+import traffic  # noqa: E402
+from results_io import KEYED, METRICS, atomic_write_json, result_stem, validate  # noqa: E402
 from shapes import get_shape, load_config  # noqa: E402
-from workloads import LatencySpec, ThroughputSpec  # noqa: E402
+from workloads import LatencySpec, ThroughputSpec, spec_dict  # noqa: E402
 
-ENGINES = {"moeserve": "moeserve_worker.py", "transformers": "hf_reference.py"}
+ENGINES = {"moeserve": "moeserve_worker.py", "transformers": "hf_reference.py", "vllm": "peers/vllm/run_vllm.py"}
+# transformers' reference runs only the fixed-length workloads; it is left out of the traffic workloads' results
+SUPPORTS = {"transformers": ("throughput", "latency")}
+
+
+def engine_workloads(engine: str, workloads: list[str]) -> list[str]:
+    return [w for w in workloads if w in SUPPORTS.get(engine, traffic.ALL_WORKLOADS)]
 
 
 class Log:
@@ -143,7 +152,7 @@ def engine_result(workload: str, partial: dict | None, rc: int | None) -> dict:
     m["worker_exit"] = rc
     if partial.get("error"):
         m["error"] = partial["error"]
-    missing = [k for k in METRICS[workload] if k not in m or (workload == "latency" and not m[k])]
+    missing = [k for k in METRICS[workload] if k not in m or (workload in KEYED and not m[k])]
     if missing:
         m.setdefault("error", f"no {', '.join(missing)}: worker "
                      + ("was stopped at its deadline" if rc is None else f"exited with {rc}"))
@@ -155,6 +164,16 @@ def engine_result(workload: str, partial: dict | None, rc: int | None) -> dict:
 def roofline_section(workload: str, cfg: dict, ceil: dict, tp: ThroughputSpec, lat: LatencySpec,
                      moeserve: dict | None, gpu_mem_util: float, max_num_seqs: int) -> dict:
     sec = {"bw_TBps": ceil.get("bw_TBps"), "peak_TFLOPs": ceil.get("peak_TFLOPs"), "measured": ceil}
+    if workload in traffic.TRAFFIC:  # the ceilings and the model's facts; no per-workload floor yet
+        try:
+            from dataclasses import asdict
+
+            sec["model_facts"] = asdict(rl.facts_from_config(cfg))
+        except Exception as e:  # noqa: BLE001
+            sec["model_facts_error"] = f"{type(e).__name__}: {e}"
+        if not (isinstance(sec["bw_TBps"], (int, float)) and isinstance(sec["peak_TFLOPs"], (int, float))):
+            sec.update(bw_TBps=None, peak_TFLOPs=None, error=ceil.get("error", "ceilings not measured"))
+        return sec
     if not (isinstance(sec["bw_TBps"], (int, float)) and isinstance(sec["peak_TFLOPs"], (int, float))):
         sec.update(bw_TBps=None, peak_TFLOPs=None, error=ceil.get("error", "ceilings not measured"))
         if workload == "latency":
@@ -209,6 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--engine-arg", action="append", default=[], help="passed to moeserve's LLM(...), key=value")
+    p.add_argument("--vllm-engine-arg", action="append", default=[], help="passed to vLLM's LLM(...), key=value")
+    traffic.add_args(p)
     p.add_argument("--bw-TBps", type=float, help="skip measuring the ceilings (testing only)")
     p.add_argument("--peak-TFLOPs", type=float)
     p.add_argument("--gpu-name", help="with --bw-TBps: the GPU name to record (testing only)")
@@ -260,20 +281,27 @@ def main(argv=None) -> int:
 
     # 2. each engine in its own process, moeserve first
     partials: dict[str, tuple[dict | None, int | None]] = {}
-    common = [*(["--model", a.model] if a.model else ["--shape", a.shape]), "--workloads", ",".join(workloads),
+    common = [*(["--model", a.model] if a.model else ["--shape", a.shape]),
               "--num-requests", str(tp.num_requests), "--input-len", str(tp.input_len),
               "--output-len", str(tp.output_len), "--latency-batches", ",".join(map(str, lat.batch_sizes)),
               "--latency-input-len", str(lat.input_len), "--latency-output-len", str(lat.output_len)]
     for i, eng in enumerate(engines):
         rest = engines[i + 1:]
+        wl_e = engine_workloads(eng, workloads)
+        if not wl_e:
+            log(f"--- {eng}: runs none of {workloads}, skipped")
+            continue
         hard = end - (a.hf_reserve_s if "transformers" in rest else 0) - 5
+        peers_after = sum(1 for e in rest if e != "transformers" and engine_workloads(e, workloads))
+        if peers_after:  # moeserve and vLLM share what is left evenly, so that both get to run
+            hard = time.time() + (hard - time.time()) / (1 + peers_after)
         soft = hard - 20  # the worker starts no run it expects to end after this
-        argv_ = [sys.executable, str(HERE / ENGINES[eng]), *common, "--deadline", f"{soft:.1f}",
-                 "--out", str(tmp / f"{eng}.json")]
-        if eng == "moeserve":
+        argv_ = [sys.executable, str(HERE / ENGINES[eng]), *common, "--workloads", ",".join(wl_e),
+                 "--deadline", f"{soft:.1f}", "--out", str(tmp / f"{eng}.json")]
+        if eng in ("moeserve", "vllm"):  # the same prompts, lengths, seeds and limits for both
             argv_ += ["--latency-repeats", str(a.latency_repeats), "--max-num-seqs", str(a.max_num_seqs),
-                      "--gpu-memory-utilization", str(a.gpu_memory_utilization)]
-            for kv in a.engine_arg:
+                      "--gpu-memory-utilization", str(a.gpu_memory_utilization), *traffic.forward_args(a)]
+            for kv in (a.engine_arg if eng == "moeserve" else a.vllm_engine_arg):
                 argv_ += ["--engine-arg", kv]
         else:
             argv_ += ["--latency-repeats", str(a.hf_latency_repeats), "--hf-batch-sizes", a.hf_batch_sizes,
@@ -295,8 +323,13 @@ def main(argv=None) -> int:
 
     # 3. one JSON per workload, the log beside each
     written = []
+    tr_specs = dict(zip(traffic.TRAFFIC, traffic.traffic_specs(a)))
     for w in workloads:
         stem = result_stem(date, gpu, a.shape, w)
+        if w in tr_specs:
+            spec = spec_dict(tr_specs[w])
+        else:
+            spec = vars(tp) if w == "throughput" else {**vars(lat), "batch_sizes": list(lat.batch_sizes)}
         res = {
             "schema": 1,
             "date": date,
@@ -307,11 +340,11 @@ def main(argv=None) -> int:
             "workload": w,
             "dtype": "bfloat16",
             "load_format": "dummy",
-            "spec": (vars(tp) if w == "throughput" else {**vars(lat), "batch_sizes": list(lat.batch_sizes)}),
+            "spec": spec,
             "versions": meta["versions"],
             "command_line": meta["command_line"],
             "engine_command_lines": meta.get("engine_command_lines", {}),
-            "engines": {e: engine_result(w, *partials[e]) for e in engines},
+            "engines": {e: engine_result(w, *partials[e]) for e in engines if w in engine_workloads(e, workloads)},
         }
         ms = res["engines"].get("moeserve") if w == "throughput" else None
         res["roofline"] = roofline_section(w, cfg, ceil, tp, lat, ms, a.gpu_memory_utilization, a.max_num_seqs)

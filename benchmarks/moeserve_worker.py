@@ -1,7 +1,8 @@
 """moeserve on the pinned workloads, in its own process (the parent, bench_suite.py, collects the JSON).
 
 Order, so that a run stopped at the deadline still has something of each workload: one latency round over
-every batch size, then the throughput workload, then the remaining latency repeats while time allows.
+every batch size, then the throughput workload, then the remaining latency repeats while time allows, then the
+traffic workloads (varlen, longctx, prefix: benchmarks/traffic.py, the same code as vLLM's worker).
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import json
 import time
 
+import traffic
 from worker_common import (Partial, base_parser, fit_throughput, latency_table, require_device, specs,
-                           summarize_latency_runs, workloads_of)
+                           summarize_latency_runs)
 from workloads import latency_prompts, median, throughput_prompts
 
 
@@ -51,10 +53,21 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def _params(max_tokens: int):
+def _params(max_tokens: int | list[int]):
     from moeserve import SamplingParams
 
+    if isinstance(max_tokens, list):  # one per prompt; equal lengths share one object
+        cache: dict[int, SamplingParams] = {}
+        return [cache.setdefault(n, _params(n)) for n in max_tokens]
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+
+
+def times_of(out) -> tuple[float, float] | None:
+    """(TTFT s, e2e s) of one request from moeserve's RequestOutput.metrics, from its arrival."""
+    m = out.metrics
+    if m is None or m.first_token_time is None or m.finished_time is None:
+        return None
+    return m.first_token_time - m.arrival_time, m.finished_time - m.arrival_time
 
 
 def _generate(llm, prompts, max_tokens: int, device):
@@ -66,12 +79,7 @@ def _generate(llm, prompts, max_tokens: int, device):
     outs = llm.generate(reqs, _params(max_tokens))
     sync(device)
     wall = time.perf_counter() - t
-    if len(outs) != len(prompts):
-        raise RuntimeError(f"asked for {len(prompts)} completions, got {len(outs)}")
-    short = [len(o.outputs[0].token_ids) for o in outs if len(o.outputs[0].token_ids) != max_tokens]
-    if short:
-        raise RuntimeError(f"ignore_eos run produced {len(short)} completions of the wrong length (e.g. {short[:3]}"
-                           f", want {max_tokens})")
+    traffic.check_lengths(outs, prompts, max_tokens)
     return outs, wall
 
 
@@ -141,20 +149,27 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     ap.add_argument("--engine-arg", action="append", default=[], help="extra LLM(...) keyword, key=value (JSON value)")
     ap.add_argument("--vocab-size", type=int, default=0, help="0: from the shape's config")
+    traffic.add_args(ap)
     a = ap.parse_args(argv)
     if not (a.shape or a.model):
         ap.error("--shape or --model is required")
-    wl = workloads_of(a)
+    wl = traffic.workloads_of(a)
     tp, lat = specs(a)
     if not a.max_model_len:
         a.max_model_len = max(tp.input_len + tp.output_len if "throughput" in wl else 0,
-                              lat.input_len + lat.output_len if "latency" in wl else 0)
+                              lat.input_len + lat.output_len if "latency" in wl else 0,
+                              traffic.max_len_needed(wl, a))
     if "latency" in wl and max(lat.batch_sizes) > a.max_num_seqs:
         ap.error(f"latency batch {max(lat.batch_sizes)} exceeds --max-num-seqs {a.max_num_seqs}")
+    if "latency" not in wl:  # warm-up prompts are latency-shaped: keep them inside max_model_len
+        lat = traffic.fit_warmup(lat, a.max_model_len)
+    if "throughput" not in wl:
+        tp = traffic.fit_warmup(tp, a.max_model_len)
     p = Partial(a.out, "moeserve", a.deadline)
     device = require_device(a.allow_cpu)
-    vocab = a.vocab_size or _vocab(a)
+    vocab = a.vocab = a.vocab_size or _vocab(a)
     p.data.update(device=str(device), workloads=wl, vocab_size=vocab)
+    traffic.start_sections(p, wl, a)
     from workloads import spec_dict
 
     if "throughput" in wl:
@@ -179,6 +194,7 @@ def main(argv=None) -> int:
             for r in range(1, lat.repeats):
                 if not run_latency_round(llm, lat, vocab, device, p, per_batch, r):
                     break
+        traffic.run_traffic(wl, lambda prompts, n: _generate(llm, prompts, n, device), times_of, a, p)
     except Exception as e:
         import traceback
 

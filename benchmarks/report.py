@@ -116,6 +116,63 @@ def latency_rows(results: list[dict]) -> list[str]:
     return rows
 
 
+def traffic_rows(results: list[dict], workload: str) -> list[str]:
+    """varlen / prefix: per engine output tok/s, TTFT p50/p99, TPOT p50/p99; moeserve's ratio to each other engine."""
+    results = [r for r in results if r["workload"] == workload]
+    if not results:
+        return []
+    engines = engines_of(results)
+    others = [e for e in engines if e != "moeserve"]
+    head = ["date", "gpu", "shape", "requests", "engine", "out tok/s", "total tok/s", "TTFT p50 ms", "TTFT p99 ms",
+            "TPOT p50 ms", "TPOT p99 ms"] + [f"moeserve / {e} (out tok/s)" for e in others] + ["commit"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        figs = {e: _num((r["engines"].get(e) or {}).get("output_tok_s")) for e in engines}
+        for e in engines:
+            m = r["engines"].get(e)
+            if m is None:
+                continue
+            n = m.get("num_requests") or (r.get("spec") or {}).get("num_requests")
+            cells = [r["date"], r["gpu"], r["shape"], str(n or "—"), e]
+            if figs[e] is None:
+                cells += ["error" if m.get("error") else "—"] + ["—"] * 5
+            else:
+                cells += [_fmt(figs[e]), _fmt(_num(m.get("total_tok_s")))]
+                cells += [_fmt(_num(m.get(k)), 2) for k in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99")]
+            cells += [_ratio(figs.get("moeserve"), figs[o]) if e == "moeserve" else "" for o in others]
+            cells.append(str(r.get("commit", "?"))[:10])
+            rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def longctx_rows(results: list[dict]) -> list[str]:
+    """Per (prompt length x batch): each engine's TTFT and TPOT (wall clock, same method), moeserve's ratios."""
+    results = [r for r in results if r["workload"] == "longctx"]
+    if not results:
+        return []
+    engines = engines_of(results)
+    others = [e for e in engines if e != "moeserve"]
+    head = ["date", "gpu", "shape", "prompt x batch"] + [f"{e} TTFT ms" for e in engines]
+    head += [f"{e} TPOT ms" for e in engines] + [f"moeserve speed-up vs {e} (TTFT, TPOT)" for e in others] + ["commit"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def key(k: str):
+        a, _, b = k.partition("x")
+        return (int(a), int(b)) if a.isdigit() and b.isdigit() else (0, 0)
+
+    for r in results:
+        keys = sorted({k for e in engines for k in ((r["engines"].get(e) or {}).get("tpot_ms") or {})}, key=key)
+        for k in keys:
+            ttft = {e: _num(((r["engines"].get(e) or {}).get("ttft_ms") or {}).get(k)) for e in engines}
+            tpot = {e: _num(((r["engines"].get(e) or {}).get("tpot_ms") or {}).get(k)) for e in engines}
+            cells = [r["date"], r["gpu"], r["shape"], k] + [_fmt(ttft[e], 1) for e in engines]
+            cells += [_fmt(tpot[e], 2) for e in engines]
+            cells += [f"{_ratio(ttft[o], ttft.get('moeserve'))}, {_ratio(tpot[o], tpot.get('moeserve'))}" for o in others]
+            cells.append(str(r.get("commit", "?"))[:10])
+            rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
 def errors_of(results: list[dict]) -> list[str]:
     out = []
     for r in results:
@@ -132,7 +189,11 @@ def summary(results: list[dict]) -> str:
     results = sorted(results, key=lambda r: (r["date"], r["gpu"], r["shape"], r["workload"]))
     parts = []
     for title, rows in (("Throughput (offline, all requests at once)", throughput_rows(results)),
-                        ("Latency (fixed batch, median over repeats)", latency_rows(results))):
+                        ("Latency (fixed batch, median over repeats)", latency_rows(results)),
+                        ("Variable lengths (lognormal input/output, all requests at once)", traffic_rows(results, "varlen")),
+                        ("Shared prefixes (prefix caching on, all requests at once)", traffic_rows(results, "prefix")),
+                        ("Long context (TTFT: a max_tokens=1 run; TPOT: wall clock, both engines alike)",
+                         longctx_rows(results))):
         if rows:
             parts += [f"### {title}", "", *rows, ""]
     errs = errors_of(results)

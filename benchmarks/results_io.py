@@ -15,7 +15,10 @@ from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REQUIRED_TOP = ("date", "gpu", "commit", "shape", "workload", "roofline", "engines")
-METRICS = {"throughput": ("output_tok_s", "total_tok_s"), "latency": ("tpot_ms", "ttft_ms")}
+METRICS = {"throughput": ("output_tok_s", "total_tok_s"), "latency": ("tpot_ms", "ttft_ms"),
+           "varlen": ("output_tok_s", "total_tok_s"), "longctx": ("tpot_ms", "ttft_ms"),
+           "prefix": ("output_tok_s", "total_tok_s")}
+KEYED = ("latency", "longctx")  # metrics keyed by batch ("1") or by "<prompt length>x<batch>" ("8192x16")
 
 
 def gpu_slug(gpu_name: str) -> str:
@@ -74,7 +77,7 @@ def _validate_engine(workload: str, name: str, m: dict) -> None:
     for k in METRICS[workload]:
         if k not in m:
             raise ValueError(f"engines.{name} lacks {k}")
-        if workload == "latency":
+        if workload in KEYED:
             if not isinstance(m[k], dict) or not all(isinstance(b, str) for b in m[k]):
                 raise ValueError(f"engines.{name}.{k} must be keyed by batch size as a string")
         elif not isinstance(m[k], (int, float)):

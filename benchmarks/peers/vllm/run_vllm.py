@@ -33,8 +33,9 @@ for p in (str(BENCH), str(REPO)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+import traffic  # noqa: E402
 from worker_common import (Partial, base_parser, fit_throughput, latency_table, require_device,  # noqa: E402
-                           specs, summarize_latency_runs, workloads_of)
+                           specs, summarize_latency_runs)
 from workloads import LatencySpec, latency_prompts, median, spec_dict, throughput_prompts  # noqa: E402
 
 DEFAULT_SITE = "/tmp/vllm_site"
@@ -98,11 +99,27 @@ def engine_kwargs(a, model_dir: str) -> dict:
 
 # ---------------------------------------------------------------- runs
 
-def sampling(max_tokens: int):
+def sampling(max_tokens: int | list[int]):
     from vllm import SamplingParams
 
+    if isinstance(max_tokens, list):  # one per prompt (varlen), as moeserve's worker does
+        cache: dict = {}
+        return [cache.setdefault(n, sampling(n)) for n in max_tokens]
     # no per-request seed: greedy needs none, and a seeded request takes vLLM's slower per-request sampler path
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+
+
+def times_of(out) -> tuple[float, float] | None:
+    """(TTFT s, e2e s) of one request from vLLM's RequestStateStats: first_token_latency (arrival to first token)
+    and, for the last token, that plus last_token_ts - first_token_ts (both engine-core monotonic clocks)."""
+    m = getattr(out, "metrics", None)
+    if m is None:
+        return None
+    ttft = getattr(m, "first_token_latency", 0.0)
+    first, last = getattr(m, "first_token_ts", 0.0), getattr(m, "last_token_ts", 0.0)
+    if not ttft or not first or not last:
+        return None
+    return ttft, ttft + (last - first)
 
 
 def generate(llm, prompts: list[list[int]], max_tokens: int):
@@ -115,12 +132,7 @@ def generate(llm, prompts: list[list[int]], max_tokens: int):
     t = time.perf_counter()
     outs = llm.generate(reqs, sampling(max_tokens), use_tqdm=False)
     wall = time.perf_counter() - t
-    if len(outs) != len(prompts):
-        raise RuntimeError(f"asked for {len(prompts)} completions, got {len(outs)}")
-    short = [len(o.outputs[0].token_ids) for o in outs if len(o.outputs[0].token_ids) != max_tokens]
-    if short:
-        raise RuntimeError(f"ignore_eos run produced {len(short)} completions of the wrong length "
-                           f"(e.g. {short[:3]}, want {max_tokens})")
+    traffic.check_lengths(outs, prompts, max_tokens)
     return outs, wall
 
 
@@ -234,6 +246,7 @@ def worker_parser():
     ap.add_argument("--engine-arg", action="append", default=[], help="extra LLM(...) keyword, key=value (JSON value)")
     ap.add_argument("--vocab-size", type=int, default=0, help="0: from the shape's config")
     ap.add_argument("--site", help=f"folder vLLM was installed into (default $VLLM_SITE or {DEFAULT_SITE})")
+    traffic.add_args(ap)
     return ap
 
 
@@ -242,13 +255,18 @@ def worker_main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not (a.shape or a.model):
         ap.error("--shape or --model is required")
-    wl = workloads_of(a)
+    wl = traffic.workloads_of(a)
     tp, lat = specs(a)
     if not a.max_model_len:
         a.max_model_len = max(tp.input_len + tp.output_len if "throughput" in wl else 0,
-                              lat.input_len + lat.output_len if "latency" in wl else 0)
+                              lat.input_len + lat.output_len if "latency" in wl else 0,
+                              traffic.max_len_needed(wl, a))
     if "latency" in wl and max(lat.batch_sizes) > a.max_num_seqs:
         ap.error(f"latency batch {max(lat.batch_sizes)} exceeds --max-num-seqs {a.max_num_seqs}")
+    if "latency" not in wl:  # warm-up prompts are latency-shaped: keep them inside max_model_len
+        lat = traffic.fit_warmup(lat, a.max_model_len)
+    if "throughput" not in wl:
+        tp = traffic.fit_warmup(tp, a.max_model_len)
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
     site = use_site(a.site)
@@ -256,7 +274,7 @@ def worker_main(argv=None) -> int:
     try:
         require_device(a.allow_cpu)
         cfg = model_config(a)
-        vocab = a.vocab_size or int(cfg["vocab_size"])
+        vocab = a.vocab = a.vocab_size or int(cfg["vocab_size"])
         model_dir, changed = model_dir_for(cfg)
         kwargs = engine_kwargs(a, model_dir)
         p.data.update(device="cuda", workloads=wl, vocab_size=vocab, site=site, model=a.model or a.shape,
@@ -278,6 +296,7 @@ def worker_main(argv=None) -> int:
         if "latency" in wl:
             p.data["latency"] = {"spec": spec_dict(lat), "timing": "median over requests per run, median over runs",
                                  "version": version, "engine_args": args}
+        traffic.start_sections(p, wl, a, {"version": version, "engine_args": args})
         t = time.perf_counter()
         llm = LLM(**kwargs)
         p.phase("startup", time.perf_counter() - t)
@@ -302,6 +321,7 @@ def worker_main(argv=None) -> int:
             for r in range(1, lat.repeats):
                 if not run_latency_round(llm, lat, vocab, p, per_batch, r):
                     break
+        traffic.run_traffic(wl, lambda prompts, n: generate(llm, prompts, n), times_of, a, p)
     except BaseException as e:  # noqa: BLE001 - the partial file must say why, whatever stopped the worker
         import traceback
 

@@ -1,0 +1,147 @@
+"""The traffic workloads of issue 16 (benchmarks/workloads.py, benchmarks/traffic.py): generators (seeded,
+clipped, exact lengths), the report's tables, and the suite end to end on the CPU with a config-only tiny model:
+moeserve's worker, and vLLM's worker driven through a stub `vllm` module (moeserve underneath, vLLM's metric
+fields), so that the device run cannot die of a typo in either worker's plumbing."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import report  # noqa: E402
+import results_io  # noqa: E402
+import workloads as wl  # noqa: E402
+
+TINY = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 256, "hidden_size": 32,
+        "intermediate_size": 64, "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True, "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+        "eos_token_id": 1, "bos_token_id": 0}
+
+
+def test_varlen_lengths_seeded_clipped_heavy_tailed():
+    spec = wl.VarlenSpec(num_requests=4000)
+    a, b = wl.varlen_lengths(spec), wl.varlen_lengths(spec)
+    assert a == b and wl.varlen_lengths(wl.VarlenSpec(num_requests=4000, seed=9)) != a
+    ins, outs = [x for x, _ in a], [y for _, y in a]
+    assert min(ins) >= 16 and max(ins) <= 8192 and min(outs) >= 8 and max(outs) <= 2048
+    assert 500 < statistics.median(ins) < 700 and 120 < statistics.median(outs) < 180
+    assert statistics.mean(ins) > 1.4 * statistics.median(ins)  # heavy right tail
+    assert max(ins) == 8192 and min(outs) == 8  # both clips reached at this many requests
+    prompts, out_lens = wl.varlen_prompts(wl.VarlenSpec(num_requests=50), vocab_size=300)
+    assert [len(p) for p in prompts] == [x for x, _ in wl.varlen_lengths(wl.VarlenSpec(num_requests=50))]
+    assert out_lens == [y for _, y in wl.varlen_lengths(wl.VarlenSpec(num_requests=50))]
+    assert all(0 <= t < 300 for p in prompts for t in p)
+    assert wl.varlen_prompts(wl.VarlenSpec(num_requests=50), 300) == (prompts, out_lens)
+    d = wl.spec_dict(wl.VarlenSpec())
+    assert d["input_median"] == 600 and d["input_sigma"] == 1.0 and "lognormal" in d["distribution"]
+    tight = wl.VarlenSpec(num_requests=100, input_min=10, input_max=12, output_min=3, output_max=3)
+    assert all(10 <= x <= 12 and y == 3 for x, y in wl.varlen_lengths(tight))
+
+
+def test_prefix_and_longctx_prompts_exact_and_shared():
+    spec = wl.PrefixSpec(num_groups=3, group_size=4, prefix_len=20, suffix_len=5, output_len=2)
+    ps = wl.prefix_prompts(spec, 100)
+    assert len(ps) == 12 and all(len(p) == 25 for p in ps) and ps == wl.prefix_prompts(spec, 100)
+    for i, p in enumerate(ps):
+        assert p[:20] == ps[i % 3][:20]
+        assert p[:20] != ps[(i + 1) % 3][:20]
+    assert len({tuple(p[20:]) for p in ps}) == 12
+    assert wl.spec_dict(spec)["num_requests"] == 12
+    lc = wl.LongctxSpec(input_lens=(30, 50), batch_sizes=(1, 3), output_len=4)
+    a = wl.longctx_prompts(lc, 50, 3, 0, 100)
+    assert len(a) == 3 and all(len(p) == 50 for p in a) and a == wl.longctx_prompts(lc, 50, 3, 0, 100)
+    assert a != wl.longctx_prompts(lc, 50, 3, 1, 100)  # the TTFT run and the full run use different prompts
+    assert wl.spec_dict(lc)["input_lens"] == [30, 50]
+    with pytest.raises(ValueError):
+        wl.LongctxSpec(output_len=1)
+    assert wl.percentile([1, 2, 3, 4], 50) == 2.5 and wl.percentile([5], 99) == 5
+    assert wl.percentile(list(range(101)), 99) == 99
+
+
+def _fake_vllm(site: Path) -> None:
+    """A `vllm` package with LLM / SamplingParams over moeserve, filling vLLM's RequestStateStats fields."""
+    pkg = site / "vllm"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text('''
+import types
+import moeserve
+
+__version__ = "0.0.0-stub"
+SamplingParams = moeserve.SamplingParams
+_VLLM_ONLY = ("skip_tokenizer_init", "disable_log_stats", "trust_remote_code")
+
+
+class LLM:
+    def __init__(self, model, **kw):
+        self._llm = moeserve.LLM(model=model, **{k: v for k, v in kw.items() if k not in _VLLM_ONLY})
+        self.llm_engine = types.SimpleNamespace()
+
+    def generate(self, reqs, params, use_tqdm=False):
+        outs = self._llm.generate(reqs, params)
+        for o in outs:
+            m = o.metrics
+            o.metrics = types.SimpleNamespace(first_token_latency=m.first_token_time - m.arrival_time,
+                                              first_token_ts=m.first_token_time, last_token_ts=m.finished_time)
+        return outs
+''')
+
+
+@pytest.mark.timeout(600)
+def test_suite_traffic_workloads_tiny_cpu(tmp_path):
+    pytest.importorskip("transformers")
+    model = tmp_path / "tiny"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(TINY))
+    site = tmp_path / "site"
+    _fake_vllm(site)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(BENCH / "bench_suite.py"), "--shape", "tiny", "--model", str(model),
+           "--workloads", "varlen,longctx,prefix", "--engines", "moeserve,vllm,transformers",
+           "--out-dir", str(out), "--bw-TBps", "3", "--peak-TFLOPs", "800", "--gpu-name", "NVIDIA Test GPU",
+           "--varlen-requests", "6", "--varlen-input-median", "12", "--varlen-output-median", "3",
+           "--varlen-input-max", "40", "--varlen-output-max", "8", "--longctx-lens", "24,40", "--longctx-batches",
+           "1,2", "--longctx-output-len", "3", "--prefix-groups", "2", "--prefix-group-size", "3", "--prefix-len", "32",
+           "--prefix-suffix-len", "4", "--prefix-output-len", "3", "--max-num-seqs", "4", "--budget-s", "500",
+           "--hf-reserve-s", "60", "--worker-extra", "moeserve:--allow-cpu --dtype float32",
+           "--worker-extra", f"vllm:--allow-cpu --dtype float32 --site {site}",
+           "--vllm-engine-arg", "enable_prefix_caching=true"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=580)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    res = {p.stem.rsplit("-", 1)[1]: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert set(res) == {"varlen", "longctx", "prefix"}
+    for name, r in res.items():
+        results_io.validate(r)
+        assert set(r["engines"]) == {"moeserve", "vllm"}, name  # transformers runs no traffic workload
+        assert not any(m.get("error") for m in r["engines"].values()), r["engines"]
+    for eng in ("moeserve", "vllm"):
+        v = res["varlen"]["engines"][eng]
+        lens = wl.varlen_lengths(wl.VarlenSpec(num_requests=6, input_median=12, output_median=3, input_max=40,
+                                               output_max=8))
+        assert v["num_requests"] == 6 and v["output_tokens"] == sum(y for _, y in lens)
+        assert v["output_tok_s"] == pytest.approx(v["output_tokens"] / v["wall_s"])
+        assert v["ttft_ms_p50"] > 0 and v["ttft_ms_p99"] >= v["ttft_ms_p50"] and v["tpot_ms_p99"] >= v["tpot_ms_p50"]
+        pf = res["prefix"]["engines"][eng]
+        assert pf["num_requests"] == 6 and pf["output_tokens"] == 18 and pf["ttft_ms_p50"] > 0
+        lc = res["longctx"]["engines"][eng]
+        assert set(lc["ttft_ms"]) == set(lc["tpot_ms"]) == {"24x1", "24x2", "40x1", "40x2"}
+        assert all(x > 0 for x in lc["ttft_ms"].values()) and all(math.isfinite(x) for x in lc["tpot_ms"].values())
+    spec = res["varlen"]["spec"]
+    assert spec["input_median"] == 12 and spec["input_sigma"] == 1.0 and "lognormal" in spec["distribution"]
+    assert res["vllm" if False else "varlen"]["engines"]["vllm"]["engine_args"]["enable_prefix_caching"] is True
+    table = report.summary(list(res.values()))
+    for title in ("Variable lengths", "Shared prefixes", "Long context"):
+        assert title in table
+    assert "| 40x2 |" in table and "moeserve / vllm (out tok/s)" in table
+    assert "Variable lengths" in proc.stdout  # the suite prints the tables last
