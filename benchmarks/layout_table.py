@@ -29,6 +29,12 @@ def main(out: str) -> None:
     for name, tpot, tps, n in rows:
         cells = "".join(f"{tpot.get(b, float('nan')):7.2f} ms " if b in tpot else "      -    " for b in batches)
         print(f"{name:9s} {cells}  {tps or float('nan'):8.0f} ({n})")
+    for w in ("varlen", "prefix"):  # the traffic workloads (issue 16), where this run measured them
+        got = [(f.name, load(f, w)) for f in folders]
+        got = [(n, m) for n, m in got if m.get("output_tok_s")]
+        if got:
+            print(f"{w}: " + "; ".join(f"{n} {m['output_tok_s']:.0f} out tok/s, TTFT p50 "
+                                       f"{m.get('ttft_ms_p50', float('nan')):.0f} ms" for n, m in got))
     for name, tpot, tps, _ in rows[1:]:
         ratios = " ".join(f"b{b} {tpot[b] / base[1][b]:.2f}x" for b in batches if b in tpot and b in base[1])
         thr = f", throughput {tps / base[2]:.2f}x" if tps and base[2] else ""
