@@ -185,6 +185,12 @@ def _add_bench(subparsers) -> None:
     add_parser(subparsers)
 
 
+def _add_check(subparsers) -> None:
+    from moeserve.check.cli import add_parser  # client side only: moeserve.bench, moeserve.plan
+
+    add_parser(subparsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_plan(sub)
     _add_bench(sub)
+    _add_check(sub)
     return parser
 
 
