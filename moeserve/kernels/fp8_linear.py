@@ -7,6 +7,8 @@ bn x bk block (DeepSeek-V3 / Qwen3-FP8 checkpoints: [128, 128]), x quantized on 
                       tiles go through tl.dot (fp8 tensor cores on Hopper) into an fp32 partial, which is scaled by
                       the activation group's scale (per row) and the weight block's scale (per column) and added to
                       the fp32 accumulator; one rounding to the output dtype at the end.
+Online fp8 (per output channel weight scales, one activation scale per token): the same kernel with PER_CHANNEL,
+the scales applied once after the K loop (fp8_channel_linear).
 Decode (M <= 16) runs the same kernel with a 16-row tile (the smallest tl.dot M) and narrower N tiles, so more
 programs stream the weight.
 
@@ -43,7 +45,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, G
 @triton.jit
 def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, stride_am, stride_asm, stride_wn,
                  stride_wsn, stride_om, SCALE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -60,11 +62,16 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, stride_a
         k_ok = kk + kb * BLOCK_K < K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        a_s = tl.load(as_ptrs + kb, mask=m_ok, other=0.0)
-        w_s = tl.load(ws_ptrs + kb, mask=n_ok, other=0.0)
-        acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
+        if PER_CHANNEL:  # one scale per token and per output row: applied once, after the loop
+            acc += tl.dot(a, w)
+        else:
+            a_s = tl.load(as_ptrs + kb, mask=m_ok, other=0.0)
+            w_s = tl.load(ws_ptrs + kb, mask=n_ok, other=0.0)
+            acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if PER_CHANNEL:
+        acc *= tl.load(as_ptrs, mask=m_ok, other=0.0)[:, None] * tl.load(ws_ptrs, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + m[:, None].to(tl.int64) * stride_om + n[None, :]
@@ -110,5 +117,27 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     ws = weight_scale.contiguous()
     _gemm_kernel[grid](q, s, weight, ws, bias if bias is not None else out, out, m, n, k, q.stride(0), s.stride(0),
                        weight.stride(0), ws.stride(0), out.stride(0), SCALE_N=bn, BLOCK_M=bm, BLOCK_N=bnt,
-                       BLOCK_K=bk, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
+                       BLOCK_K=bk, HAS_BIAS=bias is not None, PER_CHANNEL=False, num_warps=warps, num_stages=stages)
+    return out
+
+
+def fp8_channel_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                       block_k: int = 128) -> torch.Tensor:
+    """Online fp8 (`--quantization fp8`): x [M, K] quantized per token (one scale over K), weight [N, K] e4m3 with
+    one fp32 scale per output row (weight_scale [N, 1]); y = (xq @ wq^T) * sx * sw (+ bias)."""
+    runtime.check_device("fp8 per-channel GEMM", x, weight, weight_scale)
+    m, k = x.shape
+    n = weight.shape[0]
+    q, s = quantize_act(x, k)
+    out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    if m == 0:
+        return out
+    bm, bnt, warps, stages = tile_config(m)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bnt))
+    ws = weight_scale.contiguous()
+    _gemm_kernel[grid](q, s, weight, ws, bias if bias is not None else out, out, m, n, k, q.stride(0), s.stride(0),
+                       weight.stride(0), ws.stride(0), out.stride(0), SCALE_N=1, BLOCK_M=bm, BLOCK_N=bnt,
+                       BLOCK_K=min(block_k, max(16, runtime.next_pow2(k))), HAS_BIAS=bias is not None,
+                       PER_CHANNEL=True, num_warps=warps, num_stages=stages)
     return out

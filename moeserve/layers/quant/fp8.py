@@ -231,7 +231,7 @@ class Fp8LinearMethod:
             rows[first:first + length] = srow + torch.arange(length) // bn
         self.row_index = rows.to(layer.weight.device)
         self.col_index = (torch.arange(k) // bk).to(layer.weight.device)
-        self.use_kernel = layer.weight.is_cuda and not self.cfg.online and self._kernel_fits(layer)
+        self.use_kernel = layer.weight.is_cuda and (self.cfg.online or self._kernel_fits(layer))
 
     def _kernel_fits(self, layer) -> bool:
         """The Triton GEMM wants one scale row per bn rows of the whole weight (no partial block inside)."""
@@ -247,10 +247,14 @@ class Fp8LinearMethod:
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None | bool = True) -> torch.Tensor:
         b = layer.bias if bias is True else (None if bias is False else bias)
         if self.use_kernel and x.dim() >= 2:
-            from moeserve.kernels.fp8_linear import fp8_block_linear
+            from moeserve.kernels.fp8_linear import fp8_block_linear, fp8_channel_linear
 
             shape = x.shape
-            y = fp8_block_linear(x.reshape(-1, shape[-1]), layer.weight, getattr(layer, SCALE), self.block, b)
+            x2 = x.reshape(-1, shape[-1])
+            if self.cfg.online:
+                y = fp8_channel_linear(x2, layer.weight, getattr(layer, SCALE), b)
+            else:
+                y = fp8_block_linear(x2, layer.weight, getattr(layer, SCALE), self.block, b)
             return y.reshape(*shape[:-1], y.shape[-1])
         return torch.nn.functional.linear(x, self.dequantize(layer, x.dtype), b)
 
