@@ -169,8 +169,10 @@ def test_dummy_load_of_fp8_config(tmp_path):
 
 # ---- online fp8 ------------------------------------------------------------------------------------------------
 
-def test_online_fp8_matches_per_channel_dequantized(tmp_path):
-    src = Path(make_tiny_checkpoint(tmp_path / "src", "LlamaForCausalLM"))
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen3MoeForCausalLM"])
+def test_online_fp8_matches_per_channel_dequantized(tmp_path, arch):
+    """--quantization fp8 on a bf16/fp32 checkpoint: every projection and expert quantized per output row on load."""
+    src = Path(make_tiny_checkpoint(tmp_path / "src", arch))
     tensors = load_file(str(src / "model.safetensors"))
     deq = {k: (lambda q, s: q.float() * s)(*quantize_rows(v)) if _quantizable(k, v) else v for k, v in tensors.items()}
     d = tmp_path / "deq"
@@ -241,3 +243,21 @@ def test_planner_sizes_fp8_checkpoint_at_one_byte_per_param():
         if fp8[comp] != bf16[comp]:  # a quantized component: 1 byte per weight + one fp32 per 128x128 block
             assert fp8[comp] == math.ceil(n * (1 + 4 / 128 ** 2))
     assert fp8["total"] < 0.6 * bf16["total"]
+
+
+def test_online_fp8_storage(tmp_path):
+    """What --quantization fp8 keeps: fp8 weights, per-row scales (buffers: not checkpoint tensors), experts too;
+    dummy weights with the flag are fp8 as well."""
+    from moeserve.config import EngineConfig
+    from moeserve.loader.model_loader import load_model
+
+    src = make_tiny_checkpoint(tmp_path / "src", "Qwen3MoeForCausalLM")
+    for fmt in ("auto", "dummy"):
+        m = load_model(EngineConfig(model=src, quantization="fp8", load_format=fmt), torch.device("cpu"),
+                       torch.float32).model
+        state = dict(m.named_parameters()) | dict(m.named_buffers())
+        assert state["model.layers.0.self_attn.qkv_proj.weight"].dtype == FP8
+        assert state["model.layers.0.self_attn.qkv_proj.weight_scale_inv"].shape == (128 + 64 + 64, 1)
+        w13 = next(k for k in state if k.endswith("experts.w13"))
+        assert state[w13].dtype == FP8 and state[w13 + "_weight_scale_inv"].shape == (8, 96, 1)
+        assert not any(hasattr(mod, "_fp8_staging") for mod in m.modules())

@@ -89,8 +89,6 @@ def apply_fp8(model: nn.Module, cfg: Fp8Config) -> None:
         if isinstance(m, LinearBase) and m.quant_method is None:
             Fp8LinearMethod(cfg).create_weights(m, name)
         elif isinstance(m, Experts) and getattr(m, "quant_method", None) is None:
-            if cfg.online:
-                continue  # online fp8 of the routed experts is not built yet: they stay in the model dtype
             Fp8MoEMethod(cfg).create_weights(m, name)
 
 
@@ -309,7 +307,8 @@ def online_loader(layer, layer_loader, param, loaded, shard_id=None) -> int:
 
 class Fp8MoEMethod:
     """Routed experts with fp8 w13 [E, 2I, H] / w2 [E, H, I] and per-expert scale blocks
-    w13_weight_scale_inv [E, 2*ceil(I/bn), ceil(H/bk)], w2_weight_scale_inv [E, ceil(H/bn), ceil(I/bk)]."""
+    w13_weight_scale_inv [E, 2*ceil(I/bn), ceil(H/bk)], w2_weight_scale_inv [E, ceil(H/bn), ceil(I/bk)]; online:
+    one scale per row (w13 [E, 2I, 1], w2 [E, H, 1]), computed as each expert's rows arrive."""
 
     name = "fp8"
 
@@ -317,19 +316,53 @@ class Fp8MoEMethod:
         self.cfg = cfg
 
     def create_weights(self, experts: nn.Module, name: str) -> None:
-        bn, bk = self.cfg.block
         e, i_loc, h = experts.num_local, experts.local_intermediate, experts.w13.shape[2]
-        if experts.shard_count > 1:
-            _check_aligned(f"{name} (moe intermediate)", experts.shard_rank * i_loc, i_loc,
-                           experts.intermediate_size, math.lcm(bn, bk))
+        if self.cfg.online:
+            self.blocks = {"w13": (1, h), "w2": (1, i_loc)}
+        else:
+            bn, bk = self.cfg.block
+            self.blocks = {"w13": (bn, bk), "w2": (bn, bk)}
+            if experts.shard_count > 1:
+                _check_aligned(f"{name} (moe intermediate)", experts.shard_rank * i_loc, i_loc,
+                               experts.intermediate_size, math.lcm(bn, bk))
+        (bn1, bk1), (bn2, bk2) = self.blocks["w13"], self.blocks["w2"]
         device = experts.w13.device
         experts.w13 = nn.Parameter(torch.empty(e, 2 * i_loc, h, dtype=FP8, device=device), requires_grad=False)
         experts.w2 = nn.Parameter(torch.empty(e, h, i_loc, dtype=FP8, device=device), requires_grad=False)
-        experts.w13_weight_scale_inv = nn.Parameter(torch.empty(e, 2 * _blocks(i_loc, bn), _blocks(h, bk),
-                                                                device=device), requires_grad=False)
-        experts.w2_weight_scale_inv = nn.Parameter(torch.empty(e, _blocks(h, bn), _blocks(i_loc, bk),
-                                                               device=device), requires_grad=False)
+        scales = {"w13": torch.empty(e, 2 * _blocks(i_loc, bn1), _blocks(h, bk1), device=device),
+                  "w2": torch.empty(e, _blocks(h, bn2), _blocks(i_loc, bk2), device=device)}
+        for w, t in scales.items():
+            if self.cfg.online:  # computed on load, not read from the checkpoint: buffers
+                experts.register_buffer(f"{w}_{SCALE}", t.to(torch.float32))
+            else:
+                experts.register_parameter(f"{w}_{SCALE}", nn.Parameter(t.to(torch.float32), requires_grad=False))
+        if self.cfg.online:
+            experts.load_weight = partial(self.online_load_weight, experts, experts.load_weight)
         experts.quant_method = self
+
+    def online_load_weight(self, experts, load_weight, param: str, tensor, expert_id: int | None, proj: str) -> int:
+        """Experts.load_weight into a float staging tensor (one expert's rows; a fused tensor: the layer's), then
+        every row it wrote quantized with its own scale."""
+        target = getattr(experts, param)
+        if expert_id is None:
+            staging = torch.empty(target.shape, dtype=torch.float32, device=target.device)
+        else:  # every expert's slot is the same buffer: only expert_id's is written
+            staging = torch.empty(target.shape[1:], dtype=torch.float32, device=target.device).expand(target.shape)
+        experts._parameters[param] = nn.Parameter(staging, requires_grad=False)
+        try:
+            n = load_weight(param, tensor, expert_id, proj)
+        finally:
+            experts._parameters[param] = target
+        if n == 0:
+            return 0
+        i_loc = experts.local_intermediate
+        first, count = {"gate": (0, i_loc), "up": (i_loc, i_loc)}.get(proj, (0, target.shape[1]))
+        experts_here = slice(None) if expert_id is None else slice(l := experts.local_id(expert_id), l + 1)
+        rows = staging[experts_here, first:first + count]
+        q, s = quantize_rows(rows.reshape(-1, rows.shape[-1]))
+        target.data[experts_here, first:first + count] = q.reshape(rows.shape)
+        getattr(experts, f"{param}_{SCALE}")[experts_here, first:first + count] = s.reshape(*rows.shape[:-1], 1)
+        return n
 
     def load_scale(self, experts, param: str, tensor, expert_id: int | None, proj: str) -> int:
         """One expert's scale blocks (gate / up [ceil(I/bn), ceil(H/bk)], down [ceil(H/bn), ceil(I/bk)])."""
@@ -361,7 +394,7 @@ class Fp8MoEMethod:
         self.on_cuda = experts.w13.is_cuda
 
     def dequantize(self, experts, which: str, dtype) -> torch.Tensor:
-        bn, bk = self.cfg.block
+        bn, bk = self.blocks[which]
         w = getattr(experts, which)
         s = getattr(experts, f"{which}_weight_scale_inv")
         if which == "w13":  # gate and up blocks apart: expand each half on its own
