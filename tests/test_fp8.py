@@ -183,10 +183,10 @@ def test_online_fp8_matches_per_channel_dequantized(tmp_path, arch):
 
 # ---- TP=2 --------------------------------------------------------------------------------------------------------
 
-def _tp_rank(rank: int, path: str):
+def _tp_rank(rank: int, path: str, ep: bool = False):
     from moeserve.distributed.parallel_state import ParallelLayout, initialize_model_parallel
 
-    initialize_model_parallel(ParallelLayout(tp=2))
+    initialize_model_parallel(ParallelLayout(tp=2, enable_expert_parallel=ep))
     return _generate(path)
 
 
@@ -201,14 +201,16 @@ def _tp_rank_error(rank: int, path: str):
     return None
 
 
-@pytest.mark.parametrize("arch,block", [("LlamaForCausalLM", (16, 16)), ("Qwen3MoeForCausalLM", (8, 8)),
-                                        ("DeepseekV3ForCausalLM", (8, 8))])
-def test_fp8_tp2_matches_tp1(tmp_path, arch, block):
+@pytest.mark.parametrize("arch,block,ep", [("LlamaForCausalLM", (16, 16), False),
+                                           ("Qwen3MoeForCausalLM", (8, 8), False),
+                                           ("Qwen3MoeForCausalLM", (8, 8), True),  # experts whole, 4 per rank
+                                           ("DeepseekV3ForCausalLM", (8, 8), False)])
+def test_fp8_tp2_matches_tp1(tmp_path, arch, block, ep):
     from dist_harness import run_ranks
 
     fp8, deq = make_fp8_pair(tmp_path, arch, block)
     ref = _generate(deq)
-    ranks = run_ranks(2, _tp_rank, fp8)
+    ranks = run_ranks(2, _tp_rank, fp8, ep)
     assert ranks[0] == ranks[1]
     _assert_same(ranks[0], ref)
 
