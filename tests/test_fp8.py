@@ -263,3 +263,18 @@ def test_online_fp8_storage(tmp_path):
         w13 = next(k for k in state if k.endswith("experts.w13"))
         assert state[w13].dtype == FP8 and state[w13 + "_weight_scale_inv"].shape == (8, 96, 1)
         assert not any(hasattr(mod, "_fp8_staging") for mod in m.modules())
+
+
+def test_plan_prints_runnable_fp8_command():
+    """`moeserve plan` suggests --quantization fp8: the command runs as printed (no 'does not run' note) and the
+    serve parser accepts it."""
+    import shlex
+
+    from moeserve.cli import build_parser, engine_args_from
+    from moeserve.plan.planner import PlanRequest, make_plan
+
+    cmd = make_plan(PlanRequest("mistralai/Mixtral-8x7B-v0.1", gpus="2xH100-80GB", dtype="fp8")).commands["moeserve"]
+    assert "--quantization fp8" in cmd and "does not run" not in cmd
+    line = next(l for l in cmd.splitlines() if "moeserve serve" in l)
+    argv = shlex.split(line.split("moeserve ", 1)[1].rstrip(" &"))
+    assert engine_args_from(build_parser().parse_args(argv))["quantization"] == "fp8"

@@ -107,7 +107,8 @@ def launch_commands(plan: Plan) -> dict[str, str]:
     moeserve = _build(plan, "moeserve")
     lay = plan.placement.layout
     missing = [what for what, needed in (("pipeline parallelism with data parallelism", lay.pp > 1 and lay.dp > 1),
-                                         ("quantized weights", "--quantization" in moeserve),
+                                         # fp8 (checkpoint or on load) runs; int8/int4/mxfp4 do not yet
+                                         ("quantized weights", "--quantization" in moeserve and plan.dtype != "fp8"),
                                          ("a quantized KV cache", "--kv-cache-dtype" in moeserve)) if needed]
     if missing:
         moeserve = NOT_YET_NOTE.format(what=" or ".join(missing)) + "\n" + moeserve
