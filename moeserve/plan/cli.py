@@ -33,6 +33,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--json", action="store_true", help="print one JSON object (schema in moeserve/plan/README.md)")
     p.add_argument("--list", action="store_true", help="list the built-in catalog and exit")
+    p.add_argument("--emit", choices=["k8s"], default=None,
+                   help="k8s: Kubernetes manifests of the planned layout instead of the report")
+    p.add_argument("--out", default=None, metavar="DIR", help="--emit k8s: write one file per object here")
     return p
 
 
@@ -68,7 +71,15 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"moeserve plan: {e}", file=sys.stderr)
         return 2
-    if args.json:
+    if args.emit == "k8s":
+        from moeserve.plan.k8s import render_k8s, write_k8s
+
+        if args.out:
+            for path in write_k8s(plan, args.out):
+                print(path)
+        else:
+            print(render_k8s(plan), end="")
+    elif args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
         print(render_text(plan))
