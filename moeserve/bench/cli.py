@@ -16,7 +16,7 @@ import httpx
 
 from moeserve.bench.datasets import jsonl_requests, random_requests, shared_prefix_requests
 from moeserve.bench.metrics import format_report, parse_goodput
-from moeserve.bench.plot import have_matplotlib, plot_steps
+from moeserve.bench.plot import expert_load_path, have_matplotlib, plot_expert_load, plot_steps
 from moeserve.bench.runner import Target, run_ramp
 
 
@@ -100,6 +100,16 @@ def first_model(base_url: str, api_key: str | None) -> str:
         raise ValueError(f"no --model given and {base_url}/models did not name one: {e}") from None
 
 
+def expert_load_table(base_url: str, api_key: str | None) -> dict | None:
+    """GET /v1/expert_load (moeserve with --expert-load-telemetry); None where the server has no such endpoint."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(base_url.rstrip("/") + "/expert_load", headers=headers, timeout=30)
+        return r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
 def _jsonable(x):
     """Infinite rates as the string "inf" (as vLLM writes them), so the file is strict JSON."""
     if isinstance(x, float) and math.isinf(x):
@@ -149,6 +159,9 @@ def run_bench_serve(args: argparse.Namespace) -> int:
             json.dump(_jsonable(result), f, indent=2)
     if args.plot:
         plot_steps(result["steps"], args.plot, title=f"{model} ({args.endpoint}, {args.dataset})")
+        table = expert_load_table(args.base_url, api_key)
+        if table is not None and plot_expert_load(table, expert_load_path(args.plot), title=model):
+            print(f"expert load heat map: {expert_load_path(args.plot)}")
     return 0 if all(s["completed"] > 0 for s in result["steps"]) else 1
 
 

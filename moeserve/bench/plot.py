@@ -54,3 +54,40 @@ def plot_steps(steps: list[dict], path: str, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def expert_load_path(plot_path: str) -> str:
+    """`run.png` -> `run-expert-load.png`."""
+    stem = plot_path[:-4] if plot_path.lower().endswith(".png") else plot_path
+    return stem + "-expert-load.png"
+
+
+def plot_expert_load(table: dict, path: str, title: str = "") -> bool:
+    """Heat map of GET /v1/expert_load's layer x expert table, each row as shares of the layer's routed tokens
+    (so layers compare on one colour scale). False, and no file, when the table is off or empty."""
+    rows = [r for r in table.get("layers") or [] if r.get("counts")]
+    if not table.get("enabled", True) or not rows:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray([r["counts"] for r in rows], dtype=float)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    n_layers, n_experts = shares.shape
+    fig, ax = plt.subplots(figsize=(min(4 + 0.12 * n_experts, 24), min(2 + 0.3 * n_layers, 18)))
+    im = ax.imshow(shares, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_yticks(range(n_layers), [str(r["layer"]) for r in rows])
+    if n_layers > 40:
+        ax.yaxis.set_major_locator(plt.MaxNLocator(20, integer=True))
+    fig.colorbar(im, ax=ax, label="share of the layer's routed tokens")
+    window = table.get("window_s")
+    ax.set_title((title + "\n" if title else "") + "expert load" + (f" over {window:g} s" if window else "")
+                 + f" (even = {1 / n_experts:.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
