@@ -14,8 +14,8 @@ weight loader that reads only this rank's part: the scale shards with its weight
 that cuts a block is refused when the model is built.
 
 Forward: CPU dequantizes (weight * scale -> activation dtype) and runs the dense matmul: the reference. CUDA
-(chosen once in `finalize`): kernels.fp8_linear's W8A8 block GEMM for the linear layers; the experts dequantize
-and run the bf16 fused MoE (W8A16 by dequantization outside the kernel, a first step).
+(chosen once in `finalize`): kernels.fp8_linear's W8A8 GEMM (block or per-channel) for the linear layers;
+kernels.fp8_moe for the experts (W8A16: fp8 weights dequantized inside the kernel, a first step).
 """
 
 from __future__ import annotations
@@ -391,7 +391,8 @@ class Fp8MoEMethod:
         return part.numel()
 
     def finalize(self, experts) -> None:
-        self.on_cuda = experts.w13.is_cuda
+        """CUDA: kernels.fp8_moe (W8A16, dequantized in the kernel), chosen once here; CPU: the reference."""
+        self.use_kernel = experts.w13.is_cuda
 
     def dequantize(self, experts, which: str, dtype) -> torch.Tensor:
         bn, bk = self.blocks[which]
@@ -407,11 +408,12 @@ class Fp8MoEMethod:
     def apply(self, experts, x, weights, ids) -> torch.Tensor:
         from moeserve.layers.experts import experts_reference
 
-        w13, w2 = self.dequantize(experts, "w13", x.dtype), self.dequantize(experts, "w2", x.dtype)
-        if x.is_cuda:
-            from moeserve.kernels.fused_moe import fused_moe
+        if getattr(self, "use_kernel", False):
+            from moeserve.kernels.fp8_moe import fp8_fused_moe
 
-            return fused_moe(x, w13, w2, weights, ids, expert_map=experts.expert_map)
+            return fp8_fused_moe(x, experts.w13, experts.w13_weight_scale_inv, experts.w2,
+                                 experts.w2_weight_scale_inv, self.blocks, weights, ids, experts.expert_map)
+        w13, w2 = self.dequantize(experts, "w13", x.dtype), self.dequantize(experts, "w2", x.dtype)
         return experts_reference(x, w13, w2, weights, ids, experts.expert_map)
 
 
