@@ -195,3 +195,20 @@ def test_check_fails_on_a_kv_pool_too_small(moe_ckpt, tmp_path, capsys):
     assert verdicts["ready"] == "PASS"
     assert "FAIL" in (verdicts["kv-usage-under-load"], verdicts["no-preemption-storm"]), text
     assert not json.loads(out.read_text())["passed"]
+
+
+def test_cli_input_errors(capsys):
+    assert main(["check"]) == 2  # neither --url nor MODEL
+    assert main(["check", "--url", "http://127.0.0.1:9", "some-model"]) == 2  # both
+    assert main(["check", "model-dir", "--peak-concurrency", "4"]) == 2  # a check flag after MODEL
+    err = capsys.readouterr().err
+    assert "either --url" in err and "check flags go before MODEL" in err
+    assert main(["check", "--url", "http://127.0.0.1:9", "--ramp", "0,1"]) == 2
+
+
+def test_no_server_at_the_url_fails_ready_and_metrics(capsys):
+    from moeserve.check.probe import free_port
+
+    rc = main(["check", "--url", f"http://127.0.0.1:{free_port()}", "--peak-concurrency", "1", "--no-progress"])
+    verdicts = _lines(capsys.readouterr().out)
+    assert rc == 1 and verdicts["ready"] == "FAIL" and verdicts["metrics-present"] == "FAIL"

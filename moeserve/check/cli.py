@@ -115,12 +115,22 @@ def run(args: argparse.Namespace) -> int:
 
         cfg = config_from(args, "")
         serve_args = [args.model, *[a for a in args.serve_args if a != "--"]]
+        own = {o for a in configure_parser(argparse.ArgumentParser())._actions for o in a.option_strings} - \
+            {"-h", "--help", "--api-key", "--seed"}
+        misplaced = [a for a in serve_args if a.split("=")[0] in own]
+        if misplaced:
+            raise ValueError(f"{', '.join(misplaced)}: check flags go before MODEL; everything after MODEL is "
+                             f"passed to `moeserve serve`")
         if cfg.api_key and "--api-key" not in serve_args:
             serve_args += ["--api-key", cfg.api_key]
         print(f"moeserve check: starting moeserve serve {' '.join(serve_args)}", file=sys.stderr, flush=True)
-        with ServedForCheck(serve_args) as server:
-            cfg.url = server.url
-            results, raw = run_checks(cfg, progress=not args.no_progress)
+        try:
+            with ServedForCheck(serve_args) as server:
+                cfg.url = server.url
+                results, raw = run_checks(cfg, progress=not args.no_progress)
+        except (RuntimeError, TimeoutError) as e:  # the server did not come up: say why, exit 2
+            print(f"moeserve check: the server did not start: {e}", file=sys.stderr)
+            return 2
         raw["serve_args"] = serve_args
     text, doc = report(results, raw)
     print(text, flush=True)
