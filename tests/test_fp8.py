@@ -102,12 +102,15 @@ def test_resolve_quantization():
 
 
 def test_quantize_blocks_round_trip():
-    w = torch.randn(40, 72)
+    w = torch.randn(40, 72, generator=torch.Generator().manual_seed(0))
     q, s = quantize_blocks(w, (16, 32))
     assert q.dtype == FP8 and s.shape == (3, 3)
-    assert torch.allclose(_expand(q, s, 16, 32), w, rtol=0.07, atol=1e-6)  # e4m3: 3 mantissa bits
+    # e4m3: 3 mantissa bits, 1/16 relative at most for normal values (the smallest of a block may be subnormal)
+    assert ((_expand(q, s, 16, 32) - w).norm() / w.norm()).item() < 0.04
+    assert s.amax() == w.abs().amax() / 448
     q, s = quantize_rows(w)
-    assert s.shape == (40, 1) and torch.allclose(q.float() * s, w, rtol=0.07, atol=1e-6)
+    assert s.shape == (40, 1)
+    assert ((q.float() * s - w).norm() / w.norm()).item() < 0.04
 
 
 # ---- block fp8 checkpoints, TP=1 -----------------------------------------------------------------------------
