@@ -26,7 +26,9 @@ _CONTAINER = {
         "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"], "properties": {
             "containerPort": {"type": "integer"}, "name": {"type": "string", "maxLength": 15},
             "protocol": {"enum": ["TCP", "UDP", "SCTP"]}}}},
-        "env": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+        "env": {"type": "array", "items": {"type": "object", "required": ["name"], "additionalProperties": False,
+                                           "properties": {"name": {"type": "string"}, "value": {"type": "string"},
+                                                          "valueFrom": {"type": "object"}}}},
         "resources": {"type": "object", "additionalProperties": False,
                       "properties": {"limits": {"type": "object"}, "requests": {"type": "object"}}},
         "startupProbe": _PROBE, "livenessProbe": _PROBE, "readinessProbe": _PROBE,
@@ -56,6 +58,14 @@ SCHEMAS = {
                                                 "serviceName": {"type": "string"},
                                                 "podManagementPolicy": {"enum": ["OrderedReady", "Parallel"]},
                                                 "template": _TEMPLATE}},
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): {
+        "required": ["leaderWorkerTemplate"],
+        "properties": {"replicas": {"type": "integer"}, "startupPolicy": {"enum": ["LeaderCreated", "LeaderReady"]},
+                       "leaderWorkerTemplate": {
+                           "type": "object", "required": ["size", "workerTemplate"], "additionalProperties": False,
+                           "properties": {"size": {"type": "integer", "minimum": 1},
+                                          "restartPolicy": {"enum": ["RecreateGroupOnPodRestart", "None"]},
+                                          "leaderTemplate": _TEMPLATE, "workerTemplate": _TEMPLATE}}}},
     ("v1", "Service"): {"required": ["ports"], "properties": {"ports": {"type": "array", "minItems": 1, "items": {
         "type": "object", "required": ["port"], "properties": {"port": {"type": "integer"}, "targetPort": _PORT}}},
         "clusterIP": {"type": "string"}, "selector": {"type": "object"}}},

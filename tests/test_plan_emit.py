@@ -111,3 +111,31 @@ def test_emit_imports_no_torch():
             "main(['Qwen/Qwen3-30B-A3B', '--emit', 'k8s']); sys.exit('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_multi_node_as_a_leader_worker_set(capsys):
+    assert main(["plan", "deepseek-ai/DeepSeek-V3", "--gpus", "8xH100-80GB", "--nodes", "2"]) == 0
+    report = capsys.readouterr().out
+    printed = [ln.strip() for ln in report.split("launch (moeserve)\n", 1)[1].splitlines()
+               if ln.strip().startswith("moeserve serve")][0]
+    assert main(["plan", "deepseek-ai/DeepSeek-V3", "--gpus", "8xH100-80GB", "--nodes", "2", "--emit", "lws"]) == 0
+    docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    for d in docs:
+        validate(d)
+    lws, svc = docs
+    tpl = lws["spec"]["leaderWorkerTemplate"]
+    assert tpl["size"] == 2  # one pod per node: the leader (node rank 0) and one worker
+    for role in ("leaderTemplate", "workerTemplate"):
+        c = tpl[role]["spec"]["containers"][0]
+        assert c["command"] == serve_argv(printed)
+        env = {e["name"]: e for e in c["env"]}
+        assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+            "metadata.labels['leaderworkerset.sigs.k8s.io/worker-index']"
+        assert env["HEAD_IP"]["value"] == "$(LWS_LEADER_ADDRESS)"
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert "readinessProbe" in tpl["leaderTemplate"]["spec"]["containers"][0]
+    assert "readinessProbe" not in tpl["workerTemplate"]["spec"]["containers"][0]
+    assert svc["spec"]["selector"] == tpl["leaderTemplate"]["metadata"]["labels"]
+    # a one-node layout is the same Deployment either way
+    assert main(["plan", "Qwen/Qwen3-30B-A3B", "--emit", "lws"]) == 0
+    assert [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out) if d] == ["Deployment", "Service"]

@@ -33,8 +33,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--json", action="store_true", help="print one JSON object (schema in moeserve/plan/README.md)")
     p.add_argument("--list", action="store_true", help="list the built-in catalog and exit")
-    p.add_argument("--emit", choices=["k8s"], default=None,
-                   help="k8s: Kubernetes manifests of the planned layout instead of the report")
+    p.add_argument("--emit", choices=["k8s", "lws"], default=None,
+                   help="k8s: Kubernetes manifests of the planned layout instead of the report (several nodes: "
+                        "a StatefulSet per node rank); lws: the same with a LeaderWorkerSet for several nodes")
     p.add_argument("--out", default=None, metavar="DIR", help="--emit k8s: write one file per object here")
     return p
 
@@ -71,14 +72,14 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"moeserve plan: {e}", file=sys.stderr)
         return 2
-    if args.emit == "k8s":
+    if args.emit:
         from moeserve.plan.k8s import render_k8s, write_k8s
 
         if args.out:
-            for path in write_k8s(plan, args.out):
+            for path in write_k8s(plan, args.out, lws=args.emit == "lws"):
                 print(path)
         else:
-            print(render_k8s(plan), end="")
+            print(render_k8s(plan, lws=args.emit == "lws"), end="")
     elif args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:

@@ -9,6 +9,7 @@ text is parsed, never rebuilt), with `--host 0.0.0.0` appended as args so the po
                         /ready and /health) and one single-pod StatefulSet per worker rank, each pod with
                         NODE_RANK set, HEAD_IP the leader's stable DNS name from a headless Service, and
                         anti-affinity so each pod lands on its own node; a Service on the leader for the API
+  --emit lws            several nodes as one LeaderWorkerSet (the sigs.k8s.io/lws CRD) instead
 """
 
 from __future__ import annotations
@@ -138,7 +139,32 @@ def _multi_node(plan: Plan, line: str, name: str, replica: int | None) -> list[d
     return docs
 
 
-def k8s_manifests(plan: Plan) -> list[dict]:
+LWS_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
+
+
+def _leader_worker_set(plan: Plan, line: str, name: str, replicas: int) -> list[dict]:
+    """The same pods as one LeaderWorkerSet (sigs.k8s.io/lws, a CRD): a group of --nnodes pods per server,
+    NODE_RANK from the pod's worker index (0 = the leader), HEAD_IP from LWS_LEADER_ADDRESS (set by LWS)."""
+    argv = k8s_argv(line)
+    port = _flag(argv, "--port", BASE_PORT)
+    env = [{"name": "NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{LWS_INDEX_LABEL}']"}}},
+           {"name": "HEAD_IP", "value": "$(LWS_LEADER_ADDRESS)"}]
+
+    def template(role: str) -> dict:
+        c = _container(argv, gpus_per_pod(argv), port, serves_api=role == "leader", env=env)
+        return {"metadata": {"labels": {"app": name, "role": role}}, "spec": _pod_spec(c)}
+
+    lws = {"apiVersion": "leaderworkerset.x-k8s.io/v1", "kind": "LeaderWorkerSet",
+           "metadata": {"name": name, "labels": {"app": name}},
+           "spec": {"replicas": replicas, "startupPolicy": "LeaderCreated",
+                    "leaderWorkerTemplate": {"size": _flag(argv, "--nnodes", 1), "restartPolicy": "RecreateGroupOnPodRestart",
+                                             "leaderTemplate": template("leader"),
+                                             "workerTemplate": template("worker")}}}
+    return [lws, _service(name, {"app": name, "role": "leader"}, port)]
+
+
+def k8s_manifests(plan: Plan, lws: bool = False) -> list[dict]:
+    """lws: a several-node layout as one LeaderWorkerSet instead of StatefulSets (one-node layouts: unchanged)."""
     lines = serve_lines(plan)
     if not lines:
         raise ValueError("the plan has no moeserve launch command")
@@ -147,6 +173,8 @@ def k8s_manifests(plan: Plan) -> list[dict]:
         return _single_node(plan, lines, name)
     lay = plan.placement.layout
     replicas = lay.dp if lay.mode == "replicas" and lay.dp > 1 else 1   # each PP replica spans its own nodes
+    if lws:
+        return _leader_worker_set(plan, lines[0], name, replicas)
     docs = []
     for r in range(replicas):
         docs += _multi_node(plan, lines[0], name, r if replicas > 1 else None)
@@ -175,17 +203,17 @@ def dump_yaml(docs: list[dict]) -> str:
                          for d in docs)
 
 
-def render_k8s(plan: Plan) -> str:
-    return header(plan) + "\n" + dump_yaml(k8s_manifests(plan))
+def render_k8s(plan: Plan, lws: bool = False) -> str:
+    return header(plan) + "\n" + dump_yaml(k8s_manifests(plan, lws))
 
 
-def write_k8s(plan: Plan, out_dir: str) -> list[str]:
+def write_k8s(plan: Plan, out_dir: str, lws: bool = False) -> list[str]:
     """One file per object, named kind-name.yaml; returns the paths."""
     import os
 
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for doc in k8s_manifests(plan):
+    for doc in k8s_manifests(plan, lws):
         path = os.path.join(out_dir, f"{doc['kind'].lower()}-{doc['metadata']['name']}.yaml")
         with open(path, "w", encoding="utf-8") as f:
             f.write(header(plan) + "\n" + dump_yaml([doc]))
