@@ -15,7 +15,7 @@ fk = load_kernel("fp8_linear", "_gemm_kernel")
 
 from moeserve.layers.quant.fp8 import _expand, quantize_act_groups, quantize_blocks  # noqa: E402
 
-SHAPES = [(37, 40, (16, 16)), (20, 64, (8, 32)), (64, 33, (16, 16))] + ([(5120, 2048, (128, 128))] if CUDA else [])
+SHAPES = [(37, 40, (16, 32)), (20, 96, (8, 32)), (64, 33, (32, 32))] + ([(5120, 2048, (128, 128))] if CUDA else [])
 
 
 @pytest.mark.parametrize("M", [1, 3, 17])
@@ -65,6 +65,9 @@ def test_non_power_of_two_k_block_is_refused():
     with pytest.raises(ValueError, match="power of two"):
         fk.fp8_block_linear(torch.zeros(1, 48, device=DEVICE), torch.zeros(16, 48, device=DEVICE).to(torch.float8_e4m3fn),
                             torch.ones(1, 1, device=DEVICE), (16, 48))
+    with pytest.raises(ValueError, match=">= 32"):
+        fk.fp8_block_linear(torch.zeros(1, 48, device=DEVICE), torch.zeros(16, 48, device=DEVICE).to(torch.float8_e4m3fn),
+                            torch.ones(1, 3, device=DEVICE), (16, 16))
 
 
 def test_layer_dispatches_to_the_kernel_once():
@@ -73,7 +76,7 @@ def test_layer_dispatches_to_the_kernel_once():
     from moeserve.layers.linear import MergedColumnParallelLinear
     from moeserve.layers.quant.fp8 import Fp8Config, Fp8LinearMethod
 
-    block = (16, 16)
+    block = (16, 32)
     layer = MergedColumnParallelLinear(48, [32, 32], bias=False)
     Fp8LinearMethod(Fp8Config(block=block)).create_weights(layer, "mlp.gate_up_proj")
     g = torch.Generator().manual_seed(0)
@@ -90,8 +93,8 @@ def test_layer_dispatches_to_the_kernel_once():
     qm.use_kernel = False
     ref = layer(x).double()
     qm.use_kernel = True
-    out = layer(x).double()
-    assert ((out - ref).norm() / ref.norm()).item() < 0.05
+    out = layer(x).double()  # W8A8 against W8A16: the activations' e4m3 rounding (exact arithmetic: above)
+    assert ((out - ref).norm() / ref.norm()).item() < 0.1
 
 
 @pytest.mark.parametrize("M", [1, 7, 20])
@@ -107,7 +110,7 @@ def test_channel_gemm_matches_reference(M, N, K):
     b = torch.randn(N, generator=g)
     dtype = torch.bfloat16 if CUDA else torch.float32
     out = fk.fp8_channel_linear(x.to(DEVICE, dtype), wq.to(DEVICE), ws.to(DEVICE), b.to(DEVICE, dtype),
-                                block_k=16).double().cpu()
+                                block_k=32).double().cpu()
     xq, xs = quantize_act_groups(x.to(dtype), K) if CUDA else fk.quantize_act(x.to(dtype), K)
     ref = (xq.double().cpu() * xs.double().cpu()) @ (wq.double() * ws.double()).t() + b.to(dtype).double()
     assert ((out - ref).norm() / ref.norm()).item() < (1e-2 if CUDA else 2e-3)

@@ -13,7 +13,7 @@ Decode (M <= 16) runs the same kernel with a 16-row tile (the smallest tl.dot M)
 programs stream the weight.
 
 Reference: layers/quant/fp8 (dequantize weight and, for this kernel's exact arithmetic, `quantize_act_groups`
-for the activations). Requires bk a power of two (128 in every published checkpoint); the layer falls back to the
+for the activations). Requires bk a power of two >= 32 (fp8 tl.dot's smallest K; 128 in every published checkpoint); the layer falls back to the
 reference otherwise.
 """
 
@@ -103,8 +103,8 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
                      bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp32) @ (weight [N, K] e4m3 * block scales [ceil(N/bn), ceil(K/bk)])^T + bias -> [M, N]."""
     bn, bk = block
-    if bk & (bk - 1) or bk < 16:
-        raise ValueError(f"fp8 block GEMM: the K block ({bk}) must be a power of two >= 16")
+    if bk & (bk - 1) or bk < 32:  # fp8 tl.dot takes K tiles of 32 or more
+        raise ValueError(f"fp8 block GEMM: the K block ({bk}) must be a power of two >= 32")
     runtime.check_device("fp8 block GEMM", x, weight, weight_scale)
     m, k = x.shape
     n = weight.shape[0]
@@ -138,6 +138,6 @@ def fp8_channel_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
     ws = weight_scale.contiguous()
     _gemm_kernel[grid](q, s, weight, ws, bias if bias is not None else out, out, m, n, k, q.stride(0), s.stride(0),
                        weight.stride(0), ws.stride(0), out.stride(0), SCALE_N=1, BLOCK_M=bm, BLOCK_N=bnt,
-                       BLOCK_K=min(block_k, max(16, runtime.next_pow2(k))), HAS_BIAS=bias is not None,
+                       BLOCK_K=min(max(block_k, 32), max(32, runtime.next_pow2(k))), HAS_BIAS=bias is not None,
                        PER_CHANNEL=True, num_warps=warps, num_stages=stages)
     return out

@@ -234,7 +234,7 @@ class Fp8LinearMethod:
     def _kernel_fits(self, layer) -> bool:
         """The Triton GEMM wants one scale row per bn rows of the whole weight (no partial block inside)."""
         bn, bk = self.block
-        return bk >= 16 and not bk & (bk - 1) and all(first % bn == 0 and (length % bn == 0 or first + length == layer.out_features)
+        return bk >= 32 and not bk & (bk - 1) and all(first % bn == 0 and (length % bn == 0 or first + length == layer.out_features)
                    for first, length, _ in self.segments)
 
     def dequantize(self, layer, dtype=torch.float32) -> torch.Tensor:
