@@ -21,6 +21,7 @@ from torch import nn
 
 from moeserve.distributed.pipeline import missing_prefixes
 from moeserve.layers.linear import WeightShapeError
+from moeserve.layers.quant.fp8 import ScaleError
 from moeserve.loader.tensor_slices import materialize, shape_of
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|w1|up_proj|w3|down_proj|w2)"
@@ -100,9 +101,7 @@ class WeightLoader:
         except WeightShapeError as e:
             raise ValueError(f"{self.source}: tensor {label!r} has shape {e.got}, but the config implies "
                              f"{e.expected}.") from None
-        except ValueError as e:
-            if "scale" not in str(e):
-                raise
+        except ScaleError as e:  # an fp8 scale that does not fit its weight
             raise ValueError(f"{self.source}: tensor {label!r}: {e}.") from None
         self._count(pname, label, n)
 

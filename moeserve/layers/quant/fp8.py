@@ -34,6 +34,10 @@ FP8_MAX = 448.0
 SCALE = "weight_scale_inv"
 
 
+class ScaleError(ValueError):
+    """A scale tensor that does not fit its weight; the loader prefixes the tensor's name."""
+
+
 @dataclass
 class Fp8Config:
     block: tuple[int, int] | None  # (bn, bk) from the checkpoint; None: online per-channel quantization
@@ -195,7 +199,7 @@ class Fp8LinearMethod:
                 start += _blocks(full, bn)
             expected = (start, param.shape[1])
             if shape_of(loaded) != expected:
-                raise ValueError(f"scale tensor has shape {shape_of(loaded)}, expected {expected}")
+                raise ScaleError(f"scale tensor has shape {shape_of(loaded)}, expected {expected}")
             for (src, length, dst, full), off in zip(pieces, offsets):
                 written += self._copy_piece(layer, param, narrow(loaded, 0, off, _blocks(full, bn)), src, length, dst)
             return written
@@ -203,7 +207,7 @@ class Fp8LinearMethod:
             full_shape = [_blocks(full, bn), _blocks(layer.in_features, bk)] if dim == 0 else \
                 [_blocks(layer.out_features, bn), _blocks(full, bk)]
             if shape_of(loaded) != tuple(full_shape):
-                raise ValueError(f"scale tensor has shape {shape_of(loaded)}, but the weight implies "
+                raise ScaleError(f"scale tensor has shape {shape_of(loaded)}, but the weight implies "
                                  f"{tuple(full_shape)} ({bn}x{bk} blocks)")
             if dim == 1:
                 part = materialize(narrow(loaded, 1, src // b, _blocks(length, b)))
@@ -380,7 +384,7 @@ class Fp8MoEMethod:
         else:
             raise ValueError(f"fp8 scale for projection {proj!r} is not supported (per-expert gate/up/down only).")
         if shape_of(tensor) != full:
-            raise ValueError(f"scale tensor has shape {shape_of(tensor)}, but the weight implies {full} "
+            raise ScaleError(f"scale tensor has shape {shape_of(tensor)}, but the weight implies {full} "
                              f"({bn}x{bk} blocks)")
         part = materialize(narrow(tensor, dim, experts.shard_rank * i_loc // b, _blocks(i_loc, b)))
         target = getattr(experts, f"{param}_weight_scale_inv").data[local]
