@@ -62,7 +62,7 @@ def make_fp8_pair(tmp: Path, arch: str, block: tuple[int, int], ignored: list[st
 
 
 def _generate(path: str, **kw):
-    llm = LLM(model=path, block_size=8, max_num_seqs=4, **kw)
+    llm = LLM(model=path, block_size=8, max_num_seqs=4, device="cpu", **kw)  # the reference path, on any machine
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=3)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in s.items()} for s in o.outputs[0].logprobs])
@@ -149,11 +149,11 @@ def test_missing_or_misshaped_scale_names_the_tensor(tmp_path):
     bad = "model.layers.0.self_attn.k_proj.weight_scale_inv"
     save_file({k: v for k, v in tensors.items() if k != missing}, str(f))
     with pytest.raises(ValueError, match=missing.replace(".", r"\.")):
-        LLM(model=fp8)
+        LLM(model=fp8, device="cpu")
     tensors[bad] = torch.ones(3, 4)
     save_file(tensors, str(f))
     with pytest.raises(ValueError, match=bad.replace(".", r"\.")):
-        LLM(model=fp8)
+        LLM(model=fp8, device="cpu")
 
 
 def test_dummy_load_of_fp8_config(tmp_path):
@@ -165,7 +165,7 @@ def test_dummy_load_of_fp8_config(tmp_path):
                    torch.device("cpu"), torch.float32).model
     w = dict(m.named_parameters())["model.layers.1.mlp.gate_up_proj.weight"]  # the dense (mlp_only) layer
     assert w.dtype == FP8 and w.float().abs().max() > 1  # real fp8 codes, scaled down by the scales
-    out = LLM(model=str(Path(fp8) / "config.json"), load_format="dummy", block_size=8).generate(
+    out = LLM(model=str(Path(fp8) / "config.json"), load_format="dummy", block_size=8, device="cpu").generate(
         [{"prompt_token_ids": [1, 2, 3]}], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 3
 
@@ -198,7 +198,7 @@ def _tp_rank_error(rank: int, path: str):
 
     initialize_model_parallel(ParallelLayout(tp=2))
     try:
-        LLM(model=path)
+        LLM(model=path, device="cpu")
     except ValueError as e:
         return str(e)
     return None
