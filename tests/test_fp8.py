@@ -281,3 +281,21 @@ def test_plan_prints_runnable_fp8_command():
     line = next(l for l in cmd.splitlines() if "moeserve serve" in l)
     argv = shlex.split(line.split("moeserve ", 1)[1].rstrip(" &"))
     assert engine_args_from(build_parser().parse_args(argv))["quantization"] == "fp8"
+
+
+def test_startup_fit_sizes_an_fp8_checkpoint_as_fp8():
+    """The engine's pre-load check passes the model dtype (bf16: 2 bytes); an fp8 checkpoint still weighs
+    1 byte/param + scales there, as the planner's reading of its config.json says."""
+    from moeserve.plan.arch import read_arch
+    from moeserve.plan.fit import check_startup_fit
+
+    base = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 2048, "intermediate_size": 6144,
+            "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+            "vocab_size": 151936, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+            "max_position_embeddings": 4096, "tie_word_embeddings": False}
+    fp8 = dict(base, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    kw = dict(weight_dtype_bytes=2, kv_dtype_bytes=2, max_model_len=4096, device_memory_bytes=80 * 2 ** 30,
+              memory_utilization=0.9)
+    assert read_arch(fp8).native_precision == "fp8" and read_arch(base).native_precision == "bf16"
+    w_bf16, w_fp8 = check_startup_fit(read_arch(base), **kw).weights, check_startup_fit(read_arch(fp8), **kw).weights
+    assert 0.45 < w_fp8 / w_bf16 < 0.6

@@ -127,6 +127,8 @@ class ArchSpec:
     indexer_head_dim: int = 0
     sliding_window: int | None = None
     source: str = field(default="config.json", compare=False)
+    # the precision the checkpoint's weights ship in (quantization_config): "bf16", "fp8", "int4", ...
+    native_precision: str = field(default="bf16", compare=False)
 
     # ---- KV cache ----
     def kv_values_per_token_per_layer(self) -> int:
@@ -276,6 +278,14 @@ def _moe_layers_deepseek(r: _Reader, num_layers: int) -> tuple[int, ...]:
 
 def read_arch(cfg: dict) -> ArchSpec:
     """Resolve a config dict (nested text_config unwrapped) into an ArchSpec; clear errors for what is missing."""
+    from dataclasses import replace
+
+    from moeserve.plan.memory import native_precision
+
+    return replace(_read_arch(cfg), native_precision=native_precision(cfg))
+
+
+def _read_arch(cfg: dict) -> ArchSpec:
     outer_archs = cfg.get("architectures") or []
     tc = text_config(cfg)
     source = tc.get("_source", cfg.get("_source", "config.json"))
