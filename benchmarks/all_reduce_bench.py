@@ -81,6 +81,8 @@ def _rank(rank: int, world: int, port: int, hidden: int, rows: list[int], queue)
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
     finally:
+        queue.close()
+        queue.join_thread()  # the result reaches the parent before this process ends without NCCL's teardown
         os._exit(0)
 
 

@@ -1,20 +1,34 @@
 #!/usr/bin/env bash
-# On a 2-GPU machine: the symmetric-memory all-reduce's CUDA test, its latency against NCCL per size, the
-# layouts' tokens against one GPU (fp32 and bf16), and qwen3-30b-a3b decode TPOT of TP=1, TP=2 with the
-# one-shot all-reduce and TP=2 with NCCL only, in one run. Results under $OUT (or benchmarks/results/layouts/).
+# On a 2-GPU machine, one run: the symmetric-memory all-reduce's CUDA test and its latency against NCCL per
+# size; the MLA prefill kernel's CUDA tests and timing on GPU 1 while TP=1 decode TPOT of SHAPE runs on GPU 0;
+# then TP=2 with the one-shot all-reduce and TP=2 with NCCL only. CHECK=1 adds the layouts' tokens against one
+# GPU (benchmarks/multi_gpu_check.py). Results under $OUT (default benchmarks/results/layouts/allreduce).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 O="${OUT:-benchmarks/results/layouts}/allreduce"
-mkdir -p "$O"
-nvidia-smi topo -m > "$O/topo.txt" 2>&1
-echo "=== CUDA test"; timeout 300 python3 -m pytest -q -x tests/test_symmetric_all_reduce.py 2>&1 | tail -5 | tee "$O/test.log"
+mkdir -p "$O/layouts"
+S="${SHAPE:-qwen3-30b-a3b}"
+LAT=(--workloads latency --latency-repeats "${REPEATS:-1}" --hf-reserve-s 0 --engines moeserve)
+echo "=== symmetric all-reduce: CUDA test"
+timeout 150 python3 -m pytest -q -x tests/test_symmetric_all_reduce.py > "$O/test.log" 2>&1; tail -2 "$O/test.log"
 echo "=== latency per size"
-timeout 200 python3 benchmarks/all_reduce_bench.py --world 2 --hidden 2048 --out "$O/all_reduce_2048.json" 2>&1 | tee "$O/all_reduce_2048.log"
-echo "=== layouts' tokens against one GPU"
-timeout "${CHECK_S:-240}" python3 benchmarks/multi_gpu_check.py --archs "${CHECK_ARCHS:-LlamaForCausalLM,Qwen3MoeForCausalLM,DeepseekV2ForCausalLM}" \
-  2>&1 | tee "$O/multi_gpu_check_fp32.log" | grep -v "^\s*$" | tail -20
-echo "=== decode TPOT"
-OUT="$O" bash benchmarks/run_layouts.sh "${SHAPE:-qwen3-30b-a3b}" \
-  "tp1:;tp2:tensor_parallel_size=2;tp2_nccl:tensor_parallel_size=2,disable_custom_all_reduce=true;${EXTRA_LAYOUTS:-}" \
-  --workloads latency --latency-repeats "${REPEATS:-2}" --budget-s 170 --hf-reserve-s 0 2>&1 | tail -30
+timeout 120 python3 benchmarks/all_reduce_bench.py --world 2 --hidden 2048 --out "$O/all_reduce_2048.json" > "$O/all_reduce_2048.log" 2>&1
+grep -v -i "warn" "$O/all_reduce_2048.log" | tail -14
+echo "=== GPU 1: MLA prefill tests and timing | GPU 0: TP=1 decode"
+( export CUDA_VISIBLE_DEVICES=1
+  timeout 240 python3 -m pytest -q tests/test_mla_prefill.py tests/test_kernels_mla.py > "$O/mla_tests.log" 2>&1
+  timeout 150 python3 benchmarks/kernels/bench_kernels.py --skip-checks --only mla_prefill --out "$O/mla_prefill" > "$O/mla_prefill.log" 2>&1 ) &
+mkdir -p "$O/layouts/tp1"
+CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_suite.py --shape "$S" --out-dir "$O/layouts/tp1" --budget-s 180 "${LAT[@]}" > "$O/layouts/tp1/suite.log" 2>&1
+wait
+tail -2 "$O/mla_tests.log"; grep -v -i "warn\|autotune" "$O/mla_prefill.log" | tail -12
+echo "=== TP=2, one-shot vs NCCL"
+OUT="$O/layouts" bash benchmarks/run_layouts.sh "$S" \
+  "tp2:tensor_parallel_size=2;tp2_nccl:tensor_parallel_size=2,disable_custom_all_reduce=true;${EXTRA_LAYOUTS:-}" \
+  --budget-s 170 "${LAT[@]}" 2>&1 | tail -12
+grep -h "symmetric memory" "$O"/layouts/*/suite.log | head -2
+if [[ "${CHECK:-0}" == 1 ]]; then
+  timeout 240 python3 benchmarks/multi_gpu_check.py --archs "${CHECK_ARCHS:-DeepseekV2ForCausalLM}" > "$O/multi_gpu_check.log" 2>&1
+  grep -E "tokens|start" "$O/multi_gpu_check.log"
+fi

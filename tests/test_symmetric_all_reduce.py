@@ -70,6 +70,8 @@ def _rank(rank: int, world: int, port: int, queue) -> None:
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
     finally:
+        queue.close()
+        queue.join_thread()  # the result reaches the parent before this process ends without NCCL's teardown
         os._exit(0)
 
 

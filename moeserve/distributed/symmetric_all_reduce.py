@@ -4,7 +4,8 @@ At batch 1 a TP=2 step of qwen3-30b-a3b holds 96 all-reduces of 4 KB each, and N
 each: more than the halved weight reads save. Here every rank of a group owns one buffer that all the others
 can read over NVLink (`torch.distributed._symmetric_memory`); an all-reduce is one kernel
 (`symm_mem::one_shot_all_reduce_copy_out`): each rank copies its input into its buffer, the ranks meet at a
-barrier on the buffer's signal pads, and each sums every rank's copy itself. It needs peer access between the
+barrier on the buffer's signal pads, and each sums every rank's copy itself; a second barrier kernel keeps the
+buffer from being overwritten while a peer still reads it. It needs peer access between the
 GPUs, not NVLink multicast (which stays off on our machines; KINDS.md). Messages above `max_bytes`, other
 dtypes, and groups that span nodes go to NCCL. The choice depends on the tensor's size only, so every rank of
 the group takes the same road, and a CUDA graph captures the kernel like any other.
@@ -30,11 +31,15 @@ class SymmetricAllReduce:
 
         self.group_name = group.group_name
         self.max_bytes = max_bytes
-        if hasattr(symm_mem, "enable_symm_mem_for_group") and not symm_mem.is_symm_mem_enabled_for_group(
-                self.group_name):
-            symm_mem.enable_symm_mem_for_group(self.group_name)  # needed up to torch 2.8, a no-op later
+        if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 9):
+            symm_mem.enable_symm_mem_for_group(self.group_name)  # needed before torch 2.9, deprecated after
         self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
-        symm_mem.rendezvous(self.buffer, self.group_name)
+        self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
+        # The kernel meets its peers only before reading: without a second meeting a fast rank's next call would
+        # copy into its buffer while a slow peer still reads the last one (seen on 2xH200 as a wrong sum across
+        # CUDA-graph replays). The closing barrier uses the last signal-pad channel, which the kernel's own
+        # per-block slots never reach.
+        self.end_channel = symm_mem.get_signal_pad_size() // 4 // group.size() - 1
 
     def handles(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
@@ -46,6 +51,7 @@ class SymmetricAllReduce:
         staging = self.buffer[:flat.numel() * flat.element_size()].view(x.dtype)
         out = torch.empty_like(flat)
         torch.ops.symm_mem.one_shot_all_reduce_copy_out(staging, flat, "sum", self.group_name, out)
+        self.handle.barrier(channel=self.end_channel)
         return out.view(x.shape)
 
 
@@ -68,7 +74,10 @@ def make_symmetric_all_reduce(group, ranks: list[int], ranks_per_node: int,
     if not _all_agree(fast is not None, group, device):
         return None
     probe = fast(torch.ones(8, dtype=torch.bfloat16, device=device))  # every rank has a buffer: no one waits alone
-    return fast if _all_agree(bool((probe == size).all().item()), group, device) else None
+    if not _all_agree(bool((probe == size).all().item()), group, device):
+        return None
+    logger.info("moeserve: all-reduces of ranks %s up to %d KiB through symmetric memory", ranks, fast.max_bytes >> 10)
+    return fast
 
 
 def _all_agree(ok: bool, group, device: torch.device) -> bool:
