@@ -17,7 +17,7 @@ timeout 120 python3 benchmarks/all_reduce_bench.py --world 2 --hidden 2048 --out
 grep -v -i "warn" "$O/all_reduce_2048.log" | tail -14
 echo "=== GPU 1: MLA prefill tests and timing | GPU 0: TP=1 decode"
 ( export CUDA_VISIBLE_DEVICES=1
-  timeout 240 python3 -m pytest -q tests/test_mla_prefill.py tests/test_kernels_mla.py > "$O/mla_tests.log" 2>&1
+  [[ "${MLA_TESTS:-1}" == 1 ]] && timeout 240 python3 -m pytest -q tests/test_mla_prefill.py tests/test_kernels_mla.py > "$O/mla_tests.log" 2>&1
   timeout 150 python3 benchmarks/kernels/bench_kernels.py --skip-checks --only mla_prefill --out "$O/mla_prefill" > "$O/mla_prefill.log" 2>&1 ) &
 mkdir -p "$O/layouts/tp1"
 CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_suite.py --shape "$S" --out-dir "$O/layouts/tp1" --budget-s 180 "${LAT[@]}" > "$O/layouts/tp1/suite.log" 2>&1
