@@ -49,9 +49,10 @@ def test_block_gemm_matches_reference(M, N, K, block, bias):
     dtype = torch.bfloat16 if CUDA else torch.float32
     out = fk.fp8_block_linear(x.to(DEVICE, dtype), wq.to(DEVICE), ws.to(DEVICE), block,
                               None if b is None else b.to(DEVICE, dtype)).double().cpu()
-    # exact W8A8 arithmetic: dequantized fp8 activations times the dequantized weight, fp64 (on CPU with the
-    # kernel's own activation codes: the interpreter's fp8 cast is off at a few rounding carries, see above)
-    xq, xs = quantize_act_groups(x.to(dtype), block[1]) if CUDA else fk.quantize_act(x.to(dtype), block[1])
+    # exact W8A8 arithmetic: dequantized fp8 activations (the kernel's own codes, checked on their own above)
+    # times the dequantized weight, fp64
+    xq, xs = fk.quantize_act(x.to(DEVICE, dtype), block[1])
+    xq, xs = xq.cpu(), xs.cpu()
     x_deq = _expand(xq.unsqueeze(0), xs.unsqueeze(0), 1, block[1])[0]
     ref = x_deq.double() @ _expand(wq, ws, *block).double().t() + (0 if b is None else b.to(dtype).double())
     err = ((out - ref).norm() / ref.norm()).item()
@@ -85,10 +86,9 @@ def test_layer_dispatches_to_the_kernel_once():
         layer.weight.weight_loader(layer.weight, wq, i)
         layer.weight_scale_inv.weight_loader(layer.weight_scale_inv, ws, i)
     qm = layer.quant_method
-    qm.finalize(layer)
-    assert qm.use_kernel == CUDA and qm._kernel_fits(layer)
     layer.to(DEVICE)
     qm.finalize(layer)
+    assert qm.use_kernel == CUDA and qm._kernel_fits(layer)
     x = torch.randn(5, 48, generator=g).to(DEVICE)
     qm.use_kernel = False
     ref = layer(x).double()
@@ -111,7 +111,7 @@ def test_channel_gemm_matches_reference(M, N, K):
     dtype = torch.bfloat16 if CUDA else torch.float32
     out = fk.fp8_channel_linear(x.to(DEVICE, dtype), wq.to(DEVICE), ws.to(DEVICE), b.to(DEVICE, dtype),
                                 block_k=32).double().cpu()
-    xq, xs = quantize_act_groups(x.to(dtype), K) if CUDA else fk.quantize_act(x.to(dtype), K)
+    xq, xs = fk.quantize_act(x.to(DEVICE, dtype), K)
     ref = (xq.double().cpu() * xs.double().cpu()) @ (wq.double() * ws.double()).t() + b.to(dtype).double()
     assert ((out - ref).norm() / ref.norm()).item() < (1e-2 if CUDA else 2e-3)
 

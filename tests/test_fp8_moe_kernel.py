@@ -65,10 +65,10 @@ def test_experts_layer_dispatches_to_the_kernel():
     with torch.no_grad():
         for name, t in (("w13", w13q), ("w13_weight_scale_inv", w13s), ("w2", w2q), ("w2_weight_scale_inv", w2s)):
             getattr(experts, name).copy_(t)
+    experts.to(DEVICE)
     experts.post_load()
     experts.quant_method.finalize(experts)
     assert experts.quant_method.use_kernel == CUDA
-    experts.to(DEVICE)
     x = torch.randn(T, H, generator=g).to(DEVICE)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(torch.int32).to(DEVICE)
     w = torch.rand(T, K, generator=g).to(DEVICE)

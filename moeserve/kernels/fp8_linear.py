@@ -37,7 +37,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, G
     ok = (tl.arange(0, GROUP_P) < GROUP) & (k < K)
     x = tl.load(x_ptr + m.to(tl.int64) * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-10) / FMAX
-    q = tl.clamp(x / scale, -FMAX, FMAX)
+    q = tl.clamp(tl.math.div_rn(x, scale), -FMAX, FMAX)  # IEEE division: the codes of the torch reference
     tl.store(q_ptr + m.to(tl.int64) * stride_qm + k, q.to(q_ptr.dtype.element_ty), mask=ok)
     tl.store(s_ptr + m * stride_sm + g, scale)
 
