@@ -94,51 +94,76 @@ def ref_fused_moe(
     return out.to(x.dtype)
 
 
+class AttentionPlan:
+    """What batched_paged_attention needs besides q and one layer's cache, the same in every layer of a step:
+    built once per step (and per group of sequences), reused by all layers.
+
+    slots   [B * L] int64: the cache slot of key position j of sequence b (L = longest context). Positions past
+            a sequence's context point at its position 0 (written, finite) and are masked out, so the gather
+            never reads a never-written slot (garbage, maybe NaN: 0 * NaN would leak through the mask).
+    mask    [B, 1, group * q_max, L] bool, or None where every query sees every key (decode, equal contexts).
+    real    [B, q_max] bool: which padded query rows are real (None when q_max == 1).
+    """
+
+    __slots__ = ("B", "q_max", "L", "group", "slots", "mask", "real")
+
+    def __init__(self, query_lens: list[int], seq_lens: list[int], block_tables: torch.Tensor, block_size: int,
+                 group: int):
+        B, q_max, L = len(seq_lens), max(query_lens), max(seq_lens)
+        self.B, self.q_max, self.L, self.group = B, q_max, L, group
+        dev = block_tables.device
+        q_lens = torch.tensor(query_lens, device=dev)
+        ctx = torch.tensor(seq_lens, device=dev)
+        keys = torch.arange(L, device=dev)
+        valid = keys[None, :] < ctx[:, None]  # [B, L]
+        key_pos = torch.where(valid, keys[None, :], 0)
+        n_blocks = (L + block_size - 1) // block_size
+        pages = block_tables[:, :n_blocks].long().gather(1, key_pos // block_size)
+        self.slots = (pages * block_size + key_pos % block_size).reshape(-1)
+        row = torch.arange(q_max, device=dev)
+        pos = (ctx - q_lens)[:, None] + row[None, :]  # [B, q_max] position of each query
+        # [B, q_max, L]; padded query rows (pos >= ctx) see their whole context (finite, dropped afterwards)
+        visible = (keys[None, None, :] <= pos[:, :, None]) & valid[:, None, :]
+        if bool(visible.all()):
+            self.mask = None
+        else:
+            self.mask = visible[:, None, None].expand(B, 1, group, q_max, L).reshape(B, 1, group * q_max, L)
+        self.real = None if q_max == 1 else row[None, :] < q_lens[:, None]
+
+
 def batched_paged_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
     *,
-    query_lens: list[int],
-    seq_lens: list[int],
-    block_tables: torch.Tensor,
+    query_lens: list[int] | None = None,
+    seq_lens: list[int] | None = None,
+    block_tables: torch.Tensor | None = None,
     scale: float,
+    plan: AttentionPlan | None = None,
 ) -> torch.Tensor:
     """ref_paged_attention's result for sequences whose queries lie back to back in q, in one SDPA call.
 
-    Each sequence's pages are gathered once into a padded [B, L, KVH, D]; GQA groups the query heads of a KV
-    head together (q as [B, KVH, group * Q, D]) instead of repeating K/V; one boolean mask covers the causal
-    edge and the padding of short contexts; padded query rows see their whole context (finite) and are dropped.
+    K and V of every sequence are gathered in one index_select into a padded [B, L, KVH, D]; GQA groups the
+    query heads of a KV head together (q as [B, KVH, group * Q, D]) instead of repeating K/V; one boolean mask
+    (from the plan, shared by all layers of a step) covers the causal edge and the padding of short contexts;
+    padded query rows see their whole context and are dropped.
     Fast when the sequences have similar query counts (all decode, or equal prefills); the caller groups them.
     """
     T, H, D = q.shape
-    B, kvh, block_size = len(seq_lens), kv_cache.shape[3], kv_cache.shape[2]
-    group = H // kvh
-    q_max, ctx_max = max(query_lens), max(seq_lens)
-    n_blocks = (ctx_max + block_size - 1) // block_size
-    pages = block_tables[:, :n_blocks].long()
-    k = kv_cache[0][pages].flatten(1, 2)  # [B, n_blocks * block_size, KVH, D]
-    v = kv_cache[1][pages].flatten(1, 2)
-    dev = q.device
-    q_lens = torch.tensor(query_lens, device=dev)
-    ctx = torch.tensor(seq_lens, device=dev)
-    row = torch.arange(q_max, device=dev)
+    kvh = kv_cache.shape[3]
+    if plan is None:
+        plan = AttentionPlan(query_lens, seq_lens, block_tables, kv_cache.shape[2], H // kvh)
+    B, q_max, L, group = plan.B, plan.q_max, plan.L, plan.group
+    kv = kv_cache.view(2, -1, kvh, D).index_select(1, plan.slots).view(2, B, L, kvh, D).transpose(2, 3)
     if q_max == 1:
         qp = q.view(B, 1, H, D)
     else:  # scatter the ragged queries into [B, q_max] rows
-        real = row[None, :] < q_lens[:, None]  # [B, q_max]
         qp = q.new_zeros(B, q_max, H, D)
-        qp[real] = q
+        qp[plan.real] = q
     # [B, q_max, KVH, group, D] -> [B, KVH, group * q_max, D] (row = g * q_max + i)
     qg = qp.view(B, q_max, kvh, group, D).permute(0, 2, 3, 1, 4).reshape(B, kvh, group * q_max, D)
-    pos = (ctx - q_lens)[:, None] + row[None, :]  # [B, q_max] position of each query
-    keys = torch.arange(k.shape[1], device=dev)
-    stale = (keys[None, :] >= ctx[:, None])[:, :, None, None]  # slots past a context: never written, maybe NaN
-    k.masked_fill_(stale, 0), v.masked_fill_(stale, 0)  # (a mask alone lets NaN through: 0 * NaN); k, v are copies
-    visible = keys[None, None, :] <= pos[:, :, None]  # [B, q_max, L]
-    visible &= keys[None, None, :] < ctx[:, None, None]  # padded query rows (pos >= ctx) see the whole context
-    mask = visible[:, None, None].expand(B, 1, group, q_max, k.shape[1]).reshape(B, 1, group * q_max, k.shape[1])
     acc = _acc_dtype(q.dtype)
-    o = F.scaled_dot_product_attention(qg.to(acc), k.transpose(1, 2).to(acc), v.transpose(1, 2).to(acc),
-                                       attn_mask=mask, scale=scale)  # [B, KVH, group * q_max, D]
+    o = F.scaled_dot_product_attention(qg.to(acc), kv[0].to(acc), kv[1].to(acc), attn_mask=plan.mask,
+                                       scale=scale)  # [B, KVH, group * q_max, D]
     o = o.view(B, kvh, group, q_max, D).permute(0, 3, 1, 2, 4).reshape(B, q_max, H, D).to(q.dtype)
-    return o.view(T, H, D) if q_max == 1 else o[real]
+    return o.view(T, H, D) if q_max == 1 else o[plan.real]

@@ -5,7 +5,7 @@ CUDA tensors go to the Triton kernels; CPU tensors take the path below (one SDPA
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,6 +26,8 @@ class AttentionMetadata:
     # Host copies, so the CPU path never reads the device.
     query_start_loc_cpu: np.ndarray | None = None
     seq_lens_cpu: np.ndarray | None = None
+    # The CPU path's grouping of sequences and gather/mask plans: built by the first layer, reused by the rest.
+    cpu_plan: list | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -92,34 +94,50 @@ def paged_attention_reference(q: torch.Tensor, cache: torch.Tensor, meta: Attent
 
     Sequences with new tokens are batched together when padding their queries to the longest costs at most 2x
     (all decode, equal prefills); otherwise the decode sequences form one batch and each prefill its own.
+    The grouping and each group's gather/mask plan are the same in every layer: built once per step (the first
+    layer that asks), kept on the metadata.
     """
+    from moeserve.kernels.reference import batched_paged_attention
+
+    if meta.cpu_plan is None:
+        meta.cpu_plan = _plan_groups(q, cache, meta)
+    groups = meta.cpu_plan
+    if not groups:
+        return torch.empty_like(q)
+    if len(groups) == 1 and groups[0][0] is None:
+        return batched_paged_attention(q, cache, scale=scale, plan=groups[0][1])
+    out = torch.empty_like(q)
+    for rows, plan in groups:
+        out[rows] = batched_paged_attention(q[rows], cache, scale=scale, plan=plan)
+    return out
+
+
+def _plan_groups(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> list:
+    """[(query rows of the group or None for all of q, AttentionPlan)]."""
+    from moeserve.kernels.reference import AttentionPlan
+
     qsl, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
     tables = meta.block_tables.cpu() if meta.block_tables.is_cuda else meta.block_tables
     q_lens = np.diff(np.asarray(qsl[: len(seq_lens) + 1]))
     active = np.nonzero(q_lens)[0]
     if len(active) == 0:
-        return torch.empty_like(q)
+        return []
     if q_lens.max() * len(active) <= 2 * q_lens.sum():
         groups = [active]
     else:
         decode = active[q_lens[active] == 1]
         groups = ([decode] if len(decode) else []) + [np.array([b]) for b in active if q_lens[b] > 1]
+    group = q.shape[1] // cache.shape[3]
+
+    def plan(seqs: np.ndarray):
+        idx = torch.from_numpy(seqs.astype(np.int64))
+        return AttentionPlan([int(qsl[b + 1] - qsl[b]) for b in seqs], [int(seq_lens[b]) for b in seqs],
+                             tables[idx] if len(seqs) < tables.shape[0] else tables, cache.shape[2], group)
+
     if len(groups) == 1 and len(active) == len(seq_lens) and int(qsl[len(seq_lens)]) == q.shape[0]:
-        return _attend_group(q, cache, groups[0], qsl, seq_lens, tables, scale)
-    out = torch.empty_like(q)
-    for g in groups:
-        rows = torch.from_numpy(np.concatenate([np.arange(qsl[b], qsl[b + 1]) for b in g]))
-        out[rows] = _attend_group(q[rows], cache, g, qsl, seq_lens, tables, scale)
-    return out
-
-
-def _attend_group(q, cache, seqs: np.ndarray, qsl, seq_lens, tables, scale: float) -> torch.Tensor:
-    from moeserve.kernels.reference import batched_paged_attention
-
-    idx = torch.from_numpy(seqs.astype(np.int64))
-    return batched_paged_attention(
-        q, cache, query_lens=[int(qsl[b + 1] - qsl[b]) for b in seqs], seq_lens=[int(seq_lens[b]) for b in seqs],
-        block_tables=tables[idx] if len(seqs) < tables.shape[0] else tables, scale=scale)
+        return [(None, plan(groups[0]))]
+    return [(torch.from_numpy(np.concatenate([np.arange(qsl[b], qsl[b + 1]) for b in g])), plan(g))
+            for g in groups]
 
 
 def _sdpa(q, k, v, scale: float, causal_offset: int) -> torch.Tensor:
