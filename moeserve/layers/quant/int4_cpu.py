@@ -7,16 +7,39 @@ weights are exactly the file's integers, the scales and zeros are rounded to bf1
 in fp32. Against the dequantized fp32 reference that is an error of a few 1e-3 relative (tests/test_cpu_quant).
 
 A layer may need several terms (Q8_0 is two int4 halves, see gguf_blocks); their outputs add up.
+
+Per-M choice: the int4 kernel's time grows linearly with the number of rows M (it does not amortise the weight
+over rows: 7x from M=1 to M=16), while a bf16 GEMM reads its weight once. From M = DENSE_MIN_ROWS rows on (the
+crossover measured on the 2-core AVX-512 Xeon: int4 wins up to 4 rows, bf16 from 5-6; see benchmarks/cpu/NOTES.md)
+a layer uses a bf16 copy of its weight, made at load from the same terms: w = sum (q - 8) * scale + zero with the
+bf16 scale and zero the int4 kernel uses, summed in fp32 and rounded once to bf16. It costs 2 bytes per weight
+beside the 0.5 of the packed form; MOESERVE_CPU_BF16_WEIGHTS=0 skips it (int4 only: less memory, slower batches
+and prefills).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moeserve.layers.quant.gguf_blocks import GROUP, Int4Term
 
 _N_MULTIPLE = 16  # the CPU packer wants N divisible by 16; we pad rows with zeros and slice them off
+DENSE_MIN_ROWS = 5  # from this many activation rows on, the bf16 dense copy (where kept) is faster
+
+
+def keep_bf16_weights() -> bool:
+    return os.environ.get("MOESERVE_CPU_BF16_WEIGHTS", "1") not in ("0", "false", "no", "off")
+
+
+class PackedTerms(list):
+    """pack()'s result: [(packed weight, scales_and_zeros)] per term, and .dense, the bf16 [N, K] weight (or
+    None)."""
+
+    dense: torch.Tensor | None = None
 
 
 def pack_term(term: Int4Term) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,21 +57,41 @@ def pack_term(term: Int4Term) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, scales_and_zeros
 
 
+def dense_fp32(terms: list[Int4Term]) -> torch.Tensor:
+    """[N, K] fp32: the sum of the terms' (q - 8) * scale + zero, with scale and zero rounded to bf16 as the
+    int4 kernel stores them."""
+    out = None
+    for t in terms:
+        n, k = t.q.shape
+        scale = torch.from_numpy(t.scale).to(torch.bfloat16).float().repeat_interleave(GROUP, dim=1)
+        zero = torch.from_numpy(t.zero).to(torch.bfloat16).float().repeat_interleave(GROUP, dim=1)
+        w = (torch.from_numpy(t.q).float() - 8).mul_(scale).add_(zero)
+        out = w if out is None else out.add_(w)
+    return out
+
+
 class Int4CPUMethod:
     """quant_method for a Linear whose weight is a sum of int4 terms; the dense weight is not kept."""
 
     name = "int4_cpu"
 
     @staticmethod
-    def pack(terms: list[Int4Term]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The terms in the kernel's layout (0.5 byte per weight): pack as soon as decoded, attach later."""
-        return [pack_term(t) for t in terms]
+    def pack(terms: list[Int4Term], bf16_weights: bool | None = None) -> PackedTerms:
+        """The terms in the kernel's layout (0.5 byte per weight), and the bf16 dense copy for many-row inputs
+        (2 bytes per weight; unless bf16_weights is off, by default MOESERVE_CPU_BF16_WEIGHTS): pack as soon as
+        decoded, attach later."""
+        packed = PackedTerms(pack_term(t) for t in terms)
+        if keep_bf16_weights() if bf16_weights is None else bf16_weights:
+            packed.dense = dense_fp32(terms).to(torch.bfloat16)
+        return packed
 
     @staticmethod
     def attach(layer: nn.Module, terms: list[Int4Term] | list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Give `layer` (a Linear of out_features x in_features) the int4 terms (or their pack()) and drop its
         dense weight. They are buffers, not parameters: nothing loads into them or trains them."""
-        packed = [t if isinstance(t, tuple) else pack_term(t) for t in terms]
+        if not isinstance(terms, PackedTerms):
+            terms = Int4CPUMethod.pack(terms) if not terms or not isinstance(terms[0], tuple) else PackedTerms(terms)
+        packed = terms
         n_padded, k = packed[0][0].shape[0], packed[0][0].shape[1] * 2
         if k != layer.in_features or not 0 <= n_padded - layer.out_features < _N_MULTIPLE:
             raise ValueError(f"int4 terms of {n_padded} x {k} do not fit a Linear of {(layer.out_features, layer.in_features)}")
@@ -56,19 +99,32 @@ class Int4CPUMethod:
         for i, (weight, sz) in enumerate(packed):
             layer.register_buffer(f"qweight{i}", weight)
             layer.register_buffer(f"qscales_zeros{i}", sz)
+        if packed.dense is not None and packed.dense.shape != (layer.out_features, layer.in_features):
+            raise ValueError(f"dense weight of {tuple(packed.dense.shape)} does not fit {layer}")
+        layer.register_buffer("weight_bf16", packed.dense)
         layer.num_int4_terms = len(packed)
+        # the kernel arguments, looked up once (not through nn.Module.__getattr__ on every call)
+        layer.int4_args = [(getattr(layer, f"qweight{i}"), getattr(layer, f"qscales_zeros{i}"))
+                           for i in range(len(packed))]
         layer.quant_method = Int4CPUMethod()
 
     @staticmethod
     def apply(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        out = None
-        for i in range(layer.num_int4_terms):
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, getattr(layer, f"qweight{i}"), GROUP,
-                                                            getattr(layer, f"qscales_zeros{i}"))
-            out = y.float() if out is None else out.add_(y.float())
-        out = out[:, : layer.out_features].to(x.dtype)
+        dense = layer.weight_bf16
+        if dense is not None and xb.shape[0] >= DENSE_MIN_ROWS:
+            out = F.linear(xb, dense).to(x.dtype)
+        else:
+            args = layer.int4_args
+            if len(args) == 1:
+                out = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, args[0][0], GROUP, args[0][1])
+            else:
+                out = None
+                for w, sz in args:
+                    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, GROUP, sz).float()
+                    out = y if out is None else out.add_(y)
+            out = out[:, : layer.out_features].to(x.dtype)
         if layer.bias is not None:
             out = out + layer.bias
         return out.reshape(*shape[:-1], layer.out_features)
