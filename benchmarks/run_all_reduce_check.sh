@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a 2-GPU machine, one run: the symmetric-memory all-reduce's CUDA test and its latency against NCCL per
 # size; the MLA prefill kernel's CUDA tests and timing on GPU 1 while TP=1 decode TPOT of SHAPE runs on GPU 0;
-# then TP=2 with the one-shot all-reduce and TP=2 with NCCL only. CHECK=1 adds the layouts' tokens against one
+# then TP=2 with the one-shot all-reduce (tp2_symm) and TP=2 with NCCL (tp2, the default). CHECK=1 adds the layouts' tokens against one
 # GPU (benchmarks/multi_gpu_check.py). Results under $OUT (default benchmarks/results/layouts/allreduce).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ wait
 tail -2 "$O/mla_tests.log"; grep -v -i "warn\|autotune" "$O/mla_prefill.log" | tail -12
 echo "=== TP=2, one-shot vs NCCL"
 OUT="$O/layouts" bash benchmarks/run_layouts.sh "$S" \
-  "tp2:tensor_parallel_size=2;tp2_nccl:tensor_parallel_size=2,disable_custom_all_reduce=true;${EXTRA_LAYOUTS:-}" \
+  "tp2_symm:tensor_parallel_size=2,enable_custom_all_reduce=true;tp2:tensor_parallel_size=2;${EXTRA_LAYOUTS:-}" \
   --budget-s 170 "${LAT[@]}" 2>&1 | tail -12
 grep -h "symmetric memory" "$O"/layouts/*/suite.log | head -2
 if [[ "${CHECK:-0}" == 1 ]]; then

@@ -32,7 +32,7 @@ def _rank(rank: int, world: int, port: int, queue) -> None:
         dev = torch.device("cuda", rank)
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 device_id=dev)
-        initialize_model_parallel(ParallelLayout(tp=world), world)
+        initialize_model_parallel(ParallelLayout(tp=world, custom_all_reduce=True), world)
         tp = get_tp_group()
         assert tp.fast_all_reduce is not None, "the fast path did not come up"
         checked = []
@@ -60,12 +60,12 @@ def _rank(rank: int, world: int, port: int, queue) -> None:
             y = x
             for _ in range(8):
                 y = tp.all_reduce(y) * (1.0 / world)
-        for value in (1.0, float(rank + 1)):
+        # replay 1: every rank holds 1.0; replay 2: rank r holds r + 1 (the mean of 1..world comes out)
+        for replay, (value, mean) in enumerate([(1.0, 1.0), (float(rank + 1), (world + 1) / 2)]):
             x.fill_(value)
             graph.replay()
             torch.cuda.synchronize()
-            mean = sum(range(1, world + 1)) / world if value != 1.0 else 1.0
-            assert torch.allclose(y.float().cpu(), torch.full((4, 2048), mean)), (value, y[0, :4])
+            assert torch.allclose(y.float().cpu(), torch.full((4, 2048), mean)), (replay, value, y[0, :4])
         queue.put((rank, True, checked))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))

@@ -23,7 +23,7 @@ class ParallelLayout:
     pp: int = 1
     dp: int = 1
     enable_expert_parallel: bool = False
-    custom_all_reduce: bool = True  # CUDA: small all-reduces through symmetric memory (symmetric_all_reduce.py)
+    custom_all_reduce: bool = False  # CUDA: small all-reduces through symmetric memory (symmetric_all_reduce.py)
 
     @property
     def world_size(self) -> int:
@@ -148,7 +148,7 @@ def initialize_model_parallel(lay: ParallelLayout, ranks_per_node: int | None = 
     """Make the TP, PP, DP and EP groups of this rank. torch.distributed must be initialised with
     world_size == lay.world_size. Every rank calls new_group for every group, in the same order. On NCCL the TP
     and EP groups that sit inside one node (of `ranks_per_node` consecutive ranks) get the symmetric-memory
-    all-reduce for small messages unless `lay.custom_all_reduce` is off."""
+    all-reduce for small messages when `lay.custom_all_reduce` is on."""
     global _layout
     world = dist.get_world_size()
     if world != lay.world_size:
