@@ -398,3 +398,19 @@ def test_garbage_never_breaks_the_server(server, client):
     assert httpx.get(server.url + "/health").status_code == 200
     ok = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, **GREEDY)
     assert ok.usage.completion_tokens == 3
+
+
+def test_config_info_gauges_match_the_engine(server, llm):
+    """/metrics publishes the KV pool and the layout as info gauges (what `moeserve check` holds against the
+    planner); the numbers are the engine's own."""
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics", timeout=10).text)}
+    cache = families["moeserve:cache_config_info"].samples[0]
+    mem = llm.llm_engine.memory_report()
+    assert cache.value == 1.0
+    assert int(cache.labels["num_gpu_blocks"]) == mem["num_blocks"] > 0
+    assert int(cache.labels["block_size"]) == mem["block_size"]
+    assert int(cache.labels["kv_cache_bytes"]) == mem["kv_cache_bytes"]
+    assert int(cache.labels["max_model_len"]) == MAX_MODEL_LEN
+    layout = families["moeserve:parallel_config_info"].samples[0].labels
+    assert (layout["tensor_parallel_size"], layout["pipeline_parallel_size"], layout["data_parallel_size"],
+            layout["expert_parallel_size"]) == ("1", "1", "1", "1")

@@ -150,6 +150,21 @@ class LLMEngine:
             "timings": dict(self.timings),
         }
 
+    def config_info(self) -> dict[str, dict[str, str]]:
+        """The facts /metrics publishes as info gauges (vLLM's cache_config_info idea), so that a checker can hold
+        the running server against the planner: the KV pool of one rank and the layout."""
+        mem, c = self.memory_report(), self.config
+        lay = c.parallel_layout()
+        cache = {"block_size": mem["block_size"], "num_gpu_blocks": mem["num_blocks"],
+                 "kv_capacity_tokens": mem["kv_capacity_tokens"], "kv_cache_bytes": mem["kv_cache_bytes"],
+                 "kv_bytes_per_token": mem["kv_bytes_per_token"], "weights_bytes": mem["weights_bytes"],
+                 "max_model_len": self.max_model_len, "max_num_seqs": c.max_num_seqs,
+                 "gpu_memory_utilization": c.gpu_memory_utilization}
+        parallel = {"tensor_parallel_size": lay.tp, "pipeline_parallel_size": lay.pp, "data_parallel_size": lay.dp,
+                    "expert_parallel_size": lay.ep}
+        return {"cache_config_info": {k: str(v) for k, v in cache.items()},
+                "parallel_config_info": {k: str(v) for k, v in parallel.items()}}
+
     # -- requests --
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:

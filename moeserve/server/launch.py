@@ -54,7 +54,8 @@ def build_server(engine, *, served_model_names: list[str] | None = None, api_key
     names = list(served_model_names or [engine.model_name])
     async_engine = AsyncLLMEngine(engine, max_waiting_requests=max_waiting_requests)
     metrics = ServerMetrics(lambda: async_engine.stats, names[0],
-                            expert_load_source=lambda: async_engine.expert_load_latest)
+                            expert_load_source=lambda: async_engine.expert_load_latest,
+                            config_info=engine.config_info() if hasattr(engine, "config_info") else None)
     async_engine.observer = metrics
     settings = ServerSettings(model_names=names, max_model_len=engine.max_model_len, chat_template=chat_template,
                               max_logprobs=max_logprobs, api_key=api_key,

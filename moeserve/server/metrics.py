@@ -85,13 +85,30 @@ class _ExpertLoadCollector:
         return []  # series appear only with telemetry on; nothing to pre-declare
 
 
+class _InfoCollector:
+    """Constant facts as gauges of value 1 whose labels carry them (vLLM's `cache_config_info` form)."""
+
+    def __init__(self, infos: dict[str, dict[str, str]], model_name: str):
+        self.infos = infos
+        self.model_name = model_name
+
+    def collect(self):
+        for name, facts in self.infos.items():
+            g = GaugeMetricFamily(PREFIX + name, f"{name.replace('_', ' ')} of this server (labels).",
+                                  labels=["model_name", *facts])
+            g.add_metric([self.model_name, *facts.values()], 1.0)
+            yield g
+
+
 class ServerMetrics:
     """The registry behind /metrics; also the engine thread's StepObserver."""
 
-    def __init__(self, stats_source, model_name: str, expert_load_source=None):
+    def __init__(self, stats_source, model_name: str, expert_load_source=None, config_info=None):
         disable_created_metrics()  # no `*_created` series: vLLM's exposition has none either
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_EngineStatsCollector(stats_source, model_name))
+        if config_info:
+            self.registry.register(_InfoCollector(config_info, model_name))
         if expert_load_source is not None:
             self.registry.register(_ExpertLoadCollector(expert_load_source, model_name))
         labels = ["model_name"]
