@@ -57,16 +57,21 @@ def pack_term(term: Int4Term) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, scales_and_zeros
 
 
-def dense_fp32(terms: list[Int4Term]) -> torch.Tensor:
-    """[N, K] fp32: the sum of the terms' (q - 8) * scale + zero, with scale and zero rounded to bf16 as the
-    int4 kernel stores them."""
-    out = None
-    for t in terms:
-        n, k = t.q.shape
-        scale = torch.from_numpy(t.scale).to(torch.bfloat16).float().repeat_interleave(GROUP, dim=1)
-        zero = torch.from_numpy(t.zero).to(torch.bfloat16).float().repeat_interleave(GROUP, dim=1)
-        w = (torch.from_numpy(t.q).float() - 8).mul_(scale).add_(zero)
-        out = w if out is None else out.add_(w)
+def dense_bf16(terms: list[Int4Term], rows: int = 256) -> torch.Tensor:
+    """[N, K] bf16: the sum of the terms' (q - 8) * scale + zero, with scale and zero rounded to bf16 as the int4
+    kernel stores them, summed in fp32 and rounded once. Made `rows` rows at a time: small fp32 temporaries,
+    which malloc reuses (full-size ones left hundreds of MB of freed but resident heap behind)."""
+    n, k = terms[0].q.shape
+    out = torch.empty(n, k, dtype=torch.bfloat16)
+    for r in range(0, n, rows):
+        acc = None
+        for t in terms:
+            q = torch.from_numpy(t.q[r: r + rows]).float().sub_(8).view(-1, k // GROUP, GROUP)
+            scale = torch.from_numpy(t.scale[r: r + rows]).to(torch.bfloat16).float()[..., None]
+            zero = torch.from_numpy(t.zero[r: r + rows]).to(torch.bfloat16).float()[..., None]
+            w = q.mul_(scale).add_(zero)
+            acc = w if acc is None else acc.add_(w)
+        out[r: r + rows] = acc.view(-1, k)
     return out
 
 
@@ -82,7 +87,7 @@ class Int4CPUMethod:
         decoded, attach later."""
         packed = PackedTerms(pack_term(t) for t in terms)
         if keep_bf16_weights() if bf16_weights is None else bf16_weights:
-            packed.dense = dense_fp32(terms).to(torch.bfloat16)
+            packed.dense = dense_bf16(terms)
         return packed
 
     @staticmethod

@@ -1,0 +1,93 @@
+"""The CPU fast path's two choices (issue 14): the attention plan built once per step and shared by all layers,
+and the per-M choice between torch's int4 kernel and the bf16 dense copy of an int4 linear."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeserve.layers.linear import Linear
+from moeserve.layers.quant.gguf_blocks import decode_int4_terms
+from moeserve.layers.quant.int4_cpu import DENSE_MIN_ROWS, Int4CPUMethod
+from test_cpu_quant import _attention_case, random_blocks, reference_weight
+
+
+def _ref(q, cache, meta):
+    from moeserve.kernels.reference import ref_paged_attention
+
+    return ref_paged_attention(q, cache, query_start_loc=meta.query_start_loc, seq_lens=meta.seq_lens,
+                               block_tables=meta.block_tables, scale=0.3)
+
+
+@pytest.mark.parametrize("query_lens,seq_lens", [
+    ([1] * 4, [9, 9, 9, 9]),  # decode of equal contexts: every key visible, no mask at all
+    ([1] * 4, [9, 2, 9, 5]),  # ragged decode: past-the-context keys point at position 0 and are masked
+    ([4, 4], [4, 7]),  # prefills
+])
+def test_one_plan_serves_every_layer(query_lens, seq_lens):
+    """The plan is made by the first layer and kept on the metadata; a second layer (another cache, other
+    queries) reuses it and still matches the per-sequence reference. Never-written slots hold NaN."""
+    from moeserve.layers.attention import paged_attention_reference
+
+    q1, cache1, meta = _attention_case(query_lens, seq_lens, seed=0)
+    q2, cache2, _ = _attention_case(query_lens, seq_lens, seed=0)
+    g = torch.Generator().manual_seed(5)
+    written = ~cache1.isnan()
+    cache2[written] = torch.randn(int(written.sum()), generator=g)  # same layout, other values
+    q2 = torch.randn(q1.shape, generator=g)
+    got1 = paged_attention_reference(q1, cache1, meta, scale=0.3)
+    plan = meta.cpu_plan
+    assert plan is not None
+    if len(set(seq_lens)) == 1 and max(query_lens) == 1:
+        assert plan[0][1].mask is None
+    got2 = paged_attention_reference(q2, cache2, meta, scale=0.3)
+    assert meta.cpu_plan is plan
+    assert not got1.isnan().any() and not got2.isnan().any()
+    torch.testing.assert_close(got1, _ref(q1, cache1, meta), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got2, _ref(q2, cache2, meta), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_int4_kernel_below_the_threshold_bf16_dense_from_it(qtype, monkeypatch):
+    """Both paths match the dequantized fp32 reference; each is taken on its side of DENSE_MIN_ROWS; with the
+    bf16 copy switched off every M runs the int4 kernel."""
+    n, k = 40, 256
+    data = random_blocks(qtype, n, k, seed=3)
+    ref_w = reference_weight(qtype, data, n, k)
+    calls = []
+    aten = torch.ops.aten
+    real_mm = aten._weight_int4pack_mm_for_cpu
+
+    class Spy:
+        def __getattr__(self, name):
+            if name == "_weight_int4pack_mm_for_cpu":
+                return lambda *a: (calls.append(a[0].shape[0]), real_mm(*a))[1]
+            return getattr(aten, name)
+
+    monkeypatch.setattr(torch.ops, "aten", Spy())
+    for bf16 in (True, False):
+        layer = Linear(k, n, bias=False)
+        Int4CPUMethod.attach(layer, Int4CPUMethod.pack(decode_int4_terms(qtype, data, n, k), bf16_weights=bf16))
+        assert (layer.weight_bf16 is not None) == bf16
+        for rows in (1, DENSE_MIN_ROWS - 1, DENSE_MIN_ROWS, 16):
+            calls.clear()
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+            with torch.no_grad():
+                got = layer(x)
+            want = F.linear(x, ref_w)
+            assert ((rows >= DENSE_MIN_ROWS and bf16) == (not calls)), (rows, bf16, calls)
+            err = (got - want).abs().max() / want.abs().max()
+            assert err < 1e-2, (rows, bf16, err)
+
+
+def test_bf16_weights_switch(monkeypatch):
+    data = random_blocks("Q4_0", 16, 64)
+    terms = decode_int4_terms("Q4_0", data, 16, 64)
+    monkeypatch.setenv("MOESERVE_CPU_BF16_WEIGHTS", "0")
+    assert Int4CPUMethod.pack(terms).dense is None
+    monkeypatch.delenv("MOESERVE_CPU_BF16_WEIGHTS")
+    dense = Int4CPUMethod.pack(terms).dense
+    assert dense.dtype == torch.bfloat16 and dense.shape == (16, 64)
+    torch.testing.assert_close(dense.float(), reference_weight("Q4_0", data, 16, 64), rtol=1e-2, atol=1e-3)
