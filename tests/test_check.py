@@ -212,3 +212,22 @@ def test_no_server_at_the_url_fails_ready_and_metrics(capsys):
     rc = main(["check", "--url", f"http://127.0.0.1:{free_port()}", "--peak-concurrency", "1", "--no-progress"])
     verdicts = _lines(capsys.readouterr().out)
     assert rc == 1 and verdicts["ready"] == "FAIL" and verdicts["metrics-present"] == "FAIL"
+
+
+def test_kv_capacity_and_layout_from_the_info_gauges():
+    from moeserve.check.probe import metric_info, parse_metrics
+    from moeserve.check.runner import server_kv_capacity
+
+    text = ('moeserve:cache_config_info{model_name="m",block_size="16",kv_capacity_tokens="1000"} 1.0\n'
+            'moeserve:parallel_config_info{model_name="m",tensor_parallel_size="2",pipeline_parallel_size="1",'
+            'data_parallel_size="2",expert_parallel_size="4"} 1.0\n')
+    samples = parse_metrics(text)
+    layout = reported_layout(None, metric_info(samples, "moeserve:parallel_config_info"))
+    assert layout == {"tp": 2, "pp": 1, "dp": 2, "ep": 4}
+    served = server_kv_capacity(metric_info(samples, "moeserve:cache_config_info"), layout)
+    assert served == 2000  # one DP rank's pool times two ranks
+    assert v.kv_capacity_verdict(2050, served).status == v.PASS  # within 5% below the plan
+    bad = v.kv_capacity_verdict(2200, served)
+    assert bad.status == v.FAIL and "promises more" in bad.detail
+    assert v.kv_capacity_verdict(None, served).status == v.SKIP
+    assert v.kv_capacity_verdict(2000, None).status == v.SKIP

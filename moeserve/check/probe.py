@@ -42,6 +42,11 @@ def metric_by_label(samples, name: str, label: str) -> dict[str, float]:
     return {lab.get(label, ""): v for n, lab, v in samples if n == name}
 
 
+def metric_info(samples, name: str) -> dict[str, str] | None:
+    """The labels of an info gauge (value 1, facts in the labels), e.g. moeserve:cache_config_info."""
+    return next(({k: v for k, v in lab.items() if k != "model_name"} for n, lab, _ in samples if n == name), None)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

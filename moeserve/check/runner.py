@@ -14,7 +14,7 @@ import httpx
 from moeserve.bench.datasets import BenchRequest, jsonl_requests, random_requests
 from moeserve.bench.runner import Target, run_step
 from moeserve.check import verdicts as v
-from moeserve.check.probe import metric_by_label, metric_sum, parse_metrics
+from moeserve.check.probe import metric_by_label, metric_info, metric_sum, parse_metrics
 
 
 @dataclass
@@ -169,15 +169,27 @@ def make_plan_numbers(cfg: CheckConfig, max_model_len: int | None, concurrency: 
             "layout": {"tp": p.layout.tp, "pp": p.layout.pp, "ep": p.layout.ep, "dp": p.layout.dp}}, ""
 
 
-def reported_layout(models_json: dict | None) -> dict | None:
-    """The parallel sizes the server reports in its /v1/models entry, when it does."""
+_LAYOUT_KEYS = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size", "dp": "data_parallel_size",
+                "ep": "expert_parallel_size"}
+
+
+def reported_layout(models_json: dict | None, parallel_info: dict[str, str] | None = None) -> dict | None:
+    """The parallel sizes the server reports: moeserve's /metrics info gauge (moeserve:parallel_config_info), or
+    fields of its /v1/models entry where a server puts them there."""
+    if parallel_info:
+        return {k: int(parallel_info[name]) for k, name in _LAYOUT_KEYS.items() if name in parallel_info} or None
     if not models_json or not models_json.get("data"):
         return None
     entry = models_json["data"][0]
-    keys = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size", "dp": "data_parallel_size",
-            "ep": "expert_parallel_size"}
-    found = {k: entry[name] for k, name in keys.items() if name in entry}
+    found = {k: entry[name] for k, name in _LAYOUT_KEYS.items() if name in entry}
     return found or None
+
+
+def server_kv_capacity(cache_info: dict[str, str] | None, layout: dict | None) -> int | None:
+    """Tokens of KV the whole server holds: one rank's pool (moeserve:cache_config_info) times its DP ranks."""
+    if not cache_info or "kv_capacity_tokens" not in cache_info:
+        return None
+    return int(cache_info["kv_capacity_tokens"]) * int((layout or {}).get("dp", 1))
 
 
 def run_checks(cfg: CheckConfig, progress: bool = False) -> tuple[list[v.CheckResult], dict]:
@@ -246,8 +258,17 @@ def run_checks(cfg: CheckConfig, progress: bool = False) -> tuple[list[v.CheckRe
     results.append(v.plan_vs_server_verdict(predicted, peak_usage) if plan else
                    v.CheckResult("plan-vs-metrics", v.SKIP, detail=why))
 
-    reported = reported_layout(models)
+    reported = reported_layout(models, metric_info(before, "moeserve:parallel_config_info"))
     raw["reported_layout"] = reported
+    cache_info = metric_info(before, "moeserve:cache_config_info")
+    served_kv = server_kv_capacity(cache_info, reported)
+    raw["server_kv_capacity_tokens"] = served_kv
+    if cache_info and cache_info.get("device") == "cpu":  # its pool is --kv-cache-memory-bytes, not a GPU's
+        results.append(v.CheckResult("kv-capacity-vs-plan", v.SKIP, detail="the server runs on CPU; the plan is "
+                                                                           "for GPUs"))
+    else:
+        results.append(v.kv_capacity_verdict(plan["kv_capacity_tokens"] if plan else None, served_kv,
+                                             reason=why if not plan else ""))
     results.append(v.layout_verdict(cfg.expect_layout, reported))
     results.append(v.expert_imbalance_verdict(
         metric_by_label(after, "moeserve:expert_load_imbalance", "layer"), cfg.max_expert_imbalance))

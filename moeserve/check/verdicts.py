@@ -155,6 +155,23 @@ def health_verdict(codes: list[int | None]) -> CheckResult:
                        detail)
 
 
+def kv_capacity_verdict(planned_tokens: int | None, served_tokens: int | None, tolerance: float = 0.05,
+                        reason: str = "") -> CheckResult:
+    """The KV pool the server really allocated (moeserve:cache_config_info) against the planner's capacity for
+    the same deployment: the plan may not promise more than is there (served >= planned x (1 - tolerance))."""
+    if planned_tokens is None or not served_tokens:
+        why = reason or ("the server does not publish moeserve:cache_config_info" if not served_tokens
+                         else "no plan")
+        return CheckResult("kv-capacity-vs-plan", SKIP, detail=why)
+    ratio = served_tokens / planned_tokens
+    status = PASS if ratio >= 1 - tolerance else FAIL
+    return CheckResult("kv-capacity-vs-plan", status,
+                       f"{served_tokens:,} tokens served vs {planned_tokens:,} planned ({ratio:.1%})",
+                       f">= {1 - tolerance:.0%} of the plan",
+                       "" if status == PASS else "the planner promises more KV than the server holds: "
+                                                 "concurrency sized from the plan will preempt")
+
+
 def layout_verdict(expected: dict[str, int], reported: dict[str, int] | None) -> CheckResult:
     """TP / EP / PP / DP as asked, read back from the server (`expected` holds only the sizes asked for)."""
     if not expected:
