@@ -4,6 +4,8 @@ CPU (gloo), tiny checkpoints; each case starts real processes, so there are few 
 
 from __future__ import annotations
 
+import re
+
 import os
 import shutil
 import signal
@@ -28,6 +30,25 @@ def greedy(n: int = 12) -> SamplingParams:
 
 def tokens(llm: LLM, prompts=PROMPTS, n: int = 12) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(n))]
+
+
+# Structured outputs where another rank samples (a DP rank's leader, the last pipeline stage): it compiles the
+# grammar from the request's spec itself; greedy texts must equal the one-process engine's, and hold to it.
+GRAMMARS = [{"choice": ["yes", "no", "maybe not"]}, {"regex": r"[a-c]{2,5}-\d\d"},
+            {"json": {"type": "object", "properties": {"k": {"enum": ["cat", "dog"]}, "n": {"type": "integer"}},
+                      "required": ["k", "n"], "additionalProperties": False}}]
+
+
+def grammared(llm: LLM, prompts) -> list[str]:
+    params = [SamplingParams(temperature=0, max_tokens=24, structured_outputs=GRAMMARS[i % len(GRAMMARS)])
+              for i in range(len(prompts))]
+    texts = [o.outputs[0].text for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    for i, t in enumerate(texts):
+        if i % 3 == 0:
+            assert t in GRAMMARS[0]["choice"], t
+        elif i % 3 == 1:
+            assert re.fullmatch(GRAMMARS[1]["regex"], t), t
+    return texts
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +84,15 @@ def test_dp2_attention_with_expert_parallel_matches_one_process(qwen3_moe, tp):
     and a DP rank with nothing to do runs dummy steps so the experts' collectives complete (the solo request)."""
     prompts = PROMPTS + [[9] * 17]
     small = dict(num_gpu_blocks_override=10, block_size=8, max_num_batched_tokens=24)  # chunked, preempted
-    ref = tokens(LLM(model=qwen3_moe, device="cpu", **small), prompts, 20)
+    one = LLM(model=qwen3_moe, device="cpu", **small)
+    ref, ref_grammared = tokens(one, prompts, 20), grammared(one, prompts) if tp == 1 else None
     llm = LLM(model=qwen3_moe, device="cpu", data_parallel_size=2, tensor_parallel_size=tp,
               enable_expert_parallel=True, master_port=free_port(), **small)
     try:
         assert tokens(llm, prompts, 20) == ref
         assert llm.llm_engine.get_stats().num_preemptions_total > 0
+        if ref_grammared is not None:  # half of these sampled by DP rank 1's leader
+            assert grammared(llm, prompts) == ref_grammared
         assert tokens(llm, prompts[1:2], 20) == ref[1:2]  # one request: the other DP rank idles in dummy steps
         engine = llm.llm_engine
         assert all(kv.prefix_queries > 0 for kv in engine.kvs)  # requests were spread over both DP ranks

@@ -4,6 +4,8 @@ preemption and the prefix cache."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from dist_harness import free_port
@@ -94,14 +96,36 @@ def test_the_last_stage_keeps_a_tied_embedding_for_its_lm_head(llama_tied, as_st
     torch.testing.assert_close(model.lm_head.table(), load_file(shard)["model.embed_tokens.weight"])
 
 
-def _matches_one_process(path: str, tp: int) -> None:
+# Structured outputs where another rank samples (a DP rank's leader, the last pipeline stage): it compiles the
+# grammar from the request's spec itself; greedy texts must equal the one-process engine's, and hold to it.
+GRAMMARS = [{"choice": ["yes", "no", "maybe not"]}, {"regex": r"[a-c]{2,5}-\d\d"},
+            {"json": {"type": "object", "properties": {"k": {"enum": ["cat", "dog"]}, "n": {"type": "integer"}},
+                      "required": ["k", "n"], "additionalProperties": False}}]
+
+
+def grammared(llm: LLM, prompts) -> list[str]:
+    params = [SamplingParams(temperature=0, max_tokens=24, structured_outputs=GRAMMARS[i % len(GRAMMARS)])
+              for i in range(len(prompts))]
+    texts = [o.outputs[0].text for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    for i, t in enumerate(texts):
+        if i % 3 == 0:
+            assert t in GRAMMARS[0]["choice"], t
+        elif i % 3 == 1:
+            assert re.fullmatch(GRAMMARS[1]["regex"], t), t
+    return texts
+
+
+def _matches_one_process(path: str, tp: int, with_grammars: bool = False) -> None:
     prompts = PROMPTS + [SHARED + [7, 8, 9], SHARED + [10, 11]]
     one = LLM(model=path, **SMALL)
     ref = tokens(one, prompts)
+    ref_grammared = grammared(one, prompts) if with_grammars else None
     assert one.llm_engine.scheduler.num_preemptions_total > 0  # the case is exercised
     llm = LLM(model=path, **SMALL, tensor_parallel_size=tp, pipeline_parallel_size=2, master_port=free_port())
     try:
         assert tokens(llm, prompts) == ref
+        if with_grammars:  # the last stage's leader masks and samples them
+            assert grammared(llm, prompts) == ref_grammared
         engine = llm.llm_engine
         assert engine.scheduler.num_preemptions_total > 0 and engine.kv.prefix_hits > 0
         assert tokens(llm, prompts[1:2], 5) == [ref[1][:5]]  # the last stage's mirror forgot the finished ones
@@ -112,7 +136,7 @@ def _matches_one_process(path: str, tp: int) -> None:
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "tp2xpp2"])
 def test_llama_tied_pipeline_matches_one_process(llama_tied, tp):
-    _matches_one_process(llama_tied, tp)
+    _matches_one_process(llama_tied, tp, with_grammars=tp == 1)
 
 
 def test_deepseek_v2_mla_pipeline_matches_one_process(tmp_path):

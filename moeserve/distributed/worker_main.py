@@ -52,7 +52,8 @@ def worker_main(config, info, device_type: str) -> None:
     leader = None  # samples here, from a mirror of the requests: DP ranks' leaders, the last PP stage's leader
     if (dp.size > 1 or pp.size > 1) and tp.rank == 0 and pp.is_last:
         loaded = worker.loaded
-        leader = LeaderSampler(loaded.hf_config.vocab_size, device, config.seed, loaded.eos_token_ids)
+        leader = LeaderSampler(loaded.hf_config.vocab_size, device, config.seed, loaded.eos_token_ids,
+                               loaded.tokenizer)
     prev = None
     code = 1
     try:

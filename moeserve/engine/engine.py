@@ -223,8 +223,6 @@ class LLMEngine:
         """The grammar compiler (made at the first request with structured outputs), or None without one."""
         if params.structured_outputs is None:
             return None
-        if len(self.schedulers) > 1 or self.pipeline:
-            raise ValueError("Structured outputs are not supported with data or pipeline parallelism yet.")
         if self.tokenizer is None:
             raise ValueError("Structured outputs need the model's tokenizer (this model has none).")
         if self.grammars is None:

@@ -143,10 +143,11 @@ class LeaderSampler:
     """Data parallelism: the leader (TP rank 0) of a DP rank other than 0 samples its own rows, from a mirror of
     each of its requests' sampling state (parameters, prompt, outputs so far) kept from the step messages."""
 
-    def __init__(self, vocab_size: int, device: torch.device, seed: int, eos_ids: set[int]):
+    def __init__(self, vocab_size: int, device: torch.device, seed: int, eos_ids: set[int], tokenizer=None):
         self.sampler = Sampler(vocab_size, device, seed)
-        self.eos_ids = eos_ids
+        self.vocab_size, self.eos_ids, self.tokenizer = vocab_size, eos_ids, tokenizer
         self.reqs: dict[str, Request] = {}
+        self.grammars = None  # compiled here from the request's spec (plain data in its SamplingParams), as rank 0 does
 
     def apply(self, step: StepInput) -> None:
         """Forget the freed requests, mirror the new ones."""
@@ -156,6 +157,11 @@ class LeaderSampler:
             req = Request(rid, parent, index, prompt, params, max_tokens=1 << 30)
             for t in outputs:
                 req.append_token(t)
+            if params.structured_outputs is not None:  # its matcher catches up with `outputs` at the first mask
+                if self.grammars is None:
+                    from moeserve.engine.structured import Grammars
+                    self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
+                req.grammar = self.grammars.state(params.structured_outputs)
             self.reqs[rid] = req
 
     def sample(self, step: StepInput, logits: torch.Tensor) -> SampleResult:
