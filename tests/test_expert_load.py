@@ -113,3 +113,19 @@ def test_server_dense_has_none(dense_ckpt):
     table, gauges = serve_and_read(dense_ckpt)
     assert table["enabled"] is False and table["layers"] == []
     assert gauges == {}
+
+
+def test_per_rank_load_with_expert_parallelism():
+    """With EP the table also sums each rank's experts (expert_range's placement: 5 experts over 2 ranks = 3 + 2),
+    and /metrics gets one share series per EP rank."""
+    from moeserve.layers.expert_load import ExpertLoadSnapshot
+
+    snap = ExpertLoadSnapshot(layers=[0, 2], counts=[[1, 2, 3, 4, 10], [0, 0, 6, 0, 0]], window_s=1.0, ep_size=2)
+    assert snap.rank_counts() == [[6, 14], [6, 0]]
+    assert snap.rank_shares() == [12 / 26, 14 / 26]
+    assert [layer["ranks"] for layer in snap.to_json()["layers"]] == [[6, 14], [6, 0]]
+    assert ExpertLoadSnapshot([0], [[1, 2]], 1.0).rank_shares() == []  # no EP: no per-rank series
+    from moeserve.server.metrics import _ExpertLoadCollector
+    shares = {s.labels["ep_rank"]: s.value for f in _ExpertLoadCollector(lambda: snap, "m").collect()
+              for s in f.samples if f.name == "moeserve:expert_load_rank_share"}
+    assert shares == {"0": 12 / 26, "1": 14 / 26}

@@ -37,11 +37,32 @@ class ExpertLoadSnapshot:
     layers: list[int]  # the model's layer index of each row
     counts: list[list[int]]  # [layer][expert]: tokens routed over the window
     window_s: float  # seconds the window actually spans
+    ep_size: int = 1  # expert-parallel ranks; rank r holds the experts of moeserve.layers.experts.expert_range
+
+    def rank_counts(self) -> list[list[int]]:
+        """[layer][EP rank]: tokens routed to the experts each rank holds (empty without EP)."""
+        if self.ep_size <= 1 or not self.counts:
+            return []
+        from moeserve.layers.experts import expert_range
+
+        spans = [expert_range(len(self.counts[0]), self.ep_size, r) for r in range(self.ep_size)]
+        return [[sum(row[first:first + n]) for first, n in spans] for row in self.counts]
+
+    def rank_shares(self) -> list[float]:
+        """Each EP rank's share of all routed tokens over the window, summed over layers (empty without EP)."""
+        per_layer = self.rank_counts()
+        total = sum(map(sum, per_layer))
+        return [sum(layer[r] for layer in per_layer) / total for r in range(self.ep_size)] if total else []
 
     def to_json(self) -> dict:
-        return {"layers": [{"layer": layer, "counts": row, "total": sum(row)}
-                           for layer, row in zip(self.layers, self.counts)],
-                "num_experts": len(self.counts[0]) if self.counts else 0, "window_s": round(self.window_s, 3)}
+        out = {"layers": [{"layer": layer, "counts": row, "total": sum(row)}
+                          for layer, row in zip(self.layers, self.counts)],
+               "num_experts": len(self.counts[0]) if self.counts else 0, "window_s": round(self.window_s, 3)}
+        if self.ep_size > 1:
+            out["ep_size"] = self.ep_size
+            for entry, ranks in zip(out["layers"], self.rank_counts()):
+                entry["ranks"] = ranks
+        return out
 
     def layer_stats(self) -> list[tuple[int, float, float]]:
         """(layer, imbalance = max / mean, the hottest expert's share) for each layer that routed any token."""
@@ -56,7 +77,10 @@ class ExpertLoadSnapshot:
 class ExpertLoad:
     def __init__(self, layers: list[int], routers: list[nn.Module], device: torch.device,
                  window_s: float = DEFAULT_WINDOW_S):
+        from moeserve.distributed.parallel_state import layout
+
         self.layers, self.routers, self.window_s = layers, routers, window_s
+        self.ep_size = layout().ep  # the layout at build time: the experts' placement
         self.valid_tokens = torch.zeros((), dtype=torch.int64, device=device)
         for r in routers:
             r.expert_counts = torch.zeros(r.cfg.num_experts, dtype=torch.int64, device=device)
@@ -104,4 +128,4 @@ class ExpertLoad:
             history.popleft()
         base_time, base = history[0]
         history.append((now, current))
-        return ExpertLoadSnapshot(self.layers, (current - base).tolist(), now - base_time)
+        return ExpertLoadSnapshot(self.layers, (current - base).tolist(), now - base_time, self.ep_size)

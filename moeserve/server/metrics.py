@@ -80,6 +80,14 @@ class _ExpertLoadCollector:
             hottest.add_metric([self.model_name, str(layer)], share)
         yield imbalance
         yield hottest
+        shares = snap.rank_shares()
+        if shares:  # with EP: one series per rank (bounded by the layout)
+            ranks = GaugeMetricFamily(PREFIX + "expert_load_rank_share",
+                                      "Share of all routed tokens that went to the experts an EP rank holds.",
+                                      labels=["model_name", "ep_rank"])
+            for r, share in enumerate(shares):
+                ranks.add_metric([self.model_name, str(r)], share)
+            yield ranks
 
     def describe(self):
         return []  # series appear only with telemetry on; nothing to pre-declare
