@@ -10,6 +10,8 @@ ignored, so every engine produces exactly 128):
   b16 output 16 * 128 / wall time of 16 different prompts at once (prefill included)
   peak RSS   the subprocess's maximum resident memory (ru_maxrss) over load, batch 1 and batch 16
 llama-cpp-python has no batched generate: its b16 is not measured. An engine that is not installed is skipped.
+--baseline-src DIR adds an engine "moeserve-base": moeserve imported from DIR (e.g. an older commit unpacked with
+`git archive COMMIT moeserve | tar -x -C DIR`), interleaved with the others: before/after in one session.
 """
 
 from __future__ import annotations
@@ -123,7 +125,8 @@ def run_llama_cpp(path: str, threads: int) -> dict:
             "b16_output_tok_s": None, "rss_after_load_mb": rss_load, "peak_rss_mb": rss_mb()}
 
 
-RUNNERS = {"moeserve": run_moeserve, "transformers": run_transformers, "llama.cpp": run_llama_cpp}
+RUNNERS = {"moeserve": run_moeserve, "moeserve-base": run_moeserve, "transformers": run_transformers,
+           "llama.cpp": run_llama_cpp}
 
 
 def worker(engine: str, path: str, threads: int) -> None:
@@ -147,6 +150,7 @@ def main() -> None:
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help="a .gguf (default: the bundled SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--baseline-src", default=None, help="a folder holding an older moeserve/ to run beside")
     args = ap.parse_args()
     if args.model is None:
         from moeserve.loader.gguf import default_model_path
@@ -156,6 +160,8 @@ def main() -> None:
         return worker(args.worker, args.model, args.threads)
 
     engines = [e for e in args.engines.split(",") if available(e)]
+    if args.baseline_src:
+        engines.insert(0, "moeserve-base")
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"threads={args.threads}, reps={args.reps}; model {os.path.basename(args.model)}")
     print(f"# load average at start: {os.getloadavg()} (a shared machine: other jobs ran beside this one)")
@@ -165,7 +171,8 @@ def main() -> None:
     for rep in range(args.reps):
         for engine in engines:  # interleaved: each repeat runs every engine once
             proc = subprocess.run([sys.executable, __file__, "--worker", engine, "--threads", str(args.threads),
-                                   "--model", args.model], capture_output=True, text=True, env=env)
+                                   "--model", args.model], capture_output=True, text=True,
+                                  env=dict(env, PYTHONPATH=args.baseline_src) if engine == "moeserve-base" else env)
             if proc.returncode != 0:
                 print(f"# rep {rep} {engine}: FAILED\n{proc.stderr[-2000:]}")
                 continue
@@ -194,6 +201,10 @@ def main() -> None:
         print("\ntargets (issue 14):")
         print(f"  b1 decode >= 0.5x llama.cpp: {fmt(ours['b1_decode_tok_s'] / lc if lc else None, '.2f')}x")
         print(f"  b16 output >= 1.5x transformers: {fmt(ours['b16_output_tok_s'] / hf if hf else None, '.2f')}x")
+        base = med("moeserve-base", "b16_output_tok_s") if "moeserve-base" in engines else None
+        if base and hf:
+            print(f"  (baseline {args.baseline_src}: b16 {base / hf:.2f}x transformers; this tree / baseline "
+                  f"{ours['b16_output_tok_s'] / base:.2f}x)")
         print(f"  load <= 5 s: {ours['load_s']:.2f} s")
         print(f"  peak RSS <= 600 MB + KV pool (128 MB): {ours['peak_rss_mb']:.0f} MB")
 

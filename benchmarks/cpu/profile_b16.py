@@ -22,6 +22,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--torch-profiler", action="store_true")
+    ap.add_argument("--no-profile", action="store_true", help="only the unprofiled timing")
     ap.add_argument("--dtype", default=None)
     args = ap.parse_args()
     import torch
@@ -41,6 +42,8 @@ def main() -> None:
     llm.generate(batch, sp)
     wall = time.perf_counter() - t
     print(f"unprofiled: {wall:.2f} s, {BATCH * args.tokens / wall:.1f} tok/s")
+    if args.no_profile:
+        return
     if args.torch_profiler:
         from torch.profiler import ProfilerActivity, profile
 
