@@ -191,6 +191,12 @@ def _add_check(subparsers) -> None:
     add_parser(subparsers)
 
 
+def _add_check_quant(subparsers) -> None:
+    from moeserve.quant_check.cli import add_parser  # light at import: the engine loads when the command runs
+
+    add_parser(subparsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     _add_bench(sub)
     _add_check(sub)
+    _add_check_quant(sub)
     return parser
 
 
