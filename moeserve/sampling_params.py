@@ -43,6 +43,10 @@ class StructuredOutputsParams:
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    # Set by the server with --reasoning-parser, not by users: the model may think before the grammar holds.
+    # (mode, start marker ids, end marker ids): "open" = the prompt left thinking open, the grammar starts after
+    # the end marker; "optional" = the answer may open with the (one-token) start marker and think first.
+    reasoning_markers: tuple[str, list[int], list[int]] | None = None
 
     KINDS = ("json", "json_object", "regex", "choice", "grammar")
 

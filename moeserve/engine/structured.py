@@ -115,21 +115,56 @@ class Grammars:
                                        f"The {kind} could not be compiled: {_message(e)}") from None
 
     def state(self, spec) -> "GrammarState":
-        return GrammarState(self.xgr.GrammarMatcher(self.compile(spec)))
+        return GrammarState(self.xgr.GrammarMatcher(self.compile(spec)), getattr(spec, "reasoning_markers", None))
 
 
 class GrammarState:
-    """One request's matcher and how many of its output tokens the matcher has accepted."""
+    """One request's matcher and how many of its output tokens the matcher has accepted.
 
-    def __init__(self, matcher):
+    With reasoning markers the grammar holds only the answer after the model's thinking (vLLM's behaviour with a
+    reasoning parser): `begin` is the output index where it starts, None while that is not known yet."""
+
+    def __init__(self, matcher, reasoning_markers=None):
         self.matcher = matcher
         self.num_accepted = 0
+        self.mode, self.start_ids, self.end_ids = reasoning_markers or (None, [], [])
+        self.begin: int | None = 0 if self.mode is None else None
+        self.num_drawn = 0  # output tokens seen at the last catch_up
+
+    @property
+    def may_open_thinking(self) -> bool:
+        """Nothing drawn yet and the answer may start by thinking: the start marker is allowed beside the grammar."""
+        return self.mode == "optional" and self.num_drawn == 0
 
     def catch_up(self, output_token_ids: list[int]) -> None:
-        for t in output_token_ids[self.num_accepted:]:
+        self.num_drawn = len(output_token_ids)
+        if self.begin is None:
+            self.begin = self._find_begin(output_token_ids)
+            if self.begin is None:
+                return
+        for t in output_token_ids[self.begin + self.num_accepted:]:
             if not self.matcher.accept_token(t):
                 raise ValueError(f"token {t} does not follow the request's grammar")
             self.num_accepted += 1
+
+    def _find_begin(self, out: list[int]) -> int | None:
+        thinking_from = 0
+        if self.mode == "optional":
+            if not out:
+                return None
+            if out[0] != self.start_ids[0]:
+                return 0  # no thinking: the grammar holds from the first token (which it allowed)
+            thinking_from = 1
+        n = len(self.end_ids)
+        for i in range(thinking_from, len(out) - n + 1):
+            if out[i:i + n] == self.end_ids:
+                return i + n
+        return None
+
+    @property
+    def holds(self) -> bool:
+        """Is the grammar masking this request's next token?"""
+        return self.begin is not None
 
     @property
     def terminated(self) -> bool:
@@ -154,12 +189,25 @@ class GrammarMask:
     def apply(self, logits: torch.Tensor, reqs) -> None:
         """Mask, in place, the logits [len(reqs), V] of every row whose request has a grammar."""
         import xgrammar as xgr
-        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        rows = []
         host = self._rows(len(reqs))
-        for i in rows:
-            state = reqs[i].grammar
-            state.catch_up(reqs[i].output_token_ids)
-            state.matcher.fill_next_token_bitmask(host, i)
+        for i, r in enumerate(reqs):
+            state = r.grammar
+            if state is None:
+                continue
+            state.catch_up(r.output_token_ids)
+            if state.holds:
+                state.matcher.fill_next_token_bitmask(host, i)
+            elif state.may_open_thinking:  # the grammar's first tokens, or the start of thinking
+                state.matcher.fill_next_token_bitmask(host, i)
+                t = state.start_ids[0]
+                word = host[i, t // 32].item() | (1 << (t % 32))
+                host[i, t // 32] = word - (1 << 32) if word >= 1 << 31 else word  # int32 bit pattern
+            else:
+                continue  # thinking: unconstrained until the end marker
+            rows.append(i)
+        if not rows:
+            return
         # A blocking copy: the host buffer is refilled next step (a grammared step is waited for anyway).
         mask = host.to(logits.device) if logits.is_cuda else host
         xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=self.vocab_size, indices=rows)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from moeserve.server.chat_tools import AnswerParser, history_for_template, plan_tools
 from moeserve.server.errors import APIError, bad_request
 from moeserve.server.protocol import ChatCompletionRequest
+from moeserve.server.reasoning_parsers import grammar_markers
 from moeserve.server.serving import OpenAIServing, engine_failure, final_outputs, merged, usage
 from moeserve.server.sse import DONE, EventStreamResponse, sse
 
@@ -97,6 +99,10 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
         params.skip_special_tokens = False  # the call markers are special tokens
     prompt_text = render_text(serving, req, plan.tools)
     prompt_ids = serving.encode(prompt_text, add_special_tokens=False)
+    if serving.settings.reasoning_parser is not None and params.structured_outputs is not None:
+        markers = grammar_markers(prompt_text, lambda s: serving.encode(s, add_special_tokens=False))
+        if markers is not None:  # think first, then the grammar holds the answer (vLLM's behaviour)
+            params = params.clone(structured_outputs=replace(params.structured_outputs, reasoning_markers=markers))
     parse = serving.settings.reasoning_parser is not None or plan.parser is not None
     answers = ([AnswerParser(plan, serving.settings.reasoning_parser, prompt_text) for _ in range(params.n)]
                if parse else None)

@@ -114,9 +114,9 @@ class AnswerParser:
     """One choice's text -> reasoning_content, content and tool_calls. Each choice of each request has its own."""
 
     def __init__(self, plan: ToolPlan, reasoning_parser: str | None, prompt_text: str):
-        # A forced call's grammar holds the answer from its first token: there is no thinking to split off.
+        # A forced call's grammar holds the answer after any thinking (reasoning_parsers.grammar_markers).
         self.reasoning = (reasoning_parser_class(reasoning_parser)(opens_thinking(prompt_text))
-                          if reasoning_parser and plan.forced_schema is None else None)
+                          if reasoning_parser else None)
         self.tools = plan.parser(plan.tools) if plan.parser else None
         self.parallel = plan.parallel
         self._r = self.reasoning.streamer() if self.reasoning else None

@@ -21,6 +21,19 @@ def opens_thinking(prompt_text: str) -> bool:
     return prompt_text.rfind(THINK_START) > prompt_text.rfind(THINK_END)
 
 
+def grammar_markers(prompt_text: str, encode) -> tuple[str, list[int], list[int]] | None:
+    """Where a structured output's grammar starts for a thinking model (SamplingParams' reasoning_markers):
+    after `</think>` when the prompt left thinking open; from the first token when the prompt closed it
+    (`enable_thinking: false`); otherwise the answer may open with `<think>` (one token in these models'
+    vocabularies; if not, the grammar holds from the first token) and the grammar starts after `</think>`."""
+    if prompt_text.rstrip().endswith(THINK_END):
+        return None
+    start, end = encode(THINK_START), encode(THINK_END)
+    if opens_thinking(prompt_text):
+        return ("open", start, end) if end else None
+    return ("optional", start, end) if len(start) == 1 and end else None
+
+
 class ThinkReasoningParser:
     """One instance per request."""
 
