@@ -65,9 +65,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="CUDA: small all-reduces through symmetric memory instead of NCCL (measured no faster yet)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp8", "fp8_e4m3", "fp8_e5m2"],
                    help="KV-cache precision; auto: the model dtype")
-    g.add_argument("--quantization", default=None, choices=["fp8"],
-                   help="weight precision: fp8 quantizes a bf16 checkpoint on load; an fp8 checkpoint "
-                        "(quantization_config in config.json) is read as fp8 without the flag")
+    g.add_argument("--quantization", default=None, choices=["fp8", "awq", "gptq", "compressed-tensors"],
+                   help="weight precision: fp8 quantizes a bf16 checkpoint on load; an fp8 or int4 (awq, gptq, "
+                        "compressed-tensors) checkpoint is read as such from config.json without the flag")
 
 
 def check_layout(args: argparse.Namespace) -> None:

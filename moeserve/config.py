@@ -28,7 +28,8 @@ class EngineConfig:
     async_scheduling: bool | None = None
     served_model_name: str | None = None
     # Weight precision: None = the checkpoint's (an fp8 quantization_config is read from config.json); "fp8" also
-    # quantizes a bf16/fp32 checkpoint on load (per-channel weights, dynamic per-token activations).
+    # quantizes a bf16/fp32 checkpoint on load (per-channel weights, dynamic per-token activations); "awq", "gptq",
+    # "compressed-tensors" name an int4 checkpoint's method (read from config.json anyway; must match it).
     quantization: str | None = None
     # Count the tokens routed to each expert on the device (GET /v1/expert_load, the expert gauges of /metrics).
     expert_load_telemetry: bool = False
@@ -62,8 +63,9 @@ class EngineConfig:
               f"load_format must be one of auto, safetensors, gguf, dummy; got {self.load_format!r}.")
         check(self.dtype in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"),
               f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}.")
-        check(self.quantization in (None, "fp8"),
-              f"quantization must be None or 'fp8' (the only one implemented); got {self.quantization!r}.")
+        check(self.quantization in (None, "fp8", "awq", "gptq", "compressed-tensors"),
+              f"quantization must be None, 'fp8', or the int4 checkpoint's method ('awq', 'gptq', "
+              f"'compressed-tensors'); got {self.quantization!r}.")
         check(self.max_model_len is None or self.max_model_len > 1, "max_model_len must be > 1.")
         check(self.max_num_seqs >= 1, "max_num_seqs must be >= 1.")
         check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,

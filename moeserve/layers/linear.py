@@ -55,7 +55,7 @@ def copy_into(target: torch.Tensor, part) -> int:
 def attach_weight_loaders(module: nn.Module) -> None:
     """Point each parameter's `weight_loader` at its layer's. Layers call this when built; model loading calls it
     again after `to_empty`, which replaces parameters (and drops their attributes) when leaving the meta device."""
-    from moeserve.layers.quant.fp8 import weight_loader_for
+    from moeserve.layers.quant import weight_loader_for
 
     for m in module.modules():
         loader = getattr(m, "weight_loader", None)

@@ -116,7 +116,7 @@ def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
     hf_config = HFConfig(source.config, source=os.path.join(source.path, "config.json")
                          if source.kind == "hf_dir" else source.path)
     cls = model_class(hf_config.architecture)
-    from moeserve.layers.quant.fp8 import resolve_quantization
+    from moeserve.layers.quant import resolve_quantization
 
     quant = resolve_quantization(cfg.quantization, source.config)
     model = build_empty(cls, hf_config, device, dtype, quant)
@@ -133,9 +133,9 @@ def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
             if hasattr(module, "post_load"):  # a layer's last step once its weights are in
                 module.post_load()
         if quant is not None:
-            from moeserve.layers.quant.fp8 import finalize
+            from moeserve.layers.quant import finalize
 
-            finalize(model)
+            finalize(model, quant)
     model.eval()
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer or (source.path if source.kind == "hf_dir" else None))
@@ -146,7 +146,7 @@ def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
 def build_empty(cls, hf_config: HFConfig, device: torch.device, dtype: torch.dtype, quant=None) -> torch.nn.Module:
     """Construct on the meta device (no memory, no init), then give it real, uninitialised storage. Parallel
     layers size their parameters for this rank (the TP group must be set up before), and get their weight
-    loaders back (to_empty makes new parameter objects). `quant` (an fp8 config, layers/quant/fp8) swaps the
+    loaders back (to_empty makes new parameter objects). `quant` (an fp8 or int4 config, layers/quant/) swaps the
     layers' weights for quantized storage while still on meta."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -154,9 +154,9 @@ def build_empty(cls, hf_config: HFConfig, device: torch.device, dtype: torch.dty
         with torch.device("meta"):
             model = cls(hf_config)
             if quant is not None:
-                from moeserve.layers.quant.fp8 import apply_fp8
+                from moeserve.layers.quant import apply_quantization
 
-                apply_fp8(model, quant)
+                apply_quantization(model, quant)
     finally:
         torch.set_default_dtype(old)
     model = model.to_empty(device=device)

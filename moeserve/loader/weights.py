@@ -22,10 +22,12 @@ from torch import nn
 from moeserve.distributed.pipeline import missing_prefixes
 from moeserve.layers.linear import WeightShapeError
 from moeserve.layers.quant.fp8 import ScaleError
+from moeserve.layers.quant.int4 import Int4Error
 from moeserve.loader.tensor_slices import materialize, shape_of
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|w1|up_proj|w3|down_proj|w2)"
-                         r"\.(?P<kind>weight|weight_scale_inv)$")
+                         r"\.(?P<kind>weight|weight_scale_inv|qweight|qzeros|scales|g_idx|weight_packed|weight_scale"
+                         r"|weight_shape)$")
 _FUSED = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
 _PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down",
          "gate_up_proj": "gate_up"}
@@ -70,9 +72,13 @@ class WeightLoader:
             return  # tied checkpoints sometimes store it anyway
         if name.endswith("rotary_emb.inv_freq"):
             return
+        if name.endswith(".weight_shape") and not _PER_EXPERT.match(name):
+            return self._check_int4_shape(name, tensor)
         m = _PER_EXPERT.match(name)
         if m:
             param = "w2" if m["proj"] in ("down_proj", "w2") else "w13"
+            if m["kind"] not in ("weight", "weight_scale_inv"):  # int4 tensors (layers/quant/int4)
+                return self._load_expert_int4(m["prefix"], param, m["kind"], tensor, int(m["e"]), m["proj"], name)
             if m["kind"] == "weight_scale_inv":  # fp8 block scales (layers/quant/fp8)
                 return self._load_expert_scale(m["prefix"], param, tensor, int(m["e"]), m["proj"], name)
             return self._load_expert(m["prefix"], param, tensor, int(m["e"]), m["proj"], name)
@@ -103,6 +109,8 @@ class WeightLoader:
                              f"{e.expected}.") from None
         except ScaleError as e:  # an fp8 scale that does not fit its weight
             raise ValueError(f"{self.source}: tensor {label!r}: {e}.") from None
+        except Int4Error as e:  # an int4 tensor that does not fit its layer
+            raise ValueError(f"{self.source}: tensor {label!r} {e}.") from None
         self._count(pname, label, n)
 
     def _count(self, pname: str, label: str, n: int) -> None:
@@ -134,6 +142,40 @@ class WeightLoader:
         except ValueError as e:
             raise ValueError(f"{self.source}: tensor {label!r}: {e}") from None
         self._count(pname, label, n)
+
+    def _check_int4_shape(self, name: str, tensor) -> None:
+        """compressed-tensors' weight_shape (N, K) of a linear layer: checked against the layer, not stored."""
+        from moeserve.layers.quant.int4 import Int4LinearMethod
+
+        prefix, shard_id = name[:-len(".weight_shape")], None
+        if prefix not in self.modules:
+            for packed, i, part in self.packed:
+                if prefix.endswith(f".{part}") and prefix[:-len(part)] + packed in self.modules:
+                    prefix, shard_id = prefix[:-len(part)] + packed, i
+                    break
+        m = self.modules.get(prefix)
+        qm = getattr(m, "quant_method", None)
+        if not isinstance(qm, Int4LinearMethod):
+            raise ValueError(f"{self.source}: tensor {name!r} is an int4 tensor, but {prefix} is not int4-quantized.")
+        try:
+            qm.loader(m, "weight_shape", None, tensor, shard_id)
+        except Int4Error as e:
+            raise ValueError(f"{self.source}: tensor {name!r} {e}.") from None
+
+    def _load_expert_int4(self, prefix: str, param: str, kind: str, tensor, expert_id: int, proj: str,
+                          label: str) -> None:
+        from moeserve.layers.quant.int4 import Int4MoEMethod
+
+        qm = getattr(self.modules.get(prefix), "quant_method", None)
+        if not isinstance(qm, Int4MoEMethod):
+            raise ValueError(f"{self.source}: tensor {label!r} is an int4 tensor, but {prefix} is not int4-quantized "
+                             f"(config.json has no awq/gptq/compressed-tensors quantization_config for it).")
+        try:
+            n = qm.load(self.modules[prefix], param, kind, tensor, expert_id, _PROJ[proj])
+        except ValueError as e:
+            raise ValueError(f"{self.source}: tensor {label!r} {e}") from None
+        if n:
+            self._count(f"{prefix}.{qm.param_name(param, kind)}", label, n)
 
     def _copy_expert(self, pname: str, tensor, expert_id: int | None, proj: str, label: str) -> None:
         """Experts held whole on every rank (until the experts module loads its own shards)."""
@@ -171,11 +213,13 @@ def fill_dummy(model: nn.Module, seed: int, low: float = -1e-3, high: float = 1e
     """Seeded small uniform values, as vLLM's dummy format does: no checkpoint needed. Parameters are this
     rank's shards, built directly; replicated ones come out equal on every rank (same shapes, same order)."""
     from moeserve.layers.quant.fp8 import fill_dummy_fp8
+    from moeserve.layers.quant.int4 import fill_dummy_int4
 
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         done = fill_dummy_fp8(model, gen, high)  # fp8 weights with their scales (layers/quant/fp8)
+        done |= fill_dummy_int4(model, gen, high)  # packed int4 codes, scales, zeros (layers/quant/int4)
         for p in model.parameters():
             if p.dtype.is_floating_point and id(p) not in done:
                 p.uniform_(low, high, generator=gen)

@@ -62,8 +62,10 @@ def check_startup_fit(
     weight_dtype_bytes picks the precision policy (2 bf16, 1 fp8, 0.5 int4; see plan/memory.py) unless
     weight_dtype names it ("bf16", "fp8", "int8", "int4", "mxfp4")."""
     prec = _precision_from(weight_dtype_bytes, weight_dtype)
-    if weight_dtype is None and spec.native_precision == "fp8" and prec.name in ("bf16", "fp32"):
-        prec = precision("fp8")  # an fp8 checkpoint is loaded as fp8 (layers/quant/fp8), whatever the model dtype
+    if weight_dtype is None and spec.native_precision in ("fp8", "int4") and prec.name in ("bf16", "fp32"):
+        # an fp8 / int4 (awq, gptq, compressed-tensors) checkpoint is loaded as such (layers/quant/), whatever the
+        # model dtype
+        prec = precision(spec.native_precision)
     gpu = GPU("this GPU", int(device_memory_bytes))
     fleet = Fleet(gpu, gpus_per_node=max(tp, gpus_per_node), nodes=pp)
     settings = ServeSettings(
