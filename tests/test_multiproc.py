@@ -4,7 +4,6 @@ CPU (gloo), tiny checkpoints; each case starts real processes, so there are few 
 
 from __future__ import annotations
 
-import re
 
 import os
 import shutil
@@ -16,6 +15,7 @@ import time
 import httpx
 import pytest
 from dist_harness import free_port, free_port_except
+from grammar_cases import grammared
 from tiny_checkpoints import make_tiny_checkpoint
 
 from moeserve import LLM, SamplingParams
@@ -30,25 +30,6 @@ def greedy(n: int = 12) -> SamplingParams:
 
 def tokens(llm: LLM, prompts=PROMPTS, n: int = 12) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(n))]
-
-
-# Structured outputs where another rank samples (a DP rank's leader, the last pipeline stage): it compiles the
-# grammar from the request's spec itself; greedy texts must equal the one-process engine's, and hold to it.
-GRAMMARS = [{"choice": ["yes", "no", "maybe not"]}, {"regex": r"[a-c]{2,5}-\d\d"},
-            {"json": {"type": "object", "properties": {"k": {"enum": ["cat", "dog"]}, "n": {"type": "integer"}},
-                      "required": ["k", "n"], "additionalProperties": False}}]
-
-
-def grammared(llm: LLM, prompts) -> list[str]:
-    params = [SamplingParams(temperature=0, max_tokens=24, structured_outputs=GRAMMARS[i % len(GRAMMARS)])
-              for i in range(len(prompts))]
-    texts = [o.outputs[0].text for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
-    for i, t in enumerate(texts):
-        if i % 3 == 0:
-            assert t in GRAMMARS[0]["choice"], t
-        elif i % 3 == 1:
-            assert re.fullmatch(GRAMMARS[1]["regex"], t), t
-    return texts
 
 
 @pytest.fixture(scope="module")

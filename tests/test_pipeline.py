@@ -4,11 +4,11 @@ preemption and the prefix cache."""
 
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
 from dist_harness import free_port
+from grammar_cases import grammared
 from tiny_checkpoints import make_tiny_checkpoint
 
 from moeserve import LLM, SamplingParams
@@ -94,25 +94,6 @@ def test_the_last_stage_keeps_a_tied_embedding_for_its_lm_head(llama_tied, as_st
 
     (shard,) = glob.glob(f"{llama_tied}/*.safetensors")
     torch.testing.assert_close(model.lm_head.table(), load_file(shard)["model.embed_tokens.weight"])
-
-
-# Structured outputs where another rank samples (a DP rank's leader, the last pipeline stage): it compiles the
-# grammar from the request's spec itself; greedy texts must equal the one-process engine's, and hold to it.
-GRAMMARS = [{"choice": ["yes", "no", "maybe not"]}, {"regex": r"[a-c]{2,5}-\d\d"},
-            {"json": {"type": "object", "properties": {"k": {"enum": ["cat", "dog"]}, "n": {"type": "integer"}},
-                      "required": ["k", "n"], "additionalProperties": False}}]
-
-
-def grammared(llm: LLM, prompts) -> list[str]:
-    params = [SamplingParams(temperature=0, max_tokens=24, structured_outputs=GRAMMARS[i % len(GRAMMARS)])
-              for i in range(len(prompts))]
-    texts = [o.outputs[0].text for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
-    for i, t in enumerate(texts):
-        if i % 3 == 0:
-            assert t in GRAMMARS[0]["choice"], t
-        elif i % 3 == 1:
-            assert re.fullmatch(GRAMMARS[1]["regex"], t), t
-    return texts
 
 
 def _matches_one_process(path: str, tp: int, with_grammars: bool = False) -> None:
