@@ -99,7 +99,7 @@ def test_builtin_prompts_default_thresholds(ckpts, capsys):
 
 def test_fp8_checkpoint_against_reference(ckpts, capsys, tmp_path):
     fp8_pair = pytest.importorskip("test_fp8").make_fp8_pair
-    fp8, _ = fp8_pair(tmp_path, "Qwen3MoeForCausalLM", (16, 16))
+    fp8, _ = fp8_pair(tmp_path, "LlamaForCausalLM", (16, 16))
     src = str(tmp_path / "src")
     out = tmp_path / "r.json"
     rc, lines, _ = _run([fp8, "--reference", src, "--prompts", ckpts["prompts"], "--max-kl", "0.05",
@@ -122,3 +122,27 @@ def test_refusals(ckpts, capsys, tmp_path):
     bad.write_text('{"text": 1}\n')
     rc, _, err = _run([ckpts["llama"], "--quantization", "fp8", "--prompts", str(bad), *COMMON], capsys)
     assert rc == 2 and "p.jsonl:1" in err
+
+
+def test_one_model_at_a_time(ckpts, monkeypatch):
+    """The reference's engine is gone (no reference left to it) before the quantized model loads."""
+    import gc
+    import weakref
+
+    from moeserve.quant_check import runner
+
+    loaded = []
+    real = runner._load
+
+    def load(args):
+        gc.collect()
+        assert all(r() is None for r in loaded), "the reference engine is still alive"
+        llm = real(args)
+        loaded.append(weakref.ref(llm.llm_engine))
+        return llm
+
+    monkeypatch.setattr(runner, "_load", load)
+    m = runner.compare(dict(model=ckpts["llama"], device="cpu", block_size=8),
+                       dict(model=ckpts["llama"], device="cpu", block_size=8, quantization="fp8"),
+                       PROMPTS[:2], 4, progress=False)
+    assert len(loaded) == 2 and m["positions"] == 8

@@ -26,13 +26,46 @@ def _load(engine_args: dict):
     return LLM(**engine_args)
 
 
-def _free(llm) -> None:
-    cuda = llm.llm_engine.device.type == "cuda"
-    llm.llm_engine.shutdown()
-    del llm
+def _release() -> None:
+    """Called once an engine's last reference is gone (its pass returned): give its memory back."""
     gc.collect()
-    if cuda:
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _reference_pass(args: dict, prompts: list, max_tokens: int, max_positions: int):
+    from moeserve.engine.scoring import score_logprobs
+
+    llm = _load(args)
+    try:
+        prompt_ids, ref_out = _greedy(llm, prompts, max_tokens)
+        seqs, starts, keep = _teacher_forced(prompt_ids, ref_out)
+        ref_lp = [lp.cpu() for lp in score_logprobs(llm.llm_engine, seqs, starts, max_positions)]
+    finally:
+        llm.llm_engine.shutdown()
+    return prompt_ids, ref_out, seqs, starts, keep, ref_lp
+
+
+def _quantized_pass(args: dict, prompt_ids: list, max_tokens: int, seqs: list, starts: list, ref_lp: list,
+                    max_positions: int):
+    from moeserve.engine.scoring import score_logprobs
+
+    llm = _load(args)
+    try:
+        _, q_out = _greedy(llm, [list(p) for p in prompt_ids], max_tokens)
+        kls, top1 = [], []
+        for lr, lq in zip(ref_lp, score_logprobs(llm.llm_engine, seqs, starts, max_positions)):
+            lr = lr.to(lq.device)
+            if lq.shape[-1] != lr.shape[-1]:
+                raise ValueError(f"the two models' vocabularies differ ({lr.shape[-1]} vs {lq.shape[-1]})")
+            p = lr.exp()
+            # KL(ref || quant) = sum_v p_ref(v) (log p_ref(v) - log p_quant(v)); tokens without reference mass add 0
+            kl = torch.where(p > 0, p * (lr - lq), torch.zeros_like(p)).sum(-1)
+            kls.append(kl.double().cpu())
+            top1.append((lr.argmax(-1) == lq.argmax(-1)).cpu())
+    finally:
+        llm.llm_engine.shutdown()
+    return q_out, kls, top1
 
 
 def _greedy(llm, prompts: list, max_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -62,35 +95,18 @@ def compare(ref_args: dict, quant_args: dict, prompts: list, max_tokens: int, pr
             max_positions: int = 1024) -> dict:
     """Run both models one after the other (peak memory: one model plus the reference's log-probabilities on the
     host, positions x vocab x 4 bytes) and return the measurements (a JSON-able dict)."""
-    from moeserve.engine.scoring import score_logprobs
-
     t0 = time.perf_counter()
     _say(progress, f"loading the reference {ref_args['model']}")
-    llm = _load(ref_args)
-    prompt_ids, ref_out = _greedy(llm, prompts, max_tokens)
-    seqs, starts, keep = _teacher_forced(prompt_ids, ref_out)
-    ref_lp = [lp.cpu() for lp in score_logprobs(llm.llm_engine, seqs, starts, max_positions)]
+    prompt_ids, ref_out, seqs, starts, keep, ref_lp = _reference_pass(ref_args, prompts, max_tokens, max_positions)
+    _release()  # the reference's engine is gone before the quantized one loads: peak memory is one model
     vocab = ref_lp[0].shape[-1] if ref_lp else 0
-    _free(llm)
     t_ref = time.perf_counter() - t0
     _say(progress, f"reference done in {t_ref:.1f}s ({sum(len(x) for x in ref_lp)} positions x {vocab} tokens); "
                    f"loading the quantized model {quant_args['model']} "
                    f"(quantization={quant_args.get('quantization') or 'from the checkpoint'})")
-
     t1 = time.perf_counter()
-    llm = _load(quant_args)
-    _, q_out = _greedy(llm, [list(p) for p in prompt_ids], max_tokens)
-    kls, top1 = [], []
-    for lr, lq in zip(ref_lp, score_logprobs(llm.llm_engine, seqs, starts, max_positions)):
-        lr = lr.to(lq.device)
-        if lq.shape[-1] != lr.shape[-1]:
-            raise ValueError(f"the two models' vocabularies differ ({lr.shape[-1]} vs {lq.shape[-1]})")
-        p = lr.exp()
-        # KL(ref || quant) = sum_v p_ref(v) (log p_ref(v) - log p_quant(v)); tokens the reference gives no mass add 0
-        kl = torch.where(p > 0, p * (lr - lq), torch.zeros_like(p)).sum(-1)
-        kls.append(kl.double().cpu())
-        top1.append((lr.argmax(-1) == lq.argmax(-1)).cpu())
-    _free(llm)
+    q_out, kls, top1 = _quantized_pass(quant_args, prompt_ids, max_tokens, seqs, starts, ref_lp, max_positions)
+    _release()
     t_quant = time.perf_counter() - t1
 
     all_kl = torch.cat(kls) if kls else torch.zeros(0, dtype=torch.float64)
