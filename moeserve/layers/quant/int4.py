@@ -438,7 +438,7 @@ class Int4LinearMethod:
         if self.cfg.name_of("zeros") is None:
             layer.zeros.fill_(8)
         packed, _, _ = self.tensors(layer)
-        self.use_kernel = packed.is_cuda
+        self.use_kernel = packed.is_cuda and self.cfg.group % 16 == 0  # the GEMM's K tile divides the group
 
     def dequantize(self, layer, dtype=torch.float32) -> torch.Tensor:
         return dequantize(*self.tensors(layer), self.cfg.group, dtype)
