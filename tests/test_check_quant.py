@@ -146,3 +146,22 @@ def test_one_model_at_a_time(ckpts, monkeypatch):
                        dict(model=ckpts["llama"], device="cpu", block_size=8, quantization="fp8"),
                        PROMPTS[:2], 4, progress=False)
     assert len(loaded) == 2 and m["positions"] == 8
+
+
+def test_prompt_files_and_verdict(tmp_path):
+    from moeserve.quant_check.prompts import PROMPTS as BUILTIN, load_prompts
+    from moeserve.quant_check.runner import Thresholds, verdict
+
+    assert load_prompts(None) == list(BUILTIN) and len(BUILTIN) == 32
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a b"}\n\n{"prompt_token_ids": [5, 6]}\n"plain"\n')
+    assert load_prompts(str(f)) == ["a b", [5, 6], "plain"]
+    t = tmp_path / "p.txt"
+    t.write_text("one\\ntwo\n\nthree\n")
+    assert load_prompts(str(t)) == ["one\ntwo", "three"]
+    m = dict(kl_mean=0.004, top1_agreement=0.97, greedy_match=0.3, mean_common_prefix=30.0, mean_reference_len=64.0,
+             num_prompts=32, positions=2048)
+    ok, line = verdict(m, Thresholds(0.02, 0.95, 0.1))
+    assert ok and line.startswith("check-quant PASS: kl=0.004 nats/token (max 0.02) top1=0.9700 (min 0.95)")
+    ok, line = verdict(dict(m, top1_agreement=0.9, greedy_match=float("nan")), Thresholds(0.02, 0.95, 0.1))
+    assert not ok and line.startswith("check-quant FAIL (top1, greedy_match):")
