@@ -21,6 +21,7 @@ from moeserve import LLM, SamplingParams
 from moeserve.layers.quant import resolve_quantization
 from moeserve.layers.quant.int4 import Int4Config
 
+KIMI_IGNORE = ["re:.*self_attn.*", "re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"]
 NEW_TOKENS = 6
 PROMPTS = [[5, 17, 42], list(range(3, 40, 3))]
 
@@ -105,6 +106,9 @@ def test_engine_config_and_cli_accept_int4_methods():
     ("Qwen3MoeForCausalLM", "awq", 16, False, None),  # experts w13/w2 per expert
     ("Qwen3MoeForCausalLM", "gptq", 16, False, None),
     ("Qwen3MoeForCausalLM", "compressed-tensors", 16, True, None),
+    # Kimi K2 Thinking / K2.5's layout: MLA + routed experts in int4, attention, shared experts and dense MLPs bf16
+    ("DeepseekV3ForCausalLM", "compressed-tensors", 16, True, KIMI_IGNORE),
+    ("DeepseekV3ForCausalLM", "awq", 8, False, None),  # every projection, MLA's kv_b_proj dequantized after load
 ])
 def test_int4_checkpoint_matches_dequantized(tmp_path, arch, method, group, sym, ignored):
     q, deq = make_int4_pair(tmp_path, arch, method, group, sym, ignored)
