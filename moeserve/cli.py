@@ -64,7 +64,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-custom-all-reduce", action="store_true",
                    help="CUDA: small all-reduces through symmetric memory instead of NCCL (measured no faster yet)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp8", "fp8_e4m3", "fp8_e5m2"],
-                   help="KV-cache precision; auto: the model dtype")
+                   help="KV-cache precision; auto: the model dtype; fp8 (= fp8_e4m3): float8 e4m3 with per-tensor "
+                        "scales (the checkpoint's k_scale/v_scale, else 1.0), twice the tokens of bf16")
     g.add_argument("--quantization", default=None, choices=["fp8", "awq", "gptq", "compressed-tensors"],
                    help="weight precision: fp8 quantizes a bf16 checkpoint on load; an fp8 or int4 (awq, gptq, "
                         "compressed-tensors) checkpoint is read as such from config.json without the flag")
@@ -74,12 +75,11 @@ def check_layout(args: argparse.Namespace) -> None:
     """Refuse, before anything loads, the precisions that `moeserve plan` can size but the engine cannot run yet
     (the layouts the engine cannot run yet are refused by EngineConfig)."""
     wants = []
-    if getattr(args, "kv_cache_dtype", "auto") not in ("auto", "bf16", "fp16"):
+    if getattr(args, "kv_cache_dtype", "auto") not in ("auto", "bf16", "fp16", "fp8", "fp8_e4m3"):
         wants.append(f"--kv-cache-dtype {args.kv_cache_dtype}")
     if wants:
-        raise ValueError(f"{' '.join(wants)}: moeserve runs a model in its checkpoint's precision for now; "
-                         f"quantized weights or KV are not implemented yet. `moeserve plan MODEL` prints the "
-                         f"equivalent vLLM command.")
+        raise ValueError(f"{' '.join(wants)}: not implemented yet (the fp8 KV cache is e4m3: --kv-cache-dtype "
+                         f"fp8 or fp8_e4m3). `moeserve plan MODEL` prints the equivalent vLLM command.")
 
 
 def engine_args_from(args: argparse.Namespace) -> dict:
@@ -100,7 +100,13 @@ def engine_args_from(args: argparse.Namespace) -> dict:
         data_parallel_size=args.data_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
         nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr or "127.0.0.1",
         master_port=args.master_port, enable_custom_all_reduce=args.enable_custom_all_reduce,
+        kv_cache_dtype=kv_cache_dtype_arg(getattr(args, "kv_cache_dtype", "auto")),
     )
+
+
+def kv_cache_dtype_arg(flag: str) -> str:
+    """The engine's kv_cache_dtype for the flag: bf16/fp16 name the model dtype (auto): the KV cache follows it."""
+    return "auto" if flag in ("bf16", "fp16") else flag
 
 
 def _add_serve(subparsers) -> None:

@@ -31,6 +31,9 @@ class EngineConfig:
     # quantizes a bf16/fp32 checkpoint on load (per-channel weights, dynamic per-token activations); "awq", "gptq",
     # "compressed-tensors" name an int4 checkpoint's method (read from config.json anyway; must match it).
     quantization: str | None = None
+    # KV-cache precision: auto = the model dtype; fp8 (= fp8_e4m3) stores K/V (or MLA's latents) as float8_e4m3fn
+    # with per-tensor scales (the checkpoint's k_scale / v_scale, else 1.0): twice the tokens of a bf16 cache.
+    kv_cache_dtype: str = "auto"
     # Count the tokens routed to each expert on the device (GET /v1/expert_load, the expert gauges of /metrics).
     expert_load_telemetry: bool = False
     # The layout (vLLM's names and meanings): ranks = TP x PP x DP, one process per GPU, over `nnodes` nodes.
@@ -66,6 +69,9 @@ class EngineConfig:
         check(self.quantization in (None, "fp8", "awq", "gptq", "compressed-tensors"),
               f"quantization must be None, 'fp8', or the int4 checkpoint's method ('awq', 'gptq', "
               f"'compressed-tensors'); got {self.quantization!r}.")
+        check(self.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"),
+              f"kv_cache_dtype must be one of auto, fp8, fp8_e4m3 (fp8 means e4m3; fp8_e5m2 is not implemented); "
+              f"got {self.kv_cache_dtype!r}.")
         check(self.max_model_len is None or self.max_model_len > 1, "max_model_len must be > 1.")
         check(self.max_num_seqs >= 1, "max_num_seqs must be >= 1.")
         check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
@@ -97,6 +103,10 @@ class EngineConfig:
         return ParallelLayout(tp=self.tensor_parallel_size, pp=self.pipeline_parallel_size,
                               dp=self.data_parallel_size, enable_expert_parallel=self.enable_expert_parallel,
                               custom_all_reduce=self.enable_custom_all_reduce)
+
+    @property
+    def kv_fp8(self) -> bool:
+        return self.kv_cache_dtype in ("fp8", "fp8_e4m3")
 
     @property
     def dtype_name(self) -> str:

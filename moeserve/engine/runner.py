@@ -46,9 +46,13 @@ def _graph_sizes(max_num_seqs: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, block_size: int,
-                 max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int, use_cuda_graphs: bool):
+                 max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int, use_cuda_graphs: bool,
+                 kv_cache_dtype: str = "auto"):
         self.model = model
         self.device, self.dtype = device, dtype
+        # The KV cache's element type: the model's, or float8_e4m3fn for kv_cache_dtype fp8 / fp8_e4m3 (the
+        # attention layers quantize on write and dequantize on read by their per-tensor scales).
+        self.kv_dtype = torch.float8_e4m3fn if kv_cache_dtype in ("fp8", "fp8_e4m3") else dtype
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -90,7 +94,7 @@ class ModelRunner:
 
     def kv_bytes_per_block(self) -> int:
         shape = self.kv_cache_shape(1)
-        return int(np.prod(shape)) * self.model.num_kv_layers() * torch.tensor([], dtype=self.dtype).element_size()
+        return int(np.prod(shape)) * self.model.num_kv_layers() * self.kv_dtype.itemsize
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = self.kv_cache_shape(num_blocks)
@@ -99,7 +103,7 @@ class ModelRunner:
         alloc = torch.zeros if self.device.type == "cuda" else torch.empty
         # Indexed by the global layer: a pipeline stage holds only its own layers, from kv_layer_start on.
         self.kv_caches = [None] * getattr(self.model, "kv_layer_start", 0) + [
-            alloc(shape, dtype=self.dtype, device=self.device) for _ in range(self.model.num_kv_layers())]
+            alloc(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.model.num_kv_layers())]
 
     # -- one step --
     @torch.inference_mode()

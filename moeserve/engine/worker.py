@@ -59,12 +59,14 @@ def check_fits_before_loading(config: EngineConfig, source: ModelSource, dtype: 
     from moeserve.models.hf_config import normalize
     from moeserve.plan.arch import read_arch
     from moeserve.plan.fit import check_startup_fit
+    from moeserve.plan.memory import kv_dtype_bytes
 
     spec = read_arch(normalize(source.config))
     max_len = config.max_model_len or spec.max_position_embeddings
     elem = torch.tensor([], dtype=dtype).element_size()
+    kv_elem = kv_dtype_bytes(config.kv_cache_dtype) if config.kv_fp8 else elem  # the planner's table, as `plan`
     verdict = check_startup_fit(
-        spec, weight_dtype_bytes=elem, kv_dtype_bytes=elem, max_model_len=max_len,
+        spec, weight_dtype_bytes=elem, kv_dtype_bytes=kv_elem, max_model_len=max_len,
         weight_dtype="fp8" if config.quantization == "fp8" else None,  # online fp8: sized as it will be held
         device_memory_bytes=device_memory_bytes, memory_utilization=config.gpu_memory_utilization,
         max_num_batched_tokens=config.max_num_batched_tokens or 8192, max_num_seqs=config.max_num_seqs,
@@ -91,7 +93,7 @@ class Worker:
                                  for t in (*self.model.parameters(), *self.model.buffers()))
         self.runner = ModelRunner(self.model, device, dtype, config.block_size, self.max_model_len,
                                   config.max_num_seqs, self.max_num_batched_tokens,
-                                  use_cuda_graphs=not config.enforce_eager)
+                                  use_cuda_graphs=not config.enforce_eager, kv_cache_dtype=config.kv_cache_dtype)
         # before graph capture, so the graphs hold the counting ops
         self.expert_load = ExpertLoad.attach(self.model, device) if config.expert_load_telemetry else None
         self.runner.expert_load = self.expert_load

@@ -20,16 +20,37 @@ from moeserve.kernels import runtime
 from moeserve.kernels.autotune import Config, bucket, get_tuner
 
 LOG2E = 1.4426950408889634
+FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn
+
+
+def is_fp8(cache: torch.Tensor) -> bool:
+    """An fp8 KV cache (float8_e4m3fn): written quantized, read dequantized by per-tensor scales."""
+    if cache.dtype == torch.float8_e4m3fn:
+        return True
+    if cache.dtype.itemsize == 1 and cache.dtype.is_floating_point:
+        raise ValueError(f"KV cache dtype {cache.dtype} is not supported (fp8 means float8_e4m3fn)")
+    return False
 
 
 # ---------------------------------------------------------------------------------------------- KV write
+@triton.jit
+def round_e4m3(x):
+    """x (fp32, already saturated) rounded to the e4m3 grid: 3 mantissa bits, subnormal step 2^-9. Only under the
+    interpreter (Triton 3.9's), whose fp32 -> fp8e4nv cast drops the carry of a round-up into the exponent
+    (1.99 -> 1.0, 7.9 -> 4.0): rounded first, the cast is exact. Compiled kernels cast directly (cvt.rn)."""
+    e = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(x), 2.0 ** -12))), -6.0)
+    step = tl.exp2(e - 3.0)
+    return tl.floor(x / step + 0.5) * step
+
+
 @triton.jit
 def _write_kv_kernel(
     k_ptr, v_ptr, cache_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head,
-    block_size,
-    KVH: tl.constexpr, D: tl.constexpr, KVH_P: tl.constexpr, D_P: tl.constexpr,
+    block_size, k_inv_scale, v_inv_scale,
+    KVH: tl.constexpr, D: tl.constexpr, KVH_P: tl.constexpr, D_P: tl.constexpr, FP8: tl.constexpr,
+    ROUND: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -42,12 +63,20 @@ def _write_kv_kernel(
     dst = cache_ptr + page * stride_c_blk + (slot % block_size) * stride_c_tok + h * stride_c_head + d
     kx = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     vx = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    if FP8:  # quantize: x / scale, saturated to e4m3's finite range (a plain cast turns overflow into NaN)
+        kx = tl.clamp(kx.to(tl.float32) * k_inv_scale, -FP8_MAX, FP8_MAX)
+        vx = tl.clamp(vx.to(tl.float32) * v_inv_scale, -FP8_MAX, FP8_MAX)
+        if ROUND:
+            kx = round_e4m3(kx)
+            vx = round_e4m3(vx)
     tl.store(dst, kx.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + stride_c_kv, vx.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """kv_cache[0/1] at each token's slot = k/v. k, v: [T, KVH, D]; slot_mapping [T] int64, < 0 = skip.
+    An fp8 (e4m3) cache stores k / k_scale and v / v_scale, saturated to +-448 (per-tensor scales, host floats).
 
     No block sizes to tune: one program copies one token's KVH x D values of K and of V.
     """
@@ -66,8 +95,9 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
         k, v, kv_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        kv_cache.shape[2],
-        KVH=kvh, D=d, KVH_P=runtime.next_pow2(kvh), D_P=runtime.next_pow2(d),
+        kv_cache.shape[2], 1.0 / k_scale, 1.0 / v_scale,
+        KVH=kvh, D=d, KVH_P=runtime.next_pow2(kvh), D_P=runtime.next_pow2(d), FP8=is_fp8(kv_cache),
+        ROUND=runtime.interpreting(),
         num_warps=1 if kvh * d <= 512 else 4,
     )
 
@@ -77,7 +107,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
 def _attend_keys(q, q_pos, m_i, l_i, acc, kv_base, bt_row, lo, hi, scale_log2e, d,
                  stride_c_kv, stride_c_blk, stride_c_tok,
                  PAGE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
-                 MASKED: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                 MASKED: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
     """Online softmax over keys [lo, hi) of one sequence's pages. MASKED=False: every key in whole tiles is
     visible to every row (no bounds or causal mask); MASKED=True: tail and diagonal tiles."""
     d_ok = d < D
@@ -97,6 +127,9 @@ def _attend_keys(q, q_pos, m_i, l_i, acc, kv_base, bt_row, lo, hi, scale_log2e, 
         else:
             k = tl.load(kv_base + off[:, None] + d[None, :])
             v = tl.load(kv_base + stride_c_kv + off[:, None] + d[None, :])
+        if KV_FP8:  # dequantized as q's dtype; k_scale is folded into scale_log2e, v_scale into the output
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -120,13 +153,13 @@ def _attend_keys(q, q_pos, m_i, l_i, acc, kv_base, bt_row, lo, hi, scale_log2e, 
 def _attn_kernel(
     q_ptr, kv_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     qsl_ptr, seq_lens_ptr, bt_ptr,
-    scale_log2e, num_seqs,
+    scale_log2e, v_scale, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head,
     stride_bt, num_heads,
     PAGE: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_P: tl.constexpr, NUM_SEG: tl.constexpr, DECODE: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     if DECODE:
         tile = tl.program_id(0)
@@ -191,11 +224,13 @@ def _attn_kernel(
     k_full = k_lo + (k_full - k_lo) // BLOCK_N * BLOCK_N
     m_i, l_i, acc = _attend_keys(q, q_pos, m_i, l_i, acc, kv_base, bt_row, k_lo, k_full, scale_log2e, d,
                                  stride_c_kv, stride_c_blk, stride_c_tok,
-                                 PAGE, BLOCK_N, D, D_P, False, DOT_F32, PRECISION)
+                                 PAGE, BLOCK_N, D, D_P, False, DOT_F32, PRECISION, KV_FP8)
     m_i, l_i, acc = _attend_keys(q, q_pos, m_i, l_i, acc, kv_base, bt_row, k_full, k_hi, scale_log2e, d,
                                  stride_c_kv, stride_c_blk, stride_c_tok,
-                                 PAGE, BLOCK_N, D, D_P, True, DOT_F32, PRECISION)
+                                 PAGE, BLOCK_N, D, D_P, True, DOT_F32, PRECISION, KV_FP8)
 
+    if KV_FP8:
+        acc = acc * v_scale
     if NUM_SEG > 1:  # unnormalised partials; _merge_segments_kernel combines them
         part = (tok * num_heads + head) * NUM_SEG + seg
         tl.store(part_acc_ptr + part[:, None] * D_P + d[None, :], acc, mask=row_ok[:, None])
@@ -238,8 +273,11 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of every sequence's new tokens over its paged context. Returns [T, num_heads, head_dim].
+    An fp8 cache is read as k * k_scale, v * v_scale (per-tensor host floats: CUDA-graph safe).
 
     q: [T, H, D]; query_start_loc [B+1] int32; seq_lens [B] int32 (context incl. the new tokens, already written
     to the cache); block_tables [B, max_blocks] int32. max_query_len picks the kernel (1 = decode) and must bound
@@ -268,26 +306,30 @@ def paged_attention(
 
     group = num_heads // kv_heads
     decode = max_query_len == 1
-    shape = AttnShape(T, B, group, d, page, kv_heads, q.dtype, decode, max_seq_len)
+    shape = AttnShape(T, B, group, d, page, kv_heads, q.dtype, decode, max_seq_len, is_fp8(kv_cache))
+    scales = (k_scale, v_scale)
     cfg = get_tuner().choose(
         "paged_attention", shape.key(), _attn_candidates(shape),
-        lambda c: _launch_attention(c, shape, q, kv_cache, query_start_loc, seq_lens, block_tables, scale, out),
+        lambda c: _launch_attention(c, shape, q, kv_cache, query_start_loc, seq_lens, block_tables, scale, out,
+                                    scales),
         _attn_default(shape),
     )
-    _launch_attention(cfg, shape, q, kv_cache, query_start_loc, seq_lens, block_tables, scale, out)
+    _launch_attention(cfg, shape, q, kv_cache, query_start_loc, seq_lens, block_tables, scale, out, scales)
     return out
 
 
 class AttnShape:
     """What the launch and the tuning key depend on (all host-side ints: no device reads)."""
 
-    def __init__(self, T, B, group, d, page, kv_heads, dtype, decode, max_seq_len):
+    def __init__(self, T, B, group, d, page, kv_heads, dtype, decode, max_seq_len, kv_fp8=False):
         self.T, self.B, self.group, self.d, self.page = T, B, group, d, page
         self.kv_heads, self.dtype, self.decode, self.max_seq_len = kv_heads, dtype, decode, max_seq_len
+        self.kv_fp8 = kv_fp8
 
     def key(self) -> str:
         mode = f"decode|B={bucket(self.B)}" if self.decode else f"prefill|T={bucket(self.T, 16384)}"
-        return f"{mode}|G={self.group}|D={self.d}|page={self.page}|{str(self.dtype).removeprefix('torch.')}"
+        kv = "|kv=fp8" if self.kv_fp8 else ""
+        return f"{mode}|G={self.group}|D={self.d}|page={self.page}|{str(self.dtype).removeprefix('torch.')}{kv}"
 
 
 def _attn_candidates(s: AttnShape) -> list[Config]:
@@ -329,7 +371,8 @@ def _num_segments(s: AttnShape, cfg: Config, device: torch.device) -> int:
     return max(1, min(want, most, 64))
 
 
-def _launch_attention(cfg, s: AttnShape, q, kv_cache, qsl, seq_lens, block_tables, scale, out) -> None:
+def _launch_attention(cfg, s: AttnShape, q, kv_cache, qsl, seq_lens, block_tables, scale, out,
+                      scales=(1.0, 1.0)) -> None:
     num_heads = q.shape[1]
     hp = runtime.next_pow2(s.group)
     d_p = max(16, runtime.next_pow2(s.d))
@@ -350,12 +393,12 @@ def _launch_attention(cfg, s: AttnShape, q, kv_cache, qsl, seq_lens, block_table
     _attn_kernel[(grid0, s.kv_heads, segs)](
         q, kv_cache, out, part_acc, part_ml,
         qsl, seq_lens, block_tables,
-        scale * LOG2E, s.B,
+        scale * LOG2E * (scales[0] if s.kv_fp8 else 1.0), float(scales[1]), s.B,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), num_heads,
         PAGE=s.page, G=s.group, HP=hp, BLOCK_Q=block_q, BLOCK_N=cfg["BLOCK_N"], D=s.d, D_P=d_p,
-        NUM_SEG=segs, DECODE=s.decode, DOT_F32=dot_f32, PRECISION=precision,
+        NUM_SEG=segs, DECODE=s.decode, DOT_F32=dot_f32, PRECISION=precision, KV_FP8=s.kv_fp8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if segs > 1:

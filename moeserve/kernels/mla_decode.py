@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import runtime
+from moeserve.kernels.attention import FP8_MAX, is_fp8, round_e4m3
 from moeserve.kernels.autotune import Config, bucket, get_tuner
 
 LOG2E = 1.4426950408889634
@@ -24,20 +25,26 @@ LOG2E = 1.4426950408889634
 
 # ---------------------------------------------------------------------------------------------- cache write
 @triton.jit
-def _write_latent_kernel(src_ptr, cache_ptr, slot_ptr, stride_st, stride_c_blk, stride_c_tok, block_size,
-                         L: tl.constexpr, L_P: tl.constexpr):
+def _write_latent_kernel(src_ptr, cache_ptr, slot_ptr, stride_st, stride_c_blk, stride_c_tok, block_size, inv_scale,
+                         L: tl.constexpr, L_P: tl.constexpr, FP8: tl.constexpr, ROUND: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     i = tl.arange(0, L_P)
     mask = (i < L) & (tl.broadcast_to(slot, [L_P]) >= 0)  # a block test: see attention._write_kv_kernel
     page = tl.maximum(slot, 0) // block_size
     x = tl.load(src_ptr + t * stride_st + i, mask=mask)
+    if FP8:  # quantize: x / scale, saturated to e4m3's finite range
+        x = tl.clamp(x.to(tl.float32) * inv_scale, -FP8_MAX, FP8_MAX)
+        if ROUND:  # the interpreter's cast mis-rounds: see attention.round_e4m3
+            x = round_e4m3(x)
     tl.store(cache_ptr + page * stride_c_blk + (slot % block_size) * stride_c_tok + i,
              x.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-def write_latent_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """cache[slot // page, slot % page] = latent[t] for each token t with slot >= 0. latent [T, L]."""
+def write_latent_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                       kv_scale: float = 1.0) -> None:
+    """cache[slot // page, slot % page] = latent[t] for each token t with slot >= 0. latent [T, L].
+    An fp8 (e4m3) cache stores latent / kv_scale saturated to +-448 (one per-tensor scale for c_kv and k_pe)."""
     runtime.check_device("write_latent_cache", latent, cache, slot_mapping)
     _check_cache(cache)
     T, L = latent.shape
@@ -50,19 +57,20 @@ def write_latent_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: 
     if T == 0:
         return
     _write_latent_kernel[(T,)](latent, cache, slot_mapping, latent.stride(0), cache.stride(0), cache.stride(1),
-                               cache.shape[1], L=L, L_P=runtime.next_pow2(L), num_warps=4 if L >= 512 else 1)
+                               cache.shape[1], 1.0 / kv_scale, L=L, L_P=runtime.next_pow2(L), FP8=is_fp8(cache),
+                               ROUND=runtime.interpreting(), num_warps=4 if L >= 512 else 1)
 
 
 # ---------------------------------------------------------------------------------------------- decode
 @triton.jit
 def _mla_decode_kernel(
     qlat_ptr, qpe_ptr, cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, seq_lens_ptr, bt_ptr,
-    scale_log2e, num_heads,
+    scale_log2e, kv_scale, num_heads,
     stride_qb, stride_qh, stride_pb, stride_ph, stride_ob, stride_oh,
     stride_c_blk, stride_c_tok, stride_bt,
     PAGE: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, P: tl.constexpr, P_P: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SEG: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -98,6 +106,9 @@ def _mla_decode_kernel(
         row = cache_ptr + page * stride_c_blk + (pos % PAGE) * stride_c_tok
         c = tl.load(row[:, None] + r[None, :], mask=ok[:, None] & (r < R)[None, :], other=0.0)  # [N, R_P]
         k_pe = tl.load(row[:, None] + R + p[None, :], mask=ok[:, None] & (p < P)[None, :], other=0.0)
+        if KV_FP8:  # dequantized as the query's dtype; kv_scale is folded into scale_log2e and the output
+            c = c.to(q_lat.dtype)
+            k_pe = k_pe.to(q_lat.dtype)
         if DOT_F32:
             c = c.to(tl.float32)
             k_pe = k_pe.to(tl.float32)
@@ -112,6 +123,8 @@ def _mla_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(w.to(c.dtype), c, input_precision=PRECISION)
         m_i = m_new
 
+    if KV_FP8:
+        acc = acc * kv_scale
     if NUM_SEG > 1:  # unnormalised partials; _merge_kernel combines them
         part = (b * num_heads + head) * NUM_SEG + seg
         tl.store(part_acc_ptr + part[:, None] * R_P + r[None, :], acc, mask=h_ok[:, None])
@@ -151,8 +164,10 @@ def mla_decode(
     scale: float,
     max_seq_len: int,
     out: torch.Tensor | None = None,
+    kv_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of one query per sequence over its paged latents, in latent space. Returns [B, H, R].
+    An fp8 cache is read as latent * kv_scale (a host float: CUDA-graph safe).
 
     q_lat [B, H, R] (q_nope absorbed through W_UK), q_pe [B, H, rope]; cache [blocks, page, R + rope];
     seq_lens [B] int32 (context incl. this token, already written); block_tables [B, max_blocks] int32.
@@ -176,25 +191,26 @@ def mla_decode(
         raise ValueError(f"mla_decode: out {tuple(out.shape)} must be ({B}, {H}, {R}), last dim contiguous")
     if B == 0:
         return out
-    shape = DecodeShape(B, H, R, P, cache.shape[1], q_lat.dtype, max_seq_len)
+    shape = DecodeShape(B, H, R, P, cache.shape[1], q_lat.dtype, max_seq_len, is_fp8(cache))
     cfg = get_tuner().choose(
         "mla_decode", shape.key(), _candidates(shape),
-        lambda c: _launch(c, shape, q_lat, q_pe, cache, seq_lens, block_tables, scale, out), _candidates(shape)[1],
+        lambda c: _launch(c, shape, q_lat, q_pe, cache, seq_lens, block_tables, scale, out, kv_scale),
+        _candidates(shape)[1],
     )
-    _launch(cfg, shape, q_lat, q_pe, cache, seq_lens, block_tables, scale, out)
+    _launch(cfg, shape, q_lat, q_pe, cache, seq_lens, block_tables, scale, out, kv_scale)
     return out
 
 
 class DecodeShape:
     """What the launch and the tuning key depend on (host-side ints only)."""
 
-    def __init__(self, B, H, R, P, page, dtype, max_seq_len):
+    def __init__(self, B, H, R, P, page, dtype, max_seq_len, kv_fp8=False):
         self.B, self.H, self.R, self.P, self.page = B, H, R, P, page
-        self.dtype, self.max_seq_len = dtype, max_seq_len
+        self.dtype, self.max_seq_len, self.kv_fp8 = dtype, max_seq_len, kv_fp8
 
     def key(self) -> str:
         return (f"B={bucket(self.B)}|H={self.H}|R={self.R}|P={self.P}|page={self.page}|"
-                f"{str(self.dtype).removeprefix('torch.')}")
+                f"{str(self.dtype).removeprefix('torch.')}" + ("|kv=fp8" if self.kv_fp8 else ""))
 
 
 def _candidates(s: DecodeShape) -> list[Config]:
@@ -218,7 +234,7 @@ def _num_segments(s: DecodeShape, cfg: Config, head_blocks: int, device: torch.d
     return max(1, min(want, most, 64))
 
 
-def _launch(cfg, s: DecodeShape, q_lat, q_pe, cache, seq_lens, block_tables, scale, out) -> None:
+def _launch(cfg, s: DecodeShape, q_lat, q_pe, cache, seq_lens, block_tables, scale, out, kv_scale=1.0) -> None:
     block_h = max(16, min(cfg["BLOCK_H"], runtime.next_pow2(s.H)))
     head_blocks = -(-s.H // block_h)
     r_p, p_p = max(16, runtime.next_pow2(s.R)), max(16, runtime.next_pow2(s.P))
@@ -231,11 +247,11 @@ def _launch(cfg, s: DecodeShape, q_lat, q_pe, cache, seq_lens, block_tables, sca
     dot_f32, precision = runtime.dot_flags(q_lat.dtype)
     _mla_decode_kernel[(s.B, head_blocks, segs)](
         q_lat, q_pe, cache, out, part_acc, part_ml, seq_lens, block_tables,
-        scale * LOG2E, s.H,
+        scale * LOG2E * (kv_scale if s.kv_fp8 else 1.0), float(kv_scale), s.H,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), out.stride(0), out.stride(1),
         cache.stride(0), cache.stride(1), block_tables.stride(0),
         PAGE=s.page, R=s.R, R_P=r_p, P=s.P, P_P=p_p, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], NUM_SEG=segs,
-        DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT_F32=dot_f32, PRECISION=precision, KV_FP8=s.kv_fp8, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if segs > 1:
         _merge_kernel[(s.B, s.H)](out, part_acc, part_ml, out.stride(0), out.stride(1), s.H,

@@ -14,13 +14,36 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def ref_write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """kv_cache[0 (K) / 1 (V), slot // block_size, slot % block_size] = k / v for every token with slot >= 0."""
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def kv_store(rows: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: float = 1.0) -> None:
+    """rows[slots] = x in the cache's dtype; an fp8 (e4m3) cache stores x / scale saturated to +-448 (a plain cast
+    turns overflow into NaN). The fp8 copy goes through uint8 views: index_copy_ has no fp8 CPU kernel."""
+    if rows.dtype == torch.float8_e4m3fn:
+        q = (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(rows.dtype)
+        rows.view(torch.uint8).index_copy_(0, slots, q.view(torch.uint8))
+    else:
+        rows.index_copy_(0, slots, x.to(rows.dtype))
+
+
+def kv_load(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """Cached values as `dtype`: an fp8 cache is dequantized (x * scale)."""
+    if x.dtype == torch.float8_e4m3fn:
+        y = x.to(dtype)
+        return y if scale == 1.0 else y * scale
+    return x.to(dtype)
+
+
+def ref_write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                       k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """kv_cache[0 (K) / 1 (V), slot // block_size, slot % block_size] = k / v for every token with slot >= 0
+    (an fp8 cache holds k / k_scale, v / v_scale: kv_store)."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])  # [2, num_blocks * block_size, KVH, D]
-    flat[0].index_copy_(0, slots, k[keep].to(kv_cache.dtype))
-    flat[1].index_copy_(0, slots, v[keep].to(kv_cache.dtype))
+    kv_store(flat[0], slots, k[keep], k_scale)
+    kv_store(flat[1], slots, v[keep], v_scale)
 
 
 def ref_paged_attention(
@@ -31,6 +54,8 @@ def ref_paged_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     **_unused,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached context (see kernels.attention).
@@ -55,8 +80,8 @@ def ref_paged_attention(
         if n_q > ctx_len:
             raise ValueError(f"sequence {b}: {n_q} new tokens but seq_len {ctx_len}")
         pages = tables[b, : (ctx_len + block_size - 1) // block_size].to(kv_cache.device)
-        k = kv_cache[0, pages].flatten(0, 1)[:ctx_len].to(acc).repeat_interleave(group, dim=1)  # [ctx, H, D]
-        v = kv_cache[1, pages].flatten(0, 1)[:ctx_len].to(acc).repeat_interleave(group, dim=1)
+        k = kv_load(kv_cache[0, pages].flatten(0, 1)[:ctx_len], acc, k_scale).repeat_interleave(group, dim=1)
+        v = kv_load(kv_cache[1, pages].flatten(0, 1)[:ctx_len], acc, v_scale).repeat_interleave(group, dim=1)
         qq = q[s:e].to(acc)
         scores = torch.einsum("qhd,khd->hqk", qq, k) * scale
         q_pos = torch.arange(ctx_len - n_q, ctx_len, device=q.device)
@@ -140,6 +165,8 @@ def batched_paged_attention(
     block_tables: torch.Tensor | None = None,
     scale: float,
     plan: AttentionPlan | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """ref_paged_attention's result for sequences whose queries lie back to back in q, in one SDPA call.
 
@@ -163,7 +190,8 @@ def batched_paged_attention(
     # [B, q_max, KVH, group, D] -> [B, KVH, group * q_max, D] (row = g * q_max + i)
     qg = qp.view(B, q_max, kvh, group, D).permute(0, 2, 3, 1, 4).reshape(B, kvh, group * q_max, D)
     acc = _acc_dtype(q.dtype)
-    o = F.scaled_dot_product_attention(qg.to(acc), kv[0].to(acc), kv[1].to(acc), attn_mask=plan.mask,
+    o = F.scaled_dot_product_attention(qg.to(acc), kv_load(kv[0], acc, k_scale), kv_load(kv[1], acc, v_scale),
+                                       attn_mask=plan.mask,
                                        scale=scale)  # [B, KVH, group * q_max, D]
     o = o.view(B, kvh, group, q_max, D).permute(0, 3, 1, 2, 4).reshape(B, q_max, H, D).to(q.dtype)
     return o.view(T, H, D) if q_max == 1 else o[plan.real]

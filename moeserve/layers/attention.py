@@ -44,13 +44,19 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.layer_idx = layer_idx
+        # Per-tensor scales of an fp8 KV cache (stored = x / scale, read = stored * scale): host floats, so CUDA
+        # graphs capture them as constants. 1.0 unless the checkpoint carries k_scale / v_scale (vLLM's default).
+        self.k_scale, self.v_scale = 1.0, 1.0
 
     def kv_target(self, v: torch.Tensor, ctx: ForwardContext) -> tuple | None:
         """(v, this layer's cache, slot mapping) for a CUDA kernel that stores K/V on its way (the fused rotary),
         so that forward(..., kv_written=True) skips its own write; None where there is no cache to write."""
         if ctx.kv_caches is None or not v.is_cuda:
             return None
-        return v, ctx.kv_caches[self.layer_idx], ctx.attn.slot_mapping
+        cache = ctx.kv_caches[self.layer_idx]
+        if cache.dtype == torch.float8_e4m3fn:  # the fused store does not quantize: write_kv_cache does
+            return None
+        return v, cache, ctx.attn.slot_mapping
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
                 kv_written: bool = False) -> torch.Tensor:
@@ -63,14 +69,14 @@ class PagedAttention(nn.Module):
             from moeserve.kernels.attention import paged_attention, write_kv_cache
 
             if not kv_written:
-                write_kv_cache(k, v, cache, meta.slot_mapping)
+                write_kv_cache(k, v, cache, meta.slot_mapping, self.k_scale, self.v_scale)
             return paged_attention(
                 q, cache, query_start_loc=meta.query_start_loc, seq_lens=meta.seq_lens,
                 block_tables=meta.block_tables, scale=self.scale, max_query_len=meta.max_query_len,
-                max_seq_len=meta.max_seq_len,
+                max_seq_len=meta.max_seq_len, k_scale=self.k_scale, v_scale=self.v_scale,
             )
-        write_kv_reference(k, v, cache, meta.slot_mapping)
-        return paged_attention_reference(q, cache, meta, self.scale)
+        write_kv_reference(k, v, cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        return paged_attention_reference(q, cache, meta, self.scale, self.k_scale, self.v_scale)
 
     def _attend_uncached(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
@@ -81,15 +87,19 @@ class PagedAttention(nn.Module):
         return out
 
 
-def write_kv_reference(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv_reference(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                       k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    from moeserve.kernels.reference import kv_store
+
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     flat = cache.view(2, -1, cache.shape[-2], cache.shape[-1])
-    flat[0].index_copy_(0, slots, k[keep].to(cache.dtype))
-    flat[1].index_copy_(0, slots, v[keep].to(cache.dtype))
+    kv_store(flat[0], slots, k[keep], k_scale)
+    kv_store(flat[1], slots, v[keep], v_scale)
 
 
-def paged_attention_reference(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float):
+def paged_attention_reference(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                              k_scale: float = 1.0, v_scale: float = 1.0):
     """The CPU path: sequences attended in batches (kernels.reference.batched_paged_attention), not one by one.
 
     Sequences with new tokens are batched together when padding their queries to the longest costs at most 2x
@@ -105,10 +115,10 @@ def paged_attention_reference(q: torch.Tensor, cache: torch.Tensor, meta: Attent
     if not groups:
         return torch.empty_like(q)
     if len(groups) == 1 and groups[0][0] is None:
-        return batched_paged_attention(q, cache, scale=scale, plan=groups[0][1])
+        return batched_paged_attention(q, cache, scale=scale, plan=groups[0][1], k_scale=k_scale, v_scale=v_scale)
     out = torch.empty_like(q)
     for rows, plan in groups:
-        out[rows] = batched_paged_attention(q[rows], cache, scale=scale, plan=plan)
+        out[rows] = batched_paged_attention(q[rows], cache, scale=scale, plan=plan, k_scale=k_scale, v_scale=v_scale)
     return out
 
 

@@ -46,6 +46,10 @@ class LatentAttention(nn.Module):
         self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         self.scale = scale
         self.layer_idx = layer_idx
+        # Per-tensor scale of an fp8 latent cache (stored = latent / kv_scale, read = stored * kv_scale), one for
+        # c_kv and k_pe alike: a host float (CUDA graphs capture it as a constant); 1.0 unless the checkpoint
+        # carries the layer's k_scale (vLLM's default without calibration).
+        self.kv_scale = 1.0
 
     @property
     def latent_dim(self) -> int:
@@ -62,12 +66,12 @@ class LatentAttention(nn.Module):
         if q_nope.is_cuda:
             from moeserve.kernels.mla_decode import write_latent_cache
 
-            write_latent_cache(latent, cache, meta.slot_mapping)
+            write_latent_cache(latent, cache, meta.slot_mapping, self.kv_scale)
             if meta.max_query_len == 1:  # pure decode: graph-safe, no host reads
                 return self._decode(q_nope, q_pe, cache, meta.seq_lens, meta.block_tables, w_uk, w_uv,
                                     meta.max_seq_len)
         else:
-            write_latent_reference(latent, cache, meta.slot_mapping)
+            write_latent_reference(latent, cache, meta.slot_mapping, self.kv_scale)
         return self._attend_mixed(q_nope, q_pe, cache, w_uk, w_uv, meta)
 
     # -- decode: absorbed, over the latent cache --
@@ -78,10 +82,10 @@ class LatentAttention(nn.Module):
             from moeserve.kernels.mla_decode import mla_decode
 
             o_lat = mla_decode(q_lat, q_pe, cache, seq_lens=seq_lens, block_tables=block_tables, scale=self.scale,
-                               max_seq_len=max_seq_len)
+                               max_seq_len=max_seq_len, kv_scale=self.kv_scale)
         else:
             o_lat = mla_decode_reference(q_lat, q_pe, cache, seq_lens=seq_lens, block_tables=block_tables,
-                                         scale=self.scale)
+                                         scale=self.scale, kv_scale=self.kv_scale)
         return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, v]
 
     # -- mixed batches: decodes absorbed, prefills expanded --
@@ -105,6 +109,9 @@ class LatentAttention(nn.Module):
             tables = meta.block_tables[upload(pre.astype(np.int64), dev)]
             take = np.concatenate([i * tables.shape[1] + np.arange(n) for i, n in enumerate(n_pages)])
             pages = cache[tables.reshape(-1)[upload(take, dev)].long()]  # [sum n_pages, bs, R+rope]
+            if pages.dtype == torch.float8_e4m3fn:  # an fp8 cache: the expansion reads dequantized latents
+                from moeserve.kernels.reference import kv_load
+                pages = kv_load(pages, q_nope.dtype, self.kv_scale)
             out[tok] = self._expanded(q_nope[tok], q_pe[tok], pages, n_pages, q_lens[pre], seq_lens[pre], w_uk, w_uv)
         return out
 
@@ -226,10 +233,14 @@ def _kv_b_full(w_uk: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
     return torch.cat([w_uk, w_uv], dim=1)
 
 
-def write_latent_reference(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """cache[slot // page, slot % page] = latent row, for every token with slot >= 0. cache [blocks, page, L]."""
+def write_latent_reference(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                           kv_scale: float = 1.0) -> None:
+    """cache[slot // page, slot % page] = latent row, for every token with slot >= 0. cache [blocks, page, L]
+    (an fp8 cache holds latent / kv_scale: kernels.reference.kv_store)."""
+    from moeserve.kernels.reference import kv_store
+
     keep = slot_mapping >= 0
-    cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping[keep], latent[keep].to(cache.dtype))
+    kv_store(cache.view(-1, cache.shape[-1]), slot_mapping[keep], latent[keep], kv_scale)
 
 
 def expanded_attention(q_nope, q_pe, context, w_uk, w_uv, scale: float) -> torch.Tensor:
@@ -248,11 +259,13 @@ def expanded_attention(q_nope, q_pe, context, w_uk, w_uv, scale: float) -> torch
 
 
 def mla_decode_reference(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, *, seq_lens: torch.Tensor,
-                         block_tables: torch.Tensor, scale: float, **_unused) -> torch.Tensor:
+                         block_tables: torch.Tensor, scale: float, kv_scale: float = 1.0, **_unused) -> torch.Tensor:
     """Absorbed decode: o_lat[b, h] = softmax_j((q_lat[b,h] . c_j + q_pe[b,h] . k_pe_j) * scale) c_j over the
     seq_lens[b] cached tokens of sequence b. q_lat [B, H, R], q_pe [B, H, rope], cache [blocks, page, R+rope].
 
     The semantics moeserve.kernels.mla_decode is tested against; fp32 (fp64 stays fp64) inside."""
+    from moeserve.kernels.reference import kv_load
+
     R = q_lat.shape[-1]
     page = cache.shape[1]
     acc = torch.float64 if q_lat.dtype == torch.float64 else torch.float32
@@ -260,7 +273,8 @@ def mla_decode_reference(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
     tables = block_tables.long().cpu()
     out = torch.empty(q_lat.shape, dtype=q_lat.dtype, device=q_lat.device)
     for b, n in enumerate(lens):
-        context = cache[tables[b, : -(-n // page)].to(cache.device)].flatten(0, 1)[:n].to(acc)  # [n, R+rope]
+        context = kv_load(cache[tables[b, : -(-n // page)].to(cache.device)].flatten(0, 1)[:n], acc,
+                          kv_scale)  # [n, R+rope], an fp8 cache dequantized
         scores = (q_lat[b].to(acc) @ context[:, :R].t() + q_pe[b].to(acc) @ context[:, R:].t()) * scale  # [H, n]
         out[b] = (scores.softmax(dim=-1) @ context[:, :R]).to(q_lat.dtype)
     return out
