@@ -207,7 +207,7 @@ def test_cli_input_errors(capsys):
 
 
 def test_no_server_at_the_url_fails_ready_and_metrics(capsys):
-    from moeserve.check.probe import free_port
+    from moeserve.server.process import free_port
 
     rc = main(["check", "--url", f"http://127.0.0.1:{free_port()}", "--peak-concurrency", "1", "--no-progress"])
     verdicts = _lines(capsys.readouterr().out)

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if args.url:
         results, raw = run_checks(config_from(args, args.url), progress=not args.no_progress)
     else:
-        from moeserve.check.probe import ServedForCheck
+        from moeserve.check.probe import served_for_check
 
         cfg = config_from(args, "")
         serve_args = [args.model, *[a for a in args.serve_args if a != "--"]]
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
             serve_args += ["--api-key", cfg.api_key]
         print(f"moeserve check: starting moeserve serve {' '.join(serve_args)}", file=sys.stderr, flush=True)
         try:
-            with ServedForCheck(serve_args) as server:
+            with served_for_check(serve_args) as server:
                 cfg.url = server.url
                 results, raw = run_checks(cfg, progress=not args.no_progress)
         except (RuntimeError, TimeoutError) as e:  # the server did not come up: say why, exit 2

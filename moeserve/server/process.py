@@ -1,7 +1,8 @@
-"""Start `moeserve serve` in a subprocess on a free localhost port and wait until /health answers.
+"""Start `moeserve serve` in a subprocess on a free localhost port and wait until /health (or /ready) answers.
 
-Used by the end-to-end tests (and usable by load generators): `with ServerProcess([model, flags...]) as s:`
-gives `s.base_url` ("http://127.0.0.1:PORT/v1") and always stops the process on the way out.
+Used by the end-to-end tests and `moeserve check`: `with ServerProcess([model, flags...]) as s:` gives
+`s.base_url` ("http://127.0.0.1:PORT/v1") and always stops the process on the way out (SIGTERM: the drain).
+Standard library only, so client-side tools can use it.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, serve_args: list[str], startup_timeout_s: float = 180.0, env: dict | None = None):
+    def __init__(self, serve_args: list[str], startup_timeout_s: float = 180.0, env: dict | None = None,
+                 wait_path: str = "/health", stop_timeout_s: float = 15.0):
         self.serve_args = list(serve_args)
         self.startup_timeout_s = startup_timeout_s
+        self.wait_path, self.stop_timeout_s = wait_path, stop_timeout_s
         self.env = {**os.environ, **(env or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -53,13 +56,13 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"moeserve serve exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                with urllib.request.urlopen(self.url + self.wait_path, timeout=2) as r:
                     if r.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             time.sleep(0.25)
-        raise TimeoutError(f"moeserve serve was not healthy after {self.startup_timeout_s:.0f}s:\n"
+        raise TimeoutError(f"moeserve serve did not answer {self.wait_path} after {self.startup_timeout_s:.0f}s:\n"
                            f"{self.log_tail()}")
 
     def log_tail(self, chars: int = 4000) -> str:
@@ -71,7 +74,7 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(15)
+                self.proc.wait(self.stop_timeout_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(15)
