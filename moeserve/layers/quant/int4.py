@@ -23,8 +23,8 @@ coordinates (a split that cuts a quantization group, or an 8-column pack, is ref
 
 CPU reference: dequantize on each call, w = (q - z) * s per group in fp32, cast to the activation dtype, then the
 dense matmul (layers keep 0.5 byte/weight + scales resident, as the planner sizes them; the reference is exactly
-the stored integers). CUDA (chosen once in `finalize`): kernels.int4_linear's W4A16 GEMM for linear layers;
-experts dequantize per call (no int4 fused-MoE kernel yet).
+the stored integers). CUDA (chosen once in `finalize`): kernels.int4_linear's W4A16 GEMM for linear layers,
+kernels.int4_moe (dequantized in the kernel, on the fused_moe align/sort path) for the experts.
 """
 
 from __future__ import annotations
@@ -546,11 +546,12 @@ class Int4MoEMethod:
     def apply(self, experts, x, weights, ids) -> torch.Tensor:
         from moeserve.layers.experts import experts_reference
 
-        w13, w2 = self.dequantize(experts, "w13", x.dtype), self.dequantize(experts, "w2", x.dtype)
-        if x.is_cuda:
-            from moeserve.kernels.fused_moe import fused_moe
+        if self.use_kernel:
+            from moeserve.kernels.int4_moe import int4_fused_moe
 
-            return fused_moe(x, w13, w2, weights, ids, expert_map=experts.expert_map)
+            return int4_fused_moe(x, self.tensors(experts, "w13"), self.tensors(experts, "w2"), self.cfg.group,
+                                  weights, ids, experts.expert_map)
+        w13, w2 = self.dequantize(experts, "w13", x.dtype), self.dequantize(experts, "w2", x.dtype)
         return experts_reference(x, w13, w2, weights, ids, experts.expert_map)
 
 
