@@ -65,7 +65,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="CUDA: small all-reduces through symmetric memory instead of NCCL (measured no faster yet)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp8", "fp8_e4m3", "fp8_e5m2"],
                    help="KV-cache precision; auto: the model dtype; fp8 (= fp8_e4m3): float8 e4m3 with per-tensor "
-                        "scales (the checkpoint's k_scale/v_scale, else 1.0), twice the tokens of bf16")
+                        "scales of 1.0 (vLLM's default), twice the tokens of bf16; fp8_e5m2 is refused")
     g.add_argument("--quantization", default=None, choices=["fp8", "awq", "gptq", "compressed-tensors"],
                    help="weight precision: fp8 quantizes a bf16 checkpoint on load; an fp8 or int4 (awq, gptq, "
                         "compressed-tensors) checkpoint is read as such from config.json without the flag")

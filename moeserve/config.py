@@ -32,7 +32,8 @@ class EngineConfig:
     # "compressed-tensors" name an int4 checkpoint's method (read from config.json anyway; must match it).
     quantization: str | None = None
     # KV-cache precision: auto = the model dtype; fp8 (= fp8_e4m3) stores K/V (or MLA's latents) as float8_e4m3fn
-    # with per-tensor scales (the checkpoint's k_scale / v_scale, else 1.0): twice the tokens of a bf16 cache.
+    # with per-tensor scales (1.0, vLLM's default; layers.attention.load_kv_scale sets a checkpoint's k_scale /
+    # v_scale, not yet called by the loader): twice the tokens of a bf16 cache.
     kv_cache_dtype: str = "auto"
     # Count the tokens routed to each expert on the device (GET /v1/expert_load, the expert gauges of /metrics).
     expert_load_telemetry: bool = False

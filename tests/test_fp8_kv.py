@@ -320,6 +320,53 @@ def test_bf16_model_fp8_kv_doubles_blocks(tmp_path):
     assert per["auto"] == 2 * per["fp8_e4m3"] and blocks["fp8_e4m3"] // 2 == blocks["auto"]
 
 
+@pytest.mark.skipif(CUDA, reason="the CPU path")
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "DeepseekV2ForCausalLM"])
+def test_checkpoint_kv_scales_are_used(arch, tmp_path):
+    """k_scale / v_scale as a checkpoint names them land on each layer's attention front (MLA: the k_scale), and the
+    served fp8 cache holds x / scale: with scales of 1/8 the cached values are 8x those of scale 1."""
+    from moeserve import LLM
+    from moeserve.layers.attention import load_kv_scale
+    from tiny_checkpoints import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path, arch)
+    common = dict(device="cpu", max_model_len=64, kv_cache_memory_bytes=1 << 20, block_size=8, kv_cache_dtype="fp8")
+    cached = []
+    for scale in (1.0, 0.125):
+        llm = LLM(path, **common)
+        model = llm.llm_engine.runner.model
+        n = model.config.num_hidden_layers
+        for i in range(n):
+            assert load_kv_scale(model, f"model.layers.{i}.self_attn.k_scale", torch.tensor(scale))
+            assert load_kv_scale(model, f"model.layers.{i}.self_attn.v_scale", torch.tensor([scale]))
+        assert not load_kv_scale(model, "model.layers.0.self_attn.q_scale", torch.tensor(1.0))
+        fronts = [model.get_submodule(f"model.layers.{i}.self_attn").attn for i in range(n)]
+        assert all(getattr(f, "kv_scale", getattr(f, "k_scale", None)) == scale for f in fronts)
+        for c in llm.llm_engine.runner.kv_caches:  # the CPU cache starts as torch.empty: zero it to see the writes
+            if c is not None:
+                c.view(torch.uint8).zero_()
+        out = greedy(llm, n=2)
+        assert all(len(t) == 2 for t in out)
+        cached.append(llm.llm_engine.runner.kv_caches[0].float().clone())
+        del llm, model, fronts
+    a, b = cached
+    written = (a != 0) & (b != 0) & (a.abs() < 40) & (a.abs() > 0.05)  # normal range both times, no saturation
+    assert written.sum() > 100
+    ratio = (b[written] / a[written])
+    assert (ratio == 8).float().mean() > 0.98, ratio.unique()
+    with pytest.raises(ValueError, match="positive finite"):
+        _bad_scale()
+
+
+def _bad_scale():
+    from moeserve.layers.attention import PagedAttention, load_kv_scale
+
+    m = torch.nn.Module()
+    m.self_attn = torch.nn.Module()
+    m.self_attn.attn = PagedAttention(2, 1, 4, 0.5, 0)
+    load_kv_scale(m, "self_attn.k_scale", torch.tensor(0.0))
+
+
 def test_config_and_cli():
     from moeserve.cli import check_layout, kv_cache_dtype_arg
     from moeserve.config import EngineConfig
@@ -333,3 +380,16 @@ def test_config_and_cli():
     with pytest.raises(ValueError, match="fp8_e5m2"):
         check_layout(argparse.Namespace(kv_cache_dtype="fp8_e5m2"))
     assert kv_cache_dtype_arg("bf16") == "auto" and kv_cache_dtype_arg("fp8") == "fp8"
+
+
+@pytest.mark.parametrize("kvd, runs", [("fp8", True), ("fp8_e4m3", True), ("fp8_e5m2", False)])
+def test_plan_prints_a_runnable_fp8_kv_command(kvd, runs, tmp_path):
+    """`moeserve plan --kv-cache-dtype fp8` prints a moeserve command that runs as printed (e5m2: behind the note)."""
+    from moeserve.plan.commands import launch_commands
+    from moeserve.plan.planner import PlanRequest, make_plan
+    from tiny_checkpoints import tiny_config
+
+    cfg = tiny_config("LlamaForCausalLM", vocab_size=384).to_dict()
+    cmd = launch_commands(make_plan(PlanRequest(model=cfg, gpus="1xH100-80GB", kv_cache_dtype=kvd)))["moeserve"]
+    assert f"--kv-cache-dtype {kvd}" in cmd
+    assert ("does not run" in cmd) != runs, cmd

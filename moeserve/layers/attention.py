@@ -45,7 +45,7 @@ class PagedAttention(nn.Module):
         self.scale = scale
         self.layer_idx = layer_idx
         # Per-tensor scales of an fp8 KV cache (stored = x / scale, read = stored * scale): host floats, so CUDA
-        # graphs capture them as constants. 1.0 unless the checkpoint carries k_scale / v_scale (vLLM's default).
+        # graphs capture them as constants. 1.0 (vLLM's default without calibration); load_kv_scale sets a checkpoint's.
         self.k_scale, self.v_scale = 1.0, 1.0
 
     def kv_target(self, v: torch.Tensor, ctx: ForwardContext) -> tuple | None:
@@ -85,6 +85,38 @@ class PagedAttention(nn.Module):
             s, e = int(qsl[b]), int(qsl[b + 1])
             out[s:e] = _sdpa(q[s:e], k[s:e], v[s:e], self.scale, causal_offset=0)
         return out
+
+
+KV_SCALE_NAMES = ("k_scale", "v_scale", "kv_scale")
+
+
+def load_kv_scale(model: nn.Module, name: str, tensor) -> bool:
+    """A checkpoint's per-layer fp8 KV scale onto its attention front; False when `name` is not one.
+
+    Names as vLLM reads them: `<layer>.self_attn.k_scale` / `.v_scale` (the older `.kv_scale` sets both), a
+    single value each (stored = x / scale). The front is the `attn` child of that self_attn module: PagedAttention
+    takes k_scale and v_scale; MLA's LatentAttention keeps one scale for its latent cache, the k_scale (vLLM's
+    choice), and ignores v_scale. Read once at load (one host read per layer), then host floats.
+    A loader calls this for the names no parameter claims (moeserve/loader/weights.py does not yet)."""
+    prefix, _, leaf = name.rpartition(".")
+    if leaf not in KV_SCALE_NAMES:
+        return False
+    try:
+        front = model.get_submodule(prefix).attn
+    except AttributeError:
+        return False
+    value = float(tensor.float().reshape(-1).max()) if torch.is_tensor(tensor) else float(tensor)
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"{name}: an fp8 KV scale must be a positive finite number, got {value}")
+    if hasattr(front, "kv_scale"):  # MLA: one latent cache
+        if leaf in ("k_scale", "kv_scale"):
+            front.kv_scale = value
+        return True
+    if leaf in ("k_scale", "kv_scale"):
+        front.k_scale = value
+    if leaf in ("v_scale", "kv_scale"):
+        front.v_scale = value
+    return True
 
 
 def write_kv_reference(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,

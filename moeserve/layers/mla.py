@@ -47,8 +47,8 @@ class LatentAttention(nn.Module):
         self.scale = scale
         self.layer_idx = layer_idx
         # Per-tensor scale of an fp8 latent cache (stored = latent / kv_scale, read = stored * kv_scale), one for
-        # c_kv and k_pe alike: a host float (CUDA graphs capture it as a constant); 1.0 unless the checkpoint
-        # carries the layer's k_scale (vLLM's default without calibration).
+        # c_kv and k_pe alike: a host float (CUDA graphs capture it as a constant); 1.0 (vLLM's default without
+        # calibration); layers.attention.load_kv_scale sets a checkpoint's k_scale.
         self.kv_scale = 1.0
 
     @property

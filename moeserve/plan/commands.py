@@ -109,7 +109,8 @@ def launch_commands(plan: Plan) -> dict[str, str]:
     missing = [what for what, needed in (("pipeline parallelism with data parallelism", lay.pp > 1 and lay.dp > 1),
                                          # fp8 (checkpoint or on load) runs; int8/int4/mxfp4 do not yet
                                          ("quantized weights", "--quantization" in moeserve and plan.dtype != "fp8"),
-                                         ("a quantized KV cache", "--kv-cache-dtype" in moeserve)) if needed]
+                                         # the fp8 KV cache runs as e4m3 (fp8, fp8_e4m3); e5m2 does not yet
+                                         ("an fp8_e5m2 KV cache", plan.kv_cache_dtype == "fp8_e5m2")) if needed]
     if missing:
         moeserve = NOT_YET_NOTE.format(what=" or ".join(missing)) + "\n" + moeserve
     return {"moeserve": moeserve, "vllm": _build(plan, "vllm")}
