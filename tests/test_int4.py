@@ -112,7 +112,8 @@ def test_engine_config_and_cli_accept_int4_methods():
 ])
 def test_int4_checkpoint_matches_dequantized(tmp_path, arch, method, group, sym, ignored):
     q, deq = make_int4_pair(tmp_path, arch, method, group, sym, ignored)
-    _assert_same(_generate(q), _generate(deq))
+    # --quantization may name the checkpoint's method (vLLM semantics) or be left out
+    _assert_same(_generate(q, **({"quantization": method} if arch == "LlamaForCausalLM" else {})), _generate(deq))
 
 
 def test_int4_weights_are_packed_in_memory(tmp_path):
@@ -227,3 +228,19 @@ def test_planner_and_startup_fit_size_int4_checkpoints_as_int4(method):
     w_bf16 = check_startup_fit(read_arch(_QWEN3_30B), **kw).weights
     w_int4 = check_startup_fit(read_arch(q), **kw).weights
     assert w_int4 < 0.4 * w_bf16
+
+
+def test_compressed_tensors_weight_shape_is_checked(tmp_path):
+    q, _ = make_int4_pair(tmp_path, "Qwen3MoeForCausalLM", "compressed-tensors", 16)
+    f = Path(q) / "model.safetensors"
+    tensors = load_file(str(f))
+    for bad in ("model.layers.0.self_attn.v_proj.weight_shape", "model.layers.0.mlp.experts.3.down_proj.weight_shape"):
+        t = dict(tensors)
+        t[bad] = torch.tensor([7, 64])
+        save_file(t, str(f))
+        with pytest.raises(ValueError, match=bad.replace(".", r"\.") + r"' says \(7, 64\)"):
+            LLM(model=q, device="cpu")
+    missing = "model.layers.2.mlp.experts.5.up_proj.weight_scale"
+    save_file({k: v for k, v in tensors.items() if k != missing}, str(f))
+    with pytest.raises(ValueError, match=r"no weights for parameter .*experts\.w13_weight_scale"):
+        LLM(model=q, device="cpu")
