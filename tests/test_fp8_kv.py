@@ -393,3 +393,13 @@ def test_plan_prints_a_runnable_fp8_kv_command(kvd, runs, tmp_path):
     cmd = launch_commands(make_plan(PlanRequest(model=cfg, gpus="1xH100-80GB", kv_cache_dtype=kvd)))["moeserve"]
     assert f"--kv-cache-dtype {kvd}" in cmd
     assert ("does not run" in cmd) != runs, cmd
+
+
+def test_cli_passes_the_kv_cache_dtype():
+    from moeserve.cli import build_parser, engine_args_from
+
+    for flag, want in (("fp8", "fp8"), ("fp8_e4m3", "fp8_e4m3"), ("auto", "auto"), ("bf16", "auto")):
+        args = build_parser().parse_args(["serve", "some/model", "--kv-cache-dtype", flag])
+        assert engine_args_from(args)["kv_cache_dtype"] == want
+    with pytest.raises(ValueError, match="fp8_e5m2"):
+        engine_args_from(build_parser().parse_args(["serve", "some/model", "--kv-cache-dtype", "fp8_e5m2"]))
