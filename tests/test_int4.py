@@ -126,6 +126,7 @@ def test_int4_weights_are_packed_in_memory(tmp_path):
     qkv = "model.layers.0.self_attn.qkv_proj."
     assert params[qkv + "qweight"].dtype == torch.int32 and params[qkv + "qweight"].shape == (128 + 64 + 64, 64 // 8)
     assert params[qkv + "scales"].shape == (256, 64 // 16) and params[qkv + "qzeros"].dtype == torch.uint8
+    assert params[qkv + "scales"].dtype == torch.float16  # as AWQ ships them: 2 bytes per group
     assert params["model.layers.0.self_attn.o_proj.weight"].dtype == torch.float32  # not converted
     w13 = next(n for n in params if n.endswith("experts.w13_qweight"))
     assert params[w13].shape == (8, 96, 64 // 8) and params[w13.replace("w13_", "w2_")].shape == (8, 64, 48 // 8)
@@ -243,4 +244,20 @@ def test_compressed_tensors_weight_shape_is_checked(tmp_path):
     missing = "model.layers.2.mlp.experts.5.up_proj.weight_scale"
     save_file({k: v for k, v in tensors.items() if k != missing}, str(f))
     with pytest.raises(ValueError, match=r"no weights for parameter .*experts\.w13_weight_scale"):
+        LLM(model=q, device="cpu")
+
+
+def test_scales_that_the_held_dtype_cannot_represent_are_refused(tmp_path):
+    """GPTQ scales are held in fp16 (the format's dtype); a checkpoint whose bf16 scales fp16 cannot hold exactly
+    is refused, naming the tensor, rather than rounded silently."""
+    q, _ = make_int4_pair(tmp_path, "LlamaForCausalLM", "gptq", 16)
+    f = Path(q) / "model.safetensors"
+    tensors = load_file(str(f))
+    bad = "model.layers.1.self_attn.o_proj.scales"
+    tensors[bad] = tensors[bad].to(torch.bfloat16)  # exact in fp16: loads
+    save_file(tensors, str(f))
+    LLM(model=q, device="cpu")
+    tensors[bad][0, 0] = 1e-9
+    save_file(tensors, str(f))
+    with pytest.raises(ValueError, match=bad.replace(".", r"\.") + ".*not represent exactly"):
         LLM(model=q, device="cpu")

@@ -2,8 +2,8 @@
 group of G inputs (layers/quant/int4's in-memory layout, whatever the checkpoint format was):
 
   packed  int32 [N, K/8]   nibble j of word c = q[n, 8c + j] (unsigned 0..15)
-  scales  fp32  [N, K/G]   w = (q - zero) * scale
-  zeros   uint8 [N, K/G]   (8 for symmetric formats)
+  scales  fp16/bf16/fp32 [N, K/G]   w = (q - zero) * scale
+  zeros   uint8 [N, K/G]   (None: symmetric, zero 8)
 
   _gemm_kernel   one program per BLOCK_M x BLOCK_N tile; K walked BLOCK_K at a time (BLOCK_K divides G, so a tile
                  has one group): the words are read, unpacked in registers (shift, mask), dequantized with the
@@ -29,20 +29,24 @@ SKINNY_ROWS = 4
 
 
 @triton.jit
-def _dequant_tile(w_ptr, s_ptr, z_ptr, n, n_ok, k, k0, stride_wn, stride_sn, GROUP: tl.constexpr):
+def _dequant_tile(w_ptr, s_ptr, z_ptr, n, n_ok, k, k0, stride_wn, stride_sn, GROUP: tl.constexpr,
+                  HAS_ZEROS: tl.constexpr):
     """[BLOCK_K, BLOCK_N] fp32 tile of W^T for inputs k (one group: k0 // GROUP) and outputs n."""
     words = tl.load(w_ptr + n[None, :].to(tl.int64) * stride_wn + (k // 8)[:, None], mask=n_ok[None, :], other=0)
     q = (words >> ((k % 8) * 4)[:, None]) & 0xF
     g = k0 // GROUP
-    s = tl.load(s_ptr + n.to(tl.int64) * stride_sn + g, mask=n_ok, other=0.0)
-    z = tl.load(z_ptr + n.to(tl.int64) * stride_sn + g, mask=n_ok, other=0).to(tl.float32)
-    return (q.to(tl.float32) - z[None, :]) * s[None, :]
+    s = tl.load(s_ptr + n.to(tl.int64) * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + n.to(tl.int64) * stride_sn + g, mask=n_ok, other=0).to(tl.float32)
+        return (q.to(tl.float32) - z[None, :]) * s[None, :]
+    return (q.to(tl.float32) - 8.0) * s[None, :]
 
 
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 HAS_ZEROS: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -54,7 +58,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm,
     for k0 in range(0, K, BLOCK_K):  # K is a multiple of GROUP, GROUP of BLOCK_K: no partial tile
         k = k0 + kk
         a = tl.load(x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :], mask=m_ok[:, None], other=0.0)
-        w = _dequant_tile(w_ptr, s_ptr, z_ptr, n, n_ok, k, k0, stride_wn, stride_sn, GROUP)
+        w = _dequant_tile(w_ptr, s_ptr, z_ptr, n, n_ok, k, k0, stride_wn, stride_sn, GROUP, HAS_ZEROS)
         if DOT_F32:
             acc += tl.dot(a.to(tl.float32), w, input_precision=INPUT_PRECISION)
         else:
@@ -67,7 +71,8 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm,
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_om,
-                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_ZEROS: tl.constexpr):
     row = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
@@ -76,7 +81,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_xm, st
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
         a = tl.load(x_ptr + row.to(tl.int64) * stride_xm + k).to(tl.float32)
-        w = _dequant_tile(w_ptr, s_ptr, z_ptr, n, n_ok, k, k0, stride_wn, stride_sn, GROUP)
+        w = _dequant_tile(w_ptr, s_ptr, z_ptr, n, n_ok, k, k0, stride_wn, stride_sn, GROUP, HAS_ZEROS)
         acc += tl.sum(a[:, None] * w, axis=0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
@@ -93,26 +98,30 @@ def block_k(group: int, cap: int = 64) -> int:
     return b
 
 
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32) @ ((q - zeros) * scales)^T + bias -> [M, N], fp32 accumulation."""
-    runtime.check_device("int4 GEMM", x, packed, scales, zeros)
+    runtime.check_device("int4 GEMM", x, packed, scales, *([] if zeros is None else [zeros]))
     x = x.contiguous()
     m, k = x.shape
     n = packed.shape[0]
-    if packed.shape[1] * 8 != k or k % group or scales.shape != (n, k // group) or zeros.shape != scales.shape:
+    if packed.shape[1] * 8 != k or k % group or scales.shape != (n, k // group) or \
+            (zeros is not None and zeros.shape != scales.shape):
         raise ValueError(f"int4 GEMM: x [{m}, {k}], packed {tuple(packed.shape)}, scales {tuple(scales.shape)}, "
-                         f"zeros {tuple(zeros.shape)} do not fit group {group}")
+                         f"zeros {None if zeros is None else tuple(zeros.shape)} do not fit group {group}")
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return out
     b = bias if bias is not None else out
-    packed, scales, zeros = packed.contiguous(), scales.contiguous(), zeros.contiguous()
+    has_zeros = zeros is not None
+    packed, scales = packed.contiguous(), scales.contiguous()
+    zeros = zeros.contiguous() if has_zeros else scales  # a placeholder pointer when symmetric
     if m <= SKINNY_ROWS:
         bn = 64
         _gemv_kernel[(m, triton.cdiv(n, bn))](x, packed, scales, zeros, b, out, n, k, x.stride(0), packed.stride(0),
                                               scales.stride(0), out.stride(0), GROUP=group, BLOCK_N=bn,
-                                              BLOCK_K=block_k(group, 128), HAS_BIAS=bias is not None, num_warps=4)
+                                              BLOCK_K=block_k(group, 128), HAS_BIAS=bias is not None,
+                                              HAS_ZEROS=has_zeros, num_warps=4)
         return out
     bm, bn, warps, stages = (16, 64, 4, 4) if m <= 16 else (64, 128, 4, 3)
     bk = block_k(group)
@@ -122,5 +131,5 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     _gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         x, packed, scales, zeros, b, out, m, n, k, x.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
         GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None, DOT_F32=dot_f32,
-        INPUT_PRECISION=precision, num_warps=warps, num_stages=stages)
+        INPUT_PRECISION=precision, HAS_ZEROS=has_zeros, num_warps=warps, num_stages=stages)
     return out

@@ -22,13 +22,15 @@ from moeserve.kernels.moe_align import align_pairs
 
 
 @triton.jit
-def _w4_tile(w_ptrs, s_ptrs, z_ptrs, k, wmask, GROUP: tl.constexpr):
+def _w4_tile(w_ptrs, s_ptrs, z_ptrs, k, wmask, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr):
     """[BLOCK_K, BLOCK_N] fp32 tile: w_ptrs at each column's word row start, s/z_ptrs at its group row start."""
     words = tl.load(w_ptrs + (k // 8)[:, None], mask=wmask, other=0)
     q = (words >> ((k % 8) * 4)[:, None]) & 0xF
-    s = tl.load(s_ptrs + (k // GROUP)[:, None], mask=wmask, other=0.0)
-    z = tl.load(z_ptrs + (k // GROUP)[:, None], mask=wmask, other=0).to(tl.float32)
-    return (q.to(tl.float32) - z) * s
+    s = tl.load(s_ptrs + (k // GROUP)[:, None], mask=wmask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_ptrs + (k // GROUP)[:, None], mask=wmask, other=0).to(tl.float32)
+        return (q.to(tl.float32) - z) * s
+    return (q.to(tl.float32) - 8.0) * s
 
 
 @triton.jit
@@ -36,7 +38,7 @@ def _int4_gate_up_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, inter_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, map_ptr,
     num_pairs, num_experts, H, I, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_it,
     GROUP: tl.constexpr, TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_MAP: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_MAP: tl.constexpr, DOT_F32: tl.constexpr, HAS_ZEROS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(I, BLOCK_N)
@@ -62,8 +64,8 @@ def _int4_gate_up_kernel(
         k_ok = k < H
         wmask = k_ok[:, None] & n_ok[None, :]
         a = tl.load(x_ptr + tok[:, None] * stride_xt + k[None, :], mask=k_ok[None, :], other=0.0)
-        g = _w4_tile(g_w, s_ptr + g_s, z_ptr + g_s, k, wmask, GROUP)
-        u = _w4_tile(u_w, s_ptr + u_s, z_ptr + u_s, k, wmask, GROUP)
+        g = _w4_tile(g_w, s_ptr + g_s, z_ptr + g_s, k, wmask, GROUP, HAS_ZEROS)
+        u = _w4_tile(u_w, s_ptr + u_s, z_ptr + u_s, k, wmask, GROUP, HAS_ZEROS)
         if DOT_F32:
             a = a.to(tl.float32)
             acc_g = tl.dot(a, g, acc_g, input_precision="ieee")
@@ -81,7 +83,7 @@ def _int4_down_kernel(
     inter_ptr, w_ptr, s_ptr, z_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, topk_w_ptr, map_ptr,
     num_pairs, num_experts, H, I, stride_it, stride_we, stride_wn, stride_se, stride_sn, stride_ot,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_MAP: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_MAP: tl.constexpr, DOT_F32: tl.constexpr, HAS_ZEROS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(H, BLOCK_N)
@@ -107,7 +109,7 @@ def _int4_down_kernel(
         k_ok = k < I
         wmask = k_ok[:, None] & n_ok[None, :]
         a = tl.load(inter_ptr + row[:, None] * stride_it + k[None, :], mask=k_ok[None, :], other=0.0)
-        b = _w4_tile(b_w, s_ptr + b_s, z_ptr + b_s, k, wmask, GROUP)
+        b = _w4_tile(b_w, s_ptr + b_s, z_ptr + b_s, k, wmask, GROUP, HAS_ZEROS)
         if DOT_F32:
             acc = tl.dot(a.to(tl.float32), b, acc, input_precision="ieee")
         else:
@@ -120,8 +122,10 @@ def _int4_down_kernel(
 def int4_fused_moe(x: torch.Tensor, w13: tuple, w2: tuple, group: int, topk_weights: torch.Tensor,
                    topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, H] (bf16/fp32); w13 = (packed [E, 2I, H/8], scales, zeros [E, 2I, H/G]), w2 = ([E, H, I/8], [E, H,
-    I/G] x2); topk_* [T, K] -> [T, H] in x's dtype."""
+    I/G] x2; zeros None: symmetric, 8); topk_* [T, K] -> [T, H] in x's dtype."""
     (p13, s13, z13), (p2, s2, z2) = w13, w2
+    has_zeros = z13 is not None
+    z13, z2 = (z13, z2) if has_zeros else (s13, s2)  # placeholder pointers when symmetric
     runtime.check_device("int4_fused_moe", x, p13, s13, z13, p2, s2, z2, topk_weights, topk_ids)
     T, H = x.shape
     E, two_i, _ = p13.shape
@@ -141,16 +145,17 @@ def int4_fused_moe(x: torch.Tensor, w13: tuple, w2: tuple, group: int, topk_weig
     inter2 = torch.empty(pairs, H, dtype=x.dtype, device=x.device)
     emap = expert_map if expert_map is not None else topk_ids  # a placeholder pointer when there is no map
     dot_f32 = runtime.interpreting() or x.dtype == torch.float32
+    s13, z13, s2, z2 = s13.contiguous(), z13.contiguous(), s2.contiguous(), z2.contiguous()
     assert s13.stride() == z13.stride() and s2.stride() == z2.stride()
     _int4_gate_up_kernel[(num_blocks * triton.cdiv(inter, bn),)](
         x, p13, s13, z13, inter1, sorted_pairs, block_expert, num_post, emap,
         pairs, num_ids, H, inter, x.stride(0), p13.stride(0), p13.stride(1), s13.stride(0), s13.stride(1),
         inter1.stride(0), GROUP=group, TOPK=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_MAP=expert_map is not None,
-        DOT_F32=dot_f32, num_warps=4, num_stages=3)
+        DOT_F32=dot_f32, HAS_ZEROS=has_zeros, num_warps=4, num_stages=3)
     _int4_down_kernel[(num_blocks * triton.cdiv(H, bn),)](
         inter1, p2, s2, z2, inter2, sorted_pairs, block_expert, num_post, topk_weights, emap,
         pairs, num_ids, H, inter, inter1.stride(0), p2.stride(0), p2.stride(1), s2.stride(0), s2.stride(1),
         inter2.stride(0), GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_MAP=expert_map is not None,
-        DOT_F32=dot_f32, num_warps=4, num_stages=3)
+        DOT_F32=dot_f32, HAS_ZEROS=has_zeros, num_warps=4, num_stages=3)
     torch.sum(inter2.view(T, K, H), dim=1, out=out)
     return out

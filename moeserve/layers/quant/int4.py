@@ -16,7 +16,9 @@ Checkpoint layouts (per linear layer of logical shape W [N out, K in], G = group
                      weight_shape  int   [2]       (N, K): checked against the layer
 
 In memory every format becomes one layout, the one the kernel reads: `packed` int32 [N, K/8] (nibble j of word c =
-q[n, 8c + j], unsigned), `scales` fp32 [N, K/G] and `zeros` uint8 [N, K/G] (8 for symmetric formats), each under
+q[n, 8c + j], unsigned), `scales` [N, K/G] in the format's scale dtype (fp16 for AWQ/GPTQ, bf16 for
+compressed-tensors: 2 bytes per group, as the planner sizes int4) and `zeros` uint8 [N, K/G] (none for
+compressed-tensors, which is symmetric: zero 8; GPTQ sym ships its zeros and keeps them), each under
 the checkpoint's own tensor name so the weight loader finds it (experts: `w13_<name>`, `w2_<name>`). The
 conversion happens in the per-parameter weight loader on this rank's part only: a TP split is taken in checkpoint
 coordinates (a split that cuts a quantization group, or an 8-column pack, is refused when the model is built).
@@ -64,6 +66,11 @@ class Int4Config:
     sym: bool
     ignored: list[str] = field(default_factory=list)
     zero_offset: int = 0  # gptq v1 stores z - 1
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        """How scales are held: the dtype the format's checkpoints ship them in (exact, 2 bytes per group)."""
+        return torch.bfloat16 if self.method == "compressed-tensors" else torch.float16
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -189,9 +196,10 @@ def pack_int32(v: torch.Tensor, dim: int, order=None) -> torch.Tensor:
 
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
                dtype=torch.float32) -> torch.Tensor:
-    """The CPU reference: packed [..., N, K/8], scales/zeros [..., N, K/G] -> w [..., N, K] = (q - z) * s."""
+    """The CPU reference: packed [..., N, K/8], scales/zeros [..., N, K/G] -> w [..., N, K] = (q - z) * s
+    (zeros None: symmetric, 8)."""
     q = unpack_int32(packed, -1).to(torch.float32)
-    z = zeros.to(torch.float32).repeat_interleave(group, dim=-1)
+    z = 8.0 if zeros is None else zeros.to(torch.float32).repeat_interleave(group, dim=-1)
     s = scales.to(torch.float32).repeat_interleave(group, dim=-1)
     return ((q - z) * s).to(dtype)
 
@@ -286,7 +294,7 @@ DENSE_AFTER_LOAD = ("kv_b_proj",)  # read as a weight by MLA: dequantized once a
 
 
 def finalize(model: nn.Module) -> None:
-    """After the weights are in: zeros of symmetric formats, the g_idx check, the forward chosen once."""
+    """After the weights are in: the forward chosen once; MLA's kv_b_proj dequantized."""
     dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
     for name, m in model.named_modules():
         qm = getattr(m, "quant_method", None)
@@ -311,7 +319,7 @@ def _make(layer: nn.Module, cfg: Int4Config, prefix: str, lead: tuple, n: int, k
           device) -> None:
     """Register the in-memory tensors of an [.., n, k] int4 weight under the checkpoint's names."""
     g = cfg.group
-    shapes = {"packed": ((*lead, n, k // 8), torch.int32), "scales": ((*lead, n, k // g), torch.float32),
+    shapes = {"packed": ((*lead, n, k // 8), torch.int32), "scales": ((*lead, n, k // g), cfg.scale_dtype),
               "zeros": ((*lead, n, k // g), torch.uint8), "g_idx": ((*lead, parts, k), torch.int32)}
     for kind in cfg.kinds:
         role = _ROLE[kind]
@@ -320,13 +328,11 @@ def _make(layer: nn.Module, cfg: Int4Config, prefix: str, lead: tuple, n: int, k
         shape, dt = shapes[role]
         layer.register_parameter(prefix + kind, nn.Parameter(torch.empty(shape, dtype=dt, device=device),
                                                              requires_grad=False))
-    if cfg.name_of("zeros") is None:  # symmetric: not in the checkpoint, 8 everywhere (filled in finalize)
-        shape, dt = shapes["zeros"]
-        layer.register_buffer(prefix + "zeros", torch.empty(shape, dtype=dt, device=device))
 
 
-def _zeros_name(cfg: Int4Config) -> str:
-    return cfg.name_of("zeros") or "zeros"
+def _zeros_of(module: nn.Module, cfg: Int4Config, prefix: str = "") -> torch.Tensor | None:
+    name = cfg.name_of("zeros")
+    return None if name is None else getattr(module, prefix + name)
 
 
 def _convert_part(cfg: Int4Config, kind: str, loaded, out_range, in_range, full: tuple[int, int]) -> torch.Tensor:
@@ -341,8 +347,12 @@ def _convert_part(cfg: Int4Config, kind: str, loaded, out_range, in_range, full:
         raise Int4Error(f"has shape {shape_of(loaded)}, but the config implies {tuple(expected)} "
                         f"({cfg.method}, weight {n_full}x{k_full}, group {cfg.group})")
     (o0, on), (i0, in_) = out_range, in_range
-    part = narrow(narrow(loaded, od, o0 // ou, on // ou), idim, i0 // iu, in_ // iu)
-    return _to_canonical(cfg, kind, materialize(part))
+    part = materialize(narrow(narrow(loaded, od, o0 // ou, on // ou), idim, i0 // iu, in_ // iu))
+    if _ROLE[kind] == "scales" and part.dtype != cfg.scale_dtype and \
+            not torch.equal(part.to(cfg.scale_dtype).to(part.dtype), part):
+        raise Int4Error(f"holds {part.dtype} scales that {cfg.scale_dtype} (how {cfg.method} scales are kept) does "
+                        f"not represent exactly")
+    return _to_canonical(cfg, kind, part)
 
 
 def _check_gidx(loaded, full_k: int, k0: int, k: int, group: int) -> torch.Tensor:
@@ -431,12 +441,9 @@ class Int4LinearMethod:
     # ---- forward -----------------------------------------------------------------------------------------
     def tensors(self, layer):
         c = self.cfg
-        return (getattr(layer, c.name_of("packed")), getattr(layer, c.name_of("scales")),
-                getattr(layer, _zeros_name(c)))
+        return getattr(layer, c.name_of("packed")), getattr(layer, c.name_of("scales")), _zeros_of(layer, c)
 
     def finalize(self, layer) -> None:
-        if self.cfg.name_of("zeros") is None:
-            layer.zeros.fill_(8)
         packed, _, _ = self.tensors(layer)
         self.use_kernel = packed.is_cuda and self.cfg.group % 16 == 0  # the GEMM's K tile divides the group
 
@@ -532,12 +539,9 @@ class Int4MoEMethod:
     def tensors(self, experts, which: str):
         c = self.cfg
         return (getattr(experts, f"{which}_{c.name_of('packed')}"), getattr(experts, f"{which}_{c.name_of('scales')}"),
-                getattr(experts, f"{which}_{_zeros_name(c)}"))
+                _zeros_of(experts, c, f"{which}_"))
 
     def finalize(self, experts) -> None:
-        if self.cfg.name_of("zeros") is None:
-            experts.w13_zeros.fill_(8)
-            experts.w2_zeros.fill_(8)
         self.use_kernel = self.tensors(experts, "w13")[0].is_cuda
 
     def dequantize(self, experts, which: str, dtype) -> torch.Tensor:
@@ -567,7 +571,7 @@ def fill_dummy_int4(model: nn.Module, gen: torch.Generator, high: float = 1e-3) 
             continue
         for pname, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
             base = pname.split("_", 1)[1] if pname.startswith(("w13_", "w2_")) else pname
-            role = _ROLE.get(base, "zeros" if base == "zeros" else None)
+            role = _ROLE.get(base)
             if role == "packed":
                 p.data.copy_(torch.randint(-2 ** 31, 2 ** 31, p.shape, generator=gen, dtype=torch.int64,
                                            device=p.device).to(torch.int32))
