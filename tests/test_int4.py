@@ -201,6 +201,28 @@ def test_int4_tp2_matches_dequantized(tmp_path, arch, method, group, ep):
     _assert_same(ranks[0], ref)
 
 
+def _tp_rank_dummy(rank: int, cfg: str):
+    from moeserve.distributed.parallel_state import ParallelLayout, initialize_model_parallel
+
+    initialize_model_parallel(ParallelLayout(tp=2))
+    llm = LLM(model=cfg, load_format="dummy", block_size=8, device="cpu")
+    model = llm.llm_engine.model
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if "experts" in n or "qkv" in n}
+    out = llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    return shapes, out[0].outputs[0].token_ids
+
+
+def test_dummy_int4_tp2_builds_each_ranks_shard(tmp_path):
+    from dist_harness import run_ranks
+
+    q, _ = make_int4_pair(tmp_path, "Qwen3MoeForCausalLM", "compressed-tensors", 8)
+    (shapes, tokens), (shapes1, tokens1) = run_ranks(2, _tp_rank_dummy, str(Path(q) / "config.json"))
+    assert tokens == tokens1 and len(tokens) == 3 and shapes == shapes1
+    w13 = next(n for n in shapes if n.endswith("experts.w13_weight_packed"))
+    assert shapes[w13] == (8, 2 * 24, 64 // 8)  # this rank's half of the moe intermediate
+    assert shapes["model.layers.0.self_attn.qkv_proj.weight_packed"] == (64 + 32 + 32, 64 // 8)
+
+
 def test_tp_split_inside_a_group_is_refused(tmp_path):
     from dist_harness import run_ranks
 
