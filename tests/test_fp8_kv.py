@@ -403,3 +403,29 @@ def test_cli_passes_the_kv_cache_dtype():
         assert engine_args_from(args)["kv_cache_dtype"] == want
     with pytest.raises(ValueError, match="fp8_e5m2"):
         engine_args_from(build_parser().parse_args(["serve", "some/model", "--kv-cache-dtype", "fp8_e5m2"]))
+
+
+@pytest.mark.skipif(CUDA, reason="the CPU path")
+def test_the_loader_reads_kv_scales_from_the_checkpoint(tmp_path):
+    """A checkpoint that ships `self_attn.k_scale` / `v_scale` tensors (as fp8 checkpoints with a calibrated KV
+    cache do) loads, and each layer's attention front takes its values."""
+    import glob
+
+    from safetensors.torch import load_file, save_file
+    from tiny_checkpoints import make_tiny_checkpoint
+
+    from moeserve import LLM
+
+    path = make_tiny_checkpoint(tmp_path, "LlamaForCausalLM")
+    (shard,) = glob.glob(f"{path}/*.safetensors")
+    tensors = load_file(shard)
+    layers = sorted({int(k.split(".")[2]) for k in tensors if k.startswith("model.layers.")})
+    for i in layers:
+        tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(0.5 + i)
+        tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([0.25])
+    save_file(tensors, shard, metadata={"format": "pt"})
+    llm = LLM(path, device="cpu", max_model_len=64, kv_cache_memory_bytes=1 << 20, kv_cache_dtype="fp8")
+    model = llm.llm_engine.runner.model
+    fronts = [model.get_submodule(f"model.layers.{i}.self_attn").attn for i in layers]
+    assert [(f.k_scale, f.v_scale) for f in fronts] == [(0.5 + i, 0.25) for i in layers]
+    assert all(len(t) == 2 for t in greedy(llm, n=2))

@@ -97,7 +97,7 @@ def load_kv_scale(model: nn.Module, name: str, tensor) -> bool:
     single value each (stored = x / scale). The front is the `attn` child of that self_attn module: PagedAttention
     takes k_scale and v_scale; MLA's LatentAttention keeps one scale for its latent cache, the k_scale (vLLM's
     choice), and ignores v_scale. Read once at load (one host read per layer), then host floats.
-    A loader calls this for the names no parameter claims (moeserve/loader/weights.py does not yet)."""
+    moeserve/loader/weights.py calls this for the names no parameter claims."""
     prefix, _, leaf = name.rpartition(".")
     if leaf not in KV_SCALE_NAMES:
         return False

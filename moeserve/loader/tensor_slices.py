@@ -33,4 +33,4 @@ def shard(t, dim: int, index: int, count: int) -> torch.Tensor:
 
 
 def materialize(t) -> torch.Tensor:
-    return t if isinstance(t, torch.Tensor) else t[:]
+    return t if isinstance(t, torch.Tensor) else t[...]  # `...`, not `:`: a 0-d slice (a scale) takes no slice

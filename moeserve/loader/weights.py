@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from moeserve.distributed.pipeline import missing_prefixes
+from moeserve.layers.attention import KV_SCALE_NAMES, load_kv_scale
 from moeserve.layers.linear import WeightShapeError
 from moeserve.layers.quant.fp8 import ScaleError
 from moeserve.layers.quant.int4 import Int4Error
@@ -55,6 +56,7 @@ class WeightLoader:
         self.elsewhere = missing_prefixes(model)
         self.packed = [(packed, i, part) for packed, parts in (getattr(model, "packed_modules", None) or {}).items()
                        for i, part in enumerate(parts)]
+        self.model = model
 
     def load(self, tensors: Iterable[tuple[str, object]]) -> None:
         for name, tensor in tensors:
@@ -72,6 +74,8 @@ class WeightLoader:
             return  # tied checkpoints sometimes store it anyway
         if name.endswith("rotary_emb.inv_freq"):
             return
+        if name.rpartition(".")[2] in KV_SCALE_NAMES and load_kv_scale(self.model, name, materialize(tensor)):
+            return  # an fp8 KV-cache scale onto its attention front (a host float, read once)
         if name.endswith(".weight_shape") and not _PER_EXPERT.match(name):
             return self._check_int4_shape(name, tensor)
         m = _PER_EXPERT.match(name)
