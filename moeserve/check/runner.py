@@ -154,14 +154,19 @@ async def run_ramp_monitored(cfg: CheckConfig, target: Target, monitor: Monitor,
     return steps
 
 
-def make_plan_numbers(cfg: CheckConfig, max_model_len: int | None, concurrency: int) -> tuple[dict | None, str]:
+def make_plan_numbers(cfg: CheckConfig, max_model_len: int | None, concurrency: int,
+                      cache_info: dict[str, str] | None = None) -> tuple[dict | None, str]:
+    """The planner's numbers for this deployment, at the server's own precisions when /metrics says them."""
     model = cfg.plan_model
     if not (model and cfg.gpus):
         return None, "no plan: give --gpus (and --plan-model with --url)"
     from moeserve.plan.planner import PlanRequest, make_plan   # no torch
     try:
+        served = cache_info or {}
+        precision = {"dtype": served["quantization"]} if served.get("quantization", "none") != "none" else {}
         plan = make_plan(PlanRequest(model=model, gpus=cfg.gpus, nodes=cfg.nodes, max_model_len=max_model_len,
-                                     concurrency=max(concurrency, 1)))
+                                     concurrency=max(concurrency, 1),
+                                     kv_cache_dtype=served.get("kv_cache_dtype", "auto"), **precision))
     except (ValueError, FileNotFoundError, KeyError) as e:
         return None, f"the planner cannot size {model}: {e}"
     p = plan.placement
@@ -248,7 +253,8 @@ def run_checks(cfg: CheckConfig, progress: bool = False) -> tuple[list[v.CheckRe
                    else v.CheckResult("kv-usage-under-load", v.SKIP, detail=no_ramp))
     top_conc = max((s["max_concurrency"] or 0 for s in steps), default=0) or \
         int(max(monitor.running, default=0)) or (2 * (cfg.peak_concurrency or 1))
-    plan, why = make_plan_numbers(cfg, server_max_len, top_conc)
+    cache_info = metric_info(before, "moeserve:cache_config_info")
+    plan, why = make_plan_numbers(cfg, server_max_len, top_conc, cache_info)
     raw["plan"] = plan
     results.append(v.plan_fit_verdict(plan, top_conc, p99_len, why))
     predicted = None
@@ -260,7 +266,6 @@ def run_checks(cfg: CheckConfig, progress: bool = False) -> tuple[list[v.CheckRe
 
     reported = reported_layout(models, metric_info(before, "moeserve:parallel_config_info"))
     raw["reported_layout"] = reported
-    cache_info = metric_info(before, "moeserve:cache_config_info")
     served_kv = server_kv_capacity(cache_info, reported)
     raw["server_kv_capacity_tokens"] = served_kv
     if cache_info and cache_info.get("device") == "cpu":  # its pool is --kv-cache-memory-bytes, not a GPU's

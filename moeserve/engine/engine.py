@@ -159,7 +159,8 @@ class LLMEngine:
                  "kv_capacity_tokens": mem["kv_capacity_tokens"], "kv_cache_bytes": mem["kv_cache_bytes"],
                  "kv_bytes_per_token": mem["kv_bytes_per_token"], "weights_bytes": mem["weights_bytes"],
                  "max_model_len": self.max_model_len, "max_num_seqs": c.max_num_seqs,
-                 "gpu_memory_utilization": c.gpu_memory_utilization, "device": self.device.type}
+                 "gpu_memory_utilization": c.gpu_memory_utilization, "device": self.device.type,
+                 "kv_cache_dtype": c.kv_cache_dtype, "quantization": c.quantization or "none"}
         parallel = {"tensor_parallel_size": lay.tp, "pipeline_parallel_size": lay.pp, "data_parallel_size": lay.dp,
                     "expert_parallel_size": lay.ep}
         return {"cache_config_info": {k: str(v) for k, v in cache.items()},
