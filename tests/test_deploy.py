@@ -24,8 +24,9 @@ def exported_sample_names() -> set[str]:
     stats = SimpleNamespace(num_running=1, num_waiting=2, kv_cache_usage=0.5, prompt_tokens_total=10,
                             generation_tokens_total=20, num_preemptions_total=0, prefix_cache_queries=4,
                             prefix_cache_hits=2)
-    experts = SimpleNamespace(layer_stats=lambda: [(0, 1.5, 0.3)])
-    m = ServerMetrics(lambda: stats, "m", expert_load_source=lambda: experts)
+    experts = SimpleNamespace(layer_stats=lambda: [(0, 1.5, 0.3)], rank_shares=lambda: [0.6, 0.4])
+    info = {"cache_config_info": {"block_size": "16"}, "parallel_config_info": {"tensor_parallel_size": "2"}}
+    m = ServerMetrics(lambda: stats, "m", expert_load_source=lambda: experts, config_info=info)
     m.on_abort("r")  # the labelled success counter gets a sample
     body, _ = m.render()
     return {s.name for fam in text_string_to_metric_families(body.decode()) for s in fam.samples}
