@@ -51,8 +51,8 @@ def test_one_plan_serves_every_layer(query_lens, seq_lens):
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
 def test_int4_kernel_below_the_threshold_bf16_dense_from_it(qtype, monkeypatch):
-    """Both paths match the dequantized fp32 reference and each is taken on its side of DENSE_MIN_ROWS; the bf16
-    copy exists only once a call had that many rows (a batch-1 chat keeps the int4 footprint)."""
+    """Both paths match the dequantized fp32 reference; each is taken on its side of DENSE_MIN_ROWS; with the
+    bf16 copy switched off every M runs the int4 kernel."""
     n, k = 40, 256
     data = random_blocks(qtype, n, k, seed=3)
     ref_w = reference_weight(qtype, data, n, k)
@@ -66,30 +66,28 @@ def test_int4_kernel_below_the_threshold_bf16_dense_from_it(qtype, monkeypatch):
                 return lambda *a: (calls.append(a[0].shape[0]), real_mm(*a))[1]
             return getattr(aten, name)
 
-    layer = Linear(k, n, bias=False)
-    Int4CPUMethod.attach(layer, Int4CPUMethod.pack(decode_int4_terms(qtype, data, n, k)))
     monkeypatch.setattr(torch.ops, "aten", Spy())
-    for rows in (1, DENSE_MIN_ROWS - 1, DENSE_MIN_ROWS, 16, 2):
-        calls.clear()
-        before = layer.weight_bf16
-        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-        with torch.no_grad():
-            got = layer(x)
-        want = F.linear(x, ref_w)
-        if rows < DENSE_MIN_ROWS:
-            assert calls and set(calls) == {rows} and layer.weight_bf16 is before  # int4 kernel (a call per term)
-        else:
-            assert rows not in calls and layer.weight_bf16 is not None  # the bf16 copy (made once, by the kernel)
-            assert before is not None or calls, calls
-        err = (got - want).abs().max() / want.abs().max()
-        assert err < 1e-2, (rows, err)
-    assert layer.weight_bf16.dtype == torch.bfloat16 and layer.weight_bf16.shape == (n, k)
-    # the int4 kernel's weight: bf16 scales and zeros, one bf16 rounding (small against the largest weight)
-    assert ((layer.weight_bf16.float() - ref_w).abs().max() / ref_w.abs().max()) < 1e-2
+    for bf16 in (True, False):
+        layer = Linear(k, n, bias=False)
+        Int4CPUMethod.attach(layer, Int4CPUMethod.pack(decode_int4_terms(qtype, data, n, k), bf16_weights=bf16))
+        assert (layer.weight_bf16 is not None) == bf16
+        for rows in (1, DENSE_MIN_ROWS - 1, DENSE_MIN_ROWS, 16):
+            calls.clear()
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+            with torch.no_grad():
+                got = layer(x)
+            want = F.linear(x, ref_w)
+            assert ((rows >= DENSE_MIN_ROWS and bf16) == (not calls)), (rows, bf16, calls)
+            err = (got - want).abs().max() / want.abs().max()
+            assert err < 1e-2, (rows, bf16, err)
 
 
-def test_a_fresh_layer_holds_no_bf16_copy():
+def test_bf16_weights_switch(monkeypatch):
     data = random_blocks("Q4_0", 16, 64)
-    layer = Linear(64, 16, bias=False)
-    Int4CPUMethod.attach(layer, Int4CPUMethod.pack(decode_int4_terms("Q4_0", data, 16, 64)))
-    assert layer.weight_bf16 is None
+    terms = decode_int4_terms("Q4_0", data, 16, 64)
+    monkeypatch.setenv("MOESERVE_CPU_BF16_WEIGHTS", "0")
+    assert Int4CPUMethod.pack(terms).dense is None
+    monkeypatch.delenv("MOESERVE_CPU_BF16_WEIGHTS")
+    dense = Int4CPUMethod.pack(terms).dense
+    assert dense.dtype == torch.bfloat16 and dense.shape == (16, 64)
+    torch.testing.assert_close(dense.float(), reference_weight("Q4_0", data, 16, 64), rtol=1e-2, atol=1e-3)

@@ -11,12 +11,15 @@ A layer may need several terms (Q8_0 is two int4 halves, see gguf_blocks); their
 Per-M choice: the int4 kernel's time grows linearly with the number of rows M (it does not amortise the weight
 over rows: 7x from M=1 to M=16), while a bf16 GEMM reads its weight once. From M = DENSE_MIN_ROWS rows on (the
 crossover measured on the 2-core AVX-512 Xeon: int4 wins up to 4 rows, bf16 from 5-6; see benchmarks/cpu/NOTES.md)
-a layer uses a bf16 copy of its weight, made by the int4 kernel itself from identity rows at the first call with
-that many rows (so it is the kernel's own weight, bit for bit per term). It costs 2 bytes per weight beside the
-0.5 of the packed form, and only once batches or prefills come: a batch-1 chat keeps the int4 footprint.
+a layer uses a bf16 copy of its weight, made at load from the same terms: w = sum (q - 8) * scale + zero with the
+bf16 scale and zero the int4 kernel uses, summed in fp32 and rounded once to bf16. It costs 2 bytes per weight
+beside the 0.5 of the packed form; MOESERVE_CPU_BF16_WEIGHTS=0 skips it (int4 only: less memory, slower batches
+and prefills).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +31,15 @@ _N_MULTIPLE = 16  # the CPU packer wants N divisible by 16; we pad rows with zer
 DENSE_MIN_ROWS = 5  # from this many activation rows on, the bf16 dense copy (where kept) is faster
 
 
+def keep_bf16_weights() -> bool:
+    return os.environ.get("MOESERVE_CPU_BF16_WEIGHTS", "1") not in ("0", "false", "no", "off")
+
+
 class PackedTerms(list):
-    """pack()'s result: [(packed weight, scales_and_zeros)] per term."""
+    """pack()'s result: [(packed weight, scales_and_zeros)] per term, and .dense, the bf16 [N, K] weight (or
+    None)."""
+
+    dense: torch.Tensor | None = None
 
 
 def pack_term(term: Int4Term) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,19 +57,22 @@ def pack_term(term: Int4Term) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, scales_and_zeros
 
 
-def dense_bf16(args: list[tuple[torch.Tensor, torch.Tensor]], n: int, k: int, rows: int = 256) -> torch.Tensor:
-    """[n, k] bf16: the weight the int4 kernel multiplies by, read back through the kernel from identity rows
-    (`rows` input features at a time: small temporaries), the terms summed in fp32."""
-    out = torch.empty(k, n, dtype=torch.bfloat16)
-    eye = torch.eye(rows, k, dtype=torch.bfloat16)
-    for r in range(0, k, rows):
-        x = eye[: min(rows, k - r)].roll(r, dims=1)  # one-hot rows for input features r .. r + rows - 1
+def dense_bf16(terms: list[Int4Term], rows: int = 256) -> torch.Tensor:
+    """[N, K] bf16: the sum of the terms' (q - 8) * scale + zero, with scale and zero rounded to bf16 as the int4
+    kernel stores them, summed in fp32 and rounded once. Made `rows` rows at a time: small fp32 temporaries,
+    which malloc reuses (full-size ones left hundreds of MB of freed but resident heap behind)."""
+    n, k = terms[0].q.shape
+    out = torch.empty(n, k, dtype=torch.bfloat16)
+    for r in range(0, n, rows):
         acc = None
-        for w, sz in args:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, GROUP, sz)[:, :n].float()
-            acc = y if acc is None else acc.add_(y)
-        out[r: r + x.shape[0]] = acc
-    return out.t().contiguous()
+        for t in terms:
+            q = torch.from_numpy(t.q[r: r + rows]).float().sub_(8).view(-1, k // GROUP, GROUP)
+            scale = torch.from_numpy(t.scale[r: r + rows]).to(torch.bfloat16).float()[..., None]
+            zero = torch.from_numpy(t.zero[r: r + rows]).to(torch.bfloat16).float()[..., None]
+            w = q.mul_(scale).add_(zero)
+            acc = w if acc is None else acc.add_(w)
+        out[r: r + rows] = acc.view(-1, k)
+    return out
 
 
 class Int4CPUMethod:
@@ -68,9 +81,14 @@ class Int4CPUMethod:
     name = "int4_cpu"
 
     @staticmethod
-    def pack(terms: list[Int4Term]) -> PackedTerms:
-        """The terms in the kernel's layout (0.5 byte per weight): pack as soon as decoded, attach later."""
-        return PackedTerms(pack_term(t) for t in terms)
+    def pack(terms: list[Int4Term], bf16_weights: bool | None = None) -> PackedTerms:
+        """The terms in the kernel's layout (0.5 byte per weight), and the bf16 dense copy for many-row inputs
+        (2 bytes per weight; unless bf16_weights is off, by default MOESERVE_CPU_BF16_WEIGHTS): pack as soon as
+        decoded, attach later."""
+        packed = PackedTerms(pack_term(t) for t in terms)
+        if keep_bf16_weights() if bf16_weights is None else bf16_weights:
+            packed.dense = dense_bf16(terms)
+        return packed
 
     @staticmethod
     def attach(layer: nn.Module, terms: list[Int4Term] | list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -86,7 +104,9 @@ class Int4CPUMethod:
         for i, (weight, sz) in enumerate(packed):
             layer.register_buffer(f"qweight{i}", weight)
             layer.register_buffer(f"qscales_zeros{i}", sz)
-        layer.register_buffer("weight_bf16", None)  # made at the first call with DENSE_MIN_ROWS rows or more
+        if packed.dense is not None and packed.dense.shape != (layer.out_features, layer.in_features):
+            raise ValueError(f"dense weight of {tuple(packed.dense.shape)} does not fit {layer}")
+        layer.register_buffer("weight_bf16", packed.dense)
         layer.num_int4_terms = len(packed)
         # the kernel arguments, looked up once (not through nn.Module.__getattr__ on every call)
         layer.int4_args = [(getattr(layer, f"qweight{i}"), getattr(layer, f"qscales_zeros{i}"))
@@ -97,10 +117,9 @@ class Int4CPUMethod:
     def apply(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if xb.shape[0] >= DENSE_MIN_ROWS:
-            if layer.weight_bf16 is None:
-                layer.weight_bf16 = dense_bf16(layer.int4_args, layer.out_features, layer.in_features)
-            out = F.linear(xb, layer.weight_bf16).to(x.dtype)
+        dense = layer.weight_bf16
+        if dense is not None and xb.shape[0] >= DENSE_MIN_ROWS:
+            out = F.linear(xb, dense).to(x.dtype)
         else:
             args = layer.int4_args
             if len(args) == 1:
