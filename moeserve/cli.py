@@ -177,43 +177,31 @@ def _add_generate(subparsers) -> None:
     p.set_defaults(func=_run_generate)
 
 
-def _add_plan(subparsers) -> None:
-    try:
-        from moeserve.plan.cli import add_parser
-    except ImportError:  # the planner is optional at this point of the build; no stub in its place
-        return
-    add_parser(subparsers)
+# The client-side commands, each registered by its own package's add_parser. Only the one being run (or all of
+# them, for --help) is imported: `moeserve generate` and `serve` do not pay for httpx, matplotlib or the planner.
+CLIENT_COMMANDS = {
+    "plan": ("moeserve.plan.cli", "size a deployment from the architecture (no GPU needed)"),
+    "bench": ("moeserve.bench.cli", "benchmark a running server"),
+    "check": ("moeserve.check.cli", "the pre-promotion checklist against a server"),
+    "check-quant": ("moeserve.quant_check.cli", "accuracy gate: a quantized model against its reference"),
+}
 
 
-def _add_bench(subparsers) -> None:
-    from moeserve.bench.cli import add_parser  # client side only: httpx, numpy
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; with `command`, the other client-side commands are listed by name only."""
+    import importlib
 
-    add_parser(subparsers)
-
-
-def _add_check(subparsers) -> None:
-    from moeserve.check.cli import add_parser  # client side only: moeserve.bench, moeserve.plan
-
-    add_parser(subparsers)
-
-
-def _add_check_quant(subparsers) -> None:
-    from moeserve.quant_check.cli import add_parser  # light at import: the engine loads when the command runs
-
-    add_parser(subparsers)
-
-
-def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"moeserve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_serve(sub)
     _add_generate(sub)
-    _add_plan(sub)
-    _add_bench(sub)
-    _add_check(sub)
-    _add_check_quant(sub)
+    for name, (module, help_text) in CLIENT_COMMANDS.items():
+        if command in (None, name):
+            importlib.import_module(module).add_parser(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
@@ -228,7 +216,6 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _run_generate(args: argparse.Namespace) -> int:
     from moeserve.llm import LLM
     from moeserve.sampling_params import SamplingParams
-    from moeserve.server.launch import read_chat_template
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -237,7 +224,10 @@ def _run_generate(args: argparse.Namespace) -> int:
                             top_k=args.top_k, stop=args.stop, seed=args.seed)
     llm = LLM(**engine_args_from(args))
     tok = llm.get_tokenizer()
-    template = read_chat_template(args.chat_template)
+    template = None
+    if args.chat_template:
+        from moeserve.server.launch import read_chat_template  # the server's reader (fastapi comes with it)
+        template = read_chat_template(args.chat_template)
     if args.chat and tok is not None and (template or getattr(tok, "chat_template", None)):
         out = llm.chat([{"role": "user", "content": prompt}], params, chat_template=template)[0]
     else:
@@ -247,7 +237,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in ("serve", "generate", *CLIENT_COMMANDS) else None)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
