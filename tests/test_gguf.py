@@ -112,6 +112,23 @@ def test_smollm2_chat_template_renders_like_transformers(ours, reference):
     assert "You are a helpful AI assistant named SmolLM" in tok.apply_chat_template(CHAT, tokenize=False)
 
 
+def test_the_converted_tokenizer_is_cached_and_reads_back_the_same(smol_path, reference, tmp_path, monkeypatch):
+    """The first load converts the GGUF's tokenizer and keeps it under $MOESERVE_CACHE_DIR/tokenizers; the second
+    reads that: both tokenize and render the chat template exactly as transformers does from the GGUF."""
+    monkeypatch.setenv("MOESERVE_CACHE_DIR", str(tmp_path))
+    ref = reference[0]
+    first = gguf_loader._tokenizer(Path(smol_path))
+    entries = list((tmp_path / "tokenizers").iterdir())
+    assert len(entries) == 1 and (entries[0] / "tokenizer.json").is_file()
+    second = gguf_loader._tokenizer(Path(smol_path))
+    for tok in (first, second):
+        assert (tok.bos_token, tok.eos_token, len(tok)) == (ref.bos_token, ref.eos_token, len(ref))
+        for text in TOKENIZER_TEXTS:
+            assert tok(text)["input_ids"] == ref(text)["input_ids"], text
+        assert tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True) == \
+            ref.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Hand-made tiny GGUF files
 # --------------------------------------------------------------------------------------------------------------

@@ -241,12 +241,35 @@ def _check_complete(tensors: dict, config: dict, path: Path) -> None:
 
 
 def _tokenizer(path: Path) -> "transformers.PreTrainedTokenizerFast":
+    """The GGUF's tokenizer. transformers converts it from the metadata (over a second, most of it importing its
+    GGUF converters); the result is kept as tokenizer.json + config under $MOESERVE_CACHE_DIR/tokenizers (default
+    ~/.cache/moeserve), keyed by the file and the transformers version, and later loads read that."""
+    import hashlib
+    import os
+
+    import transformers
     from transformers import PreTrainedTokenizerFast
 
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode())
+    cached = (Path(os.environ.get("MOESERVE_CACHE_DIR") or "~/.cache/moeserve").expanduser() / "tokenizers"
+              / key.hexdigest()[:24])
+    if (cached / "tokenizer.json").is_file():
+        try:
+            return PreTrainedTokenizerFast.from_pretrained(str(cached), local_files_only=True)
+        except Exception:  # a damaged cache entry: convert again
+            pass
     try:
-        return PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except (ValueError, KeyError) as e:
         raise ValueError(f"{path.name}: cannot build a tokenizer from the GGUF metadata: {e}") from e
+    try:
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, cached) if not cached.exists() else None
+    except OSError:  # a read-only home: no cache, the converted tokenizer still serves
+        pass
+    return tok
 
 
 def load_gguf_model(source: Any, device: torch.device, dtype: torch.dtype, t0: float, keep_packed: bool = True) -> Any:
