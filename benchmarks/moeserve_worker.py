@@ -22,9 +22,7 @@ def build_llm(a, p: Partial):
     kwargs = dict(model=a.model or _hub_id(a.shape), load_format="dummy", dtype=a.dtype,
                   max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                   gpu_memory_utilization=a.gpu_memory_utilization, seed=0)
-    for kv in a.engine_arg:
-        k, _, v = kv.partition("=")
-        kwargs[k] = json.loads(v) if v[:1] in "[{0123456789-tfn\"" else v
+    kwargs.update(traffic.engine_kwargs(a.engine_arg))
     p.data["engine_args"] = {k: v for k, v in kwargs.items()}
     t = time.perf_counter()
     llm = LLM(**kwargs)

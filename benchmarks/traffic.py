@@ -15,6 +15,7 @@ identically for every engine (engine timestamps are recorded beside it).
 
 from __future__ import annotations
 
+import json
 import time
 
 from workloads import (LongctxSpec, PrefixSpec, VarlenSpec, longctx_prompts, median, percentile, prefix_prompts,
@@ -53,6 +54,19 @@ def forward_args(a) -> list[str]:
     out = []
     for k in FLAGS:
         out += ["--" + k.replace("_", "-"), str(getattr(a, k))]
+    return out
+
+
+def engine_kwargs(pairs: list[str]) -> dict:
+    """--engine-arg key=value pairs as keyword arguments: a value that reads as JSON is taken as JSON (numbers,
+    booleans, lists), any other as the string it is (dtype=float32)."""
+    out = {}
+    for kv in pairs:
+        k, _, v = kv.partition("=")
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
     return out
 
 

@@ -90,10 +90,9 @@ def engine_kwargs(a, model_dir: str) -> dict:
               max_num_seqs=a.max_num_seqs, gpu_memory_utilization=a.gpu_memory_utilization, seed=0,
               skip_tokenizer_init=True, disable_log_stats=False, trust_remote_code=False)
     for kv in a.engine_arg:
-        k, sep, v = kv.partition("=")
-        if not sep or not k:
+        if "=" not in kv or kv.startswith("="):
             raise SystemExit(f"--engine-arg wants key=value, got {kv!r}")
-        kw[k] = json.loads(v) if v[:1] in "[{0123456789-tfn\"" else v
+    kw.update(traffic.engine_kwargs(a.engine_arg))
     return kw
 
 
