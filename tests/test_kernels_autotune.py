@@ -129,3 +129,23 @@ def test_buckets_and_cache_path(monkeypatch, tmp_path):
     assert autotune.cache_path("NVIDIA_H100") == tmp_path / "autotune" / "NVIDIA_H100.json"
     monkeypatch.delenv("MOESERVE_CACHE_DIR")
     assert str(autotune.cache_path("X")).endswith(".cache/moeserve/autotune/X.json")
+
+
+def test_decode_kernels_are_timed_on_long_contexts_on_distinct_pages():
+    """The decode kernels' tuning inputs: every sequence DECODE_TUNING_CONTEXT tokens (or what its table row
+    holds) on pages no other sequence reads, wrapping around a small pool; the real tensors are left alone."""
+    import torch
+
+    from moeserve.kernels.autotune import DECODE_TUNING_CONTEXT, decode_tuning_inputs
+
+    lens = torch.ones(3, dtype=torch.int32)
+    tables = torch.zeros(3, 1000, dtype=torch.int32)
+    t_lens, t_tables = decode_tuning_inputs(lens, tables, page=16, num_blocks=10_000)
+    n = DECODE_TUNING_CONTEXT // 16
+    assert t_lens.tolist() == [DECODE_TUNING_CONTEXT] * 3 and t_lens.dtype == lens.dtype
+    used = t_tables[:, :n]
+    assert used.unique().numel() == 3 * n  # no page read twice
+    assert lens.tolist() == [1, 1, 1] and int(tables.abs().sum()) == 0
+    # a table row too short for the context caps it; a small pool wraps around
+    s_lens, s_tables = decode_tuning_inputs(lens, tables[:, :8], page=16, num_blocks=5)
+    assert s_lens.tolist() == [128] * 3 and int(s_tables.max()) == 4 and s_tables.shape == (3, 8)

@@ -44,11 +44,12 @@ def workload(name: str, vocab: int, n: int | None):
 class Tracer:
     """Wraps one in-process engine's step and launch; keeps one record per step."""
 
-    def __init__(self, eng):
+    def __init__(self, eng, sync: bool = False):
         import torch
 
         self.torch = torch
         self.cuda = torch.cuda.is_available()
+        self.sync = sync and self.cuda
         self.eng = eng
         self.rows: list[dict] = []
         self._cur: dict | None = None
@@ -70,6 +71,8 @@ class Tracer:
             return out
 
         def traced_step():
+            if self.sync:  # the GPU idle at each step's start: host_launch_s is the host's own cost
+                torch.cuda.synchronize()
             sch = eng.scheduler
             self._cur = {"waiting": len(sch.waiting), "running": len(sch.running)}
             t = time.perf_counter()
@@ -144,6 +147,9 @@ def profile_window(eng, steps: int, top: int) -> None:
     ev = prof.key_averages()
     rows = sorted((e for e in ev if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in rows)
+    host = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:12]
+    print("  host, self CPU ms/step: " + ", ".join(f"{e.key[:40]}={e.self_cpu_time_total / steps / 1e3:.2f}"
+                                                  f" ({e.count / steps:.0f}x)" for e in host))
     print(f"  profile of {steps} steps: GPU {total / 1e3 / steps:.2f} ms/step")
     for e in rows[:top]:
         print(f"    {e.key[:72]:72s} {e.count / steps:7.1f}/step {e.self_device_time_total / steps / 1e3:8.3f} ms/step "
@@ -161,6 +167,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=16384)
     ap.add_argument("--engine-arg", action="append", default=[])
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--sync", action="store_true",
+                    help="synchronize before every step (no overlap): a step's host launch time is then its own")
     ap.add_argument("--jsonl", default="")
     a = ap.parse_args()
 
@@ -190,7 +198,7 @@ def main() -> None:
         # warm-up: the same lengths' kernels compiled and tuned, outside the figures
         w = max(1, len(prompts) // 8)
         llm.generate([{"prompt_token_ids": p} for p in prompts[:w]], [params(min(n, 16)) for n in out_lens[:w]])
-        tr = Tracer(eng)
+        tr = Tracer(eng, a.sync)
         submit(prompts, out_lens, wl)
         t = time.perf_counter()
         while eng.has_unfinished_requests():

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import runtime
-from moeserve.kernels.autotune import Config, bucket, get_tuner
+from moeserve.kernels.autotune import DECODE_TUNING_CONTEXT, Config, bucket, decode_tuning_inputs, get_tuner
 
 LOG2E = 1.4426950408889634
 FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn
@@ -308,12 +308,17 @@ def paged_attention(
     decode = max_query_len == 1
     shape = AttnShape(T, B, group, d, page, kv_heads, q.dtype, decode, max_seq_len, is_fp8(kv_cache))
     scales = (k_scale, v_scale)
-    cfg = get_tuner().choose(
-        "paged_attention", shape.key(), _attn_candidates(shape),
-        lambda c: _launch_attention(c, shape, q, kv_cache, query_start_loc, seq_lens, block_tables, scale, out,
-                                    scales),
-        _attn_default(shape),
-    )
+    timing = {}  # decode: timed on long contexts (autotune.decode_tuning_inputs), made only if it is timed
+
+    def run(c):
+        lens, tables = seq_lens, block_tables
+        if decode:
+            if not timing:
+                timing["in"] = decode_tuning_inputs(seq_lens, block_tables, page, kv_cache.shape[1])
+            lens, tables = timing["in"]
+        _launch_attention(c, shape, q, kv_cache, query_start_loc, lens, tables, scale, out, scales)
+
+    cfg = get_tuner().choose("paged_attention", shape.key(), _attn_candidates(shape), run, _attn_default(shape))
     _launch_attention(cfg, shape, q, kv_cache, query_start_loc, seq_lens, block_tables, scale, out, scales)
     return out
 
@@ -327,7 +332,8 @@ class AttnShape:
         self.kv_fp8 = kv_fp8
 
     def key(self) -> str:
-        mode = f"decode|B={bucket(self.B)}" if self.decode else f"prefill|T={bucket(self.T, 16384)}"
+        mode = (f"decode|B={bucket(self.B)}|ctx={DECODE_TUNING_CONTEXT}" if self.decode
+                else f"prefill|T={bucket(self.T, 16384)}")
         kv = "|kv=fp8" if self.kv_fp8 else ""
         return f"{mode}|G={self.group}|D={self.d}|page={self.page}|{str(self.dtype).removeprefix('torch.')}{kv}"
 
@@ -348,6 +354,8 @@ def _attn_candidates_16bit(s: AttnShape) -> list[Config]:
             {"BLOCK_N": 64, "SEG_X": 1, "num_warps": 4, "num_stages": 3},
             {"BLOCK_N": 32, "SEG_X": 2, "num_warps": 4, "num_stages": 3},
             {"BLOCK_N": 64, "SEG_X": 2, "num_warps": 8, "num_stages": 2},
+            {"BLOCK_N": 64, "SEG_X": 1, "num_warps": 4, "num_stages": 4},
+            {"BLOCK_N": 128, "SEG_X": 1, "num_warps": 8, "num_stages": 3},
         ]
     return [
         {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},

@@ -34,6 +34,27 @@ def bucket(n: int, cap: int | None = None) -> int:
     return min(b, cap) if cap else b
 
 
+# Decode attention is tuned over contexts of this many tokens, not over its first call's lengths: that call is the
+# CUDA-graph warm-up, whose 1-token contexts make the smallest tile always win - a tile that then streams real
+# contexts at a fraction of the bandwidth the larger ones reach.
+DECODE_TUNING_CONTEXT = 4096
+
+
+def decode_tuning_inputs(seq_lens, block_tables, page: int, num_blocks: int, context: int = DECODE_TUNING_CONTEXT):
+    """(seq_lens, block_tables) for timing a decode kernel: every sequence `context` tokens long (at most what its
+    table row holds), on distinct pages (wrapping around the pool when it is smaller), so that no two sequences
+    share cached lines. Only for timing: the real call runs on the real ones."""
+    import torch
+
+    B, width = block_tables.shape
+    L = max(1, min(context, width * page))
+    n = -(-L // page)
+    pages = (torch.arange(B * n, device=block_tables.device, dtype=torch.int64) % max(1, num_blocks))
+    tables = torch.zeros_like(block_tables)
+    tables[:, :n] = pages.view(B, n).to(block_tables.dtype)
+    return torch.full_like(seq_lens, L), tables
+
+
 def cache_path(gpu_slug: str | None = None) -> Path:
     root = Path(os.environ.get("MOESERVE_CACHE_DIR") or "~/.cache/moeserve").expanduser()
     return root / "autotune" / f"{gpu_slug or runtime.gpu_slug()}.json"

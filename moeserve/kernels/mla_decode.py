@@ -18,7 +18,7 @@ import triton.language as tl
 
 from moeserve.kernels import runtime
 from moeserve.kernels.attention import FP8_MAX, is_fp8, round_e4m3
-from moeserve.kernels.autotune import Config, bucket, get_tuner
+from moeserve.kernels.autotune import DECODE_TUNING_CONTEXT, Config, bucket, decode_tuning_inputs, get_tuner
 
 LOG2E = 1.4426950408889634
 
@@ -192,11 +192,14 @@ def mla_decode(
     if B == 0:
         return out
     shape = DecodeShape(B, H, R, P, cache.shape[1], q_lat.dtype, max_seq_len, is_fp8(cache))
-    cfg = get_tuner().choose(
-        "mla_decode", shape.key(), _candidates(shape),
-        lambda c: _launch(c, shape, q_lat, q_pe, cache, seq_lens, block_tables, scale, out, kv_scale),
-        _candidates(shape)[1],
-    )
+    timing = {}  # timed on long contexts (autotune.decode_tuning_inputs), made only if it is timed
+
+    def run(c):
+        if not timing:
+            timing["in"] = decode_tuning_inputs(seq_lens, block_tables, cache.shape[1], cache.shape[0])
+        _launch(c, shape, q_lat, q_pe, cache, *timing["in"], scale, out, kv_scale)
+
+    cfg = get_tuner().choose("mla_decode", shape.key(), _candidates(shape), run, _candidates(shape)[1])
     _launch(cfg, shape, q_lat, q_pe, cache, seq_lens, block_tables, scale, out, kv_scale)
     return out
 
@@ -209,7 +212,7 @@ class DecodeShape:
         self.dtype, self.max_seq_len, self.kv_fp8 = dtype, max_seq_len, kv_fp8
 
     def key(self) -> str:
-        return (f"B={bucket(self.B)}|H={self.H}|R={self.R}|P={self.P}|page={self.page}|"
+        return (f"B={bucket(self.B)}|ctx={DECODE_TUNING_CONTEXT}|H={self.H}|R={self.R}|P={self.P}|page={self.page}|"
                 f"{str(self.dtype).removeprefix('torch.')}" + ("|kv=fp8" if self.kv_fp8 else ""))
 
 
@@ -220,6 +223,8 @@ def _candidates(s: DecodeShape) -> list[Config]:
         {"BLOCK_N": 32, "BLOCK_H": 16, "SEG_X": 2, "num_warps": 8, "num_stages": 2},
         {"BLOCK_N": 64, "BLOCK_H": 16, "SEG_X": 1, "num_warps": 8, "num_stages": 1},
         {"BLOCK_N": 32, "BLOCK_H": 32, "SEG_X": 1, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_N": 64, "BLOCK_H": 16, "SEG_X": 1, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_N": 64, "BLOCK_H": 32, "SEG_X": 1, "num_warps": 8, "num_stages": 1},
     ]
     if s.dtype.itemsize > 2 or s.R > 512:  # keep the latent tiles inside shared memory
         for c in cands:
