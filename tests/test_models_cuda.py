@@ -121,6 +121,35 @@ def test_cuda_graphs_equal_eager_and_survive_preemption_and_chunking(case):
     _assert_same_up_to_near_ties(_greedy(chunked, case["prompts"]), base, margins)
 
 
+def test_mixed_batch_graphs_equal_eager(case):
+    """Prefill chunks beside decodes replay a CUDA graph per padded token count (where the attention allows it:
+    not MLA): prompts arriving while others decode, in chunks of a small budget, give the eager run's tokens up to
+    near ties, and those steps did go through the graphs."""
+    kw = dict(device="cuda", kv_cache_memory_bytes=1 << 28, max_num_seqs=len(PROMPT_LENS), max_num_batched_tokens=48)
+    eager = LLM(model=case["path"], enforce_eager=True, **kw)
+    graphs = LLM(model=case["path"], **kw)
+    runner = graphs.llm_engine.runner
+    mla = any(not getattr(m, "graph_safe_mixed", True) for m in runner.model.modules())
+    assert bool(runner.mixed_graphs) == (not mla)
+    p = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True, logprobs=2)
+
+    def staggered(llm):  # a new prompt every few steps: most steps mix decodes with a prefill chunk
+        eng, outs = llm.llm_engine, {}
+        for step in range(400):
+            if step % 3 == 0 and step // 3 < len(case["prompts"]):
+                eng.add_request(f"s{step // 3}", case["prompts"][step // 3], p)
+            outs.update({o.request_id: o for o in eng.step() if o.finished})
+            if len(outs) == len(case["prompts"]):
+                break
+        return [outs[f"s{i}"].outputs[0] for i in range(len(case["prompts"]))]
+
+    base = staggered(eager)
+    margins = [[sorted((lp.logprob for lp in s.values()), reverse=True) for s in o.logprobs] for o in base]
+    margins = [[t[0] - t[1] for t in m] for m in margins]
+    _assert_same_up_to_near_ties([o.token_ids for o in staggered(graphs)], [o.token_ids for o in base], margins)
+    assert (runner.num_mixed_replays > 0) == (not mla)
+
+
 def _greedy_with_margins(llm, prompts, n=NEW):
     """Greedy tokens, and at each step the gap between the top two log-probabilities."""
     p = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=2)

@@ -83,10 +83,17 @@ class ModelRunner:
         self.d_prev_rows = torch.zeros(T, dtype=torch.int64, device=device)
         self.d_positions = torch.zeros(T, dtype=torch.int64, device=device)
         self.d_slots = torch.zeros(T, dtype=torch.int64, device=device)
-        self.d_qsl = torch.zeros(B + 1, dtype=torch.int32, device=device)
-        self.d_seq_lens = torch.zeros(B, dtype=torch.int32, device=device)
-        self.d_tables = torch.zeros(B, self.max_blocks_per_seq, dtype=torch.int32, device=device)
+        # One sequence row more than max_num_seqs: a mixed-batch graph gives its padding tokens a sequence of their own.
+        self.d_qsl = torch.zeros(B + 2, dtype=torch.int32, device=device)
+        self.d_seq_lens = torch.zeros(B + 1, dtype=torch.int32, device=device)
+        # Wide enough for the padding sequence of a mixed graph too (up to a whole step's tokens long).
+        width = max(self.max_blocks_per_seq, -(-max_num_batched_tokens // block_size))
+        self.d_tables = torch.zeros(B + 1, width, dtype=torch.int32, device=device)
+        self.mixed_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.num_mixed_replays = 0
         self.d_logits_idx = torch.zeros(B, dtype=torch.int64, device=device)
+        # Positions of a mixed graph's padding tokens (any valid position: they only rotate themselves).
+        self._pad_positions = torch.arange(T, dtype=torch.int64, device=device) % max_model_len
 
     # -- KV cache --
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
@@ -122,6 +129,8 @@ class ModelRunner:
             self.expert_load.set_valid_tokens(0 if step.is_dummy else T)
         if decode_only and self.use_cuda_graphs and self.graphs and (not self.data_parallel or step.dp_graph_batch):
             hidden = self._replay(B, step.dp_graph_batch)
+        elif self.mixed_graphs and T <= max(self.mixed_graphs) and not step.is_dummy:
+            hidden = self._replay_mixed(B, T)
         else:
             if self.data_parallel:  # the experts pad every DP rank's tokens to this many: no count all-gather
                 set_dp_max_tokens(step.dp_max_tokens or None)
@@ -226,7 +235,7 @@ class ModelRunner:
         self.d_slots[:T].copy_(h.slots[:T], non_blocking=nb)
         self.d_qsl[: B + 1].copy_(h.qsl[: B + 1], non_blocking=nb)
         self.d_seq_lens[:B].copy_(h.seq_lens[:B], non_blocking=nb)
-        self.d_tables[:B].copy_(h.tables[:B], non_blocking=nb)
+        self.d_tables[:B, : self.max_blocks_per_seq].copy_(h.tables[:B], non_blocking=nb)
         self.d_logits_idx[:S].copy_(h.logits_idx[:S], non_blocking=nb)
         if prev_tokens is not None:  # input tokens the last step sampled and the host has not seen yet
             rows = self.d_prev_rows[:T]
@@ -298,7 +307,8 @@ class ModelRunner:
 
     # -- CUDA graphs for decode --
     def capture_cuda_graphs(self) -> float:
-        """Capture one graph per padded decode batch size; returns the seconds it took."""
+        """Capture one graph per padded decode batch size, and where the model allows one per padded token count
+        of mixed batches (capture_mixed_graphs); returns the seconds it took."""
         if not self.use_cuda_graphs:
             return 0.0
         t0 = time.perf_counter()
@@ -324,8 +334,69 @@ class ModelRunner:
                 pool = graph.pool()
             self.graphs[B] = (graph, out)
         set_dp_max_tokens(None)
+        if self._mixed_graphs_possible():
+            self.capture_mixed_graphs(pool)
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the eager warm-ups' blocks: the graphs keep their own pool
         return time.perf_counter() - t0
+
+    # -- CUDA graphs for mixed batches (prefill chunks beside decodes) --
+    def _mixed_graph_sizes(self) -> list[int]:
+        """Padded token counts of the mixed-batch graphs, up to the step's token budget: each at most ~25% (mostly
+        ~1/8) above the one below, so a step pads by that much at most."""
+        sizes = [64, 128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096, 5120, 6144,
+                 7168, 8192, 10240, 12288, 14336, 16384, 20480, 24576, 28672, 32768]
+        return [s for s in sizes if s < self.max_tokens] + [self.max_tokens]
+
+    def _mixed_graphs_possible(self) -> bool:
+        """Whether every layer runs a mixed batch without reading lengths on the host (the attention fronts say:
+        see PagedAttention.graph_safe_mixed), in one process of this layout (no DP padding, no pipeline hand-over)."""
+        fronts = [m for m in self.model.modules() if hasattr(m, "graph_safe_mixed")]
+        return (self.use_cuda_graphs and bool(fronts) and all(m.graph_safe_mixed for m in fronts)
+                and not self.data_parallel and self.link is None)
+
+    def capture_mixed_graphs(self, pool=None):
+        """One graph per padded token count, every one over max_num_seqs + 1 sequence rows (the last real rows, then
+        the padding's own sequence, then empty ones). The kernels read lengths and block tables on the device, so a
+        replay serves any mix of prefill chunks and decodes that fits."""
+        B_pad = self.max_num_seqs + 1
+        self.d_qsl[:1].zero_()
+        for T in sorted(self._mixed_graph_sizes(), reverse=True):
+            self._pad_mixed(0, 0, T)
+            meta = AttentionMetadata(
+                slot_mapping=self.d_slots[:T], query_start_loc=self.d_qsl[: B_pad + 1], seq_lens=self.d_seq_lens[:B_pad],
+                block_tables=self.d_tables[:B_pad], max_query_len=T, max_seq_len=self.max_model_len)
+            ctx = ForwardContext(meta, self.kv_caches)
+            with torch.inference_mode():
+                self.model(self.d_input_ids[:T], self.d_positions[:T], ctx)  # tune and compile this size eagerly
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self.model(self.d_input_ids[:T], self.d_positions[:T], ctx)
+                pool = graph.pool()
+            self.mixed_graphs[T] = (graph, out)
+        return pool
+
+    def _pad_mixed(self, B: int, T: int, T_pad: int) -> None:
+        """Rows past the step's B sequences and T tokens: tokens T..T_pad-1 form sequence B, a causal prompt of
+        their own at positions 0.. that writes nothing and reads page 0; later sequences are empty."""
+        n = T_pad - T
+        B_pad = self.max_num_seqs + 1
+        self.d_slots[T:T_pad].fill_(-1)
+        self.d_positions[T:T_pad].copy_(self._pad_positions[:n])
+        self.d_input_ids[T:T_pad].zero_()
+        self.d_seq_lens[B].fill_(n)
+        self.d_seq_lens[B + 1: B_pad].zero_()
+        self.d_tables[B].zero_()
+        self.d_qsl[B + 1: B_pad + 1].fill_(T_pad)
+
+    def _replay_mixed(self, B: int, T: int) -> torch.Tensor:
+        T_pad = next(s for s in sorted(self.mixed_graphs) if s >= T)
+        self._pad_mixed(B, T, T_pad)
+        graph, out = self.mixed_graphs[T_pad]
+        graph.replay()
+        self.num_mixed_replays += 1
+        return out[:T]
 
     def _replay(self, B: int, at_least: int = 0) -> torch.Tensor:
         """at_least: DP ranks all replay the graph of the largest batch among them (a collective's shape)."""

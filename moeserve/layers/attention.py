@@ -39,6 +39,10 @@ class ForwardContext:
 class PagedAttention(nn.Module):
     """softmax(q k^T * scale) v over the paged cache; GQA via num_heads // num_kv_heads query heads per KV head."""
 
+    # CUDA: a batch of prefill chunks and decodes reads every length and block on the device (no host reads), so
+    # the runner may capture it in a CUDA graph per padded token count.
+    graph_safe_mixed = True
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, layer_idx: int):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim

@@ -38,6 +38,9 @@ class LatentAttention(nn.Module):
     """The MLA front: write this step's latents into the paged cache, attend over each sequence's latents.
     num_heads is the model's; this rank attends with its 1/TP of them (the kv_b_proj rows it is handed)."""
 
+    # Mixed batches are planned on the host (which sequences decode, how prefill contexts are chunked): eager only.
+    graph_safe_mixed = False
+
     def __init__(self, num_heads: int, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int,
                  v_head_dim: int, scale: float, layer_idx: int):
         super().__init__()
