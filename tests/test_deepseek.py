@@ -120,7 +120,22 @@ def test_variant_chunked_mixed_batches_keep_tokens(variant):
     if "tokens" not in variant:
         pytest.skip("needs the greedy tokens of the test above")
     llm = LLM(model=variant["path"], max_num_batched_tokens=8, enable_prefix_caching=False, block_size=16)
-    assert _greedy(llm, variant["prompts"]) == variant["tokens"]
+    from moeserve.layers import mla
+
+    plans = []
+    original = mla.MixedPlan.__init__
+
+    def counted(self, meta, *args):
+        plans.append(meta)
+        original(self, meta, *args)
+
+    mla.MixedPlan.__init__ = counted
+    try:
+        assert _greedy(llm, variant["prompts"]) == variant["tokens"]
+    finally:
+        mla.MixedPlan.__init__ = original
+    # planned once per step (by its first MLA layer), not once per layer
+    assert plans and len({id(m) for m in plans}) == len(plans)
 
 
 def test_kv_pool_holds_only_the_latent(variant):

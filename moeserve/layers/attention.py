@@ -28,6 +28,8 @@ class AttentionMetadata:
     seq_lens_cpu: np.ndarray | None = None
     # The CPU path's grouping of sequences and gather/mask plans: built by the first layer, reused by the rest.
     cpu_plan: list | None = field(default=None, repr=False, compare=False)
+    # MLA's plan of a mixed batch (layers/mla.MixedPlan): built by the first MLA layer, reused by the rest.
+    mla_plan: object | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

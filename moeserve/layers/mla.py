@@ -93,29 +93,22 @@ class LatentAttention(nn.Module):
 
     # -- mixed batches: decodes absorbed, prefills expanded --
     def _attend_mixed(self, q_nope, q_pe, cache, w_uk, w_uv, meta: AttentionMetadata) -> torch.Tensor:
-        qsl, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
-        q_lens = np.diff(qsl)
+        if meta.mla_plan is None:  # the same in every layer of the step: planned once, by the first layer
+            meta.mla_plan = MixedPlan(meta, cache.shape[1], q_nope.device)
+        plan = meta.mla_plan
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)
-        dev = q_nope.device
-        dec = np.flatnonzero(q_lens == 1)
-        if dec.size:
-            tok = upload(qsl[dec].astype(np.int64), dev)
-            rows = upload(dec.astype(np.int64), dev)
-            out[tok] = self._decode(q_nope[tok], q_pe[tok], cache, meta.seq_lens[rows], meta.block_tables[rows],
-                                    w_uk, w_uv, int(seq_lens[dec].max()))
-        pre = np.flatnonzero(q_lens > 1)
-        if pre.size:
-            tok_np = np.concatenate([np.arange(qsl[b], qsl[b + 1]) for b in pre])
-            tok = upload(tok_np, dev)
-            block_size = cache.shape[1]
-            n_pages = -(-seq_lens[pre] // block_size)
-            tables = meta.block_tables[upload(pre.astype(np.int64), dev)]
-            take = np.concatenate([i * tables.shape[1] + np.arange(n) for i, n in enumerate(n_pages)])
-            pages = cache[tables.reshape(-1)[upload(take, dev)].long()]  # [sum n_pages, bs, R+rope]
+        if plan.dec_tok is not None:
+            tok = plan.dec_tok
+            out[tok] = self._decode(q_nope[tok], q_pe[tok], cache, plan.dec_seq_lens, plan.dec_tables, w_uk, w_uv,
+                                    plan.dec_max_len)
+        if plan.pre_tok is not None:
+            tok = plan.pre_tok
+            pages = cache[plan.page_ids]  # [sum n_pages, bs, R+rope]
             if pages.dtype == torch.float8_e4m3fn:  # an fp8 cache: the expansion reads dequantized latents
                 from moeserve.kernels.reference import kv_load
                 pages = kv_load(pages, q_nope.dtype, self.kv_scale)
-            out[tok] = self._expanded(q_nope[tok], q_pe[tok], pages, n_pages, q_lens[pre], seq_lens[pre], w_uk, w_uv)
+            out[tok] = self._expanded(q_nope[tok], q_pe[tok], pages, plan.n_pages, plan.q_lens, plan.ctx_lens,
+                                      w_uk, w_uv, plan)
         return out
 
     def _attend_uncached(self, q_nope, q_pe, latent, w_uk, w_uv, meta: AttentionMetadata) -> torch.Tensor:
@@ -124,13 +117,14 @@ class LatentAttention(nn.Module):
         pages = latent.unsqueeze(1)  # one token per page: the new tokens are their own context
         return self._expanded(q_nope, q_pe, pages, q_lens, q_lens, q_lens, w_uk, w_uv)
 
-    def _expanded(self, q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv) -> torch.Tensor:
+    def _expanded(self, q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv, plan=None) -> torch.Tensor:
         """Causal attention of each sequence's queries over its context, expanded to per-head K/V.
 
         pages [P, page, R+rope] hold the sequences' contexts one after the other: sequence i owns n_pages[i]
-        pages, its ctx_lens[i] tokens come first in them, and its q_lens[i] queries are its last tokens."""
+        pages, its ctx_lens[i] tokens come first in them, and its q_lens[i] queries are its last tokens.
+        plan: the step's MixedPlan, which keeps the chunks' device arguments for the next layers."""
         if pages.is_cuda:
-            return self._expanded_cuda(q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv)
+            return self._expanded_cuda(q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv, plan)
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)
         page0 = q0 = 0
         for n_p, n_q, n_ctx in zip(n_pages.tolist(), q_lens.tolist(), ctx_lens.tolist()):
@@ -152,45 +146,28 @@ class LatentAttention(nn.Module):
             return int(self.prefill_chunk)
         return max(4096, self.prefill_bytes // (self.num_heads * (self.nope_dim + self.v_dim) * itemsize))
 
-    def _expanded_cuda(self, q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv) -> torch.Tensor:
+    def _expanded_cuda(self, q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv, plan=None) -> torch.Tensor:
         """The contexts' latents (contiguous per sequence in the flattened pages) expanded chunk by chunk with one
         GEMM (c @ kv_b_proj^T -> [S, H, nope + v]; k_nope and v are strided views of it, k_pe is read from the
         latents) and attended by moeserve.kernels.mla_prefill, a varlen causal flash attention that keeps the
         192-wide key and 128-wide value apart. Chunks after the first are merged by log-sum-exp."""
         from moeserve.kernels.mla_prefill import merge_partials, mla_prefill_attention
 
-        dev, H, N, V, R = q_nope.device, self.num_heads, self.nope_dim, self.v_dim, self.kv_lora_rank
-        page = pages.shape[1]
+        H, N, V, R = self.num_heads, self.nope_dim, self.v_dim, self.kv_lora_rank
         flat = pages.flatten(0, 1)  # [P*page, R+rope]
         w = _kv_b_full(w_uk, w_uv).reshape(H * (N + V), R)
-        first_tok = np.concatenate([[0], np.cumsum(n_pages)[:-1]]) * page
-        q_start = np.concatenate([[0], np.cumsum(q_lens)[:-1]])
-        max_q = int(q_lens.max())
         chunk = self._chunk_tokens(w.element_size())
-        n_chunks = -(-int(ctx_lens.max()) // chunk)
-
-        def up(a):
-            return upload(np.ascontiguousarray(a, dtype=np.int32), dev)
-
-        q_start_d, q_len_d = up(q_start), up(q_lens)
+        chunks = (plan or MixedPlan.empty()).chunks_for(chunk, n_pages, q_lens, ctx_lens, pages.shape[1], q_nope.device)
         out = lse = None
-        for ci in range(n_chunks):
-            c0 = ci * chunk
-            k_len = np.clip(ctx_lens - c0, 0, chunk)
-            if n_chunks == 1:  # each context starts its sequence's pages: read them in place, no gather
-                k_start, lat = first_tok, flat
-            else:
-                k_start = np.concatenate([[0], np.cumsum(k_len)[:-1]])
-                rows = np.concatenate([first_tok[i] + c0 + np.arange(n) for i, n in enumerate(k_len)])
-                lat = flat[upload(rows.astype(np.int64), dev)]
+        for rows, args in chunks:
+            lat = flat if rows is None else flat[rows]
             kv = (lat[:, :R].to(w.dtype) @ w.t()).view(-1, H, N + V)
             k_pe = lat[:, R:].to(w.dtype)
-            args = dict(q_start=q_start_d, q_len=q_len_d, k_start=up(k_start), k_len=up(k_len),
-                        q_off=up(ctx_lens - q_lens - c0), max_q_len=max_q, scale=self.scale)
-            if n_chunks == 1:
-                return mla_prefill_attention(q_nope, q_pe, kv[..., :N], k_pe, kv[..., N:], **args)
-            lse_c = torch.empty(q_nope.shape[0], H, dtype=torch.float32, device=dev)
-            o_c = mla_prefill_attention(q_nope, q_pe, kv[..., :N], k_pe, kv[..., N:], lse=lse_c, **args)
+            if len(chunks) == 1:
+                return mla_prefill_attention(q_nope, q_pe, kv[..., :N], k_pe, kv[..., N:], scale=self.scale, **args)
+            lse_c = torch.empty(q_nope.shape[0], H, dtype=torch.float32, device=q_nope.device)
+            o_c = mla_prefill_attention(q_nope, q_pe, kv[..., :N], k_pe, kv[..., N:], lse=lse_c, scale=self.scale,
+                                        **args)
             out, lse = (o_c, lse_c) if out is None else merge_partials(out, lse, o_c, lse_c)
         return out
 
@@ -221,6 +198,67 @@ class LatentAttention(nn.Module):
                             block_tables=up(tables), scale=self.scale, max_query_len=int(q_lens.max()),
                             max_seq_len=int(ctx_lens.max()))
         return o[..., :V]
+
+
+class MixedPlan:
+    """Where a mixed batch's decodes and prefills are, as the MLA layers need it: which token rows decode (and
+    their sequences' lengths and block tables), which prefill, and the cache pages of the prefilling sequences'
+    contexts in order. The same in every layer of a step: built once (host planning and uploads), kept on the
+    step's AttentionMetadata. chunks_for() adds the prefill attention's per-chunk arguments the same way."""
+
+    def __init__(self, meta: AttentionMetadata | None, block_size: int, device: torch.device):
+        self.dec_tok = self.pre_tok = None
+        self._chunks: dict[int, list] = {}
+        if meta is None:
+            return
+        qsl, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+        q_lens = np.diff(qsl)
+        dec = np.flatnonzero(q_lens == 1)
+        if dec.size:
+            self.dec_tok = upload(qsl[dec].astype(np.int64), device)
+            rows = upload(dec.astype(np.int64), device)
+            self.dec_seq_lens, self.dec_tables = meta.seq_lens[rows], meta.block_tables[rows]
+            self.dec_max_len = int(seq_lens[dec].max())
+        pre = np.flatnonzero(q_lens > 1)
+        if pre.size:
+            self.pre_tok = upload(np.concatenate([np.arange(qsl[b], qsl[b + 1]) for b in pre]), device)
+            self.q_lens, self.ctx_lens = q_lens[pre], seq_lens[pre]
+            self.n_pages = -(-self.ctx_lens // block_size)
+            tables = meta.block_tables[upload(pre.astype(np.int64), device)]
+            take = np.concatenate([i * tables.shape[1] + np.arange(n) for i, n in enumerate(self.n_pages)])
+            self.page_ids = tables.reshape(-1)[upload(take, device)].long()
+
+    @classmethod
+    def empty(cls) -> "MixedPlan":
+        return cls(None, 0, torch.device("cpu"))
+
+    def chunks_for(self, chunk: int, n_pages, q_lens, ctx_lens, page: int, device: torch.device) -> list:
+        """[(latent rows to gather or None for the pages in place, mla_prefill_attention's arguments)] per chunk
+        of `chunk` context tokens: uploaded once per step and chunk size."""
+        if chunk in self._chunks:
+            return self._chunks[chunk]
+
+        def up(a):
+            return upload(np.ascontiguousarray(a, dtype=np.int32), device)
+
+        first_tok = np.concatenate([[0], np.cumsum(n_pages)[:-1]]) * page
+        q_start = np.concatenate([[0], np.cumsum(q_lens)[:-1]])
+        q_start_d, q_len_d, max_q = up(q_start), up(q_lens), int(q_lens.max())
+        n_chunks = -(-int(ctx_lens.max()) // chunk)
+        out = []
+        for ci in range(n_chunks):
+            c0 = ci * chunk
+            k_len = np.clip(ctx_lens - c0, 0, chunk)
+            if n_chunks == 1:  # each context starts its sequence's pages: read them in place, no gather
+                k_start, rows = first_tok, None
+            else:
+                k_start = np.concatenate([[0], np.cumsum(k_len)[:-1]])
+                rows = upload(np.concatenate([first_tok[i] + c0 + np.arange(n) for i, n in enumerate(k_len)])
+                              .astype(np.int64), device)
+            out.append((rows, dict(q_start=q_start_d, q_len=q_len_d, k_start=up(k_start), k_len=up(k_len),
+                                   q_off=up(ctx_lens - q_lens - c0), max_q_len=max_q)))
+        self._chunks[chunk] = out
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- references
