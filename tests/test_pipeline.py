@@ -1,6 +1,6 @@
 """Pipeline parallelism: the layer split, one stage's model and weights, and whole engines at PP=2 and TP=2 x PP=2
 (real processes, gloo) whose greedy tokens must equal the one-process engine's, through chunked prefill,
-preemption and the prefix cache."""
+preemption and the prefix cache, with two micro-batches of different requests in flight at once."""
 
 from __future__ import annotations
 
@@ -104,7 +104,9 @@ def _matches_one_process(path: str, tp: int, with_grammars: bool = False) -> Non
     assert one.llm_engine.scheduler.num_preemptions_total > 0  # the case is exercised
     llm = LLM(model=path, **SMALL, tensor_parallel_size=tp, pipeline_parallel_size=2, master_port=free_port())
     try:
+        in_flight = _watch_micro_batches(llm.llm_engine)
         assert tokens(llm, prompts) == ref
+        assert max(in_flight) == 2  # two micro-batches were in the pipeline at once
         if with_grammars:  # the last stage's leader masks and samples them
             assert grammared(llm, prompts) == ref_grammared
         engine = llm.llm_engine
@@ -113,6 +115,24 @@ def _matches_one_process(path: str, tp: int, with_grammars: bool = False) -> Non
         assert engine.get_stats().num_free_blocks == engine.get_stats().num_total_blocks
     finally:
         llm.llm_engine.shutdown()
+
+
+def _watch_micro_batches(engine) -> list[int]:
+    """How many micro-batches were in flight at each collection; every launched step must hold only requests no
+    micro-batch in flight holds (their next input tokens are not back yet)."""
+    seen: list[int] = []
+    collect, execute = engine._collect_micro_batch, engine.executor.execute
+
+    def watched_collect(touched):
+        seen.append(len(engine.pp_inflight))
+        return collect(touched)
+
+    def watched_execute(step, prev):
+        assert not set(step.req_ids) & engine.pp_busy, "a request in two micro-batches at once"
+        return execute(step, prev)
+
+    engine._collect_micro_batch, engine.executor.execute = watched_collect, watched_execute
+    return seen
 
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "tp2xpp2"])

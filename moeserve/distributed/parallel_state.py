@@ -106,6 +106,10 @@ class GroupCoordinator:
     def send(self, x: torch.Tensor, dst: int) -> None:
         dist.send(x, dst=self.ranks[dst], group=self.group)
 
+    def isend(self, x: torch.Tensor, dst: int):
+        """Start sending x; the returned work completes once it is sent (keep x alive until then)."""
+        return dist.isend(x, dst=self.ranks[dst], group=self.group)
+
     def recv(self, x: torch.Tensor, src: int) -> torch.Tensor:
         dist.recv(x, src=self.ranks[src], group=self.group)
         return x

@@ -6,7 +6,9 @@ first one the embedding (cheap). Each stage builds only its own layers; the othe
 parameters, so the loader skips their tensors and the KV cache holds only this stage's layers.
 
 Between stages the running (hidden, residual) pair of the step's T tokens travels point to point over the PP
-group, as two fixed-shape [T, hidden] tensors: every stage knows T from the step message.
+group, as two fixed-shape [T, hidden] tensors: every stage knows T from the step message. A stage does not wait
+for its hand-over to arrive: with several micro-batches in flight (engine.py) it goes on to the next one while
+the stage after it is still busy with the last.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class StageLink:
         self.pp = get_pp_group()
         self.recv_hidden = torch.empty(max_tokens, hidden_size, dtype=dtype, device=device)
         self.recv_residual = torch.empty(max_tokens, hidden_size, dtype=dtype, device=device)
+        self.sending: list = []  # (work, tensor) of hand-overs on their way
 
     @property
     def is_first(self) -> bool:
@@ -84,8 +87,15 @@ class StageLink:
         return h, r
 
     def send(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
-        self.pp.send(hidden.contiguous(), dst=self.pp.rank + 1)
-        self.pp.send(residual.contiguous(), dst=self.pp.rank + 1)
+        """Start the hand-over to the next stage and return; the tensors are kept until it has left."""
+        self.sending = [(w, t) for w, t in self.sending if not w.is_completed()]
+        for t in (hidden.contiguous(), residual.contiguous()):
+            self.sending.append((self.pp.isend(t, dst=self.pp.rank + 1), t))
+
+    def wait_sent(self) -> None:
+        for w, _ in self.sending:
+            w.wait()
+        self.sending = []
 
     def zeros(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Stand-in inputs for a forward without a stage before it (memory profiling)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,38 @@ def broadcast_step(step) -> object:
     return box[0]
 
 
+class StepPost:
+    """Pipeline parallelism: rank 0 posts each step message to every other rank without waiting for them, since
+    the later stages are still busy with the micro-batches before it (a broadcast would wait for them all). Each
+    message goes as its pickled length and bytes, in order, over the control group."""
+
+    def __init__(self, ranks: list[int]):
+        self.ranks = ranks
+        self.sending: list = []  # (work, tensors) on their way
+
+    def send(self, step) -> None:
+        self.sending = [(w, t) for w, t in self.sending if not w.is_completed()]
+        payload = torch.frombuffer(bytearray(pickle.dumps(step)), dtype=torch.uint8)
+        size = torch.tensor([payload.numel()], dtype=torch.int64)
+        for r in self.ranks:
+            for t in (size, payload):
+                self.sending.append((dist.isend(t, dst=r, group=_control), t))
+
+    def wait(self) -> None:
+        for w, _ in self.sending:
+            w.wait()
+        self.sending = []
+
+
+def receive_posted_step() -> object:
+    """A rank other than 0 takes the next message StepPost sent it."""
+    size = torch.empty(1, dtype=torch.int64)
+    dist.recv(size, src=0, group=_control)
+    payload = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.recv(payload, src=0, group=_control)
+    return pickle.loads(payload.numpy().tobytes())
+
+
 def worker_main(config, info, device_type: str) -> None:
     from moeserve.distributed.launch import init_rank, rank_device
     from moeserve.distributed.parallel_state import get_dp_group, get_pp_group, get_tp_group
@@ -56,13 +89,15 @@ def worker_main(config, info, device_type: str) -> None:
                                loaded.tokenizer)
     prev = None
     code = 1
+    receive = receive_posted_step if pp.size > 1 else (lambda: broadcast_step(None))
     try:
         while True:
-            step = broadcast_step(None)
+            step = receive()
             if step is None:
                 break
-            # DP (every DP rank's step in one message) and PP (this stage's layers): no async scheduling; the
-            # leader (a DP rank's, or the last stage's TP rank 0) samples and sends the tokens to rank 0
+            # DP (every DP rank's step in one message) and PP (this stage's layers, one micro-batch after
+            # another): no async scheduling; the leader (a DP rank's, or the last stage's TP rank 0) samples and
+            # sends the tokens to rank 0
             if isinstance(step, list) or pp.size > 1:
                 if isinstance(step, list):
                     step = step[dp.rank]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +118,10 @@ class LLMEngine:
                                  else self.device.type == "cuda") and config.data_parallel_size == 1 \
             and not self.pipeline
         self.inflight: _Launched | None = None
+        # PP: micro-batches in flight through the stages (oldest first), as many as there are stages, each of
+        # requests no other one holds; their ids, which wait for their tokens before they are scheduled again.
+        self.pp_inflight: deque[tuple[list[Request], StepInput]] = deque()
+        self.pp_busy: set[str] = set()
         self.sync_requests: set[str] = set()  # alive requests whose sampling reads their newest tokens
         self.requests: dict[str, Request] = {}
         self.parents: dict[str, list[Request]] = {}
@@ -242,11 +247,16 @@ class LLMEngine:
             self.parent_prompt.pop(rid, None)
 
     def shutdown(self) -> None:
-        """Stop the other ranks' processes (nothing to do on one rank)."""
-        self.executor.shutdown()
+        """Stop the other ranks' processes (nothing to do on one rank), once the micro-batches still in the
+        pipeline are back."""
+        try:
+            while self.pp_inflight:
+                self._collect_micro_batch({})
+        finally:
+            self.executor.shutdown()
 
     def has_unfinished_requests(self) -> bool:
-        return any(s.has_work() for s in self.schedulers) or self.inflight is not None
+        return any(s.has_work() for s in self.schedulers) or self.inflight is not None or bool(self.pp_inflight)
 
     def expert_load(self):
         """The expert-load table over the sliding window (layers/expert_load.py), or None when telemetry is off
@@ -334,24 +344,37 @@ class LLMEngine:
                 self._apply_sampled(reqs, results[d], touched)
 
     def _step_pipeline(self, touched: dict[str, None]) -> None:
-        """Pipeline parallelism: rank 0 runs the first stage and hands on; the last stage's leader samples from
-        its mirror of the requests (new ones carry their sampling state in the step) and sends the tokens back,
-        so rank 0 never sees logits. One step in flight: the next is scheduled once these tokens are back."""
-        batch = self.scheduler.schedule()
-        if not batch.requests:
-            return
-        now = time.time()
-        for req in batch.requests:
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = now
-        step = self._step_input(batch)
-        self.executor.execute(step, None)
-        for req, n in zip(batch.requests, batch.num_tokens):
-            req.num_computed_tokens += n
-            self.kv.register_full_blocks(req)
+        """Pipeline parallelism: rank 0 runs the first stage of a micro-batch and hands it on; the last stage's
+        leader samples from its mirror of the requests (new ones carry their sampling state in the step) and sends
+        the tokens back, so rank 0 never sees logits. Up to one micro-batch per stage is in flight, each of its
+        own requests (a share of those there are), so the stages work on different micro-batches at once; the
+        oldest is collected when the pipeline is full or nothing else can start."""
+        launched = False
+        if len(self.pp_inflight) < self.config.pipeline_parallel_size:
+            active = len(self.scheduler.running) + len(self.scheduler.waiting)
+            share = max(1, -(-active // self.config.pipeline_parallel_size))
+            batch = self.scheduler.schedule(self.pp_busy, share)
+            if batch.requests:
+                now = time.time()
+                for req in batch.requests:
+                    if req.metrics.first_scheduled_time is None:
+                        req.metrics.first_scheduled_time = now
+                step = self._step_input(batch)
+                self.executor.execute(step, None)
+                for req, n in zip(batch.requests, batch.num_tokens):
+                    req.num_computed_tokens += n
+                    self.kv.register_full_blocks(req)
+                self.pp_inflight.append((batch.requests, step))
+                self.pp_busy.update(r.request_id for r in batch.requests)
+                launched = True
+        if self.pp_inflight and (not launched or len(self.pp_inflight) == self.config.pipeline_parallel_size):
+            self._collect_micro_batch(touched)
+
+    def _collect_micro_batch(self, touched: dict[str, None]) -> None:
+        reqs, step = self.pp_inflight.popleft()
+        self.pp_busy.difference_update(r.request_id for r in reqs)
         if step.sample_rows:
-            self._apply_sampled([batch.requests[i] for i in step.sample_rows], self.executor.collect_last_stage(),
-                                touched)
+            self._apply_sampled([reqs[i] for i in step.sample_rows], self.executor.collect_last_stage(), touched)
 
     def _apply_sampled(self, reqs: list[Request], result, touched: dict[str, None]) -> None:
         """A leader's SampleResult (rows in `reqs` order, `errors` by row) given to its requests."""

@@ -3,7 +3,7 @@
 - InProcessExecutor: one rank, the runner in this process (one GPU, or the CPU). Nothing is added to its path.
 - MultiprocExecutor: rank 0 in this process, the other ranks in processes of their own (one per GPU, spawned
   here or by torchrun, on this node or others). Each step message is broadcast to them as plain data over a gloo
-  group; after sampling, rank 0 broadcasts the sampled tokens to its TP group (the next step's pending inputs
+  group (with pipeline stages, posted to each without waiting: worker_main.StepPost); after sampling, rank 0 broadcasts the sampled tokens to its TP group (the next step's pending inputs
   under async scheduling). A rank that dies makes the engine fail loudly: its step raises, and if the engine is
   stuck in a collective the watchdog ends the process with exit code 1.
 """
@@ -57,11 +57,20 @@ class MultiprocExecutor:
         self.num_blocks = wm.agree_num_blocks(self.worker.available_kv_blocks())
         self.worker.initialize_cache(self.num_blocks)
         self.tp = get_tp_group()
+        # PP: step messages are posted (the later stages may still be busy with earlier micro-batches)
+        self.post = None
+        if config.pipeline_parallel_size > 1:
+            import torch.distributed as dist
+
+            self.post = wm.StepPost(list(range(1, dist.get_world_size(wm._control))))
 
     def execute(self, step: StepInput, prev_tokens: torch.Tensor | None) -> torch.Tensor:
         if self.failed:
             raise RuntimeError(self.failed)
-        self._wm.broadcast_step(step)
+        if self.post is not None:
+            self.post.send(step)
+        else:
+            self._wm.broadcast_step(step)
         return self.worker.execute(step, prev_tokens)
 
     def execute_data_parallel(self, steps: list[StepInput]) -> torch.Tensor:
@@ -110,7 +119,10 @@ class MultiprocExecutor:
             return
         self._closed = True
         try:
-            if not self.failed:
+            if not self.failed and self.post is not None:
+                self.post.send(None)
+                self.post.wait()
+            elif not self.failed:
                 self._wm.broadcast_step(None)
         except Exception:
             pass

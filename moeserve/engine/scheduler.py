@@ -54,19 +54,26 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, busy: set[str] = frozenset(), max_seqs: int | None = None) -> ScheduledBatch:
+        """busy: requests in a pipeline micro-batch still in flight (their next input is not known yet): neither
+        scheduled nor preempted. max_seqs: at most this many requests in the batch (a micro-batch's share)."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        cap = self.max_num_seqs if max_seqs is None else max_seqs
         preempted = False
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(batch) < cap:
             req = self.running[i]
+            if req.request_id in busy:
+                i += 1
+                continue
             if req.num_pending and len(req.output_token_ids) + req.num_pending >= req.max_tokens:
                 i += 1  # its pending token is its last: nothing to compute
                 continue
             n = min(req.num_scheduled_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate(req, n):
-                victim = self.running.pop()
+                victim = next(r for r in reversed(self.running) if r.request_id not in busy)  # at worst req
+                self.running.remove(victim)
                 self._preempt(victim)
                 batch.num_preempted += 1
                 preempted = True
@@ -79,7 +86,8 @@ class Scheduler:
             budget -= n
             i += 1
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and len(batch) < cap
+               and not preempted):
             req = self.waiting[0]
             computed = self.kv.computed_blocks(req)
             n = req.num_tokens - len(computed) * self.kv.block_size
