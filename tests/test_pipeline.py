@@ -148,3 +148,36 @@ def test_deepseek_v2_mla_pipeline_matches_one_process(tmp_path):
 @pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "tp2xpp2"])
 def test_qwen3_moe_pipeline_with_an_uneven_split_matches_one_process(qwen3_moe, tp):
     _matches_one_process(qwen3_moe, tp)
+
+
+def test_aborting_a_request_in_flight_leaves_the_others_intact(llama_tied):
+    """PP=2: a request aborted while its micro-batch is still in the pipeline ends alone (its tokens, when they
+    come back, are dropped); the others finish with the one-process tokens and every block goes back."""
+    prompts = PROMPTS
+    ref = tokens(LLM(model=llama_tied, **SMALL), prompts)
+    llm = LLM(model=llama_tied, **SMALL, pipeline_parallel_size=2, master_port=free_port())
+    engine = llm.llm_engine
+    try:
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, params)
+        outs, aborted = {}, None
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    outs[o.request_id] = o
+            if aborted is None and engine.pp_inflight:
+                held = next(iter(engine.pp_busy))  # a request whose micro-batch is in flight
+                aborted = engine.requests[held].parent_id
+                engine.abort_request(aborted)
+        assert aborted is not None
+        for i in range(len(prompts)):
+            rid = f"r{i}"
+            if rid == aborted:
+                assert rid not in outs or outs[rid].outputs[0].finish_reason == "abort"
+            else:
+                assert outs[rid].outputs[0].token_ids == ref[i]
+        assert not engine.pp_inflight and not engine.pp_busy
+        assert engine.get_stats().num_free_blocks == engine.get_stats().num_total_blocks
+    finally:
+        engine.shutdown()
