@@ -21,15 +21,18 @@ def _common_flags(plan: Plan, engine: str) -> list[str]:
     flags = [f"--max-model-len {s.max_model_len}", f"--gpu-memory-utilization {s.memory_utilization:g}"]
     if plan.kv_cache_dtype not in ("auto", "bf16", "fp16"):
         flags.append(f"--kv-cache-dtype {plan.kv_cache_dtype}")
-    if plan.dtype != plan.native_dtype and plan.dtype not in ("bf16", "fp16", "fp32"):
-        if engine == "moeserve" or plan.dtype == "fp8":
-            flags.append(f"--quantization {plan.dtype}")
+    if plan.dtype != plan.native_dtype and plan.dtype == "fp8":  # both quantize to fp8 on load
+        flags.append(f"--quantization {plan.dtype}")
     return flags
 
 
 def _quant_note(plan: Plan, engine: str) -> list[str]:
-    if engine == "vllm" and plan.dtype != plan.native_dtype and plan.dtype in ("int8", "int4", "mxfp4"):
-        return [f"# vLLM does not quantize to {plan.dtype} on load: point it at a {plan.dtype} checkpoint"]
+    """Neither engine quantizes to int8/int4/mxfp4 on load: the plan then needs a checkpoint already in it
+    (moeserve reads int4 as AWQ, GPTQ or compressed-tensors pack-quantized)."""
+    if plan.dtype != plan.native_dtype and plan.dtype in ("int8", "int4", "mxfp4"):
+        kinds = " (AWQ, GPTQ or compressed-tensors)" if engine == "moeserve" and plan.dtype == "int4" else ""
+        name = "vLLM" if engine == "vllm" else "moeserve"
+        return [f"# {name} does not quantize to {plan.dtype} on load: point it at a {plan.dtype} checkpoint{kinds}"]
     return []
 
 
@@ -107,8 +110,8 @@ def launch_commands(plan: Plan) -> dict[str, str]:
     moeserve = _build(plan, "moeserve")
     lay = plan.placement.layout
     missing = [what for what, needed in (("pipeline parallelism with data parallelism", lay.pp > 1 and lay.dp > 1),
-                                         # fp8 (checkpoint or on load) runs; int8/int4/mxfp4 do not yet
-                                         ("quantized weights", "--quantization" in moeserve and plan.dtype != "fp8"),
+                                         # fp8 (checkpoint or on load) and int4 checkpoints run; int8/mxfp4 not yet
+                                         (f"{plan.dtype} weights", plan.dtype in ("int8", "mxfp4")),
                                          # the fp8 KV cache runs as e4m3 (fp8, fp8_e4m3); e5m2 does not yet
                                          ("an fp8_e5m2 KV cache", plan.kv_cache_dtype == "fp8_e5m2")) if needed]
     if missing:
