@@ -91,3 +91,25 @@ def test_bf16_weights_switch(monkeypatch):
     dense = Int4CPUMethod.pack(terms).dense
     assert dense.dtype == torch.bfloat16 and dense.shape == (16, 64)
     torch.testing.assert_close(dense.float(), reference_weight("Q4_0", data, 16, 64), rtol=1e-2, atol=1e-3)
+
+
+def test_default_models_tied_lm_head_runs_packed():
+    """The default model's LM head (tied to its Q8_0 embedding) goes through the int4 kernel / bf16 copy, not a
+    fp32 matmul over the dequantized table, and its logits stay within bf16 rounding of that matmul (the same
+    argmax on most rows), while the embedding keeps its dense table for the lookups."""
+    from moeserve import LLM
+    from moeserve.loader.gguf import default_model_path
+
+    llm = LLM(model=default_model_path(), max_model_len=64, kv_cache_memory_bytes=1 << 22)
+    model = llm.llm_engine.model
+    head, table = model.lm_head, model.model.embed_tokens.weight
+    assert isinstance(head.quant_method, Int4CPUMethod) and table.dtype == torch.float32
+    hidden = torch.randn(8, table.shape[1], generator=torch.Generator().manual_seed(0))
+    want = F.linear(hidden, table)
+    for rows in (1, DENSE_MIN_ROWS + 3):  # the int4 kernel, then the bf16 copy
+        with torch.no_grad():
+            got = head.compute_logits(hidden[:rows])
+        assert got.dtype == torch.float32 and got.shape == (rows, table.shape[0])
+        err = float((got - want[:rows]).norm() / want[:rows].norm())
+        assert err < 2e-2, (rows, err)
+        assert (got.argmax(-1) == want[:rows].argmax(-1)).float().mean() >= 0.75

@@ -114,6 +114,13 @@ class Int4CPUMethod:
         layer.quant_method = Int4CPUMethod()
 
     @staticmethod
+    def attach_lm_head(head: nn.Module, terms: PackedTerms) -> None:
+        """The same for a ParallelLMHead (one TP rank): hidden -> logits through the int4 kernel (few rows) or
+        the bf16 copy (many). A tied head keeps reading nothing of the embedding, which keeps its table."""
+        head.in_features, head.out_features, head.bias = terms[0][0].shape[1] * 2, head.num_embeddings, None
+        Int4CPUMethod.attach(head, terms)
+
+    @staticmethod
     def apply(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
