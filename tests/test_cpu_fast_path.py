@@ -96,14 +96,24 @@ def test_bf16_weights_switch(monkeypatch):
 def test_default_models_tied_lm_head_runs_packed():
     """The default model's LM head (tied to its Q8_0 embedding) goes through the int4 kernel / bf16 copy, not a
     fp32 matmul over the dequantized table, and its logits stay within bf16 rounding of that matmul (the same
-    argmax on most rows), while the embedding keeps its dense table for the lookups."""
+    argmax on most rows); the embedding looks its rows up in the same bf16 copy."""
     from moeserve import LLM
     from moeserve.loader.gguf import default_model_path
 
+    from moeserve.loader.gguf import read_gguf
+
     llm = LLM(model=default_model_path(), max_model_len=64, kv_cache_memory_bytes=1 << 22)
     model = llm.llm_engine.model
-    head, table = model.lm_head, model.model.embed_tokens.weight
-    assert isinstance(head.quant_method, Int4CPUMethod) and table.dtype == torch.float32
+    head, embed = model.lm_head, model.model.embed_tokens
+    table = read_gguf(default_model_path()).tensors["model.embed_tokens.weight"].dense()  # fp32, dequantized
+    assert isinstance(head.quant_method, Int4CPUMethod)
+    # no fp32 table: the embedding reads the head's bf16 copy, within bf16 rounding of the dequantized rows
+    assert embed.weight is None and embed.lookup_table is head.weight_bf16
+    ids = torch.tensor([0, 5, 1234, table.shape[0] - 1])
+    with torch.no_grad():
+        rows = embed(ids)
+    assert rows.dtype == torch.float32
+    torch.testing.assert_close(rows, table[ids], rtol=1e-2, atol=1e-3)
     hidden = torch.randn(8, table.shape[1], generator=torch.Generator().manual_seed(0))
     want = F.linear(hidden, table)
     for rows in (1, DENSE_MIN_ROWS + 3):  # the int4 kernel, then the bf16 copy

@@ -38,7 +38,14 @@ class VocabParallelEmbedding(nn.Module):
             copy_into(param.data[:n], narrow(loaded, 0, self.vocab_start, n))
         return param.numel()
 
+    # CPU GGUF, tied to an int4-packed LM head: the rows come from the head's bf16 copy (loader/gguf.py), in the
+    # model's dtype; no table of its own
+    lookup_table: torch.Tensor | None = None
+    lookup_dtype: torch.dtype = torch.float32
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.lookup_table is not None:
+            return F.embedding(input_ids, self.lookup_table).to(self.lookup_dtype)
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         mine = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)

@@ -274,9 +274,10 @@ def _tokenizer(path: Path) -> "transformers.PreTrainedTokenizerFast":
 
 def _lm_head_terms(model, f: "GGUFFile"):
     """The LM head's weight packed for the int4 CPU kernel (and its bf16 copy), from the file's lm_head tensor or,
-    tied, the embedding's (which the embedding still loads densely for its lookups); None where the format has no
-    int4 mapping. The head is the largest matmul of a small model's step: 49152 x 576 in fp32 was ~10 ms of a
-    ~36 ms batch-1 token on one core."""
+    tied, the embedding's; None where the format has no int4 mapping. The head is the largest matmul of a small
+    model's step: 49152 x 576 in fp32 was ~10 ms of a ~36 ms batch-1 token on one core. Tied, with the bf16 copy
+    kept, the embedding reads its rows from that copy and no fp32 table is allocated (-113 MB for the default
+    model); without it (MOESERVE_CPU_BF16_WEIGHTS=0) the embedding keeps its dense table."""
     from moeserve.layers.embedding import ParallelLMHead
     from moeserve.layers.quant.gguf_blocks import decode_int4_terms
     from moeserve.layers.quant.int4_cpu import Int4CPUMethod
@@ -289,10 +290,14 @@ def _lm_head_terms(model, f: "GGUFFile"):
     terms = t is not None and len(t.shape) == 2 and decode_int4_terms(t.qtype, t.data, *t.shape)
     if not terms:
         return None
+    packed = Int4CPUMethod.pack(terms)
     if name == "lm_head.weight":  # its own tensor: never allocated densely
         head.register_parameter("weight", None)
         del f.tensors[name]
-    return Int4CPUMethod.pack(terms)
+    elif packed.dense is not None:  # tied: the embedding looks its rows up in the head's bf16 copy
+        model.model.embed_tokens.register_parameter("weight", None)
+        del f.tensors[name]
+    return packed
 
 
 def load_gguf_model(source: Any, device: torch.device, dtype: torch.dtype, t0: float, keep_packed: bool = True) -> Any:
@@ -345,6 +350,9 @@ def load_gguf_model(source: Any, device: torch.device, dtype: torch.dtype, t0: f
         Int4CPUMethod.attach(model.get_submodule(module_name), terms)
     if device.type == "cpu" and keep_packed and head_terms is not None:
         Int4CPUMethod.attach_lm_head(model.lm_head, head_terms)
+        embed = model.model.embed_tokens
+        if embed.weight is None:  # tied, and the head kept a bf16 copy: no fp32 table beside it
+            embed.lookup_table, embed.lookup_dtype = model.lm_head.weight_bf16, dtype
     WeightLoader(model, source.path).load((name, t.dense(dtype)) for name, t in f.tensors.items())
     with torch.no_grad():
         for module in list(model.modules()):
