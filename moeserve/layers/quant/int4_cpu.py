@@ -42,17 +42,24 @@ class PackedTerms(list):
     dense: torch.Tensor | None = None
 
 
-def pack_term(term: Int4Term) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed weight [N', K/2] uint8, scales_and_zeros [K/32, N', 2] bf16), N' = N rounded up to 16."""
+def pack_term(term: Int4Term, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed weight [N', K/2] uint8, scales_and_zeros [K/32, N', 2] bf16), N' = N rounded up to 16.
+
+    Packed `rows` rows at a time (a multiple of 16: the CPU layout packs rows independently, so the pieces are
+    the whole's bytes): the packer wants int32 values, 4 bytes a weight, which for a 49152-row LM head would be a
+    113 MB temporary at once."""
     n, k = term.q.shape
     pad = -n % _N_MULTIPLE
-    q = torch.from_numpy(term.q).to(torch.int32)
+    packed = torch.empty(n + pad, k // 2, dtype=torch.uint8)
+    for r in range(0, n, rows):
+        q = torch.from_numpy(term.q[r: r + rows]).to(torch.int32)
+        if r + rows >= n and pad:
+            q = torch.cat([q, torch.full((pad, k), 8, dtype=torch.int32)])  # (8 - 8) * 0 + 0 = 0
+        packed[r: r + q.shape[0]] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
     scale, zero = torch.from_numpy(term.scale), torch.from_numpy(term.zero)
     if pad:
-        q = torch.cat([q, torch.full((pad, k), 8, dtype=torch.int32)])  # (8 - 8) * 0 + 0 = 0
         scale = torch.cat([scale, scale.new_zeros(pad, scale.shape[1])])
         zero = torch.cat([zero, zero.new_zeros(pad, zero.shape[1])])
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
     scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
     return packed, scales_and_zeros
 
