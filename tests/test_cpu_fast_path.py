@@ -123,3 +123,15 @@ def test_default_models_tied_lm_head_runs_packed():
         err = float((got - want[:rows]).norm() / want[:rows].norm())
         assert err < 2e-2, (rows, err)
         assert (got.argmax(-1) == want[:rows].argmax(-1)).float().mean() >= 0.75
+
+
+def test_packing_row_blocks_gives_the_whole_packs_bytes():
+    """pack_term packs a few rows at a time (small int32 temporaries): the same bytes as one call over all rows,
+    the padded tail included (N = 40 is not a multiple of 16)."""
+    from moeserve.layers.quant.int4_cpu import pack_term
+
+    term = decode_int4_terms("Q4_0", random_blocks("Q4_0", 40, 64, seed=5), 40, 64)[0]
+    whole, sz_whole = pack_term(term, rows=1 << 20)
+    for rows in (16, 32):
+        part, sz = pack_term(term, rows=rows)
+        assert torch.equal(part, whole) and torch.equal(sz, sz_whole)
