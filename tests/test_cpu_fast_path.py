@@ -126,12 +126,14 @@ def test_default_models_tied_lm_head_runs_packed():
 
 
 def test_packing_row_blocks_gives_the_whole_packs_bytes():
-    """pack_term packs a few rows at a time (small int32 temporaries): the same bytes as one call over all rows,
-    the padded tail included (N = 40 is not a multiple of 16)."""
+    """pack_term packs 64-row blocks at a time (small int32 temporaries): the same bytes as one call over all
+    rows, the padded tail included (N = 200 is not a multiple of 16 or 64); other block sizes are refused."""
     from moeserve.layers.quant.int4_cpu import pack_term
 
-    term = decode_int4_terms("Q4_0", random_blocks("Q4_0", 40, 64, seed=5), 40, 64)[0]
+    term = decode_int4_terms("Q4_0", random_blocks("Q4_0", 200, 64, seed=5), 200, 64)[0]
     whole, sz_whole = pack_term(term, rows=1 << 20)
-    for rows in (16, 32):
+    for rows in (64, 128):
         part, sz = pack_term(term, rows=rows)
         assert torch.equal(part, whole) and torch.equal(sz, sz_whole)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        pack_term(term, rows=16)

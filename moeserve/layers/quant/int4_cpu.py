@@ -45,9 +45,11 @@ class PackedTerms(list):
 def pack_term(term: Int4Term, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed weight [N', K/2] uint8, scales_and_zeros [K/32, N', 2] bf16), N' = N rounded up to 16.
 
-    Packed `rows` rows at a time (a multiple of 16: the CPU layout packs rows independently, so the pieces are
-    the whole's bytes): the packer wants int32 values, 4 bytes a weight, which for a 49152-row LM head would be a
-    113 MB temporary at once."""
+    Packed `rows` rows at a time, a multiple of 64 (the CPU layout interleaves blocks of 64 rows and packs the
+    blocks independently, so the pieces are the whole's bytes; 16-row pieces are not): the packer wants int32
+    values, 4 bytes a weight, which for a 49152-row LM head would be a 113 MB temporary at once."""
+    if rows % 64:
+        raise ValueError(f"pack_term: rows must be a multiple of 64, got {rows}")
     n, k = term.q.shape
     pad = -n % _N_MULTIPLE
     packed = torch.empty(n + pad, k // 2, dtype=torch.uint8)
