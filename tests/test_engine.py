@@ -287,3 +287,16 @@ def test_final_only_requests_report_once_and_the_same(llm):
     final, cumulative = seen["kind-FINAL_ONLY"], seen["kind-CUMULATIVE"]
     assert len(final) == 1 and final[0].finished and len(cumulative) == 7
     assert [c.token_ids for c in final[0].outputs] == [c.token_ids for c in cumulative[-1].outputs]
+
+
+@pytest.mark.parametrize("budget", [48, 512, 8192, 131072])
+def test_mixed_batch_graph_sizes_pad_by_at_most_a_quarter(budget):
+    """The padded token counts of the mixed-batch CUDA graphs: ascending, each at most 25% above the one below
+    (a step pads by that much at most), ending at the step budget or MAX_MIXED_GRAPH_TOKENS, whichever is less."""
+    from types import SimpleNamespace
+
+    from moeserve.engine.runner import ModelRunner
+
+    sizes = ModelRunner._mixed_graph_sizes(SimpleNamespace(max_tokens=budget, MAX_MIXED_GRAPH_TOKENS=16384))
+    assert sizes == sorted(set(sizes)) and sizes[-1] == min(budget, 16384)
+    assert all(b <= max(1.25 * a, a + 256) for a, b in zip(sizes, sizes[1:]))

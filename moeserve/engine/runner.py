@@ -341,12 +341,17 @@ class ModelRunner:
         return time.perf_counter() - t0
 
     # -- CUDA graphs for mixed batches (prefill chunks beside decodes) --
+    # Steps of more tokens run eagerly: their kernels outlast the launches (an 8192-token step still did not), and
+    # a budget of a whole context (no chunked prefill) would otherwise capture graphs of 100k+ tokens at start-up.
+    MAX_MIXED_GRAPH_TOKENS = 16384
+
     def _mixed_graph_sizes(self) -> list[int]:
-        """Padded token counts of the mixed-batch graphs, up to the step's token budget: each at most ~25% (mostly
-        ~1/8) above the one below, so a step pads by that much at most."""
+        """Padded token counts of the mixed-batch graphs, up to the step's token budget (at most
+        MAX_MIXED_GRAPH_TOKENS): each at most ~25% (mostly ~1/8) above the one below, so a step pads by that much."""
+        top = min(self.max_tokens, self.MAX_MIXED_GRAPH_TOKENS)
         sizes = [64, 128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096, 5120, 6144,
-                 7168, 8192, 10240, 12288, 14336, 16384, 20480, 24576, 28672, 32768]
-        return [s for s in sizes if s < self.max_tokens] + [self.max_tokens]
+                 7168, 8192, 10240, 12288, 14336]
+        return [s for s in sizes if s < top] + [top]
 
     def _mixed_graphs_possible(self) -> bool:
         """Whether every layer runs a mixed batch without reading lengths on the host (the attention fronts say:
