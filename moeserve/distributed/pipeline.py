@@ -92,11 +92,6 @@ class StageLink:
         for t in (hidden.contiguous(), residual.contiguous()):
             self.sending.append((self.pp.isend(t, dst=self.pp.rank + 1), t))
 
-    def wait_sent(self) -> None:
-        for w, _ in self.sending:
-            w.wait()
-        self.sending = []
-
     def zeros(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Stand-in inputs for a forward without a stage before it (memory profiling)."""
         return self.recv_hidden[:T].zero_(), self.recv_residual[:T].zero_()
