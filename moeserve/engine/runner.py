@@ -324,14 +324,7 @@ class ModelRunner:
             ctx = ForwardContext(meta, self.kv_caches)
             if self.data_parallel:  # every DP rank replays the same size, so the experts' padding is B
                 set_dp_max_tokens(B)
-            with torch.inference_mode():
-                # warm up outside the graph: kernels autotune and compile, lazy tables get built
-                self.model(self.d_input_ids[:B], self.d_positions[:B], ctx)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self.model(self.d_input_ids[:B], self.d_positions[:B], ctx)
-                pool = graph.pool()
+            graph, out, pool = self._capture(B, ctx, pool)
             self.graphs[B] = (graph, out)
         set_dp_max_tokens(None)
         if self._mixed_graphs_possible():
@@ -339,6 +332,17 @@ class ModelRunner:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the eager warm-ups' blocks: the graphs keep their own pool
         return time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def _capture(self, T: int, ctx: ForwardContext, pool):
+        """(graph, its output, the pool) of the model over the first T input tokens: run once eagerly first
+        (kernels autotune and compile, lazy tables get built), then captured into the shared memory pool."""
+        self.model(self.d_input_ids[:T], self.d_positions[:T], ctx)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = self.model(self.d_input_ids[:T], self.d_positions[:T], ctx)
+        return graph, out, graph.pool()
 
     # -- CUDA graphs for mixed batches (prefill chunks beside decodes) --
     # Steps of more tokens run eagerly: their kernels outlast the launches (an 8192-token step still did not), and
@@ -372,13 +376,7 @@ class ModelRunner:
                 slot_mapping=self.d_slots[:T], query_start_loc=self.d_qsl[: B_pad + 1], seq_lens=self.d_seq_lens[:B_pad],
                 block_tables=self.d_tables[:B_pad], max_query_len=T, max_seq_len=self.max_model_len)
             ctx = ForwardContext(meta, self.kv_caches)
-            with torch.inference_mode():
-                self.model(self.d_input_ids[:T], self.d_positions[:T], ctx)  # tune and compile this size eagerly
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self.model(self.d_input_ids[:T], self.d_positions[:T], ctx)
-                pool = graph.pool()
+            graph, out, pool = self._capture(T, ctx, pool)
             self.mixed_graphs[T] = (graph, out)
         return pool
 
