@@ -98,9 +98,7 @@ def test_default_models_tied_lm_head_runs_packed():
     fp32 matmul over the dequantized table, and its logits stay within bf16 rounding of that matmul (the same
     argmax on most rows); the embedding looks its rows up in the same bf16 copy."""
     from moeserve import LLM
-    from moeserve.loader.gguf import default_model_path
-
-    from moeserve.loader.gguf import read_gguf
+    from moeserve.loader.gguf import default_model_path, read_gguf
 
     llm = LLM(model=default_model_path(), max_model_len=64, kv_cache_memory_bytes=1 << 22)
     model = llm.llm_engine.model

@@ -127,6 +127,12 @@ def test_the_converted_tokenizer_is_cached_and_reads_back_the_same(smol_path, re
             assert tok(text)["input_ids"] == ref(text)["input_ids"], text
         assert tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True) == \
             ref.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    (entries[0] / "tokenizer.json").write_text("{damaged")  # converted again and the entry replaced
+    third = gguf_loader._tokenizer(Path(smol_path))
+    assert third(TOKENIZER_TEXTS[0])["input_ids"] == ref(TOKENIZER_TEXTS[0])["input_ids"]
+    assert [p.name for p in (tmp_path / "tokenizers").iterdir()] == [entries[0].name]  # no temporaries left
+    assert (entries[0] / "tokenizer.json").read_text().startswith("{") and "damaged" not in \
+        (entries[0] / "tokenizer.json").read_text()[:20]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -188,3 +188,20 @@ def destroy_model_parallel() -> None:
     global _layout
     _groups.clear()
     _layout = ParallelLayout()
+
+
+class PendingSends:
+    """Point-to-point sends started and not waited for: each tensor is kept alive until its send has completed
+    (the finished ones are dropped whenever another is added)."""
+
+    def __init__(self):
+        self._works: list = []
+
+    def add(self, work, tensor: torch.Tensor) -> None:
+        self._works = [(w, t) for w, t in self._works if not w.is_completed()]
+        self._works.append((work, tensor))
+
+    def wait(self) -> None:
+        for w, _ in self._works:
+            w.wait()
+        self._works = []

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moeserve.distributed.parallel_state import get_pp_group
+from moeserve.distributed.parallel_state import PendingSends, get_pp_group
 
 
 def stage_layer_range(num_layers: int, stage: int, num_stages: int) -> tuple[int, int]:
@@ -70,7 +70,7 @@ class StageLink:
         self.pp = get_pp_group()
         self.recv_hidden = torch.empty(max_tokens, hidden_size, dtype=dtype, device=device)
         self.recv_residual = torch.empty(max_tokens, hidden_size, dtype=dtype, device=device)
-        self.sending: list = []  # (work, tensor) of hand-overs on their way
+        self.sending = PendingSends()  # hand-overs on their way
 
     @property
     def is_first(self) -> bool:
@@ -88,9 +88,8 @@ class StageLink:
 
     def send(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         """Start the hand-over to the next stage and return; the tensors are kept until it has left."""
-        self.sending = [(w, t) for w, t in self.sending if not w.is_completed()]
         for t in (hidden.contiguous(), residual.contiguous()):
-            self.sending.append((self.pp.isend(t, dst=self.pp.rank + 1), t))
+            self.sending.add(self.pp.isend(t, dst=self.pp.rank + 1), t)
 
     def zeros(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Stand-in inputs for a forward without a stage before it (memory profiling)."""

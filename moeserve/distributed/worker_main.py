@@ -42,21 +42,20 @@ class StepPost:
     message goes as its pickled length and bytes, in order, over the control group."""
 
     def __init__(self, ranks: list[int]):
+        from moeserve.distributed.parallel_state import PendingSends
+
         self.ranks = ranks
-        self.sending: list = []  # (work, tensors) on their way
+        self.sending = PendingSends()
 
     def send(self, step) -> None:
-        self.sending = [(w, t) for w, t in self.sending if not w.is_completed()]
         payload = torch.frombuffer(bytearray(pickle.dumps(step)), dtype=torch.uint8)
         size = torch.tensor([payload.numel()], dtype=torch.int64)
         for r in self.ranks:
             for t in (size, payload):
-                self.sending.append((dist.isend(t, dst=r, group=_control), t))
+                self.sending.add(dist.isend(t, dst=r, group=_control), t)
 
     def wait(self) -> None:
-        for w, _ in self.sending:
-            w.wait()
-        self.sending = []
+        self.sending.wait()
 
 
 def receive_posted_step() -> object:

@@ -80,6 +80,22 @@ def make_executor(config: EngineConfig, device: torch.device, dtype: torch.dtype
     return MultiprocExecutor(config, info, rank_device(device.type, info.local_rank), dtype, source, spawn=spawn)
 
 
+def _mark_scheduled(batch) -> None:
+    """A batch's requests scheduled for the first time get that time (their queueing ends here)."""
+    now = time.time()
+    for req in batch.requests:
+        if req.metrics.first_scheduled_time is None:
+            req.metrics.first_scheduled_time = now
+
+
+def _mark_computed(batch, kv: KVCacheManager) -> None:
+    """After a launch: the batch's tokens count as computed (their K/V is being written), full blocks are entered
+    in the prefix cache."""
+    for req, n in zip(batch.requests, batch.num_tokens):
+        req.num_computed_tokens += n
+        kv.register_full_blocks(req)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -310,12 +326,9 @@ class LLMEngine:
         batches = [s.schedule() for s in self.schedulers]
         if not any(b.requests for b in batches):
             return
-        now = time.time()
         steps = []
         for d, batch in enumerate(batches):
-            for req in batch.requests:
-                if req.metrics.first_scheduled_time is None:
-                    req.metrics.first_scheduled_time = now
+            _mark_scheduled(batch)
             steps.append(self._step_input(batch, d))
         if all(st.decode_only for st in steps):  # a dummy step is one decode token
             pad = max(max(len(st), 1) for st in steps)
@@ -327,9 +340,7 @@ class LLMEngine:
                 st.dp_max_tokens = most
         logits = self.executor.execute_data_parallel(steps)
         for d, batch in enumerate(batches):
-            for req, n in zip(batch.requests, batch.num_tokens):
-                req.num_computed_tokens += n
-                self.kvs[d].register_full_blocks(req)
+            _mark_computed(batch, self.kvs[d])
         sampled = [batches[0].requests[i] for i in steps[0].sample_rows]
         mine = None
         if sampled:
@@ -355,15 +366,10 @@ class LLMEngine:
             share = max(1, -(-active // self.config.pipeline_parallel_size))
             batch = self.scheduler.schedule(self.pp_busy, share)
             if batch.requests:
-                now = time.time()
-                for req in batch.requests:
-                    if req.metrics.first_scheduled_time is None:
-                        req.metrics.first_scheduled_time = now
+                _mark_scheduled(batch)
                 step = self._step_input(batch)
                 self.executor.execute(step, None)
-                for req, n in zip(batch.requests, batch.num_tokens):
-                    req.num_computed_tokens += n
-                    self.kv.register_full_blocks(req)
+                _mark_computed(batch, self.kv)
                 self.pp_inflight.append((batch.requests, step))
                 self.pp_busy.update(r.request_id for r in batch.requests)
                 launched = True
@@ -394,16 +400,11 @@ class LLMEngine:
                 touched[req.parent_id] = None
 
     def _launch(self, batch) -> _Launched:
-        now = time.time()
-        for req in batch.requests:
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = now
+        _mark_scheduled(batch)
         prev = self.inflight.draws.tokens if self.inflight is not None and self.inflight.draws is not None else None
         step = self._step_input(batch)
         logits = self.executor.execute(step, prev)
-        for req, n in zip(batch.requests, batch.num_tokens):
-            req.num_computed_tokens += n
-            self.kv.register_full_blocks(req)
+        _mark_computed(batch, self.kv)
         sampled = [batch.requests[i] for i in step.sample_rows]
         if not sampled:
             self.executor.share_sampled(None, 0)

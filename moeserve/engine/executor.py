@@ -3,8 +3,8 @@
 - InProcessExecutor: one rank, the runner in this process (one GPU, or the CPU). Nothing is added to its path.
 - MultiprocExecutor: rank 0 in this process, the other ranks in processes of their own (one per GPU, spawned
   here or by torchrun, on this node or others). Each step message is broadcast to them as plain data over a gloo
-  group (with pipeline stages, posted to each without waiting: worker_main.StepPost); after sampling, rank 0 broadcasts the sampled tokens to its TP group (the next step's pending inputs
-  under async scheduling). A rank that dies makes the engine fail loudly: its step raises, and if the engine is
+  group (with pipeline stages, posted to each without waiting: worker_main.StepPost); after sampling, rank 0
+  broadcasts the sampled tokens to its TP group (the next step's pending inputs under async scheduling). A rank that dies makes the engine fail loudly: its step raises, and if the engine is
   stuck in a collective the watchdog ends the process with exit code 1.
 """
 

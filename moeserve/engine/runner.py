@@ -6,6 +6,7 @@ CUDA). Decode-only batches on CUDA replay a CUDA graph captured per padded batch
 
 from __future__ import annotations
 
+import bisect
 import time
 
 import numpy as np
@@ -61,6 +62,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] | None = None
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_sizes: list[int] = []  # their batch sizes, ascending
         self.expert_load = None  # layers/expert_load.ExpertLoad, set by the worker when telemetry is on
         pin = device.type == "cuda"
         T, B = max_num_batched_tokens + max_num_seqs, max_num_seqs
@@ -90,6 +92,7 @@ class ModelRunner:
         width = max(self.max_blocks_per_seq, -(-max_num_batched_tokens // block_size))
         self.d_tables = torch.zeros(B + 1, width, dtype=torch.int32, device=device)
         self.mixed_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.mixed_sizes: list[int] = []  # their padded token counts, ascending
         self.num_mixed_replays = 0
         self.d_logits_idx = torch.zeros(B, dtype=torch.int64, device=device)
         # Positions of a mixed graph's padding tokens (any valid position: they only rotate themselves).
@@ -129,7 +132,7 @@ class ModelRunner:
             self.expert_load.set_valid_tokens(0 if step.is_dummy else T)
         if decode_only and self.use_cuda_graphs and self.graphs and (not self.data_parallel or step.dp_graph_batch):
             hidden = self._replay(B, step.dp_graph_batch)
-        elif self.mixed_graphs and T <= max(self.mixed_graphs) and not step.is_dummy:
+        elif self.mixed_sizes and T <= self.mixed_sizes[-1] and not step.is_dummy:
             hidden = self._replay_mixed(B, T)
         else:
             if self.data_parallel:  # the experts pad every DP rank's tokens to this many: no count all-gather
@@ -327,6 +330,7 @@ class ModelRunner:
             graph, out, pool = self._capture(B, ctx, pool)
             self.graphs[B] = (graph, out)
         set_dp_max_tokens(None)
+        self.graph_sizes = sorted(self.graphs)
         if self._mixed_graphs_possible():
             self.capture_mixed_graphs(pool)
         torch.cuda.synchronize()
@@ -364,7 +368,7 @@ class ModelRunner:
         return (self.use_cuda_graphs and bool(fronts) and all(m.graph_safe_mixed for m in fronts)
                 and not self.data_parallel and self.link is None)
 
-    def capture_mixed_graphs(self, pool=None):
+    def capture_mixed_graphs(self, pool=None) -> None:
         """One graph per padded token count, every one over max_num_seqs + 1 sequence rows (the last real rows, then
         the padding's own sequence, then empty ones). The kernels read lengths and block tables on the device, so a
         replay serves any mix of prefill chunks and decodes that fits."""
@@ -378,7 +382,7 @@ class ModelRunner:
             ctx = ForwardContext(meta, self.kv_caches)
             graph, out, pool = self._capture(T, ctx, pool)
             self.mixed_graphs[T] = (graph, out)
-        return pool
+        self.mixed_sizes = sorted(self.mixed_graphs)
 
     def _pad_mixed(self, B: int, T: int, T_pad: int) -> None:
         """Rows past the step's B sequences and T tokens: tokens T..T_pad-1 form sequence B, a causal prompt of
@@ -394,7 +398,7 @@ class ModelRunner:
         self.d_qsl[B + 1: B_pad + 1].fill_(T_pad)
 
     def _replay_mixed(self, B: int, T: int) -> torch.Tensor:
-        T_pad = next(s for s in sorted(self.mixed_graphs) if s >= T)
+        T_pad = self.mixed_sizes[bisect.bisect_left(self.mixed_sizes, T)]
         self._pad_mixed(B, T, T_pad)
         graph, out = self.mixed_graphs[T_pad]
         graph.replay()
@@ -403,7 +407,7 @@ class ModelRunner:
 
     def _replay(self, B: int, at_least: int = 0) -> torch.Tensor:
         """at_least: DP ranks all replay the graph of the largest batch among them (a collective's shape)."""
-        padded = next(s for s in sorted(self.graphs) if s >= max(B, at_least))
+        padded = self.graph_sizes[bisect.bisect_left(self.graph_sizes, max(B, at_least))]
         if padded > B:  # padding rows: one query each, nothing written, a 1-token context
             self.d_slots[B:padded].fill_(-1)
             self.d_seq_lens[B:padded].fill_(1)

@@ -157,7 +157,11 @@ class LatentAttention(nn.Module):
         flat = pages.flatten(0, 1)  # [P*page, R+rope]
         w = _kv_b_full(w_uk, w_uv).reshape(H * (N + V), R)
         chunk = self._chunk_tokens(w.element_size())
-        chunks = (plan or MixedPlan.empty()).chunks_for(chunk, n_pages, q_lens, ctx_lens, pages.shape[1], q_nope.device)
+        chunks = None if plan is None else plan.chunks.get(chunk)
+        if chunks is None:
+            chunks = prefill_chunks(chunk, n_pages, q_lens, ctx_lens, pages.shape[1], q_nope.device)
+            if plan is not None:
+                plan.chunks[chunk] = chunks
         out = lse = None
         for rows, args in chunks:
             lat = flat if rows is None else flat[rows]
@@ -204,13 +208,11 @@ class MixedPlan:
     """Where a mixed batch's decodes and prefills are, as the MLA layers need it: which token rows decode (and
     their sequences' lengths and block tables), which prefill, and the cache pages of the prefilling sequences'
     contexts in order. The same in every layer of a step: built once (host planning and uploads), kept on the
-    step's AttentionMetadata. chunks_for() adds the prefill attention's per-chunk arguments the same way."""
+    step's AttentionMetadata, with the prefill attention's per-chunk arguments (`chunks`, by chunk size)."""
 
-    def __init__(self, meta: AttentionMetadata | None, block_size: int, device: torch.device):
+    def __init__(self, meta: AttentionMetadata, block_size: int, device: torch.device):
         self.dec_tok = self.pre_tok = None
-        self._chunks: dict[int, list] = {}
-        if meta is None:
-            return
+        self.chunks: dict[int, list] = {}
         qsl, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
         q_lens = np.diff(qsl)
         dec = np.flatnonzero(q_lens == 1)
@@ -228,37 +230,31 @@ class MixedPlan:
             take = np.concatenate([i * tables.shape[1] + np.arange(n) for i, n in enumerate(self.n_pages)])
             self.page_ids = tables.reshape(-1)[upload(take, device)].long()
 
-    @classmethod
-    def empty(cls) -> "MixedPlan":
-        return cls(None, 0, torch.device("cpu"))
 
-    def chunks_for(self, chunk: int, n_pages, q_lens, ctx_lens, page: int, device: torch.device) -> list:
-        """[(latent rows to gather or None for the pages in place, mla_prefill_attention's arguments)] per chunk
-        of `chunk` context tokens: uploaded once per step and chunk size."""
-        if chunk in self._chunks:
-            return self._chunks[chunk]
+def prefill_chunks(chunk: int, n_pages, q_lens, ctx_lens, page: int, device: torch.device) -> list:
+    """[(latent rows to gather, or None for the pages in place; mla_prefill_attention's arguments)], one per chunk
+    of `chunk` context tokens, for sequences laid out as LatentAttention._expanded describes."""
 
-        def up(a):
-            return upload(np.ascontiguousarray(a, dtype=np.int32), device)
+    def up(a):
+        return upload(np.ascontiguousarray(a, dtype=np.int32), device)
 
-        first_tok = np.concatenate([[0], np.cumsum(n_pages)[:-1]]) * page
-        q_start = np.concatenate([[0], np.cumsum(q_lens)[:-1]])
-        q_start_d, q_len_d, max_q = up(q_start), up(q_lens), int(q_lens.max())
-        n_chunks = -(-int(ctx_lens.max()) // chunk)
-        out = []
-        for ci in range(n_chunks):
-            c0 = ci * chunk
-            k_len = np.clip(ctx_lens - c0, 0, chunk)
-            if n_chunks == 1:  # each context starts its sequence's pages: read them in place, no gather
-                k_start, rows = first_tok, None
-            else:
-                k_start = np.concatenate([[0], np.cumsum(k_len)[:-1]])
-                rows = upload(np.concatenate([first_tok[i] + c0 + np.arange(n) for i, n in enumerate(k_len)])
-                              .astype(np.int64), device)
-            out.append((rows, dict(q_start=q_start_d, q_len=q_len_d, k_start=up(k_start), k_len=up(k_len),
-                                   q_off=up(ctx_lens - q_lens - c0), max_q_len=max_q)))
-        self._chunks[chunk] = out
-        return out
+    first_tok = np.concatenate([[0], np.cumsum(n_pages)[:-1]]) * page
+    q_start = np.concatenate([[0], np.cumsum(q_lens)[:-1]])
+    q_start_d, q_len_d, max_q = up(q_start), up(q_lens), int(q_lens.max())
+    n_chunks = -(-int(ctx_lens.max()) // chunk)
+    out = []
+    for ci in range(n_chunks):
+        c0 = ci * chunk
+        k_len = np.clip(ctx_lens - c0, 0, chunk)
+        if n_chunks == 1:  # each context starts its sequence's pages: read them in place, no gather
+            k_start, rows = first_tok, None
+        else:
+            k_start = np.concatenate([[0], np.cumsum(k_len)[:-1]])
+            rows = upload(np.concatenate([first_tok[i] + c0 + np.arange(n) for i, n in enumerate(k_len)])
+                          .astype(np.int64), device)
+        out.append((rows, dict(q_start=q_start_d, q_len=q_len_d, k_start=up(k_start), k_len=up(k_len),
+                               q_off=up(ctx_lens - q_lens - c0), max_q_len=max_q)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- references

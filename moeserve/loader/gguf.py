@@ -246,6 +246,7 @@ def _tokenizer(path: Path) -> "transformers.PreTrainedTokenizerFast":
     ~/.cache/moeserve), keyed by the file and the transformers version, and later loads read that."""
     import hashlib
     import os
+    import shutil
 
     import transformers
     from transformers import PreTrainedTokenizerFast
@@ -263,12 +264,14 @@ def _tokenizer(path: Path) -> "transformers.PreTrainedTokenizerFast":
         tok = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except (ValueError, KeyError) as e:
         raise ValueError(f"{path.name}: cannot build a tokenizer from the GGUF metadata: {e}") from e
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
     try:
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
         tok.save_pretrained(str(tmp))
-        os.replace(tmp, cached) if not cached.exists() else None
-    except OSError:  # a read-only home: no cache, the converted tokenizer still serves
-        pass
+        if cached.exists():  # a damaged entry (read above and failed), or another process's: replace it
+            shutil.rmtree(cached, ignore_errors=True)
+        os.replace(tmp, cached)
+    except OSError:  # a read-only home, or a race with another process: no cache, the tokenizer still serves
+        shutil.rmtree(tmp, ignore_errors=True)
     return tok
 
 

@@ -125,7 +125,7 @@ class Int4CPUMethod:
     @staticmethod
     def attach_lm_head(head: nn.Module, terms: PackedTerms) -> None:
         """The same for a ParallelLMHead (one TP rank): hidden -> logits through the int4 kernel (few rows) or
-        the bf16 copy (many). A tied head keeps reading nothing of the embedding, which keeps its table."""
+        the bf16 copy (many), whatever the head is tied to (loader/gguf.py may point the embedding at the copy)."""
         head.in_features, head.out_features, head.bias = terms[0][0].shape[1] * 2, head.num_embeddings, None
         Int4CPUMethod.attach(head, terms)
 
