@@ -246,6 +246,11 @@ def main(argv=None) -> int:
     else:
         shape = get_shape(a.shape)
         cfg = load_config(shape)
+    overrides = traffic.engine_kwargs(a.engine_arg).get("hf_overrides")
+    if overrides:  # the roofline of the model the engines serve (e.g. a layer-truncated flagship)
+        from moeserve.plan.arch import apply_hf_overrides
+
+        cfg = apply_hf_overrides(cfg, overrides)
     workloads = [w for w in a.workloads.split(",") if w]
     engines = [e for e in a.engines.split(",") if e]
     for w in workloads:
@@ -338,7 +343,7 @@ def main(argv=None) -> int:
             "shape": a.shape,
             "model": shape.hub_id,
             "workload": w,
-            "dtype": "bfloat16",
+            "dtype": "fp8" if (cfg.get("quantization_config") or {}).get("quant_method") == "fp8" else "bfloat16",
             "load_format": "dummy",
             "spec": spec,
             "versions": meta["versions"],

@@ -2,8 +2,9 @@
 
     python3 benchmarks/multi_gpu_check.py [--archs LlamaForCausalLM,Qwen3MoeForCausalLM,...]
 
-For each architecture: greedy tokens of one GPU, then of TP=2, TP=2+EP and DP=2+EP (MoE only), through the real
-multi-process engine (NCCL, CUDA graphs). Prints one line per layout and exits 1 if any layout's tokens differ.
+For each architecture: greedy tokens of one GPU, then of each layout that fits the GPUs present (TP, PP, TP x PP,
+and for MoE models TP+EP and DP+EP), through the real multi-process engine (NCCL, CUDA graphs). Prints one line
+per layout and exits 1 if any layout's tokens differ or a layout was left unrun for lack of time.
 """
 
 from __future__ import annotations
@@ -21,8 +22,19 @@ LAYOUTS = {
     "tp2": dict(tensor_parallel_size=2),
     "tp2_ep": dict(tensor_parallel_size=2, enable_expert_parallel=True),
     "dp2_ep": dict(data_parallel_size=2, enable_expert_parallel=True),
+    "pp2": dict(pipeline_parallel_size=2),
+    "tp4": dict(tensor_parallel_size=4),
+    "tp4_ep": dict(tensor_parallel_size=4, enable_expert_parallel=True),
+    "dp4_ep": dict(data_parallel_size=4, enable_expert_parallel=True),
+    "tp2_pp2": dict(tensor_parallel_size=2, pipeline_parallel_size=2),
+    "dp2_tp2_ep": dict(data_parallel_size=2, tensor_parallel_size=2, enable_expert_parallel=True),
 }
 MOE = ("Mixtral", "Moe", "Deepseek")
+
+
+def gpus_of(layout: dict) -> int:
+    return (layout.get("tensor_parallel_size", 1) * layout.get("pipeline_parallel_size", 1)
+            * layout.get("data_parallel_size", 1))
 
 
 def run(path: str, port: int, dtype: str = "float32", eager: bool = False, **layout
@@ -76,18 +88,31 @@ def main() -> int:
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="start no engine after this many seconds")
     a = ap.parse_args()
+    import torch
+
+    n_gpus = torch.cuda.device_count()  # no CUDA context in this process: each engine runs in a child
     opts = dict(dtype=a.dtype, eager=a.eager)
     bad = 0
     port = 29650
+    t0 = time.time()
     for arch in a.archs.split(","):
+        if time.time() - t0 > a.budget_s:
+            print(f"{arch:28s} NOT RUN: past --budget-s", flush=True)
+            bad += 1
+            continue
         path = make_tiny_checkpoint(tempfile.mkdtemp(), arch, max_position_embeddings=512)
         ref, s0 = run(path, port, **opts)
         print(f"{arch:28s} 1 GPU   start {s0:5.1f}s")
         for name, layout in LAYOUTS.items():
             if name not in a.layouts.split(","):
                 continue
-            if "ep" in name and not any(m in arch for m in MOE):
+            if "ep" in name and not any(m in arch for m in MOE) or gpus_of(layout) > n_gpus:
+                continue
+            if time.time() - t0 > a.budget_s:
+                print(f"{arch:28s} {name:7s} NOT RUN: past --budget-s", flush=True)
+                bad += 1
                 continue
             port += 1
             try:

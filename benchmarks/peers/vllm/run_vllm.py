@@ -75,11 +75,16 @@ def model_config(a) -> dict:
 def model_dir_for(config: dict, root: str | None = None) -> tuple[str, list[str]]:
     """A folder holding only config.json, as vLLM wants for load_format="dummy". Returns it and what was changed.
 
-    `auto_map` is dropped (no remote code travels: the architecture is one transformers and vLLM know natively),
-    and so is `quantization_config` (the benchmark is bf16 everywhere).
+    `auto_map` is dropped (no remote code travels: the architecture is one transformers and vLLM know natively).
+    A block-scaled fp8 `quantization_config` (DeepSeek-R1, Kimi K2) stays, so that vLLM's dummy weights are fp8
+    as moeserve's are; any other is dropped (both engines then run bf16).
     """
     cfg = dict(config)
-    changed = [k for k in ("auto_map", "quantization_config") if cfg.pop(k, None) is not None]
+    if (cfg.get("quantization_config") or {}).get("quant_method") == "fp8":
+        drop = ("auto_map",)
+    else:
+        drop = ("auto_map", "quantization_config")
+    changed = [k for k in drop if cfg.pop(k, None) is not None]
     d = Path(tempfile.mkdtemp(prefix="vllm_model_", dir=root))
     (d / "config.json").write_text(json.dumps(cfg, indent=1))
     return str(d), changed
@@ -279,7 +284,7 @@ def worker_main(argv=None) -> int:
         p.data.update(device="cuda", workloads=wl, vocab_size=vocab, site=site, model=a.model or a.shape,
                       install={**install_notes(), "env": {k: os.environ[k] for k in QUIET_ENV}})
         if changed:
-            p.note(f"config.json: dropped {', '.join(changed)} (no remote code, bf16 weights)")
+            p.note(f"config.json: dropped {', '.join(changed)}")
         t = time.perf_counter()
         import vllm
         from vllm import LLM

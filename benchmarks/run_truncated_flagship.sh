@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Issue 20 before an 8-GPU machine is lent: DeepSeek-R1's per-layer shapes (fp8 block-scaled as published, dummy
+# weights) with fewer layers (--hf-overrides), on the GPUs present, through the commands of the full-size run:
+#   1. `moeserve plan` for this fleet (TP=N+EP, and DP=N attention + EP), text and JSON;
+#   2. the fail-fast check: `moeserve serve` of the full 61-layer model with TP=N+EP must refuse before a weight
+#      loads, exit non-zero, and say why (time to refusal recorded);
+#   3. the suite per layout (latency at batch 1/32/128, throughput), with the seeds' flags (max_model_len 16384,
+#      max_num_batched_tokens 4096, gpu_memory_utilization 0.88); vLLM beside moeserve where its offline API runs
+#      the layout (TP+EP; vLLM refuses LLM(data_parallel_size>1) in one process, so DP runs moeserve alone).
+#
+#   LAYERS=12 LAYOUTS="tp4ep dp4ep" ENGINES_tp4ep=moeserve,vllm BUDGET=520 bash benchmarks/run_truncated_flagship.sh
+# Results under $OUT/flagship (or benchmarks/results/flagship): plan*.log/json, failfast.log, <layout>/...
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export MOESERVE_CACHE_DIR="${MOESERVE_CACHE_DIR:-/tmp/moeserve-cache}"
+mkdir -p "$MOESERVE_CACHE_DIR/autotune" && cp benchmarks/results/autotune/*.json "$MOESERVE_CACHE_DIR/autotune/" 2>/dev/null
+OUT_DIR="${OUT:-benchmarks/results}/flagship"
+mkdir -p "$OUT_DIR"
+N=$(nvidia-smi -L | wc -l)
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+case "$GPU" in *H200*) FLEET="${N}xH200-141GB" ;; *) FLEET="${N}xH100-80GB" ;; esac
+LAYERS="${LAYERS:-12}"
+OV="{\"num_hidden_layers\":$LAYERS}"
+MODEL=deepseek-ai/DeepSeek-R1
+LAYOUTS="${LAYOUTS:-tp${N}ep dp${N}ep}"
+BUDGET="${BUDGET:-520}"
+echo "=== $N x $GPU as $FLEET; $MODEL with $LAYERS layers; layouts: $LAYOUTS"
+
+plan() {  # name, extra plan flags
+  python3 -m moeserve.cli plan "$MODEL" --gpus "$FLEET" --hf-overrides "$OV" --max-model-len 16384 \
+    --gpu-memory-utilization 0.88 --max-num-batched-tokens 4096 "${@:2}" > "$OUT_DIR/plan-$1.log" 2>&1
+  python3 -m moeserve.cli plan "$MODEL" --gpus "$FLEET" --hf-overrides "$OV" --max-model-len 16384 \
+    --gpu-memory-utilization 0.88 --max-num-batched-tokens 4096 "${@:2}" --json > "$OUT_DIR/plan-$1.json" 2>&1
+  sed -n '/^layout/,/^verdict/p;/^launch (moeserve)/,+1p' "$OUT_DIR/plan-$1.log"
+}
+echo "=== 1. plan"
+plan "tp${N}ep" --tp "$N"
+plan "dp${N}ep" --attention-dp
+
+echo "=== 2. fail-fast: the full 61-layer model on $N GPUs, TP=$N+EP"
+t0=$(date +%s.%N)
+timeout 300 python3 -m moeserve.cli serve "$MODEL" --load-format dummy -tp "$N" --enable-expert-parallel \
+  --max-model-len 16384 --gpu-memory-utilization 0.88 --port 8391 > "$OUT_DIR/failfast.log" 2>&1
+rc=$?
+t1=$(date +%s.%N)
+echo "exit $rc after $(python3 -c "print(f'{$t1 - $t0:.1f}')") s" | tee -a "$OUT_DIR/failfast.log"
+grep -iE "does not fit|DoesNotFit|Suggestion" "$OUT_DIR/failfast.log" | head -3
+
+echo "=== 3. the suite per layout"
+for name in $LAYOUTS; do
+  case "$name" in
+    tp*ep) lay=(tensor_parallel_size="${name//[!0-9]/}" enable_expert_parallel=true) ;;
+    dp*ep) lay=(data_parallel_size="${name//[!0-9]/}" enable_expert_parallel=true) ;;
+    *) echo "unknown layout $name"; continue ;;
+  esac
+  var="ENGINES_$name"
+  engines="${!var:-moeserve}"
+  flags=()
+  for kv in "${lay[@]}" "hf_overrides=$OV" max_model_len=16384 max_num_batched_tokens=4096; do
+    flags+=(--engine-arg "$kv")
+    [[ "$engines" == *vllm* ]] && flags+=(--vllm-engine-arg "$kv")
+  done
+  mkdir -p "$OUT_DIR/$name"
+  echo "--- $name ($engines): ${lay[*]}"
+  python3 benchmarks/bench_suite.py --shape deepseek-r1 --engines "$engines" --workloads latency,throughput \
+    --latency-batches 1,32,128 --num-requests "${NUM_REQUESTS:-512}" --gpu-memory-utilization 0.88 \
+    --budget-s "$BUDGET" --hf-reserve-s 0 --out-dir "$OUT_DIR/$name" "${flags[@]}" > "$OUT_DIR/$name/suite.log" 2>&1 \
+    || echo "$name: suite exit $?"
+  grep -E "=== phase|GPU KV cache size|kv_capacity|error|Error" "$OUT_DIR/$name/suite.log" | tail -12
+  sed -n '/^##/,$p' "$OUT_DIR/$name"/*latency.log 2>/dev/null | tail -30
+done
