@@ -2,7 +2,7 @@
 # Issue 20 before an 8-GPU machine is lent: DeepSeek-R1's per-layer shapes (fp8 block-scaled as published, dummy
 # weights) with fewer layers (--hf-overrides), on the GPUs present, through the commands of the full-size run:
 #   1. `moeserve plan` for this fleet (TP=N+EP, and DP=N attention + EP), text and JSON;
-#   2. the fail-fast check: `moeserve serve` of the full 61-layer model with TP=N+EP must refuse before a weight
+#   2. the fail-fast check: the engine (LLM(...), as `moeserve serve` builds it) of the full 61-layer model with TP=N+EP must refuse before a weight
 #      loads, exit non-zero, and say why (time to refusal recorded);
 #   3. the suite per layout (latency at batch 1/32/128, throughput), with the seeds' flags (max_model_len 16384,
 #      max_num_batched_tokens 4096, gpu_memory_utilization 0.88); vLLM beside moeserve where its offline API runs
@@ -40,8 +40,12 @@ plan "dp${N}ep" --attention-dp
 
 echo "=== 2. fail-fast: the full 61-layer model on $N GPUs, TP=$N+EP"
 t0=$(date +%s.%N)
-timeout 300 python3 -m moeserve.cli serve "$MODEL" --load-format dummy -tp "$N" --enable-expert-parallel \
-  --max-model-len 16384 --gpu-memory-utilization 0.88 --port 8391 > "$OUT_DIR/failfast.log" 2>&1
+timeout 300 python3 -c "
+import sys
+from moeserve import LLM
+LLM(model='$MODEL', load_format='dummy', tensor_parallel_size=$N, enable_expert_parallel=True, max_model_len=16384,
+    gpu_memory_utilization=0.88)
+sys.exit('it loaded: the fit check did not refuse')" > "$OUT_DIR/failfast.log" 2>&1
 rc=$?
 t1=$(date +%s.%N)
 echo "exit $rc after $(python3 -c "print(f'{$t1 - $t0:.1f}')") s" | tee -a "$OUT_DIR/failfast.log"
@@ -70,3 +74,5 @@ for name in $LAYOUTS; do
   grep -E "=== phase|GPU KV cache size|kv_capacity|error|Error" "$OUT_DIR/$name/suite.log" | tail -12
   sed -n '/^##/,$p' "$OUT_DIR/$name"/*latency.log 2>/dev/null | tail -30
 done
+# a call returns only a few files: one archive of everything
+[[ -n "${OUT:-}" ]] && tar czf "$OUT/flagship.tar.gz" -C "$OUT_DIR" . && echo "wrote $OUT/flagship.tar.gz"

@@ -1,4 +1,4 @@
-"""kernels/fp8_moe (W8A16 fused MoE, fp8 block-scaled expert weights dequantized in the kernel) against the CPU
+"""kernels/fp8_moe (W8A16 fused MoE, fp8 block-scaled expert weights scaled per tile or per element) against the CPU
 reference (layers/quant/fp8 dequantize + experts_reference). No CUDA: Triton's interpreter on tiny odd shapes."""
 
 from __future__ import annotations
@@ -32,8 +32,22 @@ def _experts(E, H, I, blocks, g):
     return [torch.stack(t) for t in (w13q, w13s, w2q, w2s, w13d, w2d)]
 
 
+BLOCKS = [{"w13": (8, 16), "w2": (8, 16)},  # K tiles of 16 inside each scale block
+          {"w13": (1, 40), "w2": (1, 24)},  # online per-row: one scale block spans K
+          {"w13": (16, 32), "w2": (16, 32)},  # two K tiles over H = 40, the second one masked
+          {"w13": (8, 8), "w2": (4, 8)}]  # scale blocks narrower than tl.dot's K: element by element
+
+
+def test_k_tiles_stay_inside_one_scale_block_where_they_can():
+    assert fm.k_tile(128, 7168, 2) == (64, True)  # DeepSeek-V3/R1, Kimi K2, Qwen3-FP8 checkpoints
+    assert fm.k_tile(7168, 7168, 2) == (64, True)  # online per-row
+    assert fm.k_tile(16, 40, 4) == (16, True)
+    assert fm.k_tile(48, 96, 2) == (16, True)
+    assert fm.k_tile(8, 40, 2) == (64, False)
+
+
 @pytest.mark.parametrize("T", [1, 3, 19])
-@pytest.mark.parametrize("blocks", [{"w13": (8, 16), "w2": (8, 16)}, {"w13": (1, 40), "w2": (1, 24)}])
+@pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("mapped", [False, True])
 def test_fp8_fused_moe_matches_reference(T, blocks, mapped):
     E, H, I, K = 4, 40, 24, 2

@@ -1,7 +1,9 @@
-"""Fused MoE with fp8 (e4m3) expert weights and block scales, W8A16: the weights are dequantized in the kernel
-(tile * its scales -> the activation dtype) and multiplied on the tensor cores in bf16; activations stay bf16.
-A first step (the W8A8 form with per-token-group activation scales is the next): it halves the bytes of expert
-weights streamed per step, which is what batch-1 decode of a MoE pays for.
+"""Fused MoE with fp8 (e4m3) expert weights and block scales, W8A16: each fp8 weight tile is widened to the
+activation dtype in the kernel and multiplied on the tensor cores; activations stay bf16. It halves the bytes of
+expert weights streamed per step, which is what decode of a MoE pays for. Where a K tile lies inside one scale
+block (every published checkpoint, [128, 128], and online per-row scales) the tile's product is scaled by one
+scale per column (k_tile); narrower scale blocks are dequantized element by element. The W8A8 form with
+per-token-group activation scales (fp8 tensor cores for prefill) is not built yet.
 
 Same plan as kernels/fused_moe (whose row-block helpers it uses): pairs sorted by expert (moe_align), gate/up GEMM
 with SiLU-and-mul -> inter1 [pairs, I], down GEMM times the routing weight -> inter2 [pairs, H], sum over K.
@@ -26,7 +28,7 @@ def _fp8_gate_up_kernel(
     x_ptr, w_ptr, s_ptr, inter_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, map_ptr,
     num_pairs, num_experts, H, I, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_it, up_row0,
     SBN: tl.constexpr, SBK: tl.constexpr, TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_MAP: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_MAP: tl.constexpr, TILE_SCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(I, BLOCK_N)
@@ -52,11 +54,17 @@ def _fp8_gate_up_kernel(
         k_ok = kk < H - k0
         wmask = k_ok[:, None] & n_ok[None, :]
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        kb = ((k0 + kk) // SBK)[:, None]
-        g = tl.load(g_ptrs, mask=wmask, other=0.0).to(tl.float32) * tl.load(gs_ptrs + kb, mask=wmask, other=0.0)
-        u = tl.load(u_ptrs, mask=wmask, other=0.0).to(tl.float32) * tl.load(us_ptrs + kb, mask=wmask, other=0.0)
-        acc_g = tl.dot(a, g.to(a.dtype), acc_g)
-        acc_u = tl.dot(a, u.to(a.dtype), acc_u)
+        if TILE_SCALE:  # the tile lies in one scale block along K: one scale per column, after the dot
+            gs = tl.load(gs_ptrs + k0 // SBK, mask=n_ok[None, :], other=0.0)
+            us = tl.load(us_ptrs + k0 // SBK, mask=n_ok[None, :], other=0.0)
+            acc_g += tl.dot(a, tl.load(g_ptrs, mask=wmask, other=0.0).to(a.dtype)) * gs
+            acc_u += tl.dot(a, tl.load(u_ptrs, mask=wmask, other=0.0).to(a.dtype)) * us
+        else:  # a scale block narrower than the tile: dequantize element by element
+            kb = ((k0 + kk) // SBK)[:, None]
+            g = tl.load(g_ptrs, mask=wmask, other=0.0).to(tl.float32) * tl.load(gs_ptrs + kb, mask=wmask, other=0.0)
+            u = tl.load(u_ptrs, mask=wmask, other=0.0).to(tl.float32) * tl.load(us_ptrs + kb, mask=wmask, other=0.0)
+            acc_g = tl.dot(a, g.to(a.dtype), acc_g)
+            acc_u = tl.dot(a, u.to(a.dtype), acc_u)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
@@ -70,7 +78,7 @@ def _fp8_down_kernel(
     inter_ptr, w_ptr, s_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, topk_w_ptr, map_ptr,
     num_pairs, num_experts, H, I, stride_it, stride_we, stride_wn, stride_se, stride_sn, stride_ot,
     SBN: tl.constexpr, SBK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_MAP: tl.constexpr,
+    HAS_MAP: tl.constexpr, TILE_SCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(H, BLOCK_N)
@@ -96,14 +104,32 @@ def _fp8_down_kernel(
         k_ok = kk < I - k0
         wmask = k_ok[:, None] & n_ok[None, :]
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=wmask, other=0.0).to(tl.float32) * tl.load(
-            s_ptrs + ((k0 + kk) // SBK)[:, None], mask=wmask, other=0.0)
-        acc = tl.dot(a, b.to(a.dtype), acc)
+        if TILE_SCALE:
+            bs = tl.load(s_ptrs + k0 // SBK, mask=n_ok[None, :], other=0.0)
+            acc += tl.dot(a, tl.load(b_ptrs, mask=wmask, other=0.0).to(a.dtype)) * bs
+        else:
+            b = tl.load(b_ptrs, mask=wmask, other=0.0).to(tl.float32) * tl.load(
+                s_ptrs + ((k0 + kk) // SBK)[:, None], mask=wmask, other=0.0)
+            acc = tl.dot(a, b.to(a.dtype), acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     acc = acc * tl.load(topk_w_ptr + row, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(out_ptr + row[:, None] * stride_ot + n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & n_ok[None, :])
+
+
+def k_tile(scale_k: int, k: int, elem_bytes: int) -> tuple[int, bool]:
+    """(BLOCK_K, whether each K tile lies inside one scale block). The widest tile (64, 32 for fp32
+    activations, at least 16 for tl.dot) that divides the scale block, or any tile when one block spans all of K
+    (online per-row scales); then the kernel scales each tile's product by one scale per column instead of
+    gathering a scale for every weight element (the gathers made decode ~16x slower than its bytes)."""
+    widest = 32 if elem_bytes > 2 else 64
+    if scale_k >= k:
+        return widest, True
+    for bk in (64, 32, 16):
+        if bk <= widest and scale_k % bk == 0:
+            return bk, True
+    return widest, False
 
 
 def fp8_fused_moe(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
@@ -124,23 +150,25 @@ def fp8_fused_moe(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
     num_ids = E if expert_map is None else expert_map.numel()
     pairs = T * K
     bm = 16 if pairs <= 4 * num_ids else 64
-    bn, bk = 64, (32 if x.element_size() > 2 else 64)
+    bn = 64
+    (sbn1, sbk1), (sbn2, sbk2) = blocks["w13"], blocks["w2"]
+    bk1, tile1 = k_tile(sbk1, H, x.element_size())
+    bk2, tile2 = k_tile(sbk2, inter, x.element_size())
     sorted_pairs, block_expert, num_post, num_blocks = align_pairs(topk_ids, num_ids, bm)
     inter1 = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
     inter2 = torch.empty(pairs, H, dtype=x.dtype, device=x.device)
-    (sbn1, sbk1), (sbn2, sbk2) = blocks["w13"], blocks["w2"]
     emap = expert_map if expert_map is not None else topk_ids  # a placeholder pointer when there is no map
     _fp8_gate_up_kernel[(num_blocks * triton.cdiv(inter, bn),)](
         x, w13, w13_scale, inter1, sorted_pairs, block_expert, num_post, emap,
         pairs, num_ids, H, inter, x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0),
         w13_scale.stride(1), inter1.stride(0), w13_scale.shape[1] // 2,
-        SBN=sbn1, SBK=sbk1, TOPK=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_MAP=expert_map is not None,
-        num_warps=4, num_stages=3)
+        SBN=sbn1, SBK=sbk1, TOPK=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk1, HAS_MAP=expert_map is not None,
+        TILE_SCALE=tile1, num_warps=4, num_stages=3)
     _fp8_down_kernel[(num_blocks * triton.cdiv(H, bn),)](
         inter1, w2, w2_scale, inter2, sorted_pairs, block_expert, num_post, topk_weights, emap,
         pairs, num_ids, H, inter, inter1.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0),
         w2_scale.stride(1), inter2.stride(0),
-        SBN=sbn2, SBK=sbk2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_MAP=expert_map is not None,
-        num_warps=4, num_stages=3)
+        SBN=sbn2, SBK=sbk2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk2, HAS_MAP=expert_map is not None,
+        TILE_SCALE=tile2, num_warps=4, num_stages=3)
     torch.sum(inter2.view(T, K, H), dim=1, out=out)
     return out

@@ -15,7 +15,7 @@ that cuts a block is refused when the model is built.
 
 Forward: CPU dequantizes (weight * scale -> activation dtype) and runs the dense matmul: the reference. CUDA
 (chosen once in `finalize`): kernels.fp8_linear's W8A8 GEMM (block or per-channel) for the linear layers;
-kernels.fp8_moe for the experts (W8A16: fp8 weights dequantized inside the kernel, a first step).
+kernels.fp8_moe for the experts (W8A16: fp8 weight tiles widened and scaled inside the kernel).
 """
 
 from __future__ import annotations
@@ -395,7 +395,8 @@ class Fp8MoEMethod:
         return part.numel()
 
     def finalize(self, experts) -> None:
-        """CUDA: kernels.fp8_moe (W8A16, dequantized in the kernel), chosen once here; CPU: the reference."""
+        """CUDA: kernels.fp8_moe (W8A16: fp8 tiles widened and scaled in the kernel), chosen once here; CPU: the
+        reference."""
         self.use_kernel = experts.w13.is_cuda
 
     def dequantize(self, experts, which: str, dtype) -> torch.Tensor:
