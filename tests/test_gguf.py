@@ -269,6 +269,20 @@ def test_tiny_gguf_round_trips_every_type(tiny):
     assert seen == {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"}
 
 
+def test_released_pages_read_back_the_same(tiny):
+    """The loader drops the file's pages as it goes; a tensor read afterwards faults them back unchanged."""
+    from moeserve.loader.gguf import read_gguf
+
+    path, expected, ck = tiny
+    f = read_gguf(path)
+    assert f.mapped is not None
+    f.release_pages()
+    for name in expected:
+        assert torch.equal(f.tensors[name].dense(), ck.tensors[name]), name
+    f.release_pages()
+    assert torch.equal(f.tensors[name].dense(), ck.tensors[name])
+
+
 def test_tiny_gguf_dtype_is_applied(tiny):
     path, expected, _ = tiny
     half = load_gguf(path, dtype=torch.bfloat16)

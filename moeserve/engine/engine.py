@@ -24,6 +24,7 @@ from moeserve.engine.errors import RequestRejected
 from moeserve.engine.kv_cache import KVCacheManager
 from moeserve.engine.request import Request
 from moeserve.engine.executor import InProcessExecutor, MultiprocExecutor
+from moeserve.engine import host_memory
 from moeserve.engine.worker import DoesNotFit, Worker, check_fits_before_loading  # noqa: F401 (re-exported)
 from moeserve.engine.sampler import PendingSample, Sampler
 from moeserve.engine.scheduler import Scheduler
@@ -105,6 +106,8 @@ class LLMEngine:
 
         source = resolve_source(config)
         self.executor = make_executor(config, self.device, self.dtype, source)
+        if self.device.type == "cpu":
+            host_memory.trim()
         worker = self.executor.worker
         self.device = worker.device
         loaded = worker.loaded

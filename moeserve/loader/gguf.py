@@ -9,6 +9,7 @@ by transformers from the file's `tokenizer.ggml.*` metadata. The bundled default
 from __future__ import annotations
 
 import importlib.util
+import mmap
 import struct
 import time
 import os
@@ -83,6 +84,15 @@ class GGUFFile:
     config: dict
     tensors: dict[str, GGUFTensor]  # HF name -> tensor in its file encoding
     tokenizer: "transformers.PreTrainedTokenizerFast"
+    mapped: np.memmap | None = None  # the file's memory map, which the tensors' raw data are views of
+
+    def release_pages(self) -> None:
+        """Drop the file's pages from this process's resident memory (a read-only file map: a later read faults
+        them back in from the page cache). The loader calls it as it goes, so the whole file (92 MB for the
+        default model) is never resident beside what was decoded from it."""
+        mm = getattr(self.mapped, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
 
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
@@ -127,7 +137,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
             t.data = unpermute_qk_rows(t.data, config["num_key_value_heads"])
         tensors[name] = t
     _check_complete(tensors, config, path)
-    return GGUFFile(config=config, tensors=tensors, tokenizer=_tokenizer(path))
+    return GGUFFile(config=config, tensors=tensors, tokenizer=_tokenizer(path), mapped=blob)
 
 
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -346,7 +356,9 @@ def load_gguf_model(source: Any, device: torch.device, dtype: torch.dtype, t0: f
                 packed[module_name] = Int4CPUMethod.pack(stack_rows(terms))
                 module.register_parameter("weight", None)  # before to_empty: never allocated
                 f.tensors = {n: t for n, t in f.tensors.items() if n not in names}
+                f.release_pages()
         head_terms = _lm_head_terms(model, f)
+        f.release_pages()
     model = model.to_empty(device=device)
     attach_weight_loaders(model)
     for module_name, terms in packed.items():
