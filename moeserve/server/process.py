@@ -25,7 +25,13 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, serve_args: list[str], startup_timeout_s: float = 180.0, env: dict | None = None,
-                 wait_path: str = "/health", stop_timeout_s: float = 15.0):
+                 wait_path: str = "/health", stop_timeout_s: float = 15.0, command: list[str] | None = None,
+                 keep_log: str | None = None):
+        """command: what serves (default `python -m moeserve.cli serve`; a benchmark gives vLLM's); keep_log: a
+        path the server's output is copied to when it stops."""
+        self.command = command or [sys.executable, "-m", "moeserve.cli", "serve"]
+        self.name = "moeserve serve" if command is None else " ".join(os.path.basename(c) for c in command[-2:])
+        self.keep_log = keep_log
         self.serve_args = list(serve_args)
         self.startup_timeout_s = startup_timeout_s
         self.wait_path, self.stop_timeout_s = wait_path, stop_timeout_s
@@ -37,8 +43,7 @@ class ServerProcess:
         self._log = tempfile.NamedTemporaryFile(prefix="moeserve-server-", suffix=".log", delete=False)
 
     def __enter__(self) -> "ServerProcess":
-        cmd = [sys.executable, "-m", "moeserve.cli", "serve", *self.serve_args,
-               "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [*self.command, *self.serve_args, "--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         try:
             self._wait_healthy()
@@ -54,7 +59,8 @@ class ServerProcess:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"moeserve serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
+                                   f"{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.url + self.wait_path, timeout=2) as r:
                     if r.status == 200:
@@ -62,7 +68,7 @@ class ServerProcess:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             time.sleep(0.25)
-        raise TimeoutError(f"moeserve serve did not answer {self.wait_path} after {self.startup_timeout_s:.0f}s:\n"
+        raise TimeoutError(f"{self.name} did not answer {self.wait_path} after {self.startup_timeout_s:.0f}s:\n"
                            f"{self.log_tail()}")
 
     def log_tail(self, chars: int = 4000) -> str:
@@ -79,6 +85,10 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(15)
         self._log.close()
+        if self.keep_log:
+            import shutil
+
+            shutil.copyfile(self._log.name, self.keep_log)
         try:
             os.unlink(self._log.name)
         except OSError:
