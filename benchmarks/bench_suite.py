@@ -40,6 +40,14 @@ ENGINES = {"moeserve": "moeserve_worker.py", "transformers": "hf_reference.py", 
 SUPPORTS = {"transformers": ("throughput", "latency")}
 
 
+def checkpoint_precision(cfg: dict) -> str:
+    """What the dummy weights are: bf16, or the checkpoint's quantization (both engines build it)."""
+    from moeserve.plan.arch import text_config
+
+    method = (text_config(cfg).get("quantization_config") or {}).get("quant_method")
+    return {"fp8": "fp8", "compressed-tensors": "int4 experts", "awq": "int4", "gptq": "int4"}.get(method, "bfloat16")
+
+
 def engine_workloads(engine: str, workloads: list[str]) -> list[str]:
     return [w for w in workloads if w in SUPPORTS.get(engine, traffic.ALL_WORKLOADS)]
 
@@ -343,7 +351,7 @@ def main(argv=None) -> int:
             "shape": a.shape,
             "model": shape.hub_id,
             "workload": w,
-            "dtype": "fp8" if (cfg.get("quantization_config") or {}).get("quant_method") == "fp8" else "bfloat16",
+            "dtype": checkpoint_precision(cfg),
             "load_format": "dummy",
             "spec": spec,
             "versions": meta["versions"],

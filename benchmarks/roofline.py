@@ -141,13 +141,15 @@ def kv_concurrency(free_bytes_for_kv: float, kv_bytes_per_token: float, seq_toke
 
 def facts_from_config(config: dict, dtype_bytes: int = 2) -> ModelFacts:
     """ModelFacts of a HF config.json, through moeserve.plan.arch (the one source of architecture facts).
-    A block-scaled fp8 checkpoint's projections and experts count 1 byte a weight (scales neglected); its
-    embeddings, head and norms stay at dtype_bytes, as does the KV cache."""
+    A block-scaled fp8 checkpoint's projections and experts count 1 byte a weight (scales neglected); an int4
+    checkpoint's experts (compressed-tensors, as Kimi K2.5 ships: routed experts only) or all its projections
+    (AWQ, GPTQ) half a byte; embeddings, head and norms stay at dtype_bytes, as does the KV cache."""
     from moeserve.plan.arch import read_arch, text_config  # no torch
 
     arch = read_arch(text_config(config))
-    fp8 = (config.get("quantization_config") or {}).get("quant_method") == "fp8"
-    wb = 1 if fp8 else dtype_bytes
+    method = (text_config(config).get("quantization_config") or {}).get("quant_method")
+    wb = {"fp8": 1, "awq": 0.5, "gptq": 0.5}.get(method, dtype_bytes)  # projections
+    eb = 0.5 if method in ("compressed-tensors", "awq", "gptq") else wb  # routed experts
     pc = {k: float(v) for k, v in arch.param_counts().items()}
     # A tied table is counted once, under embeddings, but the head still reads and multiplies all of it.
     lm_head = pc["embeddings"] if arch.tie_word_embeddings else pc["lm_head"]
@@ -157,10 +159,10 @@ def facts_from_config(config: dict, dtype_bytes: int = 2) -> ModelFacts:
         qk_dim, v_dim = arch.qk_nope_head_dim + arch.qk_rope_head_dim, arch.v_head_dim
     else:
         qk_dim = v_dim = arch.head_dim
-    expert_params = float(arch.expert_params()) if n_moe else 0.0
+    expert_params = float(arch.expert_params()) if n_moe else 0.0  # one expert's
     return ModelFacts(
         w_dense_bytes=projections * wb + (pc["norms"] + lm_head) * dtype_bytes,
-        w_expert_bytes=expert_params * wb,
+        w_expert_bytes=expert_params * eb,
         n_moe_layers=n_moe,
         n_experts=arch.num_experts if n_moe else 0,
         top_k=arch.num_experts_per_tok if n_moe else 0,
@@ -172,8 +174,8 @@ def facts_from_config(config: dict, dtype_bytes: int = 2) -> ModelFacts:
         attn_heads=arch.num_heads,
         qk_head_dim=int(qk_dim),
         v_head_dim=int(v_dim),
-        total_weight_bytes=(pc["total"] - pc["embeddings"] - pc["lm_head"] - pc["norms"]) * wb
-        + (pc["embeddings"] + pc["lm_head"] + pc["norms"]) * dtype_bytes,
+        total_weight_bytes=(pc["total"] - pc["embeddings"] - pc["lm_head"] - pc["norms"] - pc["routed_experts"]) * wb
+        + pc["routed_experts"] * eb + (pc["embeddings"] + pc["lm_head"] + pc["norms"]) * dtype_bytes,
     )
 
 

@@ -9,20 +9,25 @@
 #      the layout (TP+EP; vLLM refuses LLM(data_parallel_size>1) in one process, so DP runs moeserve alone).
 #
 #   LAYERS=12 LAYOUTS="tp4ep dp4ep" ENGINES_tp4ep=moeserve,vllm BUDGET=520 bash benchmarks/run_truncated_flagship.sh
+#   SHAPE=kimi-k2.5 bash benchmarks/run_truncated_flagship.sh     # Kimi K2.5's int4 experts (issue 20 item 2)
 # Results under $OUT/flagship (or benchmarks/results/flagship): plan*.log/json, failfast.log, <layout>/...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MOESERVE_CACHE_DIR="${MOESERVE_CACHE_DIR:-/tmp/moeserve-cache}"
 mkdir -p "$MOESERVE_CACHE_DIR/autotune" && cp benchmarks/results/autotune/*.json "$MOESERVE_CACHE_DIR/autotune/" 2>/dev/null
-OUT_DIR="${OUT:-benchmarks/results}/flagship"
+OUT_DIR="${OUT:-benchmarks/results}/flagship/${SHAPE:-deepseek-r1}"
 mkdir -p "$OUT_DIR"
 N=$(nvidia-smi -L | wc -l)
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 case "$GPU" in *H200*) FLEET="${N}xH200-141GB" ;; *) FLEET="${N}xH100-80GB" ;; esac
 LAYERS="${LAYERS:-12}"
-OV="{\"num_hidden_layers\":$LAYERS}"
-MODEL=deepseek-ai/DeepSeek-R1
+SHAPE="${SHAPE:-deepseek-r1}"
+case "$SHAPE" in
+  deepseek-r1) MODEL=deepseek-ai/DeepSeek-R1; OV="{\"num_hidden_layers\":$LAYERS}" ;;
+  kimi-k2.5) MODEL=moonshotai/Kimi-K2.5; OV="{\"text_config\":{\"num_hidden_layers\":$LAYERS}}" ;;  # a multimodal config
+  *) echo "SHAPE: deepseek-r1 or kimi-k2.5"; exit 2 ;;
+esac
 LAYOUTS="${LAYOUTS:-tp${N}ep dp${N}ep}"
 BUDGET="${BUDGET:-520}"
 echo "=== $N x $GPU as $FLEET; $MODEL with $LAYERS layers; layouts: $LAYOUTS"
@@ -38,7 +43,7 @@ echo "=== 1. plan"
 plan "tp${N}ep" --tp "$N"
 plan "dp${N}ep" --attention-dp
 
-echo "=== 2. fail-fast: the full 61-layer model on $N GPUs, TP=$N+EP"
+echo "=== 2. fail-fast: the full model on $N GPUs, TP=$N+EP"
 t0=$(date +%s.%N)
 timeout 300 python3 -c "
 import sys
@@ -67,7 +72,7 @@ for name in $LAYOUTS; do
   done
   mkdir -p "$OUT_DIR/$name"
   echo "--- $name ($engines): ${lay[*]}"
-  python3 benchmarks/bench_suite.py --shape deepseek-r1 --engines "$engines" --workloads latency,throughput \
+  python3 benchmarks/bench_suite.py --shape "$SHAPE" --engines "$engines" --workloads latency,throughput \
     --latency-batches 1,32,128 --num-requests "${NUM_REQUESTS:-512}" --gpu-memory-utilization 0.88 \
     --budget-s "$BUDGET" --hf-reserve-s 0 --out-dir "$OUT_DIR/$name" "${flags[@]}" > "$OUT_DIR/$name/suite.log" 2>&1 \
     || echo "$name: suite exit $?"

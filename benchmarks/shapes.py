@@ -34,6 +34,7 @@ SHAPES: dict[str, Shape] = {
         Shape("llama-3-8b", "meta-llama/Meta-Llama-3-8B", "nvidia-h100-x1"),
         # fp8 block-scaled as published; layer-truncated (--engine-arg hf_overrides=...) below 8 GPUs (issue 20)
         Shape("deepseek-r1", "deepseek-ai/DeepSeek-R1", "nvidia-h200-x8"),
+        Shape("kimi-k2.5", "moonshotai/Kimi-K2.5", "nvidia-h200-x8"),  # int4 routed experts (compressed-tensors)
     )
 }
 

@@ -76,15 +76,11 @@ def model_dir_for(config: dict, root: str | None = None) -> tuple[str, list[str]
     """A folder holding only config.json, as vLLM wants for load_format="dummy". Returns it and what was changed.
 
     `auto_map` is dropped (no remote code travels: the architecture is one transformers and vLLM know natively).
-    A block-scaled fp8 `quantization_config` (DeepSeek-R1, Kimi K2) stays, so that vLLM's dummy weights are fp8
-    as moeserve's are; any other is dropped (both engines then run bf16).
+    A `quantization_config` stays (fp8 block-scaled R1, int4 Kimi K2.5): vLLM's dummy weights then have the
+    checkpoint's precision, as moeserve's do.
     """
     cfg = dict(config)
-    if (cfg.get("quantization_config") or {}).get("quant_method") == "fp8":
-        drop = ("auto_map",)
-    else:
-        drop = ("auto_map", "quantization_config")
-    changed = [k for k in drop if cfg.pop(k, None) is not None]
+    changed = [k for k in ("auto_map",) if cfg.pop(k, None) is not None]
     d = Path(tempfile.mkdtemp(prefix="vllm_model_", dir=root))
     (d / "config.json").write_text(json.dumps(cfg, indent=1))
     return str(d), changed
