@@ -28,10 +28,10 @@ def _dev(t):
 
 
 @pytest.mark.parametrize("T", [1, 3, 19])
-@pytest.mark.parametrize("group", [8, 16])
+@pytest.mark.parametrize("group", [8, 16, 32])  # 8: element-wise scales; 16, 32: one scale per column per K tile
 @pytest.mark.parametrize("mapped", [False, True])
 def test_int4_fused_moe_matches_reference(T, group, mapped):
-    E, H, I, K = 4, 48, 32, 2
+    E, H, I, K = 4, 96, 32, 2
     g = torch.Generator().manual_seed(T * 7 + mapped + group)
     sym = mapped  # symmetric (no zeros, compressed-tensors) with the map, zeros without
     w13, w2 = _w4((E,), 2 * I, H, group, g, sym), _w4((E,), H, I, group, g, sym)
@@ -47,6 +47,13 @@ def test_int4_fused_moe_matches_reference(T, group, mapped):
     ref = experts_reference(x.double(), w13d, w2d, weights.double(), ids, emap)
     err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
     assert err < (2e-2 if CUDA else 1e-5), err
+
+
+def test_k_tiles_stay_inside_one_group_where_they_can():
+    assert im.k_tile(32, 2) == (32, True)  # Kimi K2.5's compressed-tensors groups
+    assert im.k_tile(128, 2) == (64, True)  # AWQ / GPTQ
+    assert im.k_tile(128, 4) == (32, True)
+    assert im.k_tile(8, 2) == (64, False)
 
 
 def test_experts_layer_dispatches_to_the_kernel():

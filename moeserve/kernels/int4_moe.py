@@ -7,7 +7,10 @@ Same plan as kernels/fused_moe and kernels/fp8_moe (its row-block helper): pairs
 gate/up GEMM with SiLU-and-mul -> inter1 [pairs, I], down GEMM times the routing weight -> inter2 [pairs, H], sum
 over K. Weights in layers/quant/int4's in-memory layout: w13 packed int32 [E, 2I, H/8] (gate rows, then up rows),
 scales fp32 / zeros uint8 [E, 2I, H/G]; w2 [E, H, I/8], [E, H, I/G]. Expert map as fused_moe.
-Reference: layers/quant/int4 (dequantize, then experts_reference). Not yet tuned or timed on a GPU.
+Where a K tile lies inside one group (k_tile: Kimi K2.5's 32, AWQ/GPTQ's 128) the codes minus their zero go
+through the dot and the product is scaled once per column, as kernels/fp8_moe does for its scale blocks (the
+element-wise scale gathers made fp8 R1's MoE layer 16x slower than its bytes on an H100); narrower groups keep the
+element-wise path. Reference: layers/quant/int4 (dequantize, then experts_reference). Not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -34,11 +37,45 @@ def _w4_tile(w_ptrs, s_ptrs, z_ptrs, k, wmask, GROUP: tl.constexpr, HAS_ZEROS: t
 
 
 @triton.jit
+def _w4_dot(acc, a, w_ptrs, s_ptrs, z_ptrs, k, k0, wmask, n_ok, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+            TILE_SCALE: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc + a @ the dequantized tile. TILE_SCALE (the K tile inside one group): the tile's codes minus their
+    zero (small integers, exact in bf16) go through the dot and the product is scaled once per column, instead
+    of gathering a scale (and a zero) for every element."""
+    if TILE_SCALE:
+        words = tl.load(w_ptrs + (k // 8)[:, None], mask=wmask, other=0)
+        q = ((words >> ((k % 8) * 4)[:, None]) & 0xF).to(tl.float32)
+        s = tl.load(s_ptrs + k0 // GROUP, mask=n_ok[None, :], other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            q = q - tl.load(z_ptrs + k0 // GROUP, mask=n_ok[None, :], other=0).to(tl.float32)
+        else:
+            q = q - 8.0
+        q = tl.where(wmask, q, 0.0)
+        if DOT_F32:
+            return acc + tl.dot(a.to(tl.float32), q, input_precision="ieee") * s
+        return acc + tl.dot(a, q.to(a.dtype)) * s
+    w = _w4_tile(w_ptrs, s_ptrs, z_ptrs, k, wmask, GROUP, HAS_ZEROS)
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
+    return tl.dot(a, w.to(a.dtype), acc)
+
+
+def k_tile(group: int, elem_bytes: int) -> tuple[int, bool]:
+    """(BLOCK_K, whether each K tile lies inside one quantization group): the widest tile (64; 32 for fp32
+    activations; >= 16 for tl.dot) that divides the group (Kimi K2.5's 32, AWQ/GPTQ's 128)."""
+    widest = 32 if elem_bytes > 2 else 64
+    for bk in (64, 32, 16):
+        if bk <= widest and group % bk == 0:
+            return bk, True
+    return widest, False
+
+
+@triton.jit
 def _int4_gate_up_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, inter_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, map_ptr,
     num_pairs, num_experts, H, I, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_it,
     GROUP: tl.constexpr, TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_MAP: tl.constexpr, DOT_F32: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    HAS_MAP: tl.constexpr, DOT_F32: tl.constexpr, HAS_ZEROS: tl.constexpr, TILE_SCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(I, BLOCK_N)
@@ -64,15 +101,10 @@ def _int4_gate_up_kernel(
         k_ok = k < H
         wmask = k_ok[:, None] & n_ok[None, :]
         a = tl.load(x_ptr + tok[:, None] * stride_xt + k[None, :], mask=k_ok[None, :], other=0.0)
-        g = _w4_tile(g_w, s_ptr + g_s, z_ptr + g_s, k, wmask, GROUP, HAS_ZEROS)
-        u = _w4_tile(u_w, s_ptr + u_s, z_ptr + u_s, k, wmask, GROUP, HAS_ZEROS)
-        if DOT_F32:
-            a = a.to(tl.float32)
-            acc_g = tl.dot(a, g, acc_g, input_precision="ieee")
-            acc_u = tl.dot(a, u, acc_u, input_precision="ieee")
-        else:
-            acc_g = tl.dot(a, g.to(a.dtype), acc_g)
-            acc_u = tl.dot(a, u.to(a.dtype), acc_u)
+        acc_g = _w4_dot(acc_g, a, g_w, s_ptr + g_s, z_ptr + g_s, k, k0, wmask, n_ok, GROUP, HAS_ZEROS, TILE_SCALE,
+                        DOT_F32)
+        acc_u = _w4_dot(acc_u, a, u_w, s_ptr + u_s, z_ptr + u_s, k, k0, wmask, n_ok, GROUP, HAS_ZEROS, TILE_SCALE,
+                        DOT_F32)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
     dst = inter_ptr + pair[:, None].to(tl.int64) * stride_it + n[None, :]
     tl.store(dst, h.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -83,7 +115,7 @@ def _int4_down_kernel(
     inter_ptr, w_ptr, s_ptr, z_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, topk_w_ptr, map_ptr,
     num_pairs, num_experts, H, I, stride_it, stride_we, stride_wn, stride_se, stride_sn, stride_ot,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_MAP: tl.constexpr, DOT_F32: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    HAS_MAP: tl.constexpr, DOT_F32: tl.constexpr, HAS_ZEROS: tl.constexpr, TILE_SCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(H, BLOCK_N)
@@ -109,11 +141,8 @@ def _int4_down_kernel(
         k_ok = k < I
         wmask = k_ok[:, None] & n_ok[None, :]
         a = tl.load(inter_ptr + row[:, None] * stride_it + k[None, :], mask=k_ok[None, :], other=0.0)
-        b = _w4_tile(b_w, s_ptr + b_s, z_ptr + b_s, k, wmask, GROUP, HAS_ZEROS)
-        if DOT_F32:
-            acc = tl.dot(a.to(tl.float32), b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b.to(a.dtype), acc)
+        acc = _w4_dot(acc, a, b_w, s_ptr + b_s, z_ptr + b_s, k, k0, wmask, n_ok, GROUP, HAS_ZEROS, TILE_SCALE,
+                      DOT_F32)
     acc = acc * tl.load(topk_w_ptr + row, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(out_ptr + row[:, None] * stride_ot + n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & n_ok[None, :])
@@ -139,7 +168,8 @@ def int4_fused_moe(x: torch.Tensor, w13: tuple, w2: tuple, group: int, topk_weig
     num_ids = E if expert_map is None else expert_map.numel()
     pairs = T * K
     bm = 16 if pairs <= 4 * num_ids else 64
-    bn, bk = 64, (32 if x.element_size() > 2 else 64)
+    bn = 64
+    bk, tile = k_tile(group, x.element_size())
     sorted_pairs, block_expert, num_post, num_blocks = align_pairs(topk_ids, num_ids, bm)
     inter1 = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
     inter2 = torch.empty(pairs, H, dtype=x.dtype, device=x.device)
@@ -151,11 +181,11 @@ def int4_fused_moe(x: torch.Tensor, w13: tuple, w2: tuple, group: int, topk_weig
         x, p13, s13, z13, inter1, sorted_pairs, block_expert, num_post, emap,
         pairs, num_ids, H, inter, x.stride(0), p13.stride(0), p13.stride(1), s13.stride(0), s13.stride(1),
         inter1.stride(0), GROUP=group, TOPK=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_MAP=expert_map is not None,
-        DOT_F32=dot_f32, HAS_ZEROS=has_zeros, num_warps=4, num_stages=3)
+        DOT_F32=dot_f32, HAS_ZEROS=has_zeros, TILE_SCALE=tile, num_warps=4, num_stages=3)
     _int4_down_kernel[(num_blocks * triton.cdiv(H, bn),)](
         inter1, p2, s2, z2, inter2, sorted_pairs, block_expert, num_post, topk_weights, emap,
         pairs, num_ids, H, inter, inter1.stride(0), p2.stride(0), p2.stride(1), s2.stride(0), s2.stride(1),
         inter2.stride(0), GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_MAP=expert_map is not None,
-        DOT_F32=dot_f32, HAS_ZEROS=has_zeros, num_warps=4, num_stages=3)
+        DOT_F32=dot_f32, HAS_ZEROS=has_zeros, TILE_SCALE=tile, num_warps=4, num_stages=3)
     torch.sum(inter2.view(T, K, H), dim=1, out=out)
     return out
