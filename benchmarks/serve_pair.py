@@ -75,7 +75,7 @@ def run_engine(engine: str, model: str, tokenizer: str, serve_args: list[str], b
     try:
         with ServerProcess(args, startup_timeout_s=startup_timeout_s, env=env, wait_path="/health",
                            stop_timeout_s=60.0, command=engine_command(engine),
-                           keep_log=str(out_dir / f"{engine}-server.log")) as s:
+                           keep_log=str(out_dir / f"{engine}-server.log"), own_group=True) as s:
             result["startup_s"] = round(time.monotonic() - t, 1)
             print(f"--- {engine}: ready in {result['startup_s']} s at {s.base_url}", flush=True)
             save = out_dir / f"{engine}-bench.json"

@@ -26,9 +26,11 @@ def free_port() -> int:
 class ServerProcess:
     def __init__(self, serve_args: list[str], startup_timeout_s: float = 180.0, env: dict | None = None,
                  wait_path: str = "/health", stop_timeout_s: float = 15.0, command: list[str] | None = None,
-                 keep_log: str | None = None):
+                 keep_log: str | None = None, own_group: bool = False):
         """command: what serves (default `python -m moeserve.cli serve`; a benchmark gives vLLM's); keep_log: a
-        path the server's output is copied to when it stops."""
+        path the server's output is copied to when it stops; own_group: the server in a process group of its
+        own, killed whole once it has stopped (a benchmark's engine processes must not outlive it on the GPUs)."""
+        self.own_group = own_group
         self.command = command or [sys.executable, "-m", "moeserve.cli", "serve"]
         self.name = "moeserve serve" if command is None else " ".join(os.path.basename(c) for c in command[-2:])
         self.keep_log = keep_log
@@ -44,7 +46,8 @@ class ServerProcess:
 
     def __enter__(self) -> "ServerProcess":
         cmd = [*self.command, *self.serve_args, "--host", "127.0.0.1", "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     process_group=0 if self.own_group else None)
         try:
             self._wait_healthy()
         except BaseException:
@@ -84,6 +87,13 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(15)
+        if self.own_group and self.proc is not None:
+            import signal
+
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # whatever the server started and left behind
+            except (ProcessLookupError, PermissionError):
+                pass
         self._log.close()
         if self.keep_log:
             import shutil
