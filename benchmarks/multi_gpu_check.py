@@ -89,7 +89,15 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no engine after this many seconds")
+    ap.add_argument("--autotune", action="store_true",
+                    help="tune the kernels for each tiny shape (slow on a fresh machine: 25-50 s per engine on "
+                         "4xH200); by default they keep their first configuration, which is what tokens are "
+                         "checked with")
     a = ap.parse_args()
+    if not a.autotune:
+        import os
+
+        os.environ["MOESERVE_AUTOTUNE"] = "0"  # read by every engine process this script starts
     import torch
 
     n_gpus = torch.cuda.device_count()  # no CUDA context in this process: each engine runs in a child
