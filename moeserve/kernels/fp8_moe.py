@@ -103,7 +103,7 @@ def _fp8_down_kernel(
     for k0 in range(0, I, BLOCK_K):
         k_ok = kk < I - k0
         wmask = k_ok[:, None] & n_ok[None, :]
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # padded rows: never-written inter rows
         if TILE_SCALE:
             bs = tl.load(s_ptrs + k0 // SBK, mask=n_ok[None, :], other=0.0)
             acc += tl.dot(a, tl.load(b_ptrs, mask=wmask, other=0.0).to(a.dtype)) * bs

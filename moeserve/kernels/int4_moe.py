@@ -140,7 +140,8 @@ def _int4_down_kernel(
         k = k0 + kk
         k_ok = k < I
         wmask = k_ok[:, None] & n_ok[None, :]
-        a = tl.load(inter_ptr + row[:, None] * stride_it + k[None, :], mask=k_ok[None, :], other=0.0)
+        a = tl.load(inter_ptr + row[:, None] * stride_it + k[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # padded rows: never-written inter rows
         acc = _w4_dot(acc, a, b_w, s_ptr + b_s, z_ptr + b_s, k, k0, wmask, n_ok, GROUP, HAS_ZEROS, TILE_SCALE,
                       DOT_F32)
     acc = acc * tl.load(topk_w_ptr + row, mask=row_ok, other=0.0).to(tl.float32)[:, None]
