@@ -10,6 +10,7 @@ per layout and exits 1 if any layout's tokens differ or a layout was left unrun 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -95,8 +96,6 @@ def main() -> int:
                          "checked with")
     a = ap.parse_args()
     if not a.autotune:
-        import os
-
         os.environ["MOESERVE_AUTOTUNE"] = "0"  # read by every engine process this script starts
     import torch
 

@@ -34,8 +34,6 @@ sys.path.insert(0, str(REPO / "benchmarks" / "peers" / "vllm"))
 SUMMARY = ("completed", "failed", "duration_s", "request_throughput", "output_throughput", "total_token_throughput",
            "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
            "median_itl_ms", "p99_itl_ms", "goodput")
-QUIET = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-         "TOKENIZERS_PARALLELISM": "false"}
 
 
 def model_dir(model: str, root: Path) -> str:
@@ -62,9 +60,11 @@ def engine_command(engine: str) -> list[str] | None:
 
 def run_engine(engine: str, model: str, tokenizer: str, serve_args: list[str], bench_args: list[str],
                out_dir: Path, startup_timeout_s: float, site: str | None) -> dict:
+    from run_vllm import QUIET_ENV
+
     from moeserve.server.process import ServerProcess
 
-    env = dict(QUIET)
+    env = dict(QUIET_ENV)  # offline, no telemetry; vLLM's own settings are ignored by moeserve
     paths = [str(REPO)] + ([site] if site else []) + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                                                       if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -74,7 +74,7 @@ def run_engine(engine: str, model: str, tokenizer: str, serve_args: list[str], b
     t = time.monotonic()
     try:
         with ServerProcess(args, startup_timeout_s=startup_timeout_s, env=env, wait_path="/health",
-                           stop_timeout_s=60.0, command=engine_command(engine),
+                           stop_timeout_s=60.0, command=engine_command(engine), name=f"{engine} serve",
                            keep_log=str(out_dir / f"{engine}-server.log"), own_group=True) as s:
             result["startup_s"] = round(time.monotonic() - t, 1)
             print(f"--- {engine}: ready in {result['startup_s']} s at {s.base_url}", flush=True)

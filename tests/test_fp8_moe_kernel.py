@@ -39,11 +39,15 @@ BLOCKS = [{"w13": (8, 16), "w2": (8, 16)},  # K tiles of 16 inside each scale bl
 
 
 def test_k_tiles_stay_inside_one_scale_block_where_they_can():
-    assert fm.k_tile(128, 7168, 2) == (64, True)  # DeepSeek-V3/R1, Kimi K2, Qwen3-FP8 checkpoints
-    assert fm.k_tile(7168, 7168, 2) == (64, True)  # online per-row
-    assert fm.k_tile(16, 40, 4) == (16, True)
-    assert fm.k_tile(48, 96, 2) == (16, True)
-    assert fm.k_tile(8, 40, 2) == (64, False)
+    from moeserve.kernels.fused_moe import scale_k_tile
+
+    assert scale_k_tile(128, 7168, 2) == (64, True)  # DeepSeek-V3/R1, Kimi K2, Qwen3-FP8 checkpoints
+    assert scale_k_tile(7168, 7168, 2) == (64, True)  # online per-row
+    assert scale_k_tile(16, 40, 4) == (16, True)
+    assert scale_k_tile(48, 96, 2) == (16, True)
+    assert scale_k_tile(8, 40, 2) == (64, False)
+    assert scale_k_tile(32, 7168, 2) == (32, True)  # Kimi K2.5's int4 groups
+    assert scale_k_tile(128, 7168, 4) == (32, True)
 
 
 @pytest.mark.parametrize("T", [1, 3, 19])

@@ -49,13 +49,6 @@ def test_int4_fused_moe_matches_reference(T, group, mapped):
     assert err < (2e-2 if CUDA else 1e-5), err
 
 
-def test_k_tiles_stay_inside_one_group_where_they_can():
-    assert im.k_tile(32, 2) == (32, True)  # Kimi K2.5's compressed-tensors groups
-    assert im.k_tile(128, 2) == (64, True)  # AWQ / GPTQ
-    assert im.k_tile(128, 4) == (32, True)
-    assert im.k_tile(8, 2) == (64, False)
-
-
 def test_experts_layer_dispatches_to_the_kernel():
     """A compressed-tensors Experts module picks kernels.int4_moe on CUDA (forced on CPU, interpreted)."""
     from moeserve.layers.experts import Experts

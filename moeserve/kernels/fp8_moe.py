@@ -2,8 +2,8 @@
 activation dtype in the kernel and multiplied on the tensor cores; activations stay bf16. It halves the bytes of
 expert weights streamed per step, which is what decode of a MoE pays for. Where a K tile lies inside one scale
 block (every published checkpoint, [128, 128], and online per-row scales) the tile's product is scaled by one
-scale per column (k_tile); narrower scale blocks are dequantized element by element. The W8A8 form with
-per-token-group activation scales (fp8 tensor cores for prefill) is not built yet.
+scale per column (fused_moe.scale_k_tile); narrower scale blocks are dequantized element by element. The W8A8
+form with per-token-group activation scales (fp8 tensor cores for prefill) is not built yet.
 
 Same plan as kernels/fused_moe (whose row-block helpers it uses): pairs sorted by expert (moe_align), gate/up GEMM
 with SiLU-and-mul -> inter1 [pairs, I], down GEMM times the routing weight -> inter2 [pairs, H], sum over K.
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import runtime
-from moeserve.kernels.fused_moe import _block_rows
+from moeserve.kernels.fused_moe import _block_rows, scale_k_tile
 from moeserve.kernels.moe_align import align_pairs
 
 
@@ -118,20 +118,6 @@ def _fp8_down_kernel(
              mask=row_ok[:, None] & n_ok[None, :])
 
 
-def k_tile(scale_k: int, k: int, elem_bytes: int) -> tuple[int, bool]:
-    """(BLOCK_K, whether each K tile lies inside one scale block). The widest tile (64, 32 for fp32
-    activations, at least 16 for tl.dot) that divides the scale block, or any tile when one block spans all of K
-    (online per-row scales); then the kernel scales each tile's product by one scale per column instead of
-    gathering a scale for every weight element (the gathers made decode ~16x slower than its bytes)."""
-    widest = 32 if elem_bytes > 2 else 64
-    if scale_k >= k:
-        return widest, True
-    for bk in (64, 32, 16):
-        if bk <= widest and scale_k % bk == 0:
-            return bk, True
-    return widest, False
-
-
 def fp8_fused_moe(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                   w2_scale: torch.Tensor, blocks: dict, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                   expert_map: torch.Tensor | None = None) -> torch.Tensor:
@@ -152,8 +138,8 @@ def fp8_fused_moe(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
     bm = 16 if pairs <= 4 * num_ids else 64
     bn = 64
     (sbn1, sbk1), (sbn2, sbk2) = blocks["w13"], blocks["w2"]
-    bk1, tile1 = k_tile(sbk1, H, x.element_size())
-    bk2, tile2 = k_tile(sbk2, inter, x.element_size())
+    bk1, tile1 = scale_k_tile(sbk1, H, x.element_size())
+    bk2, tile2 = scale_k_tile(sbk2, inter, x.element_size())
     sorted_pairs, block_expert, num_post, num_blocks = align_pairs(topk_ids, num_ids, bm)
     inter1 = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
     inter2 = torch.empty(pairs, H, dtype=x.dtype, device=x.device)

@@ -262,6 +262,21 @@ def _down_sum_kernel(
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+def scale_k_tile(scale_k: int, k: int, elem_bytes: int) -> tuple[int, bool]:
+    """BLOCK_K of the quantized expert kernels (fp8_moe, int4_moe) and whether each K tile lies inside one scale
+    block / quantization group of `scale_k` inputs: the widest tile (64; 32 for fp32 activations; at least 16
+    for tl.dot) that divides it, or any tile when one block spans all k inputs (per-row scales). Inside one
+    block a kernel scales each tile's product once per column instead of gathering a scale per weight element
+    (those gathers made fp8 R1's experts ~16x slower than their bytes)."""
+    widest = 32 if elem_bytes > 2 else 64
+    if scale_k >= k:
+        return widest, True
+    for bk in (64, 32, 16):
+        if bk <= widest and scale_k % bk == 0:
+            return bk, True
+    return widest, False
+
+
 def fused_moe(
     x: torch.Tensor,
     w13: torch.Tensor,

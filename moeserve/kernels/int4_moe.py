@@ -7,10 +7,10 @@ Same plan as kernels/fused_moe and kernels/fp8_moe (its row-block helper): pairs
 gate/up GEMM with SiLU-and-mul -> inter1 [pairs, I], down GEMM times the routing weight -> inter2 [pairs, H], sum
 over K. Weights in layers/quant/int4's in-memory layout: w13 packed int32 [E, 2I, H/8] (gate rows, then up rows),
 scales fp32 / zeros uint8 [E, 2I, H/G]; w2 [E, H, I/8], [E, H, I/G]. Expert map as fused_moe.
-Where a K tile lies inside one group (k_tile: Kimi K2.5's 32, AWQ/GPTQ's 128) the codes minus their zero go
-through the dot and the product is scaled once per column, as kernels/fp8_moe does for its scale blocks (the
-element-wise scale gathers made fp8 R1's MoE layer 16x slower than its bytes on an H100); narrower groups keep the
-element-wise path. Reference: layers/quant/int4 (dequantize, then experts_reference). Not yet timed on a GPU.
+Where a K tile lies inside one group (fused_moe.scale_k_tile: Kimi K2.5's 32, AWQ/GPTQ's 128) the codes minus
+their zero go through the dot and the product is scaled once per column, as kernels/fp8_moe does for its scale
+blocks; narrower groups keep the element-wise path. Reference: layers/quant/int4 (dequantize, then
+experts_reference). Not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import runtime
-from moeserve.kernels.fused_moe import _block_rows
+from moeserve.kernels.fused_moe import _block_rows, scale_k_tile
 from moeserve.kernels.moe_align import align_pairs
 
 
@@ -58,16 +58,6 @@ def _w4_dot(acc, a, w_ptrs, s_ptrs, z_ptrs, k, k0, wmask, n_ok, GROUP: tl.conste
     if DOT_F32:
         return tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
     return tl.dot(a, w.to(a.dtype), acc)
-
-
-def k_tile(group: int, elem_bytes: int) -> tuple[int, bool]:
-    """(BLOCK_K, whether each K tile lies inside one quantization group): the widest tile (64; 32 for fp32
-    activations; >= 16 for tl.dot) that divides the group (Kimi K2.5's 32, AWQ/GPTQ's 128)."""
-    widest = 32 if elem_bytes > 2 else 64
-    for bk in (64, 32, 16):
-        if bk <= widest and group % bk == 0:
-            return bk, True
-    return widest, False
 
 
 @triton.jit
@@ -170,7 +160,7 @@ def int4_fused_moe(x: torch.Tensor, w13: tuple, w2: tuple, group: int, topk_weig
     pairs = T * K
     bm = 16 if pairs <= 4 * num_ids else 64
     bn = 64
-    bk, tile = k_tile(group, x.element_size())
+    bk, tile = scale_k_tile(group, max(H, inter), x.element_size())  # one K tile for both GEMMs
     sorted_pairs, block_expert, num_post, num_blocks = align_pairs(topk_ids, num_ids, bm)
     inter1 = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
     inter2 = torch.empty(pairs, H, dtype=x.dtype, device=x.device)

@@ -26,13 +26,13 @@ def free_port() -> int:
 class ServerProcess:
     def __init__(self, serve_args: list[str], startup_timeout_s: float = 180.0, env: dict | None = None,
                  wait_path: str = "/health", stop_timeout_s: float = 15.0, command: list[str] | None = None,
-                 keep_log: str | None = None, own_group: bool = False):
+                 keep_log: str | None = None, own_group: bool = False, name: str = "moeserve serve"):
         """command: what serves (default `python -m moeserve.cli serve`; a benchmark gives vLLM's); keep_log: a
         path the server's output is copied to when it stops; own_group: the server in a process group of its
         own, killed whole once it has stopped (a benchmark's engine processes must not outlive it on the GPUs)."""
         self.own_group = own_group
         self.command = command or [sys.executable, "-m", "moeserve.cli", "serve"]
-        self.name = "moeserve serve" if command is None else " ".join(os.path.basename(c) for c in command[-2:])
+        self.name = name  # in errors
         self.keep_log = keep_log
         self.serve_args = list(serve_args)
         self.startup_timeout_s = startup_timeout_s
