@@ -151,3 +151,25 @@ def test_every_tuning_candidate_is_correct(index, monkeypatch):
     for ctx, ql in (([19, 40], [1, 1]), ([37, 50], [20, 3])):
         out, ref = run_both(ctx, ql, 8, 2, 64, 16, torch.float32, seed=index)
         assert rel_err(out, ref) < TOL[torch.float32], (index, ctx, ql)
+
+
+@pytest.mark.parametrize("segs,d,d_p", [(64, 500, 512), (4, 40, 64)])
+def test_merge_segments_reads_only_the_segments_that_ran(segs, d, d_p):
+    """The split-K merge over a wide row (MLA's 512 latent columns: several column slices per row) with empty
+    segments (m = -inf) whose partials hold garbage (NaN): they must not reach the output."""
+    rows, heads = 2, 3
+    g = torch.Generator().manual_seed(segs)
+    acc = torch.randn(rows, heads, segs, d_p, generator=g)
+    m = torch.randn(rows, heads, segs, generator=g) * 4
+    l = torch.rand(rows, heads, segs, generator=g) + 0.5
+    empty = torch.rand(rows, heads, segs, generator=g) < 0.5
+    empty[..., 0] = False
+    m[empty] = float("-inf")
+    l[empty] = 0.0
+    acc[empty] = float("nan")
+    w = torch.where(empty, 0.0, torch.exp2(m - m.amax(-1, keepdim=True)))
+    ref = (acc.nan_to_num() * w[..., None]).sum(2) / (w * l).sum(-1, keepdim=True)
+    out = torch.full((rows, heads, d), 7.0, device=DEVICE)
+    attention.merge_segments(out, acc.to(DEVICE).reshape(-1), torch.stack([m, l], -1).to(DEVICE).reshape(-1),
+                             rows, heads, d, d_p, segs)
+    assert rel_err(out.cpu(), ref[..., :d]) < 1e-6

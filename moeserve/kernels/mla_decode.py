@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import runtime
-from moeserve.kernels.attention import FP8_MAX, is_fp8, round_e4m3
+from moeserve.kernels.attention import FP8_MAX, is_fp8, merge_segments, round_e4m3
 from moeserve.kernels.autotune import DECODE_TUNING_CONTEXT, Config, bucket, decode_tuning_inputs, get_tuner
 
 LOG2E = 1.4426950408889634
@@ -125,33 +125,16 @@ def _mla_decode_kernel(
 
     if KV_FP8:
         acc = acc * kv_scale
-    if NUM_SEG > 1:  # unnormalised partials; _merge_kernel combines them
+    if NUM_SEG > 1:  # unnormalised partials; merge_segments combines them
         part = (b * num_heads + head) * NUM_SEG + seg
-        tl.store(part_acc_ptr + part[:, None] * R_P + r[None, :], acc, mask=h_ok[:, None])
+        if hi > lo:  # an empty segment leaves its partial unwritten (m = -inf tells the merge)
+            tl.store(part_acc_ptr + part[:, None] * R_P + r[None, :], acc, mask=h_ok[:, None])
         tl.store(part_ml_ptr + part * 2, m_i, mask=h_ok)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=h_ok)
     else:
         o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + b * stride_ob + head[:, None] * stride_oh + r[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=h_ok[:, None] & (r < R)[None, :])
-
-
-@triton.jit
-def _merge_kernel(out_ptr, part_acc_ptr, part_ml_ptr, stride_ob, stride_oh, num_heads,
-                  R: tl.constexpr, R_P: tl.constexpr, NUM_SEG: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    s = tl.arange(0, NUM_SEG)
-    r = tl.arange(0, R_P)
-    part = (b * num_heads + h) * NUM_SEG + s
-    m = tl.load(part_ml_ptr + part * 2)
-    l = tl.load(part_ml_ptr + part * 2 + 1)
-    acc = tl.load(part_acc_ptr + part[:, None] * R_P + r[None, :])
-    m_max = tl.max(m, 0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)))
-    denom = tl.sum(w * l, 0)
-    o = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + r, o.to(out_ptr.dtype.element_ty), mask=r < R)
 
 
 def mla_decode(
@@ -259,8 +242,7 @@ def _launch(cfg, s: DecodeShape, q_lat, q_pe, cache, seq_lens, block_tables, sca
         DOT_F32=dot_f32, PRECISION=precision, KV_FP8=s.kv_fp8, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if segs > 1:
-        _merge_kernel[(s.B, s.H)](out, part_acc, part_ml, out.stride(0), out.stride(1), s.H,
-                                  R=s.R, R_P=r_p, NUM_SEG=segs, num_warps=4 if s.R >= 256 else 2)
+        merge_segments(out, part_acc, part_ml, s.B, s.H, s.R, r_p, segs)
 
 
 def _check_cache(cache: torch.Tensor) -> None:
