@@ -4,7 +4,8 @@
 2. checks: every kernel against moeserve.kernels.reference on fresh random inputs (bf16 and fp32, odd lengths,
    poisoned outputs), plus CUDA-graph capture/replay with new inputs written in place; any miss -> exit 1;
 3. timings: fused_moe at qwen3-30b-a3b shapes (E=128, K=8, H=2048, I=768) for several token counts, beside a
-   plain torch per-expert loop; the decode projections (kernels.linear, every candidate beside cuBLAS); paged-attention decode (batch 1/32/128, context 384/4096), prefill 8k, chunked
+   plain torch per-expert loop; the decode projections (kernels.linear, every candidate beside cuBLAS; R1's fp8
+   projections, kernels.fp8_linear, every candidate); paged-attention decode (batch 1/32/128, context 384/4096), prefill 8k, chunked
    prefill over a cached prefix; KV write. Decode-sized work is timed as CUDA-graph replays over rotating inputs
    larger than L2, large work with triton.testing.do_bench (median).
 Writes kernels-<date>-<gpu>.json and .log under $OUT (or --out); prints a compact table last.
@@ -399,6 +400,57 @@ def bench_linear(ceil) -> list[dict]:
     return rows
 
 
+def bench_fp8_linear(ceil) -> list[dict]:
+    """DeepSeek-R1's fp8 (e4m3, [128, 128] block scales) dense projections at decode: every candidate of
+    kernels.fp8_linear, then the tuned choice (activation quantization included), on weight sets rotated past L2.
+    Bytes: the weight and its scales, x read, y written."""
+    from moeserve.kernels import fp8_linear
+    from moeserve.kernels.autotune import bucket
+    from moeserve.layers.quant.fp8 import _expand
+
+    shapes = (("q_a_proj", 1536, 7168), ("q_b_proj", 24576, 1536), ("kv_a_proj", 576, 7168),
+              ("o_proj", 7168, 16384), ("shared gate_up", 4096, 7168), ("shared down", 7168, 2048))
+    block = (128, 128)
+    if SMOKE:
+        shapes, block = (("q_a_proj", 96, 256), ("kv_a_proj", 40, 320)), (16, 32)
+    bn, bk = block
+    say(f"fp8_linear (DeepSeek-R1 dense projections, e4m3, {bn}x{bk} block scales, bf16 out), one layer; every "
+        "candidate, then the tuned choice:")
+    rows = []
+    dtype = torch.bfloat16
+    for name, N, Kd in shapes:
+        w_bytes = N * Kd + (-(-N // bn)) * (-(-Kd // bk)) * 4
+        sets = max(2, min(64, math.ceil(120e6 / w_bytes))) if not SMOKE else 2
+        ws = [((torch.randn(N, Kd, device=DEV) * 64).to(torch.float8_e4m3fn),
+               torch.rand(-(-N // bn), -(-Kd // bk), device=DEV) * 1e-3 + 1e-4) for _ in range(sets)]
+        for M in (1, 32) if not SMOKE else (1, 3):
+            x = torch.randn(M, Kd, device=DEV, dtype=dtype)
+            q, s = fp8_linear.quantize_act(x, bk)
+            bytes_ = w_bytes + (M * Kd + M * N) * 2
+            timed = []
+            for cfg in fp8_linear.fp8_candidates(bucket(M), N, Kd, bk, fp8_linear._sms(x.device)):
+                calls = [lambda w=w, sc=sc, c=cfg: fp8_linear.fp8_gemm(q, s, w, sc, None,
+                                                                      torch.empty(M, N, dtype=dtype, device=DEV),
+                                                                      c, bn, bk) for w, sc in ws]
+                try:
+                    ms = graph_ms(calls)
+                except Exception as exc:  # report, go on
+                    say(f"    {name} M={M} {cfg}: failed ({type(exc).__name__}: {str(exc)[:100]})")
+                    continue
+                timed.append((ms, cfg))
+                say(f"    {name} M={M} {cfg}: {ms * 1e3:.1f} us, {bytes_ / (ms * 1e-3) / 1e9:.0f} GB/s")
+            ms = graph_ms([lambda w=w, sc=sc: fp8_linear.fp8_block_linear(x, w, sc, block) for w, sc in ws])
+            rows.append(row(f"fp8_linear {name} M={M} ({N}x{Kd})", ms, bytes_=bytes_, flops=2 * M * N * Kd,
+                            ceil=ceil, mode="graph", extra={"candidates": [[c, t] for t, c in timed]}))
+            w, sc = ws[0]
+            ref = _expand(q.unsqueeze(0), s.unsqueeze(0), 1, bk)[0] @ _expand(w, sc, bn, bk).t()
+            post_check(f"fp8_linear {name} M={M}", fp8_linear.fp8_block_linear(x, w, sc, block), ref)
+            del ref
+        del ws
+        empty_cache()
+    return rows
+
+
 def bench_attention(ceil, quick: bool) -> list[dict]:
     from moeserve.kernels import attention, reference
 
@@ -524,7 +576,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for the JSON and the log ($OUT)")
     ap.add_argument("--quick", action="store_true", help="fewer token counts")
     ap.add_argument("--skip-checks", action="store_true")
-    ap.add_argument("--only", choices=("mla_prefill",), help="time only this case (after the ceilings)")
+    ap.add_argument("--only", choices=("mla_prefill", "fp8_linear"), help="time only this case (after the ceilings)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton interpreter (tests the script)")
     args = ap.parse_args()
     if args.cpu_smoke:
@@ -553,8 +605,9 @@ def main() -> int:
         autotune.reset_tuner()  # forget the heuristic choices: the timed shapes get tuned
     failed = [c["name"] for c in result["checks"] if not c["ok"]]
     rows = []
-    if args.only == "mla_prefill":
-        rows += bench_mla_prefill(result["ceilings"], args.quick)
+    if args.only:
+        rows += {"mla_prefill": lambda: bench_mla_prefill(result["ceilings"], args.quick),
+                 "fp8_linear": lambda: bench_fp8_linear(result["ceilings"])}[args.only]()
         result["checks"] += POST_CHECKS
         failed = [c["name"] for c in result["checks"] if not c["ok"]]
     elif not failed:
@@ -563,6 +616,7 @@ def main() -> int:
             tokens = (1, 5)
         rows += bench_moe(result["ceilings"], tokens)
         rows += bench_linear(result["ceilings"])
+        rows += bench_fp8_linear(result["ceilings"])
         rows += bench_attention(result["ceilings"], args.quick)
         rows += bench_mla_prefill(result["ceilings"], args.quick)
         result["checks"] += POST_CHECKS

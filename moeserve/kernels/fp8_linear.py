@@ -3,29 +3,41 @@ bn x bk block (DeepSeek-V3 / Qwen3-FP8 checkpoints: [128, 128]), x quantized on 
 
   _act_quant_kernel   x -> e4m3 per token per group of bk columns (dynamic: scale = amax / 448), fp32 scales
                       [M, ceil(K/bk)]; one program per (token, group).
-  _gemm_kernel        one program per BLOCK_M x BLOCK_N tile, K walked one scale block (bk) at a time: the e4m3
-                      tiles go through tl.dot (fp8 tensor cores on Hopper) into an fp32 partial, which is scaled by
-                      the activation group's scale (per row) and the weight block's scale (per column) and added to
-                      the fp32 accumulator; one rounding to the output dtype at the end.
+  _gemm_kernel        one program per BLOCK_M x BLOCK_N tile and K range, K walked one scale block (bk) at a time:
+                      the e4m3 tiles go through tl.dot (fp8 tensor cores on Hopper) into an fp32 partial, which is
+                      scaled by the activation group's scale (per row) and the weight block's scale (per column)
+                      and added to the fp32 accumulator; one rounding to the output dtype at the end.
 Online fp8 (per output channel weight scales, one activation scale per token): the same kernel with PER_CHANNEL,
 the scales applied once after the K loop (fp8_channel_linear).
-Decode (M <= 16) runs the same kernel with a 16-row tile (the smallest tl.dot M) and narrower N tiles, so more
-programs stream the weight.
+
+Decode (M <= MAX_TUNED_ROWS): at batch 1 a projection is a weight stream, and N / BLOCK_N tiles alone are too few
+programs for an H100's 132 SMs (7168 -> 576 in 64-wide tiles: 9 programs). As kernels.linear does for bf16, the
+autotuner picks per shape among BLOCK_N x SPLIT_K configs that put ~2+ programs on every SM: SPLIT_K cuts K into
+ranges of whole scale blocks (each K tile still takes one activation scale per row and one weight scale per
+column), each range writes an fp32 partial, and kernels.linear's `_split_sum_kernel` adds them (and the bias) and
+rounds once. No atomics: the sum order is fixed, so eager and CUDA-graph replay give the same bits; the partial
+buffer's size depends on shapes only. More rows: one heuristic config (64 x 128 tiles, split-K only where the
+tiles do not fill the GPU once).
 
 Reference: layers/quant/fp8 (dequantize weight and, for this kernel's exact arithmetic, `quantize_act_groups`
-for the activations). Requires bk a power of two >= 32 (fp8 tl.dot's smallest K; 128 in every published checkpoint); the layer falls back to the
-reference otherwise.
+for the activations). Requires bk a power of two >= 32 (fp8 tl.dot's smallest K; 128 in every published
+checkpoint); the layer falls back to the reference otherwise.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels import linear as _linear  # its _split_sum_kernel, looked up at call time (tests reload it)
 from moeserve.kernels import runtime
+from moeserve.kernels.autotune import Config, bucket, get_tuner
 
 FP8_MAX = 448.0
+MAX_TUNED_ROWS = 64  # up to this many rows: one M tile, configs tuned per shape; above: _large_config
 
 
 @triton.jit
@@ -43,25 +55,35 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, G
 
 
 @triton.jit
-def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, stride_am, stride_asm, stride_wn,
-                 stride_wsn, stride_om, SCALE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr):
+def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K, tiles_per_split, stride_am,
+                 stride_asm, stride_wn, stride_wsn, stride_om, SCALE_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr):
+    """Program (pid_m, pid_n, pid_k): K tiles [pid_k * tiles_per_split, + tiles_per_split) of one output tile;
+    SPLIT: the fp32 partial goes to part[pid_k] (every program writes its whole tile, an empty range zeros)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
     m_ok = m < M
     n_ok = n < N
-    a_ptrs = a_ptr + m[:, None].to(tl.int64) * stride_am + kk[None, :]
-    w_ptrs = w_ptr + n[None, :].to(tl.int64) * stride_wn + kk[:, None]  # [BLOCK_K, BLOCK_N]: W^T tile
+    kb0 = pid_k * tiles_per_split
+    kb1 = tl.minimum(kb0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    a_ptrs = a_ptr + m[:, None].to(tl.int64) * stride_am + kb0 * BLOCK_K + kk[None, :]
+    w_ptrs = w_ptr + n[None, :].to(tl.int64) * stride_wn + kb0 * BLOCK_K + kk[:, None]  # [BLOCK_K, BLOCK_N]: W^T
     as_ptrs = as_ptr + m * stride_asm
     ws_ptrs = ws_ptr + (n // SCALE_N) * stride_wsn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = kk + kb * BLOCK_K < K
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    for kb in range(kb0, kb1):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0, eviction_policy="evict_first")
+        else:
+            k_ok = kk + kb * BLOCK_K < K
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
         if PER_CHANNEL:  # one scale per token and per output row: applied once, after the loop
             acc += tl.dot(a, w)
         else:
@@ -70,12 +92,16 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, stride_a
             acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if PER_CHANNEL:
+    if PER_CHANNEL:  # linear in the partial: each split scales its own
         acc *= tl.load(as_ptrs, mask=m_ok, other=0.0)[:, None] * tl.load(ws_ptrs, mask=n_ok, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + m[:, None].to(tl.int64) * stride_om + n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT:
+        tl.store(part_ptr + (pid_k * M + m[:, None]).to(tl.int64) * N + n[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + m[:, None].to(tl.int64) * stride_om + n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def quantize_act(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,16 +118,123 @@ def quantize_act(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tenso
     return q, s
 
 
-def tile_config(m: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): a 16-row tile for decode, 64 x 128 above."""
-    if m <= 16:
-        return 16, 64, 4, 4
-    return 64, 128, 4, 3
+# ---------------------------------------------------------------------------------------------- configs
+def _c(bm: int, bn: int, split: int, warps: int, stages: int) -> Config:
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split, "W": warps, "S": stages}
+
+
+def _split_for(tiles: int, k_tiles: int, target: int) -> int:
+    """The smallest power-of-two split that brings tiles * split to `target` programs, keeping >= 2 K tiles in
+    each range (a range of one tile is all prologue)."""
+    split = 1
+    while tiles * split < target and 4 * split <= k_tiles:
+        split *= 2
+    return split
+
+
+def fp8_candidates(rows: int, n: int, k: int, block_k: int, sms: int) -> list[Config]:
+    """Configs for `rows` (a bucket, <= MAX_TUNED_ROWS) x N x K, the default (untimed) first.
+
+    A weight stream needs bytes in flight: ~25-50 KB per SM at H100 latencies. One 64-wide tile of 128 fp8 K is
+    8 KB, 3 ahead at 4 stages, so two such programs per SM (SPLIT_K raising the count to >= 2 x SMs) is the
+    default; narrower tiles need more programs, hence the doubled split beside each."""
+    bm = min(MAX_TUNED_ROWS, max(16, runtime.next_pow2(rows)))  # 16: the smallest tl.dot M
+    k_tiles = max(1, triton.cdiv(k, block_k))
+    m_tiles = triton.cdiv(rows, bm)
+    cands: list[Config] = []
+    for bn in (64, 32, 128, 16):
+        split = _split_for(m_tiles * triton.cdiv(n, bn), k_tiles, 2 * sms)
+        warps = 8 if bn * bm >= 128 * 64 else 4
+        cands.append(_c(bm, bn, split, warps, 4))
+        if 4 * split <= k_tiles:
+            cands.append(_c(bm, bn, 2 * split, warps, 4))
+        if bn <= 32:  # small tiles: more of them in flight per program
+            cands.append(_c(bm, bn, split, warps, 6))
+    return cands
+
+
+def _large_config(m: int, n: int, k: int, block_k: int, sms: int) -> Config:
+    """More than MAX_TUNED_ROWS rows: 64 x 128 tiles, split-K only while the tiles fill the GPU less than once
+    (R1's 7168 -> 576 at 128 rows: 10 tiles)."""
+    k_tiles = max(1, triton.cdiv(k, block_k))
+    return _c(64, 128, _split_for(triton.cdiv(m, 64) * triton.cdiv(n, 128), k_tiles, sms), 4, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device: torch.device) -> int:
+    return runtime.num_sms(device)
+
+
+def _choose(q, s, weight, ws, bias, out, scale_n: int, block_k: int, per_channel: bool, tag: str) -> Config:
+    m, k = q.shape
+    n = weight.shape[0]
+    sms = _sms(out.device)
+    if m > MAX_TUNED_ROWS:
+        return _large_config(m, n, k, block_k, sms)
+    rows = bucket(m)
+    key = f"M={rows}|N={n}|K={k}|block={tag}|{str(out.dtype).removeprefix('torch.')}"
+    cands = fp8_candidates(rows, n, k, block_k, sms)
+
+    def run(cfg: Config, w: torch.Tensor, w_s: torch.Tensor) -> torch.Tensor:
+        return fp8_gemm(q, s, w, w_s, bias, torch.empty_like(out), cfg, scale_n, block_k, per_channel)
+
+    return get_tuner().choose("fp8_linear", key, cands, _Streamed(run, weight, ws), cands[0])
+
+
+class _Streamed:
+    """The tuner's run(cfg), as kernels.linear's: each call reads the next of a few copies of the weight and its
+    scales (> 2x an H100's 50 MB L2 together), so configs are ranked streaming from HBM, not from L2. The copies
+    exist only while tuning."""
+
+    STREAM_BYTES = 128 << 20
+
+    def __init__(self, run, weight: torch.Tensor, scale: torch.Tensor):
+        self.run, self.weight, self.scale = run, weight, scale
+        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.calls = 0
+
+    def __call__(self, cfg: Config) -> torch.Tensor:
+        if not self.copies:
+            n = min(256, -(-self.STREAM_BYTES // max(1, self.weight.numel() * self.weight.element_size())))
+            self.copies = [(self.weight, self.scale)] + [(self.weight.clone(), self.scale.clone())
+                                                         for _ in range(n - 1)]
+        self.calls += 1
+        return self.run(cfg, *self.copies[self.calls % len(self.copies)])
+
+
+# ---------------------------------------------------------------------------------------------- launch
+def fp8_gemm(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+             bias: torch.Tensor | None, out: torch.Tensor, cfg: Config, scale_n: int, block_k: int,
+             per_channel: bool = False) -> torch.Tensor:
+    """out = (q * s) @ (weight * weight_scale)^T (+ bias) with one config, for activations quantized by
+    quantize_act (q [M, K] e4m3, scales s). block_k: the K tile, which is the activation group and the weight's
+    K block (per_channel: any power of two >= 32, the scales applied after the loop)."""
+    m, k = q.shape
+    n = weight.shape[0]
+    k_tiles = max(1, triton.cdiv(k, block_k))
+    per = triton.cdiv(k_tiles, cfg["SPLIT_K"])
+    split = triton.cdiv(k_tiles, per)  # no empty ranges
+    part = torch.empty(split, m, n, dtype=torch.float32, device=out.device) if split > 1 else out
+    has_bias = bias is not None
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
+    _gemm_kernel[grid](q, s, weight, weight_scale, bias if has_bias else out, out, part, m, n, k, per, q.stride(0),
+                       s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0), SCALE_N=scale_n,
+                       BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+                       SPLIT=split > 1, HAS_BIAS=has_bias, PER_CHANNEL=per_channel, num_warps=cfg["W"],
+                       num_stages=cfg["S"])
+    if split > 1:
+        block = 1024
+        _linear._split_sum_kernel[(triton.cdiv(m * n, block),)](
+            part, bias if has_bias else part, out, m, n, out.stride(0), SPLIT_K=split, BLOCK=block,
+            HAS_BIAS=has_bias, num_warps=4)
+    return out
 
 
 def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
-                     bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [M, K] (bf16/fp32) @ (weight [N, K] e4m3 * block scales [ceil(N/bn), ceil(K/bk)])^T + bias -> [M, N]."""
+                     bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                     config: Config | None = None) -> torch.Tensor:
+    """x [M, K] (bf16/fp32) @ (weight [N, K] e4m3 * block scales [ceil(N/bn), ceil(K/bk)])^T + bias -> [M, N].
+    `config`: one of fp8_candidates (tests, benchmarks); default: the tuned one."""
     bn, bk = block
     if bk & (bk - 1) or bk < 32:  # fp8 tl.dot takes K tiles of 32 or more
         raise ValueError(f"fp8 block GEMM: the K block ({bk}) must be a power of two >= 32")
@@ -112,18 +245,14 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return out
-    bm, bnt, warps, stages = tile_config(m)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bnt))
     ws = weight_scale.contiguous()
-    _gemm_kernel[grid](q, s, weight, ws, bias if bias is not None else out, out, m, n, k, q.stride(0), s.stride(0),
-                       weight.stride(0), ws.stride(0), out.stride(0), SCALE_N=bn, BLOCK_M=bm, BLOCK_N=bnt,
-                       BLOCK_K=bk, HAS_BIAS=bias is not None, PER_CHANNEL=False, num_warps=warps, num_stages=stages)
-    return out
+    cfg = config or _choose(q, s, weight, ws, bias, out, bn, bk, False, f"{bn}x{bk}")
+    return fp8_gemm(q, s, weight, ws, bias, out, cfg, bn, bk)
 
 
 def fp8_channel_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                        bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                       block_k: int = 128) -> torch.Tensor:
+                       block_k: int = 128, config: Config | None = None) -> torch.Tensor:
     """Online fp8 (`--quantization fp8`): x [M, K] quantized per token (one scale over K), weight [N, K] e4m3 with
     one fp32 scale per output row (weight_scale [N, 1]); y = (xq @ wq^T) * sx * sw (+ bias)."""
     runtime.check_device("fp8 per-channel GEMM", x, weight, weight_scale)
@@ -133,11 +262,7 @@ def fp8_channel_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return out
-    bm, bnt, warps, stages = tile_config(m)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bnt))
     ws = weight_scale.contiguous()
-    _gemm_kernel[grid](q, s, weight, ws, bias if bias is not None else out, out, m, n, k, q.stride(0), s.stride(0),
-                       weight.stride(0), ws.stride(0), out.stride(0), SCALE_N=1, BLOCK_M=bm, BLOCK_N=bnt,
-                       BLOCK_K=min(max(block_k, 32), max(32, runtime.next_pow2(k))), HAS_BIAS=bias is not None,
-                       PER_CHANNEL=True, num_warps=warps, num_stages=stages)
-    return out
+    bk = min(max(block_k, 32), max(32, runtime.next_pow2(k)))
+    cfg = config or _choose(q, s, weight, ws, bias, out, 1, bk, True, f"channel{bk}")
+    return fp8_gemm(q, s, weight, ws, bias, out, cfg, 1, bk, per_channel=True)
