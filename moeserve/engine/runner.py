@@ -12,6 +12,7 @@ import time
 import numpy as np
 import torch
 
+from moeserve.engine.piecewise import PiecewiseGraph, StaticBuffers
 from moeserve.engine.step import BlockTables, StepInput
 from moeserve.layers.experts import set_dp_max_tokens
 from moeserve.layers.attention import AttentionMetadata, ForwardContext
@@ -94,6 +95,7 @@ class ModelRunner:
         self.mixed_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.mixed_sizes: list[int] = []  # their padded token counts, ascending
         self.num_mixed_replays = 0
+        self.piecewise = False  # mixed graphs cut around a front that cannot be captured (engine/piecewise)
         self.d_logits_idx = torch.zeros(B, dtype=torch.int64, device=device)
         # Positions of a mixed graph's padding tokens (any valid position: they only rotate themselves).
         self._pad_positions = torch.arange(T, dtype=torch.int64, device=device) % max_model_len
@@ -362,25 +364,40 @@ class ModelRunner:
         return [s for s in sizes if s < top] + [top]
 
     def _mixed_graphs_possible(self) -> bool:
-        """Whether every layer runs a mixed batch without reading lengths on the host (the attention fronts say:
-        see PagedAttention.graph_safe_mixed), in one process of this layout (no DP padding, no pipeline hand-over)."""
+        """Whether mixed batches can replay graphs in this layout: one process of it (no DP padding, no pipeline
+        hand-over). Fronts that read lengths on the host (graph_safe_mixed False: MLA) make them piecewise."""
         fronts = [m for m in self.model.modules() if hasattr(m, "graph_safe_mixed")]
-        return (self.use_cuda_graphs and bool(fronts) and all(m.graph_safe_mixed for m in fronts)
-                and not self.data_parallel and self.link is None)
+        self.piecewise = not all(m.graph_safe_mixed for m in fronts)
+        return self.use_cuda_graphs and bool(fronts) and not self.data_parallel and self.link is None
 
+    @torch.inference_mode()
     def capture_mixed_graphs(self, pool=None) -> None:
         """One graph per padded token count, every one over max_num_seqs + 1 sequence rows (the last real rows, then
         the padding's own sequence, then empty ones). The kernels read lengths and block tables on the device, so a
-        replay serves any mix of prefill chunks and decodes that fits."""
+        replay serves any mix of prefill chunks and decodes that fits. With a front that cannot be captured, each
+        is a PiecewiseGraph whose cuts run that front eagerly over the step's real rows (capturing: the padding's
+        sequence alone)."""
         B_pad = self.max_num_seqs + 1
         self.d_qsl[:1].zero_()
+        buffers = StaticBuffers()
         for T in sorted(self._mixed_graph_sizes(), reverse=True):
             self._pad_mixed(0, 0, T)
             meta = AttentionMetadata(
                 slot_mapping=self.d_slots[:T], query_start_loc=self.d_qsl[: B_pad + 1], seq_lens=self.d_seq_lens[:B_pad],
                 block_tables=self.d_tables[:B_pad], max_query_len=T, max_seq_len=self.max_model_len)
             ctx = ForwardContext(meta, self.kv_caches)
-            graph, out, pool = self._capture(T, ctx, pool)
+            if self.piecewise:
+                one = np.array([0, T], dtype=np.int32)
+                cut_meta = AttentionMetadata(
+                    slot_mapping=self.d_slots[:T], query_start_loc=self.d_qsl[:2], seq_lens=self.d_seq_lens[:1],
+                    block_tables=self.d_tables[:1], max_query_len=T, max_seq_len=T,
+                    query_start_loc_cpu=one, seq_lens_cpu=one[1:].copy())
+                ctx.cuts = PiecewiseGraph(buffers, ForwardContext(cut_meta, self.kv_caches), pool)
+                self.model(self.d_input_ids[:T], self.d_positions[:T], ctx)  # eager first: buffers, compiles
+                out = ctx.cuts.capture(lambda: self.model(self.d_input_ids[:T], self.d_positions[:T], ctx))
+                graph, pool = ctx.cuts, ctx.cuts.pool
+            else:
+                graph, out, pool = self._capture(T, ctx, pool)
             self.mixed_graphs[T] = (graph, out)
         self.mixed_sizes = sorted(self.mixed_graphs)
 
@@ -401,7 +418,12 @@ class ModelRunner:
         T_pad = self.mixed_sizes[bisect.bisect_left(self.mixed_sizes, T)]
         self._pad_mixed(B, T, T_pad)
         graph, out = self.mixed_graphs[T_pad]
-        graph.replay()
+        if self.piecewise:  # the cuts attend over the step's own sequences, planned from its host lengths
+            qsl, seq_lens = self.meta_cpu
+            meta = self._metadata(B, T, int(np.diff(qsl).max()), int(seq_lens.max()))
+            graph.replay(ForwardContext(meta, self.kv_caches), T)
+        else:
+            graph.replay()
         self.num_mixed_replays += 1
         return out[:T]
 

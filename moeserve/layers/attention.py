@@ -36,6 +36,9 @@ class AttentionMetadata:
 class ForwardContext:
     attn: AttentionMetadata
     kv_caches: list[torch.Tensor] | None  # per attention layer; None while profiling memory
+    # Set while the runner captures a mixed batch as piecewise CUDA graphs (engine/piecewise.PiecewiseGraph):
+    # an attention front that reads lengths on the host runs through cuts.cut(...) instead of inside the graph.
+    cuts: object | None = None
 
 
 class PagedAttention(nn.Module):

@@ -17,6 +17,8 @@ flash attention over the contexts expanded chunk by chunk); CPU tensors take the
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,7 +40,8 @@ class LatentAttention(nn.Module):
     """The MLA front: write this step's latents into the paged cache, attend over each sequence's latents.
     num_heads is the model's; this rank attends with its 1/TP of them (the kv_b_proj rows it is handed)."""
 
-    # Mixed batches are planned on the host (which sequences decode, how prefill contexts are chunked): eager only.
+    # Mixed batches are planned on the host (which sequences decode, how prefill contexts are chunked): a CUDA graph
+    # of a mixed batch cuts around this front (engine/piecewise), which then runs eagerly with the step's lengths.
     graph_safe_mixed = False
 
     def __init__(self, num_heads: int, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int,
@@ -61,21 +64,30 @@ class LatentAttention(nn.Module):
     def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, kv_b_weight: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         """q_nope [T, H, nope], q_pe [T, H, rope] (roped), latent [T, R + rope] -> [T, H, v]."""
+        if ctx.kv_caches is None:  # memory profiling: no cache yet, attend within the new tokens only
+            w_uk, w_uv = split_kv_b(kv_b_weight, self.num_heads, self.nope_dim)
+            return self._attend_uncached(q_nope, q_pe, latent, w_uk, w_uv, ctx.attn)
+        if ctx.cuts is not None and ctx.attn.max_query_len > 1:  # a mixed batch in a piecewise CUDA graph
+            return ctx.cuts.cut(partial(self._cached, kv_b_weight=kv_b_weight), (q_nope, q_pe, latent),
+                                (self.num_heads, self.v_dim), q_nope.dtype)
+        return self._cached(q_nope, q_pe, latent, kv_b_weight=kv_b_weight, ctx=ctx)
+
+    def _cached(self, q_nope, q_pe, latent, *, kv_b_weight, ctx: ForwardContext, out=None) -> torch.Tensor:
+        """Write the step's latents, then attend over the cache (into `out` when given)."""
         w_uk, w_uv = split_kv_b(kv_b_weight, self.num_heads, self.nope_dim)
         meta = ctx.attn
-        if ctx.kv_caches is None:  # memory profiling: no cache yet, attend within the new tokens only
-            return self._attend_uncached(q_nope, q_pe, latent, w_uk, w_uv, meta)
         cache = ctx.kv_caches[self.layer_idx]
         if q_nope.is_cuda:
             from moeserve.kernels.mla_decode import write_latent_cache
 
             write_latent_cache(latent, cache, meta.slot_mapping, self.kv_scale)
             if meta.max_query_len == 1:  # pure decode: graph-safe, no host reads
-                return self._decode(q_nope, q_pe, cache, meta.seq_lens, meta.block_tables, w_uk, w_uv,
-                                    meta.max_seq_len)
+                o = self._decode(q_nope, q_pe, cache, meta.seq_lens, meta.block_tables, w_uk, w_uv,
+                                 meta.max_seq_len)
+                return o if out is None else out.copy_(o)
         else:
             write_latent_reference(latent, cache, meta.slot_mapping, self.kv_scale)
-        return self._attend_mixed(q_nope, q_pe, cache, w_uk, w_uv, meta)
+        return self._attend_mixed(q_nope, q_pe, cache, w_uk, w_uv, meta, out)
 
     # -- decode: absorbed, over the latent cache --
     def _decode(self, q_nope, q_pe, cache, seq_lens, block_tables, w_uk, w_uv, max_seq_len) -> torch.Tensor:
@@ -92,11 +104,12 @@ class LatentAttention(nn.Module):
         return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, v]
 
     # -- mixed batches: decodes absorbed, prefills expanded --
-    def _attend_mixed(self, q_nope, q_pe, cache, w_uk, w_uv, meta: AttentionMetadata) -> torch.Tensor:
+    def _attend_mixed(self, q_nope, q_pe, cache, w_uk, w_uv, meta: AttentionMetadata, out=None) -> torch.Tensor:
         if meta.mla_plan is None:  # the same in every layer of the step: planned once, by the first layer
             meta.mla_plan = MixedPlan(meta, cache.shape[1], q_nope.device)
         plan = meta.mla_plan
-        out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)
+        if out is None:
+            out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)
         if plan.dec_tok is not None:
             tok = plan.dec_tok
             out[tok] = self._decode(q_nope[tok], q_pe[tok], cache, plan.dec_seq_lens, plan.dec_tables, w_uk, w_uv,
