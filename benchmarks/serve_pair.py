@@ -55,7 +55,7 @@ def engine_command(engine: str) -> list[str] | None:
     if engine == "moeserve":
         return None  # ServerProcess's default: python -m moeserve.cli serve
     return [sys.executable, "-c", "import sys; from vllm.entrypoints.cli.main import main; sys.argv[0] = 'vllm'; "
-                                  "sys.exit(main())"]
+                                  "sys.exit(main())", "serve"]
 
 
 def run_engine(engine: str, model: str, tokenizer: str, serve_args: list[str], bench_args: list[str],

@@ -30,5 +30,6 @@ def test_moeserve_half_measures_every_request_and_keeps_the_server_log(tmp_path,
 
 def test_vllm_is_started_through_its_own_cli():
     cmd = serve_pair.engine_command("vllm")
-    assert cmd[0] == sys.executable and "vllm.entrypoints.cli.main" in cmd[-1]
+    assert cmd[0] == sys.executable and "vllm.entrypoints.cli.main" in cmd[-2]
+    assert cmd[-1] == "serve"  # `vllm MODEL` is not a command: the subcommand comes first
     assert serve_pair.engine_command("moeserve") is None

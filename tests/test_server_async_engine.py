@@ -185,3 +185,21 @@ def test_shutdown_fails_in_flight_and_new_requests(engine):
 
     run(scenario())
     assert not engine.is_running
+
+
+def test_engine_thread_binds_a_bare_cuda_device_by_index(monkeypatch):
+    """An engine on "cuda" (no index: the serve default) makes its thread current on the device that was current
+    where the engine was built; torch.cuda.set_device refuses a bare "cuda" (the GPU server died at start-up)."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(d))
+    fake = ScriptedEngine()
+    fake.device = torch.device("cuda")
+    eng = AsyncLLMEngine(fake, max_waiting_requests=8).start()
+    try:
+        assert run(collect(eng, "a", 2))[-1].finished
+    finally:
+        eng.shutdown()
+    assert calls == [3]

@@ -95,6 +95,11 @@ class AsyncLLMEngine:
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._thread: threading.Thread | None = None
         self.stats = engine.get_stats()  # refreshed by the engine thread; read by /metrics
+        device = getattr(engine, "device", None)
+        if getattr(device, "type", None) == "cuda":  # the builder thread's current device (see _bind_device)
+            import torch
+
+            self._cuda_index = torch.cuda.current_device()
         # Expert-load telemetry: the engine thread's newest snapshot (None: off, or a dense model)
         self.has_expert_load = bool(getattr(getattr(engine, "config", None), "expert_load_telemetry", False))
         self.expert_load_latest = None
@@ -203,12 +208,13 @@ class AsyncLLMEngine:
             self.on_death(error)
 
     def _bind_device(self) -> None:
-        """The CUDA current device is per thread: make it the engine's here too (Triton launches on it)."""
+        """The CUDA current device is per thread: make it the engine's here too (Triton launches on it). A bare
+        "cuda" means the device that was current where the engine was built (set_device needs an index)."""
         device = getattr(self.engine, "device", None)
         if getattr(device, "type", None) == "cuda":
             import torch
 
-            torch.cuda.set_device(device)
+            torch.cuda.set_device(device.index if device.index is not None else self._cuda_index)
 
     def _drain_inbox(self) -> None:
         added = 0
