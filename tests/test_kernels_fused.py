@@ -108,3 +108,26 @@ def test_router_kernel_matches_router(renorm, E, k):
     w, ids = route_softmax_topk(x.to(DEV), r.weight.to(DEV), k, renorm)
     assert torch.equal(ids.cpu().long(), want_ids.long())
     torch.testing.assert_close(w.cpu(), want_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("valid", [0, 4, 6])
+def test_routing_kernels_count_like_the_telemetry_reference(valid):
+    """Expert-load counts on the device: the small-batch router kernel adds its own choices, count_routed adds
+    any ids in one launch; both equal layers/expert_load.count_routed's reference (padding rows past `valid`
+    count nothing) and accumulate."""
+    from moeserve.kernels.router import count_routed, route_softmax_topk
+    from moeserve.layers.expert_load import count_routed as reference
+
+    g = torch.Generator().manual_seed(valid)
+    E, k, H = 12, 3, 32
+    x, w = torch.randn(6, H, generator=g), torch.randn(E, H, generator=g)
+    n = torch.tensor(valid, device=DEV)
+    counts = torch.full((E,), 5, dtype=torch.int64, device=DEV)
+    _, ids = route_softmax_topk(x.to(DEV), w.to(DEV), k, True, counts=counts, valid_tokens=n)
+    want = torch.full((E,), 5, dtype=torch.int64)
+    reference(want, ids.cpu(), torch.tensor(valid))
+    assert torch.equal(counts.cpu(), want)
+    more = torch.randint(0, E, (9, k), generator=g, dtype=torch.int32)
+    count_routed(counts, more.to(DEV), n)
+    reference(want, more, torch.tensor(valid))
+    assert torch.equal(counts.cpu(), want) and int(want.sum()) == 5 * E + 2 * k * valid

@@ -1,8 +1,8 @@
 """Expert-load telemetry (issue 18.2): tokens routed to each expert, per MoE layer, counted on the device.
 
 `ExpertLoad.attach(model)` gives every Router of the model an int64 counts buffer [num_experts] and a shared
-0-d `valid_tokens` tensor. Each router forward adds its chosen ids into its buffer with one in-place scatter_add
-(no host sync, so it replays inside a CUDA graph); rows at or past `valid_tokens` (a graph's padding rows) count
+0-d `valid_tokens` tensor. Each router forward adds its chosen ids into its buffer on the device (no host sync,
+so it replays inside a CUDA graph; on CUDA one atomic-add kernel, or none: the small-batch router kernel counts); rows at or past `valid_tokens` (a graph's padding rows) count
 nothing. The runner writes `valid_tokens` before each forward. Off by default (`--expert-load-telemetry`): a
 router without a buffer pays one attribute check.
 
@@ -26,7 +26,13 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def count_routed(counts: torch.Tensor, ids: torch.Tensor, valid_tokens: torch.Tensor) -> None:
-    """counts[e] += how many of the first `valid_tokens` rows of ids [T, k] chose expert e. In place."""
+    """counts[e] += how many of the first `valid_tokens` rows of ids [T, k] chose expert e. In place. CUDA: one
+    kernel (kernels/router.count_routed; the small-batch router counts inside its own kernel); this is the
+    reference."""
+    if ids.is_cuda:
+        from moeserve.kernels.router import count_routed as count_on_device
+
+        return count_on_device(counts, ids, valid_tokens)
     flat = ids.reshape(-1).long()
     rows = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(ids.shape[1])
     counts.scatter_add_(0, flat, (rows < valid_tokens).long())

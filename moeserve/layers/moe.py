@@ -46,18 +46,26 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (weights [T, k] fp32, expert ids [T, k] int32)."""
-        weights, ids = self._route(x)
-        if self.expert_counts is not None:
+        weights, ids, counted = self._route(x)
+        if self.expert_counts is not None and not counted:
             count_routed(self.expert_counts, ids, self.valid_tokens)
         return weights, ids
 
-    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(weights, ids, whether the telemetry counts were already added)."""
         cfg = self.cfg
         plain_softmax = cfg.scoring == "softmax" and cfg.n_group == 1 and not cfg.correction_bias
         if plain_softmax and x.is_cuda and x.shape[0] <= 64 and x.is_contiguous():
             from moeserve.kernels.router import route_softmax_topk
 
-            return route_softmax_topk(x, self.weight, cfg.top_k, cfg.renormalize, cfg.routed_scaling_factor)
+            w, ids = route_softmax_topk(x, self.weight, cfg.top_k, cfg.renormalize, cfg.routed_scaling_factor,
+                                        counts=self.expert_counts, valid_tokens=self.valid_tokens)
+            return w, ids, True
+        return (*self._route_torch(x), False)
+
+    def _route_torch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        plain_softmax = cfg.scoring == "softmax" and cfg.n_group == 1 and not cfg.correction_bias
         logits = linear(x, self.weight).float()
         if plain_softmax:
             # Softmax is monotonic: choose on the logits, then weigh with as few kernels as possible.
