@@ -8,8 +8,9 @@ API refuses (data parallelism) are compared here.
         --request-rate 20" --out-dir $OUT/serve
 
 Weights are dummy (`--load-format dummy`) and no tokenizer is downloaded: both servers get the tests' small
-byte-level BPE tokenizer (tests/tiny_checkpoints.make_tokenizer; its ids lie inside any real vocabulary), so
-both see the same token ids for the same prompts. On the device vLLM comes from the carried install
+byte-level BPE tokenizer (tests/tiny_checkpoints.make_tokenizer), so both see the same token ids for the same
+prompts, and the model's vocabulary is cut to the tokenizer's (`--hf-overrides {"vocab_size": N}`, both servers)
+so that every sampled token has text to stream. On the device vLLM comes from the carried install
 ($VLLM_SITE, default /tmp/vllm_site; benchmarks/peers/vllm/README.md), which also carries fastapi/uvicorn/pydantic
 for moeserve's server.
 """
@@ -119,7 +120,12 @@ def main(argv=None) -> int:
         from tiny_checkpoints import make_tokenizer
 
         tokenizer = str(root / "tokenizer")
-        make_tokenizer(tokenizer)
+        vocab = len(make_tokenizer(tokenizer))
+        # Every id the model can sample must be one the tokenizer can write: with the model's own 150k-id vocabulary
+        # a dummy model samples ids the small tokenizer does not have, whose text is empty, so streams carried
+        # (almost) no text and text-based TTFT/ITL measured nothing (seen on an H100). Both servers get the
+        # tokenizer's vocabulary size (the LM head shrinks alike for both).
+        a.serve_args += " --hf-overrides " + shlex.quote(json.dumps({"vocab_size": vocab}))
     site = os.environ.get("VLLM_SITE", "/tmp/vllm_site")
     site = site if Path(site).is_dir() else None
     results = {}

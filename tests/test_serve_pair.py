@@ -23,7 +23,9 @@ def test_moeserve_half_measures_every_request_and_keeps_the_server_log(tmp_path,
     report = json.loads((out / "serve_pair.json").read_text())
     row = report["summary"]["moeserve"]
     assert row["completed"] == 6 and row["failed"] == 0 and row["output_throughput"] > 0
-    assert "--tokenizer" in report["engines"]["moeserve"]["serve_args"]  # the tests' tokenizer, built for both
+    args = report["engines"]["moeserve"]["serve_args"]
+    assert "--tokenizer" in args  # the tests' tokenizer, built for both
+    assert args[args.index("--hf-overrides") + 1] == '{"vocab_size": 384}'  # every sampled id has text
     assert (out / "moeserve-server.log").read_text()  # the server's own output is kept beside the result
     assert "| output_throughput |" in capsys.readouterr().out
 
