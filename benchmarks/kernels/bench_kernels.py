@@ -277,6 +277,20 @@ def graph_ms(calls, min_total_ms: float = 20.0) -> float:
     return statistics.median(times)
 
 
+
+def time_candidates(label: str, candidates, bytes_: int, make_calls) -> list:
+    """[(ms, cfg)] of each candidate config timed by graph replay over make_calls(cfg); failures reported, skipped."""
+    timed = []
+    for cfg in candidates:
+        try:
+            ms = graph_ms(make_calls(cfg))
+        except Exception as exc:  # report, go on
+            say(f"    {label} {cfg}: failed ({type(exc).__name__}: {str(exc)[:100]})")
+            continue
+        timed.append((ms, cfg))
+        say(f"    {label} {cfg}: {ms * 1e3:.1f} us, {bytes_ / (ms * 1e-3) / 1e9:.0f} GB/s")
+    return timed
+
 def eager_ms(fn, rep=200) -> float:
     if DEV != "cuda":  # smoke mode: one wall-clock run
         t0 = time.perf_counter()
@@ -377,16 +391,8 @@ def bench_linear(ceil) -> list[dict]:
         for M in (1, 2, 8) if not SMOKE else (1, 3):
             x = torch.randn(M, Kd, device=DEV, dtype=torch.bfloat16)
             bytes_ = w_bytes + (M * Kd + M * N) * 2
-            timed = []
-            for cfg in linear.linear_candidates(bucket(M), N):
-                calls = [lambda w=w, c=cfg: linear.apply_config(c, x, w, None) for w in ws]
-                try:
-                    ms = graph_ms(calls)
-                except Exception as exc:  # report, go on
-                    say(f"    {name} M={M} {cfg}: failed ({type(exc).__name__}: {str(exc)[:100]})")
-                    continue
-                timed.append((ms, cfg))
-                say(f"    {name} M={M} {cfg}: {ms * 1e3:.1f} us, {bytes_ / (ms * 1e-3) / 1e9:.0f} GB/s")
+            timed = time_candidates(f"{name} M={M}", linear.linear_candidates(bucket(M), N), bytes_,
+                                    lambda c: [lambda w=w: linear.apply_config(c, x, w, None) for w in ws])
             ms = graph_ms([lambda w=w: linear.linear(x, w) for w in ws])
             cublas = next((t for t, c in timed if c.get("CUBLAS")), None)
             rows.append(row(f"linear {name} M={M} ({N}x{Kd})", ms, bytes_=bytes_, flops=2 * M * N * Kd, ceil=ceil,
@@ -427,18 +433,10 @@ def bench_fp8_linear(ceil) -> list[dict]:
             x = torch.randn(M, Kd, device=DEV, dtype=dtype)
             q, s = fp8_linear.quantize_act(x, bk)
             bytes_ = w_bytes + (M * Kd + M * N) * 2
-            timed = []
-            for cfg in fp8_linear.fp8_candidates(bucket(M), N, Kd, bk, fp8_linear._sms(x.device)):
-                calls = [lambda w=w, sc=sc, c=cfg: fp8_linear.fp8_gemm(q, s, w, sc, None,
-                                                                      torch.empty(M, N, dtype=dtype, device=DEV),
-                                                                      c, bn, bk) for w, sc in ws]
-                try:
-                    ms = graph_ms(calls)
-                except Exception as exc:  # report, go on
-                    say(f"    {name} M={M} {cfg}: failed ({type(exc).__name__}: {str(exc)[:100]})")
-                    continue
-                timed.append((ms, cfg))
-                say(f"    {name} M={M} {cfg}: {ms * 1e3:.1f} us, {bytes_ / (ms * 1e-3) / 1e9:.0f} GB/s")
+            timed = time_candidates(
+                f"{name} M={M}", fp8_linear.fp8_candidates(bucket(M), N, Kd, bk, fp8_linear._sms(x.device)), bytes_,
+                lambda c: [lambda w=w, sc=sc: fp8_linear.fp8_gemm(q, s, w, sc, None, torch.empty(
+                    M, N, dtype=dtype, device=DEV), c, bn, bk) for w, sc in ws])
             ms = graph_ms([lambda w=w, sc=sc: fp8_linear.fp8_block_linear(x, w, sc, block) for w, sc in ws])
             rows.append(row(f"fp8_linear {name} M={M} ({N}x{Kd})", ms, bytes_=bytes_, flops=2 * M * N * Kd,
                             ceil=ceil, mode="graph", extra={"candidates": [[c, t] for t, c in timed]}))
