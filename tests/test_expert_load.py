@@ -81,6 +81,8 @@ def test_off_by_default_and_dense_has_none(moe_ckpt):
 
 
 def serve_and_read(ckpt: str) -> tuple[dict, dict]:
+    pytest.importorskip("fastapi")  # the server's own dependencies (absent from the bare GPU image)
+    pytest.importorskip("uvicorn")
     args = [ckpt, "--device", "cpu", "--served-model-name", "tiny", "--max-model-len", str(MAX_MODEL_LEN),
             "--expert-load-telemetry"]
     with ServerProcess(args) as s:
