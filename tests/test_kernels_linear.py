@@ -78,12 +78,14 @@ def test_linear_entry_point_tunes_and_falls_back(monkeypatch, tmp_path):
 
 def test_tuning_streams_copies_of_the_weight(monkeypatch):
     """The tuner's run(cfg) reads a rotating set of weight copies (> L2 in all), made only when it first runs."""
-    monkeypatch.setattr(lin._Streamed, "STREAM_BYTES", 4 * 64 * 37 * 4)  # four copies of a 37 x 64 fp32 weight
+    from moeserve.kernels.autotune import StreamedRun
+
+    monkeypatch.setattr(StreamedRun, "STREAM_BYTES", 4 * 64 * 37 * 4)  # four copies of a 37 x 64 fp32 weight
     x = torch.randn(2, 64).to(DEVICE)
     w = torch.randn(37, 64).to(DEVICE)
-    run = lin._Streamed(x, w, None)
+    run = StreamedRun(lambda c, weight: lin.apply_config(c, x, weight, None), w)
     assert run.copies == []
     outs = [run({"CUBLAS": 1}) for _ in range(6)]
-    assert len(run.copies) == 4 and len({c.data_ptr() for c in run.copies}) == 4
+    assert len(run.copies) == 4 and len({c[0].data_ptr() for c in run.copies}) == 4
     for out in outs:
         torch.testing.assert_close(out, torch.nn.functional.linear(x, w))

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 
-def build(shape: str, layers: int, eager: bool, max_model_len: int):
+def build(shape: str, layers: int, eager: bool, max_model_len: int, **llm_kwargs):
+    """The shape's config.json cut to `layers` layers, dummy bf16 weights (llm_kwargs: more LLM(...) arguments)."""
     from moeserve import LLM
     from moeserve.plan.catalog import resolve_catalog
 
@@ -29,7 +30,7 @@ def build(shape: str, layers: int, eager: bool, max_model_len: int):
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps(cfg))
     llm = LLM(model=str(d / "config.json"), load_format="dummy", dtype="bfloat16", max_model_len=max_model_len,
-              enforce_eager=eager, gpu_memory_utilization=0.5)
+              enforce_eager=eager, **{"gpu_memory_utilization": 0.5, **llm_kwargs})
     return llm, full
 
 

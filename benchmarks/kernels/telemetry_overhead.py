@@ -9,29 +9,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_decode import tpot_ms  # noqa: E402
-
-
-def build(shape: str, layers: int, telemetry: bool, max_model_len: int):
-    import tempfile
-
-    from moeserve import LLM
-    from moeserve.plan.catalog import resolve_catalog
-
-    cfg = json.loads(Path(resolve_catalog(shape)).read_text())
-    cfg["num_hidden_layers"] = layers
-    d = Path(tempfile.mkdtemp()) / f"{shape.split('/')[-1]}-L{layers}"
-    d.mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps(cfg))
-    return LLM(model=str(d / "config.json"), load_format="dummy", dtype="bfloat16", max_model_len=max_model_len,
-               kv_cache_memory_bytes=4 << 30, expert_load_telemetry=telemetry)  # two engines in one process
+from profile_decode import build, tpot_ms  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +29,9 @@ def main() -> None:
     import torch
 
     batches = [int(b) for b in args.batches.split(",")]
-    engines = {t: build(args.shape, args.layers, t, 2048) for t in (False, True)}
+    # two engines in one process: a fixed KV size, not a share of the memory the other already holds
+    engines = {t: build(args.shape, args.layers, False, 2048, kv_cache_memory_bytes=4 << 30,
+                        expert_load_telemetry=t)[0] for t in (False, True)}
     runs: dict[bool, dict[int, list[float]]] = {t: {b: [] for b in batches} for t in engines}
     for _ in range(args.repeats):
         for b in batches:

@@ -367,7 +367,6 @@ class ModelRunner:
         """Whether mixed batches can replay graphs in this layout: one process of it (no DP padding, no pipeline
         hand-over). Fronts that read lengths on the host (graph_safe_mixed False: MLA) make them piecewise."""
         fronts = [m for m in self.model.modules() if hasattr(m, "graph_safe_mixed")]
-        self.piecewise = not all(m.graph_safe_mixed for m in fronts)
         return self.use_cuda_graphs and bool(fronts) and not self.data_parallel and self.link is None
 
     @torch.inference_mode()
@@ -380,6 +379,7 @@ class ModelRunner:
         B_pad = self.max_num_seqs + 1
         self.d_qsl[:1].zero_()
         buffers = StaticBuffers()
+        self.piecewise = not all(m.graph_safe_mixed for m in self.model.modules() if hasattr(m, "graph_safe_mixed"))
         for T in sorted(self._mixed_graph_sizes(), reverse=True):
             self._pad_mixed(0, 0, T)
             meta = AttentionMetadata(

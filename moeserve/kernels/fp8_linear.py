@@ -34,7 +34,7 @@ import triton.language as tl
 
 from moeserve.kernels import linear as _linear  # its _split_sum_kernel, looked up at call time (tests reload it)
 from moeserve.kernels import runtime
-from moeserve.kernels.autotune import Config, bucket, get_tuner
+from moeserve.kernels.autotune import Config, StreamedRun, bucket, get_tuner
 
 FP8_MAX = 448.0
 MAX_TUNED_ROWS = 64  # up to this many rows: one M tile, configs tuned per shape; above: _large_config
@@ -178,28 +178,7 @@ def _choose(q, s, weight, ws, bias, out, scale_n: int, block_k: int, per_channel
     def run(cfg: Config, w: torch.Tensor, w_s: torch.Tensor) -> torch.Tensor:
         return fp8_gemm(q, s, w, w_s, bias, torch.empty_like(out), cfg, scale_n, block_k, per_channel)
 
-    return get_tuner().choose("fp8_linear", key, cands, _Streamed(run, weight, ws), cands[0])
-
-
-class _Streamed:
-    """The tuner's run(cfg), as kernels.linear's: each call reads the next of a few copies of the weight and its
-    scales (> 2x an H100's 50 MB L2 together), so configs are ranked streaming from HBM, not from L2. The copies
-    exist only while tuning."""
-
-    STREAM_BYTES = 128 << 20
-
-    def __init__(self, run, weight: torch.Tensor, scale: torch.Tensor):
-        self.run, self.weight, self.scale = run, weight, scale
-        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.calls = 0
-
-    def __call__(self, cfg: Config) -> torch.Tensor:
-        if not self.copies:
-            n = min(256, -(-self.STREAM_BYTES // max(1, self.weight.numel() * self.weight.element_size())))
-            self.copies = [(self.weight, self.scale)] + [(self.weight.clone(), self.scale.clone())
-                                                         for _ in range(n - 1)]
-        self.calls += 1
-        return self.run(cfg, *self.copies[self.calls % len(self.copies)])
+    return get_tuner().choose("fp8_linear", key, cands, StreamedRun(run, weight, ws), cands[0])
 
 
 # ---------------------------------------------------------------------------------------------- launch

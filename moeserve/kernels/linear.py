@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import runtime
-from moeserve.kernels.autotune import Config, bucket, get_tuner
+from moeserve.kernels.autotune import Config, StreamedRun, bucket, get_tuner
 
 MAX_ROWS = 16  # more rows than this: cuBLAS's tensor-core GEMMs, no tuning
 
@@ -110,29 +110,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = bucket(M)
     key = f"M={rows}|N={N}|K={K}|{str(x.dtype).removeprefix('torch.')}"
     cands = linear_candidates(rows, N, x.element_size())
-    cfg = get_tuner().choose("linear", key, cands, _Streamed(x, weight, bias), cands[0])
+    cfg = get_tuner().choose("linear", key, cands, StreamedRun(lambda c, w: apply_config(c, x, w, bias), weight),
+                             cands[0])
     return apply_config(cfg, x, weight, bias)
-
-
-class _Streamed:
-    """The tuner's run(cfg): each call reads the next of a few copies of the weight (together > 2x an H100's
-    50 MB L2), so a graph of back-to-back calls streams them from HBM as a model's layers do. On one weight
-    alone, a 21 MB projection sat in L2 and configs were ranked at 3.8 TB/s, above HBM, which picked at batch 2
-    a config 15 % slower than cuBLAS once streamed. The copies exist only while tuning."""
-
-    STREAM_BYTES = 128 << 20
-
-    def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.x, self.weight, self.bias = x, weight, bias
-        self.copies: list[torch.Tensor] = []
-        self.calls = 0
-
-    def __call__(self, cfg: Config) -> torch.Tensor:
-        if not self.copies:
-            n = min(256, -(-self.STREAM_BYTES // max(1, self.weight.numel() * self.weight.element_size())))
-            self.copies = [self.weight] + [self.weight.clone() for _ in range(n - 1)]
-        self.calls += 1
-        return apply_config(cfg, self.x, self.copies[self.calls % len(self.copies)], self.bias)
 
 
 def apply_config(cfg: Config, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

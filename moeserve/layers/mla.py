@@ -81,10 +81,9 @@ class LatentAttention(nn.Module):
             from moeserve.kernels.mla_decode import write_latent_cache
 
             write_latent_cache(latent, cache, meta.slot_mapping, self.kv_scale)
-            if meta.max_query_len == 1:  # pure decode: graph-safe, no host reads
-                o = self._decode(q_nope, q_pe, cache, meta.seq_lens, meta.block_tables, w_uk, w_uv,
-                                 meta.max_seq_len)
-                return o if out is None else out.copy_(o)
+            if meta.max_query_len == 1:  # pure decode: graph-safe, no host reads (never a cut: no `out`)
+                return self._decode(q_nope, q_pe, cache, meta.seq_lens, meta.block_tables, w_uk, w_uv,
+                                    meta.max_seq_len)
         else:
             write_latent_reference(latent, cache, meta.slot_mapping, self.kv_scale)
         return self._attend_mixed(q_nope, q_pe, cache, w_uk, w_uv, meta, out)
