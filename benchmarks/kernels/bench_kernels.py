@@ -558,6 +558,88 @@ def bench_mla_prefill(ceil, quick: bool) -> list[dict]:
     return rows
 
 
+def mla_decode_tables(B, ctx, page, groups, prefix, rotations):
+    """Block tables of B rows of `ctx` tokens, `rotations` disjoint sets; with groups > 0 row b shares its first
+    `prefix` tokens' pages with the rows of its group (b % groups), as the prefix workload's interleaved requests
+    do under the prefix cache. Returns (tables, num_blocks)."""
+    n = -(-ctx // page)
+    shared = prefix // page if groups else 0
+    per_set = groups * shared + B * (n - shared)
+    tables = []
+    for r in range(rotations):
+        base = r * per_set
+        t = torch.empty(B, n, dtype=torch.int32)
+        for b in range(B):
+            if shared:
+                t[b, :shared] = base + (b % groups) * shared + torch.arange(shared)
+            own = base + groups * shared + b * (n - shared)
+            t[b, shared:] = own + torch.arange(n - shared)
+        tables.append(t.to(DEV))
+    return tables, rotations * per_set
+
+
+def mla_decode_configs() -> list[dict]:
+    """The sweep: tile length x warps x pipeline depth x segment multiplier, latent tiles within shared memory."""
+    out = []
+    for bn in (16, 32, 64):
+        for warps in (2, 4, 8):
+            for stages in (1, 2, 3):
+                for seg_x in (1, 2):
+                    if bn * 576 * 2 * stages > 160 * 1024 or (warps == 2 and bn == 64) or (warps == 8 and bn == 16):
+                        continue
+                    out.append({"BLOCK_N": bn, "BLOCK_H": 16, "SEG_X": seg_x, "num_warps": warps,
+                                "num_stages": stages})
+    return out
+
+
+def bench_mla_decode(ceil) -> list[dict]:
+    """deepseek-v2-lite MLA decode (H=16, R=512, rope 64, page 16), one layer: every config of a sweep and the tuned
+    choice, at 32/128/256 rows of ~2.3k-token contexts, on distinct pages and on the prefix workload's layout (8
+    interleaved groups sharing 2048-token prefixes: shared pages hit L2, so the kernel's own speed shows). Four
+    layers' caches rotate so that a call never finds the previous call's lines. Bytes: each row's latents as read
+    (logical), q, out; the shared rows' unique bytes are in `unique_bytes`."""
+    from moeserve.kernels import mla_decode as md
+    from moeserve.layers.mla import mla_decode_reference
+
+    H, R, P, page, ctx, prefix = (16, 512, 64, 16, 2300, 2048) if not SMOKE else (2, 32, 16, 16, 70, 48)
+    max_len = 10240 if not SMOKE else 128
+    say(f"MLA decode, deepseek-v2-lite (H={H}, R={R}, rope {P}, page {page}), contexts of {ctx} tokens, bf16, "
+        "one layer; every sweep config, then the tuned choice:")
+    rows = []
+    configs = mla_decode_configs() if not SMOKE else md._candidates(md.DecodeShape(1, H, R, P, page, torch.bfloat16, 1))[:2]
+    for B in (32, 128, 256) if not SMOKE else (3,):
+        for groups in (0, 8) if not SMOKE else (0, 2):
+            tables, num_blocks = mla_decode_tables(B, ctx, page, groups, prefix, rotations=4)
+            g = torch.Generator(device=DEV).manual_seed(B + groups)
+            cache = torch.randn(num_blocks, page, R + P, device=DEV, generator=g).to(torch.bfloat16)
+            q_lat = torch.randn(B, H, R, device=DEV, generator=g).to(torch.bfloat16)
+            q_pe = torch.randn(B, H, P, device=DEV, generator=g).to(torch.bfloat16)
+            lens = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
+            out = torch.empty_like(q_lat)
+            shape = md.DecodeShape(B, H, R, P, page, torch.bfloat16, max_len)
+            scale = 192 ** -0.5
+            label = f"mla decode B={B} ctx={ctx} " + (f"{groups} groups on {prefix} shared" if groups else "distinct")
+            bytes_ = B * ctx * (R + P) * 2 + 2 * q_lat.numel() * 2
+            unique = (groups * prefix + B * (ctx - prefix) if groups else B * ctx) * (R + P) * 2
+            timed = time_candidates(label, configs, bytes_, lambda c: [
+                lambda t=t: md._launch(c, shape, q_lat, q_pe, cache, lens, t, scale, out) for t in tables])
+            ms = graph_ms([lambda t=t: md.mla_decode(q_lat, q_pe, cache, seq_lens=lens, block_tables=t, scale=scale,
+                                                     max_seq_len=max_len, out=out) for t in tables])
+            best = min(timed, key=lambda x: x[0]) if timed else (float("nan"), None)
+            rows.append(row(f"{label} [tuned]", ms, bytes_=bytes_, flops=2 * B * H * ctx * (2 * R + P), ceil=ceil,
+                            mode="graph", extra={"batch": B, "context": ctx, "groups": groups, "unique_bytes": unique,
+                                                 "best_sweep_ms": best[0], "best_sweep": best[1],
+                                                 "candidates": [[c, t] for t, c in timed]}))
+            say(f"    best of sweep {best[0] * 1e3:.1f} us {best[1]}; tuned {ms * 1e3:.1f} us")
+            ref = mla_decode_reference(q_lat, q_pe, cache, seq_lens=lens, block_tables=tables[0], scale=scale)
+            if best[1] is not None:
+                md._launch(best[1], shape, q_lat, q_pe, cache, lens, tables[0], scale, out)
+                post_check(f"{label}: best sweep config", out, ref)
+            del cache, tables, ref
+            empty_cache()
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- main
 def git_commit() -> str:
     if os.environ.get("MOESERVE_COMMIT"):
@@ -574,7 +656,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for the JSON and the log ($OUT)")
     ap.add_argument("--quick", action="store_true", help="fewer token counts")
     ap.add_argument("--skip-checks", action="store_true")
-    ap.add_argument("--only", choices=("mla_prefill", "fp8_linear"), help="time only this case (after the ceilings)")
+    ap.add_argument("--only", choices=("mla_prefill", "mla_decode", "fp8_linear"), help="time only this case (after the ceilings)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton interpreter (tests the script)")
     args = ap.parse_args()
     if args.cpu_smoke:
@@ -605,6 +687,7 @@ def main() -> int:
     rows = []
     if args.only:
         rows += {"mla_prefill": lambda: bench_mla_prefill(result["ceilings"], args.quick),
+                 "mla_decode": lambda: bench_mla_decode(result["ceilings"]),
                  "fp8_linear": lambda: bench_fp8_linear(result["ceilings"])}[args.only]()
         result["checks"] += POST_CHECKS
         failed = [c["name"] for c in result["checks"] if not c["ok"]]
@@ -617,6 +700,7 @@ def main() -> int:
         rows += bench_fp8_linear(result["ceilings"])
         rows += bench_attention(result["ceilings"], args.quick)
         rows += bench_mla_prefill(result["ceilings"], args.quick)
+        rows += bench_mla_decode(result["ceilings"])
         result["checks"] += POST_CHECKS
         failed = [c["name"] for c in result["checks"] if not c["ok"]]
     result["benchmarks"] = rows
