@@ -218,6 +218,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", required=True, help="pinned shape name (a free label with --model)")
     p.add_argument("--model", help="testing: a local checkpoint folder instead of the shape's catalog config")
+    p.add_argument("--load-format", default="dummy", help="moeserve's and vLLM's: dummy, or auto with --model")
+    p.add_argument("--random-weights", metavar="DIR",
+                   help="build (or reuse) in DIR benchmarks/random_checkpoint.py's checkpoint of the shape (or of --model's "
+                        "config) and have moeserve and vLLM load it: MoE routing both engines share (see that script)")
     p.add_argument("--workloads", default="throughput,latency")
     p.add_argument("--engines", default="moeserve,transformers")
     p.add_argument("--out-dir", default=str(HERE / "results"))
@@ -254,6 +258,15 @@ def main(argv=None) -> int:
     else:
         shape = get_shape(a.shape)
         cfg = load_config(shape)
+    if a.random_weights:  # the shape's (or --model's) config, random weights that both engines load
+        src = ["--config", str(Path(a.model) / "config.json")] if a.model else ["--shape", a.shape]
+        rc = subprocess.run([sys.executable, str(HERE / "random_checkpoint.py"), *src, "--out", a.random_weights],
+                            timeout=max(60.0, end - time.time() - 60)).returncode
+        if rc:
+            p.error(f"random_checkpoint.py exited {rc}")
+        a.model, a.load_format = a.random_weights, "auto"
+    if a.load_format != "dummy" and not a.model:
+        p.error("--load-format auto reads a checkpoint's weights: give --model (or --random-weights)")
     overrides = traffic.engine_kwargs(a.engine_arg).get("hf_overrides")
     if overrides:  # the roofline of the model the engines serve (e.g. a layer-truncated flagship)
         from moeserve.plan.arch import apply_hf_overrides
@@ -312,7 +325,8 @@ def main(argv=None) -> int:
         argv_ = [sys.executable, str(HERE / ENGINES[eng]), *common, "--workloads", ",".join(wl_e),
                  "--deadline", f"{soft:.1f}", "--out", str(tmp / f"{eng}.json")]
         if eng in ("moeserve", "vllm"):  # the same prompts, lengths, seeds and limits for both
-            argv_ += ["--latency-repeats", str(a.latency_repeats), "--max-num-seqs", str(a.max_num_seqs),
+            argv_ += ["--load-format", a.load_format, "--latency-repeats", str(a.latency_repeats),
+                      "--max-num-seqs", str(a.max_num_seqs),
                       "--gpu-memory-utilization", str(a.gpu_memory_utilization), *traffic.forward_args(a)]
             for kv in (a.engine_arg if eng == "moeserve" else a.vllm_engine_arg):
                 argv_ += ["--engine-arg", kv]
@@ -352,7 +366,7 @@ def main(argv=None) -> int:
             "model": shape.hub_id,
             "workload": w,
             "dtype": checkpoint_precision(cfg),
-            "load_format": "dummy",
+            "load_format": a.load_format,
             "spec": spec,
             "versions": meta["versions"],
             "command_line": meta["command_line"],

@@ -11,15 +11,15 @@ import json
 import time
 
 import traffic
-from worker_common import (Partial, base_parser, fit_throughput, latency_table, require_device, specs,
-                           summarize_latency_runs)
+from worker_common import (Partial, base_parser, check_load_format, fit_throughput, latency_table, require_device,
+                           specs, summarize_latency_runs)
 from workloads import latency_prompts, median, throughput_prompts
 
 
 def build_llm(a, p: Partial):
     from moeserve import LLM
 
-    kwargs = dict(model=a.model or _hub_id(a.shape), load_format="dummy", dtype=a.dtype,
+    kwargs = dict(model=a.model or _hub_id(a.shape), load_format=a.load_format, dtype=a.dtype,
                   max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                   gpu_memory_utilization=a.gpu_memory_utilization, seed=0)
     kwargs.update(traffic.engine_kwargs(a.engine_arg))
@@ -151,6 +151,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not (a.shape or a.model):
         ap.error("--shape or --model is required")
+    check_load_format(ap, a)
     wl = traffic.workloads_of(a)
     tp, lat = specs(a)
     if not a.max_model_len:

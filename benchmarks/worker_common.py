@@ -25,6 +25,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--shape", help="pinned shape name (benchmarks/shapes.py)")
     p.add_argument("--model", help="instead of --shape: a local checkpoint folder with config.json (tests)")
+    p.add_argument("--load-format", default="dummy",
+                   help="dummy (random +-1e-3 weights, config.json only) or auto (--model's own weights)")
     p.add_argument("--workloads", default="throughput,latency")
     p.add_argument("--num-requests", type=int, default=ThroughputSpec.num_requests)
     p.add_argument("--input-len", type=int, default=ThroughputSpec.input_len, help="throughput input length")
@@ -37,6 +39,11 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSON file this worker (re)writes after every measurement")
     p.add_argument("--allow-cpu", action="store_true", help="tests only: run on the CPU with a tiny model")
     return p
+
+
+def check_load_format(ap, a) -> None:
+    if a.load_format != "dummy" and not a.model:
+        ap.error(f"--load-format {a.load_format} reads a checkpoint's weights: give its folder as --model")
 
 
 def specs(a) -> tuple[ThroughputSpec, LatencySpec]:

@@ -145,3 +145,65 @@ def test_suite_traffic_workloads_tiny_cpu(tmp_path):
         assert title in table
     assert "| 40x2 |" in table and "moeserve / vllm (out tok/s)" in table
     assert "Variable lengths" in proc.stdout  # the suite prints the tables last
+
+
+def test_random_checkpoint_has_init_scale_weights_and_is_reused(tmp_path):
+    """benchmarks/random_checkpoint.py: weights at transformers' init scale (a router's logits O(1), unlike dummy
+    weights' +-1e-3), loadable by moeserve with the same greedy tokens as transformers; rebuilt only when the config
+    or seed changes; quantized shapes refused."""
+    pytest.importorskip("transformers")
+    import torch
+    from safetensors import safe_open
+
+    import random_checkpoint as rc
+    from moeserve import LLM, SamplingParams
+
+    out = tmp_path / "ckpt"
+    assert rc.build(TINY, out, device="cpu")
+    files = list(out.glob("*.safetensors"))
+    with safe_open(str(files[0]), "pt") as f:
+        gate = f.get_tensor("model.layers.0.mlp.gate.weight").float()
+    assert 0.01 < gate.std().item() < 0.04  # initializer_range 0.02; dummy weights would be ~6e-4
+    stamp = files[0].stat().st_mtime_ns
+    assert not rc.build(TINY, out, device="cpu") and files[0].stat().st_mtime_ns == stamp
+    assert rc.build(TINY, out, seed=1, device="cpu")
+    with pytest.raises(SystemExit, match="quantized"):
+        rc.build({**TINY, "quantization_config": {"quant_method": "fp8"}}, tmp_path / "q", device="cpu")
+
+    from transformers import AutoModelForCausalLM
+
+    prompt = [5, 17, 42, 99, 3]
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False)[0, len(prompt):].tolist()
+    llm = LLM(model=str(out), load_format="auto", dtype="float32")
+    got = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert got[0].outputs[0].token_ids == ref
+
+
+@pytest.mark.timeout(600)
+def test_suite_random_weights_are_what_both_engines_load(tmp_path):
+    pytest.importorskip("transformers")
+    model = tmp_path / "tiny"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(TINY))
+    site = tmp_path / "site"
+    _fake_vllm(site)
+    out, rw = tmp_path / "out", tmp_path / "rw"
+    cmd = [sys.executable, str(BENCH / "bench_suite.py"), "--shape", "tiny", "--model", str(model),
+           "--random-weights", str(rw), "--workloads", "prefix", "--engines", "moeserve,vllm",
+           "--out-dir", str(out), "--bw-TBps", "3", "--peak-TFLOPs", "800", "--gpu-name", "NVIDIA Test GPU",
+           "--prefix-groups", "2", "--prefix-group-size", "2", "--prefix-len", "32", "--prefix-suffix-len", "4",
+           "--prefix-output-len", "3", "--max-num-seqs", "4", "--budget-s", "400",
+           "--worker-extra", "moeserve:--allow-cpu --dtype float32",
+           "--worker-extra", f"vllm:--allow-cpu --dtype float32 --site {site}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=580)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert list(rw.glob("*.safetensors"))
+    (res,) = [json.loads(p.read_text()) for p in out.glob("*prefix.json")]
+    assert res["load_format"] == "auto"
+    for eng in ("moeserve", "vllm"):
+        assert res["engines"][eng]["engine_args"]["load_format"] == "auto", eng
+        assert not res["engines"][eng].get("error")
+    assert res["engines"]["moeserve"]["engine_args"]["model"] == str(rw)
+    assert any(str(rw) in " ".join(c) for c in res["engine_command_lines"].values())

@@ -12,7 +12,8 @@ Three ways to run it:
 
 vLLM is imported from --site (default $VLLM_SITE or /tmp/vllm_site, where device_install.sh put it), in this
 process only: moeserve's and transformers' workers never see it. The model is the shape's config.json from
-moeserve's catalog in a temporary folder, weights `load_format="dummy"`, prompts as token ids
+moeserve's catalog in a temporary folder, weights `load_format="dummy"` (or, with --model and --load-format auto,
+a checkpoint's own weights, e.g. benchmarks/random_checkpoint.py's), prompts as token ids
 (skip_tokenizer_init), greedy, ignore_eos. TTFT and TPOT come from vLLM's own per-request timestamps
 (first_token_latency; last - first token time over output - 1), the definitions of ../shared/BENCHMARKS.md.
 """
@@ -34,8 +35,8 @@ for p in (str(BENCH), str(REPO)):
         sys.path.insert(0, p)
 
 import traffic  # noqa: E402
-from worker_common import (Partial, base_parser, fit_throughput, latency_table, require_device,  # noqa: E402
-                           specs, summarize_latency_runs)
+from worker_common import (Partial, base_parser, check_load_format, fit_throughput, latency_table,  # noqa: E402
+                           require_device, specs, summarize_latency_runs)
 from workloads import LatencySpec, latency_prompts, median, spec_dict, throughput_prompts  # noqa: E402
 
 DEFAULT_SITE = "/tmp/vllm_site"
@@ -87,7 +88,7 @@ def model_dir_for(config: dict, root: str | None = None) -> tuple[str, list[str]
 
 
 def engine_kwargs(a, model_dir: str) -> dict:
-    kw = dict(model=model_dir, load_format="dummy", dtype=a.dtype, max_model_len=a.max_model_len,
+    kw = dict(model=model_dir, load_format=a.load_format, dtype=a.dtype, max_model_len=a.max_model_len,
               max_num_seqs=a.max_num_seqs, gpu_memory_utilization=a.gpu_memory_utilization, seed=0,
               skip_tokenizer_init=True, disable_log_stats=False, trust_remote_code=False)
     for kv in a.engine_arg:
@@ -255,6 +256,7 @@ def worker_main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not (a.shape or a.model):
         ap.error("--shape or --model is required")
+    check_load_format(ap, a)
     wl = traffic.workloads_of(a)
     tp, lat = specs(a)
     if not a.max_model_len:
@@ -275,7 +277,8 @@ def worker_main(argv=None) -> int:
         require_device(a.allow_cpu)
         cfg = model_config(a)
         vocab = a.vocab = a.vocab_size or int(cfg["vocab_size"])
-        model_dir, changed = model_dir_for(cfg)
+        # dummy: a folder with config.json alone; a checkpoint's own weights (--load-format auto): the folder itself
+        model_dir, changed = model_dir_for(cfg) if a.load_format == "dummy" else (a.model, [])
         kwargs = engine_kwargs(a, model_dir)
         p.data.update(device="cuda", workloads=wl, vocab_size=vocab, site=site, model=a.model or a.shape,
                       install={**install_notes(), "env": {k: os.environ[k] for k in QUIET_ENV}})

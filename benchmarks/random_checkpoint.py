@@ -1,0 +1,89 @@
+"""A random checkpoint of a shape's real size, written once and loaded by every engine: routing both engines share.
+
+    python benchmarks/random_checkpoint.py --shape deepseek-v2-lite --out /tmp/moeserve-random/deepseek-v2-lite
+
+Why not `load_format="dummy"` for MoE comparisons: dummy weights are uniform in +-1e-3 (vLLM's format, and
+moeserve's), so a router's logits are ~1e-5. vLLM's DeepSeek router (grouped top-k) takes the softmax in bf16,
+where all 64 probabilities round to one value; every token then ties, and top-k sends them all to the same few
+experts, so vLLM's MoE reads a fraction of the expert weights (profiled: fused_moe 4.4 ms per decode step at 256
+rows, below the 9.6 ms that reading every expert takes; results/traffic/2026-11-27-dummy-routing-h100). moeserve
+routes on fp32 logits and spreads the same tokens over all experts. Random weights at transformers' own init
+scale (normal with std initializer_range, norms at 1) give O(1) logits, so both engines route as a trained
+model's load-balanced router would, from identical weights.
+
+The checkpoint is transformers' save_pretrained of the shape's architecture (per-expert tensors, HF names), bf16,
+built on the GPU when there is one. A folder that already holds the same config and seed is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+MARKER = "random_checkpoint.json"
+
+
+def _fingerprint(config: dict, seed: int, dtype: str) -> str:
+    return hashlib.sha256(json.dumps([config, seed, dtype], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build(config: dict, out: Path, seed: int = 0, dtype: str = "bfloat16", device: str | None = None) -> bool:
+    """Write the checkpoint into `out` unless it is there already; returns whether it was written."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config.get("quantization_config"):
+        raise SystemExit("random_checkpoint: quantized shapes (quantization_config) are not supported; their dummy "
+                         "weights already carry the checkpoint's precision")
+    cfg = {k: v for k, v in config.items() if k != "auto_map"}
+    fp = _fingerprint(cfg, seed, dtype)
+    marker = out / MARKER
+    if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fp:
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    hf_cfg = AutoConfig.from_pretrained(str(out))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=getattr(torch, dtype))
+    built = time.perf_counter() - t
+    model.save_pretrained(str(out), max_shard_size="5GB")
+    n = sum(p.numel() for p in model.parameters())
+    marker.write_text(json.dumps({"fingerprint": fp, "seed": seed, "dtype": dtype, "params": n,
+                                  "build_s": round(built, 1), "total_s": round(time.perf_counter() - t, 1)}))
+    return True
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", help="pinned shape name (benchmarks/shapes.py)")
+    ap.add_argument("--config", help="instead of --shape: a config.json")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="bfloat16")
+    a = ap.parse_args(argv)
+    if bool(a.shape) == bool(a.config):
+        ap.error("give --shape or --config")
+    if a.config:
+        config = json.loads(Path(a.config).read_text())
+    else:
+        from shapes import get_shape, load_config
+
+        config = load_config(get_shape(a.shape))
+    t = time.perf_counter()
+    wrote = build(config, Path(a.out), a.seed, a.dtype)
+    print(f"random_checkpoint: {'wrote' if wrote else 'reused'} {a.out} in {time.perf_counter() - t:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
