@@ -94,8 +94,8 @@ def test_rope_writes_k_and_v_into_the_paged_cache(qk_norm, head_dim, partial):
 
 
 @pytest.mark.parametrize("renorm", [True, False])
-@pytest.mark.parametrize("E,k", [(8, 2), (60, 4), (128, 8)])
-def test_router_kernel_matches_router(renorm, E, k):
+@pytest.mark.parametrize("E,k,T", [(8, 2, 6), (60, 4, 6), (128, 8, 6), (64, 6, 257)])
+def test_router_kernel_matches_router(renorm, E, k, T):
     from moeserve.kernels.router import route_softmax_topk
     from moeserve.layers.moe import Router, RouterConfig
 
@@ -103,7 +103,7 @@ def test_router_kernel_matches_router(renorm, E, k):
     H = 48
     r = Router(H, RouterConfig(num_experts=E, top_k=k, renormalize=renorm))
     r.weight.data = torch.randn(E, H, generator=g)
-    x = torch.randn(6, H, generator=g)
+    x = torch.randn(T, H, generator=g)  # 257: a DeepSeek-V2-Lite decode step's rows, which the kernel now routes
     want_w, want_ids = r(x)  # the CPU torch path
     w, ids = route_softmax_topk(x.to(DEV), r.weight.to(DEV), k, renorm)
     assert torch.equal(ids.cpu().long(), want_ids.long())
@@ -112,7 +112,7 @@ def test_router_kernel_matches_router(renorm, E, k):
 
 @pytest.mark.parametrize("valid", [0, 4, 6])
 def test_routing_kernels_count_like_the_telemetry_reference(valid):
-    """Expert-load counts on the device: the small-batch router kernel adds its own choices, count_routed adds
+    """Expert-load counts on the device: the softmax router kernel adds its own choices, count_routed adds
     any ids in one launch; both equal layers/expert_load.count_routed's reference (padding rows past `valid`
     count nothing) and accumulate."""
     from moeserve.kernels.router import count_routed, route_softmax_topk

@@ -55,7 +55,7 @@ class Router(nn.Module):
         """(weights, ids, whether the telemetry counts were already added)."""
         cfg = self.cfg
         plain_softmax = cfg.scoring == "softmax" and cfg.n_group == 1 and not cfg.correction_bias
-        if plain_softmax and x.is_cuda and x.shape[0] <= 64 and x.is_contiguous():
+        if plain_softmax and x.is_cuda and x.is_contiguous():
             from moeserve.kernels.router import route_softmax_topk
 
             w, ids = route_softmax_topk(x, self.weight, cfg.top_k, cfg.renormalize, cfg.routed_scaling_factor,
