@@ -152,3 +152,37 @@ def test_cuda_prefill_path_matches_reference(dtype):
     out = att._expanded_cuda(args[0], args[1], args[2], n_pages, q_lens, ctx_lens, args[3], args[4])
     assert out.shape == ref.shape
     assert rel_err(out.float().cpu(), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_norm_latent_kernel_matches_torch_path(interleaved, dtype):
+    """kernels/mla_rope (one kernel) against layers/mla.rope_and_norm_latent's torch path: q_pe roped for every
+    head (an odd head count: masked lanes), the latent's RMSNorm and roped k_pe, YaRN's attention factor in the
+    tables, positions out of order; q as the strided view of a wider projection, kv as kv_a's output."""
+    from moeserve.layers.norm import RMSNorm
+    from moeserve.layers.rotary import RotaryEmbedding
+
+    mod = load_kernel("mla_rope", "_mla_rope_norm_kernel")
+    g = torch.Generator().manual_seed(int(interleaved))
+    T, H, N, P, R = 7, 3, 16, 8, 24 if not CUDA else 512
+    rotary = RotaryEmbedding(P, 4096, 10000.0, {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                                "mscale": 0.9, "mscale_all_dim": 0.7}, interleaved=interleaved)
+    assert rotary.attention_factor != 1.0
+    norm = RMSNorm(R, 1e-6)
+    norm.weight.data = (torch.rand(R, generator=g) + 0.5).to(dtype)
+    q = torch.randn(T, H * (N + P) + 5, generator=g).to(dtype)[:, :H * (N + P)].view(T, H, N + P)
+    kv = torch.randn(T, R + P, generator=g).to(dtype) * 3
+    positions = torch.tensor([5, 0, 4095, 17, 3, 1000, 64])
+    want_q, want_lat = mla.rope_and_norm_latent(rotary, norm, positions, q, kv, N)
+    cos, sin = rotary._cos_sin(torch.device(DEVICE))
+    got_q, got_lat = mod.mla_rope_norm(q.to(DEVICE), kv.to(DEVICE), positions.to(DEVICE), cos, sin,
+                                       norm.weight.to(DEVICE), norm.eps, N, interleaved)
+    if CUDA:  # the layer's helper takes the kernel on CUDA
+        norm.to(DEVICE)
+        same = mla.rope_and_norm_latent(rotary, norm, positions.to(DEVICE), q.to(DEVICE), kv.to(DEVICE), N)
+        assert torch.equal(same[0], got_q) and torch.equal(same[1], got_lat)
+    assert got_q.is_contiguous() and got_q.shape == (T, H, P) and got_lat.shape == (T, R + P)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(got_q.cpu(), want_q, **tol)
+    torch.testing.assert_close(got_lat.cpu(), want_lat, **tol)

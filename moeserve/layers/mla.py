@@ -30,6 +30,21 @@ from moeserve.layers.attention import AttentionMetadata, ForwardContext
 from moeserve.layers.linear import divide
 
 
+def rope_and_norm_latent(rotary, kv_norm, positions: torch.Tensor, q: torch.Tensor, kv: torch.Tensor,
+                         nope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, H, nope + rope] -> its rope part roped, [T, H, rope] contiguous; kv [T, R + rope] (kv_a's output) ->
+    the latent [kv_norm(c_kv) | rope(k_pe)] that the cache keeps. CUDA: one kernel (kernels/mla_rope)."""
+    P = rotary.rotary_dim
+    if q.is_cuda:
+        from moeserve.kernels.mla_rope import mla_rope_norm
+
+        cos, sin = rotary._cos_sin(q.device)
+        return mla_rope_norm(q, kv, positions, cos, sin, kv_norm.weight, kv_norm.eps, nope_dim, rotary.interleaved)
+    c_kv, k_pe = kv.split([kv.shape[-1] - P, P], dim=-1)
+    q_pe, k_pe = rotary(positions, q[..., nope_dim:], k_pe.unsqueeze(1))
+    return q_pe.contiguous(), torch.cat([kv_norm(c_kv), k_pe.squeeze(1)], dim=-1)
+
+
 def split_kv_b(kv_b_weight: torch.Tensor, num_heads: int, nope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """kv_b_proj.weight [H*(nope+v), R] -> views W_UK [H, nope, R], W_UV [H, v, R] (no copies)."""
     w = kv_b_weight.view(num_heads, -1, kv_b_weight.shape[-1])

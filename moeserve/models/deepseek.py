@@ -25,7 +25,7 @@ from torch import nn
 
 from moeserve.layers.attention import ForwardContext
 from moeserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
-from moeserve.layers.mla import LatentAttention
+from moeserve.layers.mla import LatentAttention, rope_and_norm_latent
 from moeserve.layers.moe import Experts, GatedMLP, Router, RouterConfig, routed_plus_shared, takes_extra_partial
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding, yarn_mscale
@@ -105,11 +105,10 @@ class MLAttention(nn.Module):
         T = x.shape[0]
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
         q = q.view(T, self.num_heads, self.nope_dim + self.rope_dim)
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        q_pe, k_pe = self.rotary(positions, q_pe, k_pe.unsqueeze(1))
-        latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe.squeeze(1)], dim=-1)
-        out = self.attn(q_nope, q_pe.contiguous(), latent, self.kv_b_proj.weight, ctx)
+        # [c_kv | k_pe] = kv_a(x); latent = [RMSNorm(c_kv) | rope(k_pe)]; q_pe = rope(q's rope part)
+        q_pe, latent = rope_and_norm_latent(self.rotary, self.kv_a_layernorm, positions, q,
+                                            self.kv_a_proj_with_mqa(x), self.nope_dim)
+        out = self.attn(q[..., :self.nope_dim], q_pe, latent, self.kv_b_proj.weight, ctx)
         return self.o_proj(out.reshape(T, -1))
 
 
