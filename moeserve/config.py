@@ -92,9 +92,6 @@ class EngineConfig:
         check(0 <= self.node_rank < self.nnodes, f"node_rank must be in [0, nnodes); got {self.node_rank}.")
         check(self.world_size % self.nnodes == 0,
               f"tp x pp x dp = {self.world_size} ranks do not split evenly over {self.nnodes} nodes.")
-        # Not built yet: say so before anything loads rather than run something else.
-        check(self.pipeline_parallel_size == 1 or self.data_parallel_size == 1,
-              "pipeline_parallel_size > 1 with data_parallel_size > 1 is not implemented yet.")
         check(self.data_parallel_size == 1 or self.enable_expert_parallel,
               "data_parallel_size > 1 runs DP attention with expert parallelism: add enable_expert_parallel "
               "(a dense model needs no DP inside one server; run one server per replica).")

@@ -138,8 +138,9 @@ class LLMEngine:
             and not self.pipeline
         self.inflight: _Launched | None = None
         # PP: micro-batches in flight through the stages (oldest first), as many as there are stages, each of
-        # requests no other one holds; their ids, which wait for their tokens before they are scheduled again.
-        self.pp_inflight: deque[tuple[list[Request], StepInput]] = deque()
+        # requests no other one holds (per DP rank: its requests and its step); their ids, which wait for their
+        # tokens before they are scheduled again.
+        self.pp_inflight: deque[tuple[list[list[Request]], list[StepInput]]] = deque()
         self.pp_busy: set[str] = set()
         self.sync_requests: set[str] = set()  # alive requests whose sampling reads their newest tokens
         self.requests: dict[str, Request] = {}
@@ -300,10 +301,10 @@ class LLMEngine:
         state to go on. A failure of one request's own sampling or output ends that request alone."""
         touched = self.failed_parents  # parents with news, in order (failed ones first)
         self.failed_parents = {}
-        if len(self.schedulers) > 1:
-            self._step_data_parallel(touched)
-        elif self.pipeline:
+        if self.pipeline:
             self._step_pipeline(touched)
+        elif len(self.schedulers) > 1:
+            self._step_data_parallel(touched)
         else:
             self._step_one(touched)
         touched.update(self.failed_parents)
@@ -329,18 +330,7 @@ class LLMEngine:
         batches = [s.schedule() for s in self.schedulers]
         if not any(b.requests for b in batches):
             return
-        steps = []
-        for d, batch in enumerate(batches):
-            _mark_scheduled(batch)
-            steps.append(self._step_input(batch, d))
-        if all(st.decode_only for st in steps):  # a dummy step is one decode token
-            pad = max(max(len(st), 1) for st in steps)
-            for st in steps:
-                st.dp_graph_batch = pad
-        else:
-            most = max(max(st.total_tokens, 1) for st in steps)
-            for st in steps:
-                st.dp_max_tokens = most
+        steps = self._data_parallel_steps(batches)
         logits = self.executor.execute_data_parallel(steps)
         for d, batch in enumerate(batches):
             _mark_computed(batch, self.kvs[d])
@@ -357,33 +347,60 @@ class LLMEngine:
             if results[d] is not None:
                 self._apply_sampled(reqs, results[d], touched)
 
+    def _data_parallel_steps(self, batches) -> list[StepInput]:
+        """Every DP rank's step message, padded alike: the experts' collectives see the same token count on
+        every rank (a rank with nothing runs a dummy step of one decode token)."""
+        steps = []
+        for d, batch in enumerate(batches):
+            _mark_scheduled(batch)
+            steps.append(self._step_input(batch, d))
+        if all(st.decode_only for st in steps):
+            pad = max(max(len(st), 1) for st in steps)
+            for st in steps:
+                st.dp_graph_batch = pad
+        else:
+            most = max(max(st.total_tokens, 1) for st in steps)
+            for st in steps:
+                st.dp_max_tokens = most
+        return steps
+
     def _step_pipeline(self, touched: dict[str, None]) -> None:
         """Pipeline parallelism: rank 0 runs the first stage of a micro-batch and hands it on; the last stage's
         leader samples from its mirror of the requests (new ones carry their sampling state in the step) and sends
         the tokens back, so rank 0 never sees logits. Up to one micro-batch per stage is in flight, each of its
         own requests (a share of those there are), so the stages work on different micro-batches at once; the
-        oldest is collected when the pipeline is full or nothing else can start."""
+        oldest is collected when the pipeline is full or nothing else can start. With DP, a micro-batch is one
+        step of every DP rank (each its own pipeline; a stage's DP ranks meet in the experts' collectives)."""
+        stages = self.config.pipeline_parallel_size
         launched = False
-        if len(self.pp_inflight) < self.config.pipeline_parallel_size:
-            active = len(self.scheduler.running) + len(self.scheduler.waiting)
-            share = max(1, -(-active // self.config.pipeline_parallel_size))
-            batch = self.scheduler.schedule(self.pp_busy, share)
-            if batch.requests:
-                _mark_scheduled(batch)
-                step = self._step_input(batch)
-                self.executor.execute(step, None)
-                _mark_computed(batch, self.kv)
-                self.pp_inflight.append((batch.requests, step))
-                self.pp_busy.update(r.request_id for r in batch.requests)
+        if len(self.pp_inflight) < stages:
+            batches = []
+            for s in self.schedulers:
+                share = max(1, -(-(len(s.running) + len(s.waiting)) // stages))
+                batches.append(s.schedule(self.pp_busy, share))
+            if any(b.requests for b in batches):
+                if len(batches) > 1:
+                    steps = self._data_parallel_steps(batches)
+                    self.executor.execute_data_parallel(steps)
+                else:
+                    _mark_scheduled(batches[0])
+                    steps = [self._step_input(batches[0])]
+                    self.executor.execute(steps[0], None)
+                for d, batch in enumerate(batches):
+                    _mark_computed(batch, self.kvs[d])
+                    self.pp_busy.update(r.request_id for r in batch.requests)
+                self.pp_inflight.append(([b.requests for b in batches], steps))
                 launched = True
-        if self.pp_inflight and (not launched or len(self.pp_inflight) == self.config.pipeline_parallel_size):
+        if self.pp_inflight and (not launched or len(self.pp_inflight) == stages):
             self._collect_micro_batch(touched)
 
     def _collect_micro_batch(self, touched: dict[str, None]) -> None:
-        reqs, step = self.pp_inflight.popleft()
-        self.pp_busy.difference_update(r.request_id for r in reqs)
-        if step.sample_rows:
-            self._apply_sampled([reqs[i] for i in step.sample_rows], self.executor.collect_last_stage(), touched)
+        reqs, steps = self.pp_inflight.popleft()
+        for d, (rs, step) in enumerate(zip(reqs, steps)):
+            self.pp_busy.difference_update(r.request_id for r in rs)
+            if step.sample_rows:
+                result = self.executor.collect_last_stage(d)
+                self._apply_sampled([rs[i] for i in step.sample_rows], result, touched)
 
     def _apply_sampled(self, reqs: list[Request], result, touched: dict[str, None]) -> None:
         """A leader's SampleResult (rows in `reqs` order, `errors` by row) given to its requests."""

@@ -74,10 +74,14 @@ class MultiprocExecutor:
         return self.worker.execute(step, prev_tokens)
 
     def execute_data_parallel(self, steps: list[StepInput]) -> torch.Tensor:
-        """DP: one message with every DP rank's step; returns DP rank 0's logits (its leader is this process)."""
+        """DP: one message with every DP rank's step; returns DP rank 0's logits (its leader is this process;
+        None under PP, where DP rank 0's last stage samples)."""
         if self.failed:
             raise RuntimeError(self.failed)
-        self._wm.broadcast_step(steps)
+        if self.post is not None:
+            self.post.send(steps)
+        else:
+            self._wm.broadcast_step(steps)
         return self.worker.execute(steps[0], None)
 
     def collect_samples(self, steps: list[StepInput]) -> list:
@@ -94,13 +98,14 @@ class MultiprocExecutor:
             out.append(box[0])
         return out
 
-    def collect_last_stage(self) -> object:
-        """Pipeline parallelism: the step's SampleResult, from the leader (TP rank 0) of the last stage."""
+    def collect_last_stage(self, dp_rank: int = 0) -> object:
+        """Pipeline parallelism: the step's SampleResult, from the leader (TP rank 0) of DP rank dp_rank's last
+        stage (global rank (dp * pp + pp - 1) * tp)."""
         import torch.distributed as dist
 
+        pp = self.worker.config.pipeline_parallel_size
         box = [None]
-        dist.recv_object_list(box, src=(self.worker.config.pipeline_parallel_size - 1) * self.tp.size,
-                              group=self._wm._control)
+        dist.recv_object_list(box, src=(dp_rank * pp + pp - 1) * self.tp.size, group=self._wm._control)
         return box[0]
 
     def share_sampled(self, tokens: torch.Tensor | None, num_rows: int) -> None:

@@ -110,11 +110,10 @@ NOT_YET_NOTE = ("# moeserve does not run {what} yet; this plan needs the vLLM co
 
 def launch_commands(plan: Plan) -> dict[str, str]:
     """moeserve's command runs as printed where the engine supports the layout and precision (TP, EP, DP
-    attention, PP without DP, several nodes); otherwise it is printed behind a note naming what is missing."""
+    attention, PP, PP x DP, several nodes); otherwise it is printed behind a note naming what is missing."""
     moeserve = _build(plan, "moeserve")
     lay = plan.placement.layout
-    missing = [what for what, needed in (("pipeline parallelism with data parallelism", lay.pp > 1 and lay.dp > 1),
-                                         # fp8 (checkpoint or on load) and int4 checkpoints run; int8/mxfp4 not yet
+    missing = [what for what, needed in (# fp8 (checkpoint or on load) and int4 checkpoints run; int8/mxfp4 not yet
                                          (f"{plan.dtype} weights", plan.dtype in ("int8", "mxfp4")),
                                          # the fp8 KV cache runs as e4m3 (fp8, fp8_e4m3); e5m2 does not yet
                                          ("an fp8_e5m2 KV cache", plan.kv_cache_dtype == "fp8_e5m2")) if needed]
