@@ -239,6 +239,22 @@ def test_startup_fit_refuses_with_numbers_and_suggestion():
     assert ok.fits and ok.suggestion == "" and ok.kv_capacity_tokens > 32768
 
 
+def test_startup_fit_spreads_experts_over_dp_ranks_with_expert_parallel():
+    """DP attention + EP (`-dp 8 --enable-expert-parallel`, vLLM's flagship MoE layout): every rank checks that
+    its 1/8 of the routed experts and the whole attention fit, as the engine places them; not all experts on one
+    GPU (which refused DeepSeek-V3 on 8 x H200 before any weight loaded)."""
+    spec = read_arch(load_config("deepseek-ai/DeepSeek-V3"))
+    kw = dict(weight_dtype_bytes=2, kv_dtype_bytes=2, max_model_len=8192, device_memory_bytes=int(141 * GiB),
+              memory_utilization=0.9)
+    one = check_startup_fit(spec, **kw, dp=1, enable_expert_parallel=True)
+    dp8 = check_startup_fit(spec, **kw, dp=8, enable_expert_parallel=True)
+    tp8 = check_startup_fit(spec, **kw, tp=8, enable_expert_parallel=True)
+    assert not one.fits and dp8.fits and tp8.fits
+    assert dp8.weights < one.weights / 6
+    assert tp8.weights < dp8.weights  # TP also splits the attention; DP keeps it whole on each rank
+    assert "dp=8" in dp8.message
+
+
 def test_startup_fit_suggests_shorter_context():
     spec = read_arch(load_config("Qwen/Qwen3-30B-A3B"))
     v = check_startup_fit(spec, weight_dtype_bytes=2, kv_dtype_bytes=2, max_model_len=40960,

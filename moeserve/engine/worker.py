@@ -70,7 +70,7 @@ def check_fits_before_loading(config: EngineConfig, source: ModelSource, dtype: 
         weight_dtype="fp8" if config.quantization == "fp8" else None,  # online fp8: sized as it will be held
         device_memory_bytes=device_memory_bytes, memory_utilization=config.gpu_memory_utilization,
         max_num_batched_tokens=config.max_num_batched_tokens or 8192, max_num_seqs=config.max_num_seqs,
-        tp=config.tensor_parallel_size, pp=config.pipeline_parallel_size,
+        tp=config.tensor_parallel_size, pp=config.pipeline_parallel_size, dp=config.data_parallel_size,
         enable_expert_parallel=config.enable_expert_parallel,
     )
     if not verdict.fits:

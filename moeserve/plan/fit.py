@@ -51,13 +51,16 @@ def check_startup_fit(
     memory_utilization: float,
     tp: int = 1,
     pp: int = 1,
+    dp: int = 1,
     enable_expert_parallel: bool = False,
     weight_dtype: str | None = None,
     max_num_batched_tokens: int = 8192,
     max_num_seqs: int = 256,
     gpus_per_node: int = 8,
 ) -> FitVerdict:
-    """Check one engine's GPUs (tp x pp of the same memory) before loading; message and suggestion say why not.
+    """Check one engine's GPUs (tp x pp x dp of the same memory) before loading; message and suggestion say why
+    not. With dp > 1 (DP attention, which runs with EP) the routed experts are spread over the tp x dp GPUs of a
+    stage, as the engine places them, and every DP rank holds the whole attention of its tp share.
 
     weight_dtype_bytes picks the precision policy (2 bf16, 1 fp8, 0.5 int4; see plan/memory.py) unless
     weight_dtype names it ("bf16", "fp8", "int8", "int4", "mxfp4")."""
@@ -67,20 +70,20 @@ def check_startup_fit(
         # model dtype
         prec = precision(spec.native_precision)
     gpu = GPU("this GPU", int(device_memory_bytes))
-    fleet = Fleet(gpu, gpus_per_node=max(tp, gpus_per_node), nodes=pp)
+    fleet = Fleet(gpu, gpus_per_node=max(tp * dp, gpus_per_node), nodes=pp)
     settings = ServeSettings(
         precision=prec, kv_dtype_bytes=kv_dtype_bytes, max_model_len=max_model_len,
         memory_utilization=memory_utilization, max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=max_num_seqs,
     )
-    ep = expert_parallel_size(spec, tp) if enable_expert_parallel else 1
-    p = evaluate(spec, Layout(tp, pp, 1, ep), fleet, settings)
+    ep = expert_parallel_size(spec, tp * dp) if enable_expert_parallel else 1
+    p = evaluate(spec, Layout(tp, pp, dp, ep, mode="dp_attention" if dp > 1 else "replicas"), fleet, settings)
     numbers = (
         f"weights {_gib(p.weights)} + overhead {_gib(p.overhead.total)} + KV for one {max_model_len:,}-token "
         f"sequence {_gib(p.kv_one_seq)} = {_gib(p.weights + p.overhead.total + p.kv_one_seq)} per GPU; "
         f"budget {_gib(p.budget)} ({memory_utilization:g} x {_gib(device_memory_bytes)})"
     )
-    where = f"{spec.architecture} ({prec.name} weights, tp={tp}, pp={pp})"
+    where = f"{spec.architecture} ({prec.name} weights, tp={tp}, pp={pp}" + (f", dp={dp}" if dp > 1 else "") + ")"
     if p.fits:
         return FitVerdict(True, p.weights, p.kv_one_seq, p.overhead.total, p.budget,
                           f"{where} fits: {numbers}", "", p.kv_bytes_per_token, p.tokens_per_kv_group)
