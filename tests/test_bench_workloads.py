@@ -98,14 +98,20 @@ class LLM:
 ''')
 
 
-@pytest.mark.timeout(600)
-def test_suite_traffic_workloads_tiny_cpu(tmp_path):
+def _tiny_model_and_stub_vllm(tmp_path: Path) -> tuple[Path, Path]:
+    """A config-only tiny model folder, and a site with the stand-in `vllm` package."""
     pytest.importorskip("transformers")
     model = tmp_path / "tiny"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(TINY))
     site = tmp_path / "site"
     _fake_vllm(site)
+    return model, site
+
+
+@pytest.mark.timeout(600)
+def test_suite_traffic_workloads_tiny_cpu(tmp_path):
+    model, site = _tiny_model_and_stub_vllm(tmp_path)
     out = tmp_path / "out"
     cmd = [sys.executable, str(BENCH / "bench_suite.py"), "--shape", "tiny", "--model", str(model),
            "--workloads", "varlen,longctx,prefix", "--engines", "moeserve,vllm,transformers",
@@ -183,12 +189,7 @@ def test_random_checkpoint_has_init_scale_weights_and_is_reused(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_suite_random_weights_are_what_both_engines_load(tmp_path):
-    pytest.importorskip("transformers")
-    model = tmp_path / "tiny"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(TINY))
-    site = tmp_path / "site"
-    _fake_vllm(site)
+    model, site = _tiny_model_and_stub_vllm(tmp_path)
     out, rw = tmp_path / "out", tmp_path / "rw"
     cmd = [sys.executable, str(BENCH / "bench_suite.py"), "--shape", "tiny", "--model", str(model),
            "--random-weights", str(rw), "--workloads", "prefix", "--engines", "moeserve,vllm",
