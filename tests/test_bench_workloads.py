@@ -208,3 +208,36 @@ def test_suite_random_weights_are_what_both_engines_load(tmp_path):
         assert not res["engines"][eng].get("error")
     assert res["engines"]["moeserve"]["engine_args"]["model"] == str(rw)
     assert any(str(rw) in " ".join(c) for c in res["engine_command_lines"].values())
+
+
+def test_spread_routing_undoes_the_dummy_correction_bias_collapse(tmp_path):
+    """DeepSeek-V3's router on dummy weights: the +-1e-3 correction bias outweighs ~1e-5 logits and every token
+    takes the same top-k experts; profile_decode.spread_routing zeroes the bias, and the same tokens spread."""
+    pytest.importorskip("transformers")
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(BENCH / "kernels"))
+    from tiny_checkpoints import tiny_config
+
+    import profile_decode
+    from moeserve import LLM, SamplingParams
+
+    cfg = tiny_config("DeepseekV3ForCausalLM", vocab_size=256, n_routed_experts=32, num_experts_per_tok=4,
+                      n_group=4, topk_group=2).to_dict()
+    cfg["architectures"] = ["DeepseekV3ForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(0)
+    prompts = [{"prompt_token_ids": rng.integers(0, 256, 12).tolist()} for _ in range(16)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    def experts_used(llm) -> int:
+        load = llm.llm_engine.executor.worker.expert_load
+        before = load.totals()
+        llm.generate(prompts, params)
+        return int(((load.totals() - before) > 0).sum())
+
+    llm = LLM(model=str(tmp_path / "config.json"), load_format="dummy", expert_load_telemetry=True)
+    assert experts_used(llm) == 4  # the collapse: one MoE layer, the bias's top 4
+    assert profile_decode.spread_routing(llm) == 1
+    assert experts_used(llm) > 16

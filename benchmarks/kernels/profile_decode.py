@@ -34,6 +34,22 @@ def build(shape: str, layers: int, eager: bool, max_model_len: int, **llm_kwargs
     return llm, full
 
 
+def spread_routing(llm) -> int:
+    """Zero every router's e_score_correction_bias (DeepSeek-V3/R1, GLM-4.x) in place. On dummy weights that bias
+    (+-1e-3) outweighs the ~1e-5 logits and sends every token to the same top-k experts, so a batch reads k
+    experts per layer; zeroed, as transformers initialises it, the choice follows the logits and a batch spreads
+    over the experts as a trained router's does. Returns how many biases were zeroed."""
+    import torch
+
+    n = 0
+    with torch.no_grad():
+        for name, p in llm.llm_engine.model.named_parameters():
+            if name.endswith("e_score_correction_bias"):
+                p.zero_()
+                n += 1
+    return n
+
+
 def prompts(llm, b: int, n: int, seed: int = 0):
     vocab = llm.llm_engine.hf_config.vocab_size
     rng = np.random.default_rng(seed)
@@ -104,6 +120,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--mixed", type=int, default=0, metavar="B",
                     help="also profile the throughput workload's mixed steps at this concurrency (e.g. 104)")
+    ap.add_argument("--spread-routing", action="store_true",
+                    help="zero the routers' correction biases after the dummy load (see spread_routing)")
     args = ap.parse_args()
     import torch
 
@@ -114,6 +132,8 @@ def main() -> None:
     for L in depths:
         t = time.perf_counter()
         llm, full = build(args.shape, L, eager=False, max_model_len=args.max_model_len)
+        if args.spread_routing:
+            print(f"  spread routing: {spread_routing(llm)} correction biases zeroed", flush=True)
         print(f"== {L} layers (CUDA graphs): start-up {time.perf_counter() - t:.1f}s "
               f"{json.dumps(llm.llm_engine.timings)}", flush=True)
         tp[L] = {b: tpot_ms(llm, b, args.output) for b in batches}
@@ -126,6 +146,8 @@ def main() -> None:
             del llm
             torch.cuda.empty_cache()
             llm, _ = build(args.shape, L, eager=True, max_model_len=args.max_model_len)
+            if args.spread_routing:
+                spread_routing(llm)
             print(f"== {L} layers, eager (one launch at a time)", flush=True)
             profile(llm, batches[0], args.steps, args.top)
         del llm
