@@ -11,8 +11,8 @@ import json
 import time
 
 import traffic
-from worker_common import (Partial, base_parser, check_load_format, fit_throughput, latency_table, require_device,
-                           specs, summarize_latency_runs)
+from worker_common import (Partial, base_parser, fit_throughput, latency_table, require_device,
+                           summarize_latency_runs, worker_plan)
 from workloads import latency_prompts, median, throughput_prompts
 
 
@@ -149,21 +149,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab-size", type=int, default=0, help="0: from the shape's config")
     traffic.add_args(ap)
     a = ap.parse_args(argv)
-    if not (a.shape or a.model):
-        ap.error("--shape or --model is required")
-    check_load_format(ap, a)
-    wl = traffic.workloads_of(a)
-    tp, lat = specs(a)
-    if not a.max_model_len:
-        a.max_model_len = max(tp.input_len + tp.output_len if "throughput" in wl else 0,
-                              lat.input_len + lat.output_len if "latency" in wl else 0,
-                              traffic.max_len_needed(wl, a))
-    if "latency" in wl and max(lat.batch_sizes) > a.max_num_seqs:
-        ap.error(f"latency batch {max(lat.batch_sizes)} exceeds --max-num-seqs {a.max_num_seqs}")
-    if "latency" not in wl:  # warm-up prompts are latency-shaped: keep them inside max_model_len
-        lat = traffic.fit_warmup(lat, a.max_model_len)
-    if "throughput" not in wl:
-        tp = traffic.fit_warmup(tp, a.max_model_len)
+    wl, tp, lat = worker_plan(ap, a)
     p = Partial(a.out, "moeserve", a.deadline)
     device = require_device(a.allow_cpu)
     vocab = a.vocab = a.vocab_size or _vocab(a)

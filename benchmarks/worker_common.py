@@ -41,9 +41,28 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def check_load_format(ap, a) -> None:
+def worker_plan(ap, a) -> tuple[list[str], ThroughputSpec, LatencySpec]:
+    """Both engines' workers: check the arguments, size max_model_len for the longest workload (unless given),
+    fit the warm-up prompts inside it. Returns (workloads, throughput spec, latency spec)."""
+    import traffic
+
+    if not (a.shape or a.model):
+        ap.error("--shape or --model is required")
     if a.load_format != "dummy" and not a.model:
         ap.error(f"--load-format {a.load_format} reads a checkpoint's weights: give its folder as --model")
+    wl = traffic.workloads_of(a)
+    tp, lat = specs(a)
+    if not a.max_model_len:
+        a.max_model_len = max(tp.input_len + tp.output_len if "throughput" in wl else 0,
+                              lat.input_len + lat.output_len if "latency" in wl else 0,
+                              traffic.max_len_needed(wl, a))
+    if "latency" in wl and max(lat.batch_sizes) > a.max_num_seqs:
+        ap.error(f"latency batch {max(lat.batch_sizes)} exceeds --max-num-seqs {a.max_num_seqs}")
+    if "latency" not in wl:  # warm-up prompts are latency-shaped: keep them inside max_model_len
+        lat = traffic.fit_warmup(lat, a.max_model_len)
+    if "throughput" not in wl:
+        tp = traffic.fit_warmup(tp, a.max_model_len)
+    return wl, tp, lat
 
 
 def specs(a) -> tuple[ThroughputSpec, LatencySpec]:

@@ -35,8 +35,8 @@ for p in (str(BENCH), str(REPO)):
         sys.path.insert(0, p)
 
 import traffic  # noqa: E402
-from worker_common import (Partial, base_parser, check_load_format, fit_throughput, latency_table,  # noqa: E402
-                           require_device, specs, summarize_latency_runs)
+from worker_common import (Partial, base_parser, fit_throughput, latency_table,  # noqa: E402
+                           require_device, summarize_latency_runs, worker_plan)
 from workloads import LatencySpec, latency_prompts, median, spec_dict, throughput_prompts  # noqa: E402
 
 DEFAULT_SITE = "/tmp/vllm_site"
@@ -254,21 +254,7 @@ def worker_parser():
 def worker_main(argv=None) -> int:
     ap = worker_parser()
     a = ap.parse_args(argv)
-    if not (a.shape or a.model):
-        ap.error("--shape or --model is required")
-    check_load_format(ap, a)
-    wl = traffic.workloads_of(a)
-    tp, lat = specs(a)
-    if not a.max_model_len:
-        a.max_model_len = max(tp.input_len + tp.output_len if "throughput" in wl else 0,
-                              lat.input_len + lat.output_len if "latency" in wl else 0,
-                              traffic.max_len_needed(wl, a))
-    if "latency" in wl and max(lat.batch_sizes) > a.max_num_seqs:
-        ap.error(f"latency batch {max(lat.batch_sizes)} exceeds --max-num-seqs {a.max_num_seqs}")
-    if "latency" not in wl:  # warm-up prompts are latency-shaped: keep them inside max_model_len
-        lat = traffic.fit_warmup(lat, a.max_model_len)
-    if "throughput" not in wl:
-        tp = traffic.fit_warmup(tp, a.max_model_len)
+    wl, tp, lat = worker_plan(ap, a)
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
     site = use_site(a.site)
