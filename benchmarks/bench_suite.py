@@ -258,20 +258,22 @@ def main(argv=None) -> int:
     else:
         shape = get_shape(a.shape)
         cfg = load_config(shape)
-    if a.random_weights:  # the shape's (or --model's) config, random weights that both engines load
-        src = ["--config", str(Path(a.model) / "config.json")] if a.model else ["--shape", a.shape]
-        rc = subprocess.run([sys.executable, str(HERE / "random_checkpoint.py"), *src, "--out", a.random_weights],
-                            timeout=max(60.0, end - time.time() - 60)).returncode
-        if rc:
-            p.error(f"random_checkpoint.py exited {rc}")
-        a.model, a.load_format = a.random_weights, "auto"
-    if a.load_format != "dummy" and not a.model:
-        p.error("--load-format auto reads a checkpoint's weights: give --model (or --random-weights)")
     overrides = traffic.engine_kwargs(a.engine_arg).get("hf_overrides")
     if overrides:  # the roofline of the model the engines serve (e.g. a layer-truncated flagship)
         from moeserve.plan.arch import apply_hf_overrides
 
         cfg = apply_hf_overrides(cfg, overrides)
+    if a.random_weights:  # random weights of that config (overrides included), which both engines load
+        Path(a.random_weights).mkdir(parents=True, exist_ok=True)
+        src = Path(a.random_weights).with_name(Path(a.random_weights).name + ".config.json")
+        src.write_text(json.dumps(cfg))
+        rc = subprocess.run([sys.executable, str(HERE / "random_checkpoint.py"), "--config", str(src),
+                             "--out", a.random_weights], timeout=max(60.0, end - time.time() - 60)).returncode
+        if rc:
+            p.error(f"random_checkpoint.py exited {rc}")
+        a.model, a.load_format = a.random_weights, "auto"
+    if a.load_format != "dummy" and not a.model:
+        p.error("--load-format auto reads a checkpoint's weights: give --model (or --random-weights)")
     workloads = [w for w in a.workloads.split(",") if w]
     engines = [e for e in a.engines.split(",") if e]
     for w in workloads:

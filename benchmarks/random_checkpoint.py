@@ -12,7 +12,11 @@ scale (normal with std initializer_range, norms at 1) give O(1) logits, so both 
 model's load-balanced router would, from identical weights.
 
 The checkpoint is transformers' save_pretrained of the shape's architecture (per-expert tensors, HF names), bf16,
-built on the GPU when there is one. A folder that already holds the same config and seed is reused.
+built on the GPU when there is one. A block-fp8 shape (DeepSeek-V3/R1, `quant_method: fp8` with
+`weight_block_size`) is written as those checkpoints ship: every projection in e4m3 with its `weight_scale_inv`
+per block; the router, embeddings, head and norms as built (bf16; transformers keeps V3's router in fp32). The
+correction bias is transformers' zeros, so the routing follows the logits (on dummy weights a +-1e-3 bias sends
+every token to the same experts). A folder that already holds the same config and seed is reused.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ def build(config: dict, out: Path, seed: int = 0, dtype: str = "bfloat16", devic
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if config.get("quantization_config"):
-        raise SystemExit("random_checkpoint: quantized shapes (quantization_config) are not supported; their dummy "
-                         "weights already carry the checkpoint's precision")
+    qcfg = config.get("quantization_config")
+    if qcfg and not (qcfg.get("quant_method") == "fp8" and qcfg.get("weight_block_size")):
+        raise SystemExit(f"random_checkpoint: quantized shapes other than block fp8 are not supported "
+                         f"({qcfg.get('quant_method')!r})")
     cfg = {k: v for k, v in config.items() if k != "auto_map"}
     fp = _fingerprint(cfg, seed, dtype)
     marker = out / MARKER
@@ -48,7 +53,7 @@ def build(config: dict, out: Path, seed: int = 0, dtype: str = "bfloat16", devic
         return False
     out.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    (out / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "quantization_config"}))
     hf_cfg = AutoConfig.from_pretrained(str(out))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
@@ -58,9 +63,50 @@ def build(config: dict, out: Path, seed: int = 0, dtype: str = "bfloat16", devic
     built = time.perf_counter() - t
     model.save_pretrained(str(out), max_shard_size="5GB")
     n = sum(p.numel() for p in model.parameters())
+    del model
+    if qcfg:
+        quantize_shards(out, tuple(qcfg["weight_block_size"]), ignored_modules(qcfg), device)
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
     marker.write_text(json.dumps({"fingerprint": fp, "seed": seed, "dtype": dtype, "params": n,
                                   "build_s": round(built, 1), "total_s": round(time.perf_counter() - t, 1)}))
     return True
+
+
+def ignored_modules(qcfg: dict) -> list[str]:
+    return list(qcfg.get("modules_to_not_convert") or []) + list(qcfg.get("ignored_layers") or [])
+
+
+def fp8_quantized(name: str, t, ignored: list[str]) -> bool:
+    """What the published block-fp8 checkpoints store in e4m3: every projection of a decoder layer; not the
+    router (`mlp.gate`), embeddings, head, norms or biases, nor a module the config leaves unconverted."""
+    return (t.dim() == 2 and name.endswith(".weight") and ".layers." in name and ".mlp.gate." not in name
+            and "norm" not in name and not any(f".{m}." in f".{name}" for m in ignored))
+
+
+def quantize_shards(out: Path, block: tuple[int, int], ignored: list[str], device: str) -> None:
+    """Rewrite each saved shard with its projections in e4m3 plus a weight_scale_inv per [bn, bk] block
+    (moeserve.layers.quant.fp8.quantize_blocks, on `device`), and the index with the scales' names."""
+    from safetensors.torch import load_file, save_file
+
+    from moeserve.layers.quant.fp8 import quantize_blocks
+
+    index = out / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
+    for shard in sorted(out.glob("*.safetensors")):
+        tensors = load_file(str(shard), device=device)
+        for name in list(tensors):
+            if fp8_quantized(name, tensors[name], ignored):
+                q, s = quantize_blocks(tensors[name], block)
+                tensors[name] = q
+                tensors[name.removesuffix(".weight") + ".weight_scale_inv"] = s
+                if weight_map is not None:
+                    weight_map[name.removesuffix(".weight") + ".weight_scale_inv"] = shard.name
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(shard), metadata={"format": "pt"})
+        del tensors
+    if weight_map is not None:
+        data = json.loads(index.read_text())
+        data["weight_map"] = weight_map
+        index.write_text(json.dumps(data, indent=1))
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,10 @@
 #
 #   LAYERS=12 LAYOUTS="tp4ep dp4ep" ENGINES_tp4ep=moeserve,vllm BUDGET=520 bash benchmarks/run_truncated_flagship.sh
 #   SHAPE=kimi-k2.5 bash benchmarks/run_truncated_flagship.sh     # Kimi K2.5's int4 experts (issue 20 item 2)
+#   LAYERS=5 RANDOM_WEIGHTS=/tmp/rw/r1-5 bash benchmarks/run_truncated_flagship.sh   # one random block-fp8
+#     checkpoint for both engines (benchmarks/random_checkpoint.py): on dummy weights R1's correction bias sends
+#     every token to the same 8 experts, so batches > 1 read 8 experts per layer. The checkpoint is built in bf16 on
+#     one GPU before it is quantized: 3 dense + 2 MoE layers (~50 GB bf16) fit; 12 layers (~200 GB) do not.
 # Results under $OUT/flagship (or benchmarks/results/flagship): plan*.log/json, failfast.log, <layout>/...
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +76,7 @@ for name in $LAYOUTS; do
   done
   mkdir -p "$OUT_DIR/$name"
   echo "--- $name ($engines): ${lay[*]}"
+  [ -n "${RANDOM_WEIGHTS:-}" ] && flags+=(--random-weights "$RANDOM_WEIGHTS")
   python3 benchmarks/bench_suite.py --shape "$SHAPE" --engines "$engines" --workloads latency,throughput \
     --latency-batches 1,32,128 --num-requests "${NUM_REQUESTS:-512}" --gpu-memory-utilization 0.88 \
     --budget-s "$BUDGET" --hf-reserve-s 0 --out-dir "$OUT_DIR/$name" "${flags[@]}" > "$OUT_DIR/$name/suite.log" 2>&1 \

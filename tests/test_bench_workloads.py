@@ -241,3 +241,49 @@ def test_spread_routing_undoes_the_dummy_correction_bias_collapse(tmp_path):
     assert experts_used(llm) == 4  # the collapse: one MoE layer, the bias's top 4
     assert profile_decode.spread_routing(llm) == 1
     assert experts_used(llm) > 16
+
+
+def test_random_checkpoint_block_fp8_as_published(tmp_path):
+    """A DeepSeek-V3-style block-fp8 shape: projections in e4m3 with a weight_scale_inv per block, the router,
+    embeddings and norms in bf16, the config's quantization_config kept; moeserve loads it as fp8, and its routing
+    spreads over the experts (transformers' zero correction bias), unlike dummy weights'."""
+    pytest.importorskip("transformers")
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_checkpoints import tiny_config
+
+    import random_checkpoint as rc
+    from moeserve import LLM, SamplingParams
+
+    cfg = tiny_config("DeepseekV3ForCausalLM", vocab_size=256, n_routed_experts=16, num_experts_per_tok=2,
+                      n_group=4, topk_group=2).to_dict()
+    cfg["architectures"] = ["DeepseekV3ForCausalLM"]
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [16, 16]}
+    out = tmp_path / "fp8"
+    assert rc.build(cfg, out, device="cpu")
+    tensors = {}
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as sf:
+            tensors.update({k: sf.get_tensor(k) for k in sf.keys()})
+    q_a = tensors["model.layers.1.self_attn.q_a_proj.weight"]
+    assert q_a.dtype == torch.float8_e4m3fn
+    assert tensors["model.layers.1.self_attn.q_a_proj.weight_scale_inv"].shape == (-(-q_a.shape[0] // 16),
+                                                                                  -(-q_a.shape[1] // 16))
+    assert tensors["model.layers.1.mlp.experts.3.down_proj.weight"].dtype == torch.float8_e4m3fn
+    for name in ("model.layers.1.mlp.gate.weight", "model.embed_tokens.weight", "lm_head.weight",
+                 "model.layers.1.input_layernorm.weight"):  # left as built (bf16; transformers' V3 router fp32)
+        assert tensors[name].dtype in (torch.bfloat16, torch.float32), name
+        assert name.removesuffix(".weight") + ".weight_scale_inv" not in tensors, name
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["weight_block_size"] == [16, 16]
+
+    llm = LLM(model=str(out), expert_load_telemetry=True)
+    assert any(p.dtype == torch.float8_e4m3fn for p in llm.llm_engine.model.parameters())
+    rng = np.random.default_rng(0)
+    load = llm.llm_engine.executor.worker.expert_load
+    llm.generate([{"prompt_token_ids": rng.integers(0, 256, 12).tolist()} for _ in range(16)],
+                 SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert int((load.totals() > 0).sum()) > 8  # of 16 experts, top-2: a dummy bias would give exactly 2

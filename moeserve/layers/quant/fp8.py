@@ -449,7 +449,7 @@ def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tens
     bn, bk = block
     n, k = w.shape
     w = w.to(torch.float32)
-    pad = torch.zeros(_blocks(n, bn) * bn, _blocks(k, bk) * bk)
+    pad = torch.zeros(_blocks(n, bn) * bn, _blocks(k, bk) * bk, device=w.device)
     pad[:n, :k] = w
     tiles = pad.reshape(_blocks(n, bn), bn, _blocks(k, bk), bk)
     scale = (tiles.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)
