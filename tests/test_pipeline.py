@@ -183,16 +183,17 @@ def test_aborting_a_request_in_flight_leaves_the_others_intact(llama_tied):
         engine.shutdown()
 
 
-def test_dp2_x_pp2_with_expert_parallel_matches_one_process(qwen3_moe):
-    """DP=2 x PP=2 + EP (4 processes): each DP rank is a pipeline of its own, with its own scheduler and KV pool;
+@pytest.mark.parametrize("tp", [1, 2], ids=["dp2xpp2", "dp2xpp2xtp2"])
+def test_dp2_x_pp2_with_expert_parallel_matches_one_process(qwen3_moe, tp):
+    """DP=2 x PP=2 (x TP=2) + EP (4 or 8 processes): each DP rank is a pipeline of its own, with its own scheduler and KV pool;
     a micro-batch is one step of every DP rank (a rank with nothing runs a dummy step through its stages, so a
     stage's expert collectives across the DP ranks complete); each DP rank's last-stage leader samples. Greedy
     tokens equal one process through chunked prefill, preemption and the prefix cache, with two micro-batches in
     flight, then with one request alone (the other DP rank idles in dummy steps)."""
     prompts = PROMPTS + [SHARED + [7, 8, 9], SHARED + [10, 11]]
     ref = tokens(LLM(model=qwen3_moe, **SMALL), prompts)
-    llm = LLM(model=qwen3_moe, **SMALL, data_parallel_size=2, pipeline_parallel_size=2, enable_expert_parallel=True,
-              master_port=free_port())
+    llm = LLM(model=qwen3_moe, **SMALL, data_parallel_size=2, pipeline_parallel_size=2, tensor_parallel_size=tp,
+              enable_expert_parallel=True, master_port=free_port())
     engine = llm.llm_engine
     try:
         in_flight = []
