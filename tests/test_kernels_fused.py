@@ -110,12 +110,45 @@ def test_router_kernel_matches_router(renorm, E, k, T):
     torch.testing.assert_close(w.cpu(), want_w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name, cfg", [
+    ("deepseek_v3", dict(num_experts=64, top_k=8, scoring="sigmoid", renormalize=True, n_group=8, topk_group=4,
+                         group_score="top2_sum", correction_bias=True, routed_scaling_factor=2.5)),
+    ("deepseek_v2_groups", dict(num_experts=32, top_k=6, scoring="softmax", n_group=4, topk_group=2,
+                                group_score="max", routed_scaling_factor=16.0)),
+    ("glm45_no_groups", dict(num_experts=16, top_k=4, scoring="sigmoid", renormalize=True, correction_bias=True,
+                             group_score="top2_sum", routed_scaling_factor=1.5)),
+])
+def test_grouped_router_kernel_matches_router(name, cfg):
+    """The grouped/sigmoid routing kernel against Router's torch path (the CPU reference): same experts (the
+    groups chosen first), same weights; the bias only steers the choice."""
+    from moeserve.kernels.router import grouped_topk_supported, route_grouped_topk
+    from moeserve.layers.moe import Router, RouterConfig
+
+    rc = RouterConfig(**cfg)
+    assert grouped_topk_supported(rc.num_experts, rc.n_group)
+    g = torch.Generator().manual_seed(rc.num_experts)
+    H = 48
+    r = Router(H, rc)
+    r.weight.data = torch.randn(rc.num_experts, H, generator=g) * 0.3
+    if rc.correction_bias:
+        r.e_score_correction_bias.data = torch.randn(rc.num_experts, generator=g) * 0.2
+    x = torch.randn(37, H, generator=g)
+    want_w, want_ids = r(x)
+    w, ids = route_grouped_topk(x.to(DEV), r.weight.to(DEV),
+                                r.e_score_correction_bias.to(DEV) if rc.correction_bias else None, rc.top_k,
+                                rc.n_group, rc.topk_group, rc.scoring == "sigmoid", rc.group_score == "top2_sum",
+                                rc.renormalize, rc.routed_scaling_factor)
+    assert torch.equal(ids.cpu().long().sort(-1).values, want_ids.long().sort(-1).values)
+    order = lambda i, v: v.gather(1, i.long().argsort(-1))  # noqa: E731
+    torch.testing.assert_close(order(ids.cpu(), w.cpu()), order(want_ids, want_w), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("valid", [0, 4, 6])
 def test_routing_kernels_count_like_the_telemetry_reference(valid):
-    """Expert-load counts on the device: the softmax router kernel adds its own choices, count_routed adds
-    any ids in one launch; both equal layers/expert_load.count_routed's reference (padding rows past `valid`
+    """Expert-load counts on the device: the router kernels (softmax, grouped) add their own choices, count_routed
+    adds any ids in one launch; both equal layers/expert_load.count_routed's reference (padding rows past `valid`
     count nothing) and accumulate."""
-    from moeserve.kernels.router import count_routed, route_softmax_topk
+    from moeserve.kernels.router import count_routed, route_grouped_topk, route_softmax_topk
     from moeserve.layers.expert_load import count_routed as reference
 
     g = torch.Generator().manual_seed(valid)
@@ -131,3 +164,22 @@ def test_routing_kernels_count_like_the_telemetry_reference(valid):
     count_routed(counts, more.to(DEV), n)
     reference(want, more, torch.tensor(valid))
     assert torch.equal(counts.cpu(), want) and int(want.sum()) == 5 * E + 2 * k * valid
+    _, ids = route_grouped_topk(x.to(DEV), w[:8].to(DEV), torch.zeros(8, device=DEV), k, 2, 1, True, True, True,
+                                counts=counts[:8], valid_tokens=n)  # the grouped kernel counts the same way
+    reference(want[:8], ids.cpu(), torch.tensor(valid))
+    assert torch.equal(counts.cpu(), want) and int(want.sum()) == 5 * E + 3 * k * valid
+
+
+def test_a_failing_grouped_router_kernel_turns_to_torch_once_and_says_so(monkeypatch, caplog):
+    """Written without a GPU to compile it on: if its first compiled run raises, the process logs it once and the
+    torch path routes from then on."""
+    from moeserve.kernels import router
+
+    monkeypatch.setattr(router, "_grouped_failed", None)
+    assert router.grouped_topk_supported(256, 8) and not router.grouped_topk_supported(160, 8)
+    with caplog.at_level("ERROR", logger="moeserve"):
+        router.grouped_topk_failed(RuntimeError("PTX says no"))
+        router.grouped_topk_failed(RuntimeError("again"))
+    assert not router.grouped_topk_supported(256, 8)
+    assert [r.getMessage() for r in caplog.records if "grouped router kernel" in r.getMessage()] == [
+        "moeserve: the grouped router kernel failed (RuntimeError: PTX says no); routing with torch"]

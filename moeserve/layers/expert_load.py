@@ -2,7 +2,7 @@
 
 `ExpertLoad.attach(model)` gives every Router of the model an int64 counts buffer [num_experts] and a shared
 0-d `valid_tokens` tensor. Each router forward adds its chosen ids into its buffer on the device (no host sync,
-so it replays inside a CUDA graph; on CUDA one atomic-add kernel, or none: the softmax router kernel counts); rows at or past `valid_tokens` (a graph's padding rows) count
+so it replays inside a CUDA graph; on CUDA one atomic-add kernel, or none: the router kernels count); rows at or past `valid_tokens` (a graph's padding rows) count
 nothing. The runner writes `valid_tokens` before each forward. Off by default (`--expert-load-telemetry`): a
 router without a buffer pays one attribute check.
 
@@ -27,7 +27,7 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 def count_routed(counts: torch.Tensor, ids: torch.Tensor, valid_tokens: torch.Tensor) -> None:
     """counts[e] += how many of the first `valid_tokens` rows of ids [T, k] chose expert e. In place. CUDA: one
-    kernel (kernels/router.count_routed; the softmax router counts inside its own kernel); this is the
+    kernel (kernels/router.count_routed; the router kernels count inside themselves); this is the
     reference."""
     if ids.is_cuda:
         from moeserve.kernels.router import count_routed as count_on_device
