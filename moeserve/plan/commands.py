@@ -112,10 +112,9 @@ def launch_commands(plan: Plan) -> dict[str, str]:
     """moeserve's command runs as printed where the engine supports the layout and precision (TP, EP, DP
     attention, PP, PP x DP, several nodes); otherwise it is printed behind a note naming what is missing."""
     moeserve = _build(plan, "moeserve")
-    lay = plan.placement.layout
-    missing = [what for what, needed in (# fp8 (checkpoint or on load) and int4 checkpoints run; int8/mxfp4 not yet
-                                         (f"{plan.dtype} weights", plan.dtype in ("int8", "mxfp4")),
-                                         # the fp8 KV cache runs as e4m3 (fp8, fp8_e4m3); e5m2 does not yet
+    # fp8 (checkpoint or on load) and int4 checkpoints run, int8/mxfp4 not yet; the fp8 KV cache runs as e4m3
+    # (fp8, fp8_e4m3), e5m2 not yet
+    missing = [what for what, needed in ((f"{plan.dtype} weights", plan.dtype in ("int8", "mxfp4")),
                                          ("an fp8_e5m2 KV cache", plan.kv_cache_dtype == "fp8_e5m2")) if needed]
     if missing:
         moeserve = NOT_YET_NOTE.format(what=" or ".join(missing)) + "\n" + moeserve
