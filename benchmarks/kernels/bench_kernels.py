@@ -6,8 +6,9 @@
 3. timings: fused_moe at qwen3-30b-a3b shapes (E=128, K=8, H=2048, I=768) for several token counts, beside a
    plain torch per-expert loop; the decode projections (kernels.linear, every candidate beside cuBLAS; R1's fp8
    projections, kernels.fp8_linear, every candidate); paged-attention decode (batch 1/32/128, context 384/4096), prefill 8k, chunked
-   prefill over a cached prefix; KV write. Decode-sized work is timed as CUDA-graph replays over rotating inputs
-   larger than L2, large work with triton.testing.do_bench (median).
+   prefill over a cached prefix; KV write; MLA decode (a config sweep, distinct and shared-prefix pages); routing
+   (the router kernels beside the torch path). Decode-sized work is timed as CUDA-graph replays over rotating
+   inputs larger than L2, large work with triton.testing.do_bench (median).
 Writes kernels-<date>-<gpu>.json and .log under $OUT (or --out); prints a compact table last.
 
     python benchmarks/kernels/bench_kernels.py [--quick] [--out DIR]
@@ -558,6 +559,46 @@ def bench_mla_prefill(ceil, quick: bool) -> list[dict]:
     return rows
 
 
+def bench_router(ceil) -> list[dict]:
+    """Routing after the router GEMM (the GEMM included, as in a model): the router kernels (kernels/router) beside
+    layers/moe.Router's torch path, same weights and tokens, in CUDA graphs. Shapes: Qwen3-30B-A3B (softmax,
+    E=128, top-8), DeepSeek-V2-Lite (softmax, E=64, top-6), DeepSeek-R1 (sigmoid + bias, E=256 in 8 groups, top-4
+    groups, top-8). Each row checks the kernel's experts against the torch path's."""
+    from moeserve.layers.moe import Router, RouterConfig
+
+    shapes = (("qwen3-30b-a3b", 2048, RouterConfig(128, 8, renormalize=True)),
+              ("deepseek-v2-lite", 2048, RouterConfig(64, 6, routed_scaling_factor=1.0)),
+              ("deepseek-r1", 7168, RouterConfig(256, 8, scoring="sigmoid", renormalize=True, n_group=8,
+                                                 topk_group=4, group_score="top2_sum", correction_bias=True,
+                                                 routed_scaling_factor=2.5)))
+    if SMOKE:
+        shapes = (("softmax", 64, RouterConfig(8, 2, renormalize=True)),
+                  ("grouped", 64, RouterConfig(16, 4, scoring="sigmoid", renormalize=True, n_group=4, topk_group=2,
+                                               group_score="top2_sum", correction_bias=True)))
+    say("router (GEMM + choice), bf16: the kernel path beside the torch path")
+    rows = []
+    for name, hidden, cfg in shapes:
+        r = Router(hidden, cfg).to(DEV)
+        with torch.no_grad():
+            r.weight.copy_(torch.randn(cfg.num_experts, hidden, device=DEV) / hidden ** 0.5)
+            if cfg.correction_bias:
+                r.e_score_correction_bias.copy_(torch.randn(cfg.num_experts, device=DEV) * 0.1)
+        r.weight.data = r.weight.data.to(torch.bfloat16)  # as loaded; the correction bias stays fp32
+        for T in (1, 32, 256) if not SMOKE else (1, 5):
+            x = torch.randn(T, hidden, device=DEV, dtype=torch.bfloat16)
+            kernel_ms = graph_ms([lambda: r._route(x)])
+            torch_ms = graph_ms([lambda: r._route_torch(x)])
+            got, want = r._route(x)[1], r._route_torch(x)[1]
+            same = bool(torch.equal(got.sort(-1).values, want.sort(-1).values))
+            POST_CHECKS.append({"name": f"router {name} T={T}: kernel experts == torch's", "rel_err": 0.0 if same
+                                else 1.0, "tol": 0.5, "ok": same})
+            rows.append(row(f"router {name} T={T} [kernel]", kernel_ms, ceil=ceil, mode="graph",
+                            extra={"torch_ms": torch_ms, "tokens": T}))
+            say(f"    torch path {torch_ms * 1e3:.1f} us: kernel x{torch_ms / kernel_ms:.2f} as fast")
+        del r
+    return rows
+
+
 def mla_decode_tables(B, ctx, page, groups, prefix, rotations):
     """Block tables of B rows of `ctx` tokens, `rotations` disjoint sets; with groups > 0 row b shares its first
     `prefix` tokens' pages with the rows of its group (b % groups), as the prefix workload's interleaved requests
@@ -656,7 +697,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for the JSON and the log ($OUT)")
     ap.add_argument("--quick", action="store_true", help="fewer token counts")
     ap.add_argument("--skip-checks", action="store_true")
-    ap.add_argument("--only", choices=("mla_prefill", "mla_decode", "fp8_linear"), help="time only this case (after the ceilings)")
+    ap.add_argument("--only", choices=("mla_prefill", "mla_decode", "fp8_linear", "router"), help="time only this case (after the ceilings)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton interpreter (tests the script)")
     args = ap.parse_args()
     if args.cpu_smoke:
@@ -688,6 +729,7 @@ def main() -> int:
     if args.only:
         rows += {"mla_prefill": lambda: bench_mla_prefill(result["ceilings"], args.quick),
                  "mla_decode": lambda: bench_mla_decode(result["ceilings"]),
+                 "router": lambda: bench_router(result["ceilings"]),
                  "fp8_linear": lambda: bench_fp8_linear(result["ceilings"])}[args.only]()
         result["checks"] += POST_CHECKS
         failed = [c["name"] for c in result["checks"] if not c["ok"]]
@@ -701,6 +743,7 @@ def main() -> int:
         rows += bench_attention(result["ceilings"], args.quick)
         rows += bench_mla_prefill(result["ceilings"], args.quick)
         rows += bench_mla_decode(result["ceilings"])
+        rows += bench_router(result["ceilings"])
         result["checks"] += POST_CHECKS
         failed = [c["name"] for c in result["checks"] if not c["ok"]]
     result["benchmarks"] = rows
