@@ -17,6 +17,7 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:  # the device has no `pip install -e .`: import moeserve from the checkout
     sys.path.insert(0, str(REPO))
 
+import traffic  # noqa: E402
 from results_io import atomic_write_json  # noqa: E402
 from workloads import LatencySpec, ThroughputSpec, median  # noqa: E402
 
@@ -44,8 +45,6 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 def worker_plan(ap, a) -> tuple[list[str], ThroughputSpec, LatencySpec]:
     """Both engines' workers: check the arguments, size max_model_len for the longest workload (unless given),
     fit the warm-up prompts inside it. Returns (workloads, throughput spec, latency spec)."""
-    import traffic
-
     if not (a.shape or a.model):
         ap.error("--shape or --model is required")
     if a.load_format != "dummy" and not a.model:

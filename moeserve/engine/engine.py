@@ -330,7 +330,7 @@ class LLMEngine:
         batches = [s.schedule() for s in self.schedulers]
         if not any(b.requests for b in batches):
             return
-        steps = self._data_parallel_steps(batches)
+        steps = self._step_inputs(batches)
         logits = self.executor.execute_data_parallel(steps)
         for d, batch in enumerate(batches):
             _mark_computed(batch, self.kvs[d])
@@ -347,18 +347,18 @@ class LLMEngine:
             if results[d] is not None:
                 self._apply_sampled(reqs, results[d], touched)
 
-    def _data_parallel_steps(self, batches) -> list[StepInput]:
-        """Every DP rank's step message, padded alike: the experts' collectives see the same token count on
-        every rank (a rank with nothing runs a dummy step of one decode token)."""
+    def _step_inputs(self, batches) -> list[StepInput]:
+        """Each DP rank's step message; with several, padded alike: the experts' collectives see the same token
+        count on every rank (a rank with nothing runs a dummy step of one decode token)."""
         steps = []
         for d, batch in enumerate(batches):
             _mark_scheduled(batch)
             steps.append(self._step_input(batch, d))
-        if all(st.decode_only for st in steps):
+        if len(steps) > 1 and all(st.decode_only for st in steps):
             pad = max(max(len(st), 1) for st in steps)
             for st in steps:
                 st.dp_graph_batch = pad
-        else:
+        elif len(steps) > 1:
             most = max(max(st.total_tokens, 1) for st in steps)
             for st in steps:
                 st.dp_max_tokens = most
@@ -379,12 +379,10 @@ class LLMEngine:
                 share = max(1, -(-(len(s.running) + len(s.waiting)) // stages))
                 batches.append(s.schedule(self.pp_busy, share))
             if any(b.requests for b in batches):
-                if len(batches) > 1:
-                    steps = self._data_parallel_steps(batches)
+                steps = self._step_inputs(batches)
+                if len(steps) > 1:
                     self.executor.execute_data_parallel(steps)
                 else:
-                    _mark_scheduled(batches[0])
-                    steps = [self._step_input(batches[0])]
                     self.executor.execute(steps[0], None)
                 for d, batch in enumerate(batches):
                     _mark_computed(batch, self.kvs[d])

@@ -2,8 +2,8 @@
 
 `ExpertLoad.attach(model)` gives every Router of the model an int64 counts buffer [num_experts] and a shared
 0-d `valid_tokens` tensor. Each router forward adds its chosen ids into its buffer on the device (no host sync,
-so it replays inside a CUDA graph; on CUDA one atomic-add kernel, or none: the router kernels count); rows at or past `valid_tokens` (a graph's padding rows) count
-nothing. The runner writes `valid_tokens` before each forward. Off by default (`--expert-load-telemetry`): a
+so it replays inside a CUDA graph; on CUDA the router kernels count as they choose, other routers with one
+atomic-add kernel); rows at or past `valid_tokens` (a graph's padding rows) count nothing. The runner writes `valid_tokens` before each forward. Off by default (`--expert-load-telemetry`): a
 router without a buffer pays one attribute check.
 
 `ExpertLoad.snapshot()` (the engine thread, between steps, only when asked) copies the counts to the host and

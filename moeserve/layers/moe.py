@@ -33,6 +33,11 @@ class RouterConfig:
     correction_bias: bool = False  # e_score_correction_bias: added to scores for the choice only
     routed_scaling_factor: float = 1.0
 
+    @property
+    def plain_softmax(self) -> bool:
+        """Softmax over all experts, no groups, no bias (Qwen3-MoE, Mixtral, DeepSeek-V2-Lite)."""
+        return self.scoring == "softmax" and self.n_group == 1 and not self.correction_bias
+
 
 class Router(nn.Module):
     def __init__(self, hidden_size: int, cfg: RouterConfig):
@@ -54,12 +59,11 @@ class Router(nn.Module):
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(weights, ids, whether the telemetry counts were already added)."""
         cfg = self.cfg
-        plain_softmax = cfg.scoring == "softmax" and cfg.n_group == 1 and not cfg.correction_bias
         if x.is_cuda and x.is_contiguous():
             from moeserve.kernels.router import (grouped_topk_failed, grouped_topk_supported, route_grouped_topk,
                                                  route_softmax_topk)
 
-            if plain_softmax:
+            if cfg.plain_softmax:
                 w, ids = route_softmax_topk(x, self.weight, cfg.top_k, cfg.renormalize, cfg.routed_scaling_factor,
                                             counts=self.expert_counts, valid_tokens=self.valid_tokens)
                 return w, ids, True
@@ -77,9 +81,8 @@ class Router(nn.Module):
 
     def _route_torch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        plain_softmax = cfg.scoring == "softmax" and cfg.n_group == 1 and not cfg.correction_bias
         logits = linear(x, self.weight).float()
-        if plain_softmax:
+        if cfg.plain_softmax:
             # Softmax is monotonic: choose on the logits, then weigh with as few kernels as possible.
             top, ids = logits.topk(cfg.top_k, dim=-1)
             weights = top.softmax(dim=-1) if cfg.renormalize else (top - logits.logsumexp(-1, keepdim=True)).exp()

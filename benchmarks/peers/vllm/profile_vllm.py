@@ -52,8 +52,9 @@ def main() -> int:
     vocab = int(cfg["vocab_size"])
     model_dir, _ = run_vllm.model_dir_for(cfg)
     t = time.perf_counter()
-    llm = LLM(model=model_dir, load_format="dummy", dtype="bfloat16", max_model_len=a.max_model_len,
-              max_num_seqs=a.max_num_seqs, gpu_memory_utilization=0.9, seed=0, skip_tokenizer_init=True)
+    llm = LLM(**run_vllm.engine_kwargs(argparse.Namespace(  # the suite worker's engine arguments
+        dtype="bfloat16", max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs, gpu_memory_utilization=0.9,
+        load_format="dummy", engine_arg=[]), model_dir))
     print(f"vLLM ready in {time.perf_counter() - t:.1f} s", flush=True)
     prompts, outs, steps = workload(a.workload, vocab, 101)
     run_vllm.generate(llm, prompts[:16], 4)  # warm-up
