@@ -293,22 +293,50 @@ class ModelRunner:
         while True:
             T = min(T, limit)
             B = -(-T // self.max_model_len)  # sequences of at most max_model_len tokens
-            lens = np.full(B, T // B, dtype=np.int32)
-            lens[: T - int(lens.sum())] += 1
-            qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-            self.meta_cpu = (qsl, lens)
-            self.d_qsl[: B + 1].copy_(torch.from_numpy(qsl))
-            self.d_seq_lens[:B].copy_(torch.from_numpy(lens))
-            self.d_tables[:B].zero_()  # every page is page 0: read, never written
-            self.d_slots[:T].fill_(-1)
-            self.d_input_ids[:T].random_(0, 100)
-            self.d_positions[:T].copy_(torch.from_numpy(np.concatenate([np.arange(n) for n in lens])))
+            self._prefill_inputs(B, T)
             self._run_eager(B, T)
             if T >= limit:
                 break
             T *= 2
         torch.cuda.synchronize()
         return time.perf_counter() - t0
+
+    def _prefill_inputs(self, B: int, T: int, vocab: int = 100) -> None:
+        """Inputs of B fresh prompts, T tokens in all (lengths as even as they split), that write no KV and read
+        only page 0 (which must exist: a KV cache of at least one block is attached)."""
+        lens = np.full(B, T // B, dtype=np.int32)
+        lens[: T - int(lens.sum())] += 1
+        qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        self.meta_cpu = (qsl, lens)
+        self.d_qsl[: B + 1].copy_(torch.from_numpy(qsl))
+        self.d_seq_lens[:B].copy_(torch.from_numpy(lens))
+        self.d_tables[:B].zero_()  # every page is page 0: read, never written
+        self.d_slots[:T].fill_(-1)
+        self.d_input_ids[:T].random_(0, vocab)
+        self.d_positions[:T].copy_(torch.from_numpy(np.concatenate([np.arange(n) for n in lens])))
+
+    @torch.inference_mode()
+    def time_prefill(self, T: int, seq_len: int, reps: int = 3) -> tuple[float, int]:
+        """(median seconds of one eager forward over T prompt tokens in prompts of about seq_len tokens, peak bytes
+        allocated by the timed ones). One untimed forward first, which compiles and autotunes this shape's kernels.
+        Token ids span the vocabulary, so the router spreads them over the experts as real text does. Needs a KV
+        cache of at least one block attached (engine/worker.py measures with a one-block cache)."""
+        B = min(self.max_num_seqs, -(-T // max(1, seq_len)))
+        config = getattr(self.model, "config", None)  # an HFConfig (a missing field raises ValueError) or absent
+        vocab = config.get("vocab_size") if hasattr(config, "get") else None
+        self._prefill_inputs(B, T, vocab=int(vocab or 100))
+        self._run_eager(B, T)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)  # after the first: tuning's own buffers do not count
+        seconds = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._run_eager(B, T)
+            end.record()
+            end.synchronize()
+            seconds.append(start.elapsed_time(end) / 1e3)
+        return float(np.median(seconds)), int(torch.cuda.max_memory_allocated(self.device))
 
     # -- CUDA graphs for decode --
     def capture_cuda_graphs(self) -> float:
