@@ -116,6 +116,7 @@ class LLMEngine:
         self.model_name = config.served_model_name or loaded.source.name
         self.max_model_len = worker.max_model_len
         self.max_num_batched_tokens = worker.max_num_batched_tokens
+        self.batched_tokens_source = worker.batched_tokens_source  # flag, default, measured or cache
         self.weights_bytes = worker.weights_bytes
         self.runner = worker.runner
         self.timings = worker.timings
@@ -177,7 +178,7 @@ class LLMEngine:
 
     def config_info(self) -> dict[str, dict[str, str]]:
         """The facts /metrics publishes as info gauges (vLLM's cache_config_info idea), so that a checker can hold
-        the running server against the planner: the KV pool of one rank and the layout."""
+        the running server against the planner: the KV pool of one rank, the layout, the step's token budget."""
         mem, c = self.memory_report(), self.config
         lay = c.parallel_layout()
         cache = {"block_size": mem["block_size"], "num_gpu_blocks": mem["num_blocks"],
@@ -188,8 +189,13 @@ class LLMEngine:
                  "kv_cache_dtype": c.kv_cache_dtype, "quantization": c.quantization or "none"}
         parallel = {"tensor_parallel_size": lay.tp, "pipeline_parallel_size": lay.pp, "data_parallel_size": lay.dp,
                     "expert_parallel_size": lay.ep}
+        # the step's token budget as the scheduler uses it, and where it came from (engine/token_budget.py)
+        scheduler = {"max_num_batched_tokens": self.max_num_batched_tokens,
+                     "max_num_batched_tokens_source": self.batched_tokens_source, "max_num_seqs": c.max_num_seqs,
+                     "enable_chunked_prefill": c.enable_chunked_prefill}
         return {"cache_config_info": {k: str(v) for k, v in cache.items()},
-                "parallel_config_info": {k: str(v) for k, v in parallel.items()}}
+                "parallel_config_info": {k: str(v) for k, v in parallel.items()},
+                "scheduler_config_info": {k: str(v) for k, v in scheduler.items()}}
 
     # -- requests --
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,

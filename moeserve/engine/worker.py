@@ -8,11 +8,13 @@ forward passes line up.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
 from moeserve.config import EngineConfig
+from moeserve.engine import token_budget
 from moeserve.engine.request import Request
 from moeserve.engine.runner import ModelRunner
 from moeserve.layers.expert_load import ExpertLoad
@@ -21,6 +23,8 @@ from moeserve.engine.step import StepInput
 from moeserve.loader.model_loader import ModelSource, load_model
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
+
+logger = logging.getLogger("moeserve")
 
 
 def resolve_max_model_len(config: EngineConfig, hf_config) -> int:
@@ -46,7 +50,7 @@ def resolve_batched_tokens(config: EngineConfig, max_model_len: int) -> int:
             raise ValueError(f"Without chunked prefill, max_num_batched_tokens ({n}) must be >= "
                              f"max_model_len ({max_model_len}).")
         return n
-    return n or max(8192, config.max_num_seqs)
+    return n or max(token_budget.DEFAULT_BATCHED_TOKENS, config.max_num_seqs)
 
 
 class DoesNotFit(ValueError):
@@ -88,16 +92,99 @@ class Worker:
         self.timings["load_s"] = self.loaded.load_seconds
         self.max_model_len = resolve_max_model_len(config, self.loaded.hf_config)
         self.max_num_batched_tokens = resolve_batched_tokens(config, self.max_model_len)
+        # where the budget came from: flag (the user's), default, measured (now) or cache (measured before)
+        self.batched_tokens_source = "flag" if config.max_num_batched_tokens else "default"
         # buffers too: packed quantized weights (layers/quant) live there
         self.weights_bytes = sum(t.numel() * t.element_size()
                                  for t in (*self.model.parameters(), *self.model.buffers()))
-        self.runner = ModelRunner(self.model, device, dtype, config.block_size, self.max_model_len,
-                                  config.max_num_seqs, self.max_num_batched_tokens,
-                                  use_cuda_graphs=not config.enforce_eager, kv_cache_dtype=config.kv_cache_dtype)
+        if token_budget.wanted(config, device.type):
+            self.settle_batched_tokens()  # builds self.runner at the budget it settles on
+        else:
+            self.runner = self._make_runner(self.max_num_batched_tokens)
         # before graph capture, so the graphs hold the counting ops
         self.expert_load = ExpertLoad.attach(self.model, device) if config.expert_load_telemetry else None
         self.runner.expert_load = self.expert_load
         self.profile_peak_bytes: int | None = None
+
+    def _make_runner(self, max_num_batched_tokens: int) -> ModelRunner:
+        cfg = self.config
+        return ModelRunner(self.model, self.device, self.dtype, cfg.block_size, self.max_model_len,
+                           cfg.max_num_seqs, max_num_batched_tokens,
+                           use_cuda_graphs=not cfg.enforce_eager, kv_cache_dtype=cfg.kv_cache_dtype)
+
+    def settle_batched_tokens(self) -> None:
+        """No --max-num-batched-tokens on CUDA: take the budget from the autotune cache, or measure it now (see
+        engine/token_budget.py). Runs before the KV cache is sized, so that the memory profile and the KV pool are
+        those of the chosen budget, exactly as if the user had passed it; and a cached start is that same start."""
+        cfg = self.config
+        cands = token_budget.candidates(cfg.max_num_seqs, self.max_model_len)
+        if len(cands) < 2:  # nothing to choose between: the default, as without measuring
+            self.runner = self._make_runner(self.max_num_batched_tokens)
+            return
+        key = token_budget.cache_key(self.loaded.hf_config, cfg, str(self.dtype).removeprefix("torch."),
+                                     self.max_model_len)
+        entry = token_budget.cached(key, cands)
+        if entry is not None:
+            source, where = "cache", f"from {token_budget.cache_path()}"
+        else:
+            t0 = time.perf_counter()
+            self.runner = self._make_runner(max(cands))  # buffers for the largest candidate, while measuring
+            measured = self.measure_prefill(cands)
+            tps = {t: v for t, (v, _) in measured.items()}
+            left = {t: b for t, (_, b) in measured.items()}
+            cap = token_budget.memory_cap(left, self._kv_bytes_needed(left))
+            chosen = token_budget.choose(tps, floor=cfg.max_num_seqs, cap=cap)
+            entry = {"config": {"max_num_batched_tokens": chosen}, "candidates": list(cands), "cap": cap,
+                     "tokens_per_s": [[t, tps[t]] for t in sorted(tps)],
+                     "kv_bytes_left": [[t, left[t]] for t in sorted(left)]}
+            source, where = "measured", f"saved to {token_budget.save(key, entry)}"
+            self.timings["batched_tokens_s"] = time.perf_counter() - t0
+        self.max_num_batched_tokens = entry["config"]["max_num_batched_tokens"]
+        self.batched_tokens_source = source
+        self.runner = self._make_runner(self.max_num_batched_tokens)  # buffers and graph sizes of the choice
+        logger.info("moeserve: step token budget [%s] %s, %s", source, token_budget.describe(entry), where)
+
+    def _kv_bytes_needed(self, kv_bytes_left: dict[int, int]) -> int:
+        """What a budget's activations must leave for the KV cache: an explicit KV size (blocks or bytes) in full;
+        else KV_KEEP of what the smallest measured budget leaves, and at least one max_model_len sequence."""
+        cfg = self.config
+        per_block = self.runner.kv_bytes_per_block()
+        if cfg.num_gpu_blocks_override is not None:
+            return cfg.num_gpu_blocks_override * per_block
+        if cfg.kv_cache_memory_bytes is not None:
+            return cfg.kv_cache_memory_bytes
+        one_seq = per_block * -(-self.max_model_len // cfg.block_size)
+        smallest = kv_bytes_left[min(kv_bytes_left)] if kv_bytes_left else 0
+        return max(one_seq, int(token_budget.KV_KEEP * smallest))
+
+    def measure_prefill(self, cands: list[int]) -> dict[int, tuple[float, int]]:
+        """{budget: (prefill tokens/s, bytes the KV cache would have left)} per candidate, smallest first, on a
+        one-block KV cache attached only meanwhile; stops at the first that runs out of memory (a larger one would
+        too). The KV budget is available_kv_blocks' arithmetic with this forward's peak in the profile's place."""
+        cfg, runner = self.config, self.runner
+        seq_len = min(self.max_model_len, token_budget.MEASURE_SEQ_LEN)
+        out: dict[int, tuple[float, int]] = {}
+        runner.allocate_kv_cache(1)
+        try:
+            for T in sorted(cands):
+                try:
+                    seconds, peak = runner.time_prefill(T, seq_len)
+                except torch.OutOfMemoryError:
+                    logger.info("moeserve: a step of %d tokens ran out of memory; larger budgets not measured", T)
+                    break
+                except Exception as e:  # a shape no step of the default budget reached: say so, measure no larger
+                    logger.warning("moeserve: a step of %d tokens failed while measuring the token budget (%r); "
+                                   "larger budgets not measured", T, e)
+                    break
+                finally:
+                    torch.cuda.empty_cache()
+                free, total = torch.cuda.mem_get_info(self.device)
+                others = total - free - torch.cuda.memory_reserved(self.device)
+                out[T] = (T / max(seconds, 1e-9), int(total * cfg.gpu_memory_utilization) - peak - max(others, 0))
+        finally:
+            runner.kv_caches = None
+            torch.cuda.empty_cache()
+        return out
 
     def available_kv_blocks(self) -> int:
         """How many KV blocks this rank can hold under the configured budget (ranks then agree on the least)."""
