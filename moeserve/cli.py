@@ -48,7 +48,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="longest sequence (prompt + output) in tokens; default: the model's own limit")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="most tokens in one engine step (prefill chunks + decodes); default 8192")
+                   help="most tokens in one engine step (prefill chunks + decodes); default: measured once per GPU and "
+                        "model on CUDA (one rank), else 8192")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory for weights, activations and the KV cache (CUDA)")
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None,

@@ -18,7 +18,9 @@ class EngineConfig:
     hf_overrides: dict | None = None
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # default: 8192 with chunked prefill, else max_model_len
+    # default with chunked prefill: measured on CUDA with one rank (engine/token_budget.py), else 8192;
+    # without chunked prefill: max_model_len
+    max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     block_size: int = 16
