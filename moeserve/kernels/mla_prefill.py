@@ -127,12 +127,14 @@ def _mla_prefill_kernel(
 
 
 def _cfg(n_p: int, v_p: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Interpreter: small tiles; GPU: the FA2 shape for d=128."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Interpreter: small tiles; GPU: the FA2 shape for d=128, three
+    key tiles in flight (on an H100, 32k causal tokens of deepseek-v2-lite: 12.7 ms with two, 10.9 with three; the
+    sweep is benchmarks/kernels/mla_prefill_peers.py)."""
     if runtime.interpreting():
         return 16, 16, 4, 1
     if dtype == torch.float32:
         return 64, 32, 4, 2
-    return 128, 64, 8, 2
+    return 128, 64, 8, 3
 
 
 def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
