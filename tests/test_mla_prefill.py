@@ -13,6 +13,7 @@ from triton_kernels import DEVICE, load_kernel  # first: without a GPU it sets u
 pytest.importorskip("triton")
 
 from moeserve.layers import mla  # noqa: E402
+from moeserve.layers.attention import AttentionMetadata  # noqa: E402
 
 kernel = load_kernel("mla_prefill", "_mla_prefill_kernel")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}
@@ -49,6 +50,55 @@ def test_prefill_path_matches_reference(dtype, chunk):
     out = att._expanded_cuda(q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv)
     assert out.shape == ref.shape and out.dtype == dtype
     assert rel_err(out.float().cpu(), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("chunk", [8192, 16])
+def test_prefill_path_writes_into_a_view_of_out(chunk):
+    """With out= (the prefill rows of a mixed batch's output, a view), the path writes those rows in place, on one
+    chunk (the kernel's own stores) and on several (the merge copied in), and touches nothing around them."""
+    att, w, pages, q_nope, q_pe, n_pages, q_lens, ctx_lens, ref = setup(seed=chunk + 1)
+    att.prefill_chunk = chunk
+    w = w.to(DEVICE)
+    w_uk, w_uv = mla.split_kv_b(w, att.num_heads, att.nope_dim)
+    q_nope, q_pe, pages = (t.to(DEVICE) for t in (q_nope, q_pe, pages))
+    T = q_nope.shape[0]
+    buf = torch.full((T + 5, att.num_heads, att.v_dim), 7.0, device=DEVICE)
+    got = att._expanded_cuda(q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv, out=buf[3:3 + T])
+    assert got.data_ptr() == buf[3:].data_ptr()
+    assert rel_err(buf[3:3 + T].cpu(), ref) < TOL[torch.float32]
+    assert (buf[:3] == 7).all() and (buf[3 + T:] == 7).all()
+
+
+@pytest.mark.parametrize("q_lens", [(1, 1, 6, 9), (6, 1, 9, 1)])
+def test_mixed_batch_rows_in_one_run_or_scattered(q_lens):
+    """A mixed batch's prefill rows in one run (as the scheduler orders them) are planned as a slice and written in
+    place; scattered among decode rows they are gathered and scattered back. Both equal each sequence alone."""
+    g = torch.Generator().manual_seed(len(q_lens))
+    H, N, P, V, R, page = 2, 8, 4, 8, 16, 4
+    att = mla.LatentAttention(H, R, N, P, V, scale=0.4, layer_idx=0)
+    w_uk, w_uv = mla.split_kv_b(torch.randn(H * (N + V), R, generator=g) / R ** 0.5, H, N)
+    q_lens = np.array(q_lens)
+    ctx = q_lens + np.array([5, 3, 0, 7])[:len(q_lens)]  # decodes and one prompt on a cached prefix
+    n_pages = -(-ctx // page)
+    cache = torch.randn(int(n_pages.sum()) + 1, page, R + P, generator=g)
+    tables = torch.zeros(len(q_lens), int(n_pages.max()), dtype=torch.int32)
+    first = np.concatenate([[0], np.cumsum(n_pages)[:-1]]) + 1
+    for b, (f, n) in enumerate(zip(first, n_pages)):
+        tables[b, :n] = torch.arange(f, f + n)
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    meta = AttentionMetadata(slot_mapping=torch.full((int(qsl[-1]),), -1), query_start_loc=torch.from_numpy(qsl),
+                             seq_lens=torch.from_numpy(ctx.astype(np.int32)), block_tables=tables,
+                             max_query_len=int(q_lens.max()), max_seq_len=int(ctx.max()),
+                             query_start_loc_cpu=qsl, seq_lens_cpu=ctx.astype(np.int32))
+    q_nope, q_pe = torch.randn(int(qsl[-1]), H, N, generator=g), torch.randn(int(qsl[-1]), H, P, generator=g)
+    out = att._attend_mixed(q_nope, q_pe, cache, w_uk, w_uv, meta)
+    runs = q_lens[0] == 1  # decodes first: the prefill rows are one run
+    assert isinstance(meta.mla_plan.pre_tok, slice) == runs
+    for b in range(len(q_lens)):
+        s = slice(int(qsl[b]), int(qsl[b + 1]))
+        context = cache[tables[b, :n_pages[b]].long()].flatten(0, 1)[:ctx[b]]
+        alone = mla.expanded_attention(q_nope[s], q_pe[s], context, w_uk, w_uv, att.scale)
+        torch.testing.assert_close(out[s], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_uncached_prompts_one_token_pages():

@@ -134,8 +134,12 @@ class LatentAttention(nn.Module):
             if pages.dtype == torch.float8_e4m3fn:  # an fp8 cache: the expansion reads dequantized latents
                 from moeserve.kernels.reference import kv_load
                 pages = kv_load(pages, q_nope.dtype, self.kv_scale)
-            out[tok] = self._expanded(q_nope[tok], q_pe[tok], pages, plan.n_pages, plan.q_lens, plan.ctx_lens,
-                                      w_uk, w_uv, plan)
+            if isinstance(tok, slice):  # one run of rows: views in, the kernel writes its rows of `out` in place
+                self._expanded(q_nope[tok], q_pe[tok], pages, plan.n_pages, plan.q_lens, plan.ctx_lens, w_uk, w_uv,
+                               plan, out=out[tok])
+            else:
+                out[tok] = self._expanded(q_nope[tok], q_pe[tok], pages, plan.n_pages, plan.q_lens, plan.ctx_lens,
+                                          w_uk, w_uv, plan)
         return out
 
     def _attend_uncached(self, q_nope, q_pe, latent, w_uk, w_uv, meta: AttentionMetadata) -> torch.Tensor:
@@ -144,15 +148,18 @@ class LatentAttention(nn.Module):
         pages = latent.unsqueeze(1)  # one token per page: the new tokens are their own context
         return self._expanded(q_nope, q_pe, pages, q_lens, q_lens, q_lens, w_uk, w_uv)
 
-    def _expanded(self, q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv, plan=None) -> torch.Tensor:
+    def _expanded(self, q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv, plan=None,
+                  out=None) -> torch.Tensor:
         """Causal attention of each sequence's queries over its context, expanded to per-head K/V.
 
         pages [P, page, R+rope] hold the sequences' contexts one after the other: sequence i owns n_pages[i]
         pages, its ctx_lens[i] tokens come first in them, and its q_lens[i] queries are its last tokens.
-        plan: the step's MixedPlan, which keeps the chunks' device arguments for the next layers."""
+        plan: the step's MixedPlan, which keeps the chunks' device arguments for the next layers.
+        out: [T, H, v] to write into (else a new tensor); returned either way."""
         if pages.is_cuda:
-            return self._expanded_cuda(q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv, plan)
-        out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)
+            return self._expanded_cuda(q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv, plan, out)
+        if out is None:
+            out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)
         page0 = q0 = 0
         for n_p, n_q, n_ctx in zip(n_pages.tolist(), q_lens.tolist(), ctx_lens.tolist()):
             context = pages[page0:page0 + n_p].flatten(0, 1)[:n_ctx]
@@ -173,7 +180,8 @@ class LatentAttention(nn.Module):
             return int(self.prefill_chunk)
         return max(4096, self.prefill_bytes // (self.num_heads * (self.nope_dim + self.v_dim) * itemsize))
 
-    def _expanded_cuda(self, q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv, plan=None) -> torch.Tensor:
+    def _expanded_cuda(self, q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv, plan=None,
+                       out=None) -> torch.Tensor:
         """The contexts' latents (contiguous per sequence in the flattened pages) expanded chunk by chunk with one
         GEMM (c @ kv_b_proj^T -> [S, H, nope + v]; k_nope and v are strided views of it, k_pe is read from the
         latents) and attended by moeserve.kernels.mla_prefill, a varlen causal flash attention that keeps the
@@ -189,18 +197,21 @@ class LatentAttention(nn.Module):
             chunks = prefill_chunks(chunk, n_pages, q_lens, ctx_lens, pages.shape[1], q_nope.device)
             if plan is not None:
                 plan.chunks[chunk] = chunks
-        out = lse = None
+        merged = lse = None
         for rows, args in chunks:
             lat = flat if rows is None else flat[rows]
             kv = (lat[:, :R].to(w.dtype) @ w.t()).view(-1, H, N + V)
             k_pe = lat[:, R:].to(w.dtype)
             if len(chunks) == 1:
-                return mla_prefill_attention(q_nope, q_pe, kv[..., :N], k_pe, kv[..., N:], scale=self.scale, **args)
+                return mla_prefill_attention(q_nope, q_pe, kv[..., :N], k_pe, kv[..., N:], scale=self.scale,
+                                             out=out, **args)
             lse_c = torch.empty(q_nope.shape[0], H, dtype=torch.float32, device=q_nope.device)
             o_c = mla_prefill_attention(q_nope, q_pe, kv[..., :N], k_pe, kv[..., N:], lse=lse_c, scale=self.scale,
                                         **args)
-            out, lse = (o_c, lse_c) if out is None else merge_partials(out, lse, o_c, lse_c)
-        return out
+            merged, lse = (o_c, lse_c) if merged is None else merge_partials(merged, lse, o_c, lse_c)
+        if out is None:
+            return merged
+        return out.copy_(merged)
 
     def _expanded_cuda_paged(self, q_nope, q_pe, pages, n_pages, q_lens, ctx_lens, w_uk, w_uv) -> torch.Tensor:
         """The former prefill path, kept as the baseline of benchmarks/kernels/bench_kernels.py (mla_prefill): expand
@@ -250,7 +261,10 @@ class MixedPlan:
             self.dec_max_len = int(seq_lens[dec].max())
         pre = np.flatnonzero(q_lens > 1)
         if pre.size:
-            self.pre_tok = upload(np.concatenate([np.arange(qsl[b], qsl[b + 1]) for b in pre]), device)
+            if qsl[pre[-1] + 1] - qsl[pre[0]] == q_lens[pre].sum():  # one run of rows (as the scheduler orders them)
+                self.pre_tok = slice(int(qsl[pre[0]]), int(qsl[pre[-1] + 1]))
+            else:
+                self.pre_tok = upload(np.concatenate([np.arange(qsl[b], qsl[b + 1]) for b in pre]), device)
             self.q_lens, self.ctx_lens = q_lens[pre], seq_lens[pre]
             self.n_pages = -(-self.ctx_lens // block_size)
             tables = meta.block_tables[upload(pre.astype(np.int64), device)]
