@@ -145,6 +145,8 @@ def test_engine_measures_uses_the_choice_and_caches_it(path, measured):
     assert eng.batched_tokens_source == "measured"
     info = eng.config_info()["scheduler_config_info"]
     assert (info["max_num_batched_tokens"], info["max_num_batched_tokens_source"]) == ("64", "measured")
+    mem = eng.memory_report()  # what the benchmark workers record beside their figures
+    assert (mem["max_num_batched_tokens"], mem["max_num_batched_tokens_source"]) == (64, "measured")
     body, _ = ServerMetrics(eng.get_stats, "m", config_info=eng.config_info()).render()  # what /metrics shows
     fam = {f.name: f for f in text_string_to_metric_families(body.decode())}["moeserve:scheduler_config_info"]
     assert fam.samples[0].labels["max_num_batched_tokens"] == "64"

@@ -173,6 +173,8 @@ class LLMEngine:
             "profile_peak_bytes": self.profile_peak_bytes,
             "device_memory_bytes": total,
             "gpu_memory_utilization": self.config.gpu_memory_utilization,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "max_num_batched_tokens_source": self.batched_tokens_source,
             "timings": dict(self.timings),
         }
 
