@@ -31,6 +31,21 @@ def cudnn_lse(q, k, v, causal: bool, scale: float):
     return o, lse
 
 
+def inputs(new: int, prefix: int):
+    """One sequence of `new` query tokens at the end of `prefix + new` keys: q_nope, q_pe, kv [S, H, N + V],
+    k_pe [S, P], mla_prefill_attention's sequence arguments, and the scale (bf16, seeded by the shape)."""
+    S = prefix + new
+    g = torch.Generator(device="cuda").manual_seed(S)
+    q_nope = torch.randn(new, H, N, device="cuda", generator=g, dtype=torch.bfloat16)
+    q_pe = torch.randn(new, H, P, device="cuda", generator=g, dtype=torch.bfloat16)
+    kv = torch.randn(S, H, N + V, device="cuda", generator=g, dtype=torch.bfloat16)
+    k_pe = torch.randn(S, P, device="cuda", generator=g, dtype=torch.bfloat16)
+    i32 = dict(dtype=torch.int32, device="cuda")
+    seq = dict(q_start=torch.zeros(1, **i32), q_len=torch.full((1,), new, **i32), k_start=torch.zeros(1, **i32),
+               k_len=torch.full((1,), S, **i32), q_off=torch.full((1,), prefix, **i32), max_q_len=new)
+    return q_nope, q_pe, kv, k_pe, seq, (N + P) ** -0.5
+
+
 def chunk_case(new: int, prefix: int) -> list[dict]:
     """The chunk of `new` tokens at the end of a `prefix + new` context (chunked prefill of a long prompt):
     moeserve's kernel in one pass (q_off = prefix) against cuDNN in two calls (the prefix unmasked, the chunk's own
@@ -38,15 +53,7 @@ def chunk_case(new: int, prefix: int) -> list[dict]:
     from moeserve.kernels.mla_prefill import merge_partials, mla_prefill_attention
 
     S = prefix + new
-    g = torch.Generator(device="cuda").manual_seed(S)
-    q_nope = torch.randn(new, H, N, device="cuda", generator=g, dtype=torch.bfloat16)
-    q_pe = torch.randn(new, H, P, device="cuda", generator=g, dtype=torch.bfloat16)
-    kv = torch.randn(S, H, N + V, device="cuda", generator=g, dtype=torch.bfloat16)
-    k_pe = torch.randn(S, P, device="cuda", generator=g, dtype=torch.bfloat16)
-    scale = (N + P) ** -0.5
-    i32 = dict(dtype=torch.int32, device="cuda")
-    seq = dict(q_start=torch.zeros(1, **i32), q_len=torch.full((1,), new, **i32), k_start=torch.zeros(1, **i32),
-               k_len=torch.full((1,), S, **i32), q_off=torch.full((1,), prefix, **i32), max_q_len=new)
+    q_nope, q_pe, kv, k_pe, seq, scale = inputs(new, prefix)
     ours = lambda: mla_prefill_attention(q_nope, q_pe, kv[..., :N], k_pe, kv[..., N:], scale=scale, **seq)  # noqa: E731
 
     def cudnn():
@@ -87,15 +94,8 @@ def main() -> int:
     args = ap.parse_args()
     results = []
     for T in (int(t) for t in args.tokens.split(",")):
-        g = torch.Generator(device="cuda").manual_seed(T)
-        q_nope = torch.randn(T, H, N, device="cuda", generator=g, dtype=torch.bfloat16)
-        q_pe = torch.randn(T, H, P, device="cuda", generator=g, dtype=torch.bfloat16)
-        kv = torch.randn(T, H, N + V, device="cuda", generator=g, dtype=torch.bfloat16)
-        k_pe = torch.randn(T, P, device="cuda", generator=g, dtype=torch.bfloat16)
-        scale = (N + P) ** -0.5
+        q_nope, q_pe, kv, k_pe, seq, scale = inputs(T, 0)
         i32 = dict(dtype=torch.int32, device="cuda")
-        seq = dict(q_start=torch.zeros(1, **i32), q_len=torch.full((1,), T, **i32), k_start=torch.zeros(1, **i32),
-                   k_len=torch.full((1,), T, **i32), q_off=torch.zeros(1, **i32), max_q_len=T)
         ours = lambda: mla_prefill_attention(q_nope, q_pe, kv[..., :N], k_pe, kv[..., N:], scale=scale, **seq)  # noqa: E731
         q = torch.cat([q_nope, q_pe], -1).transpose(0, 1).unsqueeze(0).contiguous()  # [1, H, T, 192]
         k = torch.cat([kv[..., :N], k_pe[:, None, :].expand(T, H, P)], -1).transpose(0, 1).unsqueeze(0).contiguous()
