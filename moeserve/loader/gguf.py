@@ -300,10 +300,19 @@ def _lm_head_terms(model, f: "GGUFFile"):
         return None
     name = "lm_head.weight" if "lm_head.weight" in f.tensors else "model.embed_tokens.weight"
     t = f.tensors.get(name)
-    terms = t is not None and len(t.shape) == 2 and decode_int4_terms(t.qtype, t.data, *t.shape)
-    if not terms:
+    if t is None or len(t.shape) != 2:
         return None
-    packed = Int4CPUMethod.pack(terms)
+
+    def decode(start: int, stop: int):
+        f.release_pages()  # the rows decoded so far are copies: their file pages can go
+        _return_freed_heap()  # and the previous chunk's temporaries, freed in glibc's heap
+        return decode_int4_terms(t.qtype, t.data[start:stop], stop - start, t.shape[1])
+
+    # Decoded and packed a few thousand rows at a time: decoding the whole 49152 x 576 Q8_0 table at once was the
+    # default model's load peak (~220 MB of int8/int16 temporaries and uint8 terms).
+    packed = Int4CPUMethod.pack_rows(decode, t.shape[0], rows=1024)
+    if packed is None:
+        return None
     if name == "lm_head.weight":  # its own tensor: never allocated densely
         head.register_parameter("weight", None)
         del f.tensors[name]
@@ -357,8 +366,10 @@ def load_gguf_model(source: Any, device: torch.device, dtype: torch.dtype, t0: f
                 module.register_parameter("weight", None)  # before to_empty: never allocated
                 f.tensors = {n: t for n, t in f.tensors.items() if n not in names}
                 f.release_pages()
+                _return_freed_heap()
         head_terms = _lm_head_terms(model, f)
         f.release_pages()
+        _return_freed_heap()  # the decode temporaries' freed heap, before to_empty allocates beside it
     model = model.to_empty(device=device)
     attach_weight_loaders(model)
     for module_name, terms in packed.items():

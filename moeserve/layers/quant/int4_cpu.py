@@ -20,7 +20,9 @@ and prefills).
 from __future__ import annotations
 
 import os
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,16 +56,25 @@ def pack_term(term: Int4Term, rows: int = 4096) -> tuple[torch.Tensor, torch.Ten
     pad = -n % _N_MULTIPLE
     packed = torch.empty(n + pad, k // 2, dtype=torch.uint8)
     for r in range(0, n, rows):
-        q = torch.from_numpy(term.q[r: r + rows]).to(torch.int32)
-        if r + rows >= n and pad:
-            q = torch.cat([q, torch.full((pad, k), 8, dtype=torch.int32)])  # (8 - 8) * 0 + 0 = 0
-        packed[r: r + q.shape[0]] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
-    scale, zero = torch.from_numpy(term.scale), torch.from_numpy(term.zero)
+        part = _pack_q(term.q[r: r + rows], pad if r + rows >= n else 0)
+        packed[r: r + part.shape[0]] = part
+    return packed, _scales_and_zeros(term.scale, term.zero, pad)
+
+
+def _pack_q(q: np.ndarray, pad: int) -> torch.Tensor:
+    """[rows, K] values 0..15 -> [rows + pad, K/2] in the kernel's layout, `pad` rows of zero weight added."""
+    q = torch.from_numpy(q).to(torch.int32)
+    if pad:
+        q = torch.cat([q, torch.full((pad, q.shape[1]), 8, dtype=torch.int32)])  # (8 - 8) * 0 + 0 = 0
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+
+
+def _scales_and_zeros(scale: np.ndarray, zero: np.ndarray, pad: int) -> torch.Tensor:
+    scale, zero = torch.from_numpy(scale), torch.from_numpy(zero)
     if pad:
         scale = torch.cat([scale, scale.new_zeros(pad, scale.shape[1])])
         zero = torch.cat([zero, zero.new_zeros(pad, zero.shape[1])])
-    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    return packed, scales_and_zeros
+    return torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
 def dense_bf16(terms: list[Int4Term], rows: int = 256) -> torch.Tensor:
@@ -97,6 +108,42 @@ class Int4CPUMethod:
         packed = PackedTerms(pack_term(t) for t in terms)
         if keep_bf16_weights() if bf16_weights is None else bf16_weights:
             packed.dense = dense_bf16(terms)
+        return packed
+
+    @staticmethod
+    def pack_rows(decode: Callable[[int, int], list[Int4Term] | None], n: int, rows: int = 4096,
+                  bf16_weights: bool | None = None) -> PackedTerms | None:
+        """pack() of an [n, K] weight decoded `rows` rows at a time (a multiple of 64): decode(start, stop) gives
+        the int4 terms of those rows, or None where the format has no int4 mapping (then None). The same bytes
+        as pack(decode(0, n)) -- blocks of 64 rows pack independently, the bf16 copy is made row by row -- but no
+        full-size term or decode temporary exists: for the default model's tied Q8_0 head (49152 rows) the whole
+        decode took ~220 MB at once (int8/int16 temporaries, two 28 MB uint8 terms), the load's peak."""
+        if rows % 64:
+            raise ValueError(f"pack_rows: rows must be a multiple of 64, got {rows}")
+        packs, scales, zeros, dense, pad = [], [], [], None, -n % _N_MULTIPLE
+        for r in range(0, n, rows):
+            stop = min(r + rows, n)
+            terms = decode(r, stop)
+            if not terms:
+                return None
+            if r == 0:
+                k = terms[0].q.shape[1]
+                packs = [torch.empty(n + pad, k // 2, dtype=torch.uint8) for _ in terms]
+                scales = [np.empty((n, k // GROUP), t.scale.dtype) for t in terms]
+                zeros = [np.empty((n, k // GROUP), t.zero.dtype) for t in terms]
+                if keep_bf16_weights() if bf16_weights is None else bf16_weights:
+                    dense = torch.empty(n, k, dtype=torch.bfloat16)
+            if len(terms) != len(packs):
+                raise ValueError(f"pack_rows: rows {r}-{stop} decoded to {len(terms)} terms, not {len(packs)}")
+            for i, t in enumerate(terms):
+                part = _pack_q(t.q, pad if stop == n else 0)
+                packs[i][r: r + part.shape[0]] = part
+                scales[i][r: stop], zeros[i][r: stop] = t.scale, t.zero
+            if dense is not None:
+                dense[r: stop] = dense_bf16(terms)
+            del terms, part
+        packed = PackedTerms((w, _scales_and_zeros(s, z, pad)) for w, s, z in zip(packs, scales, zeros))
+        packed.dense = dense
         return packed
 
     @staticmethod
