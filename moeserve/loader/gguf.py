@@ -308,7 +308,7 @@ def _lm_head_terms(model, f: "GGUFFile"):
         _return_freed_heap()  # and the previous chunk's temporaries, freed in glibc's heap
         return decode_int4_terms(t.qtype, t.data[start:stop], stop - start, t.shape[1])
 
-    # Decoded and packed a few thousand rows at a time: decoding the whole 49152 x 576 Q8_0 table at once was the
+    # Decoded and packed 1024 rows at a time: decoding the whole 49152 x 576 Q8_0 table at once was the
     # default model's load peak (~220 MB of int8/int16 temporaries and uint8 terms).
     packed = Int4CPUMethod.pack_rows(decode, t.shape[0], rows=1024)
     if packed is None:
