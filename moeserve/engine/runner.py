@@ -316,15 +316,13 @@ class ModelRunner:
         self.d_positions[:T].copy_(torch.from_numpy(np.concatenate([np.arange(n) for n in lens])))
 
     @torch.inference_mode()
-    def time_prefill(self, T: int, seq_len: int, reps: int = 3) -> tuple[float, int]:
+    def time_prefill(self, T: int, seq_len: int, vocab: int, reps: int = 3) -> tuple[float, int]:
         """(median seconds of one eager forward over T prompt tokens in prompts of about seq_len tokens, peak bytes
         allocated by the timed ones). One untimed forward first, which compiles and autotunes this shape's kernels.
-        Token ids span the vocabulary, so the router spreads them over the experts as real text does. Needs a KV
-        cache of at least one block attached (engine/worker.py measures with a one-block cache)."""
+        Token ids span the vocabulary (vocab), so the router spreads them over the experts as real text does. Needs
+        a KV cache of at least one block attached (engine/worker.py measures with a one-block cache)."""
         B = min(self.max_num_seqs, -(-T // max(1, seq_len)))
-        config = getattr(self.model, "config", None)  # an HFConfig (a missing field raises ValueError) or absent
-        vocab = config.get("vocab_size") if hasattr(config, "get") else None
-        self._prefill_inputs(B, T, vocab=int(vocab or 100))
+        self._prefill_inputs(B, T, vocab=vocab)
         self._run_eager(B, T)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)  # after the first: tuning's own buffers do not count

@@ -96,8 +96,7 @@ def _tuner():
 
 def cached(key: str, cands: list[int]) -> dict | None:
     """The stored entry for key if it was measured over exactly today's candidates (else it is measured again)."""
-    # The autotuner's own load/save (kernels/autotune.py): same file, same merge-on-write, no second cache.
-    entry = _tuner()._load_disk().get(key)
+    entry = _tuner().stored(key)  # the kernels' autotune file: same file, same merge-on-write, no second cache
     if not entry or entry.get("candidates") != list(cands):
         return None
     chosen = entry.get("config", {}).get("max_num_batched_tokens")
@@ -105,9 +104,7 @@ def cached(key: str, cands: list[int]) -> dict | None:
 
 
 def save(key: str, entry: dict) -> str:
-    tuner = _tuner()
-    tuner._save_disk(key, entry)
-    return str(tuner.path)
+    return str(_tuner().store(key, entry))
 
 
 def cache_path() -> str:

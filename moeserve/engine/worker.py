@@ -163,12 +163,13 @@ class Worker:
         too). The KV budget is available_kv_blocks' arithmetic with this forward's peak in the profile's place."""
         cfg, runner = self.config, self.runner
         seq_len = min(self.max_model_len, token_budget.MEASURE_SEQ_LEN)
+        vocab = int(self.loaded.hf_config.vocab_size)
         out: dict[int, tuple[float, int]] = {}
         runner.allocate_kv_cache(1)
         try:
             for T in sorted(cands):
                 try:
-                    seconds, peak = runner.time_prefill(T, seq_len)
+                    seconds, peak = runner.time_prefill(T, seq_len, vocab)
                 except torch.OutOfMemoryError:
                     logger.info("moeserve: a step of %d tokens ran out of memory; larger budgets not measured", T)
                     break

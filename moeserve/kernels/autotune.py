@@ -172,6 +172,17 @@ class Autotuner:
         """Every choice made in this process: full key -> {"config", "source"}."""
         return {k: dict(v) for k, v in self._chosen.items()}
 
+    def stored(self, key: str) -> dict | None:
+        """The cache file's entry under a full key, as written by `store` or a tuning (None if absent)."""
+        return self._load_disk().get(key)
+
+    def store(self, key: str, entry: dict) -> Path:
+        """Write an entry under a full key into the cache file (merged with what other processes wrote); for
+        choices measured outside `choose`, such as the engine's step token budget (engine/token_budget.py)."""
+        with self._lock:
+            self._save_disk(key, entry)
+        return self.path
+
     def _load_disk(self) -> dict[str, dict]:
         if self._disk is None:
             self._disk = {}
