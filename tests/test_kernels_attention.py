@@ -173,3 +173,71 @@ def test_merge_segments_reads_only_the_segments_that_ran(segs, d, d_p):
     attention.merge_segments(out, acc.to(DEVICE).reshape(-1), torch.stack([m, l], -1).to(DEVICE).reshape(-1),
                              rows, heads, d, d_p, segs)
     assert rel_err(out.cpu(), ref[..., :d]) < 1e-6
+
+
+def shared_batch(groups, alone, heads, kv_heads, head_dim, page, dtype, seed):
+    """Decode rows whose block tables begin with their group's shared pages (as prefix caching hands them out),
+    then pages of their own. groups: [(shared pages, [context length of each member])]; alone: lengths of rows in
+    no group. Rows of different groups interleave, as requests of several prompts do in a batch."""
+    g = torch.Generator().manual_seed(seed)
+    specs = [(k, n) for k, lens in groups for n in lens] + [(0, n) for n in alone]
+    order = torch.randperm(len(specs), generator=g).tolist()
+    specs = [specs[i] for i in order]
+    num_blocks = sum(k for k, _ in groups) + sum(-(-n // page) for _, n in specs) + 2
+    perm = torch.randperm(num_blocks, generator=g).int()
+    shared_pages, used = {}, 0
+    for k, _ in groups:
+        shared_pages[k] = perm[used:used + k]
+        used += k
+    width = max(-(-n // page) for _, n in specs) + 1
+    tables = torch.full((len(specs), width), num_blocks - 1, dtype=torch.int32)
+    for b, (k, n) in enumerate(specs):
+        own = -(-n // page) - k
+        tables[b, :k] = shared_pages[k] if k else tables[b, :0]
+        tables[b, k:k + own] = perm[used:used + own]
+        used += own
+    cache = torch.randn(2, num_blocks, page, kv_heads, head_dim, generator=g).to(dtype)
+    q = torch.randn(len(specs), heads, head_dim, generator=g).to(dtype)
+    seq_lens = torch.tensor([n for _, n in specs], dtype=torch.int32)
+    qsl = torch.arange(len(specs) + 1, dtype=torch.int32)
+    return q, cache, qsl, seq_lens, tables
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (6, 2)])
+def test_shared_prefix_decode_matches_reference(dtype, heads, kv_heads, monkeypatch):
+    """Decode rows grouped by a shared prefix (engine/shared_prefix.plan over their block tables): the prefix
+    kernel reads each group's pages once, the decode kernel each row's own keys, the merge joins them. Equal to the
+    reference and to the plain kernel; rows in no group and empty groups past the real ones included; with one
+    context segment per row and with several (split-K beside the prefix splits)."""
+    from moeserve.engine import shared_prefix
+
+    page, d = 16, 64
+    # a group of 3 sharing 2 pages, a group of 2 sharing 1 page (one member's newest token right after it), and
+    # two rows in no group; the plan's groups past these two are empty
+    q, cache, qsl, seq_lens, tables = shared_batch([(2, [40, 47, 33]), (1, [17, 30])], [9, 21], heads, kv_heads, d,
+                                                   page, dtype, seed=5)
+    plan = shared_prefix.plan(tables.numpy(), seq_lens.numpy() - 1, page, max_groups=4, min_saved=0.0, min_rows=1)
+    assert plan is not None and plan.num_groups == 2
+    assert sorted(plan.plen.tolist()) == [0, 0, 16, 32]
+    shared = attention.SharedPrefixes(*(torch.from_numpy(a).to(DEVICE) for a in
+                                        (plan.rows, plan.start, plan.plen, plan.row_prefix)))
+    q, cache, qsl, seq_lens, tables = (t.to(DEVICE) for t in (q, cache, qsl, seq_lens, tables))
+    ref = reference.ref_paged_attention(q.double(), cache.double(), query_start_loc=qsl, seq_lens=seq_lens,
+                                        block_tables=tables, scale=d ** -0.5)
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):  # partials nothing wrote hold NaN: the merge must never read them
+        return empty(*args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    for sms in (10_000, 4):  # several context segments per row, then one
+        monkeypatch.setattr(runtime, "num_sms", lambda device, n=sms: n)
+        outs = []
+        for sp in (shared, None):
+            out = torch.full_like(q, float("nan"))
+            attention.paged_attention(q, cache, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
+                                      scale=d ** -0.5, max_query_len=1, max_seq_len=64, out=out, shared=sp)
+            outs.append(out)
+        assert rel_err(outs[0], ref) < TOL[dtype], sms
+        assert rel_err(outs[0], outs[1]) < TOL[dtype], sms

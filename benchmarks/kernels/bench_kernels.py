@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -513,6 +514,95 @@ def bench_attention(ceil, quick: bool) -> list[dict]:
     return rows
 
 
+def bench_shared_prefix(ceil, sweep: bool = False) -> list[dict]:
+    """Decode rows in groups that share a cached prompt prefix (the traffic suite's prefix workload: groups of 32
+    requests, 2048 shared tokens, then their own): every row reading its own keys, against each group's prefix read
+    once (engine/shared_prefix.plan + the prefix kernel). Bytes: the distinct keys, which is the grouped floor."""
+    from moeserve.engine import shared_prefix
+    from moeserve.kernels import attention, reference
+
+    say(f"decode over shared prefixes, qwen3-30b-a3b attention (H={HEADS}, KVH={KV_HEADS}, D={HEAD_DIM}), bf16:")
+    rows = []
+    kv_tok = KV_HEADS * HEAD_DIM * 2 * 2
+    group, prefix, own = (32, 2048, 160) if not SMOKE else (4, 32, 9)
+    for B in (32, 128, 256) if not SMOKE else (8,):
+        n_groups = B // group
+        own_pages = -(-own // PAGE) + 1
+        num_blocks = n_groups * prefix // PAGE + B * own_pages + 4
+        cache = torch.randn(2, num_blocks, PAGE, KV_HEADS, HEAD_DIM, device=DEV).to(torch.bfloat16)
+        perm = torch.randperm(num_blocks).int()
+        width = prefix // PAGE + own_pages + 1
+        tables = torch.full((B, width), num_blocks - 1, dtype=torch.int32)
+        used = n_groups * prefix // PAGE
+        for b in range(B):  # groups interleaved, as the workload submits them
+            g = b % n_groups
+            tables[b, :prefix // PAGE] = perm[g * prefix // PAGE:(g + 1) * prefix // PAGE]
+            tables[b, prefix // PAGE:prefix // PAGE + own_pages] = perm[used:used + own_pages]
+            used += own_pages
+        lens = torch.tensor([prefix + own - (b % 7) for b in range(B)], dtype=torch.int32)
+        plan = shared_prefix.plan(tables.numpy(), lens.numpy() - 1, PAGE)
+        shared = attention.SharedPrefixes(*(torch.from_numpy(a).to(DEV) for a in
+                                            (plan.rows, plan.start, plan.plen, plan.row_prefix)))
+        tables, lens = tables.to(DEV), lens.to(DEV)
+        qsl = torch.arange(B + 1, dtype=torch.int32, device=DEV)
+        q = torch.randn(B, HEADS, HEAD_DIM, device=DEV).to(torch.bfloat16)
+        out = torch.empty_like(q)
+        distinct = (n_groups * prefix + int((lens - prefix).sum())) * kv_tok
+        flops = 4 * HEADS * HEAD_DIM * int(lens.sum())
+        ref = reference.ref_paged_attention(q.float(), cache.float(), query_start_loc=qsl, seq_lens=lens,
+                                            block_tables=tables, scale=HEAD_DIM ** -0.5)
+        def call(sp):
+            return lambda: attention.paged_attention(
+                q, cache, query_start_loc=qsl, seq_lens=lens, block_tables=tables, scale=HEAD_DIM ** -0.5,
+                max_query_len=1, max_seq_len=MAX_MODEL_LEN, out=out, shared=sp)
+
+        extra = {"batch": B, "groups": n_groups, "prefix": prefix, "own": own}
+        for name, sp in (("rows alone", None), ("grouped", shared)):
+            call(sp)()
+            ms = graph_ms([call(sp)])
+            rows.append(row(f"attn shared-prefix B={B} {name}", ms, bytes_=distinct, flops=flops, ceil=ceil,
+                            mode="graph", extra={**extra, "prefix_config": dict(attention.PREFIX_CONFIG)}))
+            post_check(f"attn shared-prefix B={B} {name}", out.clone(), ref)
+        if sweep and not SMOKE:
+            default = dict(attention.PREFIX_CONFIG)
+            tried = []
+            for r_, n_, w_, st_ in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
+                attention.PREFIX_CONFIG.update(ROWS=r_, BLOCK_N=n_, num_warps=w_, num_stages=st_)
+                try:
+                    call(shared)()
+                    tried.append((graph_ms([call(shared)]), dict(attention.PREFIX_CONFIG)))
+                except Exception as e:  # a config past the shared memory
+                    say(f"  prefix config {attention.PREFIX_CONFIG}: {type(e).__name__}")
+            best = min(tried, key=lambda t: t[0])[1]
+            for sp_ in (1, 4, 8):
+                attention.PREFIX_CONFIG.update(best, SPLITS=sp_)
+                call(shared)()
+                tried.append((graph_ms([call(shared)]), dict(attention.PREFIX_CONFIG)))
+            tried.sort(key=lambda t: t[0])
+            for ms, c in tried[:6]:
+                say(f"  B={B} grouped {ms * 1e3:7.1f} us  {c}")
+            ms, c = tried[0]
+            attention.PREFIX_CONFIG.update(c)
+            call(shared)()
+            post_check(f"attn shared-prefix B={B} grouped, swept best", out.clone(), ref)
+            rows.append(row(f"attn shared-prefix B={B} swept", ms, bytes_=distinct, flops=flops, ceil=ceil,
+                            mode="graph", extra={**extra, "prefix_config": c}))
+            if B == 256:  # where the grouped step's time goes, kernel by kernel
+                from torch.profiler import ProfilerActivity, profile as tprofile
+                with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(20):
+                        call(shared)()
+                    sync()
+                for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:6]:
+                    if e.self_device_time_total > 0:
+                        say(f"  B=256 swept best, {e.key[:40]:40s} {e.self_device_time_total / 20:8.1f} us/call")
+            attention.PREFIX_CONFIG.clear()
+            attention.PREFIX_CONFIG.update(default)
+        del cache, q, out
+        empty_cache()
+    return rows
+
+
 def bench_mla_prefill(ceil, quick: bool) -> list[dict]:
     """deepseek-v2-lite MLA prefill, one layer (H=16, R=512, nope 128, rope 64, v 128): the new path (expand by one
     GEMM per <= 8192-token chunk, varlen flash attention, kernels/mla_prefill.py) against the old one (einsum
@@ -697,7 +787,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for the JSON and the log ($OUT)")
     ap.add_argument("--quick", action="store_true", help="fewer token counts")
     ap.add_argument("--skip-checks", action="store_true")
-    ap.add_argument("--only", choices=("mla_prefill", "mla_decode", "fp8_linear", "router"), help="time only this case (after the ceilings)")
+    ap.add_argument("--only", choices=("mla_prefill", "mla_decode", "fp8_linear", "router", "shared_prefix"), help="time only this case (after the ceilings)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton interpreter (tests the script)")
     args = ap.parse_args()
     if args.cpu_smoke:
@@ -730,6 +820,7 @@ def main() -> int:
         rows += {"mla_prefill": lambda: bench_mla_prefill(result["ceilings"], args.quick),
                  "mla_decode": lambda: bench_mla_decode(result["ceilings"]),
                  "router": lambda: bench_router(result["ceilings"]),
+                 "shared_prefix": lambda: bench_shared_prefix(result["ceilings"], sweep=True),
                  "fp8_linear": lambda: bench_fp8_linear(result["ceilings"])}[args.only]()
         result["checks"] += POST_CHECKS
         failed = [c["name"] for c in result["checks"] if not c["ok"]]
@@ -741,6 +832,7 @@ def main() -> int:
         rows += bench_linear(result["ceilings"])
         rows += bench_fp8_linear(result["ceilings"])
         rows += bench_attention(result["ceilings"], args.quick)
+        rows += bench_shared_prefix(result["ceilings"])
         rows += bench_mla_prefill(result["ceilings"], args.quick)
         rows += bench_mla_decode(result["ceilings"])
         rows += bench_router(result["ceilings"])

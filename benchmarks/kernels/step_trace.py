@@ -170,6 +170,9 @@ def main() -> None:
     ap.add_argument("--sync", action="store_true",
                     help="synchronize before every step (no overlap): a step's host launch time is then its own")
     ap.add_argument("--jsonl", default="")
+    ap.add_argument("--ab-shared-prefix", action="store_true",
+                    help="run each workload twice on the one engine: decode rows alone, then grouped by shared "
+                         "prefix (engine/shared_prefix), the second one's figures beside the first's")
     a = ap.parse_args()
 
     from shapes import get_shape
@@ -182,7 +185,8 @@ def main() -> None:
     t = time.perf_counter()
     llm = LLM(**kwargs)
     eng = llm.llm_engine
-    print(f"== {a.shape} {kwargs}: start-up {time.perf_counter() - t:.1f} s", flush=True)
+    print(f"== {a.shape} {kwargs}: start-up {time.perf_counter() - t:.1f} s "
+          f"{json.dumps({k: round(v, 1) for k, v in eng.timings.items()})}", flush=True)
     vocab = eng.hf_config.vocab_size
 
     def params(n):
@@ -192,9 +196,19 @@ def main() -> None:
         for i, (p, n) in enumerate(zip(prompts, out_lens)):
             eng.add_request(f"{tag}-{i}", p, params(n))
 
-    for arg in a.workload:
+    runs = a.workload
+    if a.ab_shared_prefix:
+        runs = [f"{w}#{mode}" for w in a.workload for mode in ("alone", "grouped")]
+    for arg in runs:
+        arg, _, mode = arg.partition("#")
+        if mode:
+            eng.runner.plan_shared = mode == "grouped"
+            print(f"== decode rows {mode} (shared-prefix planning {'on' if eng.runner.plan_shared else 'off'})")
+        steps_before = eng.runner.num_shared_steps
         wl, _, window = arg.partition("@")
         prompts, out_lens = workload(wl, vocab, a.num_requests or None)
+        if mode == "grouped":  # other tokens, same lengths and sharing: nothing of the first run's prefix cache hits
+            prompts = [[(t + 1) % vocab for t in p] for p in prompts]
         # warm-up: the same lengths' kernels compiled and tuned, outside the figures
         w = max(1, len(prompts) // 8)
         llm.generate([{"prompt_token_ids": p} for p in prompts[:w]], [params(min(n, 16)) for n in out_lens[:w]])
@@ -208,6 +222,7 @@ def main() -> None:
         eng.step, eng._launch = type(eng).step.__get__(eng), type(eng)._launch.__get__(eng)
         print(f"-- {wl}: {len(prompts)} requests, {sum(map(len, prompts))} input + {sum(out_lens)} output tokens")
         print(summarize(rows, wall, sum(out_lens)), flush=True)
+        print(f"  decode steps with shared-prefix groups: {eng.runner.num_shared_steps - steps_before}", flush=True)
         if a.jsonl:
             with open(a.jsonl, "a") as f:
                 for i, r in enumerate(rows):

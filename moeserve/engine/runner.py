@@ -7,15 +7,18 @@ CUDA). Decode-only batches on CUDA replay a CUDA graph captured per padded batch
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import time
 
 import numpy as np
 import torch
 
+from moeserve.engine import shared_prefix
 from moeserve.engine.piecewise import PiecewiseGraph, StaticBuffers
 from moeserve.engine.step import BlockTables, StepInput
 from moeserve.layers.experts import set_dp_max_tokens
-from moeserve.layers.attention import AttentionMetadata, ForwardContext
+from moeserve.kernels.attention import SharedPrefixes
+from moeserve.layers.attention import AttentionMetadata, ForwardContext, PagedAttention
 
 
 class _Staging:
@@ -32,6 +35,11 @@ class _Staging:
         self.seq_lens = torch.zeros(B, dtype=torch.int32, pin_memory=pin)
         self.tables = torch.zeros(B, max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
         self.logits_idx = torch.zeros(B, dtype=torch.int64, pin_memory=pin)
+        # A decode step's shared-prefix groups (engine/shared_prefix.Plan), when it has any.
+        self.sp_rows = torch.zeros(B, dtype=torch.int32, pin_memory=pin)
+        self.sp_start = torch.zeros(shared_prefix.MAX_GROUPS + 1, dtype=torch.int32, pin_memory=pin)
+        self.sp_plen = torch.zeros(shared_prefix.MAX_GROUPS, dtype=torch.int32, pin_memory=pin)
+        self.sp_row_prefix = torch.zeros(B, dtype=torch.int32, pin_memory=pin)
         self.row_owner: list[tuple[list | None, int]] = [(None, 0)] * B  # the block list row b was written from
         self.copied = torch.cuda.Event() if pin else None
 
@@ -97,6 +105,19 @@ class ModelRunner:
         self.num_mixed_replays = 0
         self.piecewise = False  # mixed graphs cut around a front that cannot be captured (engine/piecewise)
         self.d_logits_idx = torch.zeros(B, dtype=torch.int64, device=device)
+        # Decode rows that share a prompt prefix's blocks read it once per group (engine/shared_prefix): paged
+        # attention on CUDA, one process per replica (every TP rank plans the same groups from the same tables).
+        self.plan_shared = (device.type == "cuda" and not self.data_parallel and self.link is None
+                            and any(isinstance(m, PagedAttention) for m in model.modules()))
+        self.step_shared = False  # this step's decode rows have groups
+        self.shared_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.num_shared_steps = 0
+        G = shared_prefix.MAX_GROUPS
+        self.d_shared = SharedPrefixes(
+            rows=torch.zeros(B + 1, dtype=torch.int32, device=device),
+            start=torch.zeros(G + 1, dtype=torch.int32, device=device),
+            plen=torch.zeros(G, dtype=torch.int32, device=device),
+            row_prefix=torch.zeros(B + 1, dtype=torch.int32, device=device))
         # Positions of a mixed graph's padding tokens (any valid position: they only rotate themselves).
         self._pad_positions = torch.arange(T, dtype=torch.int64, device=device) % max_model_len
 
@@ -150,6 +171,7 @@ class ModelRunner:
     def _prepare(self, step: StepInput, prev_tokens: torch.Tensor | None = None) -> tuple[int, int]:
         h = self.stagings[self.num_steps % len(self.stagings)].claim()
         self.num_steps += 1
+        self.step_shared = False
         if step.decode_only:
             return self._prepare_decode(step, h, prev_tokens)
         bs = self.block_size
@@ -201,15 +223,37 @@ class ModelRunner:
         qsl = h.qsl.numpy()
         qsl[: B + 1] = np.arange(B + 1)
         h.logits_idx.numpy()[:B] = np.arange(B)
+        if self.plan_shared:
+            self._plan_shared(h, B, p)
         self._upload(h, B, B, B, prev_tokens if any_pending else None)
         self.meta_cpu = (qsl[: B + 1].copy(), seq_lens[:B].copy())
         return B, B
+
+    def _plan_shared(self, h: _Staging, B: int, positions: np.ndarray) -> None:
+        """Group the decode rows by a shared prefix of blocks (engine/shared_prefix) and stage the groups' device
+        copy; rows past B (a graph's padding) stay in no group."""
+        plan = shared_prefix.plan(h.tables.numpy()[:B], positions, self.block_size)
+        if plan is None:
+            return
+        self.step_shared = True
+        self.num_shared_steps += 1
+        n = len(plan.rows)
+        h.sp_rows.numpy()[:n] = plan.rows
+        h.sp_start.numpy()[:] = plan.start
+        h.sp_plen.numpy()[:] = plan.plen
+        h.sp_row_prefix.numpy()[:B] = plan.row_prefix
+        d = self.d_shared  # before _upload records the staging set's copies as done
+        d.rows[:n].copy_(h.sp_rows[:n], non_blocking=True)
+        d.start.copy_(h.sp_start, non_blocking=True)
+        d.plen.copy_(h.sp_plen, non_blocking=True)
+        d.row_prefix[:B].copy_(h.sp_row_prefix[:B], non_blocking=True)
 
     def _prepare_dummy(self) -> tuple[int, int]:
         """One token at position 0 that writes nothing and reads one slot: a DP rank with no requests still runs
         the forward pass, so that the collectives of the others' experts complete."""
         h = self.stagings[self.num_steps % len(self.stagings)].claim()
         self.num_steps += 1
+        self.step_shared = False
         h.input_ids.numpy()[0] = 0
         h.positions.numpy()[0] = 0
         h.slots.numpy()[0] = -1
@@ -255,8 +299,12 @@ class ModelRunner:
         return AttentionMetadata(
             slot_mapping=self.d_slots[:T], query_start_loc=self.d_qsl[: B + 1], seq_lens=self.d_seq_lens[:B],
             block_tables=self.d_tables[:B], max_query_len=max_query_len, max_seq_len=max_seq_len,
-            query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens,
+            query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens, shared=self._shared(B) if self.step_shared else None,
         )
+
+    def _shared(self, B: int) -> SharedPrefixes:
+        d = self.d_shared
+        return SharedPrefixes(rows=d.rows[:B], start=d.start, plen=d.plen, row_prefix=d.row_prefix[:B])
 
     def _run_eager(self, B: int, T: int) -> torch.Tensor:
         qsl, seq_lens = self.meta_cpu
@@ -357,6 +405,12 @@ class ModelRunner:
                 set_dp_max_tokens(B)
             graph, out, pool = self._capture(B, ctx, pool)
             self.graphs[B] = (graph, out)
+            if self.plan_shared and B >= shared_prefix.MIN_ROWS:  # the same step with shared-prefix groups
+                self.d_shared.start.zero_()  # captured with no groups: the replays read the step's own
+                self.d_shared.row_prefix[:B].zero_()
+                meta = dataclasses.replace(meta, shared=self._shared(B))
+                graph, out, pool = self._capture(B, ForwardContext(meta, self.kv_caches), pool)
+                self.shared_graphs[B] = (graph, out)
         set_dp_max_tokens(None)
         self.graph_sizes = sorted(self.graphs)
         if self._mixed_graphs_possible():
@@ -456,12 +510,15 @@ class ModelRunner:
     def _replay(self, B: int, at_least: int = 0) -> torch.Tensor:
         """at_least: DP ranks all replay the graph of the largest batch among them (a collective's shape)."""
         padded = self.graph_sizes[bisect.bisect_left(self.graph_sizes, max(B, at_least))]
+        shared = self.step_shared and padded in self.shared_graphs
         if padded > B:  # padding rows: one query each, nothing written, a 1-token context
             self.d_slots[B:padded].fill_(-1)
             self.d_seq_lens[B:padded].fill_(1)
             self.d_qsl[B + 1: padded + 1].copy_(
                 torch.arange(B + 1, padded + 1, dtype=torch.int32, device=self.device))
-        graph, out = self.graphs[padded]
+            if shared:
+                self.d_shared.row_prefix[B:padded].zero_()  # in no group
+        graph, out = (self.shared_graphs if shared else self.graphs)[padded]
         graph.replay()
         return out[:B]
 

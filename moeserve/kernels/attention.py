@@ -12,6 +12,8 @@ only on tensor shapes and max_query_len; real lengths are read on the device (CU
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -149,11 +151,11 @@ def _attend_keys(q, q_pos, m_i, l_i, acc, kv_base, bt_row, lo, hi, scale_log2e, 
     return m_i, l_i, acc
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
+@triton.jit(do_not_specialize=["num_seqs", "seg_base", "seg_stride"])
 def _attn_kernel(
     q_ptr, kv_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-    qsl_ptr, seq_lens_ptr, bt_ptr,
-    scale_log2e, v_scale, num_seqs,
+    qsl_ptr, seq_lens_ptr, bt_ptr, row_prefix_ptr,
+    scale_log2e, v_scale, num_seqs, seg_base, seg_stride,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head,
     stride_bt, num_heads,
@@ -161,6 +163,10 @@ def _attn_kernel(
     D: tl.constexpr, D_P: tl.constexpr, NUM_SEG: tl.constexpr, DECODE: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
+    # seg_base > 0 (decode beside _prefix_attn_kernel): a row's keys start past its group's shared prefix
+    # (row_prefix[b] tokens, 0 outside any group); its partials go to slots seg_base.. of seg_stride per (row, head),
+    # the prefix kernel's to slots 0..seg_base-1. Otherwise seg_base = 0 and seg_stride = NUM_SEG. Both are runtime
+    # values (branches uniform over the grid), so the grouped path compiles no kernel of its own.
     if DECODE:
         tile = tl.program_id(0)
     else:  # reversed: late query tiles of long sequences have the most keys, start them first
@@ -206,12 +212,16 @@ def _attn_kernel(
         q = q.to(tl.float32)
 
     kv_end = tl.minimum(seq_len, ctx_start + tl.minimum(q0 + BLOCK_Q, n_q))  # past the last visible key
+    if seg_base > 0:
+        k_first = tl.load(row_prefix_ptr + b)  # the shared prefix's keys are the prefix kernel's
+    else:
+        k_first = 0
     if NUM_SEG > 1:
-        seg_len = tl.cdiv(tl.cdiv(kv_end, NUM_SEG), BLOCK_N) * BLOCK_N
-        k_lo = seg * seg_len
+        seg_len = tl.cdiv(tl.cdiv(kv_end - k_first, NUM_SEG), BLOCK_N) * BLOCK_N
+        k_lo = k_first + seg * seg_len
         k_hi = tl.maximum(tl.minimum(kv_end, k_lo + seg_len), k_lo)  # empty segments stay empty
     else:
-        k_lo = 0
+        k_lo = k_first
         k_hi = kv_end
 
     m_i = tl.full([BLOCK_Q * HP], float("-inf"), tl.float32)
@@ -231,34 +241,114 @@ def _attn_kernel(
 
     if KV_FP8:
         acc = acc * v_scale
-    if NUM_SEG > 1:  # unnormalised partials; _merge_segments_kernel combines them
-        part = (tok * num_heads + head) * NUM_SEG + seg
+    if seg_stride > 1:  # unnormalised partials; _merge_segments_kernel combines them
+        part = (tok * num_heads + head) * seg_stride + seg_base + seg
         if k_hi > k_lo:  # an empty segment leaves its partial unwritten (m = -inf tells the merge)
             tl.store(part_acc_ptr + part[:, None] * D_P + d[None, :], acc, mask=row_ok[:, None])
         tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+        if (seg_base > 0) & (seg == 0) & (k_first == 0):  # a row in no group: the prefix slots are empty
+            for s in range(seg_base):
+                tl.store(part_ml_ptr + (part - seg_base + s) * 2, tl.full([BLOCK_Q * HP], float("-inf"), tl.float32),
+                         mask=row_ok)
+                tl.store(part_ml_ptr + (part - seg_base + s) * 2 + 1, tl.zeros([BLOCK_Q * HP], tl.float32), mask=row_ok)
     else:
         o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seg", "seg_stride"])
+def _prefix_attn_kernel(
+    q_ptr, kv_ptr, part_acc_ptr, part_ml_ptr,
+    rows_ptr, start_ptr, plen_ptr, bt_ptr,
+    scale_log2e, v_scale, num_seg, seg_stride,
+    stride_qt, stride_qh,
+    stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head,
+    stride_bt, num_heads,
+    NUM_GROUPS: tl.constexpr, PAGE: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, MPT: tl.constexpr,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+):
+    """Decode rows that share a prefix's pages (a group) attend over that prefix together: a program packs MPT
+    rows of one group x the HP query heads of one kv head into its tile and reads each prefix key once for all of
+    them, split over num_seg programs along the keys. Writes unnormalised partials to slots 0..num_seg-1 of
+    seg_stride per (row, head); _attn_kernel (seg_base = num_seg) writes the rows' own keys beside them.
+    Group g: rows[start[g]:start[g+1]] (decode rows: row index = token index), plen[g] prefix tokens, read
+    through the block table of its first row. Groups past the real ones are empty (start repeats)."""
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seg = tl.program_id(2)
+    # Tiles of group g start at start[g] // MPT + g (an upper bound on the tiles before it): the last group whose
+    # first tile is <= this one owns it.
+    lo = tile * 0
+    hi = lo + NUM_GROUPS - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        first = tl.load(start_ptr + mid) // MPT + mid
+        lo = tl.where(first <= tile, mid, lo)
+        hi = tl.where(first <= tile, hi, mid - 1)
+    g = lo
+    g0 = tl.load(start_ptr + g)
+    n = tl.load(start_ptr + g + 1) - g0
+    m0 = (tile - (g0 // MPT + g)) * MPT
+    if m0 >= n:
+        return
+    plen = tl.load(plen_ptr + g)
+    seg_len = tl.cdiv(tl.cdiv(plen, num_seg), BLOCK_N) * BLOCK_N
+    k_lo = seg * seg_len
+    k_hi = tl.maximum(tl.minimum(plen, k_lo + seg_len), k_lo)
+
+    r = tl.arange(0, MPT * HP)
+    member = m0 + r // HP
+    hh = r % HP
+    row_ok = (member < n) & (hh < G)
+    tok = tl.load(rows_ptr + g0 + member, mask=row_ok, other=0).to(tl.int64)
+    head = kvh * G + hh
+    d = tl.arange(0, D_P)
+    d_ok = d < D
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    q_pos = tl.full([MPT * HP], 0, tl.int32) + plen  # every prefix key is visible to every row
+    m_i = tl.full([MPT * HP], float("-inf"), tl.float32)
+    l_i = tl.zeros([MPT * HP], tl.float32)
+    acc = tl.zeros([MPT * HP, D_P], tl.float32)
+    kv_base = kv_ptr + kvh * stride_c_head
+    bt_row = bt_ptr + tl.load(rows_ptr + g0).to(tl.int64) * stride_bt
+    k_full = k_lo + (k_hi - k_lo) // BLOCK_N * BLOCK_N
+    m_i, l_i, acc = _attend_keys(q, q_pos, m_i, l_i, acc, kv_base, bt_row, k_lo, k_full, scale_log2e, d,
+                                 stride_c_kv, stride_c_blk, stride_c_tok,
+                                 PAGE, BLOCK_N, D, D_P, False, DOT_F32, PRECISION, KV_FP8)
+    m_i, l_i, acc = _attend_keys(q, q_pos, m_i, l_i, acc, kv_base, bt_row, k_full, k_hi, scale_log2e, d,
+                                 stride_c_kv, stride_c_blk, stride_c_tok,
+                                 PAGE, BLOCK_N, D, D_P, True, DOT_F32, PRECISION, KV_FP8)
+    if KV_FP8:
+        acc = acc * v_scale
+    part = (tok * num_heads + head) * seg_stride + seg
+    if k_hi > k_lo:
+        tl.store(part_acc_ptr + part[:, None] * D_P + d[None, :], acc, mask=row_ok[:, None])
+    tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
+    tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["num_seg"])
 def _merge_segments_kernel(
-    out_ptr, part_acc_ptr, part_ml_ptr, stride_ot, stride_oh, num_heads,
-    D: tl.constexpr, D_P: tl.constexpr, NUM_SEG: tl.constexpr, BLOCK_D: tl.constexpr,
+    out_ptr, part_acc_ptr, part_ml_ptr, stride_ot, stride_oh, num_heads, num_seg,
+    D: tl.constexpr, D_P: tl.constexpr, BLOCK_D: tl.constexpr, SEG_P2: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    s = tl.arange(0, NUM_SEG)
-    part = (t * num_heads + h) * NUM_SEG + s
-    m = tl.load(part_ml_ptr + part * 2)
-    l = tl.load(part_ml_ptr + part * 2 + 1)
+    s = tl.arange(0, SEG_P2)
+    part = (t * num_heads + h) * num_seg + s
+    m = tl.load(part_ml_ptr + part * 2, mask=s < num_seg, other=float("-inf"))
+    l = tl.load(part_ml_ptr + part * 2 + 1, mask=s < num_seg, other=0.0)
     live = m != float("-inf")  # empty segments wrote no partial: never read it
     m_max = tl.max(m, 0)
     w = tl.where(live, tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)), 0.0)
-    denom = tl.sum(w * l, 0)
+    denom = tl.sum(w * tl.where(live, l, 0.0), 0)
     acc = tl.load(part_acc_ptr + part[:, None] * D_P + d[None, :], mask=live[:, None], other=0.0)
     o = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
     tl.store(out_ptr + t * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
@@ -269,10 +359,11 @@ def merge_segments(out: torch.Tensor, part_acc: torch.Tensor, part_ml: torch.Ten
     """out[t, h, :d] = the log-sum-exp merge of the `segs` partials of (t, h) that the split-K decode kernels
     wrote (fp32 acc rows of d_p values, then (m, l) in log2 units). Each program takes a slice of the d_p columns
     so that its segs x columns tile stays in registers (64 segments x 512 latent columns did not: 51 us per call)."""
-    block_d = max(16, min(d_p, 4096 // segs))
+    seg_p2 = runtime.next_pow2(segs)
+    block_d = max(16, min(d_p, 4096 // seg_p2))
     _merge_segments_kernel[(rows, num_heads, d_p // block_d)](
-        out, part_acc, part_ml, out.stride(0), out.stride(1), num_heads,
-        D=d, D_P=d_p, NUM_SEG=segs, BLOCK_D=block_d, num_warps=4,
+        out, part_acc, part_ml, out.stride(0), out.stride(1), num_heads, segs,
+        D=d, D_P=d_p, BLOCK_D=block_d, SEG_P2=seg_p2, num_warps=4,
     )
 
 
@@ -289,6 +380,7 @@ def paged_attention(
     out: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    shared: "SharedPrefixes | None" = None,
 ) -> torch.Tensor:
     """Causal attention of every sequence's new tokens over its paged context. Returns [T, num_heads, head_dim].
     An fp8 cache is read as k * k_scale, v * v_scale (per-tensor host floats: CUDA-graph safe).
@@ -296,6 +388,7 @@ def paged_attention(
     q: [T, H, D]; query_start_loc [B+1] int32; seq_lens [B] int32 (context incl. the new tokens, already written
     to the cache); block_tables [B, max_blocks] int32. max_query_len picks the kernel (1 = decode) and must bound
     the real query lengths; max_seq_len is only an upper bound (decode graphs pass max_model_len).
+    shared (decode only): rows grouped by a shared prefix of pages, whose keys are read once per group.
     """
     runtime.check_device("paged_attention", q, kv_cache, query_start_loc, seq_lens, block_tables)
     _check_cache(kv_cache)
@@ -320,6 +413,8 @@ def paged_attention(
 
     group = num_heads // kv_heads
     decode = max_query_len == 1
+    if shared is not None and not decode:
+        raise ValueError("paged_attention: shared prefixes are for decode batches (max_query_len 1)")
     shape = AttnShape(T, B, group, d, page, kv_heads, q.dtype, decode, max_seq_len, is_fp8(kv_cache))
     scales = (k_scale, v_scale)
     timing = {}  # decode: timed on long contexts (autotune.decode_tuning_inputs), made only if it is timed
@@ -333,8 +428,22 @@ def paged_attention(
         _launch_attention(c, shape, q, kv_cache, query_start_loc, lens, tables, scale, out, scales)
 
     cfg = get_tuner().choose("paged_attention", shape.key(), _attn_candidates(shape), run, _attn_default(shape))
-    _launch_attention(cfg, shape, q, kv_cache, query_start_loc, seq_lens, block_tables, scale, out, scales)
+    _launch_attention(cfg, shape, q, kv_cache, query_start_loc, seq_lens, block_tables, scale, out, scales, shared)
     return out
+
+
+@dataclass
+class SharedPrefixes:
+    """Decode rows grouped by a shared prefix of pages (prefix caching gives a shared prompt prefix the same
+    blocks), as device int32 tensors: rows [>= members], the batch rows ordered by group; start [num_groups + 1]
+    (group g is rows[start[g]:start[g+1]]; groups past the real ones are empty); plen [num_groups], each group's
+    prefix in tokens (whole pages, all before every member's newest token); row_prefix [B], each row's plen (0 in
+    no group). Shapes are fixed per batch size, values read on the device: CUDA-graph safe."""
+
+    rows: torch.Tensor
+    start: torch.Tensor
+    plen: torch.Tensor
+    row_prefix: torch.Tensor
 
 
 class AttnShape:
@@ -394,7 +503,7 @@ def _num_segments(s: AttnShape, cfg: Config, device: torch.device) -> int:
 
 
 def _launch_attention(cfg, s: AttnShape, q, kv_cache, qsl, seq_lens, block_tables, scale, out,
-                      scales=(1.0, 1.0)) -> None:
+                      scales=(1.0, 1.0), shared: SharedPrefixes | None = None) -> None:
     num_heads = q.shape[1]
     hp = runtime.next_pow2(s.group)
     d_p = max(16, runtime.next_pow2(s.d))
@@ -406,16 +515,22 @@ def _launch_attention(cfg, s: AttnShape, q, kv_cache, qsl, seq_lens, block_table
         hp = max(hp, 16 // block_q)
         grid0 = s.T // block_q + s.B
     segs = _num_segments(s, cfg, q.device)
-    if segs > 1:
-        part_acc = torch.empty(s.T * num_heads * segs * d_p, dtype=torch.float32, device=q.device)
-        part_ml = torch.empty(s.T * num_heads * segs * 2, dtype=torch.float32, device=q.device)
+    prefix_segs = prefix_splits(segs) if shared is not None else 0  # the shared prefix's key splits
+    slots = prefix_segs + segs
+    if slots > 1:
+        part_acc = torch.empty(s.T * num_heads * slots * d_p, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(s.T * num_heads * slots * 2, dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # unused
     dot_f32, precision = runtime.dot_flags(q.dtype)
+    scale_log2e = scale * LOG2E * (scales[0] if s.kv_fp8 else 1.0)
+    if shared is not None:
+        _launch_prefix(cfg, s, q, kv_cache, block_tables, scale_log2e, float(scales[1]), part_acc, part_ml,
+                       shared, prefix_segs, slots, d_p)
     _attn_kernel[(grid0, s.kv_heads, segs)](
         q, kv_cache, out, part_acc, part_ml,
-        qsl, seq_lens, block_tables,
-        scale * LOG2E * (scales[0] if s.kv_fp8 else 1.0), float(scales[1]), s.B,
+        qsl, seq_lens, block_tables, shared.row_prefix if shared is not None else seq_lens,
+        scale_log2e, float(scales[1]), s.B, prefix_segs, slots,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), num_heads,
@@ -423,8 +538,43 @@ def _launch_attention(cfg, s: AttnShape, q, kv_cache, qsl, seq_lens, block_table
         NUM_SEG=segs, DECODE=s.decode, DOT_F32=dot_f32, PRECISION=precision, KV_FP8=s.kv_fp8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if segs > 1:
-        merge_segments(out, part_acc, part_ml, s.T, num_heads, s.d, d_p, segs)
+    if slots > 1:
+        merge_segments(out, part_acc, part_ml, s.T, num_heads, s.d, d_p, slots)
+
+
+# The prefix kernel's launch: tile rows (group members x the kv head's query heads), key tile, warps, stages, and
+# key splits (0: max(2, the decode kernel's segments)). Not autotuned: at capture the groups are empty, and the
+# groups of a real step are not known before it runs; benchmarks/kernels/bench_kernels.py sweeps these on the device.
+PREFIX_CONFIG = {"ROWS": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "SPLITS": 0}
+
+
+def prefix_splits(segs: int) -> int:
+    return PREFIX_CONFIG["SPLITS"] or max(2, segs)
+
+
+def _launch_prefix(cfg, s: AttnShape, q, kv_cache, block_tables, scale_log2e, v_scale, part_acc, part_ml,
+                   shared: SharedPrefixes, prefix_segs: int, slots: int, d_p: int) -> None:
+    """_prefix_attn_kernel over every group, in tiles of PREFIX_CONFIG's rows (halved past head_dim 128, and
+    its key tile for 32-bit inputs: the fp32 accumulator and the K/V stages stay on chip)."""
+    pc = PREFIX_CONFIG
+    hp = runtime.next_pow2(s.group)
+    rows = pc["ROWS"] if d_p <= 128 else pc["ROWS"] // 2
+    mpt = max(1, rows // hp)
+    hp = max(hp, 16 // mpt)  # tl.dot needs >= 16 rows
+    num_groups = shared.start.shape[0] - 1
+    block_n = pc["BLOCK_N"] if (q.dtype.itemsize <= 2 and d_p <= 128) else pc["BLOCK_N"] // 2
+    dot_f32, precision = runtime.dot_flags(q.dtype)
+    _prefix_attn_kernel[(-(-s.B // mpt) + num_groups, s.kv_heads, prefix_segs)](
+        q, kv_cache, part_acc, part_ml,
+        shared.rows, shared.start, shared.plen, block_tables,
+        scale_log2e, v_scale, prefix_segs, slots,
+        q.stride(0), q.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables.stride(0), q.shape[1],
+        NUM_GROUPS=num_groups, PAGE=s.page, G=s.group, HP=hp, MPT=mpt, BLOCK_N=block_n, D=s.d, D_P=d_p,
+        DOT_F32=dot_f32, PRECISION=precision, KV_FP8=s.kv_fp8,
+        num_warps=pc["num_warps"], num_stages=pc["num_stages"],
+    )
 
 
 def _check_cache(kv_cache: torch.Tensor) -> None:

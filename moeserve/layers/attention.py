@@ -30,6 +30,9 @@ class AttentionMetadata:
     cpu_plan: list | None = field(default=None, repr=False, compare=False)
     # MLA's plan of a mixed batch (layers/mla.MixedPlan): built by the first MLA layer, reused by the rest.
     mla_plan: object | None = field(default=None, repr=False, compare=False)
+    # CUDA decode: rows grouped by a shared prefix of blocks (kernels/attention.SharedPrefixes, planned by the
+    # runner with engine/shared_prefix), whose keys the paged kernels read once per group. None: every row alone.
+    shared: object | None = None
 
 
 @dataclass
@@ -82,7 +85,7 @@ class PagedAttention(nn.Module):
             return paged_attention(
                 q, cache, query_start_loc=meta.query_start_loc, seq_lens=meta.seq_lens,
                 block_tables=meta.block_tables, scale=self.scale, max_query_len=meta.max_query_len,
-                max_seq_len=meta.max_seq_len, k_scale=self.k_scale, v_scale=self.v_scale,
+                max_seq_len=meta.max_seq_len, k_scale=self.k_scale, v_scale=self.v_scale, shared=meta.shared,
             )
         write_kv_reference(k, v, cache, meta.slot_mapping, self.k_scale, self.v_scale)
         return paged_attention_reference(q, cache, meta, self.scale, self.k_scale, self.v_scale)
