@@ -88,3 +88,34 @@ def test_default_model_load_peak_stays_near_what_is_held():
     assert out.returncode == 0, out.stderr[-2000:]
     peak, rss = map(float, out.stdout.split()[-2:])
     assert peak - rss < 40, (peak, rss)
+
+
+_IMPORTS = """
+import sys
+from moeserve import LLM, SamplingParams
+llm = LLM(max_model_len=64, kv_cache_memory_bytes=8 << 20)
+tok = llm.get_tokenizer()
+text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
+                               add_generation_prompt=True)
+out = llm.generate([text], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
+print(type(tok).__name__, sorted({m.split(".")[0] for m in sys.modules} & {"transformers", "sympy", "gguf"}), repr(out))
+"""
+
+
+def test_a_warm_start_of_the_default_model_imports_no_transformers(tmp_path, monkeypatch):
+    """With its tokenizer cached, serving the default GGUF imports neither transformers (~40 MB resident and ~1.5 s
+    for the tokenizer through it; loader/light_tokenizer.py reads the cache instead) nor sympy (torch's meta
+    to_empty path imported it: +35 MB) nor the gguf package."""
+    import os
+    from pathlib import Path
+
+    from moeserve.loader import gguf as gguf_loader
+    from moeserve.loader.gguf import default_model_path
+
+    monkeypatch.setenv("MOESERVE_CACHE_DIR", str(tmp_path))
+    gguf_loader._tokenizer(Path(default_model_path()))  # the cold start's conversion, here
+    out = subprocess.run([sys.executable, "-c", _IMPORTS], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[:2] == ["LightTokenizer", "[]"], out.stdout
+    assert "Paris" in out.stdout, out.stdout

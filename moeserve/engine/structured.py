@@ -76,6 +76,8 @@ class Grammars:
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int], cache_size: int = 256):
         import xgrammar as xgr
         self.xgr = xgr
+        if hasattr(tokenizer, "to_transformers"):  # loader/light_tokenizer.py: xgrammar reads transformers' own
+            tokenizer = tokenizer.to_transformers()
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=sorted(eos_token_ids) or None)
         self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
