@@ -165,7 +165,9 @@ def _attn_kernel(
 ):
     # seg_base > 0 (decode beside _prefix_attn_kernel): a row's keys start past its group's shared prefix
     # (row_prefix[b] tokens, 0 outside any group); its partials go to slots seg_base.. of seg_stride per (row, head),
-    # the prefix kernel's to slots 0..seg_base-1. Otherwise seg_base = 0 and seg_stride = NUM_SEG. Both are runtime
+    # the prefix kernel's to slots 0..seg_base-1; or, with one segment (seg_stride 1), the kernel folds the prefix's
+    # slots (seg_base of them per (row, head)) into its own and writes the output. Otherwise seg_base = 0 and
+    # seg_stride = NUM_SEG. Both are runtime
     # values (branches uniform over the grid), so the grouped path compiles no kernel of its own.
     if DECODE:
         tile = tl.program_id(0)
@@ -241,6 +243,23 @@ def _attn_kernel(
 
     if KV_FP8:
         acc = acc * v_scale
+    if NUM_SEG == 1:
+        if (seg_base > 0) & (seg_stride == 1) & (k_first > 0):
+            # one segment: fold the group's prefix partials (slots 0..seg_base-1) in here, no merge
+            for s in range(seg_base):
+                part = (tok * num_heads + head) * seg_base + s
+                pm = tl.load(part_ml_ptr + part * 2, mask=row_ok, other=float("-inf"))
+                pl = tl.load(part_ml_ptr + part * 2 + 1, mask=row_ok, other=0.0)
+                live = pm != float("-inf")  # an empty split wrote no acc
+                pacc = tl.load(part_acc_ptr + part[:, None] * D_P + d[None, :], mask=(row_ok & live)[:, None],
+                               other=0.0)
+                m_new = tl.maximum(m_i, pm)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                a_own = tl.exp2(m_i - m_safe)
+                a_pre = tl.where(live, tl.exp2(pm - m_safe), 0.0)
+                acc = acc * a_own[:, None] + pacc * a_pre[:, None]
+                l_i = l_i * a_own + tl.where(live, pl, 0.0) * a_pre
+                m_i = m_new
     if seg_stride > 1:  # unnormalised partials; _merge_segments_kernel combines them
         part = (tok * num_heads + head) * seg_stride + seg_base + seg
         if k_hi > k_lo:  # an empty segment leaves its partial unwritten (m = -inf tells the merge)
@@ -516,8 +535,11 @@ def _launch_attention(cfg, s: AttnShape, q, kv_cache, qsl, seq_lens, block_table
         grid0 = s.T // block_q + s.B
     segs = _num_segments(s, cfg, q.device)
     prefix_segs = prefix_splits(segs) if shared is not None else 0  # the shared prefix's key splits
-    slots = prefix_segs + segs
-    if slots > 1:
+    # One segment per row beside the groups: the decode kernel folds the prefix partials into its own keys and
+    # writes the output (slots: the prefix's only, no merge). Several: every segment's partial, then the merge.
+    fold = shared is not None and segs == 1
+    slots = prefix_segs if fold else prefix_segs + segs
+    if slots > 1 or fold:
         part_acc = torch.empty(s.T * num_heads * slots * d_p, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(s.T * num_heads * slots * 2, dtype=torch.float32, device=q.device)
     else:
@@ -530,7 +552,7 @@ def _launch_attention(cfg, s: AttnShape, q, kv_cache, qsl, seq_lens, block_table
     _attn_kernel[(grid0, s.kv_heads, segs)](
         q, kv_cache, out, part_acc, part_ml,
         qsl, seq_lens, block_tables, shared.row_prefix if shared is not None else seq_lens,
-        scale_log2e, float(scales[1]), s.B, prefix_segs, slots,
+        scale_log2e, float(scales[1]), s.B, prefix_segs, 1 if fold else slots,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), num_heads,
@@ -538,14 +560,14 @@ def _launch_attention(cfg, s: AttnShape, q, kv_cache, qsl, seq_lens, block_table
         NUM_SEG=segs, DECODE=s.decode, DOT_F32=dot_f32, PRECISION=precision, KV_FP8=s.kv_fp8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if slots > 1:
+    if slots > 1 and not fold:
         merge_segments(out, part_acc, part_ml, s.T, num_heads, s.d, d_p, slots)
 
 
 # The prefix kernel's launch: tile rows (group members x the kv head's query heads), key tile, warps, stages, and
 # key splits (0: max(2, the decode kernel's segments)). Not autotuned: at capture the groups are empty, and the
 # groups of a real step are not known before it runs; benchmarks/kernels/bench_kernels.py sweeps these on the device.
-PREFIX_CONFIG = {"ROWS": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "SPLITS": 0}
+PREFIX_CONFIG = {"ROWS": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "SPLITS": 0}  # swept on an H100
 
 
 def prefix_splits(segs: int) -> int:
