@@ -220,7 +220,7 @@ def test_shared_prefix_decode_matches_reference(dtype, heads, kv_heads, monkeypa
     plan = shared_prefix.plan(tables.numpy(), seq_lens.numpy() - 1, page, max_groups=4, min_saved=0.0, min_rows=1)
     assert plan is not None and plan.num_groups == 2
     assert sorted(plan.plen.tolist()) == [0, 0, 16, 32]
-    shared = attention.SharedPrefixes(*(torch.from_numpy(a).to(DEVICE) for a in
+    shared = shared_prefix.SharedPrefixes(*(torch.from_numpy(a).to(DEVICE) for a in
                                         (plan.rows, plan.start, plan.plen, plan.row_prefix)))
     q, cache, qsl, seq_lens, tables = (t.to(DEVICE) for t in (q, cache, qsl, seq_lens, tables))
     ref = reference.ref_paged_attention(q.double(), cache.double(), query_start_loc=qsl, seq_lens=seq_lens,
@@ -231,7 +231,9 @@ def test_shared_prefix_decode_matches_reference(dtype, heads, kv_heads, monkeypa
         return empty(*args, **kwargs).fill_(float("nan"))
 
     monkeypatch.setattr(torch, "empty", poisoned)
-    for sms in (10_000, 4):  # several context segments per row, then one
+    big = attention.prefix_launch(256)  # the launch of the largest batches (128-row tiles), on these few rows too
+    for sms, launch in ((10_000, {}), (4, {}), (4, big)):  # several context segments per row, then one
+        monkeypatch.setattr(attention, "PREFIX_CONFIG", dict(launch))
         monkeypatch.setattr(runtime, "num_sms", lambda device, n=sms: n)
         outs = []
         for sp in (shared, None):

@@ -98,14 +98,15 @@ tok = llm.get_tokenizer()
 text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
                                add_generation_prompt=True)
 out = llm.generate([text], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
-print(type(tok).__name__, sorted({m.split(".")[0] for m in sys.modules} & {"transformers", "sympy", "gguf"}), repr(out))
+print(type(tok).__name__, sorted({m.split(".")[0] for m in sys.modules} & {"transformers", "sympy", "gguf", "triton"}), repr(out))
 """
 
 
 def test_a_warm_start_of_the_default_model_imports_no_transformers(tmp_path, monkeypatch):
     """With its tokenizer cached, serving the default GGUF imports neither transformers (~40 MB resident and ~1.5 s
     for the tokenizer through it; loader/light_tokenizer.py reads the cache instead) nor sympy (torch's meta
-    to_empty path imported it: +35 MB) nor the gguf package."""
+    to_empty path imported it: +35 MB) nor the gguf package, nor triton (the CPU path runs no kernel of it: +70 MB
+    when the runner imported a dataclass from kernels/)."""
     import os
     from pathlib import Path
 

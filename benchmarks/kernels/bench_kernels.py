@@ -541,7 +541,7 @@ def bench_shared_prefix(ceil, sweep: bool = False) -> list[dict]:
             used += own_pages
         lens = torch.tensor([prefix + own - (b % 7) for b in range(B)], dtype=torch.int32)
         plan = shared_prefix.plan(tables.numpy(), lens.numpy() - 1, PAGE)
-        shared = attention.SharedPrefixes(*(torch.from_numpy(a).to(DEV) for a in
+        shared = shared_prefix.SharedPrefixes(*(torch.from_numpy(a).to(DEV) for a in
                                             (plan.rows, plan.start, plan.plen, plan.row_prefix)))
         tables, lens = tables.to(DEV), lens.to(DEV)
         qsl = torch.arange(B + 1, dtype=torch.int32, device=DEV)
@@ -561,10 +561,10 @@ def bench_shared_prefix(ceil, sweep: bool = False) -> list[dict]:
             call(sp)()
             ms = graph_ms([call(sp)])
             rows.append(row(f"attn shared-prefix B={B} {name}", ms, bytes_=distinct, flops=flops, ceil=ceil,
-                            mode="graph", extra={**extra, "prefix_config": dict(attention.PREFIX_CONFIG)}))
+                            mode="graph", extra={**extra, "prefix_config": dict(attention.prefix_launch(B))}))
             post_check(f"attn shared-prefix B={B} {name}", out.clone(), ref)
         if sweep and not SMOKE:
-            default = dict(attention.PREFIX_CONFIG)
+            attention.PREFIX_CONFIG.update(attention.prefix_launch(B))
             tried = []
             for r_, n_, w_, st_ in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
                 attention.PREFIX_CONFIG.update(ROWS=r_, BLOCK_N=n_, num_warps=w_, num_stages=st_)
@@ -596,8 +596,7 @@ def bench_shared_prefix(ceil, sweep: bool = False) -> list[dict]:
                 for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:6]:
                     if e.self_device_time_total > 0:
                         say(f"  B=256 swept best, {e.key[:40]:40s} {e.self_device_time_total / 20:8.1f} us/call")
-            attention.PREFIX_CONFIG.clear()
-            attention.PREFIX_CONFIG.update(default)
+            attention.PREFIX_CONFIG.clear()  # back to prefix_launch's choice
         del cache, q, out
         empty_cache()
     return rows

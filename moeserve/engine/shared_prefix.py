@@ -19,6 +19,21 @@ MIN_SAVED = 0.25  # take the grouped path when it spares at least this share of 
 
 
 @dataclass
+class SharedPrefixes:
+    """A step's groups on the device, as kernels/attention.paged_attention(shared=...) reads them: int32 tensors
+    rows [>= members], the batch rows ordered by group; start [num_groups + 1] (group g is rows[start[g]:start[g+1]];
+    groups past the real ones are empty); plen [num_groups], each group's prefix in tokens (whole pages, all before
+    every member's newest token); row_prefix [B], each row's plen (0 in no group). Shapes are fixed per batch size,
+    values read on the device: CUDA-graph safe. (Here, not in kernels/: the runner imports it on CPU too, and
+    importing the kernels would load Triton there.)"""
+
+    rows: "torch.Tensor"
+    start: "torch.Tensor"
+    plen: "torch.Tensor"
+    row_prefix: "torch.Tensor"
+
+
+@dataclass
 class Plan:
     rows: np.ndarray  # [members] int32: batch rows, ordered by group
     start: np.ndarray  # [MAX_GROUPS + 1] int32: group g is rows[start[g]:start[g+1]]; empty groups repeat the end

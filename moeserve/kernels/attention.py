@@ -12,8 +12,6 @@ only on tensor shapes and max_query_len; real lengths are read on the device (CU
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -399,7 +397,7 @@ def paged_attention(
     out: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
-    shared: "SharedPrefixes | None" = None,
+    shared=None,
 ) -> torch.Tensor:
     """Causal attention of every sequence's new tokens over its paged context. Returns [T, num_heads, head_dim].
     An fp8 cache is read as k * k_scale, v * v_scale (per-tensor host floats: CUDA-graph safe).
@@ -407,7 +405,8 @@ def paged_attention(
     q: [T, H, D]; query_start_loc [B+1] int32; seq_lens [B] int32 (context incl. the new tokens, already written
     to the cache); block_tables [B, max_blocks] int32. max_query_len picks the kernel (1 = decode) and must bound
     the real query lengths; max_seq_len is only an upper bound (decode graphs pass max_model_len).
-    shared (decode only): rows grouped by a shared prefix of pages, whose keys are read once per group.
+    shared (decode only): rows grouped by a shared prefix of pages, whose keys are read once per group: an
+    engine/shared_prefix.SharedPrefixes (device int32 tensors rows, start, plen, row_prefix).
     """
     runtime.check_device("paged_attention", q, kv_cache, query_start_loc, seq_lens, block_tables)
     _check_cache(kv_cache)
@@ -449,20 +448,6 @@ def paged_attention(
     cfg = get_tuner().choose("paged_attention", shape.key(), _attn_candidates(shape), run, _attn_default(shape))
     _launch_attention(cfg, shape, q, kv_cache, query_start_loc, seq_lens, block_tables, scale, out, scales, shared)
     return out
-
-
-@dataclass
-class SharedPrefixes:
-    """Decode rows grouped by a shared prefix of pages (prefix caching gives a shared prompt prefix the same
-    blocks), as device int32 tensors: rows [>= members], the batch rows ordered by group; start [num_groups + 1]
-    (group g is rows[start[g]:start[g+1]]; groups past the real ones are empty); plen [num_groups], each group's
-    prefix in tokens (whole pages, all before every member's newest token); row_prefix [B], each row's plen (0 in
-    no group). Shapes are fixed per batch size, values read on the device: CUDA-graph safe."""
-
-    rows: torch.Tensor
-    start: torch.Tensor
-    plen: torch.Tensor
-    row_prefix: torch.Tensor
 
 
 class AttnShape:
@@ -522,7 +507,7 @@ def _num_segments(s: AttnShape, cfg: Config, device: torch.device) -> int:
 
 
 def _launch_attention(cfg, s: AttnShape, q, kv_cache, qsl, seq_lens, block_tables, scale, out,
-                      scales=(1.0, 1.0), shared: SharedPrefixes | None = None) -> None:
+                      scales=(1.0, 1.0), shared=None) -> None:
     num_heads = q.shape[1]
     hp = runtime.next_pow2(s.group)
     d_p = max(16, runtime.next_pow2(s.d))
@@ -534,7 +519,7 @@ def _launch_attention(cfg, s: AttnShape, q, kv_cache, qsl, seq_lens, block_table
         hp = max(hp, 16 // block_q)
         grid0 = s.T // block_q + s.B
     segs = _num_segments(s, cfg, q.device)
-    prefix_segs = prefix_splits(segs) if shared is not None else 0  # the shared prefix's key splits
+    prefix_segs = prefix_splits(s.B, segs) if shared is not None else 0  # the shared prefix's key splits
     # One segment per row beside the groups: the decode kernel folds the prefix partials into its own keys and
     # writes the output (slots: the prefix's only, no merge). Several: every segment's partial, then the merge.
     fold = shared is not None and segs == 1
@@ -566,19 +551,29 @@ def _launch_attention(cfg, s: AttnShape, q, kv_cache, qsl, seq_lens, block_table
 
 # The prefix kernel's launch: tile rows (group members x the kv head's query heads), key tile, warps, stages, and
 # key splits (0: max(2, the decode kernel's segments)). Not autotuned: at capture the groups are empty, and the
-# groups of a real step are not known before it runs; benchmarks/kernels/bench_kernels.py sweeps these on the device.
-PREFIX_CONFIG = {"ROWS": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "SPLITS": 0}  # swept on an H100
+# groups of a real step are not known before it runs. From bench_kernels --only shared_prefix on an H100 (8 groups,
+# 2048 shared keys): 64-row tiles were best up to 128 rows of batch, 128-row tiles with 8 warps at 256 (92.6 vs
+# 111 us). PREFIX_CONFIG, when set (the benchmark's sweep), overrides both.
+PREFIX_CONFIG: dict = {}
 
 
-def prefix_splits(segs: int) -> int:
-    return PREFIX_CONFIG["SPLITS"] or max(2, segs)
+def prefix_launch(batch: int) -> dict:
+    if PREFIX_CONFIG:
+        return PREFIX_CONFIG
+    if batch >= 256:
+        return {"ROWS": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "SPLITS": 0}
+    return {"ROWS": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "SPLITS": 0}
+
+
+def prefix_splits(batch: int, segs: int) -> int:
+    return prefix_launch(batch)["SPLITS"] or max(2, segs)
 
 
 def _launch_prefix(cfg, s: AttnShape, q, kv_cache, block_tables, scale_log2e, v_scale, part_acc, part_ml,
-                   shared: SharedPrefixes, prefix_segs: int, slots: int, d_p: int) -> None:
-    """_prefix_attn_kernel over every group, in tiles of PREFIX_CONFIG's rows (halved past head_dim 128, and
-    its key tile for 32-bit inputs: the fp32 accumulator and the K/V stages stay on chip)."""
-    pc = PREFIX_CONFIG
+                   shared, prefix_segs: int, slots: int, d_p: int) -> None:
+    """_prefix_attn_kernel over every group, in tiles of prefix_launch's rows (halved past head_dim 128, and its
+    key tile for 32-bit inputs: the fp32 accumulator and the K/V stages stay on chip)."""
+    pc = prefix_launch(s.B)
     hp = runtime.next_pow2(s.group)
     rows = pc["ROWS"] if d_p <= 128 else pc["ROWS"] // 2
     mpt = max(1, rows // hp)

@@ -30,7 +30,7 @@ class AttentionMetadata:
     cpu_plan: list | None = field(default=None, repr=False, compare=False)
     # MLA's plan of a mixed batch (layers/mla.MixedPlan): built by the first MLA layer, reused by the rest.
     mla_plan: object | None = field(default=None, repr=False, compare=False)
-    # CUDA decode: rows grouped by a shared prefix of blocks (kernels/attention.SharedPrefixes, planned by the
+    # CUDA decode: rows grouped by a shared prefix of blocks (engine/shared_prefix.SharedPrefixes, planned by the
     # runner with engine/shared_prefix), whose keys the paged kernels read once per group. None: every row alone.
     shared: object | None = None
 
