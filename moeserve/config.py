@@ -32,6 +32,10 @@ class EngineConfig:
     # host's bookkeeping. None: on for CUDA, off on the CPU (where nothing runs behind the host's back).
     async_scheduling: bool | None = None
     served_model_name: str | None = None
+    # Who drives the engine, as vLLM's usage context: "server" (moeserve serve) or "offline" (LLM(...), which sets
+    # it). It moves one default: the measured step token budget favours the decodes' wait per step in a server and
+    # prefill throughput offline (engine/token_budget.py), as vLLM's defaults differ (8192 vs 16384 on an H100).
+    usage: str = "server"
     # Weight precision: None = the checkpoint's (an fp8 quantization_config is read from config.json); "fp8" also
     # quantizes a bf16/fp32 checkpoint on load (per-channel weights, dynamic per-token activations); "awq", "gptq",
     # "compressed-tensors" name an int4 checkpoint's method (read from config.json anyway; must match it).
@@ -78,6 +82,7 @@ class EngineConfig:
         check(self.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"),
               f"kv_cache_dtype must be one of auto, fp8, fp8_e4m3 (fp8 means e4m3; fp8_e5m2 is not implemented); "
               f"got {self.kv_cache_dtype!r}.")
+        check(self.usage in ("server", "offline"), f"usage must be 'server' or 'offline'; got {self.usage!r}.")
         check(self.hf_overrides is None or isinstance(self.hf_overrides, dict),
               f"hf_overrides must be a dict (a JSON object), got {type(self.hf_overrides).__name__}.")
         check(self.max_model_len is None or self.max_model_len > 1, "max_model_len must be > 1.")

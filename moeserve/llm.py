@@ -14,6 +14,7 @@ PromptType = str | dict
 
 class LLM:
     def __init__(self, model: str | None = None, **engine_args):
+        engine_args.setdefault("usage", "offline")  # batch jobs: the defaults favour throughput (config.usage)
         self.llm_engine = LLMEngine.from_engine_args(model=model, **engine_args)
         self._ids = itertools.count()
 

@@ -14,6 +14,7 @@ from tiny_checkpoints import make_tiny_checkpoint
 from moeserve import LLM, SamplingParams
 from moeserve.config import EngineConfig
 from moeserve.engine import token_budget as tb
+from moeserve.engine.engine import LLMEngine
 from moeserve.engine.worker import Worker
 from moeserve.kernels.autotune import reset_tuner
 from moeserve.server.metrics import ServerMetrics
@@ -107,7 +108,7 @@ def test_cache_round_trip_in_the_autotune_file(cache_dir):
     reset_tuner()  # a later process reads it from disk
     assert tb.cached(key, [2048, 4096]) == entry
     assert tb.cached(key, [2048, 4096, 8192]) is None  # measured over other candidates: measure again
-    assert "max_num_batched_tokens=4096" in tb.describe(entry) and "2048=1, 4096=2;" in tb.describe(entry)
+    assert "max_num_batched_tokens=4096" in tb.describe(entry, 4096) and "2048=1, 4096=2;" in tb.describe(entry, 4096)
 
 
 # -- the engine path, measurements injected --
@@ -137,7 +138,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
 
 def test_engine_measures_uses_the_choice_and_caches_it(path, measured):
-    llm = LLM(model=path, **KW)
+    llm = LLM(model=path, usage="server", **KW)
     eng = llm.llm_engine
     assert measured.calls == [[16, 32, 64, 128]]
     # 75 is the best; 70 >= 67.5 is within 10% of it, 60 is not
@@ -154,7 +155,7 @@ def test_engine_measures_uses_the_choice_and_caches_it(path, measured):
     assert len(out[0].outputs[0].token_ids) == 4
 
     reset_tuner()  # a restart: the cache answers, nothing is measured
-    again = LLM(model=path, **KW).llm_engine
+    again = LLM(model=path, usage="server", **KW).llm_engine
     assert measured.calls == [[16, 32, 64, 128]]
     assert (again.max_num_batched_tokens, again.batched_tokens_source) == (64, "cache")
 
@@ -162,6 +163,22 @@ def test_engine_measures_uses_the_choice_and_caches_it(path, measured):
     assert measured.calls == [[16, 32, 64, 128]]
     assert (flag.max_num_batched_tokens, flag.batched_tokens_source) == (32, "flag")
     assert flag.config_info()["scheduler_config_info"]["max_num_batched_tokens_source"] == "flag"
+
+
+def test_offline_takes_the_fastest_budget_a_server_the_knee(path, measured):
+    """LLM(...) is a batch job (usage offline, as vLLM's LLM class): the budget within THROUGHPUT_TOLERANCE of the
+    best tokens/s, here the best itself (70 is 7% below 75); a server (usage server) the knee (70 is within 10%).
+    One measurement in the cache serves both: the second engine measures nothing."""
+    offline = LLM(model=path, **KW).llm_engine
+    assert offline.config.usage == "offline"
+    assert (offline.max_num_batched_tokens, offline.batched_tokens_source) == (128, "measured")
+    assert offline.scheduler.max_num_batched_tokens == offline.runner.max_tokens == 128
+    server = LLMEngine.from_engine_args(model=path, **KW)  # what `moeserve serve` builds
+    assert server.config.usage == "server"
+    assert (server.max_num_batched_tokens, server.batched_tokens_source) == (64, "cache")
+    assert measured.calls == [[16, 32, 64, 128]]
+    with pytest.raises(ValueError, match="usage"):
+        EngineConfig(usage="batch")
 
 
 def test_engine_caps_the_budget_by_kv_memory(path, measured):

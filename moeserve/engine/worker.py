@@ -133,16 +133,18 @@ class Worker:
             tps = {t: v for t, (v, _) in measured.items()}
             left = {t: b for t, (_, b) in measured.items()}
             cap = token_budget.memory_cap(left, self._kv_bytes_needed(left))
-            chosen = token_budget.choose(tps, floor=cfg.max_num_seqs, cap=cap)
+            chosen = token_budget.choose(tps, floor=cfg.max_num_seqs, cap=cap,
+                                         tolerance=token_budget.tolerance(cfg.usage))
             entry = {"config": {"max_num_batched_tokens": chosen}, "candidates": list(cands), "cap": cap,
                      "tokens_per_s": [[t, tps[t]] for t in sorted(tps)],
                      "kv_bytes_left": [[t, left[t]] for t in sorted(left)]}
             source, where = "measured", f"saved to {token_budget.save(key, entry)}"
             self.timings["batched_tokens_s"] = time.perf_counter() - t0
-        self.max_num_batched_tokens = entry["config"]["max_num_batched_tokens"]
+        self.max_num_batched_tokens = token_budget.choice(entry, cfg.max_num_seqs, cfg.usage)
         self.batched_tokens_source = source
         self.runner = self._make_runner(self.max_num_batched_tokens)  # buffers and graph sizes of the choice
-        logger.info("moeserve: step token budget [%s] %s, %s", source, token_budget.describe(entry), where)
+        logger.info("moeserve: step token budget [%s] %s, %s", source,
+                    token_budget.describe(entry, self.max_num_batched_tokens, cfg.usage), where)
 
     def _kv_bytes_needed(self, kv_bytes_left: dict[int, int]) -> int:
         """What a budget's activations must leave for the KV cache: an explicit KV size (blocks or bytes) in full;
