@@ -149,6 +149,38 @@ def _attend_keys(q, q_pos, m_i, l_i, acc, kv_base, bt_row, lo, hi, scale_log2e, 
     return m_i, l_i, acc
 
 
+@triton.jit
+def _attend_range(q, q_pos, kv_base, bt_row, k_lo, k_full, k_hi, scale_log2e, d,
+                  stride_c_kv, stride_c_blk, stride_c_tok,
+                  ROWS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+                  DOT_F32: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
+    """(m, l, acc) of the ROWS query rows over keys [k_lo, k_hi) from a fresh state: the whole tiles [k_lo, k_full)
+    without a mask, then the rest masked (bounds and causality)."""
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D_P], tl.float32)
+    m_i, l_i, acc = _attend_keys(q, q_pos, m_i, l_i, acc, kv_base, bt_row, k_lo, k_full, scale_log2e, d,
+                                 stride_c_kv, stride_c_blk, stride_c_tok,
+                                 PAGE, BLOCK_N, D, D_P, False, DOT_F32, PRECISION, KV_FP8)
+    return _attend_keys(q, q_pos, m_i, l_i, acc, kv_base, bt_row, k_full, k_hi, scale_log2e, d,
+                        stride_c_kv, stride_c_blk, stride_c_tok,
+                        PAGE, BLOCK_N, D, D_P, True, DOT_F32, PRECISION, KV_FP8)
+
+
+@triton.jit
+def _tile_owner(start_ptr, n, tile, PER: tl.constexpr):
+    """Runs of items laid out as tiles of PER (sequences' query tokens, a group's rows): run i's tiles start at
+    start[i] // PER + i, an upper bound on the tiles before it. The last of the n runs whose first tile is <= tile."""
+    lo = tile * 0
+    hi = lo + n - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        first = tl.load(start_ptr + mid) // PER + mid
+        lo = tl.where(first <= tile, mid, lo)
+        hi = tl.where(first <= tile, hi, mid - 1)
+    return lo
+
+
 @triton.jit(do_not_specialize=["num_seqs", "seg_base", "seg_stride"])
 def _attn_kernel(
     q_ptr, kv_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
@@ -165,8 +197,8 @@ def _attn_kernel(
     # (row_prefix[b] tokens, 0 outside any group); its partials go to slots seg_base.. of seg_stride per (row, head),
     # the prefix kernel's to slots 0..seg_base-1; or, with one segment (seg_stride 1), the kernel folds the prefix's
     # slots (seg_base of them per (row, head)) into its own and writes the output. Otherwise seg_base = 0 and
-    # seg_stride = NUM_SEG. Both are runtime
-    # values (branches uniform over the grid), so the grouped path compiles no kernel of its own.
+    # seg_stride = NUM_SEG. Both are runtime values (branches uniform over the grid), so the grouped path compiles
+    # no kernel of its own.
     if DECODE:
         tile = tl.program_id(0)
     else:  # reversed: late query tiles of long sequences have the most keys, start them first
@@ -176,16 +208,7 @@ def _attn_kernel(
     if DECODE:
         b = tile
     else:
-        # Tiles of sequence b start at qsl[b] // BLOCK_Q + b (an upper bound on the tiles before it):
-        # find the last sequence whose first tile is <= this one.
-        lo = num_seqs * 0
-        hi = num_seqs - 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            first = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
-            lo = tl.where(first <= tile, mid, lo)
-            hi = tl.where(first <= tile, hi, mid - 1)
-        b = lo
+        b = _tile_owner(qsl_ptr, num_seqs, tile, BLOCK_Q)
     q_begin = tl.load(qsl_ptr + b)
     n_q = tl.load(qsl_ptr + b + 1) - q_begin
     if DECODE:
@@ -224,20 +247,14 @@ def _attn_kernel(
         k_lo = k_first
         k_hi = kv_end
 
-    m_i = tl.full([BLOCK_Q * HP], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_Q * HP], tl.float32)
-    acc = tl.zeros([BLOCK_Q * HP, D_P], tl.float32)
     kv_base = kv_ptr + kvh * stride_c_head
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     # Keys before the tile's first query position are visible to every row: whole tiles of them skip the mask.
     k_full = tl.minimum(tl.maximum(ctx_start + q0 + 1, k_lo), k_hi)
     k_full = k_lo + (k_full - k_lo) // BLOCK_N * BLOCK_N
-    m_i, l_i, acc = _attend_keys(q, q_pos, m_i, l_i, acc, kv_base, bt_row, k_lo, k_full, scale_log2e, d,
-                                 stride_c_kv, stride_c_blk, stride_c_tok,
-                                 PAGE, BLOCK_N, D, D_P, False, DOT_F32, PRECISION, KV_FP8)
-    m_i, l_i, acc = _attend_keys(q, q_pos, m_i, l_i, acc, kv_base, bt_row, k_full, k_hi, scale_log2e, d,
-                                 stride_c_kv, stride_c_blk, stride_c_tok,
-                                 PAGE, BLOCK_N, D, D_P, True, DOT_F32, PRECISION, KV_FP8)
+    m_i, l_i, acc = _attend_range(q, q_pos, kv_base, bt_row, k_lo, k_full, k_hi, scale_log2e, d,
+                                  stride_c_kv, stride_c_blk, stride_c_tok,
+                                  BLOCK_Q * HP, PAGE, BLOCK_N, D, D_P, DOT_F32, PRECISION, KV_FP8)
 
     if KV_FP8:
         acc = acc * v_scale
@@ -296,16 +313,7 @@ def _prefix_attn_kernel(
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     seg = tl.program_id(2)
-    # Tiles of group g start at start[g] // MPT + g (an upper bound on the tiles before it): the last group whose
-    # first tile is <= this one owns it.
-    lo = tile * 0
-    hi = lo + NUM_GROUPS - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        first = tl.load(start_ptr + mid) // MPT + mid
-        lo = tl.where(first <= tile, mid, lo)
-        hi = tl.where(first <= tile, hi, mid - 1)
-    g = lo
+    g = _tile_owner(start_ptr, NUM_GROUPS, tile, MPT)
     g0 = tl.load(start_ptr + g)
     n = tl.load(start_ptr + g + 1) - g0
     m0 = (tile - (g0 // MPT + g)) * MPT
@@ -329,18 +337,12 @@ def _prefix_attn_kernel(
     if DOT_F32:
         q = q.to(tl.float32)
     q_pos = tl.full([MPT * HP], 0, tl.int32) + plen  # every prefix key is visible to every row
-    m_i = tl.full([MPT * HP], float("-inf"), tl.float32)
-    l_i = tl.zeros([MPT * HP], tl.float32)
-    acc = tl.zeros([MPT * HP, D_P], tl.float32)
     kv_base = kv_ptr + kvh * stride_c_head
     bt_row = bt_ptr + tl.load(rows_ptr + g0).to(tl.int64) * stride_bt
     k_full = k_lo + (k_hi - k_lo) // BLOCK_N * BLOCK_N
-    m_i, l_i, acc = _attend_keys(q, q_pos, m_i, l_i, acc, kv_base, bt_row, k_lo, k_full, scale_log2e, d,
-                                 stride_c_kv, stride_c_blk, stride_c_tok,
-                                 PAGE, BLOCK_N, D, D_P, False, DOT_F32, PRECISION, KV_FP8)
-    m_i, l_i, acc = _attend_keys(q, q_pos, m_i, l_i, acc, kv_base, bt_row, k_full, k_hi, scale_log2e, d,
-                                 stride_c_kv, stride_c_blk, stride_c_tok,
-                                 PAGE, BLOCK_N, D, D_P, True, DOT_F32, PRECISION, KV_FP8)
+    m_i, l_i, acc = _attend_range(q, q_pos, kv_base, bt_row, k_lo, k_full, k_hi, scale_log2e, d,
+                                  stride_c_kv, stride_c_blk, stride_c_tok,
+                                  MPT * HP, PAGE, BLOCK_N, D, D_P, DOT_F32, PRECISION, KV_FP8)
     if KV_FP8:
         acc = acc * v_scale
     part = (tok * num_heads + head) * seg_stride + seg
