@@ -243,3 +243,28 @@ def test_shared_prefix_decode_matches_reference(dtype, heads, kv_heads, monkeypa
             outs.append(out)
         assert rel_err(outs[0], ref) < TOL[dtype], sms
         assert rel_err(outs[0], outs[1]) < TOL[dtype], sms
+
+
+def test_shared_prefix_decode_reads_an_fp8_cache(monkeypatch):
+    """The prefix kernel dequantizes an fp8 cache as the decode kernel does (k_scale into the scores, v_scale on the
+    output) for both the folded path (one segment per row) and the merged one."""
+    from moeserve.engine import shared_prefix
+
+    page, d, k_scale, v_scale = 16, 32, 0.25, 0.125
+    q, full, qsl, seq_lens, tables = shared_batch([(2, [40, 47, 33]), (1, [17, 30])], [9, 21], 4, 2, d, page,
+                                                  torch.float32, seed=9)
+    fp8 = torch.empty(full.shape, dtype=torch.float8_e4m3fn)
+    slots = torch.arange(full.shape[1] * full.shape[2])
+    reference.ref_write_kv_cache(full[0].reshape(-1, 2, d), full[1].reshape(-1, 2, d), fp8, slots, k_scale, v_scale)
+    plan = shared_prefix.plan(tables.numpy(), seq_lens.numpy() - 1, page, max_groups=4, min_saved=0.0, min_rows=1)
+    shared = shared_prefix.SharedPrefixes(*(torch.from_numpy(a).to(DEVICE) for a in
+                                            (plan.rows, plan.start, plan.plen, plan.row_prefix)))
+    ref = reference.ref_paged_attention(q.double(), fp8, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
+                                        scale=d ** -0.5, k_scale=k_scale, v_scale=v_scale)
+    q, fp8, qsl, seq_lens, tables = (t.to(DEVICE) for t in (q, fp8, qsl, seq_lens, tables))
+    for sms in (10_000, 4):
+        monkeypatch.setattr(runtime, "num_sms", lambda device, n=sms: n)
+        out = attention.paged_attention(q, fp8, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
+                                        scale=d ** -0.5, max_query_len=1, max_seq_len=64, k_scale=k_scale,
+                                        v_scale=v_scale, shared=shared)
+        assert rel_err(out.cpu(), ref) < TOL[torch.float32], sms
