@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from moeserve.engine import shared_prefix
-from moeserve.engine.shared_prefix import SharedPrefixes
 from moeserve.engine.piecewise import PiecewiseGraph, StaticBuffers
+from moeserve.engine.shared_prefix import SharedPrefixes
 from moeserve.engine.step import BlockTables, StepInput
 from moeserve.layers.experts import set_dp_max_tokens
 from moeserve.layers.attention import AttentionMetadata, ForwardContext, PagedAttention

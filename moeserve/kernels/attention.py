@@ -6,8 +6,10 @@ is block_id * block_size + offset. Semantics: moeserve.kernels.reference.
 One attention kernel serves every batch. A program owns BLOCK_Q query tokens of one sequence and one kv head, and
 packs those tokens times the HP query heads that share the kv head into the rows of its tile, so K/V is read once
 per group (GQA). Pure decode (max_query_len == 1) runs one program per (sequence, kv head, context segment) and
-merges the segments in a second small kernel (split-K), so batch 1 still fills the GPU. Every grid size depends
-only on tensor shapes and max_query_len; real lengths are read on the device (CUDA-graph safe, no host syncs).
+merges the segments in a second small kernel (split-K), so batch 1 still fills the GPU. Decode rows that share
+a prefix of pages (prefix caching) can be given as groups: a prefix kernel reads each group's shared keys once for
+all its rows, the decode kernel each row's own, and their partial softmaxes merge. Every grid size depends only on
+tensor shapes and max_query_len; real lengths are read on the device (CUDA-graph safe, no host syncs).
 """
 
 from __future__ import annotations
