@@ -1,8 +1,10 @@
-"""engine/host_memory: a CPU engine hands the heap's free pages back after loading, after prefill steps and every 32nd step."""
+"""engine/host_memory: a CPU engine hands the heap's free pages back after loading, after prefill steps and every 32nd
+step, and caps the kernel caches of its bf16 matmuls."""
 
 from __future__ import annotations
 
 import ctypes.util
+import os
 import platform
 import subprocess
 import sys
@@ -132,3 +134,70 @@ def test_the_c_library_is_looked_up_once(monkeypatch):
     for _ in range(3):
         host_memory.trim()
     assert host_memory._malloc_trim.cache_info().misses <= 1
+
+
+def test_kernel_caches_are_capped_unless_the_user_set_them(monkeypatch):
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        monkeypatch.delenv(name, raising=False)
+    host_memory.bound_kernel_caches()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == os.environ["LRU_CACHE_CAPACITY"] == "32"
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    monkeypatch.setenv("DNNL_PRIMITIVE_CACHE_CAPACITY", "7")  # oneDNN's older name counts as the user's choice
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "5")
+    host_memory.bound_kernel_caches()
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ and os.environ["LRU_CACHE_CAPACITY"] == "5"
+
+
+def test_a_cpu_engine_caps_the_kernel_caches_before_loading(monkeypatch, tmp_path):
+    from tiny_checkpoints import make_tiny_checkpoint
+
+    from moeserve import LLM
+    from moeserve.engine import worker
+
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        monkeypatch.delenv(name, raising=False)
+    seen = []
+    load_model = worker.load_model
+    monkeypatch.setattr(worker, "load_model", lambda *a: seen.append(os.environ.get("LRU_CACHE_CAPACITY")) or
+                        load_model(*a))
+    LLM(model=make_tiny_checkpoint(tmp_path, "LlamaForCausalLM"), device="cpu")
+    assert seen == ["32"] and os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
+
+
+# bf16 matmuls of 60 row counts in a fresh process; prints the RSS they left, in MB
+KERNELS = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import torch, torch.nn.functional as F
+if {bounded}:
+    from moeserve.engine import host_memory
+    host_memory.bound_kernel_caches(4)
+torch.set_num_threads(1)
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+w = [torch.randn(n, k).to(torch.bfloat16) for n, k in ((960, 576), (3072, 576))]
+def run(m):
+    for x in w:
+        F.linear(torch.ones(m, x.shape[1], dtype=torch.bfloat16), x)
+for m in range(5, 9):
+    run(m)
+before = rss()
+for m in range(10, 70):
+    run(m)
+print(rss() - before)
+"""
+
+
+def _kernels_mb(bounded: bool) -> float:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    out = subprocess.run([sys.executable, "-c", KERNELS.format(repo=str(REPO), bounded=bounded)], capture_output=True,
+                         text=True, timeout=300, check=True, env=env)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="RSS from /proc")
+def test_capped_kernel_caches_stop_growing_with_new_row_counts():
+    unbounded = _kernels_mb(bounded=False)
+    if unbounded < 10:
+        pytest.skip(f"this CPU's bf16 matmuls keep no kernel per shape ({unbounded:.1f} MB for 120 shapes)")
+    assert _kernels_mb(bounded=True) < unbounded / 3

@@ -1,4 +1,4 @@
-"""The CPU engine's resident memory under glibc's malloc.
+"""The CPU engine's resident memory: glibc's heap, and the matmul kernel caches.
 
 After glibc frees its first large block it serves blocks up to that size (up to 32 MB) from the heap, where a
 freed block stays resident while anything allocated after it lives. Loading a GGUF model frees many decode
@@ -9,12 +9,20 @@ activations then come from fresh mappings.) Nothing happens where the C library 
 A CPU engine trims after loading, and then after its steps that prefill and every 32nd step
 (worker.Worker._after_cpu_step): steps of different shapes (a prefill, a batch, a longer context) leave holes of
 their own sizes. The C library's handle is looked up once (find_library spawns `ldconfig -p`, ~1 ms, per call).
+A CPU engine also caps the kernel caches of torch's bf16 matmuls, which otherwise grow with every new prefill
+length (bound_kernel_caches).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
+
+# oneDNN's primitive cache and ideep's (torch's mkldnn matmul) keep a compiled kernel per matmul shape; see
+# bound_kernel_caches.
+KERNEL_CACHE_CAPACITY = 32
+_KERNEL_CACHE_VARS = (("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"), ("LRU_CACHE_CAPACITY",))
 
 
 @functools.cache
@@ -35,3 +43,19 @@ def trim() -> None:
     fn = _malloc_trim()
     if fn is not None:
         fn(0)
+
+
+def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> None:
+    """Cap the kernel caches of torch's CPU bf16 matmuls at `capacity` entries each, unless the user set them.
+
+    oneDNN's primitive cache and ideep's LRU cache keep a compiled kernel for every (rows, N, K) a matmul has seen,
+    up to 1024 each by default, ~0.3 MB an entry: the bf16 copies of a CPU model meet a new row count with every
+    prompt length a prefill step has, so a server's RSS grew ~2.4 MB per new prompt length with the default model
+    (+470 MB over 200 lengths, still linear). A new shape compiles (~0.6 ms a linear) whatever the capacity; a decode
+    step's few shapes stay among the most recent (the bench's runs compile the same 17 kernels at a capacity of 8 as
+    at 1024). Both variables are read at the process's first mkldnn matmul: a CPU engine calls this before loading
+    its model; later, it changes nothing.
+    """
+    for names in _KERNEL_CACHE_VARS:
+        if not any(n in os.environ for n in names):
+            os.environ[names[0]] = str(capacity)
