@@ -1,5 +1,5 @@
 """One table of the layouts that run_layouts.sh measured: TPOT per batch size and throughput, with ratios to the
-first layout (one GPU)."""
+first layout (one GPU), and where vLLM ran beside moeserve in a layout's suite, its row and moeserve's ratio to it."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 
-def load(folder: Path, workload: str) -> dict:
+def load(folder: Path, workload: str, engine: str = "moeserve") -> dict:
     for f in sorted(folder.glob(f"*-{workload}.json")):
-        return json.loads(f.read_text()).get("engines", {}).get("moeserve", {})
+        return json.loads(f.read_text()).get("engines", {}).get(engine, {})
     return {}
 
 
@@ -39,6 +39,16 @@ def main(out: str) -> None:
         ratios = " ".join(f"b{b} {tpot[b] / base[1][b]:.2f}x" for b in batches if b in tpot and b in base[1])
         thr = f", throughput {tps / base[2]:.2f}x" if tps and base[2] else ""
         print(f"{name} vs {base[0]}: TPOT {ratios}{thr}")
+    for folder in folders:  # vLLM beside moeserve in the same suite (same layout, same machine, one after the other)
+        vlat, vthr = load(folder, "latency", "vllm"), load(folder, "throughput", "vllm")
+        if not (vlat or vthr):
+            continue
+        lat, thr = load(folder, "latency"), load(folder, "throughput")
+        vt, mt = vlat.get("tpot_ms", {}), lat.get("tpot_ms", {})
+        cells = " ".join(f"b{b} {vt[b]:.2f} ms ({vt[b] / mt[b]:.2f}x)" for b in batches if b in vt and b in mt)
+        vtps, mtps = vthr.get("output_tok_s"), thr.get("output_tok_s")
+        tail = f"; throughput {vtps:.0f} out tok/s (moeserve {mtps / vtps:.2f}x)" if vtps and mtps else ""
+        print(f"{folder.name} vLLM: TPOT {cells}{tail}   [(x) = vLLM TPOT / moeserve TPOT: > 1 means moeserve faster]")
 
 
 if __name__ == "__main__":
