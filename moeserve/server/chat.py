@@ -12,7 +12,7 @@ from moeserve.server.errors import APIError, bad_request
 from moeserve.server.protocol import ChatCompletionRequest
 from moeserve.server.reasoning_parsers import grammar_markers
 from moeserve.server.serving import OpenAIServing, engine_failure, final_outputs, merged, usage
-from moeserve.server.sse import DONE, EventStreamResponse, sse
+from moeserve.server.sse import DONE, ChunkTemplate, EventStreamResponse, sse
 
 
 def _message_for_template(m) -> dict:
@@ -146,10 +146,11 @@ def _finish(answer: AnswerParser | None, reason: str | None) -> str | None:
 async def _stream(serving: OpenAIServing, streams, request_id: str, model: str, created: int, n: int,
                   top_n: int | None, include_usage: bool,
                   answers: list[AnswerParser] | None = None) -> AsyncIterator[str]:
-    def chunk(choices: list[dict], **extra) -> str:
-        return sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": choices, **extra})
-
+    template = ChunkTemplate({"id": request_id, "object": "chat.completion.chunk", "created": created,
+                              "model": model}, ("delta", "content"))
+    chunk = template.chunk
+    # One choice, no parsers, no logprobs: a token's event is its text alone (until the one that ends it)
+    plain = n == 1 and answers is None and top_n is None
     sent_chars, sent_tokens, done = [0] * n, [0] * n, [False] * n
     last = None
     try:
@@ -163,6 +164,11 @@ async def _stream(serving: OpenAIServing, streams, request_id: str, model: str, 
                 if done[i]:
                     continue
                 delta = c.text[sent_chars[i]:]
+                if plain and c.finish_reason is None:  # the per-token path: no dicts, one string join
+                    if delta:
+                        yield template.text(i, delta)
+                    sent_chars[i], sent_tokens[i] = len(c.text), len(c.token_ids)
+                    continue
                 new_tokens = c.token_ids[sent_tokens[i]:]
                 if not delta and not new_tokens and c.finish_reason is None:
                     continue

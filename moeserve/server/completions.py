@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from moeserve.server.errors import APIError, bad_request
 from moeserve.server.protocol import CompletionRequest
 from moeserve.server.serving import OpenAIServing, engine_failure, final_outputs, merged, usage
-from moeserve.server.sse import DONE, EventStreamResponse, sse
+from moeserve.server.sse import DONE, ChunkTemplate, EventStreamResponse, sse
 
 
 def prompts_of(serving: OpenAIServing, prompt) -> list[list[int]]:
@@ -79,10 +79,10 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest, arri
 
 async def _stream(serving: OpenAIServing, streams, request_id: str, model: str, created: int, n: int,
                   top_n: int | None, include_usage: bool) -> AsyncIterator[str]:
-    def chunk(choices: list[dict], **extra) -> str:
-        return sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
-                    "choices": choices, **extra})
-
+    template = ChunkTemplate({"id": request_id, "object": "text_completion", "created": created, "model": model},
+                             ("text",))
+    chunk = template.chunk
+    plain = n == 1 and top_n is None  # a token's event is its text alone (until the one that ends its choice)
     total = len(streams) * n
     sent_chars, sent_tokens, done = [0] * total, [0] * total, [False] * total
     last: dict[int, object] = {}
@@ -95,6 +95,11 @@ async def _stream(serving: OpenAIServing, streams, request_id: str, model: str, 
                 if done[i]:
                     continue
                 delta = c.text[sent_chars[i]:]
+                if plain and c.finish_reason is None:  # the per-token path: no dicts, one string join
+                    if delta:
+                        yield template.text(i, delta)
+                    sent_chars[i], sent_tokens[i] = len(c.text), len(c.token_ids)
+                    continue
                 new_tokens = c.token_ids[sent_tokens[i]:]
                 if not delta and c.finish_reason is None and (top_n is None or not new_tokens):
                     continue
