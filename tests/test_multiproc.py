@@ -59,17 +59,20 @@ def test_tp2_offline_with_preemption_chunking_and_prefix_cache_matches_one_proce
         two.llm_engine.shutdown()
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_dp2_attention_with_expert_parallel_matches_one_process(qwen3_moe, tp):
+@pytest.mark.parametrize("tp,async_scheduling", [(1, False), (1, True), (2, True)])
+def test_dp2_attention_with_expert_parallel_matches_one_process(qwen3_moe, tp, async_scheduling):
     """DP=2 (x TP) + EP: each DP rank schedules its own requests into its own KV pool, its leader samples them,
-    and a DP rank with nothing to do runs dummy steps so the experts' collectives complete (the solo request)."""
+    and a DP rank with nothing to do runs dummy steps so the experts' collectives complete (the solo request).
+    Async scheduling: every rank's next step reads its pending tokens from its own device (DP rank 1's leader
+    broadcasts its draws to its TP group); grammars make the engine wait for each step (the switch to and fro)."""
     prompts = PROMPTS + [[9] * 17]
     small = dict(num_gpu_blocks_override=10, block_size=8, max_num_batched_tokens=24)  # chunked, preempted
     one = LLM(model=qwen3_moe, device="cpu", **small)
     ref, ref_grammared = tokens(one, prompts, 20), grammared(one, prompts) if tp == 1 else None
     llm = LLM(model=qwen3_moe, device="cpu", data_parallel_size=2, tensor_parallel_size=tp,
-              enable_expert_parallel=True, master_port=free_port(), **small)
+              enable_expert_parallel=True, master_port=free_port(), async_scheduling=async_scheduling, **small)
     try:
+        assert llm.llm_engine.async_scheduling == async_scheduling
         assert tokens(llm, prompts, 20) == ref
         assert llm.llm_engine.get_stats().num_preemptions_total > 0
         if ref_grammared is not None:  # half of these sampled by DP rank 1's leader

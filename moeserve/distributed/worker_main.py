@@ -87,6 +87,7 @@ def worker_main(config, info, device_type: str) -> None:
         leader = LeaderSampler(loaded.hf_config.vocab_size, device, config.seed, loaded.eos_token_ids,
                                loaded.tokenizer)
     prev = None
+    kept = None  # a DP leader under async scheduling: its last step's draws, sent once the next message came
     code = 1
     receive = receive_posted_step if pp.size > 1 else (lambda: broadcast_step(None))
     try:
@@ -94,10 +95,9 @@ def worker_main(config, info, device_type: str) -> None:
             step = receive()
             if step is None:
                 break
-            # DP (every DP rank's step in one message) and PP (this stage's layers, one micro-batch after
-            # another): no async scheduling; the leader (a DP rank's, or the last stage's TP rank 0) samples and
-            # sends the tokens to rank 0
-            if isinstance(step, list) or pp.size > 1:
+            if pp.size > 1:
+                # PP (this stage's layers, one micro-batch after another; with DP, every DP rank's step in one
+                # message): no async scheduling; the last stage's leader samples and sends the tokens to rank 0
                 if isinstance(step, list):
                     step = step[dp.rank]
                 logits = worker.execute(step, None)
@@ -105,6 +105,9 @@ def worker_main(config, info, device_type: str) -> None:
                     leader.apply(step)
                     if step.sample_rows:
                         dist.send_object_list([leader.sample(step, logits)], dst=0, group=_control)
+                continue
+            if isinstance(step, list):  # DP: every DP rank's step in one message, [] = send what you kept
+                prev, kept = _data_parallel_step(worker, leader, tp, step[dp.rank] if step else None, prev, kept)
                 continue
             worker.execute(step, prev)
             S = len(step.sample_rows)
@@ -119,6 +122,31 @@ def worker_main(config, info, device_type: str) -> None:
             logging.shutdown()
             os._exit(code)
         release_process_groups()
+
+
+def _data_parallel_step(worker, leader, tp, step, prev, kept):
+    """One DP step on this rank (step None: a flush). The DP rank's leader (its TP rank 0) samples its rows. Waiting
+    steps: it sends the tokens to rank 0 at once. Async steps: they stay on the device as the next step's pending
+    inputs (broadcast to the rank's TP group), and go to rank 0 after the next message, so that this rank's host
+    never waits for its GPU before the next step is queued. Returns (prev, kept)."""
+    S = 0
+    if step is not None:
+        logits = worker.execute(step, prev)
+        S = len(step.sample_rows)
+    drawn = None
+    if leader is not None and step is not None:
+        leader.apply(step)
+        if S and not step.sample_async:
+            dist.send_object_list([leader.sample(step, logits)], dst=0, group=_control)
+        elif S:
+            drawn = leader.draw(step, logits)
+            prev = drawn.tokens
+    if step is not None and step.sample_async and S and tp.size > 1:
+        prev = tp.broadcast(prev if drawn is not None else torch.empty(S, dtype=torch.int64, device=worker.device),
+                            src=0)
+    if kept is not None:  # the step before's draws: rank 0 collects them after it sent this message
+        dist.send_object_list([leader.settle(kept)], dst=0, group=_control)
+    return prev, drawn
 
 
 def release_process_groups() -> None:

@@ -6,7 +6,9 @@ With async scheduling (the CUDA default) a step launches the next batch before i
 still running: each request's newest token goes from the sampler to the next step's input on the device, and
 the host's bookkeeping (tokens, stop checks, outputs) for step n overlaps the GPU's work on step n+1. A request
 that stopped at step n had one more token computed at n+1, which is thrown away. Requests whose sampling reads
-their own newest tokens (penalties, min_tokens) make the engine wait for each step instead.
+their own newest tokens (penalties, min_tokens) make the engine wait for each step instead. With data
+parallelism the same holds per DP rank: each rank's leader keeps its draws on its device for the next step and
+sends them here once the next step's message came (or a flush, when nothing follows).
 """
 
 from __future__ import annotations
@@ -56,6 +58,15 @@ class _Launched:
     """A step on its way: the requests that sample in it, in row order, and their draws."""
     sampled: list[Request]
     draws: PendingSample | None
+
+
+@dataclass
+class _DataParallelLaunched:
+    """A DP step on its way: per DP rank, the requests that sample in it (in its sample_rows order); DP rank 0's
+    draws (the others' come from their leaders); and the step messages."""
+    sampled: list[list[Request]]
+    draws: PendingSample | None
+    steps: list[StepInput]
 
 
 def _is_device_fault(e: Exception) -> bool:
@@ -135,9 +146,8 @@ class LLMEngine:
         # Pipeline parallelism: the last stage samples, from a mirror of the requests like a DP leader's.
         self.pipeline = config.pipeline_parallel_size > 1
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.device.type == "cuda") and config.data_parallel_size == 1 \
-            and not self.pipeline
-        self.inflight: _Launched | None = None
+                                 else self.device.type == "cuda") and not self.pipeline
+        self.inflight: _Launched | _DataParallelLaunched | None = None
         # PP: micro-batches in flight through the stages (oldest first), as many as there are stages, each of
         # requests no other one holds (per DP rank: its requests and its step); their ids, which wait for their
         # tokens before they are scheduled again.
@@ -334,26 +344,56 @@ class LLMEngine:
 
     def _step_data_parallel(self, touched: dict[str, None]) -> None:
         """DP attention: every DP rank runs this step (a dummy one when it has nothing, so the experts'
-        collectives line up), each rank's leader samples its own rows, and their tokens come back here."""
+        collectives line up), each rank's leader samples its own rows, and their tokens come back here. With async
+        scheduling, as in _step_one: the step is launched before the one still running is collected."""
+        asynchronous = self.async_scheduling and not self.sync_requests
+        if self.inflight is not None and not asynchronous:  # a waiting step next: the leaders' draws first
+            self.executor.flush_samples()
+            self._collect_data_parallel(self.inflight, touched)
+            self.inflight = None
         batches = [s.schedule() for s in self.schedulers]
-        if not any(b.requests for b in batches):
-            return
+        launched = self._launch_data_parallel(batches, asynchronous) if any(b.requests for b in batches) else None
+        if self.inflight is not None:  # the host's share of the last step, while the GPU runs this one
+            if launched is None:  # no message follows it: ask the leaders for their draws
+                self.executor.flush_samples()
+            self._collect_data_parallel(self.inflight, touched)
+        self.inflight = launched
+        if launched is not None and not asynchronous:
+            self._collect_data_parallel(launched, touched)
+            self.inflight = None
+
+    def _launch_data_parallel(self, batches, asynchronous: bool) -> _DataParallelLaunched:
         steps = self._step_inputs(batches)
-        logits = self.executor.execute_data_parallel(steps)
+        for st in steps:
+            st.sample_async = asynchronous
+        prev = self.inflight.draws.tokens if self.inflight is not None and self.inflight.draws is not None else None
+        logits = self.executor.execute_data_parallel(steps, prev)
         for d, batch in enumerate(batches):
             _mark_computed(batch, self.kvs[d])
-        sampled = [batches[0].requests[i] for i in steps[0].sample_rows]
-        mine = None
-        if sampled:
+        sampled = [[batch.requests[i] for i in st.sample_rows] for batch, st in zip(batches, steps)]
+        draws = None
+        if sampled[0]:
             try:
-                mine = self.sampler.sample(logits, sampled, self.eos_token_ids)
+                draws = self.sampler.sample(logits, sampled[0], self.eos_token_ids)
             except Exception:
-                sampled, mine = self._sample_isolated(logits, sampled)
-        results = [mine.result() if mine is not None else None] + self.executor.collect_samples(steps)
-        for d, batch in enumerate(batches):
-            reqs = sampled if d == 0 else [batch.requests[i] for i in steps[d].sample_rows]
-            if results[d] is not None:
-                self._apply_sampled(reqs, results[d], touched)
+                sampled[0], draws = self._sample_isolated(logits, sampled[0])
+        if asynchronous:  # the tokens stay on the devices: the next step's pending inputs (row j of its rank's)
+            self.executor.share_sampled(draws.tokens if draws is not None else None, len(steps[0].sample_rows))
+            for reqs in sampled:
+                for j, req in enumerate(reqs):
+                    req.num_pending += 1
+                    req.pending_row = j
+        return _DataParallelLaunched(sampled, draws, steps)
+
+    def _collect_data_parallel(self, launched: _DataParallelLaunched, touched: dict[str, None]) -> None:
+        results = [launched.draws.result() if launched.draws is not None else None]
+        results += self.executor.collect_samples(launched.steps)
+        for reqs, result, step in zip(launched.sampled, results, launched.steps):
+            if step.sample_async:
+                for req in reqs:
+                    req.num_pending -= 1
+            if result is not None:
+                self._apply_sampled(reqs, result, touched)
 
     def _step_inputs(self, batches) -> list[StepInput]:
         """Each DP rank's step message; with several, padded alike: the experts' collectives see the same token

@@ -73,16 +73,23 @@ class MultiprocExecutor:
             self._wm.broadcast_step(step)
         return self.worker.execute(step, prev_tokens)
 
-    def execute_data_parallel(self, steps: list[StepInput]) -> torch.Tensor:
+    def execute_data_parallel(self, steps: list[StepInput], prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """DP: one message with every DP rank's step; returns DP rank 0's logits (its leader is this process;
-        None under PP, where DP rank 0's last stage samples)."""
+        None under PP, where DP rank 0's last stage samples). prev_tokens: DP rank 0's last draws (async)."""
         if self.failed:
             raise RuntimeError(self.failed)
         if self.post is not None:
             self.post.send(steps)
         else:
             self._wm.broadcast_step(steps)
-        return self.worker.execute(steps[0], None)
+        return self.worker.execute(steps[0], prev_tokens)
+
+    def flush_samples(self) -> None:
+        """DP under async scheduling, when no step follows the last: the empty message tells the leaders to send
+        the draws they kept."""
+        if self.failed:
+            raise RuntimeError(self.failed)
+        self._wm.broadcast_step([])
 
     def collect_samples(self, steps: list[StepInput]) -> list:
         """The sampled tokens of DP ranks 1.., from their leaders (None for a rank that sampled nothing)."""

@@ -37,6 +37,9 @@ class StepInput:
     # DP with experts: every DP rank's forward pads its tokens to the same count inside the experts' collectives.
     dp_graph_batch: int = 0  # all ranks decode only: replay the graph of this batch size (0: run eagerly)
     dp_max_tokens: int = 0  # eager: the most tokens any DP rank runs this step
+    # DP under async scheduling: the rank's leader keeps this step's draws on its device (the next step's pending
+    # inputs, `pending_rows`) and sends them to rank 0 only once the next message came (a step, or a flush: [])
+    sample_async: bool = False
 
     def __len__(self) -> int:
         return len(self.req_ids)

@@ -18,7 +18,7 @@ from moeserve.engine import host_memory, token_budget
 from moeserve.engine.request import Request
 from moeserve.engine.runner import ModelRunner
 from moeserve.layers.expert_load import ExpertLoad
-from moeserve.engine.sampler import SampleResult, Sampler
+from moeserve.engine.sampler import PendingSample, SampleResult, Sampler
 from moeserve.engine.step import StepInput
 from moeserve.loader.model_loader import ModelSource, load_model
 
@@ -274,9 +274,14 @@ class LeaderSampler:
             self.reqs[rid] = req
 
     def sample(self, step: StepInput, logits: torch.Tensor) -> SampleResult:
+        return self.settle(self.draw(step, logits))
+
+    def draw(self, step: StepInput, logits: torch.Tensor) -> "LeaderDraw":
+        """The step's draws, their tokens left on the device (one per sample row: the next step's pending inputs
+        under async scheduling); settle() gives them to the mirror."""
         reqs = [self.reqs[step.req_ids[b]] for b in step.sample_rows]
         try:
-            result = self.sampler(logits, reqs, self.eos_ids)
+            return LeaderDraw(reqs, self.sampler.sample(logits, reqs, self.eos_ids))
         except Exception:  # one request's parameters broke the batched draw: sample each alone
             result = SampleResult([], [], [])
             for j, req in enumerate(reqs):
@@ -290,7 +295,22 @@ class LeaderSampler:
                     result.logprobs.append(None)
                     result.token_logprobs.append(None)
                     result.errors[j] = f"sampling failed: {e!r}"
-        for j, (req, t) in enumerate(zip(reqs, result.token_ids)):
+            tokens = torch.tensor([max(t, 0) for t in result.token_ids], dtype=torch.int64, device=logits.device)
+            return LeaderDraw(reqs, None, result, tokens)
+
+    @staticmethod
+    def settle(drawn: "LeaderDraw") -> SampleResult:
+        result = drawn.pending.result() if drawn.pending is not None else drawn.ready
+        for j, (req, t) in enumerate(zip(drawn.reqs, result.token_ids)):
             if j not in result.errors:
                 req.append_token(t)
         return result
+
+
+class LeaderDraw:
+    """A leader's draws for one step: pending on the device, or (after a row failed) already on the host."""
+
+    def __init__(self, reqs: list[Request], pending: PendingSample | None, ready: SampleResult | None = None,
+                 tokens: torch.Tensor | None = None):
+        self.reqs, self.pending, self.ready = reqs, pending, ready
+        self.tokens = pending.tokens if pending is not None else tokens
