@@ -52,15 +52,15 @@ def model_dir(model: str, root: Path) -> str:
     return model_dir_for(json.loads(Path(found).read_text()), root=str(root))[0]
 
 
-def engine_command(engine: str) -> list[str] | None:
-    if engine == "moeserve":
-        return None  # ServerProcess's default: python -m moeserve.cli serve
+def engine_command(engine: str, trace_steps: bool = False) -> list[str] | None:
+    if engine == "moeserve":  # None: ServerProcess's default, python -m moeserve.cli serve
+        return [sys.executable, str(REPO / "benchmarks" / "serve_step_trace.py"), "serve"] if trace_steps else None
     return [sys.executable, "-c", "import sys; from vllm.entrypoints.cli.main import main; sys.argv[0] = 'vllm'; "
                                   "sys.exit(main())", "serve"]
 
 
 def run_engine(engine: str, model: str, tokenizer: str, serve_args: list[str], bench_args: list[str],
-               out_dir: Path, startup_timeout_s: float, site: str | None) -> dict:
+               out_dir: Path, startup_timeout_s: float, site: str | None, trace_steps: bool = False) -> dict:
     from run_vllm import QUIET_ENV
 
     from moeserve.server.process import ServerProcess
@@ -69,13 +69,14 @@ def run_engine(engine: str, model: str, tokenizer: str, serve_args: list[str], b
     paths = [str(REPO)] + ([site] if site else []) + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                                                       if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["MOESERVE_STEP_TRACE_OUT"] = str(out_dir / f"{engine}-steps")  # read by serve_step_trace.py only
     args = [model, "--load-format", "dummy", "--tokenizer", tokenizer, *serve_args]
     args += ["--served-model-name", "model"]
     result = {"engine": engine, "serve_args": args}
     t = time.monotonic()
     try:
         with ServerProcess(args, startup_timeout_s=startup_timeout_s, env=env, wait_path="/health",
-                           stop_timeout_s=60.0, command=engine_command(engine), name=f"{engine} serve",
+                           stop_timeout_s=60.0, command=engine_command(engine, trace_steps), name=f"{engine} serve",
                            keep_log=str(out_dir / f"{engine}-server.log"), own_group=True) as s:
             result["startup_s"] = round(time.monotonic() - t, 1)
             print(f"--- {engine}: ready in {result['startup_s']} s at {s.base_url}", flush=True)
@@ -111,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default="benchmarks/results/serve")
     ap.add_argument("--startup-timeout-s", type=float, default=600.0)
     ap.add_argument("--tokenizer", default=None, help="default: the tests' small BPE tokenizer, built here")
+    ap.add_argument("--trace-steps", action="store_true",
+                    help="moeserve's server under serve_step_trace.py: its engine steps into OUT/moeserve-steps/")
     a = ap.parse_args(argv)
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +136,7 @@ def main(argv=None) -> int:
         model = a.model if engine == "moeserve" else model_dir(a.model, root)
         extra = a.vllm_serve_args if engine == "vllm" else a.moeserve_serve_args
         results[engine] = run_engine(engine, model, tokenizer, shlex.split(a.serve_args) + shlex.split(extra),
-                                     shlex.split(a.bench_args), out_dir, a.startup_timeout_s, site)
+                                     shlex.split(a.bench_args), out_dir, a.startup_timeout_s, site, a.trace_steps)
     table = {e: summary(r["bench"]) if "bench" in r else {"error": r.get("error")} for e, r in results.items()}
     report = {"model": a.model, "serve_args": a.serve_args, "bench_args": a.bench_args, "engines": results,
               "summary": table, "commit": os.environ.get("MOESERVE_COMMIT")}

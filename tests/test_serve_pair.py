@@ -14,11 +14,12 @@ import serve_pair  # noqa: E402
 
 
 def test_moeserve_half_measures_every_request_and_keeps_the_server_log(tmp_path, capsys):
+    """With --trace-steps, also every engine step the server ran (serve_step_trace.py), written at its SIGTERM."""
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "LlamaForCausalLM")
     out = tmp_path / "out"
     rc = serve_pair.main(["--model", ckpt, "--engines", "moeserve", "--serve-args", "--max-model-len 128 --device cpu",
                           "--bench-args", "--num-prompts 6 --input-len 12 --output-len 5 --endpoint completions "
-                          "--ignore-eos", "--out-dir", str(out)])
+                          "--ignore-eos", "--out-dir", str(out), "--trace-steps"])
     assert rc == 0
     report = json.loads((out / "serve_pair.json").read_text())
     row = report["summary"]["moeserve"]
@@ -28,6 +29,12 @@ def test_moeserve_half_measures_every_request_and_keeps_the_server_log(tmp_path,
     assert args[args.index("--hf-overrides") + 1] == '{"vocab_size": 384}'  # every sampled id has text
     assert (out / "moeserve-server.log").read_text()  # the server's own output is kept beside the result
     assert "| output_throughput |" in capsys.readouterr().out
+    steps = [json.loads(line) for line in (out / "moeserve-steps" / "server-steps.jsonl").read_text().splitlines()]
+    busy = [s for s in steps if s["kind"] != "idle"]
+    assert sum(s["decode_rows"] for s in busy) >= 6 * 4  # each request's tokens after its first came from decode rows
+    assert sum(s["prefill_tokens"] for s in busy) >= 6 * 12 - 6  # the prompts
+    assert all(s["wall_s"] > 0 for s in busy)
+    assert "decode" in (out / "moeserve-steps" / "server-steps-summary.txt").read_text()
 
 
 def test_vllm_is_started_through_its_own_cli():
@@ -35,3 +42,5 @@ def test_vllm_is_started_through_its_own_cli():
     assert cmd[0] == sys.executable and "vllm.entrypoints.cli.main" in cmd[-2]
     assert cmd[-1] == "serve"  # `vllm MODEL` is not a command: the subcommand comes first
     assert serve_pair.engine_command("moeserve") is None
+    assert serve_pair.engine_command("moeserve", trace_steps=True)[-2:] == [
+        str(Path(serve_pair.__file__).with_name("serve_step_trace.py")), "serve"]

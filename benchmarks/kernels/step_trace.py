@@ -74,7 +74,7 @@ class Tracer:
             if self.sync:  # the GPU idle at each step's start: host_launch_s is the host's own cost
                 torch.cuda.synchronize()
             sch = eng.scheduler
-            self._cur = {"waiting": len(sch.waiting), "running": len(sch.running)}
+            self._cur = {"waiting": len(sch.waiting), "running": len(sch.running), "t": time.time()}
             t = time.perf_counter()
             out = step()
             self._cur["wall_s"] = time.perf_counter() - t
