@@ -10,7 +10,10 @@ API refuses (data parallelism) are compared here.
 Weights are dummy (`--load-format dummy`) and no tokenizer is downloaded: both servers get the tests' small
 byte-level BPE tokenizer (tests/tiny_checkpoints.make_tokenizer), so both see the same token ids for the same
 prompts, and the model's vocabulary is cut to the tokenizer's (`--hf-overrides {"vocab_size": N}`, both servers)
-so that every sampled token has text to stream. On the device vLLM comes from the carried install
+so that every sampled token has text to stream. `--random-weights DIR` instead writes one random checkpoint of the
+model's config (benchmarks/random_checkpoint.py: transformers' init scale, so routers spread tokens as trained ones
+do; the vocabulary cut and `--config-overrides`, e.g. fewer layers, are in its config) and both servers load it:
+the same weights route the same tokens in both engines, which dummy weights do not promise. On the device vLLM comes from the carried install
 ($VLLM_SITE, default /tmp/vllm_site; benchmarks/peers/vllm/README.md), which also carries fastapi/uvicorn/pydantic
 for moeserve's server.
 """
@@ -52,6 +55,29 @@ def model_dir(model: str, root: Path) -> str:
     return model_dir_for(json.loads(Path(found).read_text()), root=str(root))[0]
 
 
+def random_checkpoint(model: str, overrides: dict, out: Path) -> str:
+    """The model's config (a folder's config.json or the catalog's) with `overrides`, written as a random checkpoint
+    into `out` by benchmarks/random_checkpoint.py (reused when the same config and seed are there)."""
+    from moeserve.plan.arch import apply_hf_overrides
+
+    p = Path(model)
+    if p.is_dir():
+        cfg = json.loads((p / "config.json").read_text())
+    else:
+        from moeserve.plan.catalog_index import resolve_catalog
+
+        found = resolve_catalog(model)
+        if found is None:
+            raise SystemExit(f"{model}: neither a folder nor a catalog id")
+        cfg = json.loads(Path(found).read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    src = out.with_name(out.name + ".config.json")
+    src.write_text(json.dumps(apply_hf_overrides(cfg, overrides)))
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "random_checkpoint.py"), "--config", str(src),
+                    "--out", str(out)], check=True)
+    return str(out)
+
+
 def engine_command(engine: str, trace_steps: bool = False) -> list[str] | None:
     if engine == "moeserve":  # None: ServerProcess's default, python -m moeserve.cli serve
         return [sys.executable, str(REPO / "benchmarks" / "serve_step_trace.py"), "serve"] if trace_steps else None
@@ -60,7 +86,8 @@ def engine_command(engine: str, trace_steps: bool = False) -> list[str] | None:
 
 
 def run_engine(engine: str, model: str, tokenizer: str, serve_args: list[str], bench_args: list[str],
-               out_dir: Path, startup_timeout_s: float, site: str | None, trace_steps: bool = False) -> dict:
+               out_dir: Path, startup_timeout_s: float, site: str | None, trace_steps: bool = False,
+               load_format: str = "dummy") -> dict:
     from run_vllm import QUIET_ENV
 
     from moeserve.server.process import ServerProcess
@@ -70,7 +97,7 @@ def run_engine(engine: str, model: str, tokenizer: str, serve_args: list[str], b
                                                       if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["MOESERVE_STEP_TRACE_OUT"] = str(out_dir / f"{engine}-steps")  # read by serve_step_trace.py only
-    args = [model, "--load-format", "dummy", "--tokenizer", tokenizer, *serve_args]
+    args = [model, "--load-format", load_format, "--tokenizer", tokenizer, *serve_args]
     args += ["--served-model-name", "model"]
     result = {"engine": engine, "serve_args": args}
     t = time.monotonic()
@@ -114,6 +141,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", default=None, help="default: the tests' small BPE tokenizer, built here")
     ap.add_argument("--trace-steps", action="store_true",
                     help="moeserve's server under serve_step_trace.py: its engine steps into OUT/moeserve-steps/")
+    ap.add_argument("--random-weights", metavar="DIR", default=None,
+                    help="write a random checkpoint of the model's config here (reused when it matches) and serve "
+                         "it from both engines instead of dummy weights")
+    ap.add_argument("--config-overrides", default="{}",
+                    help="with --random-weights: JSON laid over the config the checkpoint is built from, e.g. "
+                         "'{\"num_hidden_layers\": 24}'")
     a = ap.parse_args(argv)
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -127,16 +160,23 @@ def main(argv=None) -> int:
         # Every id the model can sample must be one the tokenizer can write: with the model's own 150k-id vocabulary
         # a dummy model samples ids the small tokenizer does not have, whose text is empty, so streams carried
         # (almost) no text and text-based TTFT/ITL measured nothing (seen on an H100). Both servers get the
-        # tokenizer's vocabulary size (the LM head shrinks alike for both).
-        a.serve_args += " --hf-overrides " + shlex.quote(json.dumps({"vocab_size": vocab}))
+        # tokenizer's vocabulary size (the LM head shrinks alike for both); a random checkpoint is built with it.
+        if a.random_weights:
+            a.config_overrides = json.dumps({"vocab_size": vocab, **json.loads(a.config_overrides)})
+        else:
+            a.serve_args += " --hf-overrides " + shlex.quote(json.dumps({"vocab_size": vocab}))
+    load_format = "dummy"
+    if a.random_weights:
+        a.model, load_format = random_checkpoint(a.model, json.loads(a.config_overrides), Path(a.random_weights)), "auto"
     site = os.environ.get("VLLM_SITE", "/tmp/vllm_site")
     site = site if Path(site).is_dir() else None
     results = {}
     for engine in [e for e in a.engines.split(",") if e]:
-        model = a.model if engine == "moeserve" else model_dir(a.model, root)
+        model = a.model if engine == "moeserve" or a.random_weights else model_dir(a.model, root)
         extra = a.vllm_serve_args if engine == "vllm" else a.moeserve_serve_args
         results[engine] = run_engine(engine, model, tokenizer, shlex.split(a.serve_args) + shlex.split(extra),
-                                     shlex.split(a.bench_args), out_dir, a.startup_timeout_s, site, a.trace_steps)
+                                     shlex.split(a.bench_args), out_dir, a.startup_timeout_s, site, a.trace_steps,
+                                     load_format)
     table = {e: summary(r["bench"]) if "bench" in r else {"error": r.get("error")} for e, r in results.items()}
     report = {"model": a.model, "serve_args": a.serve_args, "bench_args": a.bench_args, "engines": results,
               "summary": table, "commit": os.environ.get("MOESERVE_COMMIT")}

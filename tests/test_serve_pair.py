@@ -44,3 +44,23 @@ def test_vllm_is_started_through_its_own_cli():
     assert serve_pair.engine_command("moeserve") is None
     assert serve_pair.engine_command("moeserve", trace_steps=True)[-2:] == [
         str(Path(serve_pair.__file__).with_name("serve_step_trace.py")), "serve"]
+
+
+def test_random_weights_are_built_once_with_the_tokenizers_vocabulary_and_served(tmp_path):
+    """--random-weights: one random checkpoint of the model's config (vocabulary cut to the tokenizer's, the
+    config overrides laid over it) that the servers load instead of dummy weights."""
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "Qwen3MoeForCausalLM")
+    out, weights = tmp_path / "out", tmp_path / "random"
+    rc = serve_pair.main(["--model", ckpt, "--engines", "moeserve", "--serve-args", "--max-model-len 128 --device cpu",
+                          "--bench-args", "--num-prompts 3 --input-len 12 --output-len 4 --endpoint completions "
+                          "--ignore-eos", "--out-dir", str(out), "--random-weights", str(weights),
+                          "--config-overrides", '{"num_hidden_layers": 1}'])
+    assert rc == 0
+    cfg = json.loads((weights / "config.json").read_text())
+    assert cfg["vocab_size"] == 384 and cfg["num_hidden_layers"] == 1
+    assert list(weights.glob("*.safetensors"))
+    report = json.loads((out / "serve_pair.json").read_text())
+    args = report["engines"]["moeserve"]["serve_args"]
+    assert args[0] == str(weights) and args[args.index("--load-format") + 1] == "auto"
+    assert "--hf-overrides" not in args  # the checkpoint's own config holds the vocabulary
+    assert report["summary"]["moeserve"]["completed"] == 3
