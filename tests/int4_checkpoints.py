@@ -66,15 +66,16 @@ def pack_awq(q, zero, scale):
     return {"qweight": qweight, "qzeros": qzeros, "scales": scale.t().contiguous()}
 
 
-def pack_gptq(q, zero, scale, group, v2=False):
-    """GPTQ: sequential packing along the input dim; zeros along the output dim, stored minus one (v1)."""
+def pack_gptq(q, zero, scale, group, v2=False, g_idx=None):
+    """GPTQ: sequential packing along the input dim; zeros along the output dim, stored minus one (v1). g_idx: the
+    group of each input (activation order), else k // G."""
     iw = q.t().numpy()  # [K, N]
     k, n = iw.shape
     qweight = _words(iw.reshape(k // 8, 8, n).transpose(0, 2, 1))  # [K/8, N, 8]
     z = zero.t().numpy() - (0 if v2 else 1)
     qzeros = _words(z.reshape(z.shape[0], n // 8, 8))
     return {"qweight": qweight, "qzeros": qzeros, "scales": scale.t().contiguous(),
-            "g_idx": (torch.arange(k) // group).to(torch.int32)}
+            "g_idx": (torch.arange(k) // group).to(torch.int32) if g_idx is None else g_idx}
 
 
 def pack_ct(q, zero, scale):
@@ -85,12 +86,13 @@ def pack_ct(q, zero, scale):
             "weight_shape": torch.tensor([n, k], dtype=torch.int64)}
 
 
-def qconfig(method: str, group: int, sym: bool = True, ignored: list[str] | None = None) -> dict:
+def qconfig(method: str, group: int, sym: bool = True, ignored: list[str] | None = None,
+            act_order: bool = False) -> dict:
     if method == "awq":
         return dict(quant_method="awq", bits=4, group_size=group, zero_point=True, version="gemm",
                     **({"modules_to_not_convert": ignored} if ignored else {}))
     if method == "gptq":
-        return dict(quant_method="gptq", bits=4, group_size=group, desc_act=False, sym=sym, checkpoint_format="gptq",
+        return dict(quant_method="gptq", bits=4, group_size=group, desc_act=act_order, sym=sym, checkpoint_format="gptq",
                     **({"modules_to_not_convert": ignored} if ignored else {}))
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "output_activations": None,
@@ -112,9 +114,21 @@ def _ignored(name: str, ignored: list[str]) -> bool:
     return False
 
 
+def act_order_perm(name: str, k: int) -> torch.Tensor:
+    """A GPTQ activation order for the weight `name` ([N, k]): random, one per layer input, so the projections that
+    read the same input (q/k/v, gate/up) share it as GPTQ's (one Hessian per input) do."""
+    base = name.rsplit(".", 2)[0]
+    family = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(name.rsplit(".", 2)[1],
+                                                                               name.rsplit(".", 2)[1])
+    seed = sum(map(ord, f"{base}.{family}")) * 31 + k
+    return torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+
+
 def make_int4_pair(tmp: Path, arch: str, method: str, group: int, sym: bool = True,
-                   ignored: list[str] | None = None, **overrides) -> tuple[str, str]:
-    """(int4 checkpoint dir, dequantized fp32 checkpoint dir) of one tiny random model."""
+                   ignored: list[str] | None = None, act_order: bool = False, **overrides) -> tuple[str, str]:
+    """(int4 checkpoint dir, dequantized fp32 checkpoint dir) of one tiny random model. act_order (GPTQ): each
+    input's group follows a random activation order (desc_act=true), as GPTQ writes when it quantizes the inputs
+    in decreasing Hessian order."""
     src = Path(make_tiny_checkpoint(tmp / "src", arch, **overrides))
     tensors = {}
     for f in sorted(src.glob("*.safetensors")):
@@ -124,20 +138,27 @@ def make_int4_pair(tmp: Path, arch: str, method: str, group: int, sym: bool = Tr
     qt, deq = {}, {}
     for name, t in tensors.items():
         if quantizable(name, t) and not _ignored(name, ignored or []):
-            q, zero, scale = quantize_ints(t, group, sym, scale_dtype)
-            packed = {"awq": lambda: pack_awq(q, zero, scale), "gptq": lambda: pack_gptq(q, zero, scale, group),
+            k = t.shape[1]
+            perm = act_order_perm(name, k) if act_order else torch.arange(k)
+            q_sorted, zero, scale = quantize_ints(t[:, perm], group, sym, scale_dtype)  # groups of the sorted inputs
+            q = torch.empty_like(q_sorted)
+            q[:, perm] = q_sorted  # stored in the checkpoint's input order
+            g_idx = torch.empty(k, dtype=torch.int32)
+            g_idx[perm] = (torch.arange(k) // group).to(torch.int32)
+            packed = {"awq": lambda: pack_awq(q, zero, scale),
+                      "gptq": lambda: pack_gptq(q, zero, scale, group, g_idx=g_idx),
                       "compressed-tensors": lambda: pack_ct(q, zero, scale)}[method]()
             base = name[:-len(".weight")]
             for kind, v in packed.items():
                 qt[f"{base}.{kind}"] = v
-            z = zero.float().repeat_interleave(group, 1)
-            s = scale.float().repeat_interleave(group, 1)
+            z = zero.float()[:, g_idx.long()]
+            s = scale.float()[:, g_idx.long()]
             deq[name] = (q.float() - z) * s
         else:
             qt[name] = deq[name] = t
     cfg = json.loads((src / "config.json").read_text())
     out = []
-    for sub, weights, qcfg in ((method, qt, qconfig(method, group, sym, ignored)), ("deq", deq, None)):
+    for sub, weights, qcfg in ((method, qt, qconfig(method, group, sym, ignored, act_order)), ("deq", deq, None)):
         d = tmp / sub
         shutil.copytree(src, d, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
         save_file({k: v.contiguous() for k, v in weights.items()}, str(d / "model.safetensors"))

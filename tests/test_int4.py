@@ -67,7 +67,6 @@ def test_resolve_int4_configs():
     ("awq", {}, "does not quantize to int4 on load"),
     ("gptq", qconfig("awq", 128), "quant_method='awq'"),
     ("fp8", qconfig("awq", 128), "conflicts with --quantization fp8"),
-    (None, dict(qconfig("gptq", 128), desc_act=True), "desc_act=true"),
     (None, dict(qconfig("gptq", 128), bits=8), "bits=8"),
     (None, dict(qconfig("gptq", 128), group_size=-1), "group_size=-1"),
     (None, dict(qconfig("awq", 128), version="gemv"), "version='gemv'"),
@@ -149,6 +148,46 @@ def test_bad_tensor_is_named(tmp_path):
     save_file(tensors, str(f))
     with pytest.raises(ValueError, match=gidx.replace(".", r"\.") + ".*desc_act"):
         LLM(model=q, device="cpu")
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_activation_order_matches_dequantized(tmp_path, sym):
+    """desc_act=true: each input's group follows a random order (q/k/v and gate/up share theirs); the stored
+    columns are sorted by group once and the activations gathered alike, so the logits equal the dequantized
+    model's."""
+    q, deq = make_int4_pair(tmp_path, "LlamaForCausalLM", "gptq", 16, sym=sym, act_order=True)
+    llm = LLM(model=q, device="cpu")
+    layer = llm.llm_engine.model.get_submodule("model.layers.0.self_attn.qkv_proj")
+    assert not torch.equal(layer.act_perm, torch.arange(layer.act_perm.numel()))  # a real reordering
+    w = layer.quant_method.dequantize(layer)  # back in the checkpoint's input order
+    ref_w = torch.cat([load_file(str(Path(deq) / "model.safetensors"))[f"model.layers.0.self_attn.{p}_proj.weight"]
+                       for p in "qkv"])
+    torch.testing.assert_close(w, ref_w)
+    _assert_same(_generate(q), _generate(deq))
+
+
+def test_gptq_activation_order_refusals(tmp_path):
+    """Merged parts with different orders, and experts, are refused naming the layer."""
+    q, _ = make_int4_pair(tmp_path / "a", "LlamaForCausalLM", "gptq", 16, act_order=True)
+    f = Path(q) / "model.safetensors"
+    tensors = load_file(str(f))
+    k = "model.layers.1.self_attn.k_proj.g_idx"
+    tensors[k] = tensors[k].flip(0).contiguous()  # still a valid order, not q_proj's
+    save_file(tensors, str(f))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.qkv_proj.*different activation orders"):
+        LLM(model=q, device="cpu")
+    moe, _ = make_int4_pair(tmp_path / "b", "Qwen3MoeForCausalLM", "gptq", 16, act_order=True)
+    with pytest.raises(ValueError, match="activation-order .*experts are not supported"):
+        LLM(model=moe, device="cpu")
+
+
+def test_gptq_activation_order_under_tp2_refuses_row_parallel_layers(tmp_path):
+    """A row-parallel layer's TP split cuts its input, whose order spans both ranks: refused on every rank."""
+    from dist_harness import run_ranks
+
+    q, _ = make_int4_pair(tmp_path, "LlamaForCausalLM", "gptq", 16, act_order=True)
+    errors = run_ranks(2, _tp_rank_error, q)
+    assert all(e and "o_proj" in e and "row-parallel" in e for e in errors), errors
 
 
 def test_dummy_load_of_int4_config(tmp_path):

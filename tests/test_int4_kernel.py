@@ -86,3 +86,38 @@ def test_layer_dispatches_to_the_kernel_once():
     qm.use_kernel = True
     torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(layer(x[:1]), ref[:1], rtol=1e-4, atol=1e-5)  # the skinny form
+
+
+def test_activation_order_layer_through_the_kernel():
+    """GPTQ desc_act: a merged (gate | up) layer whose inputs' groups follow a random order (shared by both parts).
+    finalize sorts the stored columns by group; the dequantizing path and the kernel (forced here on CPU, run by
+    the interpreter) both equal x @ W.T of the weight as the checkpoint means it."""
+    from moeserve.layers.linear import MergedColumnParallelLinear
+    from moeserve.layers.quant.int4 import Int4Config, Int4LinearMethod
+
+    n, k, group = 48, 64, 16
+    cfg = Int4Config("gptq", group, False, zero_offset=1, act_order=True)
+    with torch.device("meta"):
+        layer = MergedColumnParallelLinear(k, [24, 24], bias=False)
+        Int4LinearMethod(cfg).create_weights(layer, "mlp.gate_up_proj")
+    layer = layer.to_empty(device=DEVICE)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    zeros = torch.randint(0, 16, (n, k // group), generator=g).to(torch.uint8)
+    scales = (torch.rand(n, k // group, generator=g) / k ** 0.5 + 1e-3).half()
+    g_idx = (torch.randperm(k, generator=g) // group).to(torch.int32)  # the group of each input
+    layer.qweight.data.copy_(pack_int32(q, 1))
+    layer.scales.data.copy_(scales)
+    layer.qzeros.data.copy_(zeros)
+    layer.g_idx.data.copy_(g_idx.expand(2, k))
+    w = (q.float() - zeros.float()[:, g_idx.long()]) * scales.float()[:, g_idx.long()]
+    qm = layer.quant_method
+    qm.finalize(layer)
+    x = torch.randn(6, k, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    ref = x @ w.to(DEVICE).t()
+    qm.use_kernel = False
+    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-5)
+    qm.use_kernel = True
+    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer(x[:1]), ref[:1], rtol=1e-4, atol=1e-5)  # the skinny form
+    torch.testing.assert_close(qm.dequantize(layer), w.to(DEVICE))

@@ -10,7 +10,8 @@ Checkpoint layouts (per linear layer of logical shape W [N out, K in], G = group
                      qzeros  int32 [K/G, N/8]  packed along N in order; checkpoint_format 'gptq' (v1) stores
                                                z - 1 (w = (q - (stored + 1)) * s), 'gptq_v2' stores z
                      scales  fp16  [K/G, N]
-                     g_idx   int32 [K]         k // G when desc_act is false (the only order accepted)
+                     g_idx   int32 [K]         k // G when desc_act is false; with desc_act (activation order)
+                                               any order in which every group has G rows
   compressed-tensors weight_packed int32 [N, K/8]  packed along K, q + 8 stored (symmetric: w = (u - 8) * s)
                      weight_scale  bf16  [N, K/G]
                      weight_shape  int   [2]       (N, K): checked against the layer
@@ -22,6 +23,11 @@ compressed-tensors, which is symmetric: zero 8; GPTQ sym ships its zeros and kee
 the checkpoint's own tensor name so the weight loader finds it (experts: `w13_<name>`, `w2_<name>`). The
 conversion happens in the per-parameter weight loader on this rank's part only: a TP split is taken in checkpoint
 coordinates (a split that cuts a quantization group, or an 8-column pack, is refused when the model is built).
+
+Activation order (GPTQ desc_act=true): `finalize` sorts the input columns by group (the stored integers permuted
+once, a `act_perm` buffer kept), so every kernel sees contiguous groups again, and the forward gathers the
+activations' columns by `act_perm` first. Parts merged into one layer (q/k/v, gate/up) share their input and so
+their order; a layer whose input a TP split cuts (row-parallel) and the experts refuse it.
 
 CPU reference: dequantize on each call, w = (q - z) * s per group in fp32, cast to the activation dtype, then the
 dense matmul (layers keep 0.5 byte/weight + scales resident, as the planner sizes them; the reference is exactly
@@ -66,6 +72,7 @@ class Int4Config:
     sym: bool
     ignored: list[str] = field(default_factory=list)
     zero_offset: int = 0  # gptq v1 stores z - 1
+    act_order: bool = False  # gptq desc_act: g_idx in activation order (see finalize)
 
     @property
     def scale_dtype(self) -> torch.dtype:
@@ -141,10 +148,10 @@ def resolve_int4(flag: str | None, hf_config: dict) -> Int4Config:
     elif method == "gptq":
         bits, group = q.get("bits"), q.get("group_size")
         need(bits == 4, f"quantization_config.bits={bits}")
-        need(not q.get("desc_act", False), "quantization_config.desc_act=true (activation-order g_idx)")
         fmt = str(q.get("checkpoint_format", "gptq")).lower()
         need(fmt in ("gptq", "gptq_v2"), f"quantization_config.checkpoint_format={fmt!r}")
         sym, offset = bool(q.get("sym", True)), 1 if fmt == "gptq" else 0
+        act_order = bool(q.get("desc_act", False))
     elif method == "compressed-tensors":
         groups = q.get("config_groups") or {}
         need(len(groups) == 1, f"{len(groups)} entries in quantization_config.config_groups (one is supported)")
@@ -165,7 +172,7 @@ def resolve_int4(flag: str | None, hf_config: dict) -> Int4Config:
         raise ValueError(f"quant_method {method!r} is not an int4 method ({', '.join(INT4_METHODS)}).")
     need(isinstance(group, int) and group > 0 and group % 8 == 0,
          f"group_size={group} (a positive multiple of 8 is supported; per-channel -1 is not)")
-    return Int4Config(method, group, sym, ignored, offset)
+    return Int4Config(method, group, sym, ignored, offset, act_order if method == "gptq" else False)
 
 
 # ---- packing ---------------------------------------------------------------------------------------------------
@@ -299,7 +306,10 @@ def finalize(model: nn.Module) -> None:
     for name, m in model.named_modules():
         qm = getattr(m, "quant_method", None)
         if isinstance(qm, (Int4LinearMethod, Int4MoEMethod)):
-            qm.finalize(m)
+            try:
+                qm.finalize(m)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
             if isinstance(qm, Int4LinearMethod) and name.rsplit(".", 1)[-1] in DENSE_AFTER_LOAD:
                 w = qm.dequantize(m, dtype)
                 for k in [k for k, _ in m.named_parameters(recurse=False) if k != "bias"]:
@@ -355,13 +365,17 @@ def _convert_part(cfg: Int4Config, kind: str, loaded, out_range, in_range, full:
     return _to_canonical(cfg, kind, part)
 
 
-def _check_gidx(loaded, full_k: int, k0: int, k: int, group: int) -> torch.Tensor:
+def _check_gidx(loaded, full_k: int, k0: int, k: int, group: int, act_order: bool = False) -> torch.Tensor:
     if shape_of(loaded) != (full_k,):
         raise Int4Error(f"has shape {shape_of(loaded)}, but the config implies ({full_k},)")
     part = materialize(narrow(loaded, 0, k0, k)).to(torch.int32)
+    if act_order:  # finalize checks that every group has `group` rows
+        if part.numel() and (int(part.min()) < 0 or int(part.max()) >= full_k // group):
+            raise Int4Error(f"holds group indices outside [0, {full_k // group})")
+        return part
     if not torch.equal(part.cpu(), (torch.arange(k0, k0 + k) // group).to(torch.int32)):
-        raise Int4Error("is not the trivial k // group_size order (an act-order g_idx): desc_act checkpoints are "
-                        "not supported")
+        raise Int4Error("is not the trivial k // group_size order (an activation-order g_idx), but the "
+                        "quantization_config says desc_act=false")
     return part
 
 
@@ -392,6 +406,10 @@ class Int4LinearMethod:
                    f"{name}: this rank's part [{src}, {src + length}) of {full} cuts a {unit}-wide int4 "
                    + ("quantization group" if dim == 1 else "pack of 8 columns")
                    + "; choose a tensor-parallel size whose split is a multiple of it.")
+        _check(not (self.cfg.act_order and dim == 1 and pieces[0][1] != full_k),
+               f"{name}: an activation-order (desc_act) GPTQ layer whose input a tensor-parallel split cuts "
+               f"(row-parallel) is not supported: serve it with a tensor-parallel size of 1, or a desc_act=false "
+               f"checkpoint.")
         parts = len(getattr(layer, "output_sizes", [0])) if dim == 0 else 1
         device = layer.weight.device
         del layer.weight
@@ -411,7 +429,7 @@ class Int4LinearMethod:
         if dim == 1:  # row-parallel: all outputs, this rank's inputs
             src, length, _, full_k = pieces[0]
             if _ROLE[kind] == "g_idx":
-                param.data[0].copy_(_check_gidx(loaded, full_k, src, length, self.cfg.group))
+                param.data[0].copy_(_check_gidx(loaded, full_k, src, length, self.cfg.group, self.cfg.act_order))
                 return length
             if _ROLE[kind] == "shape":
                 return _check_shape_tensor(loaded, (n, full_k))
@@ -427,7 +445,7 @@ class Int4LinearMethod:
         for (src, length, dst, full), off, i in zip(pieces, offsets, ids):
             n_full = at if shard_id is None else full
             if _ROLE[kind] == "g_idx":
-                param.data[i].copy_(_check_gidx(loaded, k, 0, k, self.cfg.group))
+                param.data[i].copy_(_check_gidx(loaded, k, 0, k, self.cfg.group, self.cfg.act_order))
                 written += k
                 continue
             if _ROLE[kind] == "shape":
@@ -446,22 +464,50 @@ class Int4LinearMethod:
     def finalize(self, layer) -> None:
         packed, _, _ = self.tensors(layer)
         self.use_kernel = packed.is_cuda and self.cfg.group % 16 == 0  # the GEMM's K tile divides the group
+        layer.act_perm = _sort_by_group(layer, self.cfg) if self.cfg.act_order else None
 
     def dequantize(self, layer, dtype=torch.float32) -> torch.Tensor:
-        return dequantize(*self.tensors(layer), self.cfg.group, dtype)
+        w = dequantize(*self.tensors(layer), self.cfg.group, dtype)
+        perm = getattr(layer, "act_perm", None)
+        if perm is None:
+            return w
+        out = torch.empty_like(w)  # back to the checkpoint's input order
+        out[:, perm] = w
+        return out
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None | bool = True) -> torch.Tensor:
         b = layer.bias if bias is True else (None if bias is False else bias)
+        perm = getattr(layer, "act_perm", None)
+        if perm is not None:  # the inputs in the order the stored columns were sorted into
+            x = x.index_select(-1, perm)
         if self.use_kernel and x.dim() >= 2:
             from moeserve.kernels.int4_linear import int4_linear
 
             shape = x.shape
             y = int4_linear(x.reshape(-1, shape[-1]), *self.tensors(layer), self.cfg.group, b)
             return y.reshape(*shape[:-1], y.shape[-1])
-        return torch.nn.functional.linear(x, self.dequantize(layer, x.dtype), b)
+        return torch.nn.functional.linear(x, dequantize(*self.tensors(layer), self.cfg.group, x.dtype), b)
 
     def apply_nobias(self, layer, x: torch.Tensor) -> torch.Tensor:
         return self.apply(layer, x, bias=False)
+
+
+def _sort_by_group(layer: nn.Module, cfg: Int4Config) -> torch.Tensor:
+    """Activation order: permute the stored columns (inputs) so that each group's rows are contiguous, in group
+    order, as without desc_act; returns the permutation (int64 [K], on the weights' device) the forward gathers
+    the inputs by. Merged parts must share one order (they share their input: GPTQ orders by the same Hessian)."""
+    g_idx = getattr(layer, cfg.name_of("g_idx")).data
+    if not all(torch.equal(g_idx[0], g_idx[i]) for i in range(1, g_idx.shape[0])):
+        raise ValueError("the parts merged into this layer (q/k/v or gate/up) have different activation orders "
+                         "(g_idx); moeserve needs them equal.")
+    perm = torch.argsort(g_idx[0].to(torch.int64), stable=True)
+    k = perm.numel()
+    if not torch.equal(g_idx[0][perm].cpu(), (torch.arange(k) // cfg.group).to(torch.int32)):
+        raise ValueError(f"g_idx does not give every group exactly {cfg.group} inputs.")
+    packed = getattr(layer, cfg.name_of("packed"))
+    packed.data = pack_int32(unpack_int32(packed.data, -1).index_select(-1, perm.to(packed.device)), -1)
+    g_idx.copy_((torch.arange(k, device=g_idx.device) // cfg.group).to(g_idx.dtype).expand_as(g_idx))
+    return perm.to(packed.device)
 
 
 def weight_loader_for(module: nn.Module, pname: str, default):
@@ -487,6 +533,8 @@ class Int4MoEMethod:
 
     def create_weights(self, experts: nn.Module, name: str) -> None:
         g = self.cfg.group
+        _check(not self.cfg.act_order, f"{name}: activation-order (desc_act) GPTQ experts are not supported; a "
+                                       f"desc_act=false checkpoint is.")
         e, i_loc, h = experts.num_local, experts.local_intermediate, experts.w13.shape[2]
         _check(h % g == 0 and experts.intermediate_size % g == 0,
                f"{name}: hidden {h} / moe intermediate {experts.intermediate_size} is not a multiple of the int4 "
