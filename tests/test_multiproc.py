@@ -81,6 +81,19 @@ def test_dp2_attention_with_expert_parallel_matches_one_process(qwen3_moe, tp, a
         engine = llm.llm_engine
         assert all(kv.prefix_queries > 0 for kv in engine.kvs)  # requests were spread over both DP ranks
         assert engine.get_stats().num_free_blocks == engine.get_stats().num_total_blocks
+        # aborted while its draws are in flight (kept by its leader, under async scheduling): the others go on alike
+        for i, p in enumerate(prompts[:4]):
+            engine.add_request(f"ab{i}", p, greedy(20))
+        for _ in range(6):
+            engine.step()
+        engine.abort_request(["ab1", "ab2"])
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+        assert done["ab0"] == ref[0] and done["ab3"] == ref[3] and "ab1" not in done
+        assert engine.get_stats().num_free_blocks == engine.get_stats().num_total_blocks
     finally:
         llm.llm_engine.shutdown()
 
