@@ -264,11 +264,9 @@ def main(argv=None) -> int:
 
         cfg = apply_hf_overrides(cfg, overrides)
     if a.random_weights:  # random weights of that config (overrides included), which both engines load
-        Path(a.random_weights).mkdir(parents=True, exist_ok=True)
-        src = Path(a.random_weights).with_name(Path(a.random_weights).name + ".config.json")
-        src.write_text(json.dumps(cfg))
-        rc = subprocess.run([sys.executable, str(HERE / "random_checkpoint.py"), "--config", str(src),
-                             "--out", a.random_weights], timeout=max(60.0, end - time.time() - 60)).returncode
+        from random_checkpoint import build_in_subprocess
+
+        rc = build_in_subprocess(cfg, Path(a.random_weights), timeout=max(60.0, end - time.time() - 60))
         if rc:
             p.error(f"random_checkpoint.py exited {rc}")
         a.model, a.load_format = a.random_weights, "auto"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -107,6 +108,17 @@ def quantize_shards(out: Path, block: tuple[int, int], ignored: list[str], devic
         data = json.loads(index.read_text())
         data["weight_map"] = weight_map
         index.write_text(json.dumps(data, indent=1))
+
+
+def build_in_subprocess(config: dict, out: Path, timeout: float | None = None) -> int:
+    """build() of `config` in a process of its own (the caller's process then never holds the model's memory, nor
+    the GPU): the config is written beside `out` as OUT.config.json. Returns the exit code."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    src = out.with_name(out.name + ".config.json")
+    src.write_text(json.dumps(config))
+    return subprocess.run([sys.executable, str(Path(__file__).resolve()), "--config", str(src), "--out", str(out)],
+                          timeout=timeout).returncode
 
 
 def main(argv=None) -> int:

@@ -70,11 +70,10 @@ def random_checkpoint(model: str, overrides: dict, out: Path) -> str:
         if found is None:
             raise SystemExit(f"{model}: neither a folder nor a catalog id")
         cfg = json.loads(Path(found).read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    src = out.with_name(out.name + ".config.json")
-    src.write_text(json.dumps(apply_hf_overrides(cfg, overrides)))
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "random_checkpoint.py"), "--config", str(src),
-                    "--out", str(out)], check=True)
+    from random_checkpoint import build_in_subprocess
+
+    if build_in_subprocess(apply_hf_overrides(cfg, overrides), out):
+        raise SystemExit("random_checkpoint.py failed (see above)")
     return str(out)
 
 

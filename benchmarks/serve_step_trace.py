@@ -33,10 +33,11 @@ def attach(out_dir: Path) -> None:
         eng = build(cls, **kwargs)
         tracer = Tracer(eng)
         shutdown = eng.shutdown
+        written = []
 
         def traced_shutdown():
-            if not getattr(eng, "_trace_written", False):
-                eng._trace_written = True
+            if not written:  # the server's shutdown hook and its finally both stop the engine
+                written.append(True)
                 rows = tracer.finish()
                 busy = [r for r in rows if r["kind"] != "idle"]
                 out_dir.mkdir(parents=True, exist_ok=True)

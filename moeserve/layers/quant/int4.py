@@ -492,10 +492,10 @@ class Int4LinearMethod:
         return self.apply(layer, x, bias=False)
 
 
-def _sort_by_group(layer: nn.Module, cfg: Int4Config) -> torch.Tensor:
+def _sort_by_group(layer: nn.Module, cfg: Int4Config) -> torch.Tensor | None:
     """Activation order: permute the stored columns (inputs) so that each group's rows are contiguous, in group
     order, as without desc_act; returns the permutation (int64 [K], on the weights' device) the forward gathers
-    the inputs by. Merged parts must share one order (they share their input: GPTQ orders by the same Hessian)."""
+    the inputs by, or None when the stored order already is the groups'. Merged parts must share one order (they share their input: GPTQ orders by the same Hessian)."""
     g_idx = getattr(layer, cfg.name_of("g_idx")).data
     if not all(torch.equal(g_idx[0], g_idx[i]) for i in range(1, g_idx.shape[0])):
         raise ValueError("the parts merged into this layer (q/k/v or gate/up) have different activation orders "
@@ -504,6 +504,8 @@ def _sort_by_group(layer: nn.Module, cfg: Int4Config) -> torch.Tensor:
     k = perm.numel()
     if not torch.equal(g_idx[0][perm].cpu(), (torch.arange(k) // cfg.group).to(torch.int32)):
         raise ValueError(f"g_idx does not give every group exactly {cfg.group} inputs.")
+    if torch.equal(perm, torch.arange(k, device=perm.device)):
+        return None  # already in group order (a dummy load, or an order GPTQ left as it was): nothing to gather
     packed = getattr(layer, cfg.name_of("packed"))
     packed.data = pack_int32(unpack_int32(packed.data, -1).index_select(-1, perm.to(packed.device)), -1)
     g_idx.copy_((torch.arange(k, device=g_idx.device) // cfg.group).to(g_idx.dtype).expand_as(g_idx))
