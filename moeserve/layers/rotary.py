@@ -63,6 +63,7 @@ class RotaryEmbedding(nn.Module):
         with torch.device("cpu"):  # models are built on the meta device; the tables are real data
             self.inv_freq, self.attention_factor = self._inv_freq(rotary_dim, base, scaling)
         self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._step: tuple | None = None  # _rows' last positions, their version, cos and sin rows
 
     def signature(self) -> tuple:
         """Equal signatures, equal tables: layers with the same one can share a single RotaryEmbedding."""
@@ -94,17 +95,37 @@ class RotaryEmbedding(nn.Module):
                                    (freqs.sin() * self.attention_factor).to(device))
         return self._cache[device]
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [T, H, D]; cos/sin: [T, 1, rotary_dim/2] fp32
-        rot, rest = x[..., : self.rotary_dim].float(), x[..., self.rotary_dim:]
+    def _rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin of these positions laid out as _rotate multiplies them, [T, 1, rotary_dim] each:
+        rotate-half [c | c] and [-s | s], interleaved (c0, c0, c1, c1, ..) and (-s0, s0, -s1, s1, ..).
+        Gathered once per step, not per layer: all layers of a step share this module and pass the same
+        positions tensor (its version counter catches a refill in place; an inference tensor has none and is
+        gathered on every call)."""
+        step = self._step
+        if (step is not None and step[0] is positions and not positions.is_inference()
+                and step[1] == positions._version):
+            return step[2], step[3]
+        cos, sin = self._cos_sin(positions.device)
+        c, s = cos[positions], sin[positions]  # [T, rotary_dim / 2]
         if self.interleaved:
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+            c, s = torch.stack((c, c), dim=-1).flatten(-2), torch.stack((-s, s), dim=-1).flatten(-2)
         else:
-            x1, x2 = rot.chunk(2, dim=-1)
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        out = out.to(x.dtype)
-        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+            c, s = torch.cat((c, c), dim=-1), torch.cat((-s, s), dim=-1)
+        c, s = c.unsqueeze(1), s.unsqueeze(1)
+        if not positions.is_inference():
+            self._step = (positions, positions._version, c, s)
+        return c, s
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, H, D] -> x with its first rotary_dim dims rotated: rot * cos + swapped * sin in fp32, swapped the
+        pairs' other halves ([x2 | x1], or (x1, x0, x3, x2, ..) interleaved), the same bits as x1 c - x2 s and
+        x2 c + x1 s (a + (-b) is a - b)."""
+        R = self.rotary_dim
+        rot = x[..., :R].float() if R < x.shape[-1] else x.float()
+        pairs = (R // 2, 2) if self.interleaved else (2, R // 2)
+        swapped = rot.unflatten(-1, pairs).flip(-1 if self.interleaved else -2).flatten(-2)
+        out = (rot * cos).add_(swapped.mul_(sin)).to(x.dtype)
+        return torch.cat((out, x[..., R:]), dim=-1) if R < x.shape[-1] else out
 
     def apply_fused(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm=None, k_norm=None,
                     kv_write: tuple | None = None) -> None:
@@ -120,6 +141,7 @@ class RotaryEmbedding(nn.Module):
                    kv_write=kv_write)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos, sin = self._cos_sin(q.device)
-        cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        """q [T, H, D], k [T, KVH, D] -> (q, k) rotated: the reference, and the CPU models' path (CUDA models call
+        apply_fused)."""
+        cos, sin = self._rows(positions)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
