@@ -7,6 +7,7 @@ With a residual, the add that precedes every norm in a pre-norm decoder is fused
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -28,6 +29,8 @@ class RMSNorm(nn.Module):
         return self._norm(x)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cpu and x.dtype == torch.float32:  # the lines below in one call, bit for bit on CPU (fewer ops)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
