@@ -180,21 +180,19 @@ class Int4CPUMethod:
 
     @staticmethod
     def apply(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if x.dim() != 2:
+            out = Int4CPUMethod.apply(layer, x.reshape(-1, x.shape[-1]))
+            return out.reshape(*x.shape[:-1], layer.out_features)
+        xb = x.to(torch.bfloat16)
         dense = layer.weight_bf16
-        if dense is not None and xb.shape[0] >= DENSE_MIN_ROWS:
-            out = F.linear(xb, dense).to(x.dtype)
+        if dense is not None and x.shape[0] >= DENSE_MIN_ROWS:
+            out = F.linear(xb, dense)
         else:
-            args = layer.int4_args
-            if len(args) == 1:
-                out = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, args[0][0], GROUP, args[0][1])
-            else:
-                out = None
-                for w, sz in args:
-                    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, GROUP, sz).float()
-                    out = y if out is None else out.add_(y)
-            out = out[:, : layer.out_features].to(x.dtype)
-        if layer.bias is not None:
-            out = out + layer.bias
-        return out.reshape(*shape[:-1], layer.out_features)
+            (w, sz), *more = layer.int4_args
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, GROUP, sz)
+            for w, sz in more:  # several terms add up in fp32
+                out = out.float().add_(torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, GROUP, sz))
+            if out.shape[1] != layer.out_features:  # the packer's padding rows
+                out = out[:, : layer.out_features]
+        out = out.to(x.dtype)
+        return out if layer.bias is None else out + layer.bias
