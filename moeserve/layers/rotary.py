@@ -121,10 +121,16 @@ class RotaryEmbedding(nn.Module):
         pairs' other halves ([x2 | x1], or (x1, x0, x3, x2, ..) interleaved), the same bits as x1 c - x2 s and
         x2 c + x1 s (a + (-b) is a - b)."""
         R = self.rotary_dim
-        rot = x[..., :R].float() if R < x.shape[-1] else x.float()
-        pairs = (R // 2, 2) if self.interleaved else (2, R // 2)
-        swapped = rot.unflatten(-1, pairs).flip(-1 if self.interleaved else -2).flatten(-2)
-        out = (rot * cos).add_(swapped.mul_(sin)).to(x.dtype)
+        rot = x[..., :R] if R < x.shape[-1] else x
+        if rot.dtype != torch.float32:
+            rot = rot.float()
+        if self.interleaved:
+            swapped = rot.unflatten(-1, (R // 2, 2)).flip(-1).flatten(-2)
+        else:
+            swapped = rot.roll(R // 2, -1)
+        out = (rot * cos).add_(swapped.mul_(sin))
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
         return torch.cat((out, x[..., R:]), dim=-1) if R < x.shape[-1] else out
 
     def apply_fused(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm=None, k_norm=None,
