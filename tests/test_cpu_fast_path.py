@@ -41,7 +41,7 @@ def test_one_plan_serves_every_layer(query_lens, seq_lens):
     plan = meta.cpu_plan
     assert plan is not None
     if len(set(seq_lens)) == 1 and max(query_lens) == 1:
-        assert plan[0][1].mask is None
+        assert plan.groups[0][1].mask is None
     got2 = paged_attention_reference(q2, cache2, meta, scale=0.3)
     assert meta.cpu_plan is plan
     assert not got1.isnan().any() and not got2.isnan().any()
@@ -135,3 +135,67 @@ def test_packing_row_blocks_gives_the_whole_packs_bytes():
         assert torch.equal(part, whole) and torch.equal(sz, sz_whole)
     with pytest.raises(ValueError, match="multiple of 64"):
         pack_term(term, rows=16)
+
+
+def _rotary_by_the_formula(rot, tables, positions, x):
+    """x1 c - x2 s, x2 c + x1 s over the first rotary_dim dims (halves, or pairs when interleaved), in fp32."""
+    cos, sin = tables
+    c, s = cos[positions][:, None], sin[positions][:, None]
+    r = x[..., : rot.rotary_dim].float()
+    x1, x2 = (r[..., 0::2], r[..., 1::2]) if rot.interleaved else r.chunk(2, dim=-1)
+    a, b = x1 * c - x2 * s, x2 * c + x1 * s
+    out = torch.stack((a, b), dim=-1).flatten(-2) if rot.interleaved else torch.cat((a, b), dim=-1)
+    return torch.cat((out.to(x.dtype), x[..., rot.rotary_dim:]), dim=-1)
+
+
+@pytest.mark.parametrize("interleaved,partial", [(False, 1.0), (False, 0.5), (True, 1.0)])
+def test_rotary_rows_gathered_once_a_step(interleaved, partial):
+    """The cos/sin rows of a step's positions are gathered by the first layer and reused while the same positions
+    tensor comes back unchanged; a new tensor, or the same one refilled in place, gets its own rows."""
+    from moeserve.layers.rotary import RotaryEmbedding
+
+    rot = RotaryEmbedding(int(32 * partial), 256, 10000.0, interleaved=interleaved)
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(3, 4, 32, generator=g), torch.randn(3, 2, 32, generator=g)
+    positions = torch.tensor([0, 7, 200])
+    tables, gathers = rot._cos_sin(q.device), []
+    rot._cos_sin = lambda device: (gathers.append(1), tables)[1]  # what a step's first layer reads rows from
+    for step in range(3):
+        for _layer in range(2):
+            got_q, got_k = rot(positions, q, k)
+            assert torch.equal(got_q, _rotary_by_the_formula(rot, tables, positions, q))  # bit for bit
+            assert torch.equal(got_k, _rotary_by_the_formula(rot, tables, positions, k))
+        assert len(gathers) == step + 1
+        positions.add_(1)  # the next step refills the same buffer in place
+    rot(positions.clone(), q, k)
+    assert len(gathers) == 4
+
+
+def test_kv_write_planned_once_a_step_and_padding_not_written():
+    """The CPU attention front writes K/V at the step's slots with one plan for all layers; a slot < 0 (padding)
+    writes nothing; the plan's rows are None when every token writes."""
+    import numpy as np
+
+    from moeserve.layers.attention import AttentionMetadata, ForwardContext, PagedAttention
+
+    g = torch.Generator().manual_seed(2)
+    blocks, page, kvh, d = 4, 4, 2, 8
+    for slots, padded in (([5, 6, 7], False), ([5, -1, 9], True)):
+        caches = [torch.full((2, blocks, page, kvh, d), float("nan")) for _ in range(2)]
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots), query_start_loc=torch.tensor([0, 1, 2, 3]),
+                                 seq_lens=torch.ones(3, dtype=torch.int32),
+                                 block_tables=torch.tensor([[1], [2], [2]], dtype=torch.int32),
+                                 max_query_len=1, max_seq_len=1, query_start_loc_cpu=np.array([0, 1, 2, 3]),
+                                 seq_lens_cpu=np.ones(3, dtype=np.int32))
+        ctx = ForwardContext(meta, caches)
+        for layer in range(2):
+            q, k, v = torch.randn(3, 4, d, generator=g), torch.randn(3, kvh, d, generator=g), torch.randn(3, kvh, d, generator=g)
+            PagedAttention(4, kvh, d, 0.5, layer)(q, k, v, ctx)
+            plan = meta.cpu_plan
+            assert (plan.write[0] is not None) == padded
+            flat = caches[layer].view(2, -1, kvh, d)
+            for t, slot in enumerate(slots):
+                if slot >= 0:
+                    assert torch.equal(flat[0, slot], k[t]) and torch.equal(flat[1, slot], v[t])
+            assert int((~flat.isnan()).sum()) == 2 * sum(s >= 0 for s in slots) * kvh * d
+        assert meta.cpu_plan is plan

@@ -66,7 +66,7 @@ def test_rope_matches_reference(qk_norm, head_dim, partial):
 def test_rope_writes_k_and_v_into_the_paged_cache(qk_norm, head_dim, partial):
     """kv_write: the rotated K (rest dims included) and V land at each token's slot, slot -1 writes nothing, and
     q/k come out as without it."""
-    from moeserve.layers.attention import write_kv_reference
+    from moeserve.kernels.reference import ref_write_kv_cache
 
     g = torch.Generator().manual_seed(head_dim + qk_norm)
     T, H, KVH, blocks, page = 5, 4, 2, 6, 4
@@ -89,7 +89,7 @@ def test_rope_writes_k_and_v_into_the_paged_cache(qk_norm, head_dim, partial):
                kv_write=(v, cache, slots))
     assert torch.equal(q, q2) and torch.equal(k, k2)
     want = torch.full_like(cache, float("nan"))
-    write_kv_reference(k2, v, want, slots)
+    ref_write_kv_cache(k2, v, want, slots)
     torch.testing.assert_close(cache, want, rtol=0, atol=0, equal_nan=True)
 
 

@@ -14,6 +14,12 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x.to(dtype), without its ~2 us of argument parsing and dispatch where x has that dtype already (the CPU
+    path casts six times a layer, fp32 to fp32)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
@@ -24,7 +30,7 @@ def kv_store(rows: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: fl
         q = (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(rows.dtype)
         rows.view(torch.uint8).index_copy_(0, slots, q.view(torch.uint8))
     else:
-        rows.index_copy_(0, slots, x.to(rows.dtype))
+        rows.index_copy_(0, slots, _cast(x, rows.dtype))
 
 
 def kv_load(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
@@ -32,18 +38,28 @@ def kv_load(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Te
     if x.dtype == torch.float8_e4m3fn:
         y = x.to(dtype)
         return y if scale == 1.0 else y * scale
-    return x.to(dtype)
+    return _cast(x, dtype)
+
+
+def kv_write_rows(slot_mapping: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(which tokens are written: a mask, or None for all of them; their slots, int64). Slot < 0 is padding."""
+    keep = slot_mapping >= 0
+    if bool(keep.all()):
+        return None, slot_mapping.long()
+    return keep, slot_mapping[keep].long()
 
 
 def ref_write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                       k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+                       k_scale: float = 1.0, v_scale: float = 1.0, write: tuple | None = None) -> None:
     """kv_cache[0 (K) / 1 (V), slot // block_size, slot % block_size] = k / v for every token with slot >= 0
-    (an fp8 cache holds k / k_scale, v / v_scale: kv_store)."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
+    (an fp8 cache holds k / k_scale, v / v_scale: kv_store). `write`: kv_write_rows(slot_mapping), where the
+    caller has it already (the CPU path: once per step, not per layer)."""
+    keep, slots = kv_write_rows(slot_mapping) if write is None else write
+    if keep is not None:
+        k, v = k[keep], v[keep]
     flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])  # [2, num_blocks * block_size, KVH, D]
-    kv_store(flat[0], slots, k[keep], k_scale)
-    kv_store(flat[1], slots, v[keep], v_scale)
+    kv_store(flat[0], slots, k, k_scale)
+    kv_store(flat[1], slots, v, v_scale)
 
 
 def ref_paged_attention(
@@ -182,16 +198,18 @@ def batched_paged_attention(
         plan = AttentionPlan(query_lens, seq_lens, block_tables, kv_cache.shape[2], H // kvh)
     B, q_max, L, group = plan.B, plan.q_max, plan.L, plan.group
     kv = kv_cache.view(2, -1, kvh, D).index_select(1, plan.slots).view(2, B, L, kvh, D).transpose(2, 3)
-    if q_max == 1:
-        qp = q.view(B, 1, H, D)
+    if q_max == 1:  # one query a sequence: [B, H, D] is already [B, KVH, group, D]
+        qg = q.view(B, kvh, group, D)
     else:  # scatter the ragged queries into [B, q_max] rows
         qp = q.new_zeros(B, q_max, H, D)
         qp[plan.real] = q
-    # [B, q_max, KVH, group, D] -> [B, KVH, group * q_max, D] (row = g * q_max + i)
-    qg = qp.view(B, q_max, kvh, group, D).permute(0, 2, 3, 1, 4).reshape(B, kvh, group * q_max, D)
+        # [B, q_max, KVH, group, D] -> [B, KVH, group * q_max, D] (row = g * q_max + i)
+        qg = qp.view(B, q_max, kvh, group, D).permute(0, 2, 3, 1, 4).reshape(B, kvh, group * q_max, D)
     acc = _acc_dtype(q.dtype)
-    o = F.scaled_dot_product_attention(qg.to(acc), kv_load(kv[0], acc, k_scale), kv_load(kv[1], acc, v_scale),
+    o = F.scaled_dot_product_attention(_cast(qg, acc), kv_load(kv[0], acc, k_scale), kv_load(kv[1], acc, v_scale),
                                        attn_mask=plan.mask,
                                        scale=scale)  # [B, KVH, group * q_max, D]
+    if q_max == 1:
+        return _cast(o.reshape(T, H, D), q.dtype)
     o = o.view(B, kvh, group, q_max, D).permute(0, 3, 1, 2, 4).reshape(B, q_max, H, D).to(q.dtype)
-    return o.view(T, H, D) if q_max == 1 else o[plan.real]
+    return o[plan.real]

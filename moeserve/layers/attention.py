@@ -6,11 +6,14 @@ CUDA tensors go to the Triton kernels; CPU tensors take the path below (one SDPA
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moeserve.kernels.reference import AttentionPlan, batched_paged_attention, kv_write_rows, ref_write_kv_cache
 
 
 @dataclass
@@ -26,8 +29,9 @@ class AttentionMetadata:
     # Host copies, so the CPU path never reads the device.
     query_start_loc_cpu: np.ndarray | None = None
     seq_lens_cpu: np.ndarray | None = None
-    # The CPU path's grouping of sequences and gather/mask plans: built by the first layer, reused by the rest.
-    cpu_plan: list | None = field(default=None, repr=False, compare=False)
+    # The CPU path's K/V write slots, grouping of sequences and gather/mask plans (CPUPlan): built by the first
+    # layer, reused by the rest.
+    cpu_plan: object | None = field(default=None, repr=False, compare=False)
     # MLA's plan of a mixed batch (layers/mla.MixedPlan): built by the first MLA layer, reused by the rest.
     mla_plan: object | None = field(default=None, repr=False, compare=False)
     # CUDA decode: rows grouped by a shared prefix of blocks (engine/shared_prefix.SharedPrefixes, planned by the
@@ -87,7 +91,8 @@ class PagedAttention(nn.Module):
                 block_tables=meta.block_tables, scale=self.scale, max_query_len=meta.max_query_len,
                 max_seq_len=meta.max_seq_len, k_scale=self.k_scale, v_scale=self.v_scale, shared=meta.shared,
             )
-        write_kv_reference(k, v, cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        plan = cpu_plan(q, cache, meta)
+        ref_write_kv_cache(k, v, cache, meta.slot_mapping, self.k_scale, self.v_scale, write=plan.write)
         return paged_attention_reference(q, cache, meta, self.scale, self.k_scale, self.v_scale)
 
     def _attend_uncached(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
@@ -131,15 +136,17 @@ def load_kv_scale(model: nn.Module, name: str, tensor) -> bool:
     return True
 
 
-def write_kv_reference(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
-                       k_scale: float = 1.0, v_scale: float = 1.0) -> None:
-    from moeserve.kernels.reference import kv_store
+class CPUPlan(NamedTuple):
+    """The CPU path's plan of a step, the same in every layer: built by the first layer, kept on the metadata."""
 
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    flat = cache.view(2, -1, cache.shape[-2], cache.shape[-1])
-    kv_store(flat[0], slots, k[keep], k_scale)
-    kv_store(flat[1], slots, v[keep], v_scale)
+    write: tuple  # kernels.reference.kv_write_rows of the step's slot mapping
+    groups: list  # [(query rows of the group or None for all of q, AttentionPlan)]
+
+
+def cpu_plan(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> CPUPlan:
+    if meta.cpu_plan is None:
+        meta.cpu_plan = CPUPlan(kv_write_rows(meta.slot_mapping), _plan_groups(q, cache, meta))
+    return meta.cpu_plan
 
 
 def paged_attention_reference(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float,
@@ -151,11 +158,7 @@ def paged_attention_reference(q: torch.Tensor, cache: torch.Tensor, meta: Attent
     The grouping and each group's gather/mask plan are the same in every layer: built once per step (the first
     layer that asks), kept on the metadata.
     """
-    from moeserve.kernels.reference import batched_paged_attention
-
-    if meta.cpu_plan is None:
-        meta.cpu_plan = _plan_groups(q, cache, meta)
-    groups = meta.cpu_plan
+    groups = cpu_plan(q, cache, meta).groups
     if not groups:
         return torch.empty_like(q)
     if len(groups) == 1 and groups[0][0] is None:
@@ -168,8 +171,6 @@ def paged_attention_reference(q: torch.Tensor, cache: torch.Tensor, meta: Attent
 
 def _plan_groups(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> list:
     """[(query rows of the group or None for all of q, AttentionPlan)]."""
-    from moeserve.kernels.reference import AttentionPlan
-
     qsl, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
     tables = meta.block_tables.cpu() if meta.block_tables.is_cuda else meta.block_tables
     q_lens = np.diff(np.asarray(qsl[: len(seq_lens) + 1]))
