@@ -57,9 +57,9 @@ def ref_write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
     keep, slots = kv_write_rows(slot_mapping) if write is None else write
     if keep is not None:
         k, v = k[keep], v[keep]
-    flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])  # [2, num_blocks * block_size, KVH, D]
-    kv_store(flat[0], slots, k, k_scale)
-    kv_store(flat[1], slots, v, v_scale)
+    k_rows, v_rows = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1]).unbind()  # [blocks * size, KVH, D]
+    kv_store(k_rows, slots, k, k_scale)
+    kv_store(v_rows, slots, v, v_scale)
 
 
 def ref_paged_attention(
@@ -197,7 +197,7 @@ def batched_paged_attention(
     if plan is None:
         plan = AttentionPlan(query_lens, seq_lens, block_tables, kv_cache.shape[2], H // kvh)
     B, q_max, L, group = plan.B, plan.q_max, plan.L, plan.group
-    kv = kv_cache.view(2, -1, kvh, D).index_select(1, plan.slots).view(2, B, L, kvh, D).transpose(2, 3)
+    k, v = kv_cache.view(2, -1, kvh, D).index_select(1, plan.slots).view(2, B, L, kvh, D).transpose(2, 3).unbind()
     if q_max == 1:  # one query a sequence: [B, H, D] is already [B, KVH, group, D]
         qg = q.view(B, kvh, group, D)
     else:  # scatter the ragged queries into [B, q_max] rows
@@ -206,7 +206,7 @@ def batched_paged_attention(
         # [B, q_max, KVH, group, D] -> [B, KVH, group * q_max, D] (row = g * q_max + i)
         qg = qp.view(B, q_max, kvh, group, D).permute(0, 2, 3, 1, 4).reshape(B, kvh, group * q_max, D)
     acc = _acc_dtype(q.dtype)
-    o = F.scaled_dot_product_attention(_cast(qg, acc), kv_load(kv[0], acc, k_scale), kv_load(kv[1], acc, v_scale),
+    o = F.scaled_dot_product_attention(_cast(qg, acc), kv_load(k, acc, k_scale), kv_load(v, acc, v_scale),
                                        attn_mask=plan.mask,
                                        scale=scale)  # [B, KVH, group * q_max, D]
     if q_max == 1:

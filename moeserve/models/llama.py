@@ -42,11 +42,8 @@ class GQAAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x.shape[0]
-        kv = self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        heads = self.qkv_proj(x).view(T, -1, self.head_dim)  # [T, H + 2 KVH, D]
+        q, k, v = heads.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         kv_write = None
         if x.is_cuda:  # one fused kernel: per-head norm (Qwen3) + rotary in place, and K/V into the paged cache
             kv_write = self.attn.kv_target(v, ctx)
