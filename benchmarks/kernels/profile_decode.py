@@ -120,18 +120,21 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--mixed", type=int, default=0, metavar="B",
                     help="also profile the throughput workload's mixed steps at this concurrency (e.g. 104)")
+    ap.add_argument("--llm-args", default="{}", help='more LLM(...) arguments as JSON, e.g. {"tensor_parallel_size": 2}')
+    ap.add_argument("--no-eager", action="store_true", help="skip the eager profile (one engine per process, e.g. TP)")
     ap.add_argument("--spread-routing", action="store_true",
                     help="zero the routers' correction biases after the dummy load (see spread_routing)")
     args = ap.parse_args()
     import torch
 
+    llm_args = json.loads(args.llm_args)
     batches = [int(x) for x in args.batches.split(",")]
     depths = [int(x) for x in args.layers.split(",")]
     tp: dict[int, dict[int, float]] = {}
     full = None
     for L in depths:
         t = time.perf_counter()
-        llm, full = build(args.shape, L, eager=False, max_model_len=args.max_model_len)
+        llm, full = build(args.shape, L, eager=False, max_model_len=args.max_model_len, **llm_args)
         if args.spread_routing:
             print(f"  spread routing: {spread_routing(llm)} correction biases zeroed", flush=True)
         print(f"== {L} layers (CUDA graphs): start-up {time.perf_counter() - t:.1f}s "
@@ -143,9 +146,12 @@ def main() -> None:
                 profile(llm, b, args.steps, args.top)
             if args.mixed:
                 profile(llm, args.mixed, args.steps, args.top, mixed=True)
+            if args.no_eager:
+                llm.llm_engine.shutdown()  # stops the other ranks' processes (TP), else a no-op
+                break
             del llm
             torch.cuda.empty_cache()
-            llm, _ = build(args.shape, L, eager=True, max_model_len=args.max_model_len)
+            llm, _ = build(args.shape, L, eager=True, max_model_len=args.max_model_len, **llm_args)
             if args.spread_routing:
                 spread_routing(llm)
             print(f"== {L} layers, eager (one launch at a time)", flush=True)

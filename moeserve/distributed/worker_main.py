@@ -1,12 +1,12 @@
-"""The loop of a rank other than 0: take each step message from rank 0, run the forward pass with this rank's
-shard, and receive the step's sampled tokens (the next step's pending inputs) from TP rank 0. A leader that
-samples on its own (a DP rank's, or the last pipeline stage's) sends its tokens to rank 0 instead."""
+"""The loop of a rank other than 0: take each step message from rank 0 (distributed/step_channel.py), run the
+forward pass with this rank's shard, and receive the step's sampled tokens (the next step's pending inputs) from TP
+rank 0. A leader that samples on its own (a DP rank's, or the last pipeline stage's) sends its tokens to rank 0
+instead."""
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
 
 import torch
 import torch.distributed as dist
@@ -14,85 +14,46 @@ import torch.distributed as dist
 logger = logging.getLogger("moeserve")
 
 
-def agree_num_blocks(local_blocks: int) -> int:
+def agree_num_blocks(local_blocks: int, control) -> int:
     """Every rank must allocate the same number of KV blocks: the least any rank can hold."""
     t = torch.tensor([local_blocks], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_control)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=control)
     return int(t.item())
 
 
-_control = None
-
-
-def set_control_group(group) -> None:
-    global _control
-    _control = group
-
-
-def broadcast_step(step) -> object:
-    """Rank 0 sends `step` (plain data, or None to stop); every other rank passes None and gets it back."""
-    box = [step]
-    dist.broadcast_object_list(box, src=0, group=_control)
-    return box[0]
-
-
-class StepPost:
-    """Pipeline parallelism: rank 0 posts each step message to every other rank without waiting for them, since
-    the later stages are still busy with the micro-batches before it (a broadcast would wait for them all). Each
-    message goes as its pickled length and bytes, in order, over the control group."""
-
-    def __init__(self, ranks: list[int]):
-        from moeserve.distributed.parallel_state import PendingSends
-
-        self.ranks = ranks
-        self.sending = PendingSends()
-
-    def send(self, step) -> None:
-        payload = torch.frombuffer(bytearray(pickle.dumps(step)), dtype=torch.uint8)
-        size = torch.tensor([payload.numel()], dtype=torch.int64)
-        for r in self.ranks:
-            for t in (size, payload):
-                self.sending.add(dist.isend(t, dst=r, group=_control), t)
-
-    def wait(self) -> None:
-        self.sending.wait()
-
-
-def receive_posted_step() -> object:
-    """A rank other than 0 takes the next message StepPost sent it."""
-    size = torch.empty(1, dtype=torch.int64)
-    dist.recv(size, src=0, group=_control)
-    payload = torch.empty(int(size.item()), dtype=torch.uint8)
-    dist.recv(payload, src=0, group=_control)
-    return pickle.loads(payload.numpy().tobytes())
+def spin_seconds(device: torch.device) -> float:
+    """How long a rank waiting for a step message polls without sleeping (distributed/step_channel.py): on a GPU
+    about a step, so that the next one starts at once; on the CPU not at all (the cores compute)."""
+    return 0.05 if device.type == "cuda" else 0.0
 
 
 def worker_main(config, info, device_type: str) -> None:
     from moeserve.distributed.launch import init_rank, rank_device
     from moeserve.distributed.parallel_state import get_dp_group, get_pp_group, get_tp_group
+    from moeserve.distributed.step_channel import open_channel
     from moeserve.engine.worker import LeaderSampler, Worker
     from moeserve.loader.model_loader import resolve_dtype, resolve_source
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(max(1, torch.get_num_threads() // max(info.ranks_per_node, 1)))
     device = rank_device(device_type, info.local_rank)
-    set_control_group(init_rank(info, config.parallel_layout(), device))
+    control = init_rank(info, config.parallel_layout(), device)
     torch.manual_seed(config.seed)
     worker = Worker(config, device, resolve_dtype(config.dtype_name, device), resolve_source(config))
-    worker.initialize_cache(agree_num_blocks(worker.available_kv_blocks()))
+    worker.initialize_cache(agree_num_blocks(worker.available_kv_blocks(), control))
     tp, dp, pp = get_tp_group(), get_dp_group(), get_pp_group()
     leader = None  # samples here, from a mirror of the requests: DP ranks' leaders, the last PP stage's leader
     if (dp.size > 1 or pp.size > 1) and tp.rank == 0 and pp.is_last:
         loaded = worker.loaded
         leader = LeaderSampler(loaded.hf_config.vocab_size, device, config.seed, loaded.eos_token_ids,
                                loaded.tokenizer)
+    channel = open_channel(control, info.rank, info.nnodes == 1, leader is not None, spin_seconds(device))
     prev = None
     kept = None  # a DP leader under async scheduling: its last step's draws, sent once the next message came
     code = 1
-    receive = receive_posted_step if pp.size > 1 else (lambda: broadcast_step(None))
     try:
         while True:
-            step = receive()
+            step = channel.receive()
             if step is None:
                 break
             if pp.size > 1:
@@ -104,15 +65,18 @@ def worker_main(config, info, device_type: str) -> None:
                 if leader is not None:
                     leader.apply(step)
                     if step.sample_rows:
-                        dist.send_object_list([leader.sample(step, logits)], dst=0, group=_control)
+                        channel.reply(leader.sample(step, logits))
                 continue
             if isinstance(step, list):  # DP: every DP rank's step in one message, [] = send what you kept
-                prev, kept = _data_parallel_step(worker, leader, tp, step[dp.rank] if step else None, prev, kept)
+                prev, kept = _data_parallel_step(worker, leader, tp, channel, step[dp.rank] if step else None,
+                                                 prev, kept)
                 continue
             worker.execute(step, prev)
             S = len(step.sample_rows)
             if S and tp.size > 1:
                 prev = tp.broadcast(torch.empty(S, dtype=torch.int64, device=device), src=0)
+        channel.flush()
+        channel.close()
         code = 0
     except BaseException:
         logger.exception("moeserve rank %d failed", info.rank)
@@ -124,7 +88,7 @@ def worker_main(config, info, device_type: str) -> None:
         release_process_groups()
 
 
-def _data_parallel_step(worker, leader, tp, step, prev, kept):
+def _data_parallel_step(worker, leader, tp, channel, step, prev, kept):
     """One DP step on this rank (step None: a flush). The DP rank's leader (its TP rank 0) samples its rows. Waiting
     steps: it sends the tokens to rank 0 at once. Async steps: they stay on the device as the next step's pending
     inputs (broadcast to the rank's TP group), and go to rank 0 after the next message, so that this rank's host
@@ -137,7 +101,7 @@ def _data_parallel_step(worker, leader, tp, step, prev, kept):
     if leader is not None and step is not None:
         leader.apply(step)
         if S and not step.sample_async:
-            dist.send_object_list([leader.sample(step, logits)], dst=0, group=_control)
+            channel.reply(leader.sample(step, logits))
         elif S:
             drawn = leader.draw(step, logits)
             prev = drawn.tokens
@@ -145,7 +109,7 @@ def _data_parallel_step(worker, leader, tp, step, prev, kept):
         prev = tp.broadcast(prev if drawn is not None else torch.empty(S, dtype=torch.int64, device=worker.device),
                             src=0)
     if kept is not None:  # the step before's draws: rank 0 collects them after it sent this message
-        dist.send_object_list([leader.settle(kept)], dst=0, group=_control)
+        channel.reply(leader.settle(kept))
     return prev, drawn
 
 

@@ -2,8 +2,8 @@
 
 - InProcessExecutor: one rank, the runner in this process (one GPU, or the CPU). Nothing is added to its path.
 - MultiprocExecutor: rank 0 in this process, the other ranks in processes of their own (one per GPU, spawned
-  here or by torchrun, on this node or others). Each step message is broadcast to them as plain data over a gloo
-  group (with pipeline stages, posted to each without waiting: worker_main.StepPost); after sampling, rank 0
+  here or by torchrun, on this node or others). Each step message goes to them as plain data, posted without
+  waiting for them (distributed/step_channel.py: shared memory on one node, gloo across nodes); after sampling, rank 0
   broadcasts the sampled tokens to its TP group (the next step's pending inputs under async scheduling). A rank that dies makes the engine fail loudly: its step raises, and if the engine is
   stuck in a collective the watchdog ends the process with exit code 1.
 """
@@ -44,33 +44,26 @@ class MultiprocExecutor:
         from moeserve.distributed import worker_main as wm
         from moeserve.distributed.launch import init_rank, spawn_workers
         from moeserve.distributed.parallel_state import get_tp_group
+        from moeserve.distributed.step_channel import open_channel
 
         self.procs = spawn_workers(config, info, device.type) if spawn else []
         self.failed: str | None = None
         self._closed = False
         self._watchdog = threading.Thread(target=self._watch, name="moeserve-rank-watchdog", daemon=True)
         self._watchdog.start()
-        wm.set_control_group(init_rank(info, config.parallel_layout(), device))
-        self._wm = wm
+        control = init_rank(info, config.parallel_layout(), device)
         torch.manual_seed(config.seed)
         self.worker = Worker(config, device, dtype, source)
-        self.num_blocks = wm.agree_num_blocks(self.worker.available_kv_blocks())
+        self.num_blocks = wm.agree_num_blocks(self.worker.available_kv_blocks(), control)
         self.worker.initialize_cache(self.num_blocks)
         self.tp = get_tp_group()
-        # PP: step messages are posted (the later stages may still be busy with earlier micro-batches)
-        self.post = None
-        if config.pipeline_parallel_size > 1:
-            import torch.distributed as dist
-
-            self.post = wm.StepPost(list(range(1, dist.get_world_size(wm._control))))
+        self.channel = open_channel(control, 0, info.nnodes == 1, False, wm.spin_seconds(device))
+        self._wm = wm
 
     def execute(self, step: StepInput, prev_tokens: torch.Tensor | None) -> torch.Tensor:
         if self.failed:
             raise RuntimeError(self.failed)
-        if self.post is not None:
-            self.post.send(step)
-        else:
-            self._wm.broadcast_step(step)
+        self.channel.publish(step)
         return self.worker.execute(step, prev_tokens)
 
     def execute_data_parallel(self, steps: list[StepInput], prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,10 +71,7 @@ class MultiprocExecutor:
         None under PP, where DP rank 0's last stage samples). prev_tokens: DP rank 0's last draws (async)."""
         if self.failed:
             raise RuntimeError(self.failed)
-        if self.post is not None:
-            self.post.send(steps)
-        else:
-            self._wm.broadcast_step(steps)
+        self.channel.publish(steps)
         return self.worker.execute(steps[0], prev_tokens)
 
     def flush_samples(self) -> None:
@@ -89,31 +79,18 @@ class MultiprocExecutor:
         the draws they kept."""
         if self.failed:
             raise RuntimeError(self.failed)
-        self._wm.broadcast_step([])
+        self.channel.publish([])
 
     def collect_samples(self, steps: list[StepInput]) -> list:
         """The sampled tokens of DP ranks 1.., from their leaders (None for a rank that sampled nothing)."""
-        import torch.distributed as dist
-
-        out = []
-        for d, step in enumerate(steps[1:], start=1):
-            if not step.sample_rows:
-                out.append(None)
-                continue
-            box = [None]
-            dist.recv_object_list(box, src=d * self.tp.size, group=self._wm._control)
-            out.append(box[0])
-        return out
+        return [self.channel.reply_from(d * self.tp.size) if step.sample_rows else None
+                for d, step in enumerate(steps[1:], start=1)]
 
     def collect_last_stage(self, dp_rank: int = 0) -> object:
         """Pipeline parallelism: the step's SampleResult, from the leader (TP rank 0) of DP rank dp_rank's last
         stage (global rank (dp * pp + pp - 1) * tp)."""
-        import torch.distributed as dist
-
         pp = self.worker.config.pipeline_parallel_size
-        box = [None]
-        dist.recv_object_list(box, src=(dp_rank * pp + pp - 1) * self.tp.size, group=self._wm._control)
-        return box[0]
+        return self.channel.reply_from((dp_rank * pp + pp - 1) * self.tp.size)
 
     def share_sampled(self, tokens: torch.Tensor | None, num_rows: int) -> None:
         """Give the step's sampled tokens (num_rows of them, padded when some requests failed) to the TP group."""
@@ -131,17 +108,16 @@ class MultiprocExecutor:
             return
         self._closed = True
         try:
-            if not self.failed and self.post is not None:
-                self.post.send(None)
-                self.post.wait()
-            elif not self.failed:
-                self._wm.broadcast_step(None)
+            if not self.failed:
+                self.channel.publish(None)
+                self.channel.flush()
         except Exception:
             pass
         for p in self.procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+        self.channel.close()
         self._wm.release_process_groups()
 
     def _watch(self) -> None:
