@@ -183,7 +183,7 @@ class Int4CPUMethod:
         if x.dim() != 2:
             out = Int4CPUMethod.apply(layer, x.reshape(-1, x.shape[-1]))
             return out.reshape(*x.shape[:-1], layer.out_features)
-        xb = x.to(torch.bfloat16)
+        xb = x.bfloat16()  # .bfloat16() and .float() parse their arguments in ~2-4 us less than .to(dtype)
         dense = layer.weight_bf16
         if dense is not None and x.shape[0] >= DENSE_MIN_ROWS:
             out = F.linear(xb, dense)
@@ -194,5 +194,5 @@ class Int4CPUMethod:
                 out = out.float().add_(torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, GROUP, sz))
             if out.shape[1] != layer.out_features:  # the packer's padding rows
                 out = out[:, : layer.out_features]
-        out = out.to(x.dtype)
+        out = out.float() if x.dtype == torch.float32 else out.to(x.dtype)
         return out if layer.bias is None else out + layer.bias
