@@ -60,8 +60,9 @@ def rank_device(device_type: str, local_rank: int) -> torch.device:
 
 
 def init_rank(info: RankInfo, layout: ParallelLayout, device: torch.device):
-    """Join the rendezvous and make the process groups. Returns the gloo group for the step messages (the data
-    path uses NCCL on CUDA, gloo on CPU)."""
+    """Join the rendezvous and make the process groups. Returns the gloo control group (it sets up the step
+    channel, distributed/step_channel.py, and carries step messages across nodes; the data path uses NCCL on CUDA,
+    gloo on CPU)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
