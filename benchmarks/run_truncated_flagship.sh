@@ -10,6 +10,9 @@
 #
 #   LAYERS=12 LAYOUTS="tp4ep dp4ep" ENGINES_tp4ep=moeserve,vllm BUDGET=520 bash benchmarks/run_truncated_flagship.sh
 #   SHAPE=kimi-k2.5 bash benchmarks/run_truncated_flagship.sh     # Kimi K2.5's int4 experts (issue 20 item 2)
+#   SHAPE=qwen3-235b-a22b LAYOUTS="tp4 tp4ep" ENGINES_tp4=moeserve,vllm bash benchmarks/run_truncated_flagship.sh
+#     # issue 15's Qwen3-235B-A22B on 4xH200, whole (94 layers, bf16): it fits, so no fail-fast step; the plan's
+#     # KV capacity per layout is in plan-<layout>.json beside the suite's memory_report
 #   LAYERS=5 RANDOM_WEIGHTS=/tmp/rw/r1-5 bash benchmarks/run_truncated_flagship.sh   # one random block-fp8
 #     checkpoint for both engines (benchmarks/random_checkpoint.py): on dummy weights R1's correction bias sends
 #     every token to the same 8 experts, so batches > 1 read 8 experts per layer. The checkpoint is built in bf16 on
@@ -25,12 +28,15 @@ mkdir -p "$OUT_DIR"
 N=$(nvidia-smi -L | wc -l)
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 case "$GPU" in *H200*) FLEET="${N}xH200-141GB" ;; *) FLEET="${N}xH100-80GB" ;; esac
-LAYERS="${LAYERS:-12}"
 SHAPE="${SHAPE:-deepseek-r1}"
+FAILFAST=1  # the whole model must be refused before a weight loads (it does not fit these GPUs)
 case "$SHAPE" in
-  deepseek-r1) MODEL=deepseek-ai/DeepSeek-R1; OV="{\"num_hidden_layers\":$LAYERS}" ;;
-  kimi-k2.5) MODEL=moonshotai/Kimi-K2.5; OV="{\"text_config\":{\"num_hidden_layers\":$LAYERS}}" ;;  # a multimodal config
-  *) echo "SHAPE: deepseek-r1 or kimi-k2.5"; exit 2 ;;
+  deepseek-r1) LAYERS="${LAYERS:-12}"; MODEL=deepseek-ai/DeepSeek-R1; OV="{\"num_hidden_layers\":$LAYERS}" ;;
+  kimi-k2.5) LAYERS="${LAYERS:-12}"; MODEL=moonshotai/Kimi-K2.5
+    OV="{\"text_config\":{\"num_hidden_layers\":$LAYERS}}" ;;  # a multimodal config
+  qwen3-235b-a22b) LAYERS="${LAYERS:-94}"; MODEL=Qwen/Qwen3-235B-A22B; OV="{\"num_hidden_layers\":$LAYERS}"
+    FAILFAST=0 ;;  # fits 4xH200 whole
+  *) echo "SHAPE: deepseek-r1, kimi-k2.5 or qwen3-235b-a22b"; exit 2 ;;
 esac
 LAYOUTS="${LAYOUTS:-tp${N}ep dp${N}ep}"
 BUDGET="${BUDGET:-520}"
@@ -44,9 +50,15 @@ plan() {  # name, extra plan flags
   sed -n '/^layout/,/^verdict/p;/^launch (moeserve)/,+1p' "$OUT_DIR/plan-$1.log"
 }
 echo "=== 1. plan"
-plan "tp${N}ep" --tp "$N"
-plan "dp${N}ep" --attention-dp
+for name in $LAYOUTS; do
+  case "$name" in
+    tp*ep) plan "$name" --tp "${name//[!0-9]/}" ;;
+    dp*ep) plan "$name" --attention-dp ;;
+    tp*) plan "$name" --tp "${name//[!0-9]/}" ;;  # the plan places experts by EP; per GPU the same bytes as TP-sharded
+  esac
+done
 
+if [[ $FAILFAST == 1 ]]; then
 echo "=== 2. fail-fast: the full model on $N GPUs, TP=$N+EP"
 t0=$(date +%s.%N)
 timeout 300 python3 -c "
@@ -59,12 +71,14 @@ rc=$?
 t1=$(date +%s.%N)
 echo "exit $rc after $(python3 -c "print(f'{$t1 - $t0:.1f}')") s" | tee -a "$OUT_DIR/failfast.log"
 grep -iE "does not fit|DoesNotFit|Suggestion" "$OUT_DIR/failfast.log" | head -3
+fi
 
 echo "=== 3. the suite per layout"
 for name in $LAYOUTS; do
   case "$name" in
     tp*ep) lay=(tensor_parallel_size="${name//[!0-9]/}" enable_expert_parallel=true) ;;
     dp*ep) lay=(data_parallel_size="${name//[!0-9]/}" enable_expert_parallel=true) ;;
+    tp*) lay=(tensor_parallel_size="${name//[!0-9]/}") ;;
     *) echo "unknown layout $name"; continue ;;
   esac
   var="ENGINES_$name"

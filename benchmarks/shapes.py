@@ -32,6 +32,7 @@ SHAPES: dict[str, Shape] = {
         Shape("qwen1.5-moe-a2.7b", "Qwen/Qwen1.5-MoE-A2.7B", "nvidia-h100-x1"),
         Shape("mixtral-8x7b", "mistralai/Mixtral-8x7B-v0.1", "nvidia-h200"),
         Shape("llama-3-8b", "meta-llama/Meta-Llama-3-8B", "nvidia-h100-x1"),
+        Shape("qwen3-235b-a22b", "Qwen/Qwen3-235B-A22B", "nvidia-h200-x4"),  # bf16 whole: 438 GiB over 4 GPUs
         # fp8 block-scaled as published; layer-truncated (--engine-arg hf_overrides=...) below 8 GPUs (issue 20)
         Shape("deepseek-r1", "deepseek-ai/DeepSeek-R1", "nvidia-h200-x8"),
         Shape("kimi-k2.5", "moonshotai/Kimi-K2.5", "nvidia-h200-x8"),  # int4 routed experts (compressed-tensors)
