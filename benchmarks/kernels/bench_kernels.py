@@ -688,6 +688,32 @@ def bench_router(ceil) -> list[dict]:
     return rows
 
 
+def bench_align(ceil) -> list[dict]:
+    """The (token, expert) alignment before the fused MoE (kernels/moe_align), decode sizes, by the warps of its
+    one-program path. Qwen3-30B-A3B's routing (E=128, top-8, BLOCK_M 16: the decode configs' tile); vLLM's
+    moe_align_block_size took 2.9 us a layer at 32 tokens where ours took 16.5 (results/layouts/
+    2026-11-27-session10-h200x2). Every variant's output is checked against the 4-warp one."""
+    from moeserve.kernels.moe_align import align_pairs
+
+    E, K, bm = (128, 8, 16) if not SMOKE else (8, 2, 16)
+    say(f"moe align, E={E} top-{K} BLOCK_M={bm}: the one-program path by warps")
+    rows = []
+    for T in (4, 8, 16, 32) if not SMOKE else (1, 5):
+        ids = torch.stack([torch.randperm(E, device=DEV)[:K] for _ in range(T)]).to(torch.int32)
+        want = align_pairs(ids, E, bm)
+        for warps in (4, 8, 16) if not SMOKE else (4,):
+            got = align_pairs(ids, E, bm, single_warps=warps)
+            n = int(want[2].item())  # sorted_pairs past num_post_pad is never written
+            same = (torch.equal(got[2], want[2]) and torch.equal(got[1], want[1])
+                    and torch.equal(got[0][:n], want[0][:n]))
+            POST_CHECKS.append({"name": f"align T={T} warps={warps} == 4 warps'", "rel_err": 0.0 if same else 1.0,
+                                "tol": 0.5, "ok": same})
+            ms = graph_ms([lambda: align_pairs(ids, E, bm, single_warps=warps)])
+            rows.append(row(f"moe align T={T} warps={warps}", ms, ceil=ceil, mode="graph",
+                            extra={"tokens": T, "warps": warps}))
+    return rows
+
+
 def mla_decode_tables(B, ctx, page, groups, prefix, rotations):
     """Block tables of B rows of `ctx` tokens, `rotations` disjoint sets; with groups > 0 row b shares its first
     `prefix` tokens' pages with the rows of its group (b % groups), as the prefix workload's interleaved requests
@@ -786,7 +812,8 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for the JSON and the log ($OUT)")
     ap.add_argument("--quick", action="store_true", help="fewer token counts")
     ap.add_argument("--skip-checks", action="store_true")
-    ap.add_argument("--only", choices=("mla_prefill", "mla_decode", "fp8_linear", "router", "shared_prefix"), help="time only this case (after the ceilings)")
+    ap.add_argument("--only", choices=("mla_prefill", "mla_decode", "fp8_linear", "router", "shared_prefix",
+                                               "align"), help="time only this case (after the ceilings)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton interpreter (tests the script)")
     args = ap.parse_args()
     if args.cpu_smoke:
@@ -819,6 +846,7 @@ def main() -> int:
         rows += {"mla_prefill": lambda: bench_mla_prefill(result["ceilings"], args.quick),
                  "mla_decode": lambda: bench_mla_decode(result["ceilings"]),
                  "router": lambda: bench_router(result["ceilings"]),
+                 "align": lambda: bench_align(result["ceilings"]),
                  "shared_prefix": lambda: bench_shared_prefix(result["ceilings"], sweep=True),
                  "fp8_linear": lambda: bench_fp8_linear(result["ceilings"])}[args.only]()
         result["checks"] += POST_CHECKS

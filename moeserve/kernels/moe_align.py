@@ -109,8 +109,9 @@ def num_blocks_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
     return -(-(num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m)
 
 
-def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int):
-    """(sorted_pairs, block_expert, num_post_pad, num_blocks) for topk_ids [T, K]; see the module docstring."""
+def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int, single_warps: int = 4):
+    """(sorted_pairs, block_expert, num_post_pad, num_blocks) for topk_ids [T, K]; see the module docstring.
+    single_warps: the warps of the one-program path (bench_kernels `--only align` times the choices)."""
     ids = topk_ids.reshape(-1)
     if not ids.is_contiguous():
         ids = ids.contiguous()
@@ -126,7 +127,7 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     if m <= SINGLE_MAX:
         _align_single_kernel[(1,)](
             ids, sorted_pairs, block_expert, num_post, m, num_experts, num_blocks,
-            BLOCK_M=block_m, E_P=e_p, CHUNK=chunk, CHUNK_B=chunk_b, num_warps=4,
+            BLOCK_M=block_m, E_P=e_p, CHUNK=chunk, CHUNK_B=chunk_b, num_warps=single_warps,
         )
     else:
         per_prog = max(SINGLE_MAX, -(-m // 128))
