@@ -189,7 +189,8 @@ def test_kv_write_planned_once_a_step_and_padding_not_written():
                                  seq_lens_cpu=np.ones(3, dtype=np.int32))
         ctx = ForwardContext(meta, caches)
         for layer in range(2):
-            q, k, v = torch.randn(3, 4, d, generator=g), torch.randn(3, kvh, d, generator=g), torch.randn(3, kvh, d, generator=g)
+            q = torch.randn(3, 4, d, generator=g)
+            k, v = torch.randn(3, kvh, d, generator=g), torch.randn(3, kvh, d, generator=g)
             PagedAttention(4, kvh, d, 0.5, layer)(q, k, v, ctx)
             plan = meta.cpu_plan
             assert (plan.write[0] is not None) == padded

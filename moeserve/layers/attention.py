@@ -144,6 +144,7 @@ class CPUPlan(NamedTuple):
 
 
 def cpu_plan(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> CPUPlan:
+    """The step's CPUPlan: made by the first layer that asks, then kept on the metadata."""
     if meta.cpu_plan is None:
         meta.cpu_plan = CPUPlan(kv_write_rows(meta.slot_mapping), _plan_groups(q, cache, meta))
     return meta.cpu_plan
