@@ -10,6 +10,11 @@ Under torchrun every rank runs vLLM's engine in its own process (`distributed_ex
 same requests (vLLM's rule for that backend) and rank 0 prints. Per batch: TPOT from vLLM's request metrics, then
 two profiled runs of fresh prompts, `steps + 1` tokens and 1 token; their difference over `steps` is the decode
 step (prefill and sampling set-up cancel out).
+
+Seen on 2xH200 (results/layouts/2026-11-27-session10-h200x2): under torchrun vLLM's TP TPOT is not its served
+TPOT (TP=2 came out slower than TP=1 at batch 32, each rank running a scheduler of its own), and some
+differences came out negative; read the kernels' names and per-call times from it, and take vLLM's TP TPOT from
+the suite (`run_layouts.sh` with ENGINES=moeserve,vllm).
 """
 
 from __future__ import annotations
