@@ -4,8 +4,9 @@ pipeline stage's) back to rank 0.
 On one node they go through rings in shared memory. Rank 0 pickles a message into the next slot of a ring in
 /dev/shm and publishes it by storing the slot's sequence number; each reader polls that number, copies the bytes,
 and stores its acknowledgement; the writer reuses a slot once every reader acknowledged it, so it runs ahead of
-its readers by up to a ring's length without waiting. A message larger than a slot fills consecutive slots. Each
-leader has a small ring of its own towards rank 0.
+its readers by up to a ring's length without waiting (8 MB of unread messages; then it waits, where gloo's
+posted sends had no bound). A message larger than a slot fills consecutive slots. Each leader has a small ring of
+its own towards rank 0 (1 MB: a step's tokens and log-probs take kilobytes, and rank 0 reads them every step).
 
 Why not the gloo control group, as before: a step message there was `broadcast_object_list` (pickle, then two TCP
 collectives), and at TP=2 batch 1 rank 0's host spent longer per step than its GPU (qwen3-30b-a3b, 12 layers on
