@@ -272,16 +272,18 @@ def open_channel(control, rank: int, one_node: bool, replies: bool, spin_s: floa
     names = box[0]
     if names is None:
         return StepChannel(control, rank, None, None)
-    if rank != 0:
-        rings = [ShmRing.attach(names[0], *STEP_RING, readers=world - 1, spin_s=spin_s)]
-        rings += [ShmRing.attach(name, *REPLY_RING, readers=1, spin_s=spin_s) for name in names[1:]]
-    steps, reply_rings = rings[0], dict(zip(leaders, rings[1:]))
-    steps.set_role(None if rank == 0 else rank - 1)
-    for r, ring in reply_rings.items():
-        if rank == 0:
+    if rank == 0:
+        steps, reply_rings = rings[0], dict(zip(leaders, rings[1:]))
+        steps.set_role(None)
+        for ring in reply_rings.values():
             ring.set_role(0)
-        elif rank == r:
-            ring.set_role(None)
+    else:  # the step ring, and a leader its own reply ring
+        steps = ShmRing.attach(names[0], *STEP_RING, readers=world - 1, spin_s=spin_s)
+        steps.set_role(rank - 1)
+        reply_rings = {}
+        if rank in leaders:
+            reply_rings[rank] = ShmRing.attach(names[1 + leaders.index(rank)], *REPLY_RING, readers=1, spin_s=spin_s)
+            reply_rings[rank].set_role(None)
     dist.barrier(group=control)  # every process mapped the rings: the names can go
     if rank == 0:
         for ring in rings:
