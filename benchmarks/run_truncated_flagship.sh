@@ -100,3 +100,5 @@ for name in $LAYOUTS; do
 done
 # a call returns only a few files: one archive of everything
 [[ -n "${OUT:-}" ]] && tar czf "$OUT/flagship.tar.gz" -C "$OUT_DIR" . && echo "wrote $OUT/flagship.tar.gz"
+# and what the kernels' autotuner chose for these shapes, so the next start (and benchmarks/results/autotune) has it
+[[ -n "${OUT:-}" ]] && tar czf "$OUT/autotune.tar.gz" -C "$MOESERVE_CACHE_DIR" autotune

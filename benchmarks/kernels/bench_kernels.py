@@ -701,16 +701,17 @@ def bench_align(ceil) -> list[dict]:
     for T in (4, 8, 16, 32) if not SMOKE else (1, 5):
         ids = torch.stack([torch.randperm(E, device=DEV)[:K] for _ in range(T)]).to(torch.int32)
         want = align_pairs(ids, E, bm)
-        for warps in (4, 8, 16) if not SMOKE else (4,):
-            got = align_pairs(ids, E, bm, single_warps=warps)
+        for warps, chunk in ((4, None), (8, None), (16, None), (8, 128), (16, 128), (16, 256)) if not SMOKE \
+                else ((4, None), (4, 32)):
+            got = align_pairs(ids, E, bm, single_warps=warps, single_chunk=chunk)
             n = int(want[2].item())  # sorted_pairs past num_post_pad is never written
             same = (torch.equal(got[2], want[2]) and torch.equal(got[1], want[1])
                     and torch.equal(got[0][:n], want[0][:n]))
-            POST_CHECKS.append({"name": f"align T={T} warps={warps} == 4 warps'", "rel_err": 0.0 if same else 1.0,
-                                "tol": 0.5, "ok": same})
-            ms = graph_ms([lambda: align_pairs(ids, E, bm, single_warps=warps)])
-            rows.append(row(f"moe align T={T} warps={warps}", ms, ceil=ceil, mode="graph",
-                            extra={"tokens": T, "warps": warps}))
+            POST_CHECKS.append({"name": f"align T={T} warps={warps} chunk={chunk} == 4 warps'",
+                                "rel_err": 0.0 if same else 1.0, "tol": 0.5, "ok": same})
+            ms = graph_ms([lambda: align_pairs(ids, E, bm, single_warps=warps, single_chunk=chunk)])
+            rows.append(row(f"moe align T={T} warps={warps} chunk={chunk or 'default'}", ms, ceil=ceil,
+                            mode="graph", extra={"tokens": T, "warps": warps, "chunk": chunk}))
     return rows
 
 
