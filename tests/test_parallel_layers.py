@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from dist_harness import run_ranks
 
-from moeserve.distributed.parallel_state import ParallelLayout, get_tp_group, initialize_model_parallel
+from moeserve.distributed.parallel_state import (ParallelLayout, get_dp_group, get_ep_group, get_tp_group,
+                                                get_world_group, initialize_model_parallel)
 from moeserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from moeserve.layers.linear import (ColumnParallelLinear, Linear, MergedColumnParallelLinear, QKVParallelLinear,
                                     ReplicatedLinear, RowParallelLinear)
@@ -179,6 +180,40 @@ def test_weight_loaders_read_lazy_safetensors_slices(tmp_path):
     path = str(tmp_path / "w.safetensors")
     save_file(tensors, path)
     assert run_ranks(TP, _lazy, path) == [True, True]
+
+
+def _groups_of(rank, layouts):
+    import torch.distributed as dist
+
+    from moeserve.distributed.parallel_state import destroy_model_parallel
+
+    out = []
+    for lay in layouts:
+        initialize_model_parallel(lay)
+        tp, dp, ep, world = get_tp_group(), get_dp_group(), get_ep_group(), get_world_group()
+        x = torch.tensor([float(rank + 1)])
+        out.append({"ep_is_tp": ep is tp, "dp_is_ep": dp is ep, "ep_is_world": ep is world,
+                    "world_is_default": world.group is dist.group.WORLD, "tp_ranks": tp.ranks, "dp_ranks": dp.ranks,
+                    "ep_sum": float(ep.all_reduce(x.clone())), "tp_sum": float(tp.all_reduce(x.clone()))})
+        destroy_model_parallel()
+    return out
+
+
+def test_one_process_group_per_set_of_ranks():
+    """Groups of the same ranks are one group (each NCCL communicator costs GPU memory the KV cache lacks), and a
+    group of every rank is the default one; collectives over them still sum over the right ranks."""
+    two = run_ranks(2, _groups_of, [ParallelLayout(tp=2, enable_expert_parallel=True),
+                                     ParallelLayout(dp=2, enable_expert_parallel=True)])
+    for r in two:
+        tp2ep, dp2ep = r
+        assert tp2ep["ep_is_tp"] and tp2ep["ep_is_world"] and tp2ep["world_is_default"]
+        assert dp2ep["dp_is_ep"] and dp2ep["ep_is_world"] and dp2ep["tp_ranks"] == [dp2ep["tp_ranks"][0]]
+        assert tp2ep["ep_sum"] == tp2ep["tp_sum"] == 3.0 and dp2ep["ep_sum"] == 3.0
+    four = run_ranks(4, _groups_of, [ParallelLayout(tp=2, dp=2, enable_expert_parallel=True)])
+    for rank, (r,) in enumerate(four):
+        assert not r["ep_is_tp"] and not r["dp_is_ep"] and r["ep_is_world"]
+        assert r["tp_ranks"] == [rank // 2 * 2, rank // 2 * 2 + 1] and r["dp_ranks"] == [rank % 2, rank % 2 + 2]
+        assert r["ep_sum"] == 10.0 and r["tp_sum"] == (3.0 if rank < 2 else 7.0)
 
 
 def test_single_rank_layers_are_plain_linear():
