@@ -109,11 +109,10 @@ def num_blocks_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
     return -(-(num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m)
 
 
-def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int, single_warps: int = 4,
-                single_chunk: int | None = None):
+def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     """(sorted_pairs, block_expert, num_post_pad, num_blocks) for topk_ids [T, K]; see the module docstring.
-    single_warps, single_chunk: the one-program path's warps and pair tile (bench_kernels `--only align` times
-    the choices)."""
+    The one-program path keeps 4 warps and 16-64-pair tiles: 8 or 16 warps and 128- or 256-pair tiles were no
+    faster on an H200 (results/kernels/2026-11-27-h200-kernels-align-5e95cab.log)."""
     ids = topk_ids.reshape(-1)
     if not ids.is_contiguous():
         ids = ids.contiguous()
@@ -127,10 +126,9 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int, single_w
     chunk = max(16, min(64, 8192 // e_p))  # one-hot tiles of chunk x E_P int32 stay in registers
     chunk_b = chunk
     if m <= SINGLE_MAX:
-        c = single_chunk or chunk
         _align_single_kernel[(1,)](
             ids, sorted_pairs, block_expert, num_post, m, num_experts, num_blocks,
-            BLOCK_M=block_m, E_P=e_p, CHUNK=c, CHUNK_B=c, num_warps=single_warps,
+            BLOCK_M=block_m, E_P=e_p, CHUNK=chunk, CHUNK_B=chunk_b, num_warps=4,
         )
     else:
         per_prog = max(SINGLE_MAX, -(-m // 128))
