@@ -20,7 +20,7 @@ python3 -c 'import torch; assert torch.cuda.is_available(), "no CUDA"; print("to
 # Kernel block sizes: start from the committed autotune cache of this GPU (new shape buckets are tuned and
 # added); the cache as it ends goes back into $OUT.
 export MOESERVE_CACHE_DIR="${MOESERVE_CACHE_DIR:-/tmp/moeserve-cache}"
-mkdir -p "$MOESERVE_CACHE_DIR/autotune" && cp benchmarks/results/autotune/*.json "$MOESERVE_CACHE_DIR/autotune/" 2>/dev/null || true
+mkdir -p "$MOESERVE_CACHE_DIR/autotune" && cp -n benchmarks/results/autotune/*.json "$MOESERVE_CACHE_DIR/autotune/" 2>/dev/null || true
 start=$(date +%s)
 status=0
 python3 benchmarks/bench_suite.py --shape "$SHAPE" --workloads throughput,latency --out-dir "$OUT_DIR" "$@" || status=$?

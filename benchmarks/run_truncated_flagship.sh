@@ -22,7 +22,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MOESERVE_CACHE_DIR="${MOESERVE_CACHE_DIR:-/tmp/moeserve-cache}"
-mkdir -p "$MOESERVE_CACHE_DIR/autotune" && cp benchmarks/results/autotune/*.json "$MOESERVE_CACHE_DIR/autotune/" 2>/dev/null
+mkdir -p "$MOESERVE_CACHE_DIR/autotune" && cp -n benchmarks/results/autotune/*.json "$MOESERVE_CACHE_DIR/autotune/" 2>/dev/null
 OUT_DIR="${OUT:-benchmarks/results}/flagship/${SHAPE:-deepseek-r1}"
 mkdir -p "$OUT_DIR"
 N=$(nvidia-smi -L | wc -l)
