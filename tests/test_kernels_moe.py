@@ -66,12 +66,13 @@ def test_int64_ids_and_token_chunks():
     check(23, 8, 2, 64, 32, torch.float32, id_dtype=torch.int64, chunk_size=10)
 
 
-@pytest.mark.parametrize("pairs", [7, 300, 2500])  # one-program path and three-launch path
-def test_align_pairs_groups_every_pair_once(pairs):
+@pytest.mark.parametrize("pairs,single", [(7, "chain"), (7, "sort"), (200, "sort"), (300, "chain"), (2500, "chain")])
+def test_align_pairs_groups_every_pair_once(pairs, single):
+    """One-program paths (the chain of tiles and the sort) and the three-launch path."""
     E, bm = 12, 16
     ids = torch.randint(0, E, (pairs, 1), dtype=torch.int32)
     ids[: pairs // 3] = 5  # one crowded expert
-    sorted_pairs, block_expert, num_post, num_blocks = moe_align.align_pairs(ids.to(DEVICE), E, bm)
+    sorted_pairs, block_expert, num_post, num_blocks = moe_align.align_pairs(ids.to(DEVICE), E, bm, single=single)
     sorted_pairs, block_expert, n = sorted_pairs.cpu(), block_expert.cpu(), int(num_post)
     flat = ids.view(-1).long()
     counts = torch.bincount(flat, minlength=E)
@@ -87,6 +88,22 @@ def test_align_pairs_groups_every_pair_once(pairs):
     for e in range(E):  # stable: pairs of one expert keep their order
         mine = real[flat[real.long()] == e]
         assert bool((mine[1:] > mine[:-1]).all())
+
+
+@pytest.mark.parametrize("tokens,E,K,bm", [(1, 8, 2, 16), (5, 16, 4, 16), (32, 128, 8, 16), (9, 64, 6, 64)])
+def test_sorted_align_equals_the_chain(tokens, E, K, bm):
+    """The sort candidate gives the chain's outputs exactly, ids out of range (dropped) and E = its power of two
+    (no spare bin) included."""
+    g = torch.Generator().manual_seed(tokens * E)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(tokens)]).to(torch.int32)
+    ids[0, 0] = -1
+    ids[-1, -1] = E
+    want = moe_align.align_pairs(ids.to(DEVICE), E, bm, single="chain")
+    got = moe_align.align_pairs(ids.to(DEVICE), E, bm, single="sort")
+    n = int(want[2])
+    assert int(got[2]) == n and got[3] == want[3]
+    assert torch.equal(got[0][:n].cpu(), want[0][:n].cpu())
+    assert torch.equal(got[1].cpu(), want[1].cpu())
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -692,8 +692,8 @@ def bench_align(ceil) -> list[dict]:
     """The (token, expert) alignment before the fused MoE (kernels/moe_align) at decode sizes, with Qwen3-30B-A3B's
     routing (E=128, top-8, BLOCK_M 16: the decode configs' tile). vLLM's moe_align_block_size took 2.9 us a layer
     at 32 tokens where ours took 16.5 (results/layouts/2026-11-27-session10-h200x2); more warps and larger pair
-    tiles did not help (results/kernels/2026-11-27-h200-kernels-align-5e95cab.log). Checked against a sort on
-    the host: every pair once, in its expert's blocks, experts in order."""
+    tiles did not help (results/kernels/2026-11-27-h200-kernels-align-5e95cab.log). Times the chain against the
+    sort candidate; each is checked: every pair once, in its expert's blocks, experts in order, = the chain's."""
     from moeserve.kernels.moe_align import align_pairs
 
     E, K, bm = (128, 8, 16) if not SMOKE else (8, 2, 16)
@@ -701,18 +701,22 @@ def bench_align(ceil) -> list[dict]:
     rows = []
     for T in (1, 4, 8, 16, 32) if not SMOKE else (1, 5):
         ids = torch.stack([torch.randperm(E, device=DEV)[:K] for _ in range(T)]).to(torch.int32)
-        sorted_pairs, block_expert, num_post, _ = align_pairs(ids, E, bm)
-        n = int(num_post.item())
-        used = sorted_pairs[:n].long()
-        real = used[used < T * K]
-        rows_expert = block_expert[: n // bm].repeat_interleave(bm)[used < T * K]
-        same = (torch.equal(real.sort().values, torch.arange(T * K, device=DEV))
-                and torch.equal(ids.view(-1)[real].long(), rows_expert.long())
-                and bool((rows_expert[1:] >= rows_expert[:-1]).all()))
-        POST_CHECKS.append({"name": f"align T={T}: every pair once, in its expert's blocks",
-                            "rel_err": 0.0 if same else 1.0, "tol": 0.5, "ok": same})
-        ms = graph_ms([lambda: align_pairs(ids, E, bm)])
-        rows.append(row(f"moe align T={T}", ms, ceil=ceil, mode="graph", extra={"tokens": T}))
+        want = align_pairs(ids, E, bm)
+        for single in ("chain", "sort"):  # the tiles' chain (today's) and the sort candidate (session 11)
+            sorted_pairs, block_expert, num_post, _ = got = align_pairs(ids, E, bm, single=single)
+            n = int(num_post.item())
+            used = sorted_pairs[:n].long()
+            real = used[used < T * K]
+            rows_expert = block_expert[: n // bm].repeat_interleave(bm)[used < T * K]
+            same = (torch.equal(real.sort().values, torch.arange(T * K, device=DEV))
+                    and torch.equal(ids.view(-1)[real].long(), rows_expert.long())
+                    and bool((rows_expert[1:] >= rows_expert[:-1]).all())
+                    and torch.equal(got[1], want[1]) and torch.equal(got[0][:n], want[0][:n]))
+            POST_CHECKS.append({"name": f"align {single} T={T}: every pair once, in its expert's blocks, = chain's",
+                                "rel_err": 0.0 if same else 1.0, "tol": 0.5, "ok": same})
+            ms = graph_ms([lambda: align_pairs(ids, E, bm, single=single)])
+            rows.append(row(f"moe align {single} T={T}", ms, ceil=ceil, mode="graph",
+                            extra={"tokens": T, "single": single}))
     return rows
 
 

@@ -76,6 +76,42 @@ def _align_single_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, nu
 
 
 @triton.jit
+def _align_sorted_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, delta_ptr, num_pairs, num_experts,
+                         num_blocks, BLOCK_M: tl.constexpr, M_P: tl.constexpr, E_P: tl.constexpr,
+                         CHUNK_B: tl.constexpr):
+    """The one-program path as a sort: a histogram of the experts, the padded starts from one cumsum over E, then
+    one sort of the keys expert * M_P + pair. Sorted position i of expert e goes to slot i + (padded start of e -
+    pairs before e): a short chain of steps where _align_single_kernel has eleven tile reductions and scans.
+    Stable like it (keys are unique and ordered by pair id within an expert). Candidate: see
+    benchmarks/kernels/NOTES.md, 'Expert alignment at decode sizes'."""
+    p = tl.arange(0, M_P)
+    ids = tl.load(ids_ptr + p, mask=p < num_pairs, other=-1).to(tl.int32)
+    ok = (p < num_pairs) & (ids >= 0) & (ids < num_experts)
+    b = tl.arange(0, E_P)
+    dropped = tl.sum((~ok).to(tl.int32), 0)  # lanes past the pairs and ids out of range: counted in bin 0, taken off
+    counts = tl.histogram(tl.where(ok, ids, 0), E_P) - tl.where(b == 0, dropped, 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    pstarts = ends - padded
+    tl.store(delta_ptr + b, pstarts - (tl.cumsum(counts, 0) - counts))
+    total = tl.sum(padded, 0)
+    tl.store(num_post_ptr, total)
+    slot = (pstarts + counts)[:, None] + tl.arange(0, BLOCK_M)[None, :]
+    tl.store(sorted_ptr + slot, tl.zeros([E_P, BLOCK_M], tl.int32) + num_pairs, mask=slot < ends[:, None])
+    for bc in range(0, num_blocks, CHUNK_B):  # blocks past the used ones; the used ones get their expert below
+        blk = bc + tl.arange(0, CHUNK_B)
+        tl.store(block_expert_ptr + blk, tl.zeros([CHUNK_B], tl.int32) - 1,
+                 mask=(blk >= total // BLOCK_M) & (blk < num_blocks))
+    tl.debug_barrier()  # delta is read back by other threads of this program
+    key = tl.sort(tl.where(ok, ids, E_P) * M_P + p)  # dropped pairs sort last
+    expert = key // M_P
+    valid = expert < num_experts
+    dest = p + tl.load(delta_ptr + expert, mask=valid, other=0)
+    tl.store(sorted_ptr + dest, key % M_P, mask=valid)
+    tl.store(block_expert_ptr + dest // BLOCK_M, expert, mask=valid)  # every used block holds a pair of its expert
+
+
+@triton.jit
 def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, per_prog, E_P: tl.constexpr, CHUNK: tl.constexpr):
     p = tl.program_id(0)
     lo = p * per_prog
@@ -109,10 +145,11 @@ def num_blocks_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
     return -(-(num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m)
 
 
-def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int, single: str = "chain"):
     """(sorted_pairs, block_expert, num_post_pad, num_blocks) for topk_ids [T, K]; see the module docstring.
     The one-program path keeps 4 warps and 16-64-pair tiles: 8 or 16 warps and 128- or 256-pair tiles were no
-    faster on an H200 (results/kernels/2026-11-27-h200-kernels-align-5e95cab.log)."""
+    faster on an H200 (results/kernels/2026-11-27-h200-kernels-align-5e95cab.log). single="sort" takes
+    _align_sorted_kernel instead, a candidate until bench_kernels `--only align` has timed the two."""
     ids = topk_ids.reshape(-1)
     if not ids.is_contiguous():
         ids = ids.contiguous()
@@ -125,7 +162,13 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     e_p = runtime.next_pow2(num_experts)
     chunk = max(16, min(64, 8192 // e_p))  # one-hot tiles of chunk x E_P int32 stay in registers
     chunk_b = chunk
-    if m <= SINGLE_MAX:
+    if m <= SINGLE_MAX and single == "sort":
+        delta = torch.empty(e_p, dtype=torch.int32, device=device)
+        _align_sorted_kernel[(1,)](
+            ids, sorted_pairs, block_expert, num_post, delta, m, num_experts, num_blocks,
+            BLOCK_M=block_m, M_P=max(16, runtime.next_pow2(m)), E_P=e_p, CHUNK_B=chunk_b, num_warps=4,
+        )
+    elif m <= SINGLE_MAX:
         _align_single_kernel[(1,)](
             ids, sorted_pairs, block_expert, num_post, m, num_experts, num_blocks,
             BLOCK_M=block_m, E_P=e_p, CHUNK=chunk, CHUNK_B=chunk_b, num_warps=4,
