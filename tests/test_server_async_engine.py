@@ -151,6 +151,7 @@ def test_a_failing_step_kills_the_engine_loudly(engine):
                 pass
 
     run(one())
+    engine._thread.join(10)  # the streams fail first, then the thread tells on_death and ends
     assert engine.step_errors == 1 and "f" in engine.engine.aborted
     assert not engine.is_running and len(deaths) == 1
     with pytest.raises(EngineDead):
