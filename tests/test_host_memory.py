@@ -4,6 +4,7 @@ step, and caps the kernel caches of its bf16 matmuls."""
 from __future__ import annotations
 
 import ctypes.util
+import json
 import os
 import platform
 import subprocess
@@ -201,3 +202,43 @@ def test_capped_kernel_caches_stop_growing_with_new_row_counts():
     if unbounded < 10:
         pytest.skip(f"this CPU's bf16 matmuls keep no kernel per shape ({unbounded:.1f} MB for 120 shapes)")
     assert _kernels_mb(bounded=True) < unbounded / 3
+
+
+def test_reproducible_mkl_is_asked_for_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    host_memory.reproducible_mkl()
+    assert os.environ["MKL_CBWR"] == "AUTO,STRICT"
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    host_memory.reproducible_mkl()
+    assert os.environ["MKL_CBWR"] == "COMPATIBLE"
+
+
+# The default model's first-token logprobs after a history of SDPA calls of seeded random shapes; prints them
+HISTORY = """
+import json, random, sys
+sys.path.insert(0, {repo!r})
+import torch
+rnd = random.Random({seed})
+for _ in range(40):
+    q = torch.randn(1, 3, rnd.randint(1, 64), 64)
+    torch.nn.functional.scaled_dot_product_attention(q, q, q)
+from moeserve import LLM, SamplingParams
+llm = LLM(max_model_len=128, kv_cache_memory_bytes=16 << 20)
+text = llm.get_tokenizer().apply_chat_template([{{"role": "user", "content": "What is the capital of France?"}}],
+                                               tokenize=False, add_generation_prompt=True)
+out = llm.generate([text], SamplingParams(temperature=0, max_tokens=1, logprobs=5))[0].outputs[0]
+print(json.dumps({{str(k): v.logprob for k, v in out.logprobs[0].items()}}))
+"""
+
+
+def _logprobs_after_history(seed: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    out = subprocess.run([sys.executable, "-c", HISTORY.format(repo=str(REPO), seed=seed)], capture_output=True,
+                         text=True, timeout=300, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_cpu_engine_answers_the_same_whatever_ran_before_it():
+    """Seeds 1 and 2 gave different logprobs (and first tokens) of the default model without MKL's strict mode
+    on the 2-core Xeon this was found on: torch's CPU attention multiplies through MKL."""
+    assert _logprobs_after_history(1) == _logprobs_after_history(2)

@@ -1,4 +1,4 @@
-"""The CPU engine's resident memory: glibc's heap, and the matmul kernel caches.
+"""The CPU engine's process settings: glibc's heap, the matmul kernel caches, and MKL's reproducible mode.
 
 After glibc frees its first large block it serves blocks up to that size (up to 32 MB) from the heap, where a
 freed block stays resident while anything allocated after it lives. Loading a GGUF model frees many decode
@@ -10,7 +10,8 @@ A CPU engine trims after loading, and then after its steps that prefill and ever
 (worker.Worker._after_cpu_step): steps of different shapes (a prefill, a batch, a longer context) leave holes of
 their own sizes. The C library's handle is looked up once (find_library spawns `ldconfig -p`, ~1 ms, per call).
 A CPU engine also caps the kernel caches of torch's bf16 matmuls, which otherwise grow with every new prefill
-length (bound_kernel_caches).
+length (bound_kernel_caches), and asks MKL for results that do not depend on what ran before in the process
+(reproducible_mkl).
 """
 
 from __future__ import annotations
@@ -23,6 +24,18 @@ import os
 # bound_kernel_caches.
 KERNEL_CACHE_CAPACITY = 32
 _KERNEL_CACHE_VARS = (("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"), ("LRU_CACHE_CAPACITY",))
+
+
+def reproducible_mkl() -> None:
+    """MKL_CBWR=AUTO,STRICT unless the user set MKL_CBWR: MKL's conditional numerical reproducibility.
+
+    torch's CPU attention (SDPA's flash kernel) multiplies through MKL's sgemm, whose results depended on the
+    attention shapes the process had run before: the default model's first greedy token flipped between two
+    near-tied candidates (0.11 nats apart) after some histories of earlier SDPA calls and not others, in one test
+    process out of ~8. Strict mode makes them the same whatever came before, at ~2-3 % of batch-16 speed on the
+    default model and none at batch 1 (benchmarks/cpu/NOTES.md). MKL reads the variable at its calls, so setting
+    it after import works."""
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 
 @functools.cache

@@ -89,6 +89,7 @@ class Worker:
         self.cpu_steps = 0  # steps run on the CPU (when to trim the heap)
         if device.type == "cpu":  # before any matmul of this process's model (read at the first one)
             host_memory.bound_kernel_caches()
+            host_memory.reproducible_mkl()
         if device.type == "cuda" and source.config:  # every rank, on its own GPU, before a weight is loaded
             check_fits_before_loading(config, source, dtype, torch.cuda.get_device_properties(device).total_memory)
         self.loaded = load_model(config, device, dtype, source)
