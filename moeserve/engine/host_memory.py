@@ -29,12 +29,13 @@ _KERNEL_CACHE_VARS = (("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_
 def reproducible_mkl() -> None:
     """MKL_CBWR=AUTO,STRICT unless the user set MKL_CBWR: MKL's conditional numerical reproducibility.
 
-    torch's CPU attention (SDPA's flash kernel) multiplies through MKL's sgemm, whose results depended on the
-    attention shapes the process had run before: the default model's first greedy token flipped between two
-    near-tied candidates (0.11 nats apart) after some histories of earlier SDPA calls and not others, in one test
-    process out of ~8. Strict mode makes them the same whatever came before, at ~2-3 % of batch-16 speed on the
-    default model and none at batch 1 (benchmarks/cpu/NOTES.md). MKL reads the variable at its calls, so setting
-    it after import works."""
+    torch's CPU attention (SDPA's flash kernel) multiplies through MKL's sgemm. The default model's first-token
+    logprobs depended on the attention shapes the process had run before: after some seeded histories of earlier
+    SDPA calls its near-tied first token (0.11 nats) flipped. In strict mode every history gives the same answer
+    (tests/test_host_memory.py). Cost on the default model: none at one thread, ~2-3 % of batch-16 speed at two,
+    none at batch 1 (benchmarks/cpu/NOTES.md). Set after MKL's first call in the process it still took effect in
+    that test. It does not remove every difference between processes: one more, inside a long pytest run, is
+    open (NOTES)."""
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 
