@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dist_harness import run_ranks
 
 from moeserve.distributed.parallel_state import (ParallelLayout, get_dp_group, get_ep_group, get_tp_group,
-                                                get_world_group, initialize_model_parallel)
+                                                initialize_model_parallel)
 from moeserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from moeserve.layers.linear import (ColumnParallelLinear, Linear, MergedColumnParallelLinear, QKVParallelLinear,
                                     ReplicatedLinear, RowParallelLinear)
@@ -190,10 +190,10 @@ def _groups_of(rank, layouts):
     out = []
     for lay in layouts:
         initialize_model_parallel(lay)
-        tp, dp, ep, world = get_tp_group(), get_dp_group(), get_ep_group(), get_world_group()
+        tp, dp, ep = get_tp_group(), get_dp_group(), get_ep_group()
         x = torch.tensor([float(rank + 1)])
-        out.append({"ep_is_tp": ep is tp, "dp_is_ep": dp is ep, "ep_is_world": ep is world,
-                    "world_is_default": world.group is dist.group.WORLD, "tp_ranks": tp.ranks, "dp_ranks": dp.ranks,
+        out.append({"ep_is_tp": ep is tp, "dp_is_ep": dp is ep, "ep_is_default": ep.group is dist.group.WORLD,
+                    "tp_ranks": tp.ranks, "dp_ranks": dp.ranks,
                     "ep_sum": float(ep.all_reduce(x.clone())), "tp_sum": float(tp.all_reduce(x.clone()))})
         destroy_model_parallel()
     return out
@@ -206,12 +206,12 @@ def test_one_process_group_per_set_of_ranks():
                                      ParallelLayout(dp=2, enable_expert_parallel=True)])
     for r in two:
         tp2ep, dp2ep = r
-        assert tp2ep["ep_is_tp"] and tp2ep["ep_is_world"] and tp2ep["world_is_default"]
-        assert dp2ep["dp_is_ep"] and dp2ep["ep_is_world"] and dp2ep["tp_ranks"] == [dp2ep["tp_ranks"][0]]
+        assert tp2ep["ep_is_tp"] and tp2ep["ep_is_default"]
+        assert dp2ep["dp_is_ep"] and dp2ep["ep_is_default"] and dp2ep["tp_ranks"] == [dp2ep["tp_ranks"][0]]
         assert tp2ep["ep_sum"] == tp2ep["tp_sum"] == 3.0 and dp2ep["ep_sum"] == 3.0
     four = run_ranks(4, _groups_of, [ParallelLayout(tp=2, dp=2, enable_expert_parallel=True)])
     for rank, (r,) in enumerate(four):
-        assert not r["ep_is_tp"] and not r["dp_is_ep"] and r["ep_is_world"]
+        assert not r["ep_is_tp"] and not r["dp_is_ep"] and r["ep_is_default"]
         assert r["tp_ranks"] == [rank // 2 * 2, rank // 2 * 2 + 1] and r["dp_ranks"] == [rank % 2, rank % 2 + 2]
         assert r["ep_sum"] == 10.0 and r["tp_sum"] == (3.0 if rank < 2 else 7.0)
 

@@ -144,10 +144,6 @@ def get_ep_group() -> GroupCoordinator:
     return _groups.get("ep", _TRIVIAL)
 
 
-def get_world_group() -> GroupCoordinator:
-    return _groups.get("world", _TRIVIAL)
-
-
 def initialize_model_parallel(lay: ParallelLayout, ranks_per_node: int | None = None) -> None:
     """Make the TP, PP, DP and EP groups of this rank. torch.distributed must be initialised with
     world_size == lay.world_size. Every rank calls new_group for every distinct set of ranks, in the same order.
@@ -162,7 +158,7 @@ def initialize_model_parallel(lay: ParallelLayout, ranks_per_node: int | None = 
     rank = lambda d, p, t: (d * pp + p) * tp + t  # noqa: E731
 
     # One group per set of ranks: TP=4+EP's EP group is its TP group, DP=2+EP's DP group is its EP group, and a group
-    # of every rank is the default one. Each NCCL communicator keeps buffers on every GPU that the KV cache then
+    # of every rank is the default one (not a copy of it). Each NCCL communicator keeps buffers on every GPU that the KV cache then
     # lacks: with a separate EP group, Qwen3-235B at TP=4+EP on 4xH200 had 0.47 GiB more memory outside torch than
     # at TP=4 (236,672 KV tokens against 248,784; benchmarks/results/flagship/2026-11-27-qwen3-235b-h200x4).
     made: dict[tuple[int, ...], GroupCoordinator] = {}
@@ -176,7 +172,6 @@ def initialize_model_parallel(lay: ParallelLayout, ranks_per_node: int | None = 
             if me in ranks:
                 _groups[name] = made[key]
 
-    make("world", [list(range(world))])
     make("tp", [[rank(d, p, t) for t in range(tp)] for d in range(dp) for p in range(pp)])
     make("pp", [[rank(d, p, t) for p in range(pp)] for d in range(dp) for t in range(tp)])
     make("dp", [[rank(d, p, t) for d in range(dp)] for p in range(pp) for t in range(tp)])
