@@ -66,13 +66,14 @@ def test_int64_ids_and_token_chunks():
     check(23, 8, 2, 64, 32, torch.float32, id_dtype=torch.int64, chunk_size=10)
 
 
-@pytest.mark.parametrize("pairs,single", [(7, "chain"), (7, "sort"), (200, "sort"), (300, "chain"), (2500, "chain")])
-def test_align_pairs_groups_every_pair_once(pairs, single):
-    """One-program paths (the chain of tiles and the sort) and the three-launch path."""
+@pytest.mark.parametrize("pairs,method", [(7, "tiles"), (7, "sort"), (200, "sort"), (300, "tiles"), (2500, "tiles"),
+                                          (2500, "sort")])
+def test_align_pairs_groups_every_pair_once(pairs, method):
+    """The tiles (one program up to SINGLE_MAX pairs, three launches beyond) and the sort (one program)."""
     E, bm = 12, 16
     ids = torch.randint(0, E, (pairs, 1), dtype=torch.int32)
     ids[: pairs // 3] = 5  # one crowded expert
-    sorted_pairs, block_expert, num_post, num_blocks = moe_align.align_pairs(ids.to(DEVICE), E, bm, single=single)
+    sorted_pairs, block_expert, num_post, num_blocks = moe_align.align_pairs(ids.to(DEVICE), E, bm, method=method)
     sorted_pairs, block_expert, n = sorted_pairs.cpu(), block_expert.cpu(), int(num_post)
     flat = ids.view(-1).long()
     counts = torch.bincount(flat, minlength=E)
@@ -90,16 +91,17 @@ def test_align_pairs_groups_every_pair_once(pairs, single):
         assert bool((mine[1:] > mine[:-1]).all())
 
 
-@pytest.mark.parametrize("tokens,E,K,bm", [(1, 8, 2, 16), (5, 16, 4, 16), (32, 128, 8, 16), (9, 64, 6, 64)])
-def test_sorted_align_equals_the_chain(tokens, E, K, bm):
-    """The sort candidate gives the chain's outputs exactly, ids out of range (dropped) and E = its power of two
-    (no spare bin) included."""
+@pytest.mark.parametrize("tokens,E,K,bm", [(1, 8, 2, 16), (5, 16, 4, 16), (32, 128, 8, 16), (9, 64, 6, 64),
+                                           (130, 128, 8, 16)])
+def test_sorted_align_equals_the_tiles(tokens, E, K, bm):
+    """The sort candidate gives the tiles' outputs exactly (one program, and the three launches past SINGLE_MAX
+    pairs), ids out of range (dropped) and E = its power of two (no spare bin) included."""
     g = torch.Generator().manual_seed(tokens * E)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(tokens)]).to(torch.int32)
     ids[0, 0] = -1
     ids[-1, -1] = E
-    want = moe_align.align_pairs(ids.to(DEVICE), E, bm, single="chain")
-    got = moe_align.align_pairs(ids.to(DEVICE), E, bm, single="sort")
+    want = moe_align.align_pairs(ids.to(DEVICE), E, bm, method="tiles")
+    got = moe_align.align_pairs(ids.to(DEVICE), E, bm, method="sort")
     n = int(want[2])
     assert int(got[2]) == n and got[3] == want[3]
     assert torch.equal(got[0][:n].cpu(), want[0][:n].cpu())

@@ -377,6 +377,69 @@ def bench_moe(ceil, token_counts) -> list[dict]:
     return rows
 
 
+MOE_SWEEP_SHAPES = [  # (name, E, K, H, I per rank): where moeserve trailed vLLM at batch 32-128 (NOTES.md)
+    ("qwen3-30b-a3b", 128, 8, 2048, 768),
+    ("qwen3-235b-a22b TP=4", 128, 8, 4096, 384),
+    ("mixtral-8x7b TP=2", 8, 2, 4096, 7168),
+]
+GATE_UP_TILES = [(32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3),
+                 (128, 128, 8, 3), (64, 256, 4, 3), (32, 256, 4, 3)]  # (BLOCK_N1, BLOCK_K1, W1, S1)
+DOWN_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 4, 3), (128, 128, 4, 4), (256, 64, 8, 3),
+              (256, 128, 8, 3), (64, 256, 4, 3), (32, 256, 4, 3)]  # (BLOCK_N2, BLOCK_K2, W2, S2)
+
+
+def bench_moe_sweep(ceil) -> list[dict]:
+    """The sorted fused-MoE path at 32 and 128 tokens on the shapes where batches of 32-128 trailed vLLM: today's
+    candidates (what the tuner picks from), then a coordinate search from their best: the gate/up tile, the down
+    tile, then BLOCK_M. Each config is timed as a graph over 8 routings (weights > L2); the search's best is
+    checked against the reference. Tells whether a better config exists outside moe_candidates."""
+    from moeserve.kernels import fused_moe, reference
+    from moeserve.kernels.autotune import bucket
+
+    shapes = MOE_SWEEP_SHAPES if not SMOKE else [("smoke", 8, 2, 64, 32)]
+    rows = []
+    for name, e, k, h, inter in shapes:
+        weights = moe_inputs(1, e, k, h, inter, torch.bfloat16)[1:3]
+        w_expert = 3 * h * inter * 2
+        for T in (32, 128) if not SMOKE else (5,):
+            ins = [moe_inputs(T, e, k, h, inter, torch.bfloat16, weights) for _ in range(8)]
+            outs = [torch.empty(T, h, dtype=torch.bfloat16, device=DEV) for _ in range(8)]
+            inter1 = torch.empty(T * k, inter, dtype=torch.bfloat16, device=DEV)
+            inter2 = torch.empty(T * k, h, dtype=torch.bfloat16, device=DEV)
+            hit = statistics.mean(len(torch.unique(i[4])) for i in ins)
+            bytes_ = hit * w_expert + 2 * T * h * 2
+            label = f"moe sweep {name} T={T}"
+            say(f"{label}: E={e} K={k} H={h} I={inter}, {hit:.0f} experts hit, {bytes_ / 1e6:.0f} MB a call")
+
+            def calls(cfg):
+                return [lambda i=i: fused_moe._moe_chunk(cfg, *ins[i], outs[i], inter1, inter2) for i in range(8)]
+
+            base = [c for c in fused_moe.moe_candidates(bucket(T), k, e) if not c.get("GEMV1")]
+            timed = time_candidates(label + " [today]", base, bytes_, calls)
+            today = min(timed, key=lambda t: t[0])
+            best = today
+            steps = [[{**best[1], "BLOCK_N1": a, "BLOCK_K1": b, "W1": w, "S1": st} for a, b, w, st in GATE_UP_TILES],
+                     lambda cfg: [{**cfg, "BLOCK_N2": a, "BLOCK_K2": b, "W2": w, "S2": st} for a, b, w, st in DOWN_TILES],
+                     lambda cfg: [{**cfg, "BLOCK_M": m} for m in (16, 32, 64) if m != cfg["BLOCK_M"]]]
+            for i, step in enumerate(steps):
+                cands = step if i == 0 else step(best[1])
+                cands = [c for c in cands if c != best[1]]
+                best = min(time_candidates(label + " [search]", cands, bytes_, calls) + [best], key=lambda t: t[0])
+            x, w13, w2, tw, ids = ins[0]
+            fused_moe._moe_chunk(best[1], x, w13, w2, tw, ids, outs[0], inter1, inter2)
+            post_check(f"{label} best", outs[0], reference.ref_fused_moe(x.float(), w13.float(), w2.float(), tw, ids))
+            say(f"    today's best {today[0] * 1e3:.1f} us {today[1]}; search's best {best[0] * 1e3:.1f} us {best[1]} "
+                f"({today[0] / best[0]:.3f}x)")
+            rows.append(row(f"{label} [today]", today[0], bytes_=bytes_, ceil=ceil, mode="graph",
+                            extra={"config": today[1], "experts_hit": hit}))
+            rows.append(row(f"{label} [search]", best[0], bytes_=bytes_, ceil=ceil, mode="graph",
+                            extra={"config": best[1], "experts_hit": hit}))
+            del ins, outs, inter1, inter2
+        del weights
+        empty_cache()
+    return rows
+
+
 def bench_linear(ceil) -> list[dict]:
     """Decode projections of qwen3-30b-a3b: every candidate of kernels.linear (cuBLAS first) and the tuned choice,
     on weight sets rotated past L2 so that each call streams its weight from HBM."""
@@ -689,34 +752,39 @@ def bench_router(ceil) -> list[dict]:
 
 
 def bench_align(ceil) -> list[dict]:
-    """The (token, expert) alignment before the fused MoE (kernels/moe_align) at decode sizes, with Qwen3-30B-A3B's
-    routing (E=128, top-8, BLOCK_M 16: the decode configs' tile). vLLM's moe_align_block_size took 2.9 us a layer
-    at 32 tokens where ours took 16.5 (results/layouts/2026-11-27-session10-h200x2); more warps and larger pair
-    tiles did not help (results/kernels/2026-11-27-h200-kernels-align-5e95cab.log). Times the chain against the
-    sort candidate; each is checked: every pair once, in its expert's blocks, experts in order, = the chain's."""
+    """The (token, expert) alignment before the fused MoE (kernels/moe_align) at decode and small-prefill sizes:
+    Qwen3's routing (E=128, top-8, BLOCK_M 16), DeepSeek-V3's (E=256, top-8) and Mixtral's (E=8, top-2, BLOCK_M 64).
+    vLLM's moe_align_block_size took 2.9 us a layer at 32 tokens where ours took 16.5
+    (results/layouts/2026-11-27-session10-h200x2); more warps and larger pair tiles did not help
+    (results/kernels/2026-11-27-h200-kernels-align-5e95cab.log). Times the tiles (one program up to 256 pairs,
+    three launches beyond) against the sort candidate; each is checked: every pair once, in its expert's blocks,
+    experts in order, = the tiles' outputs."""
     from moeserve.kernels.moe_align import align_pairs
 
-    E, K, bm = (128, 8, 16) if not SMOKE else (8, 2, 16)
-    say(f"moe align, E={E} top-{K} BLOCK_M={bm}")
+    cases = [(128, 8, 16, (1, 4, 8, 16, 32, 64, 128, 256, 512)), (256, 8, 16, (32, 128)), (8, 2, 64, (32, 128, 512))]
+    if SMOKE:
+        cases = [(8, 2, 16, (1, 5))]
     rows = []
-    for T in (1, 4, 8, 16, 32) if not SMOKE else (1, 5):
-        ids = torch.stack([torch.randperm(E, device=DEV)[:K] for _ in range(T)]).to(torch.int32)
-        want = align_pairs(ids, E, bm)
-        for single in ("chain", "sort"):  # the tiles' chain (today's) and the sort candidate (session 11)
-            sorted_pairs, block_expert, num_post, _ = got = align_pairs(ids, E, bm, single=single)
-            n = int(num_post.item())
-            used = sorted_pairs[:n].long()
-            real = used[used < T * K]
-            rows_expert = block_expert[: n // bm].repeat_interleave(bm)[used < T * K]
-            same = (torch.equal(real.sort().values, torch.arange(T * K, device=DEV))
-                    and torch.equal(ids.view(-1)[real].long(), rows_expert.long())
-                    and bool((rows_expert[1:] >= rows_expert[:-1]).all())
-                    and torch.equal(got[1], want[1]) and torch.equal(got[0][:n], want[0][:n]))
-            POST_CHECKS.append({"name": f"align {single} T={T}: every pair once, in its expert's blocks, = chain's",
-                                "rel_err": 0.0 if same else 1.0, "tol": 0.5, "ok": same})
-            ms = graph_ms([lambda: align_pairs(ids, E, bm, single=single)])
-            rows.append(row(f"moe align {single} T={T}", ms, ceil=ceil, mode="graph",
-                            extra={"tokens": T, "single": single}))
+    for E, K, bm, token_counts in cases:
+        say(f"moe align, E={E} top-{K} BLOCK_M={bm}")
+        for T in token_counts:
+            ids = torch.stack([torch.randperm(E, device=DEV)[:K] for _ in range(T)]).to(torch.int32)
+            want = align_pairs(ids, E, bm)
+            for method in ("tiles", "sort"):
+                sorted_pairs, block_expert, num_post, _ = got = align_pairs(ids, E, bm, method=method)
+                n = int(num_post.item())
+                used = sorted_pairs[:n].long()
+                real = used[used < T * K]
+                rows_expert = block_expert[: n // bm].repeat_interleave(bm)[used < T * K]
+                same = (torch.equal(real.sort().values, torch.arange(T * K, device=DEV))
+                        and torch.equal(ids.view(-1)[real].long(), rows_expert.long())
+                        and bool((rows_expert[1:] >= rows_expert[:-1]).all())
+                        and torch.equal(got[1], want[1]) and torch.equal(got[0][:n], want[0][:n]))
+                POST_CHECKS.append({"name": f"align {method} E={E} T={T}: every pair once, in its expert's blocks, "
+                                            "= the tiles'", "rel_err": 0.0 if same else 1.0, "tol": 0.5, "ok": same})
+                ms = graph_ms([lambda: align_pairs(ids, E, bm, method=method)])
+                rows.append(row(f"moe align {method} E={E} T={T}", ms, ceil=ceil, mode="graph",
+                                extra={"tokens": T, "experts": E, "top_k": K, "method": method}))
     return rows
 
 
@@ -819,7 +887,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer token counts")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--only", choices=("mla_prefill", "mla_decode", "fp8_linear", "router", "shared_prefix",
-                                               "align"), help="time only this case (after the ceilings)")
+                                               "align", "moe_sweep"), nargs="+",
+                    help="time only these cases (after the ceilings)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton interpreter (tests the script)")
     args = ap.parse_args()
     if args.cpu_smoke:
@@ -849,12 +918,15 @@ def main() -> int:
     failed = [c["name"] for c in result["checks"] if not c["ok"]]
     rows = []
     if args.only:
-        rows += {"mla_prefill": lambda: bench_mla_prefill(result["ceilings"], args.quick),
+        cases = {"mla_prefill": lambda: bench_mla_prefill(result["ceilings"], args.quick),
                  "mla_decode": lambda: bench_mla_decode(result["ceilings"]),
                  "router": lambda: bench_router(result["ceilings"]),
                  "align": lambda: bench_align(result["ceilings"]),
                  "shared_prefix": lambda: bench_shared_prefix(result["ceilings"], sweep=True),
-                 "fp8_linear": lambda: bench_fp8_linear(result["ceilings"])}[args.only]()
+                 "moe_sweep": lambda: bench_moe_sweep(result["ceilings"]),
+                 "fp8_linear": lambda: bench_fp8_linear(result["ceilings"])}
+        for case in args.only:
+            rows += cases[case]()
         result["checks"] += POST_CHECKS
         failed = [c["name"] for c in result["checks"] if not c["ok"]]
     elif not failed:

@@ -21,6 +21,7 @@ import triton.language as tl
 from moeserve.kernels import runtime
 
 SINGLE_MAX = 256  # pairs; one program loops over them twice, beyond this the work is spread
+SORT_MAX = 4096  # pairs the sort candidate takes in one program (a batch of 512 tokens at top-8)
 
 
 @triton.jit
@@ -145,11 +146,12 @@ def num_blocks_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
     return -(-(num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m)
 
 
-def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int, single: str = "chain"):
+def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int, method: str = "tiles"):
     """(sorted_pairs, block_expert, num_post_pad, num_blocks) for topk_ids [T, K]; see the module docstring.
     The one-program path keeps 4 warps and 16-64-pair tiles: 8 or 16 warps and 128- or 256-pair tiles were no
-    faster on an H200 (results/kernels/2026-11-27-h200-kernels-align-5e95cab.log). single="sort" takes
-    _align_sorted_kernel instead, a candidate until bench_kernels `--only align` has timed the two."""
+    faster on an H200 (results/kernels/2026-11-27-h200-kernels-align-5e95cab.log). method="sort" takes
+    _align_sorted_kernel instead up to SORT_MAX pairs, a candidate until bench_kernels `--only align` has timed
+    the two."""
     ids = topk_ids.reshape(-1)
     if not ids.is_contiguous():
         ids = ids.contiguous()
@@ -162,11 +164,12 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int, single: 
     e_p = runtime.next_pow2(num_experts)
     chunk = max(16, min(64, 8192 // e_p))  # one-hot tiles of chunk x E_P int32 stay in registers
     chunk_b = chunk
-    if m <= SINGLE_MAX and single == "sort":
+    if m <= SORT_MAX and method == "sort":
         delta = torch.empty(e_p, dtype=torch.int32, device=device)
+        m_p = max(16, runtime.next_pow2(m))
         _align_sorted_kernel[(1,)](
             ids, sorted_pairs, block_expert, num_post, delta, m, num_experts, num_blocks,
-            BLOCK_M=block_m, M_P=max(16, runtime.next_pow2(m)), E_P=e_p, CHUNK_B=chunk_b, num_warps=4,
+            BLOCK_M=block_m, M_P=m_p, E_P=e_p, CHUNK_B=chunk_b, num_warps=4 if m_p <= 1024 else 8,
         )
     elif m <= SINGLE_MAX:
         _align_single_kernel[(1,)](
