@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 from moeserve.kernels import reference  # noqa: E402
 
 
-moe_align = load_kernel("moe_align", "_align_single_kernel")
+moe_align = load_kernel("moe_align", "_align_sorted_kernel")
 fused = load_kernel("fused_moe", "_gate_up_kernel")
 if not CUDA:
     fused.align_pairs = moe_align.align_pairs  # the reloaded one
@@ -66,14 +66,25 @@ def test_int64_ids_and_token_chunks():
     check(23, 8, 2, 64, 32, torch.float32, id_dtype=torch.int64, chunk_size=10)
 
 
-@pytest.mark.parametrize("pairs,method", [(7, "tiles"), (7, "sort"), (200, "sort"), (300, "tiles"), (2500, "tiles"),
-                                          (2500, "sort")])
+def align_in_three_launches(ids, E, bm):
+    """align_pairs' outputs through its path past SORT_MAX pairs, at any number of pairs."""
+    flat = ids.reshape(-1).contiguous()
+    n_blocks = moe_align.num_blocks_bound(flat.numel(), E, bm)
+    out = (torch.empty(n_blocks * bm, dtype=torch.int32, device=flat.device),
+           torch.empty(n_blocks, dtype=torch.int32, device=flat.device), torch.empty(1, dtype=torch.int32, device=flat.device))
+    moe_align._align_in_three_launches(flat, E, bm, *out, n_blocks)
+    return (*out, n_blocks)
+
+
+@pytest.mark.parametrize("pairs,method", [(7, "sort"), (7, "launches"), (300, "sort"), (2048, "sort"),
+                                          (2500, "align_pairs"), (300, "launches")])
 def test_align_pairs_groups_every_pair_once(pairs, method):
-    """The tiles (one program up to SINGLE_MAX pairs, three launches beyond) and the sort (one program)."""
+    """The sort (one program up to SORT_MAX pairs) and the three launches (beyond)."""
     E, bm = 12, 16
     ids = torch.randint(0, E, (pairs, 1), dtype=torch.int32)
     ids[: pairs // 3] = 5  # one crowded expert
-    sorted_pairs, block_expert, num_post, num_blocks = moe_align.align_pairs(ids.to(DEVICE), E, bm, method=method)
+    align = align_in_three_launches if method == "launches" else moe_align.align_pairs
+    sorted_pairs, block_expert, num_post, num_blocks = align(ids.to(DEVICE), E, bm)
     sorted_pairs, block_expert, n = sorted_pairs.cpu(), block_expert.cpu(), int(num_post)
     flat = ids.view(-1).long()
     counts = torch.bincount(flat, minlength=E)
@@ -93,15 +104,15 @@ def test_align_pairs_groups_every_pair_once(pairs, method):
 
 @pytest.mark.parametrize("tokens,E,K,bm", [(1, 8, 2, 16), (5, 16, 4, 16), (32, 128, 8, 16), (9, 64, 6, 64),
                                            (130, 128, 8, 16)])
-def test_sorted_align_equals_the_tiles(tokens, E, K, bm):
-    """The sort candidate gives the tiles' outputs exactly (one program, and the three launches past SINGLE_MAX
-    pairs), ids out of range (dropped) and E = its power of two (no spare bin) included."""
+def test_sorted_align_equals_the_three_launches(tokens, E, K, bm):
+    """The two paths give the same outputs exactly, ids out of range (dropped) and E = its power of two (no spare
+    bin) included."""
     g = torch.Generator().manual_seed(tokens * E)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(tokens)]).to(torch.int32)
     ids[0, 0] = -1
     ids[-1, -1] = E
-    want = moe_align.align_pairs(ids.to(DEVICE), E, bm, method="tiles")
-    got = moe_align.align_pairs(ids.to(DEVICE), E, bm, method="sort")
+    want = align_in_three_launches(ids.to(DEVICE), E, bm)
+    got = moe_align.align_pairs(ids.to(DEVICE), E, bm)
     n = int(want[2])
     assert int(got[2]) == n and got[3] == want[3]
     assert torch.equal(got[0][:n].cpu(), want[0][:n].cpu())

@@ -181,7 +181,7 @@ def _kernel_paths():
 @pytest.mark.parametrize("cfg", _kernel_paths(), ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()
                                                                          if k in ("SORT", "FOLD", "GEMV1", "LATE")))
 def test_fused_kernel_adds_exact_zeros_for_non_local_experts(cfg, monkeypatch):
-    moe_align = load_kernel("moe_align", "_align_single_kernel")
+    moe_align = load_kernel("moe_align", "_align_sorted_kernel")
     fused = load_kernel("fused_moe", "_gate_up_kernel")
     if not torch.cuda.is_available():
         monkeypatch.setattr(fused, "align_pairs", moe_align.align_pairs)  # the interpreted one

@@ -754,24 +754,31 @@ def bench_router(ceil) -> list[dict]:
 def bench_align(ceil) -> list[dict]:
     """The (token, expert) alignment before the fused MoE (kernels/moe_align) at decode and small-prefill sizes:
     Qwen3's routing (E=128, top-8, BLOCK_M 16), DeepSeek-V3's (E=256, top-8) and Mixtral's (E=8, top-2, BLOCK_M 64).
-    vLLM's moe_align_block_size took 2.9 us a layer at 32 tokens where ours took 16.5
-    (results/layouts/2026-11-27-session10-h200x2); more warps and larger pair tiles did not help
-    (results/kernels/2026-11-27-h200-kernels-align-5e95cab.log). Times the tiles (one program up to 256 pairs,
-    three launches beyond) against the sort candidate; each is checked: every pair once, in its expert's blocks,
-    experts in order, = the tiles' outputs."""
-    from moeserve.kernels.moe_align import align_pairs
+    align_pairs (the sort up to SORT_MAX pairs) beside its three-launch path; the session-12 run that chose the sort
+    also timed the one-program chain of tiles it replaced (results/kernels/2026-11-27-session12-h200x4). Checked:
+    every pair once, in its expert's blocks, experts in order, both paths equal."""
+    from moeserve.kernels import moe_align
 
     cases = [(128, 8, 16, (1, 4, 8, 16, 32, 64, 128, 256, 512)), (256, 8, 16, (32, 128)), (8, 2, 64, (32, 128, 512))]
     if SMOKE:
         cases = [(8, 2, 16, (1, 5))]
     rows = []
+
+    def launches(ids, E, bm):
+        flat = ids.reshape(-1)
+        n = moe_align.num_blocks_bound(flat.numel(), E, bm)
+        out = (torch.empty(n * bm, dtype=torch.int32, device=DEV), torch.empty(n, dtype=torch.int32, device=DEV),
+               torch.empty(1, dtype=torch.int32, device=DEV))
+        moe_align._align_in_three_launches(flat, E, bm, *out, n)
+        return (*out, n)
+
     for E, K, bm, token_counts in cases:
         say(f"moe align, E={E} top-{K} BLOCK_M={bm}")
         for T in token_counts:
             ids = torch.stack([torch.randperm(E, device=DEV)[:K] for _ in range(T)]).to(torch.int32)
-            want = align_pairs(ids, E, bm)
-            for method in ("tiles", "sort"):
-                sorted_pairs, block_expert, num_post, _ = got = align_pairs(ids, E, bm, method=method)
+            want = launches(ids, E, bm)
+            for method, fn in (("align_pairs", moe_align.align_pairs), ("three launches", launches)):
+                sorted_pairs, block_expert, num_post, _ = got = fn(ids, E, bm)
                 n = int(num_post.item())
                 used = sorted_pairs[:n].long()
                 real = used[used < T * K]
@@ -781,8 +788,8 @@ def bench_align(ceil) -> list[dict]:
                         and bool((rows_expert[1:] >= rows_expert[:-1]).all())
                         and torch.equal(got[1], want[1]) and torch.equal(got[0][:n], want[0][:n]))
                 POST_CHECKS.append({"name": f"align {method} E={E} T={T}: every pair once, in its expert's blocks, "
-                                            "= the tiles'", "rel_err": 0.0 if same else 1.0, "tol": 0.5, "ok": same})
-                ms = graph_ms([lambda: align_pairs(ids, E, bm, method=method)])
+                                            "paths equal", "rel_err": 0.0 if same else 1.0, "tol": 0.5, "ok": same})
+                ms = graph_ms([lambda fn=fn: fn(ids, E, bm)])
                 rows.append(row(f"moe align {method} E={E} T={T}", ms, ceil=ceil, mode="graph",
                                 extra={"tokens": T, "experts": E, "top_k": K, "method": method}))
     return rows

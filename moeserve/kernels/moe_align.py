@@ -7,9 +7,12 @@ Outputs, for pairs p = t * K + k with expert ids[p]:
 num_blocks = cdiv(M + min(E, M) * (BLOCK_M - 1), BLOCK_M) bounds the blocks any routing can need, so every grid
 depends on shapes only (CUDA-graph safe). Ids outside [0, E) are dropped (their pairs get no output row).
 
-Up to SINGLE_MAX pairs one program does everything (one launch: the decode path); beyond it, three launches:
-count per chunk of pairs, plan (prefix sums, block experts), scatter. Counting uses a one-hot [CHUNK, E] tile, so
-the order inside an expert is the pair order and the result is deterministic.
+Up to SORT_MAX pairs one program does everything as a sort (one launch: decode and small prefills); beyond it,
+three launches: count per chunk of pairs, plan (prefix sums, block experts), scatter, with one-hot [CHUNK, E] tiles.
+Both keep the pair order inside an expert, so the result is deterministic and the two paths agree exactly.
+On an H200 (results/kernels/2026-11-27-session12-h200x4) the sort took 1.7-7.8 us up to 1,024 pairs (E=128) where
+the tiles' one-program chain took 5.4-18 us; at 2,048 pairs 17.1 against the three launches' 19.7, at 4,096 65
+against 22.7.
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ import triton.language as tl
 
 from moeserve.kernels import runtime
 
-SINGLE_MAX = 256  # pairs; one program loops over them twice, beyond this the work is spread
-SORT_MAX = 4096  # pairs the sort candidate takes in one program (a batch of 512 tokens at top-8)
+SORT_MAX = 2048  # pairs sorted in one program; beyond, three launches (a batch of 256 tokens at top-8)
 
 
 @triton.jit
@@ -68,23 +70,13 @@ def _plan_blocks(counts, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, 
 
 
 @triton.jit
-def _align_single_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, num_experts, num_blocks,
-                         BLOCK_M: tl.constexpr, E_P: tl.constexpr, CHUNK: tl.constexpr, CHUNK_B: tl.constexpr):
-    counts = _count_pairs(ids_ptr, 0, num_pairs, E_P, CHUNK)
-    starts = _plan_blocks(counts, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, num_experts, num_blocks,
-                          BLOCK_M, E_P, CHUNK_B)
-    _scatter_pairs(ids_ptr, sorted_ptr, 0, num_pairs, starts, E_P, CHUNK)
-
-
-@triton.jit
 def _align_sorted_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, delta_ptr, num_pairs, num_experts,
                          num_blocks, BLOCK_M: tl.constexpr, M_P: tl.constexpr, E_P: tl.constexpr,
                          CHUNK_B: tl.constexpr):
-    """The one-program path as a sort: a histogram of the experts, the padded starts from one cumsum over E, then
-    one sort of the keys expert * M_P + pair. Sorted position i of expert e goes to slot i + (padded start of e -
-    pairs before e): a short chain of steps where _align_single_kernel has eleven tile reductions and scans.
-    Stable like it (keys are unique and ordered by pair id within an expert). Candidate: see
-    benchmarks/kernels/NOTES.md, 'Expert alignment at decode sizes'."""
+    """A histogram of the experts, the padded starts from one cumsum over E, then one sort of the keys
+    expert * M_P + pair. Sorted position i of expert e goes to slot i + (padded start of e - pairs before e): four
+    steps, where the same work in one-hot tiles was eleven dependent tile reductions and scans. Stable (keys are
+    unique and ordered by pair id within an expert)."""
     p = tl.arange(0, M_P)
     ids = tl.load(ids_ptr + p, mask=p < num_pairs, other=-1).to(tl.int32)
     ok = (p < num_pairs) & (ids >= 0) & (ids < num_experts)
@@ -146,46 +138,43 @@ def num_blocks_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
     return -(-(num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m)
 
 
-def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int, method: str = "tiles"):
-    """(sorted_pairs, block_expert, num_post_pad, num_blocks) for topk_ids [T, K]; see the module docstring.
-    The one-program path keeps 4 warps and 16-64-pair tiles: 8 or 16 warps and 128- or 256-pair tiles were no
-    faster on an H200 (results/kernels/2026-11-27-h200-kernels-align-5e95cab.log). method="sort" takes
-    _align_sorted_kernel instead up to SORT_MAX pairs, a candidate until bench_kernels `--only align` has timed
-    the two."""
+def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """(sorted_pairs, block_expert, num_post_pad, num_blocks) for topk_ids [T, K]; see the module docstring."""
     ids = topk_ids.reshape(-1)
     if not ids.is_contiguous():
         ids = ids.contiguous()
     m = ids.numel()
-    device = ids.device
     num_blocks = num_blocks_bound(m, num_experts, block_m)
-    sorted_pairs = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
-    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
-    num_post = torch.empty(1, dtype=torch.int32, device=device)
+    sorted_pairs = torch.empty(num_blocks * block_m, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=ids.device)
+    num_post = torch.empty(1, dtype=torch.int32, device=ids.device)
     e_p = runtime.next_pow2(num_experts)
-    chunk = max(16, min(64, 8192 // e_p))  # one-hot tiles of chunk x E_P int32 stay in registers
-    chunk_b = chunk
-    if m <= SORT_MAX and method == "sort":
-        delta = torch.empty(e_p, dtype=torch.int32, device=device)
+    chunk_b = max(16, min(64, 8192 // e_p))
+    if m <= SORT_MAX:
+        delta = torch.empty(e_p, dtype=torch.int32, device=ids.device)
         m_p = max(16, runtime.next_pow2(m))
         _align_sorted_kernel[(1,)](
             ids, sorted_pairs, block_expert, num_post, delta, m, num_experts, num_blocks,
             BLOCK_M=block_m, M_P=m_p, E_P=e_p, CHUNK_B=chunk_b, num_warps=4 if m_p <= 1024 else 8,
         )
-    elif m <= SINGLE_MAX:
-        _align_single_kernel[(1,)](
-            ids, sorted_pairs, block_expert, num_post, m, num_experts, num_blocks,
-            BLOCK_M=block_m, E_P=e_p, CHUNK=chunk, CHUNK_B=chunk_b, num_warps=4,
-        )
     else:
-        per_prog = max(SINGLE_MAX, -(-m // 128))
-        per_prog = -(-per_prog // chunk) * chunk
-        progs = -(-m // per_prog)
-        counts = torch.empty(progs, e_p, dtype=torch.int32, device=device)
-        base = torch.empty(progs, e_p, dtype=torch.int32, device=device)
-        _align_count_kernel[(progs,)](ids, counts, m, per_prog, E_P=e_p, CHUNK=chunk, num_warps=4)
-        _align_plan_kernel[(1,)](
-            counts, base, sorted_pairs, block_expert, num_post, m, num_experts, num_blocks, progs,
-            BLOCK_M=block_m, E_P=e_p, P_P=runtime.next_pow2(progs), CHUNK_B=chunk_b, num_warps=8,
-        )
-        _align_scatter_kernel[(progs,)](ids, sorted_pairs, base, m, per_prog, E_P=e_p, CHUNK=chunk, num_warps=4)
+        _align_in_three_launches(ids, num_experts, block_m, sorted_pairs, block_expert, num_post, num_blocks)
     return sorted_pairs, block_expert, num_post, num_blocks
+
+
+def _align_in_three_launches(ids, num_experts, block_m, sorted_pairs, block_expert, num_post, num_blocks) -> None:
+    """count (per chunk of pairs), plan, scatter: any number of pairs, spread over up to 128 programs."""
+    m = ids.numel()
+    e_p = runtime.next_pow2(num_experts)
+    chunk = max(16, min(64, 8192 // e_p))  # one-hot tiles of chunk x E_P int32 stay in registers
+    per_prog = max(256, -(-m // 128))
+    per_prog = -(-per_prog // chunk) * chunk
+    progs = -(-m // per_prog)
+    counts = torch.empty(progs, e_p, dtype=torch.int32, device=ids.device)
+    base = torch.empty(progs, e_p, dtype=torch.int32, device=ids.device)
+    _align_count_kernel[(progs,)](ids, counts, m, per_prog, E_P=e_p, CHUNK=chunk, num_warps=4)
+    _align_plan_kernel[(1,)](
+        counts, base, sorted_pairs, block_expert, num_post, m, num_experts, num_blocks, progs,
+        BLOCK_M=block_m, E_P=e_p, P_P=runtime.next_pow2(progs), CHUNK_B=chunk, num_warps=8,
+    )
+    _align_scatter_kernel[(progs,)](ids, sorted_pairs, base, m, per_prog, E_P=e_p, CHUNK=chunk, num_warps=4)
