@@ -29,6 +29,10 @@ LAYOUTS = {
     "dp4_ep": dict(data_parallel_size=4, enable_expert_parallel=True),
     "tp2_pp2": dict(tensor_parallel_size=2, pipeline_parallel_size=2),
     "dp2_tp2_ep": dict(data_parallel_size=2, tensor_parallel_size=2, enable_expert_parallel=True),
+    # the one-shot all-reduce through symmetric memory (opt-in), on the default group (TP=N) and a subgroup
+    "tp4_symm": dict(tensor_parallel_size=4, enable_custom_all_reduce=True),
+    "dp2_tp2_ep_symm": dict(data_parallel_size=2, tensor_parallel_size=2, enable_expert_parallel=True,
+                         enable_custom_all_reduce=True),
 }
 MOE = ("Mixtral", "Moe", "Deepseek")
 
