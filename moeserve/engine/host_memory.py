@@ -11,7 +11,8 @@ A CPU engine trims after loading, and then after its steps that prefill and ever
 their own sizes. The C library's handle is looked up once (find_library spawns `ldconfig -p`, ~1 ms, per call).
 A CPU engine also caps the kernel caches of torch's bf16 matmuls, which otherwise grow with every new prefill
 length (bound_kernel_caches), and asks MKL for results that do not depend on what ran before in the process
-(reproducible_mkl).
+(reproducible_mkl). Every engine lets MKL's vector math pick its kernels in one thread before any parallel call
+(settle_mkl_vml), so that the rotary tables never come from the wrong kernel.
 """
 
 from __future__ import annotations
@@ -29,14 +30,33 @@ _KERNEL_CACHE_VARS = (("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_
 def reproducible_mkl() -> None:
     """MKL_CBWR=AUTO,STRICT unless the user set MKL_CBWR: MKL's conditional numerical reproducibility.
 
-    torch's CPU attention (SDPA's flash kernel) multiplies through MKL's sgemm. The default model's first-token
-    logprobs depended on the attention shapes the process had run before: after some seeded histories of earlier
-    SDPA calls its near-tied first token (0.11 nats) flipped. In strict mode every history gives the same answer
-    (tests/test_host_memory.py). Cost on the default model: none at one thread, ~2-3 % of batch-16 speed at two,
-    none at batch 1 (benchmarks/cpu/NOTES.md). Set after MKL's first call in the process it still took effect in
-    that test. It does not remove every difference between processes: one more, inside a long pytest run, is
-    open (NOTES)."""
+    Added when the default model's first-token logprobs seemed to depend on the SDPA shapes run before in the
+    process (torch's CPU attention multiplies through MKL's sgemm): after some seeded histories its near-tied
+    first token (0.11 nats) flipped, and in strict mode six histories did not. The flips were later traced to a
+    race in MKL's vector math instead (settle_mkl_vml): without the strict mode a seed that flipped once gave the
+    right answer on its next runs, and with VML settled six seeds gave the same logprobs bit for bit without it
+    (benchmarks/cpu/NOTES.md). Kept until measured further. Cost on the default model: none at one thread, ~2-3 % of
+    batch-16 speed at two, none at batch 1. Set after MKL's first call in the process it still took effect."""
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+
+def settle_mkl_vml() -> None:
+    """Make MKL's vector math (VML) choose its kernels now, in this thread alone: a one-element cos.
+
+    torch computes cos, sin, exp and others of float tensors with MKL's VML (vmsCos with VML_HA, high accuracy),
+    over its OpenMP threads. VML picks a kernel from a table indexed by the CPU type it detects on its first call
+    and keeps in a static variable (mkl_vml_serv_cpu_detect). The detecting thread first stores the raw CPU code (9
+    on the AVX-512 Xeon this was found on) and only then the mapped one (5). A thread that reads the static between
+    the two stores takes index 9 + 6 = 15 of the kernel table for HA: `sCos_L9EPnnn`, the AVX2 kernel of the
+    *enhanced performance* mode (~12 correct bits), for its whole share of the call. The default model's rotary
+    cos table (8192 x 32) was its process's first VML call, made by both threads at once: when the race was lost,
+    the main thread's half of the table was off by up to 1.5e-4, which moved the whole prefill and flipped a
+    near-tied first token (benchmarks/cpu/NOTES.md). Detected once, the type stays: one call in one thread (one
+    element is below torch's grain, so it runs here) closes the window for the rest of the process. It costs
+    microseconds; without MKL it is just a cos."""
+    import torch
+
+    torch.zeros(1).cos()
 
 
 @functools.cache

@@ -90,6 +90,7 @@ class Worker:
         if device.type == "cpu":  # before any matmul of this process's model (read at the first one)
             host_memory.bound_kernel_caches()
             host_memory.reproducible_mkl()
+        host_memory.settle_mkl_vml()  # before the rotary tables (CPU-made on every device) are the first VML call
         if device.type == "cuda" and source.config:  # every rank, on its own GPU, before a weight is loaded
             check_fits_before_loading(config, source, dtype, torch.cuda.get_device_properties(device).total_memory)
         self.loaded = load_model(config, device, dtype, source)
