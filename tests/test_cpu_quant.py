@@ -148,3 +148,19 @@ def test_default_model_stays_packed_and_follows_the_fp32_reference():
     reference = engine(dtype="float32")
     want = reference.generate([text], sp)[0].outputs[0]
     assert got.token_ids[:8] == want.token_ids[:8], (got.text, want.text)
+
+
+def test_default_model_keeps_bf16_copies_for_its_mlp_only(monkeypatch):
+    """The attention projections run int4 at every row count (int4_cpu.INT4_ONLY_KINDS, ~55 MB less at the run's
+    peak); the MLP's linears keep their bf16 copies for batches and prefills. Every layer alike."""
+    from moeserve import LLM
+    from moeserve.layers.linear import LinearBase
+
+    monkeypatch.delenv("MOESERVE_CPU_BF16_WEIGHTS", raising=False)
+    model = LLM(max_model_len=128, kv_cache_memory_bytes=16 << 20).llm_engine.executor.worker.model
+    copies: dict[str, set[bool]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LinearBase):
+            copies.setdefault(name.rpartition(".")[2], set()).add(m.weight_bf16 is not None)
+    want = {"qkv_proj": False, "o_proj": False, "gate_up_proj": True, "down_proj": True}
+    assert copies == {kind: {kept} for kind, kept in want.items()}

@@ -368,7 +368,7 @@ def load_gguf_model(source: Any, device: torch.device, dtype: torch.dtype, t0: f
     activations, close to fp32 but not token-identical to transformers over a long greedy answer."""
     from moeserve.layers.linear import LinearBase, attach_weight_loaders
     from moeserve.layers.quant.gguf_blocks import decode_int4_terms, stack_rows
-    from moeserve.layers.quant.int4_cpu import Int4CPUMethod
+    from moeserve.layers.quant.int4_cpu import Int4CPUMethod, keep_bf16_weights
     from moeserve.loader.model_loader import LoadedModel, eos_ids
     from moeserve.loader.weights import WeightLoader
     from moeserve.models.hf_config import HFConfig
@@ -397,7 +397,7 @@ def load_gguf_model(source: Any, device: torch.device, dtype: torch.dtype, t0: f
             ts = [f.tensors.get(n) for n in names]
             terms = [t and decode_int4_terms(t.qtype, t.data, *t.shape) for t in ts]
             if all(terms):
-                packed[module_name] = Int4CPUMethod.pack(stack_rows(terms))
+                packed[module_name] = Int4CPUMethod.pack(stack_rows(terms), bf16_weights=keep_bf16_weights(leaf))
                 module.register_parameter("weight", None)  # before to_empty: never allocated
                 f.tensors = {n: t for n, t in f.tensors.items() if n not in names}
                 f.release_pages()

@@ -14,7 +14,8 @@ crossover measured on the 2-core AVX-512 Xeon: int4 wins up to 4 rows, bf16 from
 a layer uses a bf16 copy of its weight, made at load from the same terms: w = sum (q - 8) * scale + zero with the
 bf16 scale and zero the int4 kernel uses, summed in fp32 and rounded once to bf16. It costs 2 bytes per weight
 beside the 0.5 of the packed form; MOESERVE_CPU_BF16_WEIGHTS=0 skips it (int4 only: less memory, slower batches
-and prefills).
+and prefills). The attention projections (INT4_ONLY_KINDS: qkv_proj, o_proj) never keep it: the default model's run
+peaks ~55 MB lower for ~5 % of batch-16 speed (benchmarks/cpu/NOTES.md).
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ _N_MULTIPLE = 16  # the CPU packer wants N divisible by 16; we pad rows with zer
 DENSE_MIN_ROWS = 5  # from this many activation rows on, the bf16 dense copy (where kept) is faster
 
 
-def keep_bf16_weights() -> bool:
+INT4_ONLY_KINDS = frozenset({"qkv_proj", "o_proj"})
+
+
+def keep_bf16_weights(kind: str = "") -> bool:
+    if kind in INT4_ONLY_KINDS:
+        return False
     return os.environ.get("MOESERVE_CPU_BF16_WEIGHTS", "1") not in ("0", "false", "no", "off")
 
 
