@@ -50,7 +50,7 @@ def settle_mkl_vml() -> None:
     the two stores takes index 9 + 6 = 15 of the kernel table for HA: `sCos_L9EPnnn`, the AVX2 kernel of the
     *enhanced performance* mode (~12 correct bits), for its whole share of the call. The default model's rotary
     cos table (8192 x 32) was its process's first VML call, made by both threads at once: when the race was lost,
-    the main thread's half of the table was off by up to 1.5e-4, which moved the whole prefill and flipped a
+    the main thread's half of the table was off by up to 1.7e-4, which moved the whole prefill and flipped a
     near-tied first token (benchmarks/cpu/NOTES.md). Detected once, the type stays: one call in one thread (one
     element is below torch's grain, so it runs here) closes the window for the rest of the process. It costs
     microseconds; without MKL it is just a cos."""
