@@ -66,16 +66,6 @@ def test_int64_ids_and_token_chunks():
     check(23, 8, 2, 64, 32, torch.float32, id_dtype=torch.int64, chunk_size=10)
 
 
-def align_in_three_launches(ids, E, bm):
-    """align_pairs' outputs through its path past SORT_MAX pairs, at any number of pairs."""
-    flat = ids.reshape(-1).contiguous()
-    n_blocks = moe_align.num_blocks_bound(flat.numel(), E, bm)
-    out = (torch.empty(n_blocks * bm, dtype=torch.int32, device=flat.device),
-           torch.empty(n_blocks, dtype=torch.int32, device=flat.device), torch.empty(1, dtype=torch.int32, device=flat.device))
-    moe_align._align_in_three_launches(flat, E, bm, *out, n_blocks)
-    return (*out, n_blocks)
-
-
 @pytest.mark.parametrize("pairs,method", [(7, "sort"), (7, "launches"), (300, "sort"), (2048, "sort"),
                                           (2500, "align_pairs"), (300, "launches")])
 def test_align_pairs_groups_every_pair_once(pairs, method):
@@ -83,7 +73,7 @@ def test_align_pairs_groups_every_pair_once(pairs, method):
     E, bm = 12, 16
     ids = torch.randint(0, E, (pairs, 1), dtype=torch.int32)
     ids[: pairs // 3] = 5  # one crowded expert
-    align = align_in_three_launches if method == "launches" else moe_align.align_pairs
+    align = moe_align.align_pairs_in_three_launches if method == "launches" else moe_align.align_pairs
     sorted_pairs, block_expert, num_post, num_blocks = align(ids.to(DEVICE), E, bm)
     sorted_pairs, block_expert, n = sorted_pairs.cpu(), block_expert.cpu(), int(num_post)
     flat = ids.view(-1).long()
@@ -111,7 +101,7 @@ def test_sorted_align_equals_the_three_launches(tokens, E, K, bm):
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(tokens)]).to(torch.int32)
     ids[0, 0] = -1
     ids[-1, -1] = E
-    want = align_in_three_launches(ids.to(DEVICE), E, bm)
+    want = moe_align.align_pairs_in_three_launches(ids.to(DEVICE), E, bm)
     got = moe_align.align_pairs(ids.to(DEVICE), E, bm)
     n = int(want[2])
     assert int(got[2]) == n and got[3] == want[3]

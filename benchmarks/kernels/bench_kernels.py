@@ -764,20 +764,13 @@ def bench_align(ceil) -> list[dict]:
         cases = [(8, 2, 16, (1, 5))]
     rows = []
 
-    def launches(ids, E, bm):
-        flat = ids.reshape(-1)
-        n = moe_align.num_blocks_bound(flat.numel(), E, bm)
-        out = (torch.empty(n * bm, dtype=torch.int32, device=DEV), torch.empty(n, dtype=torch.int32, device=DEV),
-               torch.empty(1, dtype=torch.int32, device=DEV))
-        moe_align._align_in_three_launches(flat, E, bm, *out, n)
-        return (*out, n)
-
     for E, K, bm, token_counts in cases:
         say(f"moe align, E={E} top-{K} BLOCK_M={bm}")
         for T in token_counts:
             ids = torch.stack([torch.randperm(E, device=DEV)[:K] for _ in range(T)]).to(torch.int32)
-            want = launches(ids, E, bm)
-            for method, fn in (("align_pairs", moe_align.align_pairs), ("three launches", launches)):
+            want = moe_align.align_pairs_in_three_launches(ids, E, bm)
+            for method, fn in (("align_pairs", moe_align.align_pairs),
+                               ("three launches", moe_align.align_pairs_in_three_launches)):
                 sorted_pairs, block_expert, num_post, _ = got = fn(ids, E, bm)
                 n = int(num_post.item())
                 used = sorted_pairs[:n].long()

@@ -35,8 +35,10 @@ def reproducible_mkl() -> None:
     first token (0.11 nats) flipped, and in strict mode six histories did not. The flips were later traced to a
     race in MKL's vector math instead (settle_mkl_vml): without the strict mode a seed that flipped once gave the
     right answer on its next runs, and with VML settled six seeds gave the same logprobs bit for bit without it
-    (benchmarks/cpu/NOTES.md). Kept until measured further. Cost on the default model: none at one thread, ~2-3 % of
-    batch-16 speed at two, none at batch 1. Set after MKL's first call in the process it still took effect."""
+    (benchmarks/cpu/NOTES.md). Kept because it costs nothing measurable: at two threads, batch 16 with AUTO instead
+    was +1.3 % (median of 4) before the K/V row gather and -2-3 % after it (two sessions of alternated runs), and
+    reproducibility held without it (10 of 10 suite runs). Set after MKL's first call in the process it still took
+    effect."""
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 

@@ -138,32 +138,34 @@ def num_blocks_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
     return -(-(num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m)
 
 
+def _outputs(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """(ids flat and contiguous, sorted_pairs, block_expert, num_post_pad, num_blocks), outputs uninitialised."""
+    ids = topk_ids.reshape(-1).contiguous()
+    num_blocks = num_blocks_bound(ids.numel(), num_experts, block_m)
+    return (ids, torch.empty(num_blocks * block_m, dtype=torch.int32, device=ids.device),
+            torch.empty(num_blocks, dtype=torch.int32, device=ids.device),
+            torch.empty(1, dtype=torch.int32, device=ids.device), num_blocks)
+
+
 def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     """(sorted_pairs, block_expert, num_post_pad, num_blocks) for topk_ids [T, K]; see the module docstring."""
-    ids = topk_ids.reshape(-1)
-    if not ids.is_contiguous():
-        ids = ids.contiguous()
-    m = ids.numel()
-    num_blocks = num_blocks_bound(m, num_experts, block_m)
-    sorted_pairs = torch.empty(num_blocks * block_m, dtype=torch.int32, device=ids.device)
-    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=ids.device)
-    num_post = torch.empty(1, dtype=torch.int32, device=ids.device)
+    if topk_ids.numel() > SORT_MAX:
+        return align_pairs_in_three_launches(topk_ids, num_experts, block_m)
+    ids, sorted_pairs, block_expert, num_post, num_blocks = _outputs(topk_ids, num_experts, block_m)
     e_p = runtime.next_pow2(num_experts)
-    chunk_b = max(16, min(64, 8192 // e_p))
-    if m <= SORT_MAX:
-        delta = torch.empty(e_p, dtype=torch.int32, device=ids.device)
-        m_p = max(16, runtime.next_pow2(m))
-        _align_sorted_kernel[(1,)](
-            ids, sorted_pairs, block_expert, num_post, delta, m, num_experts, num_blocks,
-            BLOCK_M=block_m, M_P=m_p, E_P=e_p, CHUNK_B=chunk_b, num_warps=4 if m_p <= 1024 else 8,
-        )
-    else:
-        _align_in_three_launches(ids, num_experts, block_m, sorted_pairs, block_expert, num_post, num_blocks)
+    m_p = max(16, runtime.next_pow2(ids.numel()))
+    delta = torch.empty(e_p, dtype=torch.int32, device=ids.device)
+    _align_sorted_kernel[(1,)](
+        ids, sorted_pairs, block_expert, num_post, delta, ids.numel(), num_experts, num_blocks,
+        BLOCK_M=block_m, M_P=m_p, E_P=e_p, CHUNK_B=max(16, min(64, 8192 // e_p)), num_warps=4 if m_p <= 1024 else 8,
+    )
     return sorted_pairs, block_expert, num_post, num_blocks
 
 
-def _align_in_three_launches(ids, num_experts, block_m, sorted_pairs, block_expert, num_post, num_blocks) -> None:
-    """count (per chunk of pairs), plan, scatter: any number of pairs, spread over up to 128 programs."""
+def align_pairs_in_three_launches(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """align_pairs' outputs through count (per chunk of pairs), plan, scatter: any number of pairs, spread over up to
+    128 programs. align_pairs takes it past SORT_MAX pairs; tests and bench_kernels compare the two at any size."""
+    ids, sorted_pairs, block_expert, num_post, num_blocks = _outputs(topk_ids, num_experts, block_m)
     m = ids.numel()
     e_p = runtime.next_pow2(num_experts)
     chunk = max(16, min(64, 8192 // e_p))  # one-hot tiles of chunk x E_P int32 stay in registers
@@ -178,3 +180,4 @@ def _align_in_three_launches(ids, num_experts, block_m, sorted_pairs, block_expe
         BLOCK_M=block_m, E_P=e_p, P_P=runtime.next_pow2(progs), CHUNK_B=chunk, num_warps=8,
     )
     _align_scatter_kernel[(progs,)](ids, sorted_pairs, base, m, per_prog, E_P=e_p, CHUNK=chunk, num_warps=4)
+    return sorted_pairs, block_expert, num_post, num_blocks
