@@ -13,6 +13,8 @@
 #   SHAPE=qwen3-235b-a22b LAYOUTS="tp4 tp4ep" ENGINES_tp4=moeserve,vllm bash benchmarks/run_truncated_flagship.sh
 #     # issue 15's Qwen3-235B-A22B on 4xH200, whole (94 layers, bf16): it fits, so no fail-fast step; the plan's
 #     # KV capacity per layout is in plan-<layout>.json beside the suite's memory_report
+#   SHAPE=qwen3-235b-a22b LAYERS=12 LAYOUTS="tp4 tp4symm" ENGINES_tp4=moeserve,vllm WORKLOADS=latency bash ...
+#     # a layout name ending in "symm" adds enable_custom_all_reduce=true for moeserve (vLLM's own is on by default)
 #   LAYERS=5 RANDOM_WEIGHTS=/tmp/rw/r1-5 bash benchmarks/run_truncated_flagship.sh   # one random block-fp8
 #     checkpoint for both engines (benchmarks/random_checkpoint.py): on dummy weights R1's correction bias sends
 #     every token to the same 8 experts, so batches > 1 read 8 experts per layer. The checkpoint is built in bf16 on
@@ -76,11 +78,13 @@ fi
 echo "=== 3. the suite per layout"
 for name in $LAYOUTS; do
   case "$name" in
-    tp*ep) lay=(tensor_parallel_size="${name//[!0-9]/}" enable_expert_parallel=true) ;;
-    dp*ep) lay=(data_parallel_size="${name//[!0-9]/}" enable_expert_parallel=true) ;;
+    tp*ep|tp*ep_symm) lay=(tensor_parallel_size="${name//[!0-9]/}" enable_expert_parallel=true) ;;
+    dp*ep|dp*ep_symm) lay=(data_parallel_size="${name//[!0-9]/}" enable_expert_parallel=true) ;;
     tp*) lay=(tensor_parallel_size="${name//[!0-9]/}") ;;
     *) echo "unknown layout $name"; continue ;;
   esac
+  own=()  # moeserve only
+  [[ "$name" == *symm ]] && own=(--engine-arg enable_custom_all_reduce=true)
   var="ENGINES_$name"
   engines="${!var:-moeserve}"
   flags=()
@@ -91,9 +95,9 @@ for name in $LAYOUTS; do
   mkdir -p "$OUT_DIR/$name"
   echo "--- $name ($engines): ${lay[*]}"
   [ -n "${RANDOM_WEIGHTS:-}" ] && flags+=(--random-weights "$RANDOM_WEIGHTS")
-  python3 benchmarks/bench_suite.py --shape "$SHAPE" --engines "$engines" --workloads latency,throughput \
-    --latency-batches 1,32,128 --num-requests "${NUM_REQUESTS:-512}" --gpu-memory-utilization 0.88 \
-    --budget-s "$BUDGET" --hf-reserve-s 0 --out-dir "$OUT_DIR/$name" "${flags[@]}" > "$OUT_DIR/$name/suite.log" 2>&1 \
+  python3 benchmarks/bench_suite.py --shape "$SHAPE" --engines "$engines" --workloads "${WORKLOADS:-latency,throughput}" \
+    --latency-batches "${LATENCY_BATCHES:-1,32,128}" --num-requests "${NUM_REQUESTS:-512}" --gpu-memory-utilization 0.88 \
+    --budget-s "$BUDGET" --hf-reserve-s 0 --out-dir "$OUT_DIR/$name" "${flags[@]}" "${own[@]}" > "$OUT_DIR/$name/suite.log" 2>&1 \
     || echo "$name: suite exit $?"
   grep -E "=== phase|GPU KV cache size|kv_capacity|error|Error" "$OUT_DIR/$name/suite.log" | tail -12
   sed -n '/^##/,$p' "$OUT_DIR/$name"/*latency.log 2>/dev/null | tail -30

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dist_harness import free_port
-from moeserve.distributed.symmetric_all_reduce import MAX_BYTES, make_symmetric_all_reduce
+from moeserve.distributed.symmetric_all_reduce import ONE_SHOT_BYTES, TWO_SHOT_BYTES, make_symmetric_all_reduce
 
 
 def test_no_fast_path_on_cpu_or_across_nodes():
@@ -19,6 +19,13 @@ def test_no_fast_path_on_cpu_or_across_nodes():
     # ranks 1 and 2 with 2 ranks per node sit on two nodes: NCCL (no device needed to decide that)
     assert make_symmetric_all_reduce(None, [1, 2], 2, torch.device("cuda", 0)) is None
     assert make_symmetric_all_reduce(None, [0, 1, 2], 4, torch.device("cuda", 0)) is None  # 3 ranks: no kernel size
+
+
+def road(fast, x: torch.Tensor) -> str:
+    """Which kernel an all-reduce of x takes."""
+    if not fast.handles(x):
+        return "nccl"
+    return "one_shot" if x.numel() * x.element_size() <= fast.one_shot_bytes else "two_shot"
 
 
 def _rank(rank: int, world: int, port: int, queue) -> None:
@@ -37,35 +44,36 @@ def _rank(rank: int, world: int, port: int, queue) -> None:
         assert tp.fast_all_reduce is not None, "the fast path did not come up"
         checked = []
         for dtype in (torch.bfloat16, torch.float32):
-            for rows in (1, 3, 64, 128, 4096):
+            for rows in (1, 3, 64, 128, 1024, 4096):
                 g = torch.Generator(device="cpu").manual_seed(rows)
                 xs = [torch.randn(rows, 2048, generator=g).to(dtype) for _ in range(world)]
                 x = xs[rank].to(dev)
                 want = sum(t.float() for t in xs).to(dtype)
-                got = tp.all_reduce(x.clone())  # fast path when small, NCCL when large
-                used_fast = tp.fast_all_reduce.handles(x)
+                got = tp.all_reduce(x.clone())  # one-shot when small, two-shot when larger, NCCL past both
                 torch.testing.assert_close(got.cpu(), want, rtol=1e-2, atol=1e-2)
-                checked.append((str(dtype), rows, used_fast))
-        # inside a CUDA graph: capture 8 chained all-reduces, then replay with new inputs
-        x = torch.zeros(4, 2048, dtype=torch.bfloat16, device=dev)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            y = x
-            for _ in range(3):  # warm up outside the graph
-                y = tp.all_reduce(x) * 0.5
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = x
-            for _ in range(8):
-                y = tp.all_reduce(y) * (1.0 / world)
-        # replay 1: every rank holds 1.0; replay 2: rank r holds r + 1 (the mean of 1..world comes out)
-        for replay, (value, mean) in enumerate([(1.0, 1.0), (float(rank + 1), (world + 1) / 2)]):
-            x.fill_(value)
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.allclose(y.float().cpu(), torch.full((4, 2048), mean)), (replay, value, y[0, :4])
+                checked.append((str(dtype), rows, road(tp.fast_all_reduce, x)))
+        # inside a CUDA graph: capture 8 chained all-reduces, then replay with new inputs (one-shot, then two-shot)
+        for rows in (4, 512):
+            x = torch.zeros(rows, 2048, dtype=torch.bfloat16, device=dev)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                y = x
+                for _ in range(3):  # warm up outside the graph
+                    y = tp.all_reduce(x) * 0.5
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = x
+                for _ in range(8):
+                    y = tp.all_reduce(y) * (1.0 / world)
+            # replay 1: every rank holds 1.0; replay 2: rank r holds r + 1 (the mean of 1..world comes out)
+            for replay, (value, mean) in enumerate([(1.0, 1.0), (float(rank + 1), (world + 1) / 2)]):
+                x.fill_(value)
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.allclose(y.float().cpu(), torch.full((rows, 2048), mean)), (rows, replay, value, y[0, :4])
+            checked.append(("graph", rows, road(tp.fast_all_reduce, x)))
         queue.put((rank, True, checked))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
@@ -90,7 +98,7 @@ def test_symmetric_all_reduce_matches_nccl_on_two_gpus():
         results[rank] = value
     for p in procs:
         p.join(timeout=30)
-    fast = [c for c in results[0] if c[2]]
-    slow = [c for c in results[0] if not c[2]]
-    assert fast and slow, results[0]  # both roads were taken and both agree with the exact sum
-    assert 4096 * 2048 * 2 > MAX_BYTES[2]
+    roads = {c[2] for c in results[0]}
+    assert roads == {"one_shot", "two_shot", "nccl"}, results[0]  # every road taken, each equal to the exact sum
+    assert {c[2] for c in results[0] if c[0] == "graph"} == {"one_shot", "two_shot"}, results[0]
+    assert 4096 * 2048 * 2 > TWO_SHOT_BYTES > 1024 * 2048 * 2 > ONE_SHOT_BYTES[2]

@@ -1,4 +1,4 @@
-"""One-shot all-reduce over NVLink through PyTorch's symmetric memory, for the small messages of decode.
+"""One-shot and two-shot all-reduce over NVLink through PyTorch's symmetric memory, for the messages of decode.
 
 At batch 1 a TP=2 step of qwen3-30b-a3b holds 96 all-reduces of 4 KB each, and NCCL's ring spends ~10-20 us on
 each: more than the halved weight reads save. Here every rank of a group owns one buffer that all the others
@@ -26,25 +26,31 @@ import torch.distributed as dist
 
 logger = logging.getLogger("moeserve")
 
-# Beyond these sizes (bytes) a ring's bandwidth wins over reading every peer's whole buffer (per group size).
-MAX_BYTES = {2: 1 << 20, 4: 512 << 10, 6: 256 << 10, 8: 256 << 10}
+# Messages up to ONE_SHOT_BYTES (per group size) take the one-shot kernel: each rank reads every peer's whole
+# copy, one launch (plus the closing barrier). Larger ones up to TWO_SHOT_BYTES take the two-shot kernel: each
+# rank sums 1/size of the message from every peer and writes that slice back into every peer's buffer (NVLink
+# peer stores, no multicast), so each GPU reads the message once rather than size times; vLLM's custom
+# all-reduce makes the same two choices. Past TWO_SHOT_BYTES NCCL's ring serves.
+ONE_SHOT_BYTES = {2: 1 << 20, 4: 512 << 10, 6: 256 << 10, 8: 256 << 10}
+TWO_SHOT_BYTES = 8 << 20
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class SymmetricAllReduce:
-    def __init__(self, group, device: torch.device, max_bytes: int):
+    def __init__(self, group, device: torch.device, one_shot_bytes: int, max_bytes: int = TWO_SHOT_BYTES):
         import torch.distributed._symmetric_memory as symm_mem
 
         self.group_name = group.group_name
+        self.one_shot_bytes = min(one_shot_bytes, max_bytes)
         self.max_bytes = max_bytes
         if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 9):
             symm_mem.enable_symm_mem_for_group(self.group_name)  # needed before torch 2.9, deprecated after
         self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
         self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
-        # The kernel meets its peers only before reading: without a second meeting a fast rank's next call would
-        # copy into its buffer while a slow peer still reads the last one (seen on 2xH200 as a wrong sum across
-        # CUDA-graph replays). The closing barrier uses the last signal-pad channel, which the kernel's own
-        # per-block slots never reach.
+        # The one-shot kernel meets its peers only before reading: without a second meeting a fast rank's next call
+        # would copy into its buffer while a slow peer still reads the last one (seen on 2xH200 as a wrong sum
+        # across CUDA-graph replays). The closing barrier uses the last signal-pad channel, which the kernel's own
+        # per-block slots never reach. The two-shot kernel meets its peers again before it returns.
         self.end_channel = symm_mem.get_signal_pad_size() // 4 // group.size() - 1
 
     def handles(self, x: torch.Tensor) -> bool:
@@ -53,12 +59,25 @@ class SymmetricAllReduce:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over the group's ranks, in a new tensor (x is left as it was)."""
+        if x.numel() * x.element_size() <= self.one_shot_bytes:
+            return self.one_shot(x)
+        return self.two_shot(x)
+
+    def _staging(self, x: torch.Tensor) -> torch.Tensor:
+        return self.buffer[:x.numel() * x.element_size()].view(x.dtype)
+
+    def one_shot(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.view(-1)
-        staging = self.buffer[:flat.numel() * flat.element_size()].view(x.dtype)
         out = torch.empty_like(flat)
-        torch.ops.symm_mem.one_shot_all_reduce_copy_out(staging, flat, "sum", self.group_name, out)
+        torch.ops.symm_mem.one_shot_all_reduce_copy_out(self._staging(x), flat, "sum", self.group_name, out)
         self.handle.barrier(channel=self.end_channel)
         return out.view(x.shape)
+
+    def two_shot(self, x: torch.Tensor) -> torch.Tensor:
+        staging = self._staging(x)
+        staging.copy_(x.view(-1))
+        torch.ops.symm_mem.two_shot_all_reduce_(staging, "sum", self.group_name)
+        return staging.clone().view(x.shape)
 
 
 def make_symmetric_all_reduce(group, ranks: list[int], ranks_per_node: int,
@@ -66,23 +85,25 @@ def make_symmetric_all_reduce(group, ranks: list[int], ranks_per_node: int,
     """The fast path for one group, or None where it cannot serve (CPU, one node's ranks not all peers, a
     group spanning nodes). Every rank of the group decides alike: the same facts, then one NCCL vote."""
     size = len(ranks)
-    if device.type != "cuda" or size not in MAX_BYTES or len({r // ranks_per_node for r in ranks}) != 1:
+    if device.type != "cuda" or size not in ONE_SHOT_BYTES or len({r // ranks_per_node for r in ranks}) != 1:
         return None
     local = [r % ranks_per_node for r in ranks]
     ok = all(torch.cuda.can_device_access_peer(a, b) for a in local for b in local if a != b)
     fast = None
     if ok:
         try:
-            fast = SymmetricAllReduce(group, device, MAX_BYTES[size])
+            fast = SymmetricAllReduce(group, device, ONE_SHOT_BYTES[size])
         except Exception as e:  # an old driver, no peer mappings: NCCL serves
             logger.warning("moeserve: symmetric-memory all-reduce unavailable (%s: %s); NCCL serves all sizes",
                            type(e).__name__, e)
     if not _all_agree(fast is not None, group, device):
         return None
-    probe = fast(torch.ones(8, dtype=torch.bfloat16, device=device))  # every rank has a buffer: no one waits alone
-    if not _all_agree(bool((probe == size).all().item()), group, device):
+    ones = torch.ones(8, dtype=torch.bfloat16, device=device)  # every rank has a buffer: no one waits alone
+    probes = torch.stack([fast.one_shot(ones), fast.two_shot(ones)])
+    if not _all_agree(bool((probes == size).all().item()), group, device):
         return None
-    logger.info("moeserve: all-reduces of ranks %s up to %d KiB through symmetric memory", ranks, fast.max_bytes >> 10)
+    logger.info("moeserve: all-reduces of ranks %s through symmetric memory: one-shot up to %d KiB, two-shot up to "
+                "%d KiB", ranks, fast.one_shot_bytes >> 10, fast.max_bytes >> 10)
     return fast
 
 
