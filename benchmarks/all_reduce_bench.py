@@ -63,7 +63,7 @@ def _rank(rank: int, world: int, port: int, hidden: int, rows: list[int], queue)
         dev = torch.device("cuda", rank)
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 device_id=dev)
-        initialize_model_parallel(ParallelLayout(tp=world, custom_all_reduce=True), world)
+        initialize_model_parallel(ParallelLayout(tp=world, custom_all_reduce=2), world)
         tp = get_tp_group()
         fast = tp.fast_all_reduce
 

@@ -29,8 +29,9 @@ LAYOUTS = {
     "dp4_ep": dict(data_parallel_size=4, enable_expert_parallel=True),
     "tp2_pp2": dict(tensor_parallel_size=2, pipeline_parallel_size=2),
     "dp2_tp2_ep": dict(data_parallel_size=2, tensor_parallel_size=2, enable_expert_parallel=True),
-    # the one-shot all-reduce through symmetric memory (opt-in), on the default group (TP=N) and a subgroup
-    "tp4_symm": dict(tensor_parallel_size=4, enable_custom_all_reduce=True),
+    # the all-reduce through symmetric memory is on by default at 4 ranks (tp4 above); NCCL's at 4, and the
+    # symmetric one at 2 ranks (opt-in) on subgroups
+    "tp4_nccl": dict(tensor_parallel_size=4, disable_custom_all_reduce=True),
     "dp2_tp2_ep_symm": dict(data_parallel_size=2, tensor_parallel_size=2, enable_expert_parallel=True,
                          enable_custom_all_reduce=True),
 }

@@ -13,8 +13,9 @@
 #   SHAPE=qwen3-235b-a22b LAYOUTS="tp4 tp4ep" ENGINES_tp4=moeserve,vllm bash benchmarks/run_truncated_flagship.sh
 #     # issue 15's Qwen3-235B-A22B on 4xH200, whole (94 layers, bf16): it fits, so no fail-fast step; the plan's
 #     # KV capacity per layout is in plan-<layout>.json beside the suite's memory_report
-#   SHAPE=qwen3-235b-a22b LAYERS=12 LAYOUTS="tp4 tp4symm" ENGINES_tp4=moeserve,vllm WORKLOADS=latency bash ...
-#     # a layout name ending in "symm" adds enable_custom_all_reduce=true for moeserve (vLLM's own is on by default)
+#   SHAPE=qwen3-235b-a22b LAYERS=12 LAYOUTS="tp4 tp4nccl" ENGINES_tp4=moeserve,vllm WORKLOADS=latency bash ...
+#     # a layout name ending in "nccl" adds disable_custom_all_reduce=true for moeserve (its all-reduce through
+#     # symmetric memory is on by default at 4+ ranks, vLLM's custom one too), "symm" enable_custom_all_reduce=true
 #   LAYERS=5 RANDOM_WEIGHTS=/tmp/rw/r1-5 bash benchmarks/run_truncated_flagship.sh   # one random block-fp8
 #     checkpoint for both engines (benchmarks/random_checkpoint.py): on dummy weights R1's correction bias sends
 #     every token to the same 8 experts, so batches > 1 read 8 experts per layer. The checkpoint is built in bf16 on
@@ -78,13 +79,14 @@ fi
 echo "=== 3. the suite per layout"
 for name in $LAYOUTS; do
   case "$name" in
-    tp*ep|tp*ep_symm) lay=(tensor_parallel_size="${name//[!0-9]/}" enable_expert_parallel=true) ;;
-    dp*ep|dp*ep_symm) lay=(data_parallel_size="${name//[!0-9]/}" enable_expert_parallel=true) ;;
+    tp*ep|tp*ep_symm|tp*ep_nccl) lay=(tensor_parallel_size="${name//[!0-9]/}" enable_expert_parallel=true) ;;
+    dp*ep|dp*ep_symm|dp*ep_nccl) lay=(data_parallel_size="${name//[!0-9]/}" enable_expert_parallel=true) ;;
     tp*) lay=(tensor_parallel_size="${name//[!0-9]/}") ;;
     *) echo "unknown layout $name"; continue ;;
   esac
   own=()  # moeserve only
   [[ "$name" == *symm ]] && own=(--engine-arg enable_custom_all_reduce=true)
+  [[ "$name" == *nccl ]] && own=(--engine-arg disable_custom_all_reduce=true)
   var="ENGINES_$name"
   engines="${!var:-moeserve}"
   flags=()

@@ -77,7 +77,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--master-addr", default=None, help="address of node 0 (torch.distributed's TCP rendezvous)")
     g.add_argument("--master-port", type=int, default=29501, help="rendezvous port on node 0")
     g.add_argument("--enable-custom-all-reduce", action="store_true",
-                   help="CUDA: small all-reduces through symmetric memory instead of NCCL (measured no faster yet)")
+                   help="CUDA: all-reduces through symmetric memory also in groups of 2 ranks (default: 4 and more)")
+    g.add_argument("--disable-custom-all-reduce", action="store_true",
+                   help="CUDA: every all-reduce through NCCL (vLLM's flag)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp8", "fp8_e4m3", "fp8_e5m2"],
                    help="KV-cache precision; auto: the model dtype; fp8 (= fp8_e4m3): float8 e4m3 with per-tensor "
                         "scales of 1.0 (vLLM's default), twice the tokens of bf16; fp8_e5m2 is refused")
@@ -115,6 +117,7 @@ def engine_args_from(args: argparse.Namespace) -> dict:
         data_parallel_size=args.data_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
         nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr or "127.0.0.1",
         master_port=args.master_port, enable_custom_all_reduce=args.enable_custom_all_reduce,
+        disable_custom_all_reduce=args.disable_custom_all_reduce,
         kv_cache_dtype=kv_cache_dtype_arg(getattr(args, "kv_cache_dtype", "auto")),
     )
 

@@ -55,9 +55,11 @@ class EngineConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29501
-    # Small TP/EP all-reduces through the symmetric-memory one-shot kernel instead of NCCL. Off by default: 0.59x
-    # NCCL's latency per all-reduce on 2xH200, yet no faster decode (distributed/symmetric_all_reduce.py).
+    # TP/EP all-reduces through symmetric memory (distributed/symmetric_all_reduce.py) instead of NCCL: by default
+    # in groups of 4+ ranks, where decode measured faster; enable_custom_all_reduce also at 2 ranks (measured
+    # slower at batch 1 there); disable_custom_all_reduce (vLLM's flag) never.
     enable_custom_all_reduce: bool = False
+    disable_custom_all_reduce: bool = False
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -72,6 +74,8 @@ class EngineConfig:
             if not ok:
                 raise ValueError(msg)
 
+        check(not (self.enable_custom_all_reduce and self.disable_custom_all_reduce),
+              "enable_custom_all_reduce and disable_custom_all_reduce contradict each other: give one.")
         check(self.load_format in ("auto", "safetensors", "gguf", "dummy"),
               f"load_format must be one of auto, safetensors, gguf, dummy; got {self.load_format!r}.")
         check(self.dtype in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"),
@@ -112,7 +116,14 @@ class EngineConfig:
 
         return ParallelLayout(tp=self.tensor_parallel_size, pp=self.pipeline_parallel_size,
                               dp=self.data_parallel_size, enable_expert_parallel=self.enable_expert_parallel,
-                              custom_all_reduce=self.enable_custom_all_reduce)
+                              custom_all_reduce=self.custom_all_reduce_min_ranks)
+
+    @property
+    def custom_all_reduce_min_ranks(self) -> int:
+        """The fewest ranks a group needs for the symmetric-memory all-reduce (0: never)."""
+        from moeserve.distributed.symmetric_all_reduce import DEFAULT_MIN_RANKS
+
+        return 0 if self.disable_custom_all_reduce else 2 if self.enable_custom_all_reduce else DEFAULT_MIN_RANKS
 
     @property
     def kv_fp8(self) -> bool:

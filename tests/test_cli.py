@@ -69,6 +69,20 @@ def test_flags_reach_the_engine_config(ckpt):
     assert args.served_model_name == ["a", "b"] and args.host == "127.0.0.1" and args.port == 8000
 
 
+def test_custom_all_reduce_flags_choose_the_groups_that_take_it(ckpt):
+    """On by default in groups of 4+ ranks (measured faster there), --enable-custom-all-reduce also at 2,
+    vLLM's --disable-custom-all-reduce never; both at once is refused."""
+    def min_ranks(*flags: str) -> int:
+        args = build_parser().parse_args(["serve", ckpt, "--tensor-parallel-size", "4", *flags])
+        cfg = EngineConfig.from_kwargs(**engine_args_from(args))
+        assert cfg.parallel_layout().custom_all_reduce == cfg.custom_all_reduce_min_ranks
+        return cfg.custom_all_reduce_min_ranks
+
+    assert (min_ranks(), min_ranks("--enable-custom-all-reduce"), min_ranks("--disable-custom-all-reduce")) == (4, 2, 0)
+    with pytest.raises(ValueError, match="contradict"):
+        min_ranks("--enable-custom-all-reduce", "--disable-custom-all-reduce")
+
+
 def test_generate_prints_the_offline_answer(ckpt, capsys):
     llm = LLM(model=ckpt, device="cpu")
     ref_raw = llm.generate("Hello, world", SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text

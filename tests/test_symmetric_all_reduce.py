@@ -39,7 +39,7 @@ def _rank(rank: int, world: int, port: int, queue) -> None:
         dev = torch.device("cuda", rank)
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 device_id=dev)
-        initialize_model_parallel(ParallelLayout(tp=world, custom_all_reduce=True), world)
+        initialize_model_parallel(ParallelLayout(tp=world, custom_all_reduce=2), world)
         tp = get_tp_group()
         assert tp.fast_all_reduce is not None, "the fast path did not come up"
         checked = []

@@ -23,7 +23,9 @@ class ParallelLayout:
     pp: int = 1
     dp: int = 1
     enable_expert_parallel: bool = False
-    custom_all_reduce: bool = False  # CUDA: small all-reduces through symmetric memory (symmetric_all_reduce.py)
+    # CUDA: TP/EP groups of at least this many ranks, inside one node, all-reduce through symmetric memory
+    # (symmetric_all_reduce.py) instead of NCCL; 0: never.
+    custom_all_reduce: int = 0
 
     @property
     def world_size(self) -> int:
@@ -148,7 +150,7 @@ def initialize_model_parallel(lay: ParallelLayout, ranks_per_node: int | None = 
     """Make the TP, PP, DP and EP groups of this rank. torch.distributed must be initialised with
     world_size == lay.world_size. Every rank calls new_group for every distinct set of ranks, in the same order.
     On NCCL the TP and EP groups that sit inside one node (of `ranks_per_node` consecutive ranks) get the
-    symmetric-memory all-reduce for small messages when `lay.custom_all_reduce` is on."""
+    symmetric-memory all-reduce when they have at least `lay.custom_all_reduce` ranks."""
     global _layout
     world = dist.get_world_size()
     if world != lay.world_size:
@@ -184,7 +186,7 @@ def initialize_model_parallel(lay: ParallelLayout, ranks_per_node: int | None = 
         device = torch.device("cuda", torch.cuda.current_device())
         for name in ("tp", "ep"):  # all-reduces happen only in these (row-parallel layers, experts, LM head)
             g = _groups.get(name)
-            if g is not None and g.size > 1 and g.fast_all_reduce is None:  # TP's and EP's may be one group
+            if g is not None and g.size >= max(2, lay.custom_all_reduce) and g.fast_all_reduce is None:  # may be one group
                 g.fast_all_reduce = make_symmetric_all_reduce(g.group, g.ranks, ranks_per_node or world, device)
 
 

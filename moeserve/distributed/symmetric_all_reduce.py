@@ -2,7 +2,7 @@
 
 At batch 1 a TP=2 step of qwen3-30b-a3b holds 96 all-reduces of 4 KB each, and NCCL's ring spends ~10-20 us on
 each: more than the halved weight reads save. Here every rank of a group owns one buffer that all the others
-can read over NVLink (`torch.distributed._symmetric_memory`); an all-reduce is one kernel
+can read over NVLink (`torch.distributed._symmetric_memory`); a small all-reduce is one kernel
 (`symm_mem::one_shot_all_reduce_copy_out`): each rank copies its input into its buffer, the ranks meet at a
 barrier on the buffer's signal pads, and each sums every rank's copy itself; a second barrier kernel keeps the
 buffer from being overwritten while a peer still reads it. It needs peer access between the
@@ -10,11 +10,12 @@ GPUs, not NVLink multicast (which stays off on our machines; KINDS.md). Messages
 dtypes, and groups that span nodes go to NCCL. The choice depends on the tensor's size only, so every rank of
 the group takes the same road, and a CUDA graph captures the kernel like any other.
 
-Measured on 2xH200 (benchmarks/results/layouts/allreduce/): 9.3 us against NCCL's 15.7 us for 4 KB in a graph
-of 96 chained calls (6.7 us without the closing barrier, which is needed for correctness), yet qwen3-30b-a3b
-TP=2 decode was no faster (batch 1: 3.58 ms against 3.42 ms; batch 8-128 equal within 1%): batch-1 decode is
-bound by its chain of ~700 dependent kernels, not by the all-reduces. So it is opt-in
-(`--enable-custom-all-reduce`) until a fused decode path makes the collectives the larger share.
+Measured (graphs of 96 chained calls): on 2xH200 9.3 us against NCCL's 15.7 us for 4 KB; on 4xH200 at hidden 4096,
+one-shot 10.4 / two-shot 8.9 us against NCCL's 20.7 us at 8 KB and two-shot 16.1 against 29.7 us at 1 MiB
+(results/layouts/2026-11-27-session13-h200x4). Inside a decode step the gap is smaller (NCCL 10.1 us a call at TP=4
+batch 1, 17.7 us at batch 128, two-shot 12.8 us there), and where decode gained end to end decides the default
+(`DEFAULT_MIN_RANKS`): groups of 4+ ranks take this path, groups of 2 keep NCCL unless `--enable-custom-all-reduce`,
+and `--disable-custom-all-reduce` (vLLM's flag) turns it off.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ logger = logging.getLogger("moeserve")
 # rank sums 1/size of the message from every peer and writes that slice back into every peer's buffer (NVLink
 # peer stores, no multicast), so each GPU reads the message once rather than size times; vLLM's custom
 # all-reduce makes the same two choices. Past TWO_SHOT_BYTES NCCL's ring serves.
+# On by default in groups of this many ranks and more. Measured end to end: qwen3-235b TP=4 (12 layers, 4xH200)
+# decode 3 % faster at batch 1, 1-2 % at 32-128, in two calls (results/layouts/2026-11-27-session13-h200x4);
+# qwen3-30b-a3b TP=2 batch 1 5 % slower with the one-shot kernel (session 9), so 2 ranks keep NCCL unless asked.
+DEFAULT_MIN_RANKS = 4
 ONE_SHOT_BYTES = {2: 1 << 20, 4: 512 << 10, 6: 256 << 10, 8: 256 << 10}
 TWO_SHOT_BYTES = 8 << 20
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
