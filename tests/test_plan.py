@@ -265,3 +265,24 @@ def test_startup_fit_suggests_shorter_context():
                              device_memory_bytes=int(64 * GiB), memory_utilization=0.95).fits
     assert not check_startup_fit(spec, weight_dtype_bytes=2, kv_dtype_bytes=2, max_model_len=longest + 16,
                                  device_memory_bytes=int(64 * GiB), memory_utilization=0.95).fits
+
+
+def test_replicas_tensor_shard_experts_where_they_split_into_whole_blocks():
+    """A TP replica suggests no --enable-expert-parallel when the experts' intermediate dim splits evenly (TP=4
+    beat TP=4+EP at every batch size on 4xH200, both engines); EP where it does not split, and always under
+    DP attention; the engine's own EP size with the flag is unchanged."""
+    from dataclasses import replace
+
+    from moeserve.plan.layout import dp_attention_layout, expert_parallel_size, suggested_expert_parallel
+
+    qwen = read_arch(load_config("Qwen/Qwen3-235B-A22B"))  # 128 experts, intermediate 1536
+    assert suggested_expert_parallel(qwen, 4) == 1 and expert_parallel_size(qwen, 4) == 4
+    assert suggested_expert_parallel(replace(qwen, moe_intermediate_size=1538), 4) == 4  # 1538 / 4 is not whole
+    fp8 = replace(qwen, native_precision="fp8")  # 1536 / 8 = 192: not whole 128-blocks
+    assert suggested_expert_parallel(fp8, 4) == 1 and suggested_expert_parallel(fp8, 8) == 8
+    from moeserve.plan.commands import launch_commands
+
+    plan = make_plan(PlanRequest("Qwen/Qwen3-235B-A22B", gpus="4xH200-141GB"))
+    assert (plan.placement.layout.tp, plan.placement.layout.ep) == (4, 1)
+    assert "--enable-expert-parallel" not in launch_commands(plan)["moeserve"]
+    assert dp_attention_layout(qwen, parse_gpus("4xH200-141GB")).ep == 4

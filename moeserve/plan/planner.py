@@ -18,7 +18,7 @@ from moeserve.plan.layout import (
     choose,
     dp_attention_layout,
     evaluate,
-    expert_parallel_size,
+    suggested_expert_parallel,
     replica_candidates,
     valid_tp,
 )
@@ -168,7 +168,7 @@ def forced_layout(spec: ArchSpec, fleet: Fleet, req: PlanRequest) -> Layout | No
         raise ValueError(f"--tp {tp} --pp {pp} needs {tp * pp} GPUs; the fleet has {fleet.total_gpus}")
     if pp > spec.num_layers:
         raise ValueError(f"--pp {pp} exceeds the {spec.num_layers} layers")
-    return Layout(tp, pp, fleet.total_gpus // (tp * pp), expert_parallel_size(spec, tp))
+    return Layout(tp, pp, fleet.total_gpus // (tp * pp), suggested_expert_parallel(spec, tp))
 
 
 def smallest_replica(spec: ArchSpec, fleet: Fleet, s: ServeSettings) -> Placement | None:
