@@ -388,6 +388,18 @@ DOWN_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 4, 3), (128, 128, 4, 
               (256, 128, 8, 3), (64, 256, 4, 3), (32, 256, 4, 3)]  # (BLOCK_N2, BLOCK_K2, W2, S2)
 
 
+def gate_up_tiles(cfg: dict) -> list[dict]:
+    return [{**cfg, "BLOCK_N1": a, "BLOCK_K1": b, "W1": w, "S1": st} for a, b, w, st in GATE_UP_TILES]
+
+
+def down_tiles(cfg: dict) -> list[dict]:
+    return [{**cfg, "BLOCK_N2": a, "BLOCK_K2": b, "W2": w, "S2": st} for a, b, w, st in DOWN_TILES]
+
+
+def block_ms(cfg: dict) -> list[dict]:
+    return [{**cfg, "BLOCK_M": m} for m in (16, 32, 64) if m != cfg["BLOCK_M"]]
+
+
 def bench_moe_sweep(ceil) -> list[dict]:
     """The sorted fused-MoE path at 32 and 128 tokens on the shapes where batches of 32-128 trailed vLLM: today's
     candidates (what the tuner picks from), then a coordinate search from their best: the gate/up tile, the down
@@ -418,12 +430,8 @@ def bench_moe_sweep(ceil) -> list[dict]:
             timed = time_candidates(label + " [today]", base, bytes_, calls)
             today = min(timed, key=lambda t: t[0])
             best = today
-            steps = [[{**best[1], "BLOCK_N1": a, "BLOCK_K1": b, "W1": w, "S1": st} for a, b, w, st in GATE_UP_TILES],
-                     lambda cfg: [{**cfg, "BLOCK_N2": a, "BLOCK_K2": b, "W2": w, "S2": st} for a, b, w, st in DOWN_TILES],
-                     lambda cfg: [{**cfg, "BLOCK_M": m} for m in (16, 32, 64) if m != cfg["BLOCK_M"]]]
-            for i, step in enumerate(steps):
-                cands = step if i == 0 else step(best[1])
-                cands = [c for c in cands if c != best[1]]
+            for step in (gate_up_tiles, down_tiles, block_ms):  # each varies one part of the best so far
+                cands = [c for c in step(best[1]) if c != best[1]]
                 best = min(time_candidates(label + " [search]", cands, bytes_, calls) + [best], key=lambda t: t[0])
             x, w13, w2, tw, ids = ins[0]
             fused_moe._moe_chunk(best[1], x, w13, w2, tw, ids, outs[0], inter1, inter2)
