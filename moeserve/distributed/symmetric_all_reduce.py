@@ -27,15 +27,17 @@ import torch.distributed as dist
 
 logger = logging.getLogger("moeserve")
 
+# On by default in groups of this many ranks and more. Measured end to end: qwen3-235b TP=4 (12 layers, 4xH200)
+# decode 3 % faster at batch 1, 1-2 % at 32-128, in two calls (results/layouts/2026-11-27-session13-h200x4);
+# qwen3-30b-a3b TP=2 batch 1 5 % slower with the one-shot kernel (3.58 vs 3.42 ms, results/layouts/allreduce),
+# so groups of 2 keep NCCL unless asked.
+DEFAULT_MIN_RANKS = 4
+
 # Messages up to ONE_SHOT_BYTES (per group size) take the one-shot kernel: each rank reads every peer's whole
 # copy, one launch (plus the closing barrier). Larger ones up to TWO_SHOT_BYTES take the two-shot kernel: each
 # rank sums 1/size of the message from every peer and writes that slice back into every peer's buffer (NVLink
 # peer stores, no multicast), so each GPU reads the message once rather than size times; vLLM's custom
 # all-reduce makes the same two choices. Past TWO_SHOT_BYTES NCCL's ring serves.
-# On by default in groups of this many ranks and more. Measured end to end: qwen3-235b TP=4 (12 layers, 4xH200)
-# decode 3 % faster at batch 1, 1-2 % at 32-128, in two calls (results/layouts/2026-11-27-session13-h200x4);
-# qwen3-30b-a3b TP=2 batch 1 5 % slower with the one-shot kernel (session 9), so 2 ranks keep NCCL unless asked.
-DEFAULT_MIN_RANKS = 4
 ONE_SHOT_BYTES = {2: 1 << 20, 4: 512 << 10, 6: 256 << 10, 8: 256 << 10}
 TWO_SHOT_BYTES = 8 << 20
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
