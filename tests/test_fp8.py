@@ -226,6 +226,122 @@ def test_tp_split_inside_a_block_is_refused(tmp_path):
     assert errors[0] and "cuts a 64-wide fp8 scale block" in errors[0]
 
 
+# ---- per-channel and per-tensor fp8 checkpoints ---------------------------------------------------------------
+
+CT_IGNORE = ["lm_head", "re:.*mlp\\.gate$"]
+
+
+def _quantize_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale for the whole tensor: (e4m3 weight, fp32 scale of shape [])."""
+    s = (w.float().abs().amax() / 448).clamp(min=1e-12)
+    return (w.float() / s).clamp(-448, 448).to(FP8), s
+
+
+def make_fp8_rows_pair(tmp: Path, arch: str, strategy: str, style: str):
+    """(fp8 checkpoint dir, dequantized fp32 dir): every projection fp8 with a `weight_scale` per output channel
+    ([N, 1]) or per tensor ([]), as compressed-tensors (`style="ct"`) or AutoFP8 (`"autofp8"`: quant_method fp8
+    with no block size, static activations: an `input_scale` beside each weight) write them."""
+    src = Path(make_tiny_checkpoint(tmp / "src", arch))
+    tensors = load_file(str(src / "model.safetensors"))
+    fp8, deq = {}, {}
+    for name, t in tensors.items():
+        if _quantizable(name, t):
+            q, sc = quantize_rows(t) if strategy == "channel" else _quantize_tensor(t)
+            fp8[name], fp8[name.replace(".weight", ".weight_scale")] = q, sc
+            if style == "autofp8":
+                fp8[name.replace(".weight", ".input_scale")] = torch.tensor(0.02)
+            deq[name] = q.float() * sc
+        else:
+            fp8[name] = deq[name] = t
+    if style == "ct":
+        qcfg = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": CT_IGNORE,
+                "config_groups": {"group_0": {
+                    "targets": ["Linear"],
+                    "weights": {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True,
+                                "dynamic": False},
+                    "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}}
+    else:
+        qcfg = {"quant_method": "fp8", "activation_scheme": "static"}
+    out = []
+    for sub, weights, q in (("fp8", fp8, qcfg), ("deq", deq, None)):
+        d = tmp / sub
+        shutil.copytree(src, d, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(d / "model.safetensors"))
+        cfg = json.loads((src / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps(dict(cfg, **({"quantization_config": q} if q else {}))))
+        out.append(str(d))
+    return out
+
+
+def test_resolve_per_channel_and_per_tensor_fp8():
+    from moeserve.layers.quant import resolve_quantization as resolve_any
+    from moeserve.layers.quant.fp8 import Fp8Config
+
+    ct = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": CT_IGNORE,
+          "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float",
+                                                                     "strategy": "tensor"}}}}
+    q = resolve_any(None, {"quantization_config": ct})
+    assert isinstance(q, Fp8Config) and q.block is None and q.rows_from_checkpoint and not q.online
+    assert q.skips("lm_head") and q.skips("model.layers.3.mlp.gate") and not q.skips("model.layers.3.mlp.gate_up_proj")
+    assert resolve_any("compressed-tensors", {"quantization_config": ct}).rows_from_checkpoint
+    autofp8 = resolve_quantization(None, {"quantization_config": {"quant_method": "fp8", "activation_scheme": "static"}})
+    assert autofp8.rows_from_checkpoint and autofp8.block is None
+    block = dict(ct, config_groups={"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "block"}}})
+    with pytest.raises(ValueError, match="strategy='block'"):
+        resolve_any(None, {"quantization_config": block})
+
+
+@pytest.mark.parametrize("arch,strategy,style", [
+    ("LlamaForCausalLM", "channel", "ct"),
+    ("LlamaForCausalLM", "tensor", "autofp8"),  # q/k/v and gate/up each with its own scale, merged
+    ("Qwen3MoeForCausalLM", "channel", "ct"),  # experts with per-expert row scales
+    ("Qwen3MoeForCausalLM", "tensor", "ct"),
+    ("DeepseekV3ForCausalLM", "tensor", "autofp8"),  # MLA: kv_b_proj dequantized after load
+])
+def test_per_channel_and_per_tensor_fp8_match_dequantized(tmp_path, arch, strategy, style):
+    fp8, deq = make_fp8_rows_pair(tmp_path, arch, strategy, style)
+    _assert_same(_generate(fp8), _generate(deq))
+
+
+def test_per_tensor_fp8_is_fp8_in_memory_and_names_a_missing_or_misshaped_scale(tmp_path):
+    from moeserve.config import EngineConfig
+    from moeserve.loader.model_loader import load_model
+
+    fp8, _ = make_fp8_rows_pair(tmp_path, "Qwen3MoeForCausalLM", "tensor", "ct")
+    m = load_model(EngineConfig(model=fp8), torch.device("cpu"), torch.float32).model
+    params = dict(m.named_parameters())
+    qkv = "model.layers.0.self_attn.qkv_proj"
+    assert params[f"{qkv}.weight"].dtype == FP8 and params[f"{qkv}.weight_scale_inv"].shape == (128 + 64 + 64, 1)
+    scales = params[f"{qkv}.weight_scale_inv"][:, 0]
+    assert len(set(scales[:128].tolist())) == 1 and scales[0] != scales[128]  # q's one scale, then k's
+    experts = next(n for n in params if n.endswith("experts.w13"))
+    assert params[experts].dtype == FP8 and params[experts + "_weight_scale_inv"].shape == (8, 2 * 48, 1)
+    f = Path(fp8) / "model.safetensors"
+    tensors = load_file(str(f))
+    missing = "model.layers.1.self_attn.v_proj.weight_scale"
+    bad = "model.layers.0.mlp.experts.3.down_proj.weight_scale"
+    save_file({k: v for k, v in tensors.items() if k != missing}, str(f))
+    with pytest.raises(ValueError, match=missing.replace(".", r"\.") + "'"):
+        LLM(model=fp8, device="cpu")
+    tensors[bad] = torch.ones(3)
+    save_file(tensors, str(f))
+    with pytest.raises(ValueError, match=bad.replace(".", r"\.") + "'"):
+        LLM(model=fp8, device="cpu")
+
+
+@pytest.mark.parametrize("arch,strategy,ep", [("LlamaForCausalLM", "channel", False),
+                                              ("Qwen3MoeForCausalLM", "channel", False),  # each rank 1/2 of I
+                                              ("Qwen3MoeForCausalLM", "tensor", True)])
+def test_per_row_fp8_tp2_matches_tp1(tmp_path, arch, strategy, ep):
+    from dist_harness import run_ranks
+
+    fp8, deq = make_fp8_rows_pair(tmp_path, arch, strategy, "ct")
+    ref = _generate(deq)
+    ranks = run_ranks(2, _tp_rank, fp8, ep)
+    assert ranks[0] == ranks[1]
+    _assert_same(ranks[0], ref)
+
+
 # ---- planner -----------------------------------------------------------------------------------------------------
 
 def test_planner_sizes_fp8_checkpoint_at_one_byte_per_param():

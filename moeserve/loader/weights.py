@@ -22,7 +22,7 @@ from torch import nn
 from moeserve.distributed.pipeline import missing_prefixes
 from moeserve.layers.attention import KV_SCALE_NAMES, load_kv_scale
 from moeserve.layers.linear import WeightShapeError
-from moeserve.layers.quant.fp8 import ScaleError
+from moeserve.layers.quant.fp8 import ScaleError, checkpoint_row_scales
 from moeserve.layers.quant.int4 import Int4Error
 from moeserve.loader.tensor_slices import materialize, shape_of
 
@@ -57,19 +57,27 @@ class WeightLoader:
         self.packed = [(packed, i, part) for packed, parts in (getattr(model, "packed_modules", None) or {}).items()
                        for i, part in enumerate(parts)]
         self.model = model
+        self.row_scales = checkpoint_row_scales(model)
 
     def load(self, tensors: Iterable[tuple[str, object]]) -> None:
         for name, tensor in tensors:
             self.load_one(name, tensor)
         self.check_complete()
 
-    def load_one(self, name: str, tensor) -> None:
+    def load_one(self, name: str, tensor, label: str | None = None) -> None:
+        """label: the checkpoint's name of the tensor, when `name` is the parameter-side name it loads under."""
+        label = label or name
         if self.skip is not None and self.skip(name):
             return
         if self.elsewhere and self._on_other_stage(name):
             return
+        if self.row_scales:  # per-channel / per-tensor fp8 checkpoints (layers/quant/fp8)
+            if name.endswith(".input_scale"):
+                return  # static activation scales: activations are quantized per token instead
+            if name.endswith(".weight_scale"):  # loads as weight_scale_inv, fp8's one name for a scale that multiplies
+                return self.load_one(name + "_inv", tensor, label)
         if name in self.params:
-            return self._load(name, name, tensor)
+            return self._load(name, label, tensor)
         if name == "lm_head.weight" and self.tied:
             return  # tied checkpoints sometimes store it anyway
         if name.endswith("rotary_emb.inv_freq"):
@@ -82,21 +90,21 @@ class WeightLoader:
         if m:
             param = "w2" if m["proj"] in ("down_proj", "w2") else "w13"
             if m["kind"] not in ("weight", "weight_scale_inv"):  # int4 tensors (layers/quant/int4)
-                return self._load_expert_int4(m["prefix"], param, m["kind"], tensor, int(m["e"]), m["proj"], name)
-            if m["kind"] == "weight_scale_inv":  # fp8 block scales (layers/quant/fp8)
-                return self._load_expert_scale(m["prefix"], param, tensor, int(m["e"]), m["proj"], name)
-            return self._load_expert(m["prefix"], param, tensor, int(m["e"]), m["proj"], name)
+                return self._load_expert_int4(m["prefix"], param, m["kind"], tensor, int(m["e"]), m["proj"], label)
+            if m["kind"] == "weight_scale_inv":  # fp8 scales (layers/quant/fp8)
+                return self._load_expert_scale(m["prefix"], param, tensor, int(m["e"]), m["proj"], label)
+            return self._load_expert(m["prefix"], param, tensor, int(m["e"]), m["proj"], label)
         m = _FUSED.match(name)
         if m:
             return self._load_expert(m["prefix"], "w13" if m["proj"] == "gate_up_proj" else "w2", tensor, None,
-                                     m["proj"], name)
+                                     m["proj"], label)
         for packed, shard_id, part in self.packed:
             if f".{part}." in name:
                 pname = name.replace(f".{part}.", f".{packed}.")
                 if pname in self.params:
                     self.shards_filled.setdefault(pname, set()).add(shard_id)
-                    return self._load(pname, name, tensor, shard_id)
-        raise ValueError(f"{self.source}: tensor {name!r} matches no parameter of the model "
+                    return self._load(pname, label, tensor, shard_id)
+        raise ValueError(f"{self.source}: tensor {label!r} matches no parameter of the model "
                          f"(the checkpoint does not match config.json).")
 
     def _on_other_stage(self, name: str) -> bool:
@@ -202,7 +210,10 @@ class WeightLoader:
     def check_complete(self) -> None:
         for pname, p in self.params.items():
             if self.filled.get(pname, 0) < p.numel():
-                raise ValueError(f"{self.source}: no weights for parameter {self._missing_name(pname)!r} "
+                missing = self._missing_name(pname)
+                if self.row_scales and missing.endswith(".weight_scale_inv"):
+                    missing = missing.removesuffix("_inv")  # the checkpoint's name of a per-row fp8 scale
+                raise ValueError(f"{self.source}: no weights for parameter {missing!r} "
                                  f"(the checkpoint does not match config.json).")
 
     def _missing_name(self, pname: str) -> str:

@@ -6,6 +6,11 @@ Checkpoint format (block): `<m>.weight` float8_e4m3fn [N, K] and `<m>.weight_sca
 `quantization_config = {quant_method: fp8, fmt: e4m3, activation_scheme: dynamic, weight_block_size: [bn, bk]}`.
 Online (per channel): each output row quantized on load with scale = amax(row) / 448, stored as a [N, 1] scale
 (one "block" of 1 x K), so both modes share one representation: `weight` fp8 + `weight_scale_inv` fp32 blocks.
+Per-channel and per-tensor checkpoints (compressed-tensors `float-quantized`, strategy channel / tensor; and
+`quant_method: fp8` without `weight_block_size`, AutoFP8's per-tensor format) ship `<m>.weight_scale` fp32, [N, 1]
+or one value per tensor: loaded into the same [N, 1] rows (a tensor's one scale repeated over its rows, so merged
+q/k/v and gate/up keep each part's scale). Their static `input_scale`s are not used: activations are quantized per
+token, dynamically, on CUDA as for the other modes.
 
 How it plugs in: `apply_fp8(model, cfg)` runs on the model built on the meta device, before storage is given; it
 replaces the weight of every linear layer and routed-experts module not in `modules_to_not_convert` /
@@ -21,6 +26,7 @@ kernels.fp8_moe for the experts (W8A16: fp8 weight tiles widened and scaled insi
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -40,17 +46,20 @@ class ScaleError(ValueError):
 
 @dataclass
 class Fp8Config:
-    block: tuple[int, int] | None  # (bn, bk) from the checkpoint; None: online per-channel quantization
+    block: tuple[int, int] | None  # (bn, bk) from the checkpoint; None: one scale per output row
     ignored: list[str] = field(default_factory=list)
+    rows_from_checkpoint: bool = False  # block None: the row scales are the checkpoint's, not computed on load
 
     @property
     def online(self) -> bool:
-        return self.block is None
+        return self.block is None and not self.rows_from_checkpoint
 
     def skips(self, prefix: str) -> bool:
-        """vLLM's reading of modules_to_not_convert / ignored_layers: a listed name matches a module whose
-        dotted name equals it, ends with it, or contains it as a dotted component path."""
-        return any(prefix == n or prefix.endswith("." + n) or f".{n}." in f".{prefix}." for n in self.ignored)
+        """vLLM's reading of modules_to_not_convert / ignored_layers / compressed-tensors' ignore: a listed name
+        matches a module whose dotted name equals it, ends with it, or contains it as a dotted component path;
+        "re:<pattern>" matches by regular expression."""
+        return any(re.match(n[3:], prefix) if n.startswith("re:") else
+                   prefix == n or prefix.endswith("." + n) or f".{n}." in f".{prefix}." for n in self.ignored)
 
 
 def resolve_quantization(flag: str | None, hf_config: dict) -> Fp8Config | None:
@@ -58,26 +67,59 @@ def resolve_quantization(flag: str | None, hf_config: dict) -> Fp8Config | None:
     flag may be omitted when the checkpoint says fp8; a conflicting flag is an error)."""
     q = hf_config.get("quantization_config") or (hf_config.get("text_config") or {}).get("quantization_config")
     method = (q or {}).get("quant_method")
-    if flag not in (None, "fp8"):
+    if flag not in (None, "fp8", "compressed-tensors"):
         raise ValueError(f"--quantization {flag}: only fp8 is implemented (block-scaled FP8 checkpoints, or "
                          f"online FP8 of a bf16/fp32 checkpoint).")
     if method is None:
+        if flag == "compressed-tensors":
+            raise ValueError("--quantization compressed-tensors: the checkpoint has no quantization_config.")
         return Fp8Config(block=None) if flag == "fp8" else None
-    if method != "fp8":
+    if method == "compressed-tensors" and flag in (None, "compressed-tensors"):
+        return _compressed_tensors_fp8(q)
+    if method != "fp8" or flag == "compressed-tensors":
         raise ValueError(f"the checkpoint's quantization_config says quant_method={method!r}"
                          + (f", which conflicts with --quantization {flag}" if flag else "")
                          + "; moeserve loads quant_method 'fp8' only (for now).")
     if q.get("fmt", "e4m3") != "e4m3":
         raise ValueError(f"fp8 checkpoint with fmt={q.get('fmt')!r}: only e4m3 weights are supported.")
-    if q.get("activation_scheme", "dynamic") != "dynamic":
-        raise ValueError("fp8 checkpoint with static activation scales: only activation_scheme 'dynamic' is "
-                         "supported.")
     ignored = list(q.get("modules_to_not_convert") or []) + list(q.get("ignored_layers") or [])
     block = q.get("weight_block_size")
-    if block is None:
-        raise ValueError("fp8 checkpoint without weight_block_size: per-tensor fp8 checkpoints are not supported "
-                         "yet (block-scaled ones are).")
+    if block is None:  # per-tensor weight_scale (AutoFP8); a static input_scale is not used (module docstring)
+        return Fp8Config(block=None, ignored=ignored, rows_from_checkpoint=True)
+    if q.get("activation_scheme", "dynamic") != "dynamic":
+        raise ValueError("block fp8 checkpoint with static activation scales: only activation_scheme 'dynamic' is "
+                         "supported.")
     return Fp8Config(block=(int(block[0]), int(block[1])), ignored=ignored)
+
+
+def compressed_tensors_weights(q: dict) -> dict:
+    """The weights entry of a compressed-tensors config's (first) config group."""
+    groups = (q or {}).get("config_groups") or {}
+    return (next(iter(groups.values()), None) or {}).get("weights") or {}
+
+
+def _compressed_tensors_fp8(q: dict) -> Fp8Config:
+    """compressed-tensors float8 weights, one scale per output channel or per tensor."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(f"compressed-tensors checkpoint with {what}: not supported (moeserve loads float8 "
+                             f"weights with per-channel or per-tensor scales, and int4 pack-quantized ones).")
+
+    groups = q.get("config_groups") or {}
+    need(len(groups) == 1, f"{len(groups)} entries in quantization_config.config_groups (one is supported)")
+    g = next(iter(groups.values()))
+    w, a = g.get("weights") or {}, g.get("input_activations")
+    fmt = g.get("format") or q.get("format")
+    need(fmt in ("float-quantized", "naive-quantized"), f"format={fmt!r}")
+    need(w.get("num_bits") == 8 and w.get("type") == "float",
+         f"config_groups weights num_bits={w.get('num_bits')} type={w.get('type')!r}")
+    need(w.get("strategy") in ("channel", "tensor"), f"config_groups weights strategy={w.get('strategy')!r}")
+    need(w.get("symmetric", True) is True, "config_groups weights symmetric=false")
+    need(not w.get("dynamic", False), "config_groups weights dynamic=true")
+    need(a is None or (a.get("num_bits") == 8 and a.get("type") == "float"),
+         f"config_groups input_activations {a}")
+    need(set(g.get("targets") or ["Linear"]) == {"Linear"}, f"config_groups targets={g.get('targets')}")
+    return Fp8Config(block=None, ignored=list(q.get("ignore") or []), rows_from_checkpoint=True)
 
 
 # ---- building ----------------------------------------------------------------------------------------------
@@ -161,7 +203,7 @@ class Fp8LinearMethod:
     def create_weights(self, layer: nn.Module, name: str) -> None:
         n, k = layer.out_features, layer.in_features
         dim, all_pieces = _row_pieces(layer, None)
-        if self.cfg.online:
+        if self.cfg.block is None:
             bn, bk = 1, k
         else:
             bn, bk = self.cfg.block
@@ -217,6 +259,24 @@ class Fp8LinearMethod:
                 written += self._copy_piece(layer, param, loaded, src, length, dst)
         return written
 
+    def row_scale_loader(self, layer, param, loaded, shard_id=None) -> int:
+        """A per-channel ([rows] or [rows, 1]) or per-tensor ([] or [1]) checkpoint scale into the local rows' [N, 1]
+        scales: the rows this rank holds, a tensor's one scale repeated over its rows."""
+        dim, pieces = _row_pieces(layer, shard_id)
+        if dim == 1:  # the input dim is split (row-parallel): every output row is on this rank
+            pieces = [(0, layer.out_features, 0, layer.out_features)]
+        offsets, rows = [], 0  # where each logical output starts in the tensor (merged ones arriving whole)
+        for *_, full in pieces:
+            offsets.append(rows)
+            rows += full
+        t = materialize(loaded).to(torch.float32).reshape(-1)
+        if t.numel() not in (1, rows):
+            raise ScaleError(f"scale tensor has shape {shape_of(loaded)}, but the weight implies one scale per "
+                             f"tensor or per output row ({rows})")
+        for (src, length, dst, _), off in zip(pieces, offsets):
+            param.data[dst:dst + length, 0] = t if t.numel() == 1 else t[off + src:off + src + length]
+        return sum(length for _, length, _, _ in pieces)
+
     def _copy_piece(self, layer, param, loaded, src: int, length: int, dst: int) -> int:
         bn = self.block[0]
         seg = next(s for s in self.segments if s[0] == dst)
@@ -233,7 +293,7 @@ class Fp8LinearMethod:
             rows[first:first + length] = srow + torch.arange(length) // bn
         self.row_index = rows.to(layer.weight.device)
         self.col_index = (torch.arange(k) // bk).to(layer.weight.device)
-        self.use_kernel = layer.weight.is_cuda and (self.cfg.online or self._kernel_fits(layer))
+        self.use_kernel = layer.weight.is_cuda and (self.cfg.block is None or self._kernel_fits(layer))
 
     def _kernel_fits(self, layer) -> bool:
         """The Triton GEMM wants one scale row per bn rows of the whole weight (no partial block inside)."""
@@ -253,7 +313,7 @@ class Fp8LinearMethod:
 
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])
-            if self.cfg.online:
+            if self.cfg.block is None:
                 y = fp8_channel_linear(x2, layer.weight, getattr(layer, SCALE), b)
             else:
                 y = fp8_block_linear(x2, layer.weight, getattr(layer, SCALE), self.block, b)
@@ -275,7 +335,7 @@ def weight_loader_for(module: nn.Module, pname: str, default):
     qm = getattr(module, "quant_method", None)
     if isinstance(qm, Fp8LinearMethod):
         if pname == SCALE:
-            return partial(qm.scale_loader, module)
+            return partial(qm.scale_loader if qm.cfg.block else qm.row_scale_loader, module)
         if pname == "weight" and qm.cfg.online:
             return partial(online_loader, module, default)
     return default
@@ -321,7 +381,7 @@ class Fp8MoEMethod:
 
     def create_weights(self, experts: nn.Module, name: str) -> None:
         e, i_loc, h = experts.num_local, experts.local_intermediate, experts.w13.shape[2]
-        if self.cfg.online:
+        if self.cfg.block is None:
             self.blocks = {"w13": (1, h), "w2": (1, i_loc)}
         else:
             bn, bk = self.cfg.block
@@ -369,13 +429,16 @@ class Fp8MoEMethod:
         return n
 
     def load_scale(self, experts, param: str, tensor, expert_id: int | None, proj: str) -> int:
-        """One expert's scale blocks (gate / up [ceil(I/bn), ceil(H/bk)], down [ceil(H/bn), ceil(I/bk)])."""
-        bn, bk = self.cfg.block
+        """One expert's scale blocks (gate / up [ceil(I/bn), ceil(H/bk)], down [ceil(H/bn), ceil(I/bk)]), or its
+        per-channel / per-tensor scales."""
         if expert_id is None:
             raise ValueError("fused (all-experts) fp8 scale tensors are not supported yet; per-expert ones are.")
         local = experts.local_id(expert_id)
         if local < 0:
             return 0
+        if self.cfg.block is None:
+            return self._load_row_scale(experts, param, tensor, local, proj)
+        bn, bk = self.cfg.block
         inter, h, i_loc = experts.intermediate_size, experts.w13.shape[2], experts.local_intermediate
         if proj in ("gate", "up"):
             full, dim, b = (_blocks(inter, bn), _blocks(h, bk)), 0, bn
@@ -393,6 +456,22 @@ class Fp8MoEMethod:
             target = target[:half] if proj == "gate" else target[half:]
         target.copy_(part)
         return part.numel()
+
+    def _load_row_scale(self, experts, param: str, tensor, local: int, proj: str) -> int:
+        """gate / up: [I] or [I, 1] (this rank's 1/tp of them under TP) or one value; down: [H] or [H, 1] or one."""
+        rows = experts.intermediate_size if proj in ("gate", "up") else experts.w13.shape[2]
+        t = materialize(tensor).to(torch.float32).reshape(-1)
+        if proj not in ("gate", "up", "down") or t.numel() not in (1, rows):
+            raise ScaleError(f"scale tensor has shape {shape_of(tensor)}, but the {proj} weight implies one scale "
+                             f"per tensor or per output row ({rows})")
+        target = getattr(experts, f"{param}_{SCALE}").data[local, :, 0]
+        if proj != "down":
+            i_loc = experts.local_intermediate
+            target = target[:i_loc] if proj == "gate" else target[i_loc:]
+            if t.numel() > 1:
+                t = t[experts.shard_rank * i_loc:(experts.shard_rank + 1) * i_loc]
+        target.copy_(t.expand(target.shape[0]))
+        return target.numel()
 
     def finalize(self, experts) -> None:
         """CUDA: kernels.fp8_moe (W8A16: fp8 tiles widened and scaled in the kernel), chosen once here; CPU: the
@@ -455,6 +534,12 @@ def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tens
     scale = (tiles.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)
     q = (tiles / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).reshape(pad.shape)[:n, :k].to(FP8)
     return q.contiguous(), scale
+
+
+def checkpoint_row_scales(model: nn.Module) -> bool:
+    """Whether the model's fp8 layers take per-channel / per-tensor scales from the checkpoint (`weight_scale`)."""
+    return any(isinstance(qm := getattr(m, "quant_method", None), (Fp8LinearMethod, Fp8MoEMethod))
+               and qm.cfg.rows_from_checkpoint for m in model.modules())
 
 
 def fill_dummy_fp8(model: nn.Module, gen: torch.Generator, high: float = 1e-3) -> set[int]:

@@ -118,7 +118,13 @@ def _q(hf_config: dict) -> dict:
 
 
 def is_int4(flag: str | None, hf_config: dict) -> bool:
-    return flag in INT4_METHODS or str(_q(hf_config).get("quant_method", "")).lower() in INT4_METHODS
+    from moeserve.layers.quant.fp8 import compressed_tensors_weights
+
+    q = _q(hf_config)
+    method = str(q.get("quant_method", "")).lower()
+    if method == "compressed-tensors" and compressed_tensors_weights(q).get("type") == "float":
+        return False  # float8 weights: layers/quant/fp8
+    return flag in INT4_METHODS or method in INT4_METHODS
 
 
 def resolve_int4(flag: str | None, hf_config: dict) -> Int4Config:
