@@ -32,8 +32,10 @@ def _quantizable(name: str, t: torch.Tensor) -> bool:
             and not any(s in name for s in ("embed_tokens", "lm_head", "norm")))
 
 
-def make_fp8_pair(tmp: Path, arch: str, block: tuple[int, int], ignored: list[str] | None = None, **overrides):
-    """(fp8 checkpoint dir, dequantized fp32 checkpoint dir) of one tiny random model."""
+def make_fp8_pair(tmp: Path, arch: str, block: tuple[int, int], ignored: list[str] | None = None, ct: bool = False,
+                  **overrides):
+    """(fp8 checkpoint dir, dequantized fp32 checkpoint dir) of one tiny random model; ct: as compressed-tensors
+    writes block fp8 (strategy block, scales named weight_scale)."""
     src = Path(make_tiny_checkpoint(tmp / "src", arch, **overrides))
     tensors = {}
     for f in sorted(src.glob("*.safetensors")):
@@ -42,16 +44,21 @@ def make_fp8_pair(tmp: Path, arch: str, block: tuple[int, int], ignored: list[st
     for name, t in tensors.items():
         if _quantizable(name, t) and not any(f".{i}." in f".{name}" for i in ignored or []):
             q, s = quantize_blocks(t, block)
-            fp8[name], fp8[name.replace(".weight", ".weight_scale_inv")] = q, s
+            fp8[name], fp8[name.replace(".weight", ".weight_scale" if ct else ".weight_scale_inv")] = q, s
             deq[name] = _expand(q, s, *block)
         else:
             fp8[name] = deq[name] = t
     cfg = json.loads((src / "config.json").read_text())
     out = []
-    for sub, weights, qcfg in (("fp8", fp8, dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
-                                                   weight_block_size=list(block),
-                                                   **({"modules_to_not_convert": ignored} if ignored else {}))),
-                               ("deq", deq, None)):
+    qcfg = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=list(block),
+                **({"modules_to_not_convert": ignored} if ignored else {}))
+    if ct:
+        qcfg = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ignored or [],
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                    "num_bits": 8, "type": "float", "strategy": "block", "block_structure": list(block)},
+                    "input_activations": {"num_bits": 8, "type": "float", "strategy": "group",
+                                          "group_size": block[1], "dynamic": True}}}}
+    for sub, weights, qcfg in (("fp8", fp8, qcfg), ("deq", deq, None)):
         d = tmp / sub
         shutil.copytree(src, d, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
         save_file({k: v.contiguous() for k, v in weights.items()}, str(d / "model.safetensors"))
@@ -115,14 +122,15 @@ def test_quantize_blocks_round_trip():
 
 # ---- block fp8 checkpoints, TP=1 -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch,block,ignored", [
-    ("LlamaForCausalLM", (16, 16), None),
-    ("LlamaForCausalLM", (32, 48), ["o_proj"]),  # partial blocks at the edges; an ignored (bf16) layer
-    ("Qwen3MoeForCausalLM", (8, 8), None),  # experts w13/w2 with per-expert scale blocks
-    ("DeepseekV3ForCausalLM", (8, 8), None),  # MLA: kv_b_proj dequantized after load (the attention reads it)
+@pytest.mark.parametrize("arch,block,ignored,ct", [
+    ("LlamaForCausalLM", (16, 16), None, False),
+    ("LlamaForCausalLM", (32, 48), ["o_proj"], False),  # partial blocks at the edges; an ignored (bf16) layer
+    ("Qwen3MoeForCausalLM", (8, 8), None, False),  # experts w13/w2 with per-expert scale blocks
+    ("DeepseekV3ForCausalLM", (8, 8), None, False),  # MLA: kv_b_proj dequantized after load (the attention reads it)
+    ("Qwen3MoeForCausalLM", (8, 8), ["o_proj"], True),  # compressed-tensors' block strategy, scales as weight_scale
 ])
-def test_fp8_checkpoint_matches_dequantized(tmp_path, arch, block, ignored):
-    fp8, deq = make_fp8_pair(tmp_path, arch, block, ignored)
+def test_fp8_checkpoint_matches_dequantized(tmp_path, arch, block, ignored, ct):
+    fp8, deq = make_fp8_pair(tmp_path, arch, block, ignored, ct=ct)
     _assert_same(_generate(fp8), _generate(deq))
 
 
@@ -286,9 +294,12 @@ def test_resolve_per_channel_and_per_tensor_fp8():
     assert resolve_any("compressed-tensors", {"quantization_config": ct}).rows_from_checkpoint
     autofp8 = resolve_quantization(None, {"quantization_config": {"quant_method": "fp8", "activation_scheme": "static"}})
     assert autofp8.rows_from_checkpoint and autofp8.block is None
-    block = dict(ct, config_groups={"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "block"}}})
-    with pytest.raises(ValueError, match="strategy='block'"):
-        resolve_any(None, {"quantization_config": block})
+    block = dict(ct, config_groups={"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "block",
+                                                      "block_structure": [128, 128]}}})
+    assert resolve_any(None, {"quantization_config": block}).block == (128, 128)
+    group = dict(ct, config_groups={"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "group"}}})
+    with pytest.raises(ValueError, match="strategy='group'"):
+        resolve_any(None, {"quantization_config": group})
 
 
 @pytest.mark.parametrize("arch,strategy,style", [

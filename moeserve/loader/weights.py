@@ -22,7 +22,7 @@ from torch import nn
 from moeserve.distributed.pipeline import missing_prefixes
 from moeserve.layers.attention import KV_SCALE_NAMES, load_kv_scale
 from moeserve.layers.linear import WeightShapeError
-from moeserve.layers.quant.fp8 import ScaleError, checkpoint_row_scales
+from moeserve.layers.quant.fp8 import ScaleError, scales_named_weight_scale
 from moeserve.layers.quant.int4 import Int4Error
 from moeserve.loader.tensor_slices import materialize, shape_of
 
@@ -57,7 +57,7 @@ class WeightLoader:
         self.packed = [(packed, i, part) for packed, parts in (getattr(model, "packed_modules", None) or {}).items()
                        for i, part in enumerate(parts)]
         self.model = model
-        self.row_scales = checkpoint_row_scales(model)
+        self.scale_alias = scales_named_weight_scale(model)
 
     def load(self, tensors: Iterable[tuple[str, object]]) -> None:
         for name, tensor in tensors:
@@ -71,7 +71,7 @@ class WeightLoader:
             return
         if self.elsewhere and self._on_other_stage(name):
             return
-        if self.row_scales:  # per-channel / per-tensor fp8 checkpoints (layers/quant/fp8)
+        if self.scale_alias:  # compressed-tensors and AutoFP8 fp8 checkpoints (layers/quant/fp8)
             if name.endswith(".input_scale"):
                 return  # static activation scales: activations are quantized per token instead
             if name.endswith(".weight_scale"):  # loads as weight_scale_inv, fp8's one name for a scale that multiplies
@@ -211,8 +211,8 @@ class WeightLoader:
         for pname, p in self.params.items():
             if self.filled.get(pname, 0) < p.numel():
                 missing = self._missing_name(pname)
-                if self.row_scales and missing.endswith(".weight_scale_inv"):
-                    missing = missing.removesuffix("_inv")  # the checkpoint's name of a per-row fp8 scale
+                if self.scale_alias and missing.endswith(".weight_scale_inv"):
+                    missing = missing.removesuffix("_inv")  # the checkpoint's name of the scale
                 raise ValueError(f"{self.source}: no weights for parameter {missing!r} "
                                  f"(the checkpoint does not match config.json).")
 

@@ -10,7 +10,8 @@ Per-channel and per-tensor checkpoints (compressed-tensors `float-quantized`, st
 `quant_method: fp8` without `weight_block_size`, AutoFP8's per-tensor format) ship `<m>.weight_scale` fp32, [N, 1]
 or one value per tensor: loaded into the same [N, 1] rows (a tensor's one scale repeated over its rows, so merged
 q/k/v and gate/up keep each part's scale). Their static `input_scale`s are not used: activations are quantized per
-token, dynamically, on CUDA as for the other modes.
+token, dynamically, on CUDA as for the other modes. compressed-tensors block strategy (`block_structure`) is
+the block format under the name `weight_scale`.
 
 How it plugs in: `apply_fp8(model, cfg)` runs on the model built on the meta device, before storage is given; it
 replaces the weight of every linear layer and routed-experts module not in `modules_to_not_convert` /
@@ -49,6 +50,7 @@ class Fp8Config:
     block: tuple[int, int] | None  # (bn, bk) from the checkpoint; None: one scale per output row
     ignored: list[str] = field(default_factory=list)
     rows_from_checkpoint: bool = False  # block None: the row scales are the checkpoint's, not computed on load
+    scale_name: str = SCALE  # what the checkpoint calls its scale tensors (compressed-tensors, AutoFP8: weight_scale)
 
     @property
     def online(self) -> bool:
@@ -85,7 +87,7 @@ def resolve_quantization(flag: str | None, hf_config: dict) -> Fp8Config | None:
     ignored = list(q.get("modules_to_not_convert") or []) + list(q.get("ignored_layers") or [])
     block = q.get("weight_block_size")
     if block is None:  # per-tensor weight_scale (AutoFP8); a static input_scale is not used (module docstring)
-        return Fp8Config(block=None, ignored=ignored, rows_from_checkpoint=True)
+        return Fp8Config(block=None, ignored=ignored, rows_from_checkpoint=True, scale_name="weight_scale")
     if q.get("activation_scheme", "dynamic") != "dynamic":
         raise ValueError("block fp8 checkpoint with static activation scales: only activation_scheme 'dynamic' is "
                          "supported.")
@@ -99,7 +101,7 @@ def compressed_tensors_weights(q: dict) -> dict:
 
 
 def _compressed_tensors_fp8(q: dict) -> Fp8Config:
-    """compressed-tensors float8 weights, one scale per output channel or per tensor."""
+    """compressed-tensors float8 weights: one scale per output channel, per tensor, or per block."""
     def need(ok: bool, what: str) -> None:
         if not ok:
             raise ValueError(f"compressed-tensors checkpoint with {what}: not supported (moeserve loads float8 "
@@ -113,13 +115,19 @@ def _compressed_tensors_fp8(q: dict) -> Fp8Config:
     need(fmt in ("float-quantized", "naive-quantized"), f"format={fmt!r}")
     need(w.get("num_bits") == 8 and w.get("type") == "float",
          f"config_groups weights num_bits={w.get('num_bits')} type={w.get('type')!r}")
-    need(w.get("strategy") in ("channel", "tensor"), f"config_groups weights strategy={w.get('strategy')!r}")
+    strategy = w.get("strategy")
+    need(strategy in ("channel", "tensor", "block"), f"config_groups weights strategy={strategy!r}")
     need(w.get("symmetric", True) is True, "config_groups weights symmetric=false")
     need(not w.get("dynamic", False), "config_groups weights dynamic=true")
     need(a is None or (a.get("num_bits") == 8 and a.get("type") == "float"),
          f"config_groups input_activations {a}")
     need(set(g.get("targets") or ["Linear"]) == {"Linear"}, f"config_groups targets={g.get('targets')}")
-    return Fp8Config(block=None, ignored=list(q.get("ignore") or []), rows_from_checkpoint=True)
+    ignored = list(q.get("ignore") or [])
+    if strategy == "block":
+        block = w.get("block_structure")
+        need(isinstance(block, list) and len(block) == 2, f"config_groups weights block_structure={block!r}")
+        return Fp8Config(block=(int(block[0]), int(block[1])), ignored=ignored, scale_name="weight_scale")
+    return Fp8Config(block=None, ignored=ignored, rows_from_checkpoint=True, scale_name="weight_scale")
 
 
 # ---- building ----------------------------------------------------------------------------------------------
@@ -536,10 +544,11 @@ def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tens
     return q.contiguous(), scale
 
 
-def checkpoint_row_scales(model: nn.Module) -> bool:
-    """Whether the model's fp8 layers take per-channel / per-tensor scales from the checkpoint (`weight_scale`)."""
+def scales_named_weight_scale(model: nn.Module) -> bool:
+    """Whether the checkpoint of the model's fp8 layers names their scales `weight_scale` (compressed-tensors,
+    AutoFP8), beside static `input_scale`s, rather than `weight_scale_inv`."""
     return any(isinstance(qm := getattr(m, "quant_method", None), (Fp8LinearMethod, Fp8MoEMethod))
-               and qm.cfg.rows_from_checkpoint for m in model.modules())
+               and qm.cfg.scale_name == "weight_scale" for m in model.modules())
 
 
 def fill_dummy_fp8(model: nn.Module, gen: torch.Generator, high: float = 1e-3) -> set[int]:
