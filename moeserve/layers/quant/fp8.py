@@ -105,7 +105,7 @@ def _compressed_tensors_fp8(q: dict) -> Fp8Config:
     def need(ok: bool, what: str) -> None:
         if not ok:
             raise ValueError(f"compressed-tensors checkpoint with {what}: not supported (moeserve loads float8 "
-                             f"weights with per-channel or per-tensor scales, and int4 pack-quantized ones).")
+                             f"weights with per-channel, per-tensor or block scales, and int4 pack-quantized ones).")
 
     groups = q.get("config_groups") or {}
     need(len(groups) == 1, f"{len(groups)} entries in quantization_config.config_groups (one is supported)")
