@@ -7,6 +7,8 @@
 #   C: vLLM parts 3-4 and install; qwen3-235b TP=4 (12 layers) latency b1/32/128, moeserve (NCCL, symmetric) and
 #      vLLM, same flags.
 #   D: DeepSeek-V2 (MLA) tokens on the 4-GPU layouts against one GPU; mixtral-8x7b TP=2 latency beside vLLM.
+# As run, before the symmetric all-reduce became the default at 4+ ranks (abecf39): since then multi_gpu_check's
+# `tp4` takes that path and `tp4_nccl` is NCCL's; the `tp4_symm` named in D is no longer a layout of it.
 set -u
 cd "$(dirname "$0")/../../../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD MOESERVE_CACHE_DIR=/tmp/moeserve-cache
