@@ -289,11 +289,11 @@ def test_resolve_per_channel_and_per_tensor_fp8():
           "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float",
                                                                      "strategy": "tensor"}}}}
     q = resolve_any(None, {"quantization_config": ct})
-    assert isinstance(q, Fp8Config) and q.block is None and q.rows_from_checkpoint and not q.online
+    assert isinstance(q, Fp8Config) and q.block is None and q.scale_name == "weight_scale" and not q.online
     assert q.skips("lm_head") and q.skips("model.layers.3.mlp.gate") and not q.skips("model.layers.3.mlp.gate_up_proj")
-    assert resolve_any("compressed-tensors", {"quantization_config": ct}).rows_from_checkpoint
+    assert resolve_any("compressed-tensors", {"quantization_config": ct}) == q
     autofp8 = resolve_quantization(None, {"quantization_config": {"quant_method": "fp8", "activation_scheme": "static"}})
-    assert autofp8.rows_from_checkpoint and autofp8.block is None
+    assert not autofp8.online and autofp8.block is None and autofp8.scale_name == "weight_scale"
     block = dict(ct, config_groups={"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "block",
                                                       "block_structure": [128, 128]}}})
     assert resolve_any(None, {"quantization_config": block}).block == (128, 128)

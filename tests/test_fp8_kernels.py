@@ -123,7 +123,7 @@ def test_online_layer_dispatches_to_the_channel_kernel():
     from moeserve.layers.quant.fp8 import Fp8Config, Fp8LinearMethod
 
     layer = MergedColumnParallelLinear(48, [32, 32], bias=False)
-    Fp8LinearMethod(Fp8Config(block=None)).create_weights(layer, "mlp.gate_up_proj")
+    Fp8LinearMethod(Fp8Config(block=None, online=True)).create_weights(layer, "mlp.gate_up_proj")
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 48, generator=g)
     for i in (0, 1):  # bf16 parts arrive one by one; quantized once the layer is whole

@@ -49,12 +49,8 @@ class ScaleError(ValueError):
 class Fp8Config:
     block: tuple[int, int] | None  # (bn, bk) from the checkpoint; None: one scale per output row
     ignored: list[str] = field(default_factory=list)
-    rows_from_checkpoint: bool = False  # block None: the row scales are the checkpoint's, not computed on load
+    online: bool = False  # block None: the row scales are computed on load (--quantization fp8), not read
     scale_name: str = SCALE  # what the checkpoint calls its scale tensors (compressed-tensors, AutoFP8: weight_scale)
-
-    @property
-    def online(self) -> bool:
-        return self.block is None and not self.rows_from_checkpoint
 
     def skips(self, prefix: str) -> bool:
         """vLLM's reading of modules_to_not_convert / ignored_layers / compressed-tensors' ignore: a listed name
@@ -75,7 +71,7 @@ def resolve_quantization(flag: str | None, hf_config: dict) -> Fp8Config | None:
     if method is None:
         if flag == "compressed-tensors":
             raise ValueError("--quantization compressed-tensors: the checkpoint has no quantization_config.")
-        return Fp8Config(block=None) if flag == "fp8" else None
+        return Fp8Config(block=None, online=True) if flag == "fp8" else None
     if method == "compressed-tensors" and flag in (None, "compressed-tensors"):
         return _compressed_tensors_fp8(q)
     if method != "fp8" or flag == "compressed-tensors":
@@ -87,7 +83,7 @@ def resolve_quantization(flag: str | None, hf_config: dict) -> Fp8Config | None:
     ignored = list(q.get("modules_to_not_convert") or []) + list(q.get("ignored_layers") or [])
     block = q.get("weight_block_size")
     if block is None:  # per-tensor weight_scale (AutoFP8); a static input_scale is not used (module docstring)
-        return Fp8Config(block=None, ignored=ignored, rows_from_checkpoint=True, scale_name="weight_scale")
+        return Fp8Config(block=None, ignored=ignored, scale_name="weight_scale")
     if q.get("activation_scheme", "dynamic") != "dynamic":
         raise ValueError("block fp8 checkpoint with static activation scales: only activation_scheme 'dynamic' is "
                          "supported.")
@@ -127,7 +123,7 @@ def _compressed_tensors_fp8(q: dict) -> Fp8Config:
         block = w.get("block_structure")
         need(isinstance(block, list) and len(block) == 2, f"config_groups weights block_structure={block!r}")
         return Fp8Config(block=(int(block[0]), int(block[1])), ignored=ignored, scale_name="weight_scale")
-    return Fp8Config(block=None, ignored=ignored, rows_from_checkpoint=True, scale_name="weight_scale")
+    return Fp8Config(block=None, ignored=ignored, scale_name="weight_scale")
 
 
 # ---- building ----------------------------------------------------------------------------------------------
