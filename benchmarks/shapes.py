@@ -28,6 +28,8 @@ SHAPES: dict[str, Shape] = {
     s.name: s
     for s in (
         Shape("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B", "nvidia-h100-x1"),
+        # the same with Qwen's published fp8 quantization_config (block [128, 128], dynamic activations): issue 19
+        Shape("qwen3-30b-a3b-fp8", "Qwen/Qwen3-30B-A3B-FP8", "nvidia-h100-x1"),
         Shape("deepseek-v2-lite", "deepseek-ai/DeepSeek-V2-Lite", "nvidia-h100-x1"),
         Shape("qwen1.5-moe-a2.7b", "Qwen/Qwen1.5-MoE-A2.7B", "nvidia-h100-x1"),
         Shape("mixtral-8x7b", "mistralai/Mixtral-8x7B-v0.1", "nvidia-h200"),

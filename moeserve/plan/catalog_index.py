@@ -13,6 +13,7 @@ CATALOG_DIR = Path(__file__).resolve().parent / "catalog"
 # benchmark shape names (../shared/BENCHMARKS.md) -> catalog stem
 SHAPE_ALIASES = {
     "qwen3-30b-a3b": "Qwen--Qwen3-30B-A3B",
+    "qwen3-30b-a3b-fp8": "Qwen--Qwen3-30B-A3B-FP8",
     "deepseek-v2-lite": "deepseek-ai--DeepSeek-V2-Lite",
     "qwen1.5-moe-a2.7b": "Qwen--Qwen1.5-MoE-A2.7B",
     "mixtral-8x7b": "mistralai--Mixtral-8x7B-v0.1",
