@@ -27,6 +27,16 @@ def _dev(t):
     return None if t is None else t.to(DEVICE)
 
 
+def test_k_tiles_stay_inside_one_group_where_they_can():
+    assert im.scale_k_tile(128, 7168, 2) == (64, True)  # AWQ/GPTQ groups of 128
+    assert im.scale_k_tile(7168, 7168, 2) == (64, True)  # one group over the row
+    assert im.scale_k_tile(16, 40, 4) == (16, True)
+    assert im.scale_k_tile(48, 96, 2) == (16, True)
+    assert im.scale_k_tile(8, 40, 2) == (64, False)
+    assert im.scale_k_tile(32, 7168, 2) == (32, True)  # Kimi K2.5's int4 groups
+    assert im.scale_k_tile(128, 7168, 4) == (32, True)
+
+
 @pytest.mark.parametrize("T", [1, 3, 19])
 @pytest.mark.parametrize("group", [8, 16, 32])  # 8: element-wise scales; 16, 32: one scale per column per K tile
 @pytest.mark.parametrize("mapped", [False, True])

@@ -15,6 +15,9 @@ pair's slice of I per program, multiply-and-reduce in fp32 registers: no 16-row 
 are padding), as the autotuner finds faster or not.
 Grids depend only on shapes (an upper bound of expert blocks; blocks past the used length exit at once), nothing
 syncs with the host: CUDA-graph safe. Block sizes come from the autotuner, per token-count bucket.
+fp8 experts (e4m3 + block scales) take the same kernels (WSCALE: each fp8 tile widened to the activations' dtype,
+its product scaled per column) and so the same decode forms and tuning; at 16+ rows an expert the tuner may also
+pick W8A8 forms (A8: activations quantized per token per scale block, fp8 x fp8 on the tensor cores).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels import fp8_linear as _fp8_linear  # its activation quantization (looked up at call time)
 from moeserve.kernels import runtime
 from moeserve.kernels.autotune import Config, bucket, get_tuner
 from moeserve.kernels.moe_align import align_pairs
@@ -62,12 +66,35 @@ def _block_rows(pid_m, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, nu
 
 
 @triton.jit
+def _col_scale(s_col, k0, n_ok, SBK: tl.constexpr):
+    """WSCALE 1: the scale of each column (s_col: its scale row) for the K tile at k0, which lies inside one scale
+    block: the tile's product is scaled once per column instead of each weight element."""
+    return tl.load(s_col + k0 // SBK, mask=n_ok, other=0.0)
+
+
+@triton.jit
+def _scale_elems(w, s_col, kb, mask):
+    """WSCALE 2 (scale blocks narrower than the K tile): each weight element times its own block's scale, fp32."""
+    return w.to(tl.float32) * tl.load(s_col + kb, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dot8(a, w, DOT_F32: tl.constexpr):
+    """A8: e4m3 x e4m3 -> fp32 on the fp8 tensor cores (the interpreter: both already widened to fp32)."""
+    if DOT_F32:
+        return tl.dot(a, w, input_precision="ieee")
+    return tl.dot(a, w)
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, inter_ptr, sorted_ptr, block_expert_ptr, num_post_ptr,
     num_pairs, num_experts, H, I, stride_xt, stride_we, stride_wn, stride_it,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SORTED: tl.constexpr, DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr, map_ptr=None, HAS_MAP: tl.constexpr = False,
+    s_ptr=None, stride_se=0, stride_sn=0, s_up=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1,
+    WSCALE: tl.constexpr = 0, as_ptr=None, stride_as=0, A8: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(I, BLOCK_N)
@@ -85,6 +112,9 @@ def _gate_up_kernel(
     a_ptrs = x_ptr + tok[:, None] * stride_xt + kk[None, :]
     g_ptrs = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn + kk[:, None]
     u_ptrs = g_ptrs + I * stride_wn
+    if WSCALE != 0:  # each column's scale row: gate's, then up's s_up rows further
+        gs_col = s_ptr + e * stride_se + (n // SBN) * stride_sn
+        us_col = gs_col + s_up * stride_sn
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -97,12 +127,26 @@ def _gate_up_kernel(
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if WSCALE == 2:
+            g = _scale_elems(g, gs_col[None, :], ((k0 + kk) // SBK)[:, None], (kk < H - k0)[:, None] & n_ok[None, :])
+            u = _scale_elems(u, us_col[None, :], ((k0 + kk) // SBK)[:, None], (kk < H - k0)[:, None] & n_ok[None, :])
+        if WSCALE != 0:
+            g = g.to(a.dtype)
+            u = u.to(a.dtype)
         if DOT_F32:
             a = a.to(tl.float32)
             g = g.to(tl.float32)
             u = u.to(tl.float32)
-        acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
+        if A8:  # fp8 x fp8 (WSCALE 1): the token's group scale per row, the weight block's per column
+            a_s = tl.load(as_ptr + tok * stride_as + k0 // SBK)[:, None]
+            acc_g += _dot8(a, g, DOT_F32) * a_s * _col_scale(gs_col, k0, n_ok, SBK)[None, :]
+            acc_u += _dot8(a, u, DOT_F32) * a_s * _col_scale(us_col, k0, n_ok, SBK)[None, :]
+        elif WSCALE == 1:
+            acc_g += tl.dot(a, g, input_precision=PRECISION) * _col_scale(gs_col, k0, n_ok, SBK)[None, :]
+            acc_u += tl.dot(a, u, input_precision=PRECISION) * _col_scale(us_col, k0, n_ok, SBK)[None, :]
+        else:
+            acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
@@ -116,6 +160,8 @@ def _gate_up_gemv_kernel(
     x_ptr, w_ptr, inter_ptr, ids_ptr, num_experts, H, I, stride_xt, stride_we, stride_wn, stride_it,
     TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     LATE_SUM: tl.constexpr, map_ptr=None, HAS_MAP: tl.constexpr = False,
+    s_ptr=None, stride_se=0, stride_sn=0, s_up=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1,
+    WSCALE: tl.constexpr = 0,
 ):
     """inter1[pair, n-tile] = silu(gate[e] @ x[t]) * (up[e] @ x[t]), e = topk_ids[pair]: step 2 for decode.
     _gate_up_kernel's tl.dot needs BLOCK_M >= 16 rows where a pair has one, so at one or two tokens the tensor cores
@@ -133,6 +179,9 @@ def _gate_up_gemv_kernel(
     a_ptrs = x_ptr + (pair // TOPK).to(tl.int64) * stride_xt + kk
     g_ptrs = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kk[None, :]
     u_ptrs = w_ptr + e * stride_we + (n + I)[:, None].to(tl.int64) * stride_wn + kk[None, :]
+    if WSCALE != 0:
+        gs_col = s_ptr + e * stride_se + (n // SBN) * stride_sn
+        us_col = gs_col + s_up * stride_sn
     if LATE_SUM:  # element-wise products over the K loop, summed once after it: no cross-thread reduce per step
         acc_g2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         acc_u2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -150,12 +199,23 @@ def _gate_up_gemv_kernel(
             g = tl.load(g_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             u = tl.load(u_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         a = a.to(tl.float32)[None, :]
+        g = g.to(tl.float32)
+        u = u.to(tl.float32)
+        if WSCALE == 2:
+            g = _scale_elems(g, gs_col[:, None], ((k0 + kk) // SBK)[None, :], n_ok[:, None] & (kk < H - k0)[None, :])
+            u = _scale_elems(u, us_col[:, None], ((k0 + kk) // SBK)[None, :], n_ok[:, None] & (kk < H - k0)[None, :])
         if LATE_SUM:
-            acc_g2 += g.to(tl.float32) * a
-            acc_u2 += u.to(tl.float32) * a
+            if WSCALE == 1:
+                g = g * _col_scale(gs_col, k0, n_ok, SBK)[:, None]
+                u = u * _col_scale(us_col, k0, n_ok, SBK)[:, None]
+            acc_g2 += g * a
+            acc_u2 += u * a
+        elif WSCALE == 1:
+            acc_g += tl.sum(g * a, axis=1) * _col_scale(gs_col, k0, n_ok, SBK)
+            acc_u += tl.sum(u * a, axis=1) * _col_scale(us_col, k0, n_ok, SBK)
         else:
-            acc_g += tl.sum(g.to(tl.float32) * a, axis=1)
-            acc_u += tl.sum(u.to(tl.float32) * a, axis=1)
+            acc_g += tl.sum(g * a, axis=1)
+            acc_u += tl.sum(u * a, axis=1)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
@@ -173,6 +233,8 @@ def _down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SORTED: tl.constexpr, DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr, map_ptr=None, HAS_MAP: tl.constexpr = False,
+    s_ptr=None, stride_se=0, stride_sn=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1, WSCALE: tl.constexpr = 0,
+    as_ptr=None, stride_as=0, A8: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(H, BLOCK_N)
@@ -195,6 +257,8 @@ def _down_kernel(
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = inter_ptr + row[:, None] * stride_it + kk[None, :]
     b_ptrs = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn + kk[:, None]
+    if WSCALE != 0:
+        s_col = s_ptr + e * stride_se + (n // SBN) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, I, BLOCK_K):
         if EVEN_K and EVEN_N:
@@ -204,10 +268,20 @@ def _down_kernel(
             k_ok = kk < I - k0
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if WSCALE == 2:
+            b = _scale_elems(b, s_col[None, :], ((k0 + kk) // SBK)[:, None], (kk < I - k0)[:, None] & n_ok[None, :])
+        if WSCALE != 0:
+            b = b.to(a.dtype)
         if DOT_F32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if A8:
+            a_s = tl.load(as_ptr + row * stride_as + k0 // SBK)[:, None]
+            acc += _dot8(a, b, DOT_F32) * a_s * _col_scale(s_col, k0, n_ok, SBK)[None, :]
+        elif WSCALE == 1:
+            acc += tl.dot(a, b, input_precision=PRECISION) * _col_scale(s_col, k0, n_ok, SBK)[None, :]
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     acc = acc * tl.load(topk_w_ptr + row, mask=row_ok, other=0.0).to(tl.float32)[:, None]
@@ -221,6 +295,7 @@ def _down_sum_kernel(
     H, I, stride_it, stride_we, stride_wn, stride_ot,
     TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     LATE_SUM: tl.constexpr, num_experts=1 << 30, map_ptr=None, HAS_MAP: tl.constexpr = False,
+    s_ptr=None, stride_se=0, stride_sn=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1, WSCALE: tl.constexpr = 0,
 ):
     """out[t, n-tile] = sum_k w[t,k] * w2[e_k][n-tile] @ inter1[t*K + k]: steps 3 and 4 in one launch, for decode.
     One row per expert is a GEMV (no tensor cores to feed): multiply-and-reduce in fp32 registers."""
@@ -240,6 +315,8 @@ def _down_sum_kernel(
         k_end = tl.where(e >= 0, I, 0)  # a pair with no local expert: no loop, adds nothing
         a_ptrs = inter_ptr + pair.to(tl.int64) * stride_it + kk
         b_ptrs = w_ptr + tl.maximum(e, 0) * stride_we + n[:, None].to(tl.int64) * stride_wn + kk[None, :]
+        if WSCALE != 0:
+            s_col = s_ptr + tl.maximum(e, 0) * stride_se + (n // SBN) * stride_sn
         part = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, k_end, BLOCK_K):
             if EVEN_K and EVEN_N:
@@ -249,10 +326,18 @@ def _down_sum_kernel(
                 k_ok = kk < I - k0
                 a = tl.load(a_ptrs, mask=k_ok, other=0.0)
                 b = tl.load(b_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            b = b.to(tl.float32)
+            if WSCALE == 2:
+                b = _scale_elems(b, s_col[:, None], ((k0 + kk) // SBK)[None, :], n_ok[:, None] & (kk < I - k0)[None, :])
+            if WSCALE == 1:
+                if LATE_SUM:
+                    b = b * _col_scale(s_col, k0, n_ok, SBK)[:, None]
+                else:
+                    part += tl.sum(b * a.to(tl.float32)[None, :], axis=1) * _col_scale(s_col, k0, n_ok, SBK)
             if LATE_SUM:
-                acc2 += b.to(tl.float32) * (wt * a.to(tl.float32))[None, :]
-            else:
-                part += tl.sum(b.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
+                acc2 += b * (wt * a.to(tl.float32))[None, :]
+            elif WSCALE != 1:
+                part += tl.sum(b * a.to(tl.float32)[None, :], axis=1)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         if not LATE_SUM:
@@ -260,21 +345,6 @@ def _down_sum_kernel(
     if LATE_SUM:
         acc = tl.sum(acc2, axis=1)
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
-
-
-def scale_k_tile(scale_k: int, k: int, elem_bytes: int) -> tuple[int, bool]:
-    """BLOCK_K of the quantized expert kernels (fp8_moe, int4_moe) and whether each K tile lies inside one scale
-    block / quantization group of `scale_k` inputs: the widest tile (64; 32 for fp32 activations; at least 16
-    for tl.dot) that divides it, or any tile when one block spans all k inputs (per-row scales). Inside one
-    block a kernel scales each tile's product once per column instead of gathering a scale per weight element
-    (those gathers made fp8 R1's experts ~16x slower than their bytes)."""
-    widest = 32 if elem_bytes > 2 else 64
-    if scale_k >= k:
-        return widest, True
-    for bk in (64, 32, 16):
-        if bk <= widest and scale_k % bk == 0:
-            return bk, True
-    return widest, False
 
 
 def fused_moe(
@@ -287,8 +357,17 @@ def fused_moe(
     chunk_size: int = DEFAULT_CHUNK,
     out: torch.Tensor | None = None,
     expert_map: torch.Tensor | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    blocks: dict | None = None,
 ) -> torch.Tensor:
     """x [T, H]; w13 [E, 2I, H] (gate rows then up rows); w2 [E, H, I]; topk_weights [T, K]; topk_ids [T, K].
+
+    fp8 experts (W8A16): w13/w2 in e4m3 with fp32 block scales w13_scale [E, 2*ceil(I/bn), ceil(H/bk)] (gate
+    blocks, then up blocks) and w2_scale [E, ceil(H/bn), ceil(I/bk)], blocks {"w13": (bn, bk), "w2": (bn, bk)}
+    (checkpoints: [128, 128]; per-row scales: (1, K)). The kernels widen each weight tile to x's dtype and scale
+    its product once per column where the K tile lies inside one scale block (WSCALE 1), else element by element
+    (WSCALE 2); the same configs, decode GEMVs and tuning as bf16 weights, which is why they share these kernels.
 
     expert_map (expert parallelism): int32 [E_global], global id -> row of w13/w2 or -1 for an expert held
     elsewhere; topk_ids are then global ids and the kernels look the map up themselves (no host sync, no extra
@@ -311,7 +390,8 @@ def fused_moe(
                          f"{tuple(topk_weights.shape)} must both be [{T}, K]")
     if topk_ids.dtype not in (torch.int32, torch.int64) or not topk_weights.is_floating_point():
         raise ValueError(f"fused_moe: topk_ids must be int32/int64 (got {topk_ids.dtype}), weights floating")
-    if x.dtype != w13.dtype or x.dtype != w2.dtype:
+    quant = _check_scales(w13, w2, w13_scale, w2_scale, blocks, H, inter)
+    if not quant and (x.dtype != w13.dtype or x.dtype != w2.dtype):
         raise ValueError(f"fused_moe: x {x.dtype}, w13 {w13.dtype}, w2 {w2.dtype} must share a dtype")
     if x.stride(-1) != 1 or w13.stride(-1) != 1 or w2.stride(-1) != 1:
         raise ValueError("fused_moe: x, w13 and w2 need a contiguous last dimension")
@@ -329,22 +409,61 @@ def fused_moe(
     key = f"T={bucket(rows)}|E={E}|K={K}|H={H}|I={inter}|{str(x.dtype).removeprefix('torch.')}"
     if expert_map is not None:
         key += f"|of={num_ids}"
+    scale_k = None
+    scales = None
+    if quant:
+        (bn1, bk1), (bn2, bk2) = blocks["w13"], blocks["w2"]
+        key += f"|fp8={bn1}x{bk1}"
+        scale_k = (bk1 if bk1 < H else 0, bk2 if bk2 < inter else 0)  # 0: one block spans K
+        scales = (w13_scale, w2_scale, blocks)
     inter1 = torch.empty(rows * K, inter, dtype=x.dtype, device=x.device)
     inter2 = torch.empty(rows * K, H, dtype=x.dtype, device=x.device)
 
     def run(cfg: Config, lo: int = 0) -> None:
         hi = min(lo + rows, T)
         _moe_chunk(cfg, x[lo:hi], w13, w2, topk_weights[lo:hi], topk_ids[lo:hi], out[lo:hi], inter1, inter2,
-                   expert_map)
+                   expert_map, scales)
 
-    cands = moe_candidates(bucket(rows), K, num_ids, x.element_size())
+    cands = moe_candidates(bucket(rows), K, num_ids, x.element_size(), scale_k)
     cfg = get_tuner().choose("fused_moe", key, cands, run, cands[0])
     for lo in range(0, T, rows):
         run(cfg, lo)
     return out
 
 
-def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, inter2, expert_map=None) -> None:
+def _check_scales(w13, w2, w13_scale, w2_scale, blocks, H: int, inter: int) -> bool:
+    """True for fp8 experts with well-formed scales; False for unquantized ones; ValueError otherwise."""
+    if w13_scale is None and w2_scale is None and blocks is None:
+        return False
+    if w13_scale is None or w2_scale is None or blocks is None:
+        raise ValueError("fused_moe: fp8 experts need w13_scale, w2_scale and blocks together")
+    fp8 = torch.float8_e4m3fn
+    if w13.dtype != fp8 or w2.dtype != fp8 or w13_scale.dtype != torch.float32 or w2_scale.dtype != torch.float32:
+        raise ValueError(f"fused_moe: scaled experts must be e4m3 with fp32 scales (w13 {w13.dtype}, w2 "
+                         f"{w2.dtype}, scales {w13_scale.dtype}, {w2_scale.dtype})")
+    E = w13.shape[0]
+    (bn1, bk1), (bn2, bk2) = blocks["w13"], blocks["w2"]
+    want = {"w13_scale": (E, 2 * -(-inter // bn1), -(-H // bk1)), "w2_scale": (E, -(-H // bn2), -(-inter // bk2))}
+    for name, t in (("w13_scale", w13_scale), ("w2_scale", w2_scale)):
+        if tuple(t.shape) != want[name]:
+            raise ValueError(f"fused_moe: {name} {tuple(t.shape)} does not fit its weight's blocks: {want[name]}")
+    return True
+
+
+def _scale_args(s, block, k: int, bk: int, up: bool = False) -> dict:
+    """The scale arguments of one expert kernel launch over a K of k in tiles of bk (none for bf16 weights)."""
+    if s is None:
+        return {}
+    sbn, sbk = block
+    args = {"s_ptr": s, "stride_se": s.stride(0), "stride_sn": s.stride(1), "SBN": sbn, "SBK": sbk,
+            "WSCALE": 1 if sbk >= k or sbk % bk == 0 else 2}
+    if up:
+        args["s_up"] = s.shape[1] // 2
+    return args
+
+
+def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, inter2, expert_map=None,
+               scales=None) -> None:
     T, H = x.shape
     two_i = w13.shape[1]
     E = w13.shape[0] if expert_map is None else expert_map.numel()  # the id space
@@ -353,6 +472,7 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
     K = topk_ids.shape[1]
     pairs = T * K
     bm = cfg["BLOCK_M"]
+    s13, s2, blocks = scales or (None, None, {"w13": None, "w2": None})
     if cfg.get("SORT", 1):
         sorted_pairs, block_expert, num_post, num_blocks = align_pairs(topk_ids, E, bm)
     else:  # one pair per row block, experts straight from topk_ids
@@ -362,11 +482,19 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
     sort = bool(cfg.get("SORT", 1))
     dot_f32, precision = runtime.dot_flags(x.dtype)
     bn1, bk1 = cfg["BLOCK_N1"], cfg["BLOCK_K1"]
+    bn2, bk2 = cfg["BLOCK_N2"], cfg["BLOCK_K2"]
+    scaled1 = _scale_args(s13, blocks["w13"], H, bk1, up=True)
+    scaled2 = _scale_args(s2, blocks["w2"], inter, bk2)
+    a8 = (bool(cfg.get("A8")) and scaled1.get("WSCALE") == 1 and scaled2.get("WSCALE") == 1
+          and not cfg.get("GEMV1") and not cfg.get("FOLD"))
+    if a8:  # W8A8: x quantized per token per scale block of K (the whole row for per-row scales)
+        x, xs = _fp8_linear.quantize_act(x, min(blocks["w13"][1], H))
+        scaled1.update(as_ptr=xs, stride_as=xs.stride(0), A8=True)
     if cfg.get("GEMV1"):  # one program per (pair, BLOCK_N1 rows of I), experts straight from topk_ids
         _gate_up_gemv_kernel[(pairs * triton.cdiv(inter, bn1),)](
             x, w13, inter1, topk_ids, E, H, inter, x.stride(0), w13.stride(0), w13.stride(1), inter1.stride(0),
             TOPK=K, BLOCK_N=bn1, BLOCK_K=bk1, EVEN_K=H % bk1 == 0, EVEN_N=inter % bn1 == 0,
-            LATE_SUM=bool(cfg.get("LATE")), num_warps=cfg["W1"], num_stages=cfg["S1"], **mapped,
+            LATE_SUM=bool(cfg.get("LATE")), num_warps=cfg["W1"], num_stages=cfg["S1"], **mapped, **scaled1,
         )
     else:
         _gate_up_kernel[(num_blocks * triton.cdiv(inter, bn1),)](
@@ -374,20 +502,26 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
             pairs, E, H, inter, x.stride(0), w13.stride(0), w13.stride(1), inter1.stride(0),
             TOPK=K, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=bk1, EVEN_K=H % bk1 == 0, EVEN_N=inter % bn1 == 0,
             SORTED=sort, DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg["W1"], num_stages=cfg["S1"], **mapped,
+            **scaled1,
         )
-    bn2, bk2 = cfg["BLOCK_N2"], cfg["BLOCK_K2"]
     if cfg.get("FOLD"):  # no-sort mode only: inter1 rows are pairs in (token, k) order
         _down_sum_kernel[(T * triton.cdiv(H, bn2),)](
             inter1, w2, out, topk_ids, topk_weights, H, inter, inter1.stride(0), w2.stride(0), w2.stride(1),
             out.stride(0), TOPK=K, BLOCK_N=bn2, BLOCK_K=bk2, EVEN_K=inter % bk2 == 0, EVEN_N=H % bn2 == 0,
             LATE_SUM=bool(cfg.get("LATE")), num_warps=cfg["W2"], num_stages=cfg["S2"], num_experts=E, **mapped,
+            **scaled2,
         )
         return
+    a = inter1
+    if a8:
+        a, a_s = _fp8_linear.quantize_act(inter1[:pairs], min(blocks["w2"][1], inter))
+        scaled2.update(as_ptr=a_s, stride_as=a_s.stride(0), A8=True)
     _down_kernel[(num_blocks * triton.cdiv(H, bn2),)](
-        inter1, w2, inter2, sorted_pairs, block_expert, num_post, topk_weights,
-        pairs, E, H, inter, inter1.stride(0), w2.stride(0), w2.stride(1), inter2.stride(0),
+        a, w2, inter2, sorted_pairs, block_expert, num_post, topk_weights,
+        pairs, E, H, inter, a.stride(0), w2.stride(0), w2.stride(1), inter2.stride(0),
         BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=bk2, EVEN_K=inter % bk2 == 0, EVEN_N=H % bn2 == 0,
         SORTED=sort, DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg["W2"], num_stages=cfg["S2"], **mapped,
+        **scaled2,
     )
     torch.sum(inter2[:pairs].view(T, K, H), dim=1, out=out)
 
@@ -404,8 +538,12 @@ def _cfg(bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, sort=1, fold=0, gemv1=0, late=0
     return cfg
 
 
-def moe_candidates(tokens: int, top_k: int, num_experts: int, elem_bytes: int = 2) -> list[Config]:
-    """A handful of configs per regime of rows per expert (tokens = the bucket); the first is the heuristic."""
+def moe_candidates(tokens: int, top_k: int, num_experts: int, elem_bytes: int = 2,
+                   scale_k: tuple[int, int] | None = None) -> list[Config]:
+    """A handful of configs per regime of rows per expert (tokens = the bucket); the first is the heuristic.
+    scale_k: fp8 experts' K scale blocks of gate/up and of down (0: one block over all of K); None: bf16 experts.
+    fp8 experts with bf16 activations at 16+ rows an expert also get W8A8 forms (A8) of each tile: the rows are
+    then enough for the tensor cores' rate to matter, which fp8 operands double."""
     per_expert = tokens * top_k / num_experts
     if per_expert <= 1:  # decode: each expert sees ~1 row, weight streaming dominates
         cands = [_cfg(16, 32, 128, 4, 4, 64, 128, 4, 4), _cfg(16, 64, 128, 4, 4, 128, 64, 4, 4),
@@ -442,4 +580,22 @@ def moe_candidates(tokens: int, top_k: int, num_experts: int, elem_bytes: int = 
         for c in cands:
             c["BLOCK_K1"], c["BLOCK_K2"] = max(16, c["BLOCK_K1"] // 2), max(16, c["BLOCK_K2"] // 2)
             c["S1"], c["S2"] = min(c["S1"], 2), min(c["S2"], 2)
+    if scale_k is not None:
+        if per_expert > 16 and elem_bytes == 2:  # W8A8: fp8 K tiles twice as deep, the same bytes as bf16's
+            cands += [dict(c, A8=1, BLOCK_K1=2 * c["BLOCK_K1"], BLOCK_K2=2 * c["BLOCK_K2"]) for c in cands]
+        fitted = [_fit_scale_blocks(c, *scale_k) for c in cands]
+        # fp8 tl.dot takes K tiles of 32 or more
+        cands = [c for i, c in enumerate(fitted) if c not in fitted[:i]
+                 and not (c.get("A8") and min(c["BLOCK_K1"], c["BLOCK_K2"]) < 32)]
     return cands
+
+
+def _fit_scale_blocks(cfg: Config, sbk1: int, sbk2: int) -> Config:
+    """fp8 experts: K tiles narrowed until they lie inside one scale block (WSCALE 1: a scale per column, not per
+    element), BLOCK_N widened by the same factor so that a tile keeps its element count (and registers)."""
+    c = dict(cfg)
+    for j, sbk in (("1", sbk1), ("2", sbk2)):
+        while sbk and c["BLOCK_K" + j] > 16 and sbk % c["BLOCK_K" + j]:
+            c["BLOCK_K" + j] //= 2
+            c["BLOCK_N" + j] *= 2
+    return c

@@ -3,13 +3,13 @@
 stay bf16. A quarter of the bf16 expert bytes streamed per step, which is what MoE decode pays for (Kimi K2.5 ships
 its routed experts this way).
 
-Same plan as kernels/fused_moe and kernels/fp8_moe (its row-block helper): pairs sorted by expert (moe_align),
+Same plan as kernels/fused_moe (its row-block helper): pairs sorted by expert (moe_align),
 gate/up GEMM with SiLU-and-mul -> inter1 [pairs, I], down GEMM times the routing weight -> inter2 [pairs, H], sum
 over K. Weights in layers/quant/int4's in-memory layout: w13 packed int32 [E, 2I, H/8] (gate rows, then up rows),
 scales fp32 / zeros uint8 [E, 2I, H/G]; w2 [E, H, I/8], [E, H, I/G]. Expert map as fused_moe.
-Where a K tile lies inside one group (fused_moe.scale_k_tile: Kimi K2.5's 32, AWQ/GPTQ's 128) the codes minus
-their zero go through the dot and the product is scaled once per column, as kernels/fp8_moe does for its scale
-blocks; narrower groups keep the element-wise path. Reference: layers/quant/int4 (dequantize, then
+Where a K tile lies inside one group (scale_k_tile: Kimi K2.5's 32, AWQ/GPTQ's 128) the codes minus
+their zero go through the dot and the product is scaled once per column, as fused_moe does for fp8
+scale blocks; narrower groups keep the element-wise path. Reference: layers/quant/int4 (dequantize, then
 experts_reference). Not yet timed on a GPU.
 """
 
@@ -20,8 +20,23 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import runtime
-from moeserve.kernels.fused_moe import _block_rows, scale_k_tile
+from moeserve.kernels.fused_moe import _block_rows
 from moeserve.kernels.moe_align import align_pairs
+
+
+def scale_k_tile(scale_k: int, k: int, elem_bytes: int) -> tuple[int, bool]:
+    """BLOCK_K of the int4 expert kernels and whether each K tile lies inside one quantization group of `scale_k`
+    inputs: the widest tile (64; 32 for fp32 activations; at least 16 for tl.dot) that divides it, or any tile
+    when one group spans all k inputs. Inside one group a kernel scales each tile's product once per column
+    instead of gathering a scale per weight element (such gathers once made fp8 R1's experts ~16x slower than
+    their bytes)."""
+    widest = 32 if elem_bytes > 2 else 64
+    if scale_k >= k:
+        return widest, True
+    for bk in (64, 32, 16):
+        if bk <= widest and scale_k % bk == 0:
+            return bk, True
+    return widest, False
 
 
 @triton.jit

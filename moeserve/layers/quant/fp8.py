@@ -21,7 +21,7 @@ that cuts a block is refused when the model is built.
 
 Forward: CPU dequantizes (weight * scale -> activation dtype) and runs the dense matmul: the reference. CUDA
 (chosen once in `finalize`): kernels.fp8_linear's W8A8 GEMM (block or per-channel) for the linear layers;
-kernels.fp8_moe for the experts (W8A16: fp8 weight tiles widened and scaled inside the kernel).
+kernels.fused_moe with the scales for the experts (W8A16: fp8 weight tiles widened and scaled inside the kernel).
 """
 
 from __future__ import annotations
@@ -478,8 +478,8 @@ class Fp8MoEMethod:
         return target.numel()
 
     def finalize(self, experts) -> None:
-        """CUDA: kernels.fp8_moe (W8A16: fp8 tiles widened and scaled in the kernel), chosen once here; CPU: the
-        reference."""
+        """CUDA: kernels.fused_moe with the scales (W8A16: fp8 tiles widened and scaled in the kernel), chosen once
+        here; CPU: the reference."""
         self.use_kernel = experts.w13.is_cuda
 
     def dequantize(self, experts, which: str, dtype) -> torch.Tensor:
@@ -497,10 +497,11 @@ class Fp8MoEMethod:
         from moeserve.layers.experts import experts_reference
 
         if getattr(self, "use_kernel", False):
-            from moeserve.kernels.fp8_moe import fp8_fused_moe
+            from moeserve.kernels.fused_moe import fused_moe
 
-            return fp8_fused_moe(x, experts.w13, experts.w13_weight_scale_inv, experts.w2,
-                                 experts.w2_weight_scale_inv, self.blocks, weights, ids, experts.expert_map)
+            return fused_moe(x, experts.w13, experts.w2, weights, ids, expert_map=experts.expert_map,
+                             w13_scale=experts.w13_weight_scale_inv, w2_scale=experts.w2_weight_scale_inv,
+                             blocks=self.blocks)
         w13, w2 = self.dequantize(experts, "w13", x.dtype), self.dequantize(experts, "w2", x.dtype)
         return experts_reference(x, w13, w2, weights, ids, experts.expert_map)
 
