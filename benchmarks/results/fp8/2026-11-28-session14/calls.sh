@@ -9,12 +9,14 @@ O=${OUT:?}
 mkdir -p "$MOESERVE_CACHE_DIR/autotune" && cp -n benchmarks/results/autotune/*.json "$MOESERVE_CACHE_DIR/autotune/"
 nvidia-smi -L > "$O/gpus.txt"; head -1 "$O/gpus.txt"
 git rev-parse --short HEAD 2>/dev/null; git status --short 2>/dev/null | head -5
-suite() {  # shape, out subdir, more args
+suite() {  # shape, out subdir, more args (ENGINE: moeserve or vllm)
   local shape=$1 sub=$2; shift 2
-  timeout 260 python3 benchmarks/bench_suite.py --shape "$shape" --engines moeserve --workloads latency,throughput \
-    --latency-repeats 3 --num-requests 512 --budget-s 240 --out-dir "$O/$sub" "$@" > "$O/$sub.log" 2>&1
-  echo "$sub rc=$?"; grep -E "TPOT|tok/s|kv|KV|phase total" "$O/$sub.log" | tail -12
+  CUDA_VISIBLE_DEVICES=0 timeout 330 python3 benchmarks/bench_suite.py --shape "$shape" --engines "${ENGINE:-moeserve}" \
+    --workloads latency,throughput --latency-repeats 3 --num-requests 512 --budget-s 310 --out-dir "$O/$sub" "$@" \
+    > "$O/$sub.log" 2>&1
+  echo "$sub rc=$?"; grep -E "^\| 20|phase total|kv_capacity|num_gpu_blocks" "$O/$sub.log" | tail -14
 }
+pack() { tar czf "$O/$1.tgz" -C "$O" "${@:2}" && rm -rf "${@/#/$O/}"; }  # the call hands back few files
 case "$1" in
 A)
   suite qwen3-30b-a3b-fp8 fp8
@@ -23,4 +25,38 @@ A)
   timeout 150 python3 benchmarks/kernels/profile_decode.py --shape Qwen/Qwen3-30B-A3B-FP8 --layers 8 --batches 1,128 \
     --mixed 104 --steps 5 --top 14 --no-eager > "$O/profile-fp8.log" 2>&1
   echo "profile rc=$?"; grep -v -i warn "$O/profile-fp8.log" | tail -60 ;;
+B)
+  bash benchmarks/peers/vllm/device_receive.sh p1
+  echo "=== CUDA tests: fp8 experts on fused_moe (W8A16 every kind of scale block, W8A8), fused act-quant GEMM"
+  CUDA_VISIBLE_DEVICES=1 timeout 240 python3 -m pytest -q -x tests/test_fp8_moe_kernel.py tests/test_fp8_kernels.py \
+    tests/test_fp8_cuda.py > "$O/cuda-tests.log" 2>&1 &
+  tests=$!
+  suite qwen3-30b-a3b-fp8 fp8
+  wait $tests; echo "tests rc=$?"; tail -3 "$O/cuda-tests.log"
+  pack callB fp8 ;;
+C)
+  bash benchmarks/peers/vllm/device_receive.sh p2
+  suite qwen3-30b-a3b bf16
+  echo "=== fp8 weights + fp8 KV cache: capacity"
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/bench_suite.py --shape qwen3-30b-a3b-fp8 --engines moeserve \
+    --workloads latency --latency-batches 1,128 --latency-repeats 1 --budget-s 140 --out-dir "$O/fp8kv" \
+    --engine-arg kv_cache_dtype=fp8 > "$O/fp8kv.log" 2>&1; echo "fp8kv rc=$?"
+  grep -E "^\| 20|kv_capacity|num_gpu_blocks|KV" "$O/fp8kv.log" | tail -6
+  pack callC bf16 fp8kv ;;
+D)
+  bash benchmarks/peers/vllm/device_receive.sh p3
+  echo "=== mixtral-8x7b TP=2, moeserve"
+  ENGINES=moeserve OUT="$O/mixtral-tp2" timeout 200 bash benchmarks/run_layouts.sh mixtral-8x7b \
+    "tp2:tensor_parallel_size=2" --workloads latency --latency-repeats 3 --budget-s 180 2>&1 | tail -8
+  pack callD mixtral-tp2 ;;
+E)
+  bash benchmarks/peers/vllm/device_receive.sh p4 && bash benchmarks/peers/vllm/device_install.sh > "$O/vllm-install.log" 2>&1
+  tail -2 "$O/vllm-install.log"
+  ENGINE=vllm suite qwen3-30b-a3b-fp8 vllm-fp8
+  pack callE vllm-fp8 ;;
+F)
+  echo "=== mixtral-8x7b TP=2, vLLM"
+  ENGINES=vllm OUT="$O/mixtral-tp2-vllm" timeout 300 bash benchmarks/run_layouts.sh mixtral-8x7b \
+    "tp2:tensor_parallel_size=2" --workloads latency --latency-repeats 3 --budget-s 280 2>&1 | tail -8
+  pack callF mixtral-tp2-vllm ;;
 esac
