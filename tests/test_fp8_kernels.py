@@ -221,8 +221,8 @@ def test_split_ranges_cover_whole_scale_blocks():
 
 
 def test_tuner_key_and_large_rows(monkeypatch, tmp_path):
-    """The entry point asks the tuner under fp8_linear|M=<bucket>|N|K|block|dtype|qa (the fused activation quant;
-    the interpreter: the default, untimed); more than MAX_TUNED_ROWS rows (lowered here to 2) take the heuristic config, split-K included."""
+    """The entry point asks the tuner under fp8_linear|M=<bucket>|N|K|block|dtype (the interpreter: the default,
+    untimed); more than MAX_TUNED_ROWS rows (lowered here to 2) take the heuristic config, split-K included."""
     from moeserve.kernels import autotune
 
     monkeypatch.setenv("MOESERVE_CACHE_DIR", str(tmp_path))
@@ -241,7 +241,7 @@ def test_tuner_key_and_large_rows(monkeypatch, tmp_path):
         if not CUDA:
             assert fk._large_config(3, N, K, block[1], 4)["SPLIT_K"] > 1
         report = autotune.get_tuner().report()
-        key = f"fp8_linear|M=4|N={N}|K={K}|block={block[0]}x{block[1]}|{str(dtype)[6:]}|qa"  # the fused form
+        key = f"fp8_linear|M=4|N={N}|K={K}|block={block[0]}x{block[1]}|{str(dtype)[6:]}"
         assert [k for k in report if k.startswith("fp8_linear|")] == [key]
         if not CUDA:
             assert report[key]["config"] == default
@@ -266,62 +266,3 @@ def test_channel_gemm_split_k(M):
         out = fk.fp8_channel_linear(x.to(DEVICE, dtype), wq.to(DEVICE), ws.to(DEVICE), b.to(DEVICE, dtype),
                                     block_k=32, config=cfg)
         assert _rel(out, ref) < (1e-2 if CUDA else 2e-3), cfg
-
-
-# ---------------------------------------------------------------------------------------------- fused act quant
-# Decode-sized calls (M <= MAX_TUNED_ROWS) quantize x inside the GEMM (QUANT_A): the same arithmetic as
-# quantize_act, so the output must be the two-kernel path's (quantize_act + fp8_gemm) bit for bit, split or not.
-
-
-def _configs(M, N, K, bk):
-    """A tuning candidate with SPLIT_K > 1 and the same tile unsplit."""
-    split = next(c for c in fk.fp8_candidates(bucket(M), N, K, bk, sms=132 if CUDA else 4) if c["SPLIT_K"] > 1)
-    return [dict(split, SPLIT_K=1), split]
-
-
-def _no_act_quant(*args):
-    raise AssertionError("decode-sized calls must not launch the separate activation quant")
-
-
-@pytest.mark.parametrize("M", [1, 17])
-def test_fused_act_quant_block_matches_two_kernels(M, monkeypatch):
-    """Block scales: each K tile is one activation group; x's groups differ by up to 2^6 in magnitude (and row 0's
-    first group is all zeros: the 1e-10 floor), so a scale taken from another group or over more than the tile changes the bits."""
-    dtype = torch.bfloat16
-    for N, K, block in SPLIT_SHAPES:  # N below a BLOCK_N multiple, K = 100: a partial last tile
-        for cfg in _configs(M, N, K, block[1]):
-            for bias in (False, True):
-                x, wq, ws, b = _block_problem(M, N, K, block, bias, seed=M + N + K)
-                x[0, :block[1]] = 0
-                x, w_d, ws_d = x.to(DEVICE, dtype), wq.to(DEVICE), ws.to(DEVICE)
-                b_d = None if b is None else b.to(DEVICE, dtype)
-                q, s = fk.quantize_act(x, block[1])
-                ref = fk.fp8_gemm(q, s, w_d, ws_d, b_d, torch.empty(M, N, dtype=dtype, device=DEVICE), cfg, *block)
-                with monkeypatch.context() as mp:
-                    mp.setattr(fk, "quantize_act", _no_act_quant)
-                    out = fk.fp8_block_linear(x, w_d, ws_d, block, b_d, config=cfg)
-                assert torch.equal(out, ref), (N, K, cfg, bias, (out.float() - ref.float()).abs().max())
-
-
-@pytest.mark.parametrize("M", [1, 7])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fused_act_quant_channel_matches_two_kernels(M, dtype, monkeypatch):
-    """Per-channel: one activation scale over the whole row, also in each split (K = 100: 4 tiles of 32, the last
-    partial); the row's magnitude grows tile by tile, so the amax of one split's range alone changes the bits."""
-    from moeserve.layers.quant.fp8 import quantize_rows
-
-    N, K = 33, 100
-    g = torch.Generator().manual_seed(M)
-    wq, ws = quantize_rows(torch.randn(N, K, generator=g) / K ** 0.5)
-    x = torch.randn(M, K, generator=g) * 4.0 ** (torch.arange(K) // 32)
-    b = torch.randn(N, generator=g)
-    x, w_d, ws_d, b_d = x.to(DEVICE, dtype), wq.to(DEVICE), ws.to(DEVICE), b.to(DEVICE, dtype)
-    q, s = fk.quantize_act(x, K)
-    for cfg in _configs(M, N, K, 32):
-        for bias in (None, b_d):
-            ref = fk.fp8_gemm(q, s, w_d, ws_d, bias, torch.empty(M, N, dtype=dtype, device=DEVICE), cfg, 1, 32,
-                              per_channel=True)
-            with monkeypatch.context() as mp:
-                mp.setattr(fk, "quantize_act", _no_act_quant)
-                out = fk.fp8_channel_linear(x, w_d, ws_d, bias, block_k=32, config=cfg)
-            assert torch.equal(out, ref), (cfg, bias is not None, (out.float() - ref.float()).abs().max())

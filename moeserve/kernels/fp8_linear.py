@@ -10,11 +10,6 @@ bn x bk block (DeepSeek-V3 / Qwen3-FP8 checkpoints: [128, 128]), x quantized on 
 Online fp8 (per output channel weight scales, one activation scale per token): the same kernel with PER_CHANNEL,
 the scales applied once after the K loop (fp8_channel_linear).
 
-Fused activation quant (QUANT_A, M <= MAX_TUNED_ROWS): at decode each launch (~2 us) is a visible share of a step
-(qwen3-30b-a3b at batch 1: 96 act-quant launches in ~3 ms), so the GEMM takes x itself and quantizes each tile with
-_act_quant_kernel's arithmetic (shared helpers: the same bits); per-channel first reads the row once for its amax
-over K. More rows keep the separate pass: the fused form re-quantizes each x tile once per N tile.
-
 Decode (M <= MAX_TUNED_ROWS): at batch 1 a projection is a weight stream, and N / BLOCK_N tiles alone are too few
 programs for an H100's 132 SMs (7168 -> 576 in 64-wide tiles: 9 programs). As kernels.linear does for bf16, the
 autotuner picks per shape among BLOCK_N x SPLIT_K configs that put ~2+ programs on every SM: SPLIT_K cuts K into
@@ -46,18 +41,6 @@ MAX_TUNED_ROWS = 64  # up to this many rows: one M tile, configs tuned per shape
 
 
 @triton.jit
-def _act_scale(amax, FMAX: tl.constexpr):
-    return tl.maximum(amax, 1e-10) / FMAX
-
-
-@triton.jit
-def _act_codes(x, scale, FMAX: tl.constexpr):
-    """fp32 x / scale clamped to the e4m3 range (still fp32: the caller casts). One definition for both kernels,
-    so the fused GEMM's codes are the separate pass's bits."""
-    return tl.clamp(tl.math.div_rn(x, scale), -FMAX, FMAX)  # IEEE division: the codes of the torch reference
-
-
-@triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUP: tl.constexpr,
                       GROUP_P: tl.constexpr, FMAX: tl.constexpr):
     m = tl.program_id(0)
@@ -65,8 +48,8 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, G
     k = g * GROUP + tl.arange(0, GROUP_P)
     ok = (tl.arange(0, GROUP_P) < GROUP) & (k < K)
     x = tl.load(x_ptr + m.to(tl.int64) * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
-    scale = _act_scale(tl.max(tl.abs(x), axis=0), FMAX)
-    q = _act_codes(x, scale, FMAX)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-10) / FMAX
+    q = tl.clamp(tl.math.div_rn(x, scale), -FMAX, FMAX)  # IEEE division: the codes of the torch reference
     tl.store(q_ptr + m.to(tl.int64) * stride_qm + k, q.to(q_ptr.dtype.element_ty), mask=ok)
     tl.store(s_ptr + m * stride_sm + g, scale)
 
@@ -75,12 +58,9 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, G
 def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K, tiles_per_split, stride_am,
                  stride_asm, stride_wn, stride_wsn, stride_om, SCALE_N: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, QUANT_A: tl.constexpr, FMAX: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr):
     """Program (pid_m, pid_n, pid_k): K tiles [pid_k * tiles_per_split, + tiles_per_split) of one output tile;
-    SPLIT: the fp32 partial goes to part[pid_k] (every program writes its whole tile, an empty range zeros).
-    QUANT_A: a is the unquantized x (as_ptr unused), each tile quantized here as _act_quant_kernel does: per tile
-    (the K tile is the activation group), or PER_CHANNEL per row over all of K (a first pass for the amax), so
-    the codes and scales do not depend on the split."""
+    SPLIT: the fp32 partial goes to part[pid_k] (every program writes its whole tile, an empty range zeros)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -95,13 +75,6 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K
     w_ptrs = w_ptr + n[None, :].to(tl.int64) * stride_wn + kb0 * BLOCK_K + kk[:, None]  # [BLOCK_K, BLOCK_N]: W^T
     as_ptrs = as_ptr + m * stride_asm
     ws_ptrs = ws_ptr + (n // SCALE_N) * stride_wsn
-    if QUANT_A and PER_CHANNEL:  # the row's scale: amax over every K tile, not only this split's
-        amax = tl.zeros([BLOCK_M], tl.float32)
-        x_ptrs = a_ptr + m[:, None].to(tl.int64) * stride_am + kk[None, :]
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
-            x = tl.load(x_ptrs + kb * BLOCK_K, mask=m_ok[:, None] & (kk + kb * BLOCK_K < K)[None, :], other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-        a_s = _act_scale(amax, FMAX)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for kb in range(kb0, kb1):
         if EVEN_K:
@@ -111,24 +84,16 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K
             k_ok = kk + kb * BLOCK_K < K
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
-        if QUANT_A:
-            a = a.to(tl.float32)
-            if not PER_CHANNEL:  # this tile's group
-                a_s = _act_scale(tl.max(tl.abs(a), axis=1), FMAX)
-            a = _act_codes(a, a_s[:, None], FMAX).to(tl.float8e4nv)
         if PER_CHANNEL:  # one scale per token and per output row: applied once, after the loop
             acc += tl.dot(a, w)
         else:
-            if not QUANT_A:
-                a_s = tl.load(as_ptrs + kb, mask=m_ok, other=0.0)
+            a_s = tl.load(as_ptrs + kb, mask=m_ok, other=0.0)
             w_s = tl.load(ws_ptrs + kb, mask=n_ok, other=0.0)
             acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if PER_CHANNEL:  # linear in the partial: each split scales its own
-        if not QUANT_A:
-            a_s = tl.load(as_ptrs, mask=m_ok, other=0.0)
-        acc *= a_s[:, None] * tl.load(ws_ptrs, mask=n_ok, other=0.0)[None, :]
+        acc *= tl.load(as_ptrs, mask=m_ok, other=0.0)[:, None] * tl.load(ws_ptrs, mask=n_ok, other=0.0)[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT:
         tl.store(part_ptr + (pid_k * M + m[:, None]).to(tl.int64) * N + n[None, :], acc, mask=mask)
@@ -201,14 +166,13 @@ def _sms(device: torch.device) -> int:
 
 
 def _choose(q, s, weight, ws, bias, out, scale_n: int, block_k: int, per_channel: bool, tag: str) -> Config:
-    """q, s as fp8_gemm takes them (s None: the fused form, tuned under its own key)."""
     m, k = q.shape
     n = weight.shape[0]
     sms = _sms(out.device)
     if m > MAX_TUNED_ROWS:
         return _large_config(m, n, k, block_k, sms)
     rows = bucket(m)
-    key = f"M={rows}|N={n}|K={k}|block={tag}|{str(out.dtype).removeprefix('torch.')}" + ("|qa" if s is None else "")
+    key = f"M={rows}|N={n}|K={k}|block={tag}|{str(out.dtype).removeprefix('torch.')}"
     cands = fp8_candidates(rows, n, k, block_k, sms)
 
     def run(cfg: Config, w: torch.Tensor, w_s: torch.Tensor) -> torch.Tensor:
@@ -218,14 +182,12 @@ def _choose(q, s, weight, ws, bias, out, scale_n: int, block_k: int, per_channel
 
 
 # ---------------------------------------------------------------------------------------------- launch
-def fp8_gemm(q: torch.Tensor, s: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
+def fp8_gemm(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
              bias: torch.Tensor | None, out: torch.Tensor, cfg: Config, scale_n: int, block_k: int,
              per_channel: bool = False) -> torch.Tensor:
     """out = (q * s) @ (weight * weight_scale)^T (+ bias) with one config, for activations quantized by
     quantize_act (q [M, K] e4m3, scales s). block_k: the K tile, which is the activation group and the weight's
-    K block (per_channel: any power of two >= 32, the scales applied after the loop).
-    s None: the fused form, q is the unquantized x [M, K] (rows contiguous), quantized in the GEMM with the
-    arithmetic of quantize_act(x, block_k) (per_channel: quantize_act(x, K)): the same bits, one launch fewer."""
+    K block (per_channel: any power of two >= 32, the scales applied after the loop)."""
     m, k = q.shape
     n = weight.shape[0]
     k_tiles = max(1, triton.cdiv(k, block_k))
@@ -233,13 +195,11 @@ def fp8_gemm(q: torch.Tensor, s: torch.Tensor | None, weight: torch.Tensor, weig
     split = triton.cdiv(k_tiles, per)  # no empty ranges
     part = torch.empty(split, m, n, dtype=torch.float32, device=out.device) if split > 1 else out
     has_bias = bias is not None
-    fused = s is None
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
-    _gemm_kernel[grid](q, q if fused else s, weight, weight_scale, bias if has_bias else out, out, part, m, n, k,
-                       per, q.stride(0), 0 if fused else s.stride(0), weight.stride(0), weight_scale.stride(0),
-                       out.stride(0), SCALE_N=scale_n, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                       BLOCK_K=block_k, EVEN_K=k % block_k == 0, SPLIT=split > 1, HAS_BIAS=has_bias,
-                       PER_CHANNEL=per_channel, QUANT_A=fused, FMAX=FP8_MAX, num_warps=cfg["W"],
+    _gemm_kernel[grid](q, s, weight, weight_scale, bias if has_bias else out, out, part, m, n, k, per, q.stride(0),
+                       s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0), SCALE_N=scale_n,
+                       BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+                       SPLIT=split > 1, HAS_BIAS=has_bias, PER_CHANNEL=per_channel, num_warps=cfg["W"],
                        num_stages=cfg["S"])
     if split > 1:
         block = 1024
@@ -247,12 +207,6 @@ def fp8_gemm(q: torch.Tensor, s: torch.Tensor | None, weight: torch.Tensor, weig
             part, bias if has_bias else part, out, m, n, out.stride(0), SPLIT_K=split, BLOCK=block,
             HAS_BIAS=has_bias, num_warps=4)
     return out
-
-
-def _activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp8_gemm's (q, s): decode-sized x as it is, for the fused form; more rows quantized by the separate pass
-    (the fused form re-quantizes each x tile once per N tile: cheap for a few rows, not for many)."""
-    return (x.contiguous(), None) if x.shape[0] <= MAX_TUNED_ROWS else quantize_act(x, group)
 
 
 def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
@@ -266,10 +220,10 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     runtime.check_device("fp8 block GEMM", x, weight, weight_scale)
     m, k = x.shape
     n = weight.shape[0]
+    q, s = quantize_act(x, bk)
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return out
-    q, s = _activations(x, bk)
     ws = weight_scale.contiguous()
     cfg = config or _choose(q, s, weight, ws, bias, out, bn, bk, False, f"{bn}x{bk}")
     return fp8_gemm(q, s, weight, ws, bias, out, cfg, bn, bk)
@@ -283,10 +237,10 @@ def fp8_channel_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
     runtime.check_device("fp8 per-channel GEMM", x, weight, weight_scale)
     m, k = x.shape
     n = weight.shape[0]
+    q, s = quantize_act(x, k)
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return out
-    q, s = _activations(x, k)
     ws = weight_scale.contiguous()
     bk = min(max(block_k, 32), max(32, runtime.next_pow2(k)))
     cfg = config or _choose(q, s, weight, ws, bias, out, 1, bk, True, f"channel{bk}")

@@ -43,6 +43,15 @@ C)
     --engine-arg kv_cache_dtype=fp8 > "$O/fp8kv.log" 2>&1; echo "fp8kv rc=$?"
   grep -E "^\| 20|kv_capacity|num_gpu_blocks|KV" "$O/fp8kv.log" | tail -6
   pack callC bf16 fp8kv ;;
+D2)
+  bash benchmarks/peers/vllm/device_receive.sh p3
+  for s in Qwen/Qwen3-30B-A3B-FP8 Qwen/Qwen3-30B-A3B; do n=$(basename $s)
+    CUDA_VISIBLE_DEVICES=0 timeout 100 python3 benchmarks/kernels/profile_decode.py --shape $s --layers 8 --batches 1 \
+      --steps 5 --top 24 --no-eager > "$O/profile-$n.log" 2>&1; echo "$n rc=$?"
+  done ;;
+E2)
+  VLLM_USE_DEEP_GEMM=0 ENGINE=vllm suite qwen3-30b-a3b-fp8 vllm-fp8-nodg
+  pack callE2 vllm-fp8-nodg ;;
 D)
   bash benchmarks/peers/vllm/device_receive.sh p3
   echo "=== mixtral-8x7b TP=2, moeserve"
