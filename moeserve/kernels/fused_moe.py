@@ -329,14 +329,13 @@ def _down_sum_kernel(
             b = b.to(tl.float32)
             if WSCALE == 2:
                 b = _scale_elems(b, s_col[:, None], ((k0 + kk) // SBK)[None, :], n_ok[:, None] & (kk < I - k0)[None, :])
-            if WSCALE == 1:
-                if LATE_SUM:
-                    b = b * _col_scale(s_col, k0, n_ok, SBK)[:, None]
-                else:
-                    part += tl.sum(b * a.to(tl.float32)[None, :], axis=1) * _col_scale(s_col, k0, n_ok, SBK)
             if LATE_SUM:
+                if WSCALE == 1:
+                    b = b * _col_scale(s_col, k0, n_ok, SBK)[:, None]
                 acc2 += b * (wt * a.to(tl.float32))[None, :]
-            elif WSCALE != 1:
+            elif WSCALE == 1:
+                part += tl.sum(b * a.to(tl.float32)[None, :], axis=1) * _col_scale(s_col, k0, n_ok, SBK)
+            else:
                 part += tl.sum(b * a.to(tl.float32)[None, :], axis=1)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
