@@ -112,7 +112,7 @@ def _candidates(kind):
     (_, bk1), (_, bk2) = KINDS[kind]["w13"], KINDS[kind]["w2"]
     scale_k = (bk1 if bk1 < H_ else 0, bk2 if bk2 < I_ else 0)
     elem = 2 if CUDA else 4  # bf16 on the GPU, fp32 in the interpreter
-    return [c for tokens in (1, 16, 128, 1024) for c in fm.moe_candidates(tokens, 8, 128, elem, scale_k)]
+    return [c for tokens in (1, 16, 128, 1024) for c in fm.moe_candidates(tokens, 8, 128, elem, scale_k, a8=True)]
 
 
 CANDIDATES = [(kind, c) for kind in KINDS for c in _candidates(kind)]
@@ -160,7 +160,7 @@ def test_bad_scales_are_refused():
         fm.fused_moe(x, w13q, w2q, w, ids, w13_scale=w13s, w2_scale=w2s[:, :1], blocks=blocks)
     with pytest.raises(ValueError, match="together"):
         fm.fused_moe(x, w13q, w2q, w, ids, w13_scale=w13s, blocks=blocks)
-    with pytest.raises(ValueError, match="e4m3 with fp32 scales"):
+    with pytest.raises(ValueError, match="e4m3 with fp32 scales or int4"):
         fm.fused_moe(x, w13q.float(), w2q, w, ids, w13_scale=w13s, w2_scale=w2s, blocks=blocks)
 
 
@@ -188,7 +188,7 @@ def _a8_reference(x, w13d, w2d, weights, ids, g1, g2):
 A8_KINDS = {"tile": {"w13": (8, 32), "w2": (8, 32)}, "row": {"w13": (1, 72), "w2": (1, 40)}}
 A8_CANDIDATES = [(kind, c) for kind, b in A8_KINDS.items() for tokens in (128, 1024)
                  for c in fm.moe_candidates(tokens, 8, 128, 2, (b["w13"][1] if b["w13"][1] < H_ else 0,
-                                                                 b["w2"][1] if b["w2"][1] < I_ else 0))
+                                                                 b["w2"][1] if b["w2"][1] < I_ else 0), a8=True)
                  if c.get("A8")]
 
 
@@ -214,7 +214,8 @@ def test_w8a8_candidates_match_their_arithmetic(kind, cfg, monkeypatch):
 
 
 def test_w8a8_only_where_rows_are_many():
-    assert not any(c.get("A8") for c in fm.moe_candidates(16, 8, 128, 2, (128, 128)))  # <= 1 row an expert
-    assert any(c.get("A8") for c in fm.moe_candidates(1024, 8, 128, 2, (128, 128)))
-    assert not any(c.get("A8") for c in fm.moe_candidates(1024, 8, 128, 4, (128, 128)))  # fp32 activations
+    assert not any(c.get("A8") for c in fm.moe_candidates(16, 8, 128, 2, (128, 128), a8=True))  # 1 row an expert
+    assert any(c.get("A8") for c in fm.moe_candidates(1024, 8, 128, 2, (128, 128), a8=True))
+    assert not any(c.get("A8") for c in fm.moe_candidates(1024, 8, 128, 4, (128, 128), a8=True))  # fp32 activations
+    assert not any(c.get("A8") for c in fm.moe_candidates(1024, 8, 128, 2, (128, 128)))  # int4 experts
     assert not any(c.get("A8") for c in fm.moe_candidates(1024, 8, 128))  # bf16 experts

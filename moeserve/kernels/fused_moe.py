@@ -15,9 +15,11 @@ pair's slice of I per program, multiply-and-reduce in fp32 registers: no 16-row 
 are padding), as the autotuner finds faster or not.
 Grids depend only on shapes (an upper bound of expert blocks; blocks past the used length exit at once), nothing
 syncs with the host: CUDA-graph safe. Block sizes come from the autotuner, per token-count bucket.
-fp8 experts (e4m3 + block scales) take the same kernels (WSCALE: each fp8 tile widened to the activations' dtype,
-its product scaled per column) and so the same decode forms and tuning; at 16+ rows an expert the tuner may also
-pick W8A8 forms (A8: activations quantized per token per scale block, fp8 x fp8 on the tensor cores).
+fp8 experts (e4m3 + block scales) and int4 experts (8 codes an int32 along K, a scale and a zero per row per group)
+take the same kernels (WSCALE: each tile widened to the activations' dtype - int4 codes first unpacked and less their
+zero, PACK - its product scaled per column) and so the same decode forms and tuning; for fp8 at 16+ rows an expert
+the tuner may also pick W8A8 forms (A8: activations quantized per token per scale block, fp8 x fp8 on the tensor
+cores).
 """
 
 from __future__ import annotations
@@ -69,13 +71,42 @@ def _block_rows(pid_m, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, nu
 def _col_scale(s_col, k0, n_ok, SBK: tl.constexpr):
     """WSCALE 1: the scale of each column (s_col: its scale row) for the K tile at k0, which lies inside one scale
     block: the tile's product is scaled once per column instead of each weight element."""
-    return tl.load(s_col + k0 // SBK, mask=n_ok, other=0.0)
+    return tl.load(s_col + k0 // SBK, mask=n_ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _scale_elems(w, s_col, kb, mask):
     """WSCALE 2 (scale blocks narrower than the K tile): each weight element times its own block's scale, fp32."""
-    return w.to(tl.float32) * tl.load(s_col + kb, mask=mask, other=0.0)
+    return w.to(tl.float32) * tl.load(s_col + kb, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _kpos(kk, PACK: tl.constexpr):
+    """Offsets along K of the weight's storage: elements, or int32 words of 8 int4 codes (PACK 8)."""
+    if PACK == 1:
+        return kk
+    return kk // PACK
+
+
+@triton.jit
+def _w4_codes(words, shift, zero):
+    """int4: each element's 4-bit code (bits `shift` of its word) minus its zero, fp32: small integers, exact in
+    bf16, so the scale can still be applied per column after the dot."""
+    return ((words >> shift) & 0xF).to(tl.float32) - zero
+
+
+@triton.jit
+def _zero(z_col, k0, n_ok, kb, mask, SBK: tl.constexpr, WSCALE: tl.constexpr, N_AXIS: tl.constexpr):
+    """int4 zeros, laid out as the scales (z_col: each column's row of them): one per column for the K tile
+    (WSCALE 1) or one per element (group index kb, mask), as a tile with the columns on N_AXIS."""
+    if WSCALE == 1:
+        z = tl.load(z_col + k0 // SBK, mask=n_ok, other=0).to(tl.float32)
+        if N_AXIS == 1:
+            return z[None, :]
+        return z[:, None]
+    if N_AXIS == 1:
+        return tl.load(z_col[None, :] + kb, mask=mask, other=0).to(tl.float32)
+    return tl.load(z_col[:, None] + kb, mask=mask, other=0).to(tl.float32)
 
 
 @triton.jit
@@ -95,6 +126,7 @@ def _gate_up_kernel(
     PRECISION: tl.constexpr, map_ptr=None, HAS_MAP: tl.constexpr = False,
     s_ptr=None, stride_se=0, stride_sn=0, s_up=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1,
     WSCALE: tl.constexpr = 0, as_ptr=None, stride_as=0, A8: tl.constexpr = False,
+    z_ptr=None, HAS_ZEROS: tl.constexpr = False, PACK: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(I, BLOCK_N)
@@ -110,11 +142,15 @@ def _gate_up_kernel(
     n_ok = n < I
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * stride_xt + kk[None, :]
-    g_ptrs = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn + kk[:, None]
+    g_ptrs = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn + _kpos(kk, PACK)[:, None]
     u_ptrs = g_ptrs + I * stride_wn
-    if WSCALE != 0:  # each column's scale row: gate's, then up's s_up rows further
-        gs_col = s_ptr + e * stride_se + (n // SBN) * stride_sn
+    if WSCALE != 0:  # each column's scale row: gate's, then up's s_up rows further (int4 zeros: the same layout)
+        g_off = e * stride_se + (n // SBN) * stride_sn
+        gs_col = s_ptr + g_off
         us_col = gs_col + s_up * stride_sn
+        if HAS_ZEROS:
+            gz_col = z_ptr + g_off
+            uz_col = gz_col + s_up * stride_sn
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -127,6 +163,17 @@ def _gate_up_kernel(
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if PACK == 8:
+            if HAS_ZEROS:
+                kb = ((k0 + kk) // SBK)[:, None]
+                wm = (kk < H - k0)[:, None] & n_ok[None, :]
+                gz = _zero(gz_col, k0, n_ok, kb, wm, SBK, WSCALE, 1)
+                uz = _zero(uz_col, k0, n_ok, kb, wm, SBK, WSCALE, 1)
+            else:
+                gz = 8.0
+                uz = 8.0
+            g = _w4_codes(g, ((kk % 8) * 4)[:, None], gz)
+            u = _w4_codes(u, ((kk % 8) * 4)[:, None], uz)
         if WSCALE == 2:
             g = _scale_elems(g, gs_col[None, :], ((k0 + kk) // SBK)[:, None], (kk < H - k0)[:, None] & n_ok[None, :])
             u = _scale_elems(u, us_col[None, :], ((k0 + kk) // SBK)[:, None], (kk < H - k0)[:, None] & n_ok[None, :])
@@ -148,8 +195,8 @@ def _gate_up_kernel(
             acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
             acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
         a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K // PACK
+        u_ptrs += BLOCK_K // PACK
     h = acc_g * tl.sigmoid(acc_g) * acc_u
     dst = inter_ptr + pair[:, None].to(tl.int64) * stride_it + n[None, :]
     tl.store(dst, h.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -161,7 +208,7 @@ def _gate_up_gemv_kernel(
     TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     LATE_SUM: tl.constexpr, map_ptr=None, HAS_MAP: tl.constexpr = False,
     s_ptr=None, stride_se=0, stride_sn=0, s_up=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1,
-    WSCALE: tl.constexpr = 0,
+    WSCALE: tl.constexpr = 0, z_ptr=None, HAS_ZEROS: tl.constexpr = False, PACK: tl.constexpr = 1,
 ):
     """inter1[pair, n-tile] = silu(gate[e] @ x[t]) * (up[e] @ x[t]), e = topk_ids[pair]: step 2 for decode.
     _gate_up_kernel's tl.dot needs BLOCK_M >= 16 rows where a pair has one, so at one or two tokens the tensor cores
@@ -177,11 +224,15 @@ def _gate_up_gemv_kernel(
     n_ok = n < I
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + (pair // TOPK).to(tl.int64) * stride_xt + kk
-    g_ptrs = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kk[None, :]
-    u_ptrs = w_ptr + e * stride_we + (n + I)[:, None].to(tl.int64) * stride_wn + kk[None, :]
+    g_ptrs = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + _kpos(kk, PACK)[None, :]
+    u_ptrs = w_ptr + e * stride_we + (n + I)[:, None].to(tl.int64) * stride_wn + _kpos(kk, PACK)[None, :]
     if WSCALE != 0:
-        gs_col = s_ptr + e * stride_se + (n // SBN) * stride_sn
+        g_off = e * stride_se + (n // SBN) * stride_sn
+        gs_col = s_ptr + g_off
         us_col = gs_col + s_up * stride_sn
+        if HAS_ZEROS:
+            gz_col = z_ptr + g_off
+            uz_col = gz_col + s_up * stride_sn
     if LATE_SUM:  # element-wise products over the K loop, summed once after it: no cross-thread reduce per step
         acc_g2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         acc_u2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -199,6 +250,17 @@ def _gate_up_gemv_kernel(
             g = tl.load(g_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             u = tl.load(u_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         a = a.to(tl.float32)[None, :]
+        if PACK == 8:
+            if HAS_ZEROS:
+                kb = ((k0 + kk) // SBK)[None, :]
+                wm = n_ok[:, None] & (kk < H - k0)[None, :]
+                gz = _zero(gz_col, k0, n_ok, kb, wm, SBK, WSCALE, 0)
+                uz = _zero(uz_col, k0, n_ok, kb, wm, SBK, WSCALE, 0)
+            else:
+                gz = 8.0
+                uz = 8.0
+            g = _w4_codes(g, ((kk % 8) * 4)[None, :], gz)
+            u = _w4_codes(u, ((kk % 8) * 4)[None, :], uz)
         g = g.to(tl.float32)
         u = u.to(tl.float32)
         if WSCALE == 2:
@@ -217,8 +279,8 @@ def _gate_up_gemv_kernel(
             acc_g += tl.sum(g * a, axis=1)
             acc_u += tl.sum(u * a, axis=1)
         a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K // PACK
+        u_ptrs += BLOCK_K // PACK
     if LATE_SUM:
         acc_g = tl.sum(acc_g2, axis=1)
         acc_u = tl.sum(acc_u2, axis=1)
@@ -234,7 +296,8 @@ def _down_kernel(
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SORTED: tl.constexpr, DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr, map_ptr=None, HAS_MAP: tl.constexpr = False,
     s_ptr=None, stride_se=0, stride_sn=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1, WSCALE: tl.constexpr = 0,
-    as_ptr=None, stride_as=0, A8: tl.constexpr = False,
+    as_ptr=None, stride_as=0, A8: tl.constexpr = False, z_ptr=None, HAS_ZEROS: tl.constexpr = False,
+    PACK: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(H, BLOCK_N)
@@ -256,9 +319,11 @@ def _down_kernel(
         return
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = inter_ptr + row[:, None] * stride_it + kk[None, :]
-    b_ptrs = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn + kk[:, None]
+    b_ptrs = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn + _kpos(kk, PACK)[:, None]
     if WSCALE != 0:
         s_col = s_ptr + e * stride_se + (n // SBN) * stride_sn
+        if HAS_ZEROS:
+            z_col = z_ptr + e * stride_se + (n // SBN) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, I, BLOCK_K):
         if EVEN_K and EVEN_N:
@@ -268,6 +333,13 @@ def _down_kernel(
             k_ok = kk < I - k0
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if PACK == 8:
+            if HAS_ZEROS:
+                bz = _zero(z_col, k0, n_ok, ((k0 + kk) // SBK)[:, None], (kk < I - k0)[:, None] & n_ok[None, :], SBK,
+                           WSCALE, 1)
+            else:
+                bz = 8.0
+            b = _w4_codes(b, ((kk % 8) * 4)[:, None], bz)
         if WSCALE == 2:
             b = _scale_elems(b, s_col[None, :], ((k0 + kk) // SBK)[:, None], (kk < I - k0)[:, None] & n_ok[None, :])
         if WSCALE != 0:
@@ -283,7 +355,7 @@ def _down_kernel(
         else:
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K // PACK
     acc = acc * tl.load(topk_w_ptr + row, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     dst = out_ptr + row[:, None] * stride_ot + n[None, :]
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -296,6 +368,7 @@ def _down_sum_kernel(
     TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     LATE_SUM: tl.constexpr, num_experts=1 << 30, map_ptr=None, HAS_MAP: tl.constexpr = False,
     s_ptr=None, stride_se=0, stride_sn=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1, WSCALE: tl.constexpr = 0,
+    z_ptr=None, HAS_ZEROS: tl.constexpr = False, PACK: tl.constexpr = 1,
 ):
     """out[t, n-tile] = sum_k w[t,k] * w2[e_k][n-tile] @ inter1[t*K + k]: steps 3 and 4 in one launch, for decode.
     One row per expert is a GEMV (no tensor cores to feed): multiply-and-reduce in fp32 registers."""
@@ -314,9 +387,11 @@ def _down_sum_kernel(
         wt = tl.where(e >= 0, tl.load(topk_w_ptr + pair).to(tl.float32), 0.0)
         k_end = tl.where(e >= 0, I, 0)  # a pair with no local expert: no loop, adds nothing
         a_ptrs = inter_ptr + pair.to(tl.int64) * stride_it + kk
-        b_ptrs = w_ptr + tl.maximum(e, 0) * stride_we + n[:, None].to(tl.int64) * stride_wn + kk[None, :]
+        b_ptrs = w_ptr + tl.maximum(e, 0) * stride_we + n[:, None].to(tl.int64) * stride_wn + _kpos(kk, PACK)[None, :]
         if WSCALE != 0:
             s_col = s_ptr + tl.maximum(e, 0) * stride_se + (n // SBN) * stride_sn
+            if HAS_ZEROS:
+                z_col = z_ptr + tl.maximum(e, 0) * stride_se + (n // SBN) * stride_sn
         part = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, k_end, BLOCK_K):
             if EVEN_K and EVEN_N:
@@ -326,6 +401,13 @@ def _down_sum_kernel(
                 k_ok = kk < I - k0
                 a = tl.load(a_ptrs, mask=k_ok, other=0.0)
                 b = tl.load(b_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if PACK == 8:
+                if HAS_ZEROS:
+                    bz = _zero(z_col, k0, n_ok, ((k0 + kk) // SBK)[None, :], n_ok[:, None] & (kk < I - k0)[None, :],
+                               SBK, WSCALE, 0)
+                else:
+                    bz = 8.0
+                b = _w4_codes(b, ((kk % 8) * 4)[None, :], bz)
             b = b.to(tl.float32)
             if WSCALE == 2:
                 b = _scale_elems(b, s_col[:, None], ((k0 + kk) // SBK)[None, :], n_ok[:, None] & (kk < I - k0)[None, :])
@@ -338,7 +420,7 @@ def _down_sum_kernel(
             else:
                 part += tl.sum(b * a.to(tl.float32)[None, :], axis=1)
             a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K // PACK
         if not LATE_SUM:
             acc += wt * part
     if LATE_SUM:
@@ -359,6 +441,8 @@ def fused_moe(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     blocks: dict | None = None,
+    w13_zeros: torch.Tensor | None = None,
+    w2_zeros: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [T, H]; w13 [E, 2I, H] (gate rows then up rows); w2 [E, H, I]; topk_weights [T, K]; topk_ids [T, K].
 
@@ -367,6 +451,10 @@ def fused_moe(
     (checkpoints: [128, 128]; per-row scales: (1, K)). The kernels widen each weight tile to x's dtype and scale
     its product once per column where the K tile lies inside one scale block (WSCALE 1), else element by element
     (WSCALE 2); the same configs, decode GEMVs and tuning as bf16 weights, which is why they share these kernels.
+    int4 experts (W4A16): w13 [E, 2I, H/8] / w2 [E, H, I/8] int32, 8 codes a word along K (layers/quant/int4's
+    layout); scales [E, 2I, H/G] / [E, H, I/G] (any float dtype), blocks {"w13": (1, G), "w2": (1, G)}, zeros
+    uint8 of the scales' shape (None: symmetric, 8); the codes minus their zero are exact in bf16, so the scale is
+    applied per column as for fp8.
 
     expert_map (expert parallelism): int32 [E_global], global id -> row of w13/w2 or -1 for an expert held
     elsewhere; topk_ids are then global ids and the kernels look the map up themselves (no host sync, no extra
@@ -382,14 +470,15 @@ def fused_moe(
     E, two_i, h_w = w13.shape
     inter = two_i // 2
     K = topk_ids.shape[1] if topk_ids.dim() == 2 else -1
-    if two_i % 2 or h_w != H or w2.shape != (E, H, inter):
+    pack = 8 if w13.dtype == torch.int32 else 1  # int4 codes per stored element along K
+    if two_i % 2 or h_w * pack != H or w2.shape != (E, H, inter // pack) or inter % pack:
         raise ValueError(f"fused_moe: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} disagree")
     if topk_ids.shape != (T, K) or topk_weights.shape != (T, K):
         raise ValueError(f"fused_moe: topk_ids {tuple(topk_ids.shape)} and topk_weights "
                          f"{tuple(topk_weights.shape)} must both be [{T}, K]")
     if topk_ids.dtype not in (torch.int32, torch.int64) or not topk_weights.is_floating_point():
         raise ValueError(f"fused_moe: topk_ids must be int32/int64 (got {topk_ids.dtype}), weights floating")
-    quant = _check_scales(w13, w2, w13_scale, w2_scale, blocks, H, inter)
+    quant = _check_scales(w13, w2, w13_scale, w2_scale, blocks, H, inter, w13_zeros, w2_zeros)
     if not quant and (x.dtype != w13.dtype or x.dtype != w2.dtype):
         raise ValueError(f"fused_moe: x {x.dtype}, w13 {w13.dtype}, w2 {w2.dtype} must share a dtype")
     if x.stride(-1) != 1 or w13.stride(-1) != 1 or w2.stride(-1) != 1:
@@ -412,9 +501,11 @@ def fused_moe(
     scales = None
     if quant:
         (bn1, bk1), (bn2, bk2) = blocks["w13"], blocks["w2"]
-        key += f"|fp8={bn1}x{bk1}"
+        key += f"|fp8={bn1}x{bk1}" if pack == 1 else f"|int4={bk1}" + ("z" if w13_zeros is not None else "")
         scale_k = (bk1 if bk1 < H else 0, bk2 if bk2 < inter else 0)  # 0: one block spans K
-        scales = (w13_scale, w2_scale, blocks)
+        w13_scale, w2_scale = w13_scale.contiguous(), w2_scale.contiguous()  # zeros share the scales' strides
+        zeros = (None, None) if w13_zeros is None else (w13_zeros.contiguous(), w2_zeros.contiguous())
+        scales = (w13_scale, w2_scale, blocks, zeros, pack)
     inter1 = torch.empty(rows * K, inter, dtype=x.dtype, device=x.device)
     inter2 = torch.empty(rows * K, H, dtype=x.dtype, device=x.device)
 
@@ -423,39 +514,54 @@ def fused_moe(
         _moe_chunk(cfg, x[lo:hi], w13, w2, topk_weights[lo:hi], topk_ids[lo:hi], out[lo:hi], inter1, inter2,
                    expert_map, scales)
 
-    cands = moe_candidates(bucket(rows), K, num_ids, x.element_size(), scale_k)
+    cands = moe_candidates(bucket(rows), K, num_ids, x.element_size(), scale_k, a8=quant and pack == 1)
     cfg = get_tuner().choose("fused_moe", key, cands, run, cands[0])
     for lo in range(0, T, rows):
         run(cfg, lo)
     return out
 
 
-def _check_scales(w13, w2, w13_scale, w2_scale, blocks, H: int, inter: int) -> bool:
-    """True for fp8 experts with well-formed scales; False for unquantized ones; ValueError otherwise."""
-    if w13_scale is None and w2_scale is None and blocks is None:
+def _check_scales(w13, w2, w13_scale, w2_scale, blocks, H: int, inter: int, w13_zeros=None, w2_zeros=None) -> bool:
+    """True for fp8 or int4 experts with well-formed scales (and zeros); False for unquantized ones; ValueError
+    otherwise."""
+    if w13_scale is None and w2_scale is None and blocks is None and w13_zeros is None and w2_zeros is None:
         return False
     if w13_scale is None or w2_scale is None or blocks is None:
-        raise ValueError("fused_moe: fp8 experts need w13_scale, w2_scale and blocks together")
-    fp8 = torch.float8_e4m3fn
-    if w13.dtype != fp8 or w2.dtype != fp8 or w13_scale.dtype != torch.float32 or w2_scale.dtype != torch.float32:
-        raise ValueError(f"fused_moe: scaled experts must be e4m3 with fp32 scales (w13 {w13.dtype}, w2 "
-                         f"{w2.dtype}, scales {w13_scale.dtype}, {w2_scale.dtype})")
+        raise ValueError("fused_moe: quantized experts need w13_scale, w2_scale and blocks together")
+    if w13.dtype == torch.int32 and w2.dtype == torch.int32:  # int4 codes, 8 a word
+        if not (w13_scale.is_floating_point() and w2_scale.is_floating_point()):
+            raise ValueError(f"fused_moe: int4 experts' scales must be floating (got {w13_scale.dtype})")
+        if (w13_zeros is None) != (w2_zeros is None):
+            raise ValueError("fused_moe: int4 zeros for both of w13 and w2, or for neither (symmetric)")
+        if blocks["w13"][0] != 1 or blocks["w2"][0] != 1:
+            raise ValueError(f"fused_moe: int4 scales are per row: blocks {blocks}")
+    elif w13_zeros is not None or w2_zeros is not None:
+        raise ValueError("fused_moe: zeros are for int4 experts only")
+    elif not (w13.dtype == w2.dtype == torch.float8_e4m3fn and w13_scale.dtype == w2_scale.dtype == torch.float32):
+        raise ValueError(f"fused_moe: scaled experts must be e4m3 with fp32 scales or int4 in int32 words (w13 "
+                         f"{w13.dtype}, w2 {w2.dtype}, scales {w13_scale.dtype}, {w2_scale.dtype})")
     E = w13.shape[0]
     (bn1, bk1), (bn2, bk2) = blocks["w13"], blocks["w2"]
     want = {"w13_scale": (E, 2 * -(-inter // bn1), -(-H // bk1)), "w2_scale": (E, -(-H // bn2), -(-inter // bk2))}
     for name, t in (("w13_scale", w13_scale), ("w2_scale", w2_scale)):
         if tuple(t.shape) != want[name]:
             raise ValueError(f"fused_moe: {name} {tuple(t.shape)} does not fit its weight's blocks: {want[name]}")
+    for name, z, sc in (("w13_zeros", w13_zeros, w13_scale), ("w2_zeros", w2_zeros, w2_scale)):
+        if z is not None and z.shape != sc.shape:
+            raise ValueError(f"fused_moe: {name} {tuple(z.shape)} must have its scales' shape {tuple(sc.shape)}")
     return True
 
 
-def _scale_args(s, block, k: int, bk: int, up: bool = False) -> dict:
-    """The scale arguments of one expert kernel launch over a K of k in tiles of bk (none for bf16 weights)."""
+def _scale_args(s, block, k: int, bk: int, up: bool = False, z=None, pack: int = 1) -> dict:
+    """The scale (and int4: zero, packing) arguments of one expert kernel launch over a K of k in tiles of bk
+    (none for bf16 weights)."""
     if s is None:
         return {}
     sbn, sbk = block
     args = {"s_ptr": s, "stride_se": s.stride(0), "stride_sn": s.stride(1), "SBN": sbn, "SBK": sbk,
-            "WSCALE": 1 if sbk >= k or sbk % bk == 0 else 2}
+            "WSCALE": 1 if sbk >= k or sbk % bk == 0 else 2, "PACK": pack}
+    if z is not None:
+        args.update(z_ptr=z, HAS_ZEROS=True)
     if up:
         args["s_up"] = s.shape[1] // 2
     return args
@@ -471,7 +577,7 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
     K = topk_ids.shape[1]
     pairs = T * K
     bm = cfg["BLOCK_M"]
-    s13, s2, blocks = scales or (None, None, {"w13": None, "w2": None})
+    s13, s2, blocks, (z13, z2), pack = scales or (None, None, {"w13": None, "w2": None}, (None, None), 1)
     if cfg.get("SORT", 1):
         sorted_pairs, block_expert, num_post, num_blocks = align_pairs(topk_ids, E, bm)
     else:  # one pair per row block, experts straight from topk_ids
@@ -482,8 +588,8 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
     dot_f32, precision = runtime.dot_flags(x.dtype)
     bn1, bk1 = cfg["BLOCK_N1"], cfg["BLOCK_K1"]
     bn2, bk2 = cfg["BLOCK_N2"], cfg["BLOCK_K2"]
-    scaled1 = _scale_args(s13, blocks["w13"], H, bk1, up=True)
-    scaled2 = _scale_args(s2, blocks["w2"], inter, bk2)
+    scaled1 = _scale_args(s13, blocks["w13"], H, bk1, up=True, z=z13, pack=pack)
+    scaled2 = _scale_args(s2, blocks["w2"], inter, bk2, z=z2, pack=pack)
     a8 = (bool(cfg.get("A8")) and scaled1.get("WSCALE") == 1 and scaled2.get("WSCALE") == 1
           and not cfg.get("GEMV1") and not cfg.get("FOLD"))
     if a8:  # W8A8: x quantized per token per scale block of K (the whole row for per-row scales)
@@ -538,11 +644,11 @@ def _cfg(bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, sort=1, fold=0, gemv1=0, late=0
 
 
 def moe_candidates(tokens: int, top_k: int, num_experts: int, elem_bytes: int = 2,
-                   scale_k: tuple[int, int] | None = None) -> list[Config]:
+                   scale_k: tuple[int, int] | None = None, a8: bool = False) -> list[Config]:
     """A handful of configs per regime of rows per expert (tokens = the bucket); the first is the heuristic.
-    scale_k: fp8 experts' K scale blocks of gate/up and of down (0: one block over all of K); None: bf16 experts.
-    fp8 experts with bf16 activations at 16+ rows an expert also get W8A8 forms (A8) of each tile: the rows are
-    then enough for the tensor cores' rate to matter, which fp8 operands double."""
+    scale_k: quantized experts' K scale blocks (fp8) or groups (int4) of gate/up and of down (0: one block over
+    all of K); None: bf16 experts. a8 (fp8 experts): with bf16 activations at 16+ rows an expert, also W8A8 forms
+    (A8) of each tile: the rows are then enough for the tensor cores' rate to matter, which fp8 operands double."""
     per_expert = tokens * top_k / num_experts
     if per_expert <= 1:  # decode: each expert sees ~1 row, weight streaming dominates
         cands = [_cfg(16, 32, 128, 4, 4, 64, 128, 4, 4), _cfg(16, 64, 128, 4, 4, 128, 64, 4, 4),
@@ -580,7 +686,7 @@ def moe_candidates(tokens: int, top_k: int, num_experts: int, elem_bytes: int = 
             c["BLOCK_K1"], c["BLOCK_K2"] = max(16, c["BLOCK_K1"] // 2), max(16, c["BLOCK_K2"] // 2)
             c["S1"], c["S2"] = min(c["S1"], 2), min(c["S2"], 2)
     if scale_k is not None:
-        if per_expert > 16 and elem_bytes == 2:  # W8A8: fp8 K tiles twice as deep, the same bytes as bf16's
+        if a8 and per_expert > 16 and elem_bytes == 2:  # W8A8: fp8 K tiles twice as deep, the same bytes as bf16's
             cands += [dict(c, A8=1, BLOCK_K1=2 * c["BLOCK_K1"], BLOCK_K2=2 * c["BLOCK_K2"]) for c in cands]
         fitted = [_fit_scale_blocks(c, *scale_k) for c in cands]
         # fp8 tl.dot takes K tiles of 32 or more

@@ -32,7 +32,8 @@ their order; a layer whose input a TP split cuts (row-parallel) and the experts 
 CPU reference: dequantize on each call, w = (q - z) * s per group in fp32, cast to the activation dtype, then the
 dense matmul (layers keep 0.5 byte/weight + scales resident, as the planner sizes them; the reference is exactly
 the stored integers). CUDA (chosen once in `finalize`): kernels.int4_linear's W4A16 GEMM for linear layers,
-kernels.int4_moe (dequantized in the kernel, on the fused_moe align/sort path) for the experts.
+kernels.fused_moe with the codes, scales and zeros for the experts (unpacked in its kernels, the bf16 experts' own
+configs and tuning).
 """
 
 from __future__ import annotations
@@ -607,10 +608,12 @@ class Int4MoEMethod:
         from moeserve.layers.experts import experts_reference
 
         if self.use_kernel:
-            from moeserve.kernels.int4_moe import int4_fused_moe
+            from moeserve.kernels.fused_moe import fused_moe
 
-            return int4_fused_moe(x, self.tensors(experts, "w13"), self.tensors(experts, "w2"), self.cfg.group,
-                                  weights, ids, experts.expert_map)
+            (p13, s13, z13), (p2, s2, z2) = self.tensors(experts, "w13"), self.tensors(experts, "w2")
+            g = self.cfg.group
+            return fused_moe(x, p13, p2, weights, ids, expert_map=experts.expert_map, w13_scale=s13, w2_scale=s2,
+                             blocks={"w13": (1, g), "w2": (1, g)}, w13_zeros=z13, w2_zeros=z2)
         w13, w2 = self.dequantize(experts, "w13", x.dtype), self.dequantize(experts, "w2", x.dtype)
         return experts_reference(x, w13, w2, weights, ids, experts.expert_map)
 
