@@ -110,6 +110,17 @@ def _zero(z_col, k0, n_ok, kb, mask, SBK: tl.constexpr, WSCALE: tl.constexpr, N_
 
 
 @triton.jit
+def _side_cols(s_ptr, z_ptr, e, n, stride_se, stride_sn, s_up, SBN: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """Each column's row of scales for gate (or down) and for up (s_up rows further), and of int4 zeros (the same
+    layout; without zeros the scales' pointers stand in, never read)."""
+    off = e * stride_se + (n // SBN) * stride_sn
+    z_base = s_ptr
+    if HAS_ZEROS:
+        z_base = z_ptr
+    return s_ptr + off, s_ptr + off + s_up * stride_sn, z_base + off, z_base + off + s_up * stride_sn
+
+
+@triton.jit
 def _dot8(a, w, DOT_F32: tl.constexpr):
     """A8: e4m3 x e4m3 -> fp32 on the fp8 tensor cores (the interpreter: both already widened to fp32)."""
     if DOT_F32:
@@ -144,13 +155,8 @@ def _gate_up_kernel(
     a_ptrs = x_ptr + tok[:, None] * stride_xt + kk[None, :]
     g_ptrs = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn + _kpos(kk, PACK)[:, None]
     u_ptrs = g_ptrs + I * stride_wn
-    if WSCALE != 0:  # each column's scale row: gate's, then up's s_up rows further (int4 zeros: the same layout)
-        g_off = e * stride_se + (n // SBN) * stride_sn
-        gs_col = s_ptr + g_off
-        us_col = gs_col + s_up * stride_sn
-        if HAS_ZEROS:
-            gz_col = z_ptr + g_off
-            uz_col = gz_col + s_up * stride_sn
+    if WSCALE != 0:
+        gs_col, us_col, gz_col, uz_col = _side_cols(s_ptr, z_ptr, e, n, stride_se, stride_sn, s_up, SBN, HAS_ZEROS)
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -227,12 +233,7 @@ def _gate_up_gemv_kernel(
     g_ptrs = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + _kpos(kk, PACK)[None, :]
     u_ptrs = w_ptr + e * stride_we + (n + I)[:, None].to(tl.int64) * stride_wn + _kpos(kk, PACK)[None, :]
     if WSCALE != 0:
-        g_off = e * stride_se + (n // SBN) * stride_sn
-        gs_col = s_ptr + g_off
-        us_col = gs_col + s_up * stride_sn
-        if HAS_ZEROS:
-            gz_col = z_ptr + g_off
-            uz_col = gz_col + s_up * stride_sn
+        gs_col, us_col, gz_col, uz_col = _side_cols(s_ptr, z_ptr, e, n, stride_se, stride_sn, s_up, SBN, HAS_ZEROS)
     if LATE_SUM:  # element-wise products over the K loop, summed once after it: no cross-thread reduce per step
         acc_g2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         acc_u2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -321,9 +322,7 @@ def _down_kernel(
     a_ptrs = inter_ptr + row[:, None] * stride_it + kk[None, :]
     b_ptrs = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn + _kpos(kk, PACK)[:, None]
     if WSCALE != 0:
-        s_col = s_ptr + e * stride_se + (n // SBN) * stride_sn
-        if HAS_ZEROS:
-            z_col = z_ptr + e * stride_se + (n // SBN) * stride_sn
+        s_col, _, z_col, _ = _side_cols(s_ptr, z_ptr, e, n, stride_se, stride_sn, 0, SBN, HAS_ZEROS)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, I, BLOCK_K):
         if EVEN_K and EVEN_N:
@@ -389,9 +388,7 @@ def _down_sum_kernel(
         a_ptrs = inter_ptr + pair.to(tl.int64) * stride_it + kk
         b_ptrs = w_ptr + tl.maximum(e, 0) * stride_we + n[:, None].to(tl.int64) * stride_wn + _kpos(kk, PACK)[None, :]
         if WSCALE != 0:
-            s_col = s_ptr + tl.maximum(e, 0) * stride_se + (n // SBN) * stride_sn
-            if HAS_ZEROS:
-                z_col = z_ptr + tl.maximum(e, 0) * stride_se + (n // SBN) * stride_sn
+            s_col, _, z_col, _ = _side_cols(s_ptr, z_ptr, tl.maximum(e, 0), n, stride_se, stride_sn, 0, SBN, HAS_ZEROS)
         part = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, k_end, BLOCK_K):
             if EVEN_K and EVEN_N:
