@@ -522,6 +522,75 @@ def bench_fp8_linear(ceil) -> list[dict]:
     return rows
 
 
+def fp8_matmul_TFLOPs() -> float | None:
+    """The fp8 (e4m3 x e4m3 -> bf16, per-tensor scales) matmul ceiling of this GPU: torch._scaled_mm at 8192^3;
+    None where it does not run (the interpreter, pre-Hopper)."""
+    if DEV != "cuda":
+        return None
+    m = 8192
+    a = torch.randn(m, m, device=DEV).to(torch.float8_e4m3fn)
+    b = torch.randn(m, m, device=DEV).to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device=DEV)
+    try:
+        ms = eager_ms(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16), rep=300)
+    except (RuntimeError, TypeError) as exc:
+        say(f"  fp8 matmul ceiling: not measured ({type(exc).__name__}: {str(exc)[:80]})")
+        return None
+    return 2 * m ** 3 / (ms * 1e-3) / 1e12
+
+
+def bench_fp8_moe(ceil) -> list[dict]:
+    """qwen3-30b-a3b's experts in fp8 (Qwen3-FP8's [128, 128] block scales) beside the same experts in bf16, per
+    token count: the best W8A16 form (fp8 tiles widened) and the best W8A8 form (fp8 x fp8 tensor cores, offered at
+    16+ rows an expert) among fused_moe's candidates, then the tuned choice; TFLOP/s beside the fp8 matmul
+    ceiling measured here."""
+    from moeserve.kernels import fused_moe as fm
+    from moeserve.kernels import reference
+    from moeserve.kernels.autotune import bucket
+    from moeserve.layers.quant.fp8 import _expand, quantize_blocks
+
+    block = (128, 128) if not SMOKE else (32, 32)  # smoke: K tiles of 32, the W8A8 forms' smallest
+    fp8_peak = fp8_matmul_TFLOPs()
+    say(f"fused_moe with fp8 experts (E={E}, K={K}, H={H}, I={INTER}, {block[0]}x{block[1]} blocks) beside bf16; "
+        f"fp8 matmul ceiling {fp8_peak and f'{fp8_peak:.0f} TFLOP/s'}:")
+    w13, w2 = moe_inputs(1, E, K, H, INTER, torch.bfloat16)[1:3]
+    q13, s13 = (torch.stack(t) for t in zip(*[quantize_blocks(w13[e], block) for e in range(E)]))
+    q2, s2 = (torch.stack(t) for t in zip(*[quantize_blocks(w2[e], block) for e in range(E)]))
+    blocks = {"w13": block, "w2": block}
+    scales = (s13, s2, blocks, (None, None), 1)
+    scale_k = (block[1] if block[1] < H else 0, block[1] if block[1] < INTER else 0)
+    rows = []
+    for T in (1, 8, 32, 128, 1024, 8192) if not SMOKE else (1, 130):
+        x, _, _, tw, ids = moe_inputs(T, E, K, H, INTER, torch.bfloat16, (w13, w2))
+        hit = len(torch.unique(ids))
+        bytes_ = hit * (3 * H * INTER + s13[0].numel() * 4 + s2[0].numel() * 4) + 2 * T * H * 2 + T * K * 8
+        flops = 2 * T * K * 3 * H * INTER
+        inter1 = torch.empty(T * K, INTER, dtype=torch.bfloat16, device=DEV)
+        inter2 = torch.empty(T * K, H, dtype=torch.bfloat16, device=DEV)
+        out = torch.empty(T, H, dtype=torch.bfloat16, device=DEV)
+        cands = fm.moe_candidates(bucket(T), K, E, 2, scale_k, a8=True)
+        timed = time_candidates(f"fp8 T={T}", cands, bytes_, lambda c: [
+            lambda: fm._moe_chunk(c, x, q13, q2, tw, ids, out, inter1, inter2, None, scales)])
+        best = {form: min(((t, c) for t, c in timed if bool(c.get("A8")) == a8), default=(None, None), key=lambda v: v[0])
+                for form, a8 in (("W8A16", False), ("W8A8", True))}
+        ms = graph_ms([lambda: fm.fused_moe(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2, blocks=blocks)])
+        bf16_ms = graph_ms([lambda: fm.fused_moe(x, w13, w2, tw, ids)])
+        extra = {"tokens": T, "experts_hit": hit, "bf16_ms": bf16_ms, "fp8_matmul_TFLOPs": fp8_peak,
+                 **{f"best_{form}_ms": t for form, (t, _) in best.items()},
+                 **{f"best_{form}_config": c for form, (_, c) in best.items()}}
+        r = row(f"fused_moe fp8 T={T}", ms, bytes_=bytes_, flops=flops, ceil=ceil, mode="graph", extra=extra)
+        say("    " + ", ".join(f"best {form} {t * 1e3:.1f} us" for form, (t, _) in best.items() if t)
+            + f"; bf16 {bf16_ms * 1e3:.1f} us (fp8 {bf16_ms / ms:.2f}x)"
+            + (f"; {r['TFLOPs']:.0f} TFLOP/s = {100 * r['TFLOPs'] / fp8_peak:.0f} % of fp8 peak" if fp8_peak else ""))
+        ref = reference.ref_fused_moe(x.float(), _expand(q13, s13, *block), _expand(q2, s2, *block), tw, ids)
+        post_check(f"fused_moe fp8 T={T}", fm.fused_moe(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2,
+                                                        blocks=blocks), ref)
+        rows.append(r)
+        del ref, inter1, inter2
+        empty_cache()
+    return rows
+
+
 def bench_attention(ceil, quick: bool) -> list[dict]:
     from moeserve.kernels import attention, reference
 
@@ -894,8 +963,8 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for the JSON and the log ($OUT)")
     ap.add_argument("--quick", action="store_true", help="fewer token counts")
     ap.add_argument("--skip-checks", action="store_true")
-    ap.add_argument("--only", choices=("mla_prefill", "mla_decode", "fp8_linear", "router", "shared_prefix",
-                                               "align", "moe_sweep"), nargs="+",
+    ap.add_argument("--only", choices=("mla_prefill", "mla_decode", "fp8_linear", "fp8_moe", "router",
+                                               "shared_prefix", "align", "moe_sweep"), nargs="+",
                     help="time only these cases (after the ceilings)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton interpreter (tests the script)")
     args = ap.parse_args()
@@ -932,7 +1001,8 @@ def main() -> int:
                  "align": lambda: bench_align(result["ceilings"]),
                  "shared_prefix": lambda: bench_shared_prefix(result["ceilings"], sweep=True),
                  "moe_sweep": lambda: bench_moe_sweep(result["ceilings"]),
-                 "fp8_linear": lambda: bench_fp8_linear(result["ceilings"])}
+                 "fp8_linear": lambda: bench_fp8_linear(result["ceilings"]),
+                 "fp8_moe": lambda: bench_fp8_moe(result["ceilings"])}
         for case in args.only:
             rows += cases[case]()
         result["checks"] += POST_CHECKS
@@ -944,6 +1014,7 @@ def main() -> int:
         rows += bench_moe(result["ceilings"], tokens)
         rows += bench_linear(result["ceilings"])
         rows += bench_fp8_linear(result["ceilings"])
+        rows += bench_fp8_moe(result["ceilings"])
         rows += bench_attention(result["ceilings"], args.quick)
         rows += bench_shared_prefix(result["ceilings"])
         rows += bench_mla_prefill(result["ceilings"], args.quick)
