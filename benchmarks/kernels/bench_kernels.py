@@ -571,8 +571,8 @@ def bench_fp8_moe(ceil) -> list[dict]:
         cands = fm.moe_candidates(bucket(T), K, E, 2, scale_k, a8=True)
         timed = time_candidates(f"fp8 T={T}", cands, bytes_, lambda c: [
             lambda: fm._moe_chunk(c, x, q13, q2, tw, ids, out, inter1, inter2, None, scales)])
-        best = {form: min(((t, c) for t, c in timed if bool(c.get("A8")) == a8), default=(None, None), key=lambda v: v[0])
-                for form, a8 in (("W8A16", False), ("W8A8", True))}
+        best = {form: min(((t, c) for t, c in timed if bool(c.get("A8")) == a8), default=(None, None),
+                          key=lambda v: v[0]) for form, a8 in (("W8A16", False), ("W8A8", True))}
         ms = graph_ms([lambda: fm.fused_moe(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2, blocks=blocks)])
         bf16_ms = graph_ms([lambda: fm.fused_moe(x, w13, w2, tw, ids)])
         extra = {"tokens": T, "experts_hit": hit, "bf16_ms": bf16_ms, "fp8_matmul_TFLOPs": fp8_peak,

@@ -186,7 +186,8 @@ def initialize_model_parallel(lay: ParallelLayout, ranks_per_node: int | None = 
         device = torch.device("cuda", torch.cuda.current_device())
         for name in ("tp", "ep"):  # all-reduces happen only in these (row-parallel layers, experts, LM head)
             g = _groups.get(name)
-            if g is not None and g.size >= max(2, lay.custom_all_reduce) and g.fast_all_reduce is None:  # may be one group
+            # TP's and EP's may be one group: made once
+            if g is not None and g.size >= max(2, lay.custom_all_reduce) and g.fast_all_reduce is None:
                 g.fast_all_reduce = make_symmetric_all_reduce(g.group, g.ranks, ranks_per_node or world, device)
 
 

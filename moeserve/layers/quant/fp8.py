@@ -273,10 +273,7 @@ class Fp8LinearMethod:
         for *_, full in pieces:
             offsets.append(rows)
             rows += full
-        t = materialize(loaded).to(torch.float32).reshape(-1)
-        if t.numel() not in (1, rows):
-            raise ScaleError(f"scale tensor has shape {shape_of(loaded)}, but the weight implies one scale per "
-                             f"tensor or per output row ({rows})")
+        t = _row_scales(loaded, rows, "the weight")
         for (src, length, dst, _), off in zip(pieces, offsets):
             param.data[dst:dst + length, 0] = t if t.numel() == 1 else t[off + src:off + src + length]
         return sum(length for _, length, _, _ in pieces)
@@ -463,11 +460,10 @@ class Fp8MoEMethod:
 
     def _load_row_scale(self, experts, param: str, tensor, local: int, proj: str) -> int:
         """gate / up: [I] or [I, 1] (this rank's 1/tp of them under TP) or one value; down: [H] or [H, 1] or one."""
+        if proj not in ("gate", "up", "down"):
+            raise ValueError(f"fp8 scale for projection {proj!r} is not supported (per-expert gate/up/down only).")
         rows = experts.intermediate_size if proj in ("gate", "up") else experts.w13.shape[2]
-        t = materialize(tensor).to(torch.float32).reshape(-1)
-        if proj not in ("gate", "up", "down") or t.numel() not in (1, rows):
-            raise ScaleError(f"scale tensor has shape {shape_of(tensor)}, but the {proj} weight implies one scale "
-                             f"per tensor or per output row ({rows})")
+        t = _row_scales(tensor, rows, f"the {proj} weight")
         target = getattr(experts, f"{param}_{SCALE}").data[local, :, 0]
         if proj != "down":
             i_loc = experts.local_intermediate
@@ -504,6 +500,16 @@ class Fp8MoEMethod:
                              blocks=self.blocks)
         w13, w2 = self.dequantize(experts, "w13", x.dtype), self.dequantize(experts, "w2", x.dtype)
         return experts_reference(x, w13, w2, weights, ids, experts.expert_map)
+
+
+def _row_scales(loaded, rows: int, what: str) -> torch.Tensor:
+    """A per-channel ([rows] or [rows, 1]) or per-tensor ([] or [1]) checkpoint scale, flat fp32; ScaleError for
+    any other shape."""
+    t = materialize(loaded).to(torch.float32).reshape(-1)
+    if t.numel() not in (1, rows):
+        raise ScaleError(f"scale tensor has shape {shape_of(loaded)}, but {what} implies one scale per tensor or per "
+                         f"output row ({rows})")
+    return t
 
 
 def _expand(w: torch.Tensor, s: torch.Tensor, bn: int, bk: int) -> torch.Tensor:

@@ -59,8 +59,8 @@ D)
     "tp2:tensor_parallel_size=2" --workloads latency --latency-repeats 3 --budget-s 180 2>&1 | tail -8
   pack callD mixtral-tp2 ;;
 E)
-  bash benchmarks/peers/vllm/device_receive.sh p4 && bash benchmarks/peers/vllm/device_install.sh > "$O/vllm-install.log" 2>&1
-  tail -2 "$O/vllm-install.log"
+  bash benchmarks/peers/vllm/device_receive.sh p4 && bash benchmarks/peers/vllm/device_install.sh > "$O/vllm_import_audit.log" 2>&1
+  tail -2 "$O/vllm_import_audit.log"
   ENGINE=vllm suite qwen3-30b-a3b-fp8 vllm-fp8
   pack callE vllm-fp8 ;;
 F)
