@@ -179,6 +179,7 @@ def test_every_candidate_matches_reference(M):
     tol = 1e-2 if CUDA else 2e-3
     for N, K, block in SPLIT_SHAPES:
         cands = fk.fp8_candidates(bucket(M), N, K, block[1], sms=132 if CUDA else 4)
+        cands = [c for c in cands if not c.get("GEMV")]  # the W8A16 forms: test_every_gemv_config_matches_reference
         assert any(c["SPLIT_K"] > 1 for c in cands)
         # beside them: no split (twice, so that one runs with bias and one without), 3 and 8 splits
         configs = cands + [fk._c(16, 16, 1, 4, 3), fk._c(16, 64, 1, 4, 3), fk._c(16, 32, 3, 4, 3),
@@ -209,6 +210,12 @@ def test_split_ranges_cover_whole_scale_blocks():
             cands = fk.fp8_candidates(rows, N, K, 128, sms=132)
             assert len({tuple(c.items()) for c in cands}) == len(cands)
             programs = []
+            gemvs = [c for c in cands if c.get("GEMV")]
+            assert bool(gemvs) == (rows <= fk.GEMV_ROWS)
+            for c in gemvs:  # whole scale blocks a step, products within the register budget
+                assert c["SUB"] >= 1 and c["BLOCK_N"] * 128 * rows <= fk.GEMV_TILE
+                assert 2 * c["SPLIT_K"] <= max(2, K // (128 * c["SUB"]))
+            cands = [c for c in cands if not c.get("GEMV")]
             for c in cands:
                 assert c["BLOCK_M"] == max(16, rows) and c["SPLIT_K"] & (c["SPLIT_K"] - 1) == 0
                 assert 2 * c["SPLIT_K"] <= K // 128
@@ -266,3 +273,59 @@ def test_channel_gemm_split_k(M):
         out = fk.fp8_channel_linear(x.to(DEVICE, dtype), wq.to(DEVICE), ws.to(DEVICE), b.to(DEVICE, dtype),
                                     block_k=32, config=cfg)
         assert _rel(out, ref) < (1e-2 if CUDA else 2e-3), cfg
+
+
+# ---------------------------------------------------------------------------------------------- W8A16 GEMV
+def _gemv_configs(M, N, K, block):
+    """The tuner's GEMV candidates, and beside them: one scale block a step, steps past K (a partial last step),
+    3 and 8 splits (ranges of one step, more splits than steps)."""
+    cands = fk.gemv_candidates(bucket(M), N, K, block[1], sms=132 if CUDA else 4)
+    assert cands
+    return cands + [fk._g(16, 1, 1, 4, 3), fk._g(8, 4, 1, 4, 3), fk._g(16, 2, 3, 4, 3), fk._g(8, 1, 8, 2, 2)]
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+def test_every_gemv_config_matches_reference(M):
+    """W8A16: x as it is times the dequantized weight, fp64; a K step that reads its neighbour block's scale (the
+    check's `wrong`) is far outside the tolerance, and every output element is written (NaN-filled out)."""
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    tol = 1e-2 if CUDA else 1e-5
+    for N, K, block in SPLIT_SHAPES:
+        for i, cfg in enumerate(_gemv_configs(M, N, K, block)):
+            x, wq, ws, b = _block_problem(M, N, K, block, i % 2 == 1, seed=M + N + K + i)
+            xd = x.to(dtype)
+            bd = None if b is None else b.to(dtype)
+            ref = xd.double() @ _expand(wq, ws, *block).double().t() + (0 if bd is None else bd.double())
+            wrong = xd.double() @ _expand(wq, ws.roll(1, dims=1), *block).double().t()
+            out = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
+            fk.fp8_gemv(xd.to(DEVICE), wq.to(DEVICE), ws.to(DEVICE), None if bd is None else bd.to(DEVICE), out,
+                        cfg, block[0], block[1])
+            err = _rel(out, ref)
+            assert err < tol, (N, K, cfg, b is not None, err)
+            assert _rel(out, wrong) > 20 * tol
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_channel_gemv_matches_reference(M):
+    """Online fp8 (a scale per output row) in the GEMV form, split and not: W8A16 against fp64."""
+    from moeserve.layers.quant.fp8 import quantize_rows
+
+    N, K = 33, 100
+    g = torch.Generator().manual_seed(M)
+    wq, ws = quantize_rows(torch.randn(N, K, generator=g) / K ** 0.5 * torch.logspace(-2, 2, N)[:, None])
+    x = torch.randn(M, K, generator=g)
+    b = torch.randn(N, generator=g)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    xd, bd = x.to(dtype), b.to(dtype)
+    ref = xd.double() @ (wq.double() * ws.double()).t() + bd.double()
+    for cfg in (fk._g(16, 2, 1, 4, 3), fk._g(8, 1, 4, 4, 3), fk._g(32, 4, 1, 4, 3)):
+        out = fk.fp8_channel_linear(xd.to(DEVICE), wq.to(DEVICE), ws.to(DEVICE), bd.to(DEVICE), block_k=32,
+                                    config=cfg)
+        assert _rel(out, ref) < (1e-2 if CUDA else 1e-5), cfg
+
+
+def test_gemv_refuses_more_rows():
+    wq = torch.zeros(16, 64, device=DEVICE).to(torch.float8_e4m3fn)
+    x = torch.zeros(fk.GEMV_ROWS + 1, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="at most"):
+        fk.fp8_block_linear(x, wq, torch.ones(1, 2, device=DEVICE), (16, 32), config=fk._g(16, 1, 1, 4, 3))

@@ -480,15 +480,16 @@ def bench_linear(ceil) -> list[dict]:
 
 
 def bench_fp8_linear(ceil) -> list[dict]:
-    """DeepSeek-R1's fp8 (e4m3, [128, 128] block scales) dense projections at decode: every candidate of
-    kernels.fp8_linear, then the tuned choice (activation quantization included), on weight sets rotated past L2.
-    Bytes: the weight and its scales, x read, y written."""
-    from moeserve.kernels import fp8_linear
+    """DeepSeek-R1's and qwen3-30b-a3b's fp8 (e4m3, [128, 128] block scales) dense projections at decode: every
+    candidate of kernels.fp8_linear (the W8A8 GEMM with its activation quant, the W8A16 GEMV), then the tuned
+    choice, on weight sets rotated past L2. Bytes: the weight and its scales, x read, y written."""
+    from moeserve.kernels import autotune, fp8_linear
     from moeserve.kernels.autotune import bucket
     from moeserve.layers.quant.fp8 import _expand
 
     shapes = (("q_a_proj", 1536, 7168), ("q_b_proj", 24576, 1536), ("kv_a_proj", 576, 7168),
-              ("o_proj", 7168, 16384), ("shared gate_up", 4096, 7168), ("shared down", 7168, 2048))
+              ("o_proj", 7168, 16384), ("shared gate_up", 4096, 7168), ("shared down", 7168, 2048),
+              ("qwen3-30b qkv_proj", 5120, 2048), ("qwen3-30b o_proj", 2048, 4096))
     block = (128, 128)
     if SMOKE:
         shapes, block = (("q_a_proj", 96, 256), ("kv_a_proj", 40, 320)), (16, 32)
@@ -502,19 +503,21 @@ def bench_fp8_linear(ceil) -> list[dict]:
         sets = max(2, min(64, math.ceil(120e6 / w_bytes))) if not SMOKE else 2
         ws = [((torch.randn(N, Kd, device=DEV) * 64).to(torch.float8_e4m3fn),
                torch.rand(-(-N // bn), -(-Kd // bk), device=DEV) * 1e-3 + 1e-4) for _ in range(sets)]
-        for M in (1, 32) if not SMOKE else (1, 3):
+        for M in (1, 4, 32) if not SMOKE else (1, 3):
             x = torch.randn(M, Kd, device=DEV, dtype=dtype)
             q, s = fp8_linear.quantize_act(x, bk)
             bytes_ = w_bytes + (M * Kd + M * N) * 2
-            timed = time_candidates(
+            timed = time_candidates(  # each with its activation quant (W8A8) or none (the W8A16 GEMV)
                 f"{name} M={M}", fp8_linear.fp8_candidates(bucket(M), N, Kd, bk, fp8_linear._sms(x.device)), bytes_,
-                lambda c: [lambda w=w, sc=sc: fp8_linear.fp8_gemm(q, s, w, sc, None, torch.empty(
-                    M, N, dtype=dtype, device=DEV), c, bn, bk) for w, sc in ws])
+                lambda c: [lambda w=w, sc=sc: fp8_linear.run_config(c, x, w, sc, None, torch.empty(
+                    M, N, dtype=dtype, device=DEV), bn, bk) for w, sc in ws])
             ms = graph_ms([lambda w=w, sc=sc: fp8_linear.fp8_block_linear(x, w, sc, block) for w, sc in ws])
             rows.append(row(f"fp8_linear {name} M={M} ({N}x{Kd})", ms, bytes_=bytes_, flops=2 * M * N * Kd,
                             ceil=ceil, mode="graph", extra={"candidates": [[c, t] for t, c in timed]}))
             w, sc = ws[0]
-            ref = _expand(q.unsqueeze(0), s.unsqueeze(0), 1, bk)[0] @ _expand(w, sc, bn, bk).t()
+            key = f"fp8_linear|M={bucket(M)}|N={N}|K={Kd}|block={bn}x{bk}|bfloat16"
+            xr = x.float() if autotune.get_tuner().report()[key]["config"].get("GEMV") else _expand(q.unsqueeze(0), s.unsqueeze(0), 1, bk)[0]
+            ref = xr @ _expand(w, sc, bn, bk).t()  # the chosen form's arithmetic: W8A16 or W8A8
             post_check(f"fp8_linear {name} M={M}", fp8_linear.fp8_block_linear(x, w, sc, block), ref)
             del ref
         del ws

@@ -19,6 +19,14 @@ rounds once. No atomics: the sum order is fixed, so eager and CUDA-graph replay 
 buffer's size depends on shapes only. More rows: one heuristic config (64 x 128 tiles, split-K only where the
 tiles do not fill the GPU once).
 
+  _gemv_kernel        W8A16 for 1-4 rows (configs with GEMV): x is not quantized, each e4m3 weight is widened to fp32,
+                      scaled by its block's scale and multiplied into element-wise fp32 products that are summed
+                      over K once, after the loop (kernels.linear's GEMV form). A K step covers SUB scale blocks, so
+                      a program keeps as many bytes in flight as bf16's 512-wide steps. At batch 1 the tensor-core
+                      form pads one row to 16 and needs its activation-quant launch (and often a split-K reduce)
+                      beside it: qwen3-30b-a3b's qkv took 5.9 + 1.3 us where bf16's GEMV took 6.9 for twice the
+                      bytes (session 14). The tuner times both forms, quantization included, per shape.
+
 Reference: layers/quant/fp8 (dequantize weight and, for this kernel's exact arithmetic, `quantize_act_groups`
 for the activations). Requires bk a power of two >= 32 (fp8 tl.dot's smallest K; 128 in every published
 checkpoint); the layer falls back to the reference otherwise.
@@ -38,6 +46,8 @@ from moeserve.kernels.autotune import Config, StreamedRun, bucket, get_tuner
 
 FP8_MAX = 448.0
 MAX_TUNED_ROWS = 64  # up to this many rows: one M tile, configs tuned per shape; above: _large_config
+GEMV_ROWS = 4  # up to this many rows the tuner also times the W8A16 GEMV form
+GEMV_TILE = 8192  # fp32 products a GEMV program holds (rows x BLOCK_N x BLOCK_K): 64 registers a thread at 4 warps
 
 
 @triton.jit
@@ -104,6 +114,57 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K, tiles_per_split, stride_xm, stride_wn,
+                 stride_wsn, stride_om, SCALE_N: tl.constexpr, M_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, SUB: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr):
+    """Program (pid_n, pid_k): steps [pid_k * tiles_per_split, + tiles_per_split) of SUB scale blocks (BLOCK_K
+    columns each) for BLOCK_N outputs of all M rows; SPLIT: the fp32 partial goes to part[pid_k]."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    m = tl.arange(0, M_P)
+    m_ok = m < M
+    kk = tl.arange(0, BLOCK_K)
+    t0 = pid_k * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, SUB * BLOCK_K))
+    x_ptrs = x_ptr + m[:, None] * stride_xm + t0 * SUB * BLOCK_K + kk[None, :]
+    w_ptrs = w_ptr + n[:, None].to(tl.int64) * stride_wn + t0 * SUB * BLOCK_K + kk[None, :]
+    ws_ptrs = ws_ptr + (n // SCALE_N) * stride_wsn + t0 * SUB
+    acc3 = tl.zeros([M_P, BLOCK_N, BLOCK_K], tl.float32)
+    for t in range(t0, t1):
+        for j in tl.static_range(SUB):
+            if EVEN_K:
+                x = tl.load(x_ptrs + j * BLOCK_K, mask=m_ok[:, None], other=0.0)
+                w = tl.load(w_ptrs + j * BLOCK_K, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
+            else:
+                k_ok = kk + (t * SUB + j) * BLOCK_K < K
+                x = tl.load(x_ptrs + j * BLOCK_K, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs + j * BLOCK_K, mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                            eviction_policy="evict_first")
+            w = w.to(tl.float32)
+            if not PER_CHANNEL:  # this block's scale, one per output row; past K (a partial step): no block, 0
+                live = n_ok & (n * 0 + (t * SUB + j) * BLOCK_K < K)
+                w = w * tl.load(ws_ptrs + j, mask=live, other=0.0)[:, None]
+            acc3 += x.to(tl.float32)[:, None, :] * w[None, :, :]
+        x_ptrs += SUB * BLOCK_K
+        w_ptrs += SUB * BLOCK_K
+        ws_ptrs += SUB
+    acc = tl.sum(acc3, axis=2)
+    if PER_CHANNEL:  # linear in the partial: each split scales its own
+        acc *= tl.load(ws_ptr + n * stride_wsn, mask=n_ok, other=0.0)[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT:
+        tl.store(part_ptr + (pid_k * M + m[:, None]).to(tl.int64) * N + n[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + m[:, None].to(tl.int64) * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
 def quantize_act(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], fp32 scales [M, ceil(K/group)]), per token per group of `group` columns."""
     runtime.check_device("fp8 activation quant", x)
@@ -150,6 +211,27 @@ def fp8_candidates(rows: int, n: int, k: int, block_k: int, sms: int) -> list[Co
             cands.append(_c(bm, bn, 2 * split, warps, 4))
         if bn <= 32:  # small tiles: more of them in flight per program
             cands.append(_c(bm, bn, split, warps, 6))
+    return cands + gemv_candidates(rows, n, k, block_k, sms) if rows <= GEMV_ROWS else cands
+
+
+def _g(bn: int, sub: int, split: int, warps: int, stages: int) -> Config:
+    return {"GEMV": 1, "BLOCK_N": bn, "SUB": sub, "SPLIT_K": split, "W": warps, "S": stages}
+
+
+def gemv_candidates(rows: int, n: int, k: int, block_k: int, sms: int) -> list[Config]:
+    """W8A16 GEMV configs for `rows` <= GEMV_ROWS: steps of 512 / 256 / 128 columns at 1 / 2 / 4 rows (whole
+    scale blocks, at most 4), BLOCK_N as wide as GEMV_TILE allows, split-K to >= 2 programs per SM."""
+    rows_p = runtime.next_pow2(rows)
+    sub = max(1, min(4, (512 // rows_p) // block_k))
+    steps = max(1, triton.cdiv(k, sub * block_k))
+    cands: list[Config] = []
+    for bn in (16, 32, 8, 64):
+        if rows_p * bn * block_k > GEMV_TILE:
+            continue
+        split = _split_for(triton.cdiv(n, bn), steps, 2 * sms)
+        cands.append(_g(bn, sub, split, 4, 3))
+        if 4 * split <= steps:
+            cands.append(_g(bn, sub, 2 * split, 4, 3))
     return cands
 
 
@@ -165,8 +247,8 @@ def _sms(device: torch.device) -> int:
     return runtime.num_sms(device)
 
 
-def _choose(q, s, weight, ws, bias, out, scale_n: int, block_k: int, per_channel: bool, tag: str) -> Config:
-    m, k = q.shape
+def _choose(x, weight, ws, bias, out, scale_n: int, block_k: int, per_channel: bool, tag: str) -> Config:
+    m, k = x.shape
     n = weight.shape[0]
     sms = _sms(out.device)
     if m > MAX_TUNED_ROWS:
@@ -176,7 +258,7 @@ def _choose(q, s, weight, ws, bias, out, scale_n: int, block_k: int, per_channel
     cands = fp8_candidates(rows, n, k, block_k, sms)
 
     def run(cfg: Config, w: torch.Tensor, w_s: torch.Tensor) -> torch.Tensor:
-        return fp8_gemm(q, s, w, w_s, bias, torch.empty_like(out), cfg, scale_n, block_k, per_channel)
+        return run_config(cfg, x, w, w_s, bias, torch.empty_like(out), scale_n, block_k, per_channel)
 
     return get_tuner().choose("fp8_linear", key, cands, StreamedRun(run, weight, ws), cands[0])
 
@@ -201,32 +283,71 @@ def fp8_gemm(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_scal
                        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, EVEN_K=k % block_k == 0,
                        SPLIT=split > 1, HAS_BIAS=has_bias, PER_CHANNEL=per_channel, num_warps=cfg["W"],
                        num_stages=cfg["S"])
+    return _sum_splits(part, bias, out, split)
+
+
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+             out: torch.Tensor, cfg: Config, scale_n: int, block_k: int, per_channel: bool = False) -> torch.Tensor:
+    """out = x @ (weight * weight_scale)^T (+ bias) with one GEMV config, x [M <= GEMV_ROWS, K] as it is (W8A16).
+    block_k: the weight's K block (per_channel: the K tile, scales applied after the loop)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > GEMV_ROWS or x.stride(-1) != 1:
+        raise ValueError(f"fp8 GEMV: config {cfg} takes at most {GEMV_ROWS} contiguous rows, not {m}")
+    step = cfg["SUB"] * block_k
+    steps = max(1, triton.cdiv(k, step))
+    per = triton.cdiv(steps, cfg["SPLIT_K"])
+    split = triton.cdiv(steps, per)  # no empty ranges
+    part = torch.empty(split, m, n, dtype=torch.float32, device=out.device) if split > 1 else out
+    has_bias = bias is not None
+    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
+        x, weight, weight_scale, bias if has_bias else out, out, part, m, n, k, per, x.stride(0), weight.stride(0),
+        weight_scale.stride(0), out.stride(0), SCALE_N=scale_n, M_P=runtime.next_pow2(m), BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=block_k, SUB=cfg["SUB"], EVEN_K=k % step == 0, SPLIT=split > 1, HAS_BIAS=has_bias,
+        PER_CHANNEL=per_channel, num_warps=cfg["W"], num_stages=cfg["S"])
+    return _sum_splits(part, bias, out, split)
+
+
+def _sum_splits(part: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, split: int) -> torch.Tensor:
+    """kernels.linear's reduce of the split-K partials (+ bias) into out, rounded once; nothing without a split."""
     if split > 1:
+        m, n = out.shape
         block = 1024
         _linear._split_sum_kernel[(triton.cdiv(m * n, block),)](
-            part, bias if has_bias else part, out, m, n, out.stride(0), SPLIT_K=split, BLOCK=block,
-            HAS_BIAS=has_bias, num_warps=4)
+            part, part if bias is None else bias, out, m, n, out.stride(0), SPLIT_K=split, BLOCK=block,
+            HAS_BIAS=bias is not None, num_warps=4)
     return out
+
+
+def run_config(cfg: Config, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None, out: torch.Tensor, scale_n: int, block_k: int,
+               per_channel: bool = False) -> torch.Tensor:
+    """out = x @ W^T (+ bias) with one config of either form: the GEMV reads x as it is; the tensor-core GEMM
+    quantizes it first (per block_k columns, or per token over K when per_channel)."""
+    if cfg.get("GEMV"):
+        return fp8_gemv(x, weight, weight_scale, bias, out, cfg, scale_n, block_k, per_channel)
+    q, s = quantize_act(x, x.shape[1] if per_channel else block_k)
+    return fp8_gemm(q, s, weight, weight_scale, bias, out, cfg, scale_n, block_k, per_channel)
 
 
 def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
                      bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                      config: Config | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp32) @ (weight [N, K] e4m3 * block scales [ceil(N/bn), ceil(K/bk)])^T + bias -> [M, N].
-    `config`: one of fp8_candidates (tests, benchmarks); default: the tuned one."""
+    `config`: one of fp8_candidates (tests, benchmarks); default: the tuned one. The tensor-core configs quantize x
+    per token per bk columns (W8A8); the GEMV configs (at most GEMV_ROWS rows) keep it (W8A16)."""
     bn, bk = block
     if bk & (bk - 1) or bk < 32:  # fp8 tl.dot takes K tiles of 32 or more
         raise ValueError(f"fp8 block GEMM: the K block ({bk}) must be a power of two >= 32")
     runtime.check_device("fp8 block GEMM", x, weight, weight_scale)
     m, k = x.shape
     n = weight.shape[0]
-    q, s = quantize_act(x, bk)
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return out
-    ws = weight_scale.contiguous()
-    cfg = config or _choose(q, s, weight, ws, bias, out, bn, bk, False, f"{bn}x{bk}")
-    return fp8_gemm(q, s, weight, ws, bias, out, cfg, bn, bk)
+    x, ws = x.contiguous(), weight_scale.contiguous()
+    cfg = config or _choose(x, weight, ws, bias, out, bn, bk, False, f"{bn}x{bk}")
+    return run_config(cfg, x, weight, ws, bias, out, bn, bk)
 
 
 def fp8_channel_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -237,11 +358,10 @@ def fp8_channel_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
     runtime.check_device("fp8 per-channel GEMM", x, weight, weight_scale)
     m, k = x.shape
     n = weight.shape[0]
-    q, s = quantize_act(x, k)
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return out
-    ws = weight_scale.contiguous()
+    x, ws = x.contiguous(), weight_scale.contiguous()
     bk = min(max(block_k, 32), max(32, runtime.next_pow2(k)))
-    cfg = config or _choose(q, s, weight, ws, bias, out, 1, bk, True, f"channel{bk}")
-    return fp8_gemm(q, s, weight, ws, bias, out, cfg, 1, bk, per_channel=True)
+    cfg = config or _choose(x, weight, ws, bias, out, 1, bk, True, f"channel{bk}")
+    return run_config(cfg, x, weight, ws, bias, out, 1, bk, per_channel=True)
