@@ -112,7 +112,9 @@ def _candidates(kind):
     (_, bk1), (_, bk2) = KINDS[kind]["w13"], KINDS[kind]["w2"]
     scale_k = (bk1 if bk1 < H_ else 0, bk2 if bk2 < I_ else 0)
     elem = 2 if CUDA else 4  # bf16 on the GPU, fp32 in the interpreter
-    return [c for tokens in (1, 16, 128, 1024) for c in fm.moe_candidates(tokens, 8, 128, elem, scale_k, a8=True)]
+    # W8A8 forms (bf16 activations only) quantize the activations: test_w8a8_candidates_match_their_arithmetic
+    return [c for tokens in (1, 16, 128, 1024) for c in fm.moe_candidates(tokens, 8, 128, elem, scale_k, a8=True)
+            if not c.get("A8")]
 
 
 CANDIDATES = [(kind, c) for kind in KINDS for c in _candidates(kind)]

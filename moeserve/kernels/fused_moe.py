@@ -98,15 +98,19 @@ def _w4_codes(words, shift, zero):
 @triton.jit
 def _zero(z_col, k0, n_ok, kb, mask, SBK: tl.constexpr, WSCALE: tl.constexpr, N_AXIS: tl.constexpr):
     """int4 zeros, laid out as the scales (z_col: each column's row of them): one per column for the K tile
-    (WSCALE 1) or one per element (group index kb, mask), as a tile with the columns on N_AXIS."""
+    (WSCALE 1) or one per element (group index kb, mask), as a tile with the columns on N_AXIS. One return: the
+    compiler type-checks every return of a function, constexpr branches or not (the interpreter does not)."""
     if WSCALE == 1:
         z = tl.load(z_col + k0 // SBK, mask=n_ok, other=0).to(tl.float32)
         if N_AXIS == 1:
-            return z[None, :]
-        return z[:, None]
-    if N_AXIS == 1:
-        return tl.load(z_col[None, :] + kb, mask=mask, other=0).to(tl.float32)
-    return tl.load(z_col[:, None] + kb, mask=mask, other=0).to(tl.float32)
+            z = z[None, :]
+        else:
+            z = z[:, None]
+    elif N_AXIS == 1:
+        z = tl.load(z_col[None, :] + kb, mask=mask, other=0).to(tl.float32)
+    else:
+        z = tl.load(z_col[:, None] + kb, mask=mask, other=0).to(tl.float32)
+    return z
 
 
 @triton.jit

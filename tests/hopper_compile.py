@@ -1,0 +1,160 @@
+"""Compile, without a GPU, every constexpr form of the kernels with the most of them for an H100 (sm_90): Triton's
+front end and ptxas run here, nothing is launched. The interpreter the CPU tests use executes Python, so it
+accepts code the compiler refuses: session 14's int4 experts passed every interpreter test and then failed to
+compile on the H100 (a helper with returns of two shapes under constexpr branches). Run by
+tests/test_hopper_compile.py in a process of its own, since it swaps Triton's active driver for a stand-in.
+
+    python tests/hopper_compile.py      # prints one line per form, "FAILED" lines first; exit 1 if any failed
+
+Forms: fused_moe's four kernels for bf16, fp8 (scale blocks inside a K tile, per row, element-wise; W8A8) and int4
+(groups of 8 and 16, with zeros and symmetric) experts, one config per (SORT, FOLD, GEMV1, LATE, A8) at each token
+regime; fp8_linear's W8A8 GEMM and W8A16 GEMV, block and per-channel scales.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class _CompileOnlyDriver:
+    """What JITFunction.run asks the active driver for, answered for an sm_90 device that is never used."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+def compile_only() -> None:
+    """Every kernel launch from here on compiles (all stages, to a cubin) and returns without running."""
+    driver.set_active(_CompileOnlyDriver())
+    run = JITFunction.run
+
+    def warm(self, *args, grid, warmup, **kwargs):
+        return run(self, *args, grid=grid, warmup=True, **kwargs)
+
+    JITFunction.run = warm
+
+
+def _forms(cands: list[dict]) -> list[dict]:
+    """One config per code path (the tile sizes do not change which code the compiler sees)."""
+    seen, out = set(), []
+    for c in cands:
+        key = tuple(c.get(k, d) for k, d in (("SORT", 1), ("FOLD", 0), ("GEMV1", 0), ("LATE", 0), ("A8", 0)))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def moe_cases():
+    """(name, scales argument of _moe_chunk or None, w13, w2, scale_k, a8) for each weight format."""
+    E, H, I = 4, 72, 40
+    g = torch.Generator().manual_seed(0)
+    yield "bf16", None, torch.randn(E, 2 * I, H).bfloat16(), torch.randn(E, H, I).bfloat16(), None, False
+    w13 = torch.randn(E, 2 * I, H).to(torch.float8_e4m3fn)
+    w2 = torch.randn(E, H, I).to(torch.float8_e4m3fn)
+    for kind, (b1, b2) in {"tile": ((8, 16), (8, 16)), "row": ((1, H), (1, I)), "elem": ((4, 8), (8, 8)),
+                           "tile32": ((8, 32), (8, 32))}.items():
+        s13 = torch.rand(E, 2 * -(-I // b1[0]), -(-H // b1[1]))
+        s2 = torch.rand(E, -(-H // b2[0]), -(-I // b2[1]))
+        scale_k = (b1[1] if b1[1] < H else 0, b2[1] if b2[1] < I else 0)
+        yield (f"fp8 {kind}", (s13, s2, {"w13": b1, "w2": b2}, (None, None), 1), w13, w2, scale_k, True)
+    from moeserve.layers.quant.int4 import pack_int32
+
+    H4, I4 = 96, 32
+    p13 = pack_int32(torch.randint(0, 16, (E, 2 * I4, H4), generator=g), -1)
+    p2 = pack_int32(torch.randint(0, 16, (E, H4, I4), generator=g), -1)
+    for group in (8, 16):
+        s13, s2 = torch.rand(E, 2 * I4, H4 // group), torch.rand(E, H4, I4 // group)
+        for zeros in (True, False):
+            z = ((torch.randint(0, 16, s13.shape, dtype=torch.uint8), torch.randint(0, 16, s2.shape, dtype=torch.uint8))
+                 if zeros else (None, None))
+            yield (f"int4 g{group}{' zeros' if zeros else ''}", (s13, s2, {"w13": (1, group), "w2": (1, group)}, z, 8),
+                   p13, p2, (group, group), False)
+
+
+def check_moe(report) -> None:
+    from moeserve.kernels import fused_moe as fm
+
+    K = 2
+    for name, scales, w13, w2, scale_k, a8 in moe_cases():
+        E, two_i, _ = w13.shape
+        H, inter = w2.shape[1], two_i // 2
+        for tokens in (1, 16, 128, 1024):  # each regime of rows per expert (top-8 of 128 experts)
+            T = min(tokens, 16)
+            x = torch.randn(T, H).bfloat16()
+            ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).int()
+            for cfg in _forms(fm.moe_candidates(tokens, 8, 128, 2, scale_k, a8=a8)):
+                def launch(cfg=cfg):
+                    inter1 = torch.empty(T * K, inter, dtype=x.dtype)
+                    inter2 = torch.empty(T * K, H, dtype=x.dtype)
+                    fm._moe_chunk(cfg, x, w13, w2, torch.rand(T, K), ids, torch.empty_like(x), inter1, inter2,
+                                  None, scales)
+                report(f"fused_moe {name} tokens={tokens} {cfg}", launch)
+
+
+def check_fp8_linear(report) -> None:
+    from moeserve.kernels import fp8_linear as fl
+    from moeserve.layers.quant.fp8 import quantize_blocks, quantize_rows
+
+    N, K = 96, 320
+    wq, ws = quantize_blocks(torch.randn(N, K), (32, 64))
+    cq, cs = quantize_rows(torch.randn(N, K))
+    for M in (1, 3, 40):
+        x = torch.randn(M, K).bfloat16()
+        cands = fl.fp8_candidates(min(64, triton.next_power_of_2(M)), N, K, 64, 132)
+        forms = {("gemv" if c.get("GEMV") else "gemm", c["SPLIT_K"] > 1): c for c in cands}
+        for (form, split), cfg in forms.items():
+            for bias in (None, torch.randn(N).bfloat16()):
+                b = "bias" if bias is not None else "no bias"
+                report(f"fp8_linear block {form} M={M} split={split} {b}",
+                       lambda: fl.run_config(cfg, x, wq, ws, bias, torch.empty(M, N, dtype=x.dtype), 32, 64))
+                report(f"fp8_linear channel {form} M={M} split={split} {b}",
+                       lambda: fl.run_config(cfg, x, cq, cs, bias, torch.empty(M, N, dtype=x.dtype), 1, 64, True))
+
+
+def main() -> int:
+    compile_only()
+    from moeserve.kernels import runtime
+
+    runtime.check_device = lambda *a, **k: None  # CPU tensors stand in for the device's
+    failed, done = [], []
+
+    def report(name, launch):
+        try:
+            launch()
+            done.append(name)
+        except Exception as e:  # the compiler's own error, innermost cause
+            while e.__cause__ is not None or e.__context__ is not None:
+                e = e.__cause__ or e.__context__
+            failed.append(f"FAILED {name}: {type(e).__name__}: {str(e)[-400:]}")
+
+    check_moe(report)
+    check_fp8_linear(report)
+    print("\n".join(failed))
+    print(f"hopper_compile: {len(done)} forms compiled for sm_90, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
