@@ -11,8 +11,9 @@ routes on fp32 logits and spreads the same tokens over all experts. Random weigh
 scale (normal with std initializer_range, norms at 1) give O(1) logits, so both engines route as a trained
 model's load-balanced router would, from identical weights.
 
-The checkpoint is transformers' save_pretrained of the shape's architecture (per-expert tensors, HF names), bf16,
-built on the GPU when there is one. A block-fp8 shape (DeepSeek-V3/R1, `quant_method: fp8` with
+The checkpoint has the tensors transformers' save_pretrained writes for the shape's architecture (per-expert
+tensors, HF names), bf16, drawn one tensor at a time (write_streamed; on the GPU when there is one), so a model
+larger than the GPU's memory still gets written. A block-fp8 shape (DeepSeek-V3/R1, `quant_method: fp8` with
 `weight_block_size`) is written as those checkpoints ship: every projection in e4m3 with its `weight_scale_inv`
 per block; the router, embeddings, head and norms as built (bf16; transformers keeps V3's router in fp32). The
 correction bias is transformers' zeros, so the routing follows the logits (on dummy weights a +-1e-3 bias sends
@@ -59,18 +60,87 @@ def build(config: dict, out: Path, seed: int = 0, dtype: str = "bfloat16", devic
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     t = time.perf_counter()
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=getattr(torch, dtype))
+    block = tuple(qcfg["weight_block_size"]) if qcfg else None
+    n = write_streamed(hf_cfg, out, block, ignored_modules(qcfg or {}), getattr(torch, dtype), device, seed)
     built = time.perf_counter() - t
-    model.save_pretrained(str(out), max_shard_size="5GB")
-    n = sum(p.numel() for p in model.parameters())
-    del model
-    if qcfg:
-        quantize_shards(out, tuple(qcfg["weight_block_size"]), ignored_modules(qcfg), device)
+    if n is None:  # a transformers without revert_weight_conversion: the whole model, then its shards
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=getattr(torch, dtype))
+        built = time.perf_counter() - t
+        model.save_pretrained(str(out), max_shard_size="5GB")
+        n = sum(p.numel() for p in model.parameters())
+        del model
+        if qcfg:
+            quantize_shards(out, block, ignored_modules(qcfg), device)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     marker.write_text(json.dumps({"fingerprint": fp, "seed": seed, "dtype": dtype, "params": n,
                                   "build_s": round(built, 1), "total_s": round(time.perf_counter() - t, 1)}))
     return True
+
+
+def write_streamed(hf_cfg, out: Path, block: tuple[int, int] | None, ignored: list[str], dtype, device: str,
+                   seed: int, shard_bytes: float = 5e9) -> int | None:
+    """The checkpoint tensor by tensor, never the whole model in memory: the architecture is built on the meta
+    device, its state dict put back into checkpoint names and layout by transformers' revert_weight_conversion
+    (per-expert tensors), and each tensor drawn on `device` at transformers' init scale (normal with std
+    initializer_range; norms 1, biases 0), quantized (block fp8) and written in shards of ~shard_bytes with their
+    index. A 30B model's bf16 build took 78 GiB of an 80 GiB H100 and ran out of memory (session 15); this needs
+    one tensor at a time. Returns the parameter count, or None where transformers lacks the function."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+    specs = revert_weight_conversion(model, model.state_dict())
+    if getattr(hf_cfg, "tie_word_embeddings", False):
+        specs.pop("lm_head.weight", None)  # the embedding table is the head
+    std = float(getattr(hf_cfg, "initializer_range", 0.02))
+    gen = torch.Generator(device).manual_seed(seed)
+    if block:
+        from moeserve.layers.quant.fp8 import quantize_blocks
+    for old in [*out.glob("*.safetensors"), out / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)  # an earlier build's shards
+    shards: list[list[str]] = []  # the tensor names of each written shard
+    current: dict = {}
+    size = params = 0
+
+    def flush() -> None:
+        save_file(current, str(out / f"model-{len(shards) + 1:05d}.safetensors"), metadata={"format": "pt"})
+        shards.append(list(current))
+
+    for name, meta in specs.items():
+        params += meta.numel()
+        if "norm" in name and name.endswith(".weight"):
+            t = torch.ones(meta.shape, dtype=meta.dtype, device=device)
+        elif name.endswith("bias"):
+            t = torch.zeros(meta.shape, dtype=meta.dtype, device=device)
+        else:
+            t = torch.empty(meta.shape, dtype=meta.dtype, device=device).normal_(0.0, std, generator=gen)
+        tensors = {name: t}
+        if block and fp8_quantized(name, t, ignored):
+            q, s = quantize_blocks(t, block)
+            tensors = {name: q, name.removesuffix(".weight") + ".weight_scale_inv": s}
+        for k, v in tensors.items():
+            current[k] = v.contiguous().cpu()
+            size += v.numel() * v.element_size()
+        if size >= shard_bytes:  # host memory holds one shard at a time
+            flush()
+            current, size = {}, 0
+    if current or not shards:
+        flush()
+    weight_map = {}
+    for i, names in enumerate(shards):  # transformers' shard names and index
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        (out / f"model-{i + 1:05d}.safetensors").rename(out / final)
+        weight_map.update(dict.fromkeys(names, final))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                  indent=1))
+    return params
 
 
 def ignored_modules(qcfg: dict) -> list[str]:

@@ -287,3 +287,41 @@ def test_random_checkpoint_block_fp8_as_published(tmp_path):
     llm.generate([{"prompt_token_ids": rng.integers(0, 256, 12).tolist()} for _ in range(16)],
                  SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert int((load.totals() > 0).sum()) > 8  # of 16 experts, top-2: a dummy bias would give exactly 2
+
+
+def test_random_checkpoint_streamed_matches_save_pretrained(tmp_path, monkeypatch):
+    """The streamed writer (one tensor at a time, what a 30B build on an 80 GiB GPU needs) writes the tensors
+    transformers' save_pretrained writes - names, shapes, dtypes, per-expert layout, fp8 scales - in several
+    shards with an index that names each tensor's file."""
+    pytest.importorskip("transformers")
+    from safetensors import safe_open
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_checkpoints import tiny_config
+
+    import random_checkpoint as rc
+
+    def tensors(folder):
+        found = {}
+        for f in folder.glob("*.safetensors"):
+            with safe_open(str(f), "pt") as sf:
+                found.update({k: (f.name, tuple(sf.get_slice(k).get_shape()), sf.get_slice(k).get_dtype())
+                              for k in sf.keys()})
+        return found
+
+    cfg = tiny_config("Qwen3MoeForCausalLM", vocab_size=256, num_experts=8, num_experts_per_tok=2).to_dict()
+    cfg["architectures"] = ["Qwen3MoeForCausalLM"]
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [16, 16]}
+    streamed, whole = tmp_path / "streamed", tmp_path / "whole"
+    write = rc.write_streamed
+    monkeypatch.setattr(rc, "write_streamed", lambda *a, **k: write(*a, **{**k, "shard_bytes": 20_000}))
+    assert rc.build(cfg, streamed, device="cpu")
+    monkeypatch.setattr(rc, "write_streamed", lambda *a, **k: None)  # transformers' whole-model path
+    assert rc.build(cfg, whole, device="cpu")
+    got, want = tensors(streamed), tensors(whole)
+    assert {k: v[1:] for k, v in got.items()} == {k: v[1:] for k, v in want.items()}
+    assert any(k.endswith("experts.7.down_proj.weight_scale_inv") for k in got)
+    assert len({v[0] for v in got.values()}) > 2  # several shards
+    index = json.loads((streamed / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index == {k: v[0] for k, v in got.items()}
