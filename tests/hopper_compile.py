@@ -8,11 +8,13 @@ tests/test_hopper_compile.py in a process of its own, since it swaps Triton's ac
 
 Forms: fused_moe's four kernels for bf16, fp8 (scale blocks inside a K tile, per row, element-wise; W8A8) and int4
 (groups of 8 and 16, with zeros and symmetric) experts, one config per (SORT, FOLD, GEMV1, LATE, A8) at each token
-regime; fp8_linear's W8A8 GEMM and W8A16 GEMV, block and per-channel scales.
+regime; fp8_linear's W8A8 GEMM and W8A16 GEMV, block and per-channel scales; the routers' softmax and grouped
+top-k, with and without telemetry counts.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -133,7 +135,23 @@ def check_fp8_linear(report) -> None:
                        lambda: fl.run_config(cfg, x, cq, cs, bias, torch.empty(M, N, dtype=x.dtype), 1, 64, True))
 
 
+def check_router(report) -> None:
+    from moeserve.kernels import router
+
+    x, w = torch.randn(5, 64).bfloat16(), torch.randn(64, 64).bfloat16()
+    counts, valid = torch.zeros(64, dtype=torch.int64), torch.tensor([4], dtype=torch.int32)
+    for telemetry in (False, True):
+        extra = {"counts": counts, "valid_tokens": valid} if telemetry else {}
+        for renorm in (False, True):
+            report(f"router softmax top-k renorm={renorm} counts={telemetry}",
+                   lambda: router.route_softmax_topk(x, w, 6, renorm, 1.0, **extra))
+        for sigmoid, top2, bias in ((True, True, torch.zeros(64)), (False, False, None)):
+            report(f"router grouped top-k sigmoid={sigmoid} top2_sum={top2} counts={telemetry}",
+                   lambda: router.route_grouped_topk(x, w, bias, 6, 8, 3, sigmoid, top2, True, 2.5, **extra))
+
+
 def main() -> int:
+    os.environ["MOESERVE_AUTOTUNE"] = "0"  # nothing can be timed: the router GEMM takes its default (torch)
     compile_only()
     from moeserve.kernels import runtime
 
@@ -151,6 +169,7 @@ def main() -> int:
 
     check_moe(report)
     check_fp8_linear(report)
+    check_router(report)
     print("\n".join(failed))
     print(f"hopper_compile: {len(done)} forms compiled for sm_90, {len(failed)} failed")
     return 1 if failed else 0

@@ -170,16 +170,8 @@ def test_routing_kernels_count_like_the_telemetry_reference(valid):
     assert torch.equal(counts.cpu(), want) and int(want.sum()) == 5 * E + 3 * k * valid
 
 
-def test_a_failing_grouped_router_kernel_turns_to_torch_once_and_says_so(monkeypatch, caplog):
-    """Written without a GPU to compile it on: if its first compiled run raises, the process logs it once and the
-    torch path routes from then on."""
-    from moeserve.kernels import router
+def test_grouped_router_kernel_takes_power_of_two_groups():
+    from moeserve.kernels.router import grouped_topk_supported
 
-    monkeypatch.setattr(router, "_grouped_failed", None)
-    assert router.grouped_topk_supported(256, 8) and not router.grouped_topk_supported(160, 8)
-    with caplog.at_level("ERROR", logger="moeserve"):
-        router.grouped_topk_failed(RuntimeError("PTX says no"))
-        router.grouped_topk_failed(RuntimeError("again"))
-    assert not router.grouped_topk_supported(256, 8)
-    assert [r.getMessage() for r in caplog.records if "grouped router kernel" in r.getMessage()] == [
-        "moeserve: the grouped router kernel failed (RuntimeError: PTX says no); routing with torch"]
+    assert grouped_topk_supported(256, 8) and grouped_topk_supported(64, 1)
+    assert not grouped_topk_supported(160, 8) and not grouped_topk_supported(256, 3)

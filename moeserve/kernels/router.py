@@ -11,13 +11,11 @@ writes the weights. With expert-load telemetry on, the same program also adds it
 (no launch of its own); routers neither kernel covers (expert counts that are not powers of two in groups) count
 with `count_routed` (one launch).
 
-The grouped kernel is tested against the torch path under Triton's interpreter; it has not yet run compiled on a
-GPU (the session that wrote it had no device time left): the next device session runs tests/test_kernels_fused.py.
+The grouped kernel is tested against the torch path under Triton's interpreter and, compiled, on an H100
+(tests/test_kernels_fused.py, results/kernels/2026-11-27-session7-h100/).
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 import triton
@@ -110,27 +108,13 @@ def _grouped_topk_kernel(logits_ptr, bias_ptr, wout_ptr, iout_ptr, counts_ptr, v
         tl.atomic_add(counts_ptr + ids, 1, mask=(slot < K) & real)
 
 
-_grouped_failed: str | None = None  # why the grouped kernel could not run here (then the torch path routes)
-
-
 def grouped_topk_supported(num_experts: int, n_group: int) -> bool:
-    """The kernel's tiles are powers of two: E (>= 2), and E / n_group experts per group; and it has not failed
-    in this process."""
+    """The kernel's tiles are powers of two: E (>= 2), and E / n_group experts per group."""
     def pow2(n: int) -> bool:
         return n >= 1 and (n & (n - 1)) == 0
 
-    return _grouped_failed is None and num_experts >= 2 and pow2(num_experts) and n_group >= 1 and \
-        num_experts % n_group == 0 and pow2(num_experts // n_group)
-
-
-def grouped_topk_failed(error: BaseException) -> None:
-    """The grouped kernel raised (its first compile on a GPU it was never compiled on: see the module docstring):
-    say so once, loudly, and route with torch from now on."""
-    global _grouped_failed
-    if _grouped_failed is None:
-        _grouped_failed = f"{type(error).__name__}: {error}"
-        logging.getLogger("moeserve").error("moeserve: the grouped router kernel failed (%s); routing with torch",
-                                            _grouped_failed[:500])
+    return num_experts >= 2 and pow2(num_experts) and n_group >= 1 and num_experts % n_group == 0 and \
+        pow2(num_experts // n_group)
 
 
 def route_grouped_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int,

@@ -60,23 +60,19 @@ class Router(nn.Module):
         """(weights, ids, whether the telemetry counts were already added)."""
         cfg = self.cfg
         if x.is_cuda and x.is_contiguous():
-            from moeserve.kernels.router import (grouped_topk_failed, grouped_topk_supported, route_grouped_topk,
-                                                 route_softmax_topk)
+            from moeserve.kernels.router import grouped_topk_supported, route_grouped_topk, route_softmax_topk
 
             if cfg.plain_softmax:
                 w, ids = route_softmax_topk(x, self.weight, cfg.top_k, cfg.renormalize, cfg.routed_scaling_factor,
                                             counts=self.expert_counts, valid_tokens=self.valid_tokens)
                 return w, ids, True
             if grouped_topk_supported(cfg.num_experts, cfg.n_group):  # DeepSeek-V2/V3, GLM-4.x
-                try:
-                    w, ids = route_grouped_topk(
-                        x, self.weight, self.e_score_correction_bias if cfg.correction_bias else None, cfg.top_k,
-                        cfg.n_group, cfg.topk_group, cfg.scoring == "sigmoid", cfg.group_score == "top2_sum",
-                        cfg.renormalize, cfg.routed_scaling_factor, counts=self.expert_counts,
-                        valid_tokens=self.valid_tokens)
-                    return w, ids, True
-                except Exception as e:  # not yet compiled on a GPU when written: fall back, loudly, once
-                    grouped_topk_failed(e)
+                w, ids = route_grouped_topk(
+                    x, self.weight, self.e_score_correction_bias if cfg.correction_bias else None, cfg.top_k,
+                    cfg.n_group, cfg.topk_group, cfg.scoring == "sigmoid", cfg.group_score == "top2_sum",
+                    cfg.renormalize, cfg.routed_scaling_factor, counts=self.expert_counts,
+                    valid_tokens=self.valid_tokens)
+                return w, ids, True
         return (*self._route_torch(x), False)
 
     def _route_torch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
