@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 
 def resolve_quantization(flag: str | None, hf_config: dict):
     """The quant config of a load (Fp8Config, Int4Config or None), from config.json's quantization_config and the
@@ -42,3 +44,23 @@ def weight_loader_for(module, pname: str, default):
 
     loader = int4.weight_loader_for(module, pname, default)
     return loader if loader is not default else fp8.weight_loader_for(module, pname, default)
+
+
+def compressed_tensors_weights(q: dict) -> dict:
+    """The weights entry of a compressed-tensors config's (first) config group."""
+    groups = (q or {}).get("config_groups") or {}
+    return (next(iter(groups.values()), None) or {}).get("weights") or {}
+
+
+def compressed_tensors_group(q: dict, need: Callable[[bool, str], None]) -> tuple[dict, dict, str | None]:
+    """(group, its weights entry, format) of a compressed-tensors config, with what every method here requires
+    checked through `need` (which raises naming the field): one config group, Linear targets, static symmetric
+    weights."""
+    groups = q.get("config_groups") or {}
+    need(len(groups) == 1, f"{len(groups)} entries in quantization_config.config_groups (one is supported)")
+    g = next(iter(groups.values()))
+    w = g.get("weights") or {}
+    need(w.get("symmetric", True) is True, "config_groups weights symmetric=false")
+    need(not w.get("dynamic", False), "config_groups weights dynamic=true")
+    need(set(g.get("targets") or ["Linear"]) == {"Linear"}, f"config_groups targets={g.get('targets')}")
+    return g, w, g.get("format") or q.get("format")

@@ -34,6 +34,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from moeserve.layers.quant import compressed_tensors_group
 from moeserve.loader.tensor_slices import materialize, narrow, shape_of
 
 FP8 = torch.float8_e4m3fn
@@ -90,12 +91,6 @@ def resolve_quantization(flag: str | None, hf_config: dict) -> Fp8Config | None:
     return Fp8Config(block=(int(block[0]), int(block[1])), ignored=ignored)
 
 
-def compressed_tensors_weights(q: dict) -> dict:
-    """The weights entry of a compressed-tensors config's (first) config group."""
-    groups = (q or {}).get("config_groups") or {}
-    return (next(iter(groups.values()), None) or {}).get("weights") or {}
-
-
 def _compressed_tensors_fp8(q: dict) -> Fp8Config:
     """compressed-tensors float8 weights: one scale per output channel, per tensor, or per block."""
     def need(ok: bool, what: str) -> None:
@@ -103,21 +98,15 @@ def _compressed_tensors_fp8(q: dict) -> Fp8Config:
             raise ValueError(f"compressed-tensors checkpoint with {what}: not supported (moeserve loads float8 "
                              f"weights with per-channel, per-tensor or block scales, and int4 pack-quantized ones).")
 
-    groups = q.get("config_groups") or {}
-    need(len(groups) == 1, f"{len(groups)} entries in quantization_config.config_groups (one is supported)")
-    g = next(iter(groups.values()))
-    w, a = g.get("weights") or {}, g.get("input_activations")
-    fmt = g.get("format") or q.get("format")
+    g, w, fmt = compressed_tensors_group(q, need)
+    a = g.get("input_activations")
     need(fmt in ("float-quantized", "naive-quantized"), f"format={fmt!r}")
     need(w.get("num_bits") == 8 and w.get("type") == "float",
          f"config_groups weights num_bits={w.get('num_bits')} type={w.get('type')!r}")
     strategy = w.get("strategy")
     need(strategy in ("channel", "tensor", "block"), f"config_groups weights strategy={strategy!r}")
-    need(w.get("symmetric", True) is True, "config_groups weights symmetric=false")
-    need(not w.get("dynamic", False), "config_groups weights dynamic=true")
     need(a is None or (a.get("num_bits") == 8 and a.get("type") == "float"),
          f"config_groups input_activations {a}")
-    need(set(g.get("targets") or ["Linear"]) == {"Linear"}, f"config_groups targets={g.get('targets')}")
     ignored = list(q.get("ignore") or [])
     if strategy == "block":
         block = w.get("block_structure")

@@ -45,6 +45,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from moeserve.layers.quant import compressed_tensors_group, compressed_tensors_weights
 from moeserve.loader.tensor_slices import materialize, narrow, shape_of
 
 INT4_METHODS = ("awq", "gptq", "compressed-tensors")
@@ -119,8 +120,6 @@ def _q(hf_config: dict) -> dict:
 
 
 def is_int4(flag: str | None, hf_config: dict) -> bool:
-    from moeserve.layers.quant.fp8 import compressed_tensors_weights
-
     q = _q(hf_config)
     method = str(q.get("quant_method", "")).lower()
     if method == "compressed-tensors" and compressed_tensors_weights(q).get("type") == "float":
@@ -160,20 +159,13 @@ def resolve_int4(flag: str | None, hf_config: dict) -> Int4Config:
         sym, offset = bool(q.get("sym", True)), 1 if fmt == "gptq" else 0
         act_order = bool(q.get("desc_act", False))
     elif method == "compressed-tensors":
-        groups = q.get("config_groups") or {}
-        need(len(groups) == 1, f"{len(groups)} entries in quantization_config.config_groups (one is supported)")
-        g = next(iter(groups.values()))
-        w = g.get("weights") or {}
-        fmt = g.get("format") or q.get("format")
+        g, w, fmt = compressed_tensors_group(q, need)
         need(fmt == "pack-quantized", f"format={fmt!r} (pack-quantized is supported)")
         need(w.get("num_bits") == 4 and w.get("type", "int") == "int",
              f"config_groups weights num_bits={w.get('num_bits')} type={w.get('type')!r}")
         need(w.get("strategy") == "group", f"config_groups weights strategy={w.get('strategy')!r} (group is supported)")
-        need(w.get("symmetric", True) is True, "config_groups weights symmetric=false")
-        need(not w.get("dynamic", False), "config_groups weights dynamic=true")
         need(w.get("actorder") in (None, False, "static"), f"config_groups weights actorder={w.get('actorder')!r}")
         need(g.get("input_activations") is None, "config_groups input_activations (W4A16 only: weights alone)")
-        need(set(g.get("targets") or ["Linear"]) == {"Linear"}, f"config_groups targets={g.get('targets')}")
         group, sym, offset = w.get("group_size"), True, 0
     else:
         raise ValueError(f"quant_method {method!r} is not an int4 method ({', '.join(INT4_METHODS)}).")
