@@ -516,7 +516,8 @@ def bench_fp8_linear(ceil) -> list[dict]:
                             ceil=ceil, mode="graph", extra={"candidates": [[c, t] for t, c in timed]}))
             w, sc = ws[0]
             key = f"fp8_linear|M={bucket(M)}|N={N}|K={Kd}|block={bn}x{bk}|bfloat16"
-            xr = x.float() if autotune.get_tuner().report()[key]["config"].get("GEMV") else _expand(q.unsqueeze(0), s.unsqueeze(0), 1, bk)[0]
+            w8a8_x = _expand(q.unsqueeze(0), s.unsqueeze(0), 1, bk)[0]
+            xr = x.float() if autotune.get_tuner().report()[key]["config"].get("GEMV") else w8a8_x
             ref = xr @ _expand(w, sc, bn, bk).t()  # the chosen form's arithmetic: W8A16 or W8A8
             post_check(f"fp8_linear {name} M={M}", fp8_linear.fp8_block_linear(x, w, sc, block), ref)
             del ref
