@@ -65,6 +65,21 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, G
 
 
 @triton.jit
+def _store_tile(acc, part_ptr, b_ptr, out_ptr, pid_k, m, n, m_ok, n_ok, M, N, stride_om, SPLIT: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+    """A program's fp32 tile: to part[pid_k] (split-K: bias and rounding left to the reduce), else + bias, rounded
+    once into out."""
+    mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT:
+        tl.store(part_ptr + (pid_k * M + m[:, None]).to(tl.int64) * N + n[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + m[:, None].to(tl.int64) * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
 def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K, tiles_per_split, stride_am,
                  stride_asm, stride_wn, stride_wsn, stride_om, SCALE_N: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
@@ -104,14 +119,7 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K
         w_ptrs += BLOCK_K
     if PER_CHANNEL:  # linear in the partial: each split scales its own
         acc *= tl.load(as_ptrs, mask=m_ok, other=0.0)[:, None] * tl.load(ws_ptrs, mask=n_ok, other=0.0)[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT:
-        tl.store(part_ptr + (pid_k * M + m[:, None]).to(tl.int64) * N + n[None, :], acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + m[:, None].to(tl.int64) * stride_om + n[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_tile(acc, part_ptr, b_ptr, out_ptr, pid_k, m, n, m_ok, n_ok, M, N, stride_om, SPLIT, HAS_BIAS)
 
 
 @triton.jit
@@ -155,14 +163,7 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K, tiles_
     acc = tl.sum(acc3, axis=2)
     if PER_CHANNEL:  # linear in the partial: each split scales its own
         acc *= tl.load(ws_ptr + n * stride_wsn, mask=n_ok, other=0.0)[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT:
-        tl.store(part_ptr + (pid_k * M + m[:, None]).to(tl.int64) * N + n[None, :], acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + m[:, None].to(tl.int64) * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=mask)
+    _store_tile(acc, part_ptr, b_ptr, out_ptr, pid_k, m, n, m_ok, n_ok, M, N, stride_om, SPLIT, HAS_BIAS)
 
 
 def quantize_act(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
