@@ -9,7 +9,8 @@ tests/test_hopper_compile.py in a process of its own, since it swaps Triton's ac
 Forms: fused_moe's four kernels for bf16, fp8 (scale blocks inside a K tile, per row, element-wise; W8A8) and int4
 (groups of 8 and 16, with zeros and symmetric) experts, one config per (SORT, FOLD, GEMV1, LATE, A8) at each token
 regime; fp8_linear's W8A8 GEMM and W8A16 GEMV, block and per-channel scales; the routers' softmax and grouped
-top-k, with and without telemetry counts.
+top-k, with and without telemetry counts; int4_linear (GEMV and GEMM, zeros and symmetric); paged attention
+(decode and prefill) and MLA decode over bf16 and fp8 caches, and both cache writes.
 """
 
 from __future__ import annotations
@@ -150,6 +151,52 @@ def check_router(report) -> None:
                    lambda: router.route_grouped_topk(x, w, bias, 6, 8, 3, sigmoid, top2, True, 2.5, **extra))
 
 
+def check_int4_linear(report) -> None:
+    from moeserve.kernels.int4_linear import int4_linear
+    from moeserve.layers.quant.int4 import pack_int32
+
+    N, K = 96, 256
+    packed = pack_int32(torch.randint(0, 16, (N, K)), 1)
+    for group in (32, 128):
+        scales = torch.rand(N, K // group)
+        for zeros in (torch.randint(0, 16, scales.shape, dtype=torch.uint8), None):
+            for M in (1, 5, 40):  # the GEMV, the 16-row and the 64-row GEMM
+                x = torch.randn(M, K).bfloat16()
+                report(f"int4_linear group={group} zeros={zeros is not None} M={M}",
+                       lambda: int4_linear(x, packed, scales, zeros, group, torch.randn(N).bfloat16()))
+
+
+def check_attention(report) -> None:
+    """Paged attention (decode with split segments, prefill over a cached prefix) and MLA decode, each over a
+    bf16 and an fp8 cache, and the cache writes; head sizes of the real models (128; MLA 512 + 64)."""
+    from moeserve.kernels import attention, mla_decode
+
+    heads, kvh, d, page, blocks = 8, 2, 128, 16, 12
+    tables = torch.arange(blocks, dtype=torch.int32).view(2, -1)
+    seq_lens = torch.tensor([70, 33], dtype=torch.int32)
+    for cache_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        cache = torch.zeros(2, blocks, page, kvh, d).to(cache_dtype)
+        kv = torch.randn(5, kvh, d).bfloat16()
+        report(f"write_kv_cache {cache_dtype}",
+               lambda: attention.write_kv_cache(kv, kv, cache, torch.arange(5), 0.5, 0.5))
+        for q_lens in ((1, 1), (5, 7)):
+            qsl = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32)
+            q = torch.randn(sum(q_lens), heads, d).bfloat16()
+            report(f"paged_attention {cache_dtype} q_lens={q_lens}",
+                   lambda: attention.paged_attention(q, cache, query_start_loc=qsl, seq_lens=seq_lens,
+                                                     block_tables=tables, scale=d ** -0.5,
+                                                     max_query_len=max(q_lens), max_seq_len=70, k_scale=0.5,
+                                                     v_scale=0.5))
+        R, P = 512, 64
+        latent = torch.zeros(blocks, page, R + P).to(cache_dtype)
+        report(f"write_latent_cache {cache_dtype}",
+               lambda: mla_decode.write_latent_cache(torch.randn(5, R + P).bfloat16(), latent, torch.arange(5), 0.5))
+        report(f"mla_decode {cache_dtype}",
+               lambda: mla_decode.mla_decode(torch.randn(2, 16, R).bfloat16(), torch.randn(2, 16, P).bfloat16(),
+                                             latent, seq_lens=seq_lens, block_tables=tables, scale=0.1,
+                                             max_seq_len=70, kv_scale=0.5))
+
+
 def main() -> int:
     os.environ["MOESERVE_AUTOTUNE"] = "0"  # nothing can be timed: the router GEMM takes its default (torch)
     compile_only()
@@ -170,6 +217,8 @@ def main() -> int:
     check_moe(report)
     check_fp8_linear(report)
     check_router(report)
+    check_int4_linear(report)
+    check_attention(report)
     print("\n".join(failed))
     print(f"hopper_compile: {len(done)} forms compiled for sm_90, {len(failed)} failed")
     return 1 if failed else 0
