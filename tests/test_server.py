@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 
 import httpx
@@ -202,32 +201,31 @@ def test_32_concurrent_streams_match_offline(server, llm):
     words = ["Paris", "Berlin", "experts", "blocks", "batching", "Hello", "fox", "café"]
     prompts = [f"{words[i % len(words)]} {i}" for i in range(32)]
     lengths = [24 + i % 17 for i in range(32)]
-    peak = {"running": 0}
-    stop_polling = threading.Event()
-
-    def poll():
-        while not stop_polling.is_set():
-            peak["running"] = max(peak["running"], scrape(server).get("moeserve:num_requests_running", 0))
-            time.sleep(0.02)
+    spans = []  # (first chunk, last chunk) of each stream, client clock
 
     async def one(client, prompt, n):
         stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=n, stream=True, **GREEDY)
-        return "".join([c.choices[0].text async for c in stream if c.choices])
+        parts, first = [], None
+        async for c in stream:
+            if c.choices:
+                first = first or time.monotonic()
+                parts.append(c.choices[0].text)
+        spans.append((first, time.monotonic()))
+        return "".join(parts)
 
     async def all_of_them():
         async with openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=120) as c:
             return await asyncio.wait_for(asyncio.gather(*(one(c, p, n) for p, n in zip(prompts, lengths))), 150)
 
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    try:
-        texts = asyncio.run(all_of_them())
-    finally:
-        stop_polling.set()
-        poller.join(5)
+    texts = asyncio.run(all_of_them())
     refs = llm.generate(prompts, [greedy(n) for n in lengths])
     assert texts == [r.outputs[0].text for r in refs]
-    assert peak["running"] > 1  # they shared steps
+    # they shared steps: served one after another (--max-num-seqs 1), no stream starts before the previous one has
+    # ended and this counts 0; a poll of num_requests_running every 20 ms once saw none running on a loaded 2-core
+    # CI machine, so the overlap is measured on the client instead
+    spans.sort()
+    overlapping = sum(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
+    assert overlapping > len(spans) // 2, spans
 
 
 def test_slow_reader_does_not_stall_others(server, client):
