@@ -42,7 +42,7 @@ def _fingerprint(config: dict, seed: int, dtype: str) -> str:
 def build(config: dict, out: Path, seed: int = 0, dtype: str = "bfloat16", device: str | None = None) -> bool:
     """Write the checkpoint into `out` unless it is there already; returns whether it was written."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     qcfg = config.get("quantization_config")
     if qcfg and not (qcfg.get("quant_method") == "fp8" and qcfg.get("weight_block_size")):
@@ -58,23 +58,12 @@ def build(config: dict, out: Path, seed: int = 0, dtype: str = "bfloat16", devic
     (out / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "quantization_config"}))
     hf_cfg = AutoConfig.from_pretrained(str(out))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(seed)
     t = time.perf_counter()
     block = tuple(qcfg["weight_block_size"]) if qcfg else None
     n = write_streamed(hf_cfg, out, block, ignored_modules(qcfg or {}), getattr(torch, dtype), device, seed)
-    built = time.perf_counter() - t
-    if n is None:  # a transformers without revert_weight_conversion: the whole model, then its shards
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=getattr(torch, dtype))
-        built = time.perf_counter() - t
-        model.save_pretrained(str(out), max_shard_size="5GB")
-        n = sum(p.numel() for p in model.parameters())
-        del model
-        if qcfg:
-            quantize_shards(out, block, ignored_modules(qcfg), device)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     marker.write_text(json.dumps({"fingerprint": fp, "seed": seed, "dtype": dtype, "params": n,
-                                  "build_s": round(built, 1), "total_s": round(time.perf_counter() - t, 1)}))
+                                  "build_s": round(time.perf_counter() - t, 1)}))
     return True
 
 
@@ -85,15 +74,12 @@ def write_streamed(hf_cfg, out: Path, block: tuple[int, int] | None, ignored: li
     (per-expert tensors), and each tensor drawn on `device` at transformers' init scale (normal with std
     initializer_range; norms 1, biases 0), quantized (block fp8) and written in shards of ~shard_bytes with their
     index. A 30B model's bf16 build took 78 GiB of an 80 GiB H100 and ran out of memory (session 15); this needs
-    one tensor at a time. Returns the parameter count, or None where transformers lacks the function."""
+    one tensor at a time. Returns the parameter count."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion  # 5.17 on the device has it too
 
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:
-        return None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     specs = revert_weight_conversion(model, model.state_dict())
@@ -152,32 +138,6 @@ def fp8_quantized(name: str, t, ignored: list[str]) -> bool:
     router (`mlp.gate`), embeddings, head, norms or biases, nor a module the config leaves unconverted."""
     return (t.dim() == 2 and name.endswith(".weight") and ".layers." in name and ".mlp.gate." not in name
             and "norm" not in name and not any(f".{m}." in f".{name}" for m in ignored))
-
-
-def quantize_shards(out: Path, block: tuple[int, int], ignored: list[str], device: str) -> None:
-    """Rewrite each saved shard with its projections in e4m3 plus a weight_scale_inv per [bn, bk] block
-    (moeserve.layers.quant.fp8.quantize_blocks, on `device`), and the index with the scales' names."""
-    from safetensors.torch import load_file, save_file
-
-    from moeserve.layers.quant.fp8 import quantize_blocks
-
-    index = out / "model.safetensors.index.json"
-    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
-    for shard in sorted(out.glob("*.safetensors")):
-        tensors = load_file(str(shard), device=device)
-        for name in list(tensors):
-            if fp8_quantized(name, tensors[name], ignored):
-                q, s = quantize_blocks(tensors[name], block)
-                tensors[name] = q
-                tensors[name.removesuffix(".weight") + ".weight_scale_inv"] = s
-                if weight_map is not None:
-                    weight_map[name.removesuffix(".weight") + ".weight_scale_inv"] = shard.name
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(shard), metadata={"format": "pt"})
-        del tensors
-    if weight_map is not None:
-        data = json.loads(index.read_text())
-        data["weight_map"] = weight_map
-        index.write_text(json.dumps(data, indent=1))
 
 
 def build_in_subprocess(config: dict, out: Path, timeout: float | None = None) -> int:

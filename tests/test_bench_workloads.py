@@ -291,10 +291,13 @@ def test_random_checkpoint_block_fp8_as_published(tmp_path):
 
 def test_random_checkpoint_streamed_matches_save_pretrained(tmp_path, monkeypatch):
     """The streamed writer (one tensor at a time, what a 30B build on an 80 GiB GPU needs) writes the tensors
-    transformers' save_pretrained writes - names, shapes, dtypes, per-expert layout, fp8 scales - in several
-    shards with an index that names each tensor's file."""
+    transformers' save_pretrained writes for the architecture - names, shapes, dtypes, per-expert layout - with
+    each projection of a block-fp8 config in e4m3 beside its weight_scale_inv, in several shards with an index
+    that names each tensor's file."""
     pytest.importorskip("transformers")
+    import torch
     from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
 
     sys.path.insert(0, str(REPO / "tests"))
     from tiny_checkpoints import tiny_config
@@ -309,19 +312,25 @@ def test_random_checkpoint_streamed_matches_save_pretrained(tmp_path, monkeypatc
                               for k in sf.keys()})
         return found
 
-    cfg = tiny_config("Qwen3MoeForCausalLM", vocab_size=256, num_experts=8, num_experts_per_tok=2).to_dict()
+    hf_cfg = tiny_config("Qwen3MoeForCausalLM", vocab_size=256, num_experts=8, num_experts_per_tok=2)
+    AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).save_pretrained(str(tmp_path / "hf"))
+    want = tensors(tmp_path / "hf")
+    cfg = hf_cfg.to_dict()
     cfg["architectures"] = ["Qwen3MoeForCausalLM"]
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                   "weight_block_size": [16, 16]}
-    streamed, whole = tmp_path / "streamed", tmp_path / "whole"
     write = rc.write_streamed
     monkeypatch.setattr(rc, "write_streamed", lambda *a, **k: write(*a, **{**k, "shard_bytes": 20_000}))
-    assert rc.build(cfg, streamed, device="cpu")
-    monkeypatch.setattr(rc, "write_streamed", lambda *a, **k: None)  # transformers' whole-model path
-    assert rc.build(cfg, whole, device="cpu")
-    got, want = tensors(streamed), tensors(whole)
-    assert {k: v[1:] for k, v in got.items()} == {k: v[1:] for k, v in want.items()}
-    assert any(k.endswith("experts.7.down_proj.weight_scale_inv") for k in got)
+    assert rc.build(cfg, tmp_path / "streamed", device="cpu")
+    got = tensors(tmp_path / "streamed")
+    scales = {k for k in got if k.endswith(".weight_scale_inv")}
+    assert set(got) - scales == set(want)
+    quantized = {k.removesuffix("_scale_inv") for k in scales}
+    assert "model.layers.0.mlp.experts.7.down_proj.weight" in quantized
+    assert "model.layers.0.mlp.gate.weight" not in quantized and "lm_head.weight" not in quantized
+    for name, (_, shape, dtype) in want.items():
+        assert got[name][1] == shape, name
+        assert got[name][2] == ("F8_E4M3" if name in quantized else dtype), name
     assert len({v[0] for v in got.values()}) > 2  # several shards
-    index = json.loads((streamed / "model.safetensors.index.json").read_text())["weight_map"]
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())["weight_map"]
     assert index == {k: v[0] for k, v in got.items()}
