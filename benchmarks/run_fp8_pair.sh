@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Issue 19.8 on one warm machine, one step per device call (results under $OUT, packed: a call returns few files):
-#   bash benchmarks/run_fp8_pair.sh ckpt|moeserve|vllm|kernels
-#   ckpt      benchmarks/random_checkpoint.py's block-fp8 qwen3-30b-a3b (written tensor by tensor, ~31 GB) into $RW
-#             on GPU 0, while GPU 1 (if any) runs the fp8 / int4 kernel tests with tracebacks
-#   moeserve  moeserve fp8 on that checkpoint (latency b1..128 + throughput); then bf16 and fp8 on dummy weights,
-#             latency, on the same GPU (the fp8 / bf16 ratio)
-#   vllm      vLLM 0.26.0 fp8 on the same checkpoint (installed first: carry the four parts, device_receive.sh);
-#             VLLM_USE_DEEP_GEMM=0 unless given (DeepGEMM's warm-up took ~7 min in session 14)
-#   kernels   bench_kernels --only fp8_linear fp8_moe, and the fp8 decode profile at batch 1
-# Every step also returns the autotune cache (autotune-*.json): commit it to results/autotune/, or a fresh card
+# Issue 19.8 on one warm machine: bash benchmarks/run_fp8_pair.sh STEP... (results under $OUT, packed: a call
+# returns few files). Steps run in the order given:
+#   ckpt     benchmarks/random_checkpoint.py's block-fp8 qwen3-30b-a3b (written tensor by tensor, ~31 GB) into $RW
+#   random   moeserve fp8 on that checkpoint (latency b1..128 + throughput)
+#   ratio    moeserve bf16 and fp8 on dummy weights, latency, on the same GPU (the fp8 / bf16 ratio)
+#   vllm     vLLM 0.26.0 fp8 on the same checkpoint (installed first: carry the four parts, device_receive.sh);
+#            VLLM_USE_DEEP_GEMM=0 unless given (DeepGEMM's warm-up took ~7 min in session 14)
+#   kernels  bench_kernels --only fp8_linear fp8_moe
+#   profile  the fp8 decode profile at batch 1
+#   tests    the fp8 / int4 kernel test files with tracebacks (on the last GPU)
+# RUN_S=570 (say) shortens a suite that would run past the call's limit.
+# Every call also returns the autotune cache (autotune-*.json): commit it to results/autotune/, or a fresh card
 # tunes every fp8 key at start-up again (160 s on an H200 in session 15, which ran a 200 s suite out of time).
-# Four calls back to back, each carrying one part of vLLM (the machine stays warm ~30 s after a call):
-#   carry .vllm_whl/p1: bash benchmarks/peers/vllm/device_receive.sh p1; bash benchmarks/run_fp8_pair.sh ckpt
-#   p2: ... moeserve;  p3: ... kernels;  p4: device_receive.sh p4 && bash benchmarks/run_fp8_pair.sh vllm
+# vLLM comes in four parts, one per call (64 MiB carry limit; p3 and p4 fit one call), while the machine stays
+# warm (~30 s after a call):
+#   carry .vllm_whl/p1: bash benchmarks/peers/vllm/device_receive.sh p1; bash benchmarks/run_fp8_pair.sh ckpt random
+#   p2: ... ratio profile;  p3+p4: receive both && bash benchmarks/run_fp8_pair.sh vllm
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -20,45 +23,53 @@ export MOESERVE_CACHE_DIR="${MOESERVE_CACHE_DIR:-/tmp/moeserve-cache}"
 mkdir -p "$MOESERVE_CACHE_DIR/autotune" && cp -n benchmarks/results/autotune/*.json "$MOESERVE_CACHE_DIR/autotune/" 2>/dev/null
 O=${OUT:?set OUT}
 RW=${RW:-/root/rw/qwen3-30b-a3b-fp8}
-step=${1:?usage: run_fp8_pair.sh ckpt|moeserve|vllm|kernels}
+(($#)) || { echo "usage: run_fp8_pair.sh ckpt|random|ratio|vllm|kernels|profile|tests..." >&2; exit 2; }
 nvidia-smi -L | tee "$O/gpus.txt"
 gpus=$(nvidia-smi -L | wc -l)
 suite() {  # seconds, engine, shape, out name, more bench_suite args
-  local t=$1 engine=$2 shape=$3 name=$4; shift 4
+  local t=$1 engine=$2 shape=$3 name=$4 left=$((${RUN_S:-99999} - SECONDS - 30)); shift 4
+  ((t > left)) && t=$left  # RUN_S: what the whole invocation may take (the call's limit); packing needs ~30 s
+  ((t < 60)) && { echo "$name skipped: ${t} s left"; return; }
   CUDA_VISIBLE_DEVICES=0 timeout "$t" python3 benchmarks/bench_suite.py --shape "$shape" --engines "$engine" \
     --latency-repeats 3 --num-requests 512 --budget-s $((t - 15)) --out-dir "$O/$name" "$@" > "$O/$name.log" 2>&1
   echo "$name rc=$?"; grep -E "^\| 20|kv_capacity|phase (moeserve|vllm|total)" "$O/$name.log" | tail -12
 }
-case $step in
+run_step() {
+case $1 in
 ckpt)
-  if ((gpus > 1)); then
-    CUDA_VISIBLE_DEVICES=1 timeout 540 python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_fp8_moe_kernel.py \
-      tests/test_int4_moe_kernel.py tests/test_int4_kernel.py tests/test_fp8_kernels.py > "$O/cuda-tests.log" 2>&1 &
-  fi
   CUDA_VISIBLE_DEVICES=0 timeout 500 python3 benchmarks/random_checkpoint.py --shape qwen3-30b-a3b-fp8 --out "$RW" \
     > "$O/random-checkpoint.log" 2>&1
-  echo "random checkpoint rc=$?"; tail -2 "$O/random-checkpoint.log"; du -sh "$RW"
-  wait; grep -E "^(FAILED|ERROR)|passed|failed" "$O/cuda-tests.log" 2>/dev/null | tail -15 ;;
-moeserve)
-  suite 330 moeserve qwen3-30b-a3b-fp8 moeserve-fp8-random --workloads latency,throughput --random-weights "$RW"
+  echo "random checkpoint rc=$?"; tail -2 "$O/random-checkpoint.log"; du -sh "$RW" ;;
+random) suite "${SUITE_S:-330}" moeserve qwen3-30b-a3b-fp8 moeserve-fp8-random --workloads latency,throughput \
+  --random-weights "$RW" ;;
+ratio)
   suite 130 moeserve qwen3-30b-a3b bf16-dummy --workloads latency
   suite 130 moeserve qwen3-30b-a3b-fp8 fp8-dummy --workloads latency ;;
 vllm)
   [[ -d ${VLLM_SITE:-/tmp/vllm_site}/vllm ]] || bash benchmarks/peers/vllm/device_install.sh > "$O/vllm_import_audit.log" 2>&1
   tail -2 "$O/vllm_import_audit.log" 2>/dev/null
-  VLLM_USE_DEEP_GEMM=${VLLM_USE_DEEP_GEMM:-0} suite 480 vllm qwen3-30b-a3b-fp8 vllm-fp8-random \
+  VLLM_USE_DEEP_GEMM=${VLLM_USE_DEEP_GEMM:-0} suite "${SUITE_S:-480}" vllm qwen3-30b-a3b-fp8 vllm-fp8-random \
     --workloads latency,throughput --random-weights "$RW" ;;
 kernels)
   CUDA_VISIBLE_DEVICES=0 timeout 330 python3 benchmarks/kernels/bench_kernels.py --skip-checks \
     --only fp8_linear fp8_moe --out "$O/kernels" > "$O/kernels.log" 2>&1
-  echo "bench_kernels rc=$?"; grep -E "^fp8|SUMMARY|FAIL" "$O/kernels.log" | tail -30
+  echo "bench_kernels rc=$?"; grep -E "^fp8|SUMMARY|FAIL" "$O/kernels.log" | tail -30 ;;
+profile)
   CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/kernels/profile_decode.py --shape Qwen/Qwen3-30B-A3B-FP8 \
     --layers 8 --batches 1 --steps 5 --top 24 --no-eager > "$O/profile-fp8-b1.log" 2>&1
   echo "profile rc=$?"; grep -A26 "batch 1:" "$O/profile-fp8-b1.log" | head -28 ;;
-*) echo "unknown step $step" >&2; exit 2 ;;
+tests)
+  CUDA_VISIBLE_DEVICES=$((gpus - 1)) timeout "${TESTS_S:-400}" python3 -m pytest -v --tb=short -p no:cacheprovider \
+    tests/test_fp8_moe_kernel.py tests/test_int4_moe_kernel.py tests/test_int4_kernel.py tests/test_fp8_kernels.py \
+    > "$O/cuda-tests.log" 2>&1
+  echo "tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$O/cuda-tests.log" | tail -15 ;;
+*) echo "unknown step $1" >&2; return 2 ;;
 esac
+}
+for step in "$@"; do echo "== $step $(date +%T)"; run_step "$step"; done
+step=$(IFS=-; echo "$*")
 cp "$MOESERVE_CACHE_DIR"/autotune/*.json "$O/" 2>/dev/null
-(cd "$O" && find . -mindepth 1 -maxdepth 1 ! -name "$step.tgz" ! -name '*.json' ! -name gpus.txt -print0 \
-  | xargs -0 tar czf "$step.tgz" && find . -mindepth 1 -maxdepth 1 ! -name "$step.tgz" ! -name '*.json' \
+(cd "$O" && find . -mindepth 1 -maxdepth 1 ! -name '*.tgz' ! -name '*.json' ! -name gpus.txt -print0 \
+  | xargs -0 tar czf "$step.tgz" && find . -mindepth 1 -maxdepth 1 ! -name '*.tgz' ! -name '*.json' \
   ! -name gpus.txt -exec rm -rf {} +)
 ls "$O"
