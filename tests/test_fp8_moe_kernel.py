@@ -188,7 +188,7 @@ def _a8_reference(x, w13d, w2d, weights, ids, g1, g2):
 
 
 A8_KINDS = {"tile": {"w13": (8, 32), "w2": (8, 32)}, "row": {"w13": (1, 72), "w2": (1, 40)}}
-A8_CANDIDATES = [(kind, c) for kind, b in A8_KINDS.items() for tokens in (128, 1024)
+A8_CANDIDATES = [(kind, c) for kind, b in A8_KINDS.items() for tokens in (1, 16, 128, 1024)
                  for c in fm.moe_candidates(tokens, 8, 128, 2, (b["w13"][1] if b["w13"][1] < H_ else 0,
                                                                  b["w2"][1] if b["w2"][1] < I_ else 0), a8=True)
                  if c.get("A8")]
@@ -197,8 +197,8 @@ A8_CANDIDATES = [(kind, c) for kind, b in A8_KINDS.items() for tokens in (128, 1
 @pytest.mark.parametrize("kind,cfg", A8_CANDIDATES, ids=lambda v: v if isinstance(v, str) else
                          "-".join(str(x) for x in v.values()))
 def test_w8a8_candidates_match_their_arithmetic(kind, cfg, monkeypatch):
-    """The W8A8 forms (fp8 activations per token per scale block, fp8 tensor cores) of the prefill-sized tiles,
-    against the same arithmetic in float64; a wrong activation or weight scale is off by far more."""
+    """The W8A8 forms (fp8 activations per token per scale block, fp8 tensor cores) of every tiled config, decode's
+    and prefill's, against the same arithmetic in float64; a wrong activation or weight scale is off by far more."""
     monkeypatch.setattr(fm, "get_tuner", lambda: _Fixed(cfg))
     blocks = A8_KINDS[kind]
     E, K, T = 4, 2, 5
@@ -215,9 +215,12 @@ def test_w8a8_candidates_match_their_arithmetic(kind, cfg, monkeypatch):
     assert err < (3e-2 if CUDA else 2e-3), err
 
 
-def test_w8a8_only_where_rows_are_many():
-    assert not any(c.get("A8") for c in fm.moe_candidates(16, 8, 128, 2, (128, 128), a8=True))  # 1 row an expert
-    assert any(c.get("A8") for c in fm.moe_candidates(1024, 8, 128, 2, (128, 128), a8=True))
+def test_w8a8_forms_of_tiled_configs_with_bf16_activations_only():
+    for tokens in (1, 16, 1024):  # decode (one or two tokens: GEMV and folded forms too), 1 row an expert, prefill
+        cands = fm.moe_candidates(tokens, 8, 128, 2, (128, 128), a8=True)
+        a8 = [c for c in cands if c.get("A8")]
+        assert a8 and not any(c.get("GEMV1") or c.get("FOLD") for c in a8)  # those have no fp8 x fp8 form
+        assert len(a8) == len([c for c in cands if not (c.get("A8") or c.get("GEMV1") or c.get("FOLD"))])
     assert not any(c.get("A8") for c in fm.moe_candidates(1024, 8, 128, 4, (128, 128), a8=True))  # fp32 activations
     assert not any(c.get("A8") for c in fm.moe_candidates(1024, 8, 128, 2, (128, 128)))  # int4 experts
     assert not any(c.get("A8") for c in fm.moe_candidates(1024, 8, 128))  # bf16 experts

@@ -543,13 +543,33 @@ def fp8_matmul_TFLOPs() -> float | None:
     return 2 * m ** 3 / (ms * 1e-3) / 1e12
 
 
+def _w8a8_moe_reference(x, w13d, w2d, tw, ids, group: int) -> torch.Tensor:
+    """fused_moe's W8A8 arithmetic in fp32: x and the SiLU-and-mul rows (stored in x's dtype) quantized per token
+    per group by the kernels' own activation quantization, the weights dequantized; expert by expert."""
+    from moeserve.kernels import fp8_linear
+
+    def dq(t):
+        q, sc = fp8_linear.quantize_act(t, min(group, t.shape[1]))
+        return q.float() * sc.repeat_interleave(group, dim=1)[:, :t.shape[1]]
+
+    xq, inter = dq(x), w13d.shape[1] // 2
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        t, k = (ids == e).nonzero(as_tuple=True)
+        gu = xq[t] @ w13d[e].float().t()
+        h = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).to(x.dtype)
+        out.index_add_(0, t, tw[t, k, None].float() * (dq(h) @ w2d[e].float().t()))
+    return out
+
+
 def bench_fp8_moe(ceil) -> list[dict]:
     """qwen3-30b-a3b's experts in fp8 (Qwen3-FP8's [128, 128] block scales) beside the same experts in bf16, per
-    token count: the best W8A16 form (fp8 tiles widened) and the best W8A8 form (fp8 x fp8 tensor cores, offered at
-    16+ rows an expert) among fused_moe's candidates, then the tuned choice; TFLOP/s beside the fp8 matmul
+    token count: the best W8A16 form (fp8 tiles widened) and the best W8A8 form (fp8 x fp8 tensor cores) among
+    fused_moe's candidates, then the tuned choice; TFLOP/s beside the fp8 matmul
     ceiling measured here."""
     from moeserve.kernels import fused_moe as fm
     from moeserve.kernels import reference
+    from moeserve.kernels import autotune
     from moeserve.kernels.autotune import bucket
     from moeserve.layers.quant.fp8 import _expand, quantize_blocks
 
@@ -586,9 +606,13 @@ def bench_fp8_moe(ceil) -> list[dict]:
         say("    " + ", ".join(f"best {form} {t * 1e3:.1f} us" for form, (t, _) in best.items() if t)
             + f"; bf16 {bf16_ms * 1e3:.1f} us (fp8 {bf16_ms / ms:.2f}x)"
             + (f"; {r['TFLOPs']:.0f} TFLOP/s = {100 * r['TFLOPs'] / fp8_peak:.0f} % of fp8 peak" if fp8_peak else ""))
-        ref = reference.ref_fused_moe(x.float(), _expand(q13, s13, *block), _expand(q2, s2, *block), tw, ids)
-        post_check(f"fused_moe fp8 T={T}", fm.fused_moe(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2,
-                                                        blocks=blocks), ref)
+        w13d, w2d = _expand(q13, s13, *block), _expand(q2, s2, *block)
+        chosen = [v["config"] for k, v in autotune.get_tuner().report().items() if k.startswith("fused_moe|")
+                  and "|fp8=" in k][-1]  # this T's choice: the latest fp8 key settled
+        ref = (_w8a8_moe_reference(x, w13d, w2d, tw, ids, block[1]) if chosen.get("A8")
+               else reference.ref_fused_moe(x.float(), w13d, w2d, tw, ids))  # the chosen form's arithmetic
+        post_check(f"fused_moe fp8 T={T}" + (" (W8A8)" if chosen.get("A8") else ""),
+                   fm.fused_moe(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2, blocks=blocks), ref)
         rows.append(r)
         del ref, inter1, inter2
         empty_cache()
