@@ -20,17 +20,6 @@ from moeserve.layers.quant.fp8 import _expand, quantize_act_groups, quantize_blo
 SHAPES = [(37, 40, (16, 32)), (20, 96, (8, 32)), (64, 33, (32, 32))] + ([(5120, 2048, (128, 128))] if CUDA else [])
 
 
-def _tuned_gemv(M, N, K, tag, dtype) -> bool:
-    """Whether the tuner chose the W8A16 GEMV for this call (CUDA, <= GEMV_ROWS rows, if faster): its exact
-    arithmetic is then x as given times the dequantized weight, not the quantized activations' product."""
-    from moeserve.kernels import autotune
-
-    if M > fk.MAX_TUNED_ROWS:
-        return False
-    key = f"fp8_linear|M={bucket(M)}|N={N}|K={K}|block={tag}|{str(dtype).removeprefix('torch.')}"
-    return bool(autotune.get_tuner().report()[key]["config"].get("GEMV"))
-
-
 @pytest.mark.parametrize("M", [1, 3, 17])
 @pytest.mark.parametrize("group", [16, 32])
 def test_act_quant_matches_reference(M, group):
@@ -63,12 +52,10 @@ def test_block_gemm_matches_reference(M, N, K, block, bias):
     out = fk.fp8_block_linear(x.to(DEVICE, dtype), wq.to(DEVICE), ws.to(DEVICE), block,
                               None if b is None else b.to(DEVICE, dtype)).double().cpu()
     # exact W8A8 arithmetic: dequantized fp8 activations (the kernel's own codes, checked on their own above)
-    # times the dequantized weight, fp64; W8A16 (the GEMV form) where the tuner chose it
+    # times the dequantized weight, fp64
     xq, xs = fk.quantize_act(x.to(DEVICE, dtype), block[1])
     xq, xs = xq.cpu(), xs.cpu()
     x_deq = _expand(xq.unsqueeze(0), xs.unsqueeze(0), 1, block[1])[0]
-    if _tuned_gemv(M, N, K, f"{block[0]}x{block[1]}", dtype):
-        x_deq = x.to(dtype)
     ref = x_deq.double() @ _expand(wq, ws, *block).double().t() + (0 if b is None else b.to(dtype).double())
     err = ((out - ref).norm() / ref.norm()).item()
     assert err < (1e-2 if CUDA else 2e-3), err
@@ -127,7 +114,7 @@ def test_channel_gemm_matches_reference(M, N, K):
     out = fk.fp8_channel_linear(x.to(DEVICE, dtype), wq.to(DEVICE), ws.to(DEVICE), b.to(DEVICE, dtype),
                                 block_k=32).double().cpu()
     xq, xs = fk.quantize_act(x.to(DEVICE, dtype), K)
-    x_ref = x.to(dtype).double() if _tuned_gemv(M, N, K, "channel32", dtype) else xq.double().cpu() * xs.double().cpu()
+    x_ref = xq.double().cpu() * xs.double().cpu()
     ref = x_ref @ (wq.double() * ws.double()).t() + b.to(dtype).double()
     assert ((out - ref).norm() / ref.norm()).item() < (1e-2 if CUDA else 2e-3)
 
@@ -193,7 +180,7 @@ def test_every_candidate_matches_reference(M):
     tol = 1e-2 if CUDA else 2e-3
     for N, K, block in SPLIT_SHAPES:
         cands = fk.fp8_candidates(bucket(M), N, K, block[1], sms=132 if CUDA else 4)
-        cands = [c for c in cands if not c.get("GEMV")]  # the W8A16 forms: test_every_gemv_config_matches_reference
+        cands = [c for c in cands if not c.get("QA")]  # quantizing in the GEMM: test_quant_in_gemm_is_the_same_arithmetic
         assert any(c["SPLIT_K"] > 1 for c in cands)
         # beside them: no split (twice, so that one runs with bias and one without), 3 and 8 splits
         configs = cands + [fk._c(16, 16, 1, 4, 3), fk._c(16, 64, 1, 4, 3), fk._c(16, 32, 3, 4, 3),
@@ -224,12 +211,9 @@ def test_split_ranges_cover_whole_scale_blocks():
             cands = fk.fp8_candidates(rows, N, K, 128, sms=132)
             assert len({tuple(c.items()) for c in cands}) == len(cands)
             programs = []
-            gemvs = [c for c in cands if c.get("GEMV")]
-            assert bool(gemvs) == (rows <= fk.GEMV_ROWS)
-            for c in gemvs:  # whole scale blocks a step, products within the register budget
-                assert c["SUB"] >= 1 and c["BLOCK_N"] * 128 * rows <= fk.GEMV_TILE
-                assert 2 * c["SPLIT_K"] <= max(2, K // (128 * c["SUB"]))
-            cands = [c for c in cands if not c.get("GEMV")]
+            qa = [c for c in cands if c.get("QA")]  # decode only: each config once more, quantizing in the GEMM
+            assert qa == ([dict(c, QA=1) for c in cands if not c.get("QA")] if rows <= fk.QA_ROWS else [])
+            cands = [c for c in cands if not c.get("QA")]
             for c in cands:
                 assert c["BLOCK_M"] == max(16, rows) and c["SPLIT_K"] & (c["SPLIT_K"] - 1) == 0
                 assert 2 * c["SPLIT_K"] <= K // 128
@@ -254,13 +238,11 @@ def test_tuner_key_and_large_rows(monkeypatch, tmp_path):
         x, wq, ws, b = _block_problem(3, N, K, block, True, seed=3)
         xq, xs = fk.quantize_act(x.to(DEVICE, dtype), block[1])
         ref = _block_reference(xq, xs, wq, ws, block, b, dtype)
-        ref_w8a16 = x.to(dtype).double() @ _expand(wq, ws, *block).double().t() + b.to(dtype).double()
         default = fk.fp8_candidates(4, N, K, block[1], 4)[0]
         for max_rows in (fk.MAX_TUNED_ROWS, 2):
             monkeypatch.setattr(fk, "MAX_TUNED_ROWS", max_rows)
             out = fk.fp8_block_linear(x.to(DEVICE, dtype), wq.to(DEVICE), ws.to(DEVICE), block, b.to(DEVICE, dtype))
-            tuned_gemv = _tuned_gemv(3, N, K, f"{block[0]}x{block[1]}", dtype)
-            assert _rel(out, ref_w8a16 if tuned_gemv else ref) < (1e-2 if CUDA else 2e-3)
+            assert _rel(out, ref) < (1e-2 if CUDA else 2e-3)
         if not CUDA:
             assert fk._large_config(3, N, K, block[1], 4)["SPLIT_K"] > 1
         report = autotune.get_tuner().report()
@@ -291,57 +273,45 @@ def test_channel_gemm_split_k(M):
         assert _rel(out, ref) < (1e-2 if CUDA else 2e-3), cfg
 
 
-# ---------------------------------------------------------------------------------------------- W8A16 GEMV
-def _gemv_configs(M, N, K, block):
-    """The tuner's GEMV candidates, and beside them: one scale block a step, steps past K (a partial last step),
-    3 and 8 splits (ranges of one step, more splits than steps)."""
-    cands = fk.gemv_candidates(bucket(M), N, K, block[1], sms=132 if CUDA else 4)
-    assert cands
-    return cands + [fk._g(16, 1, 1, 4, 3), fk._g(8, 4, 1, 4, 3), fk._g(16, 2, 3, 4, 3), fk._g(8, 1, 8, 2, 2)]
-
-
-@pytest.mark.parametrize("M", [1, 2, 3, 4])
-def test_every_gemv_config_matches_reference(M):
-    """W8A16: x as it is times the dequantized weight, fp64; a K step that reads its neighbour block's scale (the
-    check's `wrong`) is far outside the tolerance, and every output element is written (NaN-filled out)."""
+# ---------------------------------------------------------------------------------------------- QA
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_quant_in_gemm_is_the_same_arithmetic(M):
+    """Each decode config with the activation quant inside the GEMM (QA) gives the bits of the same config after
+    quantize_act (the same codes and scales, the same dot and order), with and without bias, split or not, a
+    partial last K tile included; every output element written (NaN-filled out)."""
     dtype = torch.bfloat16 if CUDA else torch.float32
-    tol = 1e-2 if CUDA else 1e-5
-    for N, K, block in SPLIT_SHAPES:
-        for i, cfg in enumerate(_gemv_configs(M, N, K, block)):
+    for N, K, block in SPLIT_SHAPES + [(40, 72, (16, 32))]:
+        cands = fk.fp8_candidates(bucket(M), N, K, block[1], sms=132 if CUDA else 4)
+        qa = [c for c in cands if c.get("QA")]
+        assert qa and len(qa) == len(cands) // 2
+        for i, cfg in enumerate(qa + [dict(fk._c(16, 16, 3, 4, 3), QA=1)]):
             x, wq, ws, b = _block_problem(M, N, K, block, i % 2 == 1, seed=M + N + K + i)
-            xd = x.to(dtype)
-            bd = None if b is None else b.to(dtype)
-            ref = xd.double() @ _expand(wq, ws, *block).double().t() + (0 if bd is None else bd.double())
-            wrong = xd.double() @ _expand(wq, ws.roll(1, dims=1), *block).double().t()
+            args = (wq.to(DEVICE), ws.to(DEVICE), None if b is None else b.to(DEVICE, dtype))
             out = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
-            fk.fp8_gemv(xd.to(DEVICE), wq.to(DEVICE), ws.to(DEVICE), None if bd is None else bd.to(DEVICE), out,
-                        cfg, block[0], block[1])
-            err = _rel(out, ref)
-            assert err < tol, (N, K, cfg, b is not None, err)
-            assert _rel(out, wrong) > 20 * tol
+            fk.run_config(cfg, x.to(DEVICE, dtype), *args, out, block[0], block[1])
+            two_step = torch.empty_like(out)
+            fk.run_config({k: v for k, v in cfg.items() if k != "QA"}, x.to(DEVICE, dtype), *args, two_step,
+                          block[0], block[1])
+            assert torch.equal(out, two_step), (N, K, cfg)
 
 
-@pytest.mark.parametrize("M", [1, 3])
-def test_channel_gemv_matches_reference(M):
-    """Online fp8 (a scale per output row) in the GEMV form, split and not: W8A16 against fp64."""
-    from moeserve.layers.quant.fp8 import quantize_rows
-
-    N, K = 33, 100
-    g = torch.Generator().manual_seed(M)
-    wq, ws = quantize_rows(torch.randn(N, K, generator=g) / K ** 0.5 * torch.logspace(-2, 2, N)[:, None])
-    x = torch.randn(M, K, generator=g)
-    b = torch.randn(N, generator=g)
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    xd, bd = x.to(dtype), b.to(dtype)
-    ref = xd.double() @ (wq.double() * ws.double()).t() + bd.double()
-    for cfg in (fk._g(16, 2, 1, 4, 3), fk._g(8, 1, 4, 4, 3), fk._g(32, 4, 1, 4, 3)):
-        out = fk.fp8_channel_linear(xd.to(DEVICE), wq.to(DEVICE), ws.to(DEVICE), bd.to(DEVICE), block_k=32,
-                                    config=cfg)
-        assert _rel(out, ref) < (1e-2 if CUDA else 1e-5), cfg
-
-
-def test_gemv_refuses_more_rows():
+def test_quant_in_gemm_only_for_block_scales(monkeypatch):
+    """Online fp8's activation scale spans all of K, which no tile sees: its tuner gets no QA config, and the
+    launch refuses one."""
     wq = torch.zeros(16, 64, device=DEVICE).to(torch.float8_e4m3fn)
-    x = torch.zeros(fk.GEMV_ROWS + 1, 64, device=DEVICE)
-    with pytest.raises(ValueError, match="at most"):
-        fk.fp8_block_linear(x, wq, torch.ones(1, 2, device=DEVICE), (16, 32), config=fk._g(16, 1, 1, 4, 3))
+    x = torch.ones(2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="block scales"):
+        fk.fp8_gemm(x, None, wq, torch.ones(16, 1, device=DEVICE), None, torch.empty(2, 16, device=DEVICE),
+                    dict(fk._c(16, 16, 1, 4, 3), QA=1), 1, 32, per_channel=True)
+    offered = {}
+
+    class Tuner:
+        def choose(self, kernel, key, candidates, run, default):
+            offered[key.split("|")[3]] = candidates
+            return default
+
+    monkeypatch.setattr(fk, "get_tuner", lambda: Tuner())
+    fk.fp8_channel_linear(x, wq, torch.ones(16, 1, device=DEVICE), block_k=32)
+    fk.fp8_block_linear(x, wq, torch.ones(1, 2, device=DEVICE), (16, 32))
+    assert not any(c.get("QA") for c in offered["block=channel32"])
+    assert any(c.get("QA") for c in offered["block=16x32"])

@@ -481,9 +481,9 @@ def bench_linear(ceil) -> list[dict]:
 
 def bench_fp8_linear(ceil) -> list[dict]:
     """DeepSeek-R1's and qwen3-30b-a3b's fp8 (e4m3, [128, 128] block scales) dense projections at decode: every
-    candidate of kernels.fp8_linear (the W8A8 GEMM with its activation quant, the W8A16 GEMV), then the tuned
-    choice, on weight sets rotated past L2. Bytes: the weight and its scales, x read, y written."""
-    from moeserve.kernels import autotune, fp8_linear
+    candidate of kernels.fp8_linear (the W8A8 GEMM after its activation quant, or quantizing inside it), then the
+    tuned choice, on weight sets rotated past L2. Bytes: the weight and its scales, x read, y written."""
+    from moeserve.kernels import fp8_linear
     from moeserve.kernels.autotune import bucket
     from moeserve.layers.quant.fp8 import _expand
 
@@ -507,7 +507,7 @@ def bench_fp8_linear(ceil) -> list[dict]:
             x = torch.randn(M, Kd, device=DEV, dtype=dtype)
             q, s = fp8_linear.quantize_act(x, bk)
             bytes_ = w_bytes + (M * Kd + M * N) * 2
-            timed = time_candidates(  # each with its activation quant (W8A8) or none (the W8A16 GEMV)
+            timed = time_candidates(  # each with its activation quant, separate or inside the GEMM
                 f"{name} M={M}", fp8_linear.fp8_candidates(bucket(M), N, Kd, bk, fp8_linear._sms(x.device)), bytes_,
                 lambda c: [lambda w=w, sc=sc: fp8_linear.run_config(c, x, w, sc, None, torch.empty(
                     M, N, dtype=dtype, device=DEV), bn, bk) for w, sc in ws])
@@ -515,10 +515,7 @@ def bench_fp8_linear(ceil) -> list[dict]:
             rows.append(row(f"fp8_linear {name} M={M} ({N}x{Kd})", ms, bytes_=bytes_, flops=2 * M * N * Kd,
                             ceil=ceil, mode="graph", extra={"candidates": [[c, t] for t, c in timed]}))
             w, sc = ws[0]
-            key = f"fp8_linear|M={bucket(M)}|N={N}|K={Kd}|block={bn}x{bk}|bfloat16"
-            w8a8_x = _expand(q.unsqueeze(0), s.unsqueeze(0), 1, bk)[0]
-            xr = x.float() if autotune.get_tuner().report()[key]["config"].get("GEMV") else w8a8_x
-            ref = xr @ _expand(w, sc, bn, bk).t()  # the chosen form's arithmetic: W8A16 or W8A8
+            ref = _expand(q.unsqueeze(0), s.unsqueeze(0), 1, bk)[0] @ _expand(w, sc, bn, bk).t()  # W8A8
             post_check(f"fp8_linear {name} M={M}", fp8_linear.fp8_block_linear(x, w, sc, block), ref)
             del ref
         del ws

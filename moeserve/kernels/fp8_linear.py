@@ -19,13 +19,14 @@ rounds once. No atomics: the sum order is fixed, so eager and CUDA-graph replay 
 buffer's size depends on shapes only. More rows: one heuristic config (64 x 128 tiles, split-K only where the
 tiles do not fill the GPU once).
 
-  _gemv_kernel        W8A16 for 1-4 rows (configs with GEMV): x is not quantized, each e4m3 weight is widened to fp32,
-                      scaled by its block's scale and multiplied into element-wise fp32 products that are summed
-                      over K once, after the loop (kernels.linear's GEMV form). A K step covers SUB scale blocks, so
-                      a program keeps as many bytes in flight as bf16's 512-wide steps. At batch 1 the tensor-core
-                      form pads one row to 16 and needs its activation-quant launch (and often a split-K reduce)
-                      beside it: qwen3-30b-a3b's qkv took 5.9 + 1.3 us where bf16's GEMV took 6.9 for twice the
-                      bytes (session 14). The tuner times both forms, quantization included, per shape.
+Quantizing in the GEMM (configs with QA, block scales, up to QA_ROWS rows): each program quantizes its own
+activation tiles as it loads them (quantize_act's arithmetic on one K tile, which is one activation group: the same
+codes and scales), so a decode projection is one launch, not the activation quant's and then the GEMM's. Every
+N tile repeats the quantization of the same few rows: at 16 rows that is little beside the weight tile it waits
+for; at prefill sizes it would be ALU work beside compute-bound tensor cores, so it is offered only to decode.
+The W8A16 GEMV form that stood here (widened weights, no activation quant) lost to the W8A8 GEMM at every
+projection shape at 1 and 4 rows on an H200 (session 16: qwen3-30b qkv at one row 11.6 us against 9.0 us) and was
+deleted.
 
 Reference: layers/quant/fp8 (dequantize weight and, for this kernel's exact arithmetic, `quantize_act_groups`
 for the activations). Requires bk a power of two >= 32 (fp8 tl.dot's smallest K; 128 in every published
@@ -46,8 +47,7 @@ from moeserve.kernels.autotune import Config, StreamedRun, bucket, get_tuner
 
 FP8_MAX = 448.0
 MAX_TUNED_ROWS = 64  # up to this many rows: one M tile, configs tuned per shape; above: _large_config
-GEMV_ROWS = 4  # up to this many rows the tuner also times the W8A16 GEMV form
-GEMV_TILE = 8192  # fp32 products a GEMV program holds (rows x BLOCK_N x BLOCK_K): 64 registers a thread at 4 warps
+QA_ROWS = 16  # up to this many rows the tuner also times each config with the activation quant in the GEMM
 
 
 @triton.jit
@@ -83,9 +83,11 @@ def _store_tile(acc, part_ptr, b_ptr, out_ptr, pid_k, m, n, m_ok, n_ok, M, N, st
 def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K, tiles_per_split, stride_am,
                  stride_asm, stride_wn, stride_wsn, stride_om, SCALE_N: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, QUANT_A: tl.constexpr = False,
+                 FMAX: tl.constexpr = 448.0):
     """Program (pid_m, pid_n, pid_k): K tiles [pid_k * tiles_per_split, + tiles_per_split) of one output tile;
-    SPLIT: the fp32 partial goes to part[pid_k] (every program writes its whole tile, an empty range zeros)."""
+    SPLIT: the fp32 partial goes to part[pid_k] (every program writes its whole tile, an empty range zeros).
+    QUANT_A: a_ptr is the unquantized x, each K tile quantized here per row (as_ptr unused)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -112,57 +114,18 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K
         if PER_CHANNEL:  # one scale per token and per output row: applied once, after the loop
             acc += tl.dot(a, w)
         else:
-            a_s = tl.load(as_ptrs + kb, mask=m_ok, other=0.0)
+            if QUANT_A:  # _act_quant_kernel's arithmetic on this tile's rows (one group: BLOCK_K = bk)
+                a = a.to(tl.float32)
+                a_s = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10) / FMAX
+                a = tl.clamp(tl.math.div_rn(a, a_s[:, None]), -FMAX, FMAX).to(w.dtype)
+            else:
+                a_s = tl.load(as_ptrs + kb, mask=m_ok, other=0.0)
             w_s = tl.load(ws_ptrs + kb, mask=n_ok, other=0.0)
             acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if PER_CHANNEL:  # linear in the partial: each split scales its own
         acc *= tl.load(as_ptrs, mask=m_ok, other=0.0)[:, None] * tl.load(ws_ptrs, mask=n_ok, other=0.0)[None, :]
-    _store_tile(acc, part_ptr, b_ptr, out_ptr, pid_k, m, n, m_ok, n_ok, M, N, stride_om, SPLIT, HAS_BIAS)
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K, tiles_per_split, stride_xm, stride_wn,
-                 stride_wsn, stride_om, SCALE_N: tl.constexpr, M_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, SUB: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr):
-    """Program (pid_n, pid_k): steps [pid_k * tiles_per_split, + tiles_per_split) of SUB scale blocks (BLOCK_K
-    columns each) for BLOCK_N outputs of all M rows; SPLIT: the fp32 partial goes to part[pid_k]."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    m = tl.arange(0, M_P)
-    m_ok = m < M
-    kk = tl.arange(0, BLOCK_K)
-    t0 = pid_k * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, SUB * BLOCK_K))
-    x_ptrs = x_ptr + m[:, None] * stride_xm + t0 * SUB * BLOCK_K + kk[None, :]
-    w_ptrs = w_ptr + n[:, None].to(tl.int64) * stride_wn + t0 * SUB * BLOCK_K + kk[None, :]
-    ws_ptrs = ws_ptr + (n // SCALE_N) * stride_wsn + t0 * SUB
-    acc3 = tl.zeros([M_P, BLOCK_N, BLOCK_K], tl.float32)
-    for t in range(t0, t1):
-        for j in tl.static_range(SUB):
-            if EVEN_K:
-                x = tl.load(x_ptrs + j * BLOCK_K, mask=m_ok[:, None], other=0.0)
-                w = tl.load(w_ptrs + j * BLOCK_K, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
-            else:
-                k_ok = kk + (t * SUB + j) * BLOCK_K < K
-                x = tl.load(x_ptrs + j * BLOCK_K, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs + j * BLOCK_K, mask=n_ok[:, None] & k_ok[None, :], other=0.0,
-                            eviction_policy="evict_first")
-            w = w.to(tl.float32)
-            if not PER_CHANNEL:  # this block's scale, one per output row; past K (a partial step): no block, 0
-                live = n_ok & (n * 0 + (t * SUB + j) * BLOCK_K < K)
-                w = w * tl.load(ws_ptrs + j, mask=live, other=0.0)[:, None]
-            acc3 += x.to(tl.float32)[:, None, :] * w[None, :, :]
-        x_ptrs += SUB * BLOCK_K
-        w_ptrs += SUB * BLOCK_K
-        ws_ptrs += SUB
-    acc = tl.sum(acc3, axis=2)
-    if PER_CHANNEL:  # linear in the partial: each split scales its own
-        acc *= tl.load(ws_ptr + n * stride_wsn, mask=n_ok, other=0.0)[None, :]
     _store_tile(acc, part_ptr, b_ptr, out_ptr, pid_k, m, n, m_ok, n_ok, M, N, stride_om, SPLIT, HAS_BIAS)
 
 
@@ -212,28 +175,7 @@ def fp8_candidates(rows: int, n: int, k: int, block_k: int, sms: int) -> list[Co
             cands.append(_c(bm, bn, 2 * split, warps, 4))
         if bn <= 32:  # small tiles: more of them in flight per program
             cands.append(_c(bm, bn, split, warps, 6))
-    return cands + gemv_candidates(rows, n, k, block_k, sms) if rows <= GEMV_ROWS else cands
-
-
-def _g(bn: int, sub: int, split: int, warps: int, stages: int) -> Config:
-    return {"GEMV": 1, "BLOCK_N": bn, "SUB": sub, "SPLIT_K": split, "W": warps, "S": stages}
-
-
-def gemv_candidates(rows: int, n: int, k: int, block_k: int, sms: int) -> list[Config]:
-    """W8A16 GEMV configs for `rows` <= GEMV_ROWS: steps of 512 / 256 / 128 columns at 1 / 2 / 4 rows (whole
-    scale blocks, at most 4), BLOCK_N as wide as GEMV_TILE allows, split-K to >= 2 programs per SM."""
-    rows_p = runtime.next_pow2(rows)
-    sub = max(1, min(4, (512 // rows_p) // block_k))
-    steps = max(1, triton.cdiv(k, sub * block_k))
-    cands: list[Config] = []
-    for bn in (16, 32, 8, 64):
-        if rows_p * bn * block_k > GEMV_TILE:
-            continue
-        split = _split_for(triton.cdiv(n, bn), steps, 2 * sms)
-        cands.append(_g(bn, sub, split, 4, 3))
-        if 4 * split <= steps:
-            cands.append(_g(bn, sub, 2 * split, 4, 3))
-    return cands
+    return cands + [dict(c, QA=1) for c in cands] if rows <= QA_ROWS else cands
 
 
 def _large_config(m: int, n: int, k: int, block_k: int, sms: int) -> Config:
@@ -257,6 +199,8 @@ def _choose(x, weight, ws, bias, out, scale_n: int, block_k: int, per_channel: b
     rows = bucket(m)
     key = f"M={rows}|N={n}|K={k}|block={tag}|{str(out.dtype).removeprefix('torch.')}"
     cands = fp8_candidates(rows, n, k, block_k, sms)
+    if per_channel:  # one activation scale over all of K: not known tile by tile
+        cands = [c for c in cands if not c.get("QA")]
 
     def run(cfg: Config, w: torch.Tensor, w_s: torch.Tensor) -> torch.Tensor:
         return run_config(cfg, x, w, w_s, bias, torch.empty_like(out), scale_n, block_k, per_channel)
@@ -269,8 +213,9 @@ def fp8_gemm(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_scal
              bias: torch.Tensor | None, out: torch.Tensor, cfg: Config, scale_n: int, block_k: int,
              per_channel: bool = False) -> torch.Tensor:
     """out = (q * s) @ (weight * weight_scale)^T (+ bias) with one config, for activations quantized by
-    quantize_act (q [M, K] e4m3, scales s). block_k: the K tile, which is the activation group and the weight's
-    K block (per_channel: any power of two >= 32, the scales applied after the loop)."""
+    quantize_act (q [M, K] e4m3, scales s), or with s None for q the unquantized x, quantized tile by tile in the
+    kernel (block scales only). block_k: the K tile, which is the activation group and the weight's K block
+    (per_channel: any power of two >= 32, the scales applied after the loop)."""
     m, k = q.shape
     n = weight.shape[0]
     k_tiles = max(1, triton.cdiv(k, block_k))
@@ -279,33 +224,15 @@ def fp8_gemm(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_scal
     part = torch.empty(split, m, n, dtype=torch.float32, device=out.device) if split > 1 else out
     has_bias = bias is not None
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
-    _gemm_kernel[grid](q, s, weight, weight_scale, bias if has_bias else out, out, part, m, n, k, per, q.stride(0),
-                       s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0), SCALE_N=scale_n,
-                       BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-                       SPLIT=split > 1, HAS_BIAS=has_bias, PER_CHANNEL=per_channel, num_warps=cfg["W"],
+    quant_a = s is None
+    if quant_a and per_channel:
+        raise ValueError("fp8 GEMM: the in-kernel activation quant takes block scales, not per-channel ones")
+    _gemm_kernel[grid](q, q if quant_a else s, weight, weight_scale, bias if has_bias else out, out, part, m, n, k,
+                       per, q.stride(0), 0 if quant_a else s.stride(0), weight.stride(0), weight_scale.stride(0),
+                       out.stride(0), SCALE_N=scale_n, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                       BLOCK_K=block_k, EVEN_K=k % block_k == 0, SPLIT=split > 1, HAS_BIAS=has_bias,
+                       PER_CHANNEL=per_channel, QUANT_A=quant_a, FMAX=FP8_MAX, num_warps=cfg["W"],
                        num_stages=cfg["S"])
-    return _sum_splits(part, bias, out, split)
-
-
-def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-             out: torch.Tensor, cfg: Config, scale_n: int, block_k: int, per_channel: bool = False) -> torch.Tensor:
-    """out = x @ (weight * weight_scale)^T (+ bias) with one GEMV config, x [M <= GEMV_ROWS, K] as it is (W8A16).
-    block_k: the weight's K block (per_channel: the K tile, scales applied after the loop)."""
-    m, k = x.shape
-    n = weight.shape[0]
-    if m > GEMV_ROWS or x.stride(-1) != 1:
-        raise ValueError(f"fp8 GEMV: config {cfg} takes at most {GEMV_ROWS} contiguous rows, not {m}")
-    step = cfg["SUB"] * block_k
-    steps = max(1, triton.cdiv(k, step))
-    per = triton.cdiv(steps, cfg["SPLIT_K"])
-    split = triton.cdiv(steps, per)  # no empty ranges
-    part = torch.empty(split, m, n, dtype=torch.float32, device=out.device) if split > 1 else out
-    has_bias = bias is not None
-    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
-        x, weight, weight_scale, bias if has_bias else out, out, part, m, n, k, per, x.stride(0), weight.stride(0),
-        weight_scale.stride(0), out.stride(0), SCALE_N=scale_n, M_P=runtime.next_pow2(m), BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=block_k, SUB=cfg["SUB"], EVEN_K=k % step == 0, SPLIT=split > 1, HAS_BIAS=has_bias,
-        PER_CHANNEL=per_channel, num_warps=cfg["W"], num_stages=cfg["S"])
     return _sum_splits(part, bias, out, split)
 
 
@@ -323,10 +250,10 @@ def _sum_splits(part: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
 def run_config(cfg: Config, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None, out: torch.Tensor, scale_n: int, block_k: int,
                per_channel: bool = False) -> torch.Tensor:
-    """out = x @ W^T (+ bias) with one config of either form: the GEMV reads x as it is; the tensor-core GEMM
-    quantizes it first (per block_k columns, or per token over K when per_channel)."""
-    if cfg.get("GEMV"):
-        return fp8_gemv(x, weight, weight_scale, bias, out, cfg, scale_n, block_k, per_channel)
+    """out = x @ W^T (+ bias) with one config: x quantized per block_k columns (or per token over K when
+    per_channel) by quantize_act first, or (QA) inside the GEMM."""
+    if cfg.get("QA"):
+        return fp8_gemm(x, None, weight, weight_scale, bias, out, cfg, scale_n, block_k, per_channel)
     q, s = quantize_act(x, x.shape[1] if per_channel else block_k)
     return fp8_gemm(q, s, weight, weight_scale, bias, out, cfg, scale_n, block_k, per_channel)
 
@@ -335,8 +262,8 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
                      bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                      config: Config | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp32) @ (weight [N, K] e4m3 * block scales [ceil(N/bn), ceil(K/bk)])^T + bias -> [M, N].
-    `config`: one of fp8_candidates (tests, benchmarks); default: the tuned one. The tensor-core configs quantize x
-    per token per bk columns (W8A8); the GEMV configs (at most GEMV_ROWS rows) keep it (W8A16)."""
+    `config`: one of fp8_candidates (tests, benchmarks); default: the tuned one. x is quantized per token per bk
+    columns (W8A8), before the GEMM or (QA configs, at most QA_ROWS rows) inside it."""
     bn, bk = block
     if bk & (bk - 1) or bk < 32:  # fp8 tl.dot takes K tiles of 32 or more
         raise ValueError(f"fp8 block GEMM: the K block ({bk}) must be a power of two >= 32")
