@@ -429,6 +429,20 @@ def _down_sum_kernel(
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+@triton.jit
+def _topk_sum_kernel(src_ptr, out_ptr, H, stride_s, stride_o, TOPK: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = the sum of the down step's K weighted rows of token t (src row t * K + k), in fp32, rounded once.
+    torch.sum over the [T, K, H] view took 4.6 us a layer at batch 1 on an H200 (session 16 profile): a strided
+    reduction launch for 32 KB."""
+    t = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = n < H
+    acc = tl.zeros([BLOCK], tl.float32)
+    for k in tl.static_range(TOPK):
+        acc += tl.load(src_ptr + (t * TOPK + k).to(tl.int64) * stride_s + n, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * stride_o + n, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
 def fused_moe(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -629,7 +643,9 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
         SORTED=sort, DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg["W2"], num_stages=cfg["S2"], **mapped,
         **scaled2,
     )
-    torch.sum(inter2[:pairs].view(T, K, H), dim=1, out=out)
+    block = min(1024, triton.next_power_of_2(H))
+    _topk_sum_kernel[(T, triton.cdiv(H, block))](inter2, out, H, inter2.stride(0), out.stride(0), TOPK=K, BLOCK=block,
+                                                 num_warps=4)
 
 
 def _cfg(bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, sort=1, fold=0, gemv1=0, late=0) -> Config:
