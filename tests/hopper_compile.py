@@ -6,11 +6,12 @@ tests/test_hopper_compile.py in a process of its own, since it swaps Triton's ac
 
     python tests/hopper_compile.py      # prints one line per form, "FAILED" lines first; exit 1 if any failed
 
-Forms: fused_moe's four kernels for bf16, fp8 (scale blocks inside a K tile, per row, element-wise; W8A8) and int4
-(groups of 8 and 16, with zeros and symmetric) experts, one config per (SORT, FOLD, GEMV1, LATE, A8) at each token
-regime; fp8_linear's W8A8 GEMM, with the activation quant in it or before it, block and per-channel scales; the routers' softmax and grouped
-top-k, with and without telemetry counts; int4_linear (GEMV and GEMM, zeros and symmetric); paged attention
-(decode and prefill) and MLA decode over bf16 and fp8 caches, and both cache writes.
+Forms: fused_moe's four kernels for bf16, fp8 (scale blocks inside a K tile, per row, element-wise; W8A8, with
+the activation quant before the kernels or in them: QA) and int4 (groups of 8 and 16, with zeros and symmetric)
+experts, one config per (SORT, FOLD, GEMV1, LATE, A8, QA) at each token regime; fp8_linear's W8A8 GEMM, with the
+activation quant in it or before it, block and per-channel scales; the routers' softmax and grouped top-k, with
+and without telemetry counts; int4_linear (GEMV and GEMM, zeros and symmetric); paged attention (decode and
+prefill) and MLA decode over bf16 and fp8 caches, and both cache writes.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _forms(cands: list[dict]) -> list[dict]:
     """One config per code path (the tile sizes do not change which code the compiler sees)."""
     seen, out = set(), []
     for c in cands:
-        key = tuple(c.get(k, d) for k, d in (("SORT", 1), ("FOLD", 0), ("GEMV1", 0), ("LATE", 0), ("A8", 0)))
+        key = tuple(c.get(k, d) for k, d in (("SORT", 1), ("FOLD", 0), ("GEMV1", 0), ("LATE", 0), ("A8", 0), ("QA", 0)))
         if key not in seen:
             seen.add(key)
             out.append(c)
