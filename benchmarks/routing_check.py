@@ -78,8 +78,10 @@ def run_moeserve(a, prompts) -> dict:
     from moeserve import LLM, SamplingParams
     from moeserve.layers.moe import Router
 
+    # all prompts in one prefill step, so that every later forward is one decode step of the whole batch
     llm = LLM(model=a.model, enforce_eager=True, max_model_len=a.max_model_len, gpu_memory_utilization=0.85,
-              max_num_seqs=max(a.batch, 2), seed=0, **json.loads(a.engine_args))
+              max_num_seqs=max(a.batch, 2), max_num_batched_tokens=sum(map(len, prompts)) + a.batch, seed=0,
+              **json.loads(a.engine_args))
     model = llm.llm_engine.executor.worker.model
     routers = [m for _, m in model.named_modules() if isinstance(m, Router)]
     calls: list[list[torch.Tensor]] = [[] for _ in routers]  # per layer, per forward: ids [T, k]
@@ -91,6 +93,9 @@ def run_moeserve(a, prompts) -> dict:
     # forwards of exactly `batch` rows after the prefill are the decode steps, rows in request order (one batch,
     # all admitted together, none finishing early: ignore_eos); each processes the token generated before it
     decode = [j for j, ids in enumerate(calls[0]) if ids.shape[0] == len(prompts)][-(a.steps - 1):]
+    if len(decode) != a.steps - 1:
+        raise SystemExit(f"routing_check: {len(decode)} forwards of the whole batch, not {a.steps - 1} decode steps "
+                         f"(forward sizes {[ids.shape[0] for ids in calls[0]]})")
     routes = [[[calls[lay][j][r].tolist() for lay in range(len(routers))] for j in decode]
               for r in range(len(prompts))]
     return {"tokens": tokens, "routes": routes, "top_k": int(calls[0][0].shape[1])}
