@@ -3,7 +3,8 @@ routed experts from both, side by side.
 
     python benchmarks/routing_check.py run --engine moeserve --model DIR --out moeserve.json
     python benchmarks/routing_check.py run --engine vllm --model DIR --out vllm.json
-    python benchmarks/routing_check.py compare moeserve.json vllm.json
+    python benchmarks/routing_check.py run --engine transformers --model DIR --out transformers.json
+    python benchmarks/routing_check.py compare moeserve.json vllm.json transformers.json
 
 Why (session 16, results/fp8/2026-11-28-session16): on the random qwen3-30b-a3b-fp8 checkpoint vLLM's decode step
 at batch 32 (5.65 ms) was shorter than reading the experts that uniform routing touches (~111 of 128 a layer,
@@ -15,10 +16,11 @@ which.
 `run`: the latency workload's prompts for one batch (workloads.latency_prompts, 128 tokens), greedy, ignore_eos,
 --steps tokens; records each request's tokens and, for every decode step and MoE layer, the experts each request
 was routed to. moeserve runs eager (no CUDA graphs) with a forward hook on every Router; vLLM returns them itself
-(enable_return_routed_experts: [tokens, layers, top_k] a request, row p = the token at position p).
+(enable_return_routed_experts: [tokens, layers, top_k] a request, row p = the token at position p); transformers,
+the reference, gives each layer's router logits (softmax routers: their top-k is the choice).
 `compare`: per engine, distinct experts a layer a decode step beside uniform routing's expectation; between the
-engines, how many leading tokens each request agrees on, and over the agreeing steps how often a request's
-expert set in a layer is the same.
+engines (each pair of the runs given), how many leading tokens each request agrees on, and over the agreeing
+steps how often a request's expert set in a layer is the same.
 """
 
 from __future__ import annotations
@@ -101,6 +103,38 @@ def run_moeserve(a, prompts) -> dict:
     return {"tokens": tokens, "routes": routes, "top_k": int(calls[0][0].shape[1])}
 
 
+def run_transformers(a, prompts) -> dict:
+    """The reference: transformers' own model (block-fp8 checkpoints through its fp8 quantizer, on a GPU), greedy
+    with its KV cache; a softmax router's top-k of its logits is its choice."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kw = json.loads(a.engine_args)
+    device = kw.pop("device", "cuda")
+    if kw.pop("dequantize_fp8", False):  # block-fp8 weights widened to bf16 at load (no fp8 kernels, 2x the memory)
+        from transformers import FineGrainedFP8Config
+
+        kw["quantization_config"] = FineGrainedFP8Config(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, kw.pop("dtype", "bfloat16")),
+                                                 device_map=device, **kw).eval()
+    batch, k = len(prompts), model.config.num_experts_per_tok
+    tokens: list[list[int]] = [[] for _ in prompts]
+    routes: list[list] = [[] for _ in prompts]
+    cur, cache = torch.tensor(prompts, device=device), None  # the latency prompts share one length
+    with torch.no_grad():
+        for s in range(a.steps):
+            out = model(input_ids=cur, past_key_values=cache, use_cache=True, output_router_logits=True)
+            cache = out.past_key_values
+            if s:  # this forward processed token s - 1: decode step s - 1
+                last = [lg.view(batch, -1, lg.shape[-1])[:, -1].topk(k).indices.tolist() for lg in out.router_logits]
+                for r in range(batch):
+                    routes[r].append([layer[r] for layer in last])
+            cur = out.logits[:, -1].argmax(-1)[:, None]
+            for r in range(batch):
+                tokens[r].append(int(cur[r]))
+    return {"tokens": tokens, "routes": routes, "top_k": k}
+
+
 def run_vllm(a, prompts) -> dict:
     from peers.vllm.run_vllm import use_site
 
@@ -125,7 +159,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--engine", choices=("moeserve", "vllm"), required=True)
+    r.add_argument("--engine", choices=("moeserve", "vllm", "transformers"), required=True)
     r.add_argument("--model", required=True)
     r.add_argument("--out", required=True)
     r.add_argument("--batch", type=int, default=32)
@@ -138,7 +172,7 @@ def main(argv=None) -> int:
     if a.cmd == "run":
         cfg = json.loads((Path(a.model) / "config.json").read_text())
         prompts = _prompts(a.batch, cfg["vocab_size"])
-        res = (run_moeserve if a.engine == "moeserve" else run_vllm)(a, prompts)
+        res = {"moeserve": run_moeserve, "vllm": run_vllm, "transformers": run_transformers}[a.engine](a, prompts)
         res.update(engine=a.engine, batch=a.batch, steps=a.steps, model=a.model,
                    num_experts=cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts"))
         Path(a.out).write_text(json.dumps(res))
@@ -150,11 +184,12 @@ def main(argv=None) -> int:
         print(f"{res['engine']}: distinct experts a layer a decode step {distinct_per_step(res['routes']):.1f} "
               f"(uniform routing: {uniform_distinct(res['num_experts'], picks):.1f} of {res['num_experts']}); "
               f"distinct tokens at the last step {len({t[-1] for t in res['tokens']})} of {res['batch']}")
-    if len(a_runs) == 2:
-        ag = agreement(*a_runs)
-        print(f"{a_runs[0]['engine']} vs {a_runs[1]['engine']}: leading tokens in agreement, mean "
-              f"{ag['mean_prefix']:.1f} of {a_runs[0]['steps']}; equal expert sets over those steps "
-              f"{ag['same_expert_sets']} ({ag['compared_sets']} compared)")
+    for i, x in enumerate(a_runs):
+        for y in a_runs[i + 1:]:
+            ag = agreement(x, y)
+            print(f"{x['engine']} vs {y['engine']}: leading tokens in agreement, mean {ag['mean_prefix']:.1f} of "
+                  f"{x['steps']}; equal expert sets over those steps {ag['same_expert_sets']} "
+                  f"({ag['compared_sets']} compared)")
     return 0
 
 

@@ -9,8 +9,8 @@
 #   kernels  bench_kernels --only fp8_linear fp8_moe
 #   profile  the fp8 decode profile at batch 1
 #   tests    the fp8 / int4 kernel test files with tracebacks (on the last GPU)
-#   routing  benchmarks/routing_check.py on the checkpoint: moeserve's and vLLM's greedy tokens and routed experts
-#            per decode step (batch 32), then the comparison (vLLM installed first, as for `vllm`)
+#   routing  benchmarks/routing_check.py on the checkpoint: moeserve's, vLLM's and transformers' greedy tokens and
+#            routed experts per decode step (batch 32), then the comparison (vLLM installed first, as for `vllm`)
 # RUN_S=570 (say) shortens a suite that would run past the call's limit.
 # Every call also returns the autotune cache (autotune-*.json): commit it to results/autotune/, or a fresh card
 # tunes every fp8 key at start-up again (160 s on an H200 in session 15, which ran a 200 s suite out of time).
@@ -67,12 +67,16 @@ tests)
   echo "tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$O/cuda-tests.log" | tail -15 ;;
 routing)
   [[ -d ${VLLM_SITE:-/tmp/vllm_site}/vllm ]] || bash benchmarks/peers/vllm/device_install.sh > "$O/vllm_import_audit.log" 2>&1
-  for engine in moeserve vllm; do
-    CUDA_VISIBLE_DEVICES=0 timeout 240 python3 benchmarks/routing_check.py run --engine $engine --model "$RW" \
-      --out "$O/routing-$engine.json" > "$O/routing-$engine.log" 2>&1
-    echo "routing $engine rc=$?"; tail -1 "$O/routing-$engine.log"
+  for engine in moeserve vllm transformers; do  # transformers: its fp8 kernels, else the weights dequantized
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/routing_check.py run --engine $engine --model "$RW" \
+      --out "$O/routing-$engine.json" > "$O/routing-$engine.log" 2>&1 \
+      || { [[ $engine == transformers ]] && CUDA_VISIBLE_DEVICES=0 timeout 200 python3 \
+        benchmarks/routing_check.py run --engine transformers --model "$RW" --out "$O/routing-$engine.json" \
+        --engine-args '{"dequantize_fp8": true}' > "$O/routing-$engine-dequantized.log" 2>&1; }
+    echo "routing $engine rc=$?"
   done
-  python3 benchmarks/routing_check.py compare "$O/routing-moeserve.json" "$O/routing-vllm.json" 2>&1 | tee "$O/routing.txt" ;;
+  python3 benchmarks/routing_check.py compare "$O"/routing-{moeserve,vllm,transformers}.json 2>&1 \
+    | tee "$O/routing.txt" ;;
 *) echo "unknown step $1" >&2; return 2 ;;
 esac
 }
