@@ -65,6 +65,15 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, G
 
 
 @triton.jit
+def _quant_rows(a):
+    """_act_quant_kernel's arithmetic inside a GEMM (QA), on a tile one activation group wide: e4m3 codes and one fp32
+    scale per row, the same bits as the separate launch. fused_moe's W8A8 forms use it too."""
+    af = a.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(af), axis=1), 1e-10) / 448.0
+    return tl.clamp(tl.math.div_rn(af, scale[:, None]), -448.0, 448.0).to(tl.float8e4nv), scale
+
+
+@triton.jit
 def _store_tile(acc, part_ptr, b_ptr, out_ptr, pid_k, m, n, m_ok, n_ok, M, N, stride_om, SPLIT: tl.constexpr,
                 HAS_BIAS: tl.constexpr):
     """A program's fp32 tile: to part[pid_k] (split-K: bias and rounding left to the reduce), else + bias, rounded
@@ -83,8 +92,7 @@ def _store_tile(acc, part_ptr, b_ptr, out_ptr, pid_k, m, n, m_ok, n_ok, M, N, st
 def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K, tiles_per_split, stride_am,
                  stride_asm, stride_wn, stride_wsn, stride_om, SCALE_N: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, QUANT_A: tl.constexpr = False,
-                 FMAX: tl.constexpr = 448.0):
+                 HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, QUANT_A: tl.constexpr = False):
     """Program (pid_m, pid_n, pid_k): K tiles [pid_k * tiles_per_split, + tiles_per_split) of one output tile;
     SPLIT: the fp32 partial goes to part[pid_k] (every program writes its whole tile, an empty range zeros).
     QUANT_A: a_ptr is the unquantized x, each K tile quantized here per row (as_ptr unused)."""
@@ -114,10 +122,8 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K
         if PER_CHANNEL:  # one scale per token and per output row: applied once, after the loop
             acc += tl.dot(a, w)
         else:
-            if QUANT_A:  # _act_quant_kernel's arithmetic on this tile's rows (one group: BLOCK_K = bk)
-                a = a.to(tl.float32)
-                a_s = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10) / FMAX
-                a = tl.clamp(tl.math.div_rn(a, a_s[:, None]), -FMAX, FMAX).to(w.dtype)
+            if QUANT_A:  # this tile's rows quantized here (one group: BLOCK_K = bk)
+                a, a_s = _quant_rows(a)
             else:
                 a_s = tl.load(as_ptrs + kb, mask=m_ok, other=0.0)
             w_s = tl.load(ws_ptrs + kb, mask=n_ok, other=0.0)
@@ -231,7 +237,7 @@ def fp8_gemm(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_scal
                        per, q.stride(0), 0 if quant_a else s.stride(0), weight.stride(0), weight_scale.stride(0),
                        out.stride(0), SCALE_N=scale_n, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                        BLOCK_K=block_k, EVEN_K=k % block_k == 0, SPLIT=split > 1, HAS_BIAS=has_bias,
-                       PER_CHANNEL=per_channel, QUANT_A=quant_a, FMAX=FP8_MAX, num_warps=cfg["W"],
+                       PER_CHANNEL=per_channel, QUANT_A=quant_a, num_warps=cfg["W"],
                        num_stages=cfg["S"])
     return _sum_splits(part, bias, out, split)
 

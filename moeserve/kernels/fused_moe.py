@@ -134,15 +134,6 @@ def _dot8(a, w, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _quant_rows(a):
-    """QUANT_A: kernels/fp8_linear.quantize_act's arithmetic on a tile one activation group wide (BLOCK_K = the
-    scale block): e4m3 codes and one fp32 scale per row, the same bits as the separate launch."""
-    af = a.to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(af), axis=1), 1e-10) / 448.0
-    return tl.clamp(tl.math.div_rn(af, scale[:, None]), -448.0, 448.0).to(tl.float8e4nv), scale
-
-
-@triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, inter_ptr, sorted_ptr, block_expert_ptr, num_post_ptr,
     num_pairs, num_experts, H, I, stride_xt, stride_we, stride_wn, stride_it,
@@ -184,7 +175,7 @@ def _gate_up_kernel(
             g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if QUANT_A:  # A8 with x quantized here, not by a launch before
-            a, qa_s = _quant_rows(a)
+            a, qa_s = _fp8_linear._quant_rows(a)
         if PACK == 8:
             if HAS_ZEROS:
                 kb = ((k0 + kk) // SBK)[:, None]
@@ -352,7 +343,7 @@ def _down_kernel(
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if QUANT_A:  # A8 with the SiLU-and-mul rows quantized here
-            a, qa_s = _quant_rows(a)
+            a, qa_s = _fp8_linear._quant_rows(a)
         if PACK == 8:
             if HAS_ZEROS:
                 bz = _zero(z_col, k0, n_ok, ((k0 + kk) // SBK)[:, None], (kk < I - k0)[:, None] & n_ok[None, :], SBK,
