@@ -4,6 +4,9 @@
 #   ckpt     benchmarks/random_checkpoint.py's block-fp8 qwen3-30b-a3b (written tensor by tensor, ~31 GB) into $RW
 #   random   moeserve fp8 on that checkpoint (latency b1..128 + throughput)
 #   ratio    moeserve bf16 and fp8 on dummy weights, latency, on the same GPU (the fp8 / bf16 ratio)
+#   base     the same from .base, an older tree carried beside this one, with an autotune cache of its own: the A/B.
+#            mkdir .base && git archive REV moeserve benchmarks/peers benchmarks/kernels \
+#              $(git ls-tree --name-only REV benchmarks/ | grep '\.py$') | tar -x -C .base
 #   vllm     vLLM 0.26.0 fp8 on the same checkpoint (installed first: carry the four parts, device_receive.sh);
 #            VLLM_USE_DEEP_GEMM=0 unless given (DeepGEMM's warm-up took ~7 min in session 14)
 #   kernels  bench_kernels --only fp8_linear fp8_moe
@@ -25,7 +28,7 @@ export MOESERVE_CACHE_DIR="${MOESERVE_CACHE_DIR:-/tmp/moeserve-cache}"
 mkdir -p "$MOESERVE_CACHE_DIR/autotune" && cp -n benchmarks/results/autotune/*.json "$MOESERVE_CACHE_DIR/autotune/" 2>/dev/null
 O=${OUT:?set OUT}
 RW=${RW:-/root/rw/qwen3-30b-a3b-fp8}
-(($#)) || { echo "usage: run_fp8_pair.sh ckpt|random|ratio|vllm|kernels|profile|tests..." >&2; exit 2; }
+(($#)) || { echo "usage: run_fp8_pair.sh ckpt|random|ratio|base|vllm|kernels|profile|tests|routing..." >&2; exit 2; }
 nvidia-smi -L | tee "$O/gpus.txt"
 gpus=$(nvidia-smi -L | wc -l)
 suite() {  # seconds, engine, shape, out name, more bench_suite args
@@ -47,6 +50,12 @@ random) suite "${SUITE_S:-330}" moeserve qwen3-30b-a3b-fp8 moeserve-fp8-random -
 ratio)
   suite 130 moeserve qwen3-30b-a3b bf16-dummy --workloads latency
   suite 130 moeserve qwen3-30b-a3b-fp8 fp8-dummy --workloads latency ;;
+base)  # a cold Triton cache for the old kernels' sources: give it the time (session 16's baseline ran out in start-up)
+  [[ -d .base/moeserve ]] || { echo "base: no .base tree (carry it)"; return 2; }
+  mkdir -p /tmp/cache-base/autotune && cp -n benchmarks/results/autotune/*.json /tmp/cache-base/autotune/
+  (cd .base && export PYTHONPATH=$PWD MOESERVE_CACHE_DIR=/tmp/cache-base
+   suite 180 moeserve qwen3-30b-a3b base-bf16-dummy --workloads latency
+   suite 180 moeserve qwen3-30b-a3b-fp8 base-fp8-dummy --workloads latency) ;;
 vllm)
   [[ -d ${VLLM_SITE:-/tmp/vllm_site}/vllm ]] || bash benchmarks/peers/vllm/device_install.sh > "$O/vllm_import_audit.log" 2>&1
   tail -2 "$O/vllm_import_audit.log" 2>/dev/null
