@@ -609,8 +609,9 @@ def bench_fp8_moe(ceil) -> list[dict]:
             + f"; bf16 {bf16_ms * 1e3:.1f} us (fp8 {bf16_ms / ms:.2f}x)"
             + (f"; {r['TFLOPs']:.0f} TFLOP/s = {100 * r['TFLOPs'] / fp8_peak:.0f} % of fp8 peak" if fp8_peak else ""))
         w13d, w2d = _expand(q13, s13, *block), _expand(q2, s2, *block)
-        chosen = [v["config"] for k, v in autotune.get_tuner().report().items() if k.startswith("fused_moe|")
-                  and "|fp8=" in k][-1]  # this T's choice: the latest fp8 key settled
+        key = (f"fused_moe|T={bucket(min(T, fm.DEFAULT_CHUNK))}|E={E}|K={K}|H={H}|I={INTER}|bfloat16"
+               f"|fp8={block[0]}x{block[1]}")
+        chosen = autotune.get_tuner().report()[key]["config"]  # the form the tuner chose for this T
         ref = (_w8a8_moe_reference(x, w13d, w2d, tw, ids, block[1]) if chosen.get("A8")
                else reference.ref_fused_moe(x.float(), w13d, w2d, tw, ids))  # the chosen form's arithmetic
         post_check(f"fused_moe fp8 T={T}" + (" (W8A8)" if chosen.get("A8") else ""),
