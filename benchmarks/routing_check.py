@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -136,8 +137,9 @@ def run_transformers(a, prompts) -> dict:
 
 
 def run_vllm(a, prompts) -> dict:
-    from peers.vllm.run_vllm import use_site
+    from peers.vllm.run_vllm import QUIET_ENV, use_site
 
+    os.environ.update(QUIET_ENV)  # offline, and no FlashInfer sampler (not carried), as the suite runs vLLM
     use_site(None)
     from vllm import LLM, SamplingParams
 

@@ -17,10 +17,11 @@
 # RUN_S=570 (say) shortens a suite that would run past the call's limit.
 # Every call also returns the autotune cache (autotune-*.json): commit it to results/autotune/, or a fresh card
 # tunes every fp8 key at start-up again (160 s on an H200 in session 15, which ran a 200 s suite out of time).
-# vLLM comes in four parts, one per call (64 MiB carry limit; p3 and p4 fit one call), while the machine stays
-# warm (~30 s after a call):
-#   carry .vllm_whl/p1: bash benchmarks/peers/vllm/device_receive.sh p1; bash benchmarks/run_fp8_pair.sh ckpt random
-#   p2: ... ratio profile;  p3+p4: receive both && bash benchmarks/run_fp8_pair.sh vllm
+# vLLM comes in four parts, one per call (64 MiB carry limit with the ~12.5 MiB tree: fetch.py --part-mib 47), while
+# the machine stays warm (~30 s after a call; a cold machine loses the parts, the checkpoint and the Triton cache):
+#   carry .vllm_whl/p1 (+ .base): bash benchmarks/peers/vllm/device_receive.sh p1; bash benchmarks/run_fp8_pair.sh ckpt ...
+#   p2, p3: the same with other steps;  p4: ... routing vllm
+# A fresh machine compiles every Triton kernel first (~85 s of a suite's start-up): give a first suite >= 180 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -48,8 +49,8 @@ ckpt)
 random) suite "${SUITE_S:-330}" moeserve qwen3-30b-a3b-fp8 moeserve-fp8-random --workloads latency,throughput \
   --random-weights "$RW" ;;
 ratio)
-  suite 130 moeserve qwen3-30b-a3b bf16-dummy --workloads latency
-  suite 130 moeserve qwen3-30b-a3b-fp8 fp8-dummy --workloads latency ;;
+  suite 180 moeserve qwen3-30b-a3b bf16-dummy --workloads latency
+  suite 150 moeserve qwen3-30b-a3b-fp8 fp8-dummy --workloads latency ;;
 base)  # a cold Triton cache for the old kernels' sources: give it the time (session 16's baseline ran out in start-up)
   [[ -d .base/moeserve ]] || { echo "base: no .base tree (carry it)"; return 2; }
   mkdir -p /tmp/cache-base/autotune && cp -n benchmarks/results/autotune/*.json /tmp/cache-base/autotune/
