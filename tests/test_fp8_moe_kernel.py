@@ -215,39 +215,12 @@ def test_w8a8_candidates_match_their_arithmetic(kind, cfg, monkeypatch):
     assert err < (3e-2 if CUDA else 2e-3), err
 
 
-@pytest.mark.parametrize("cfg", [c for c in A8_CANDIDATES if c[1].get("QA")], ids=lambda v: "-".join(
-    str(x) for x in v[1].values()))
-def test_w8a8_quantizing_in_the_kernels_is_the_same_arithmetic(cfg, monkeypatch):
-    """A QA form (x and the SiLU-and-mul rows quantized inside gate/up and down, tile by tile) gives the bits of its
-    twin that quantizes with launches before them: the same codes, scales and dots. A partial last K tile too."""
-    kind, cfg = cfg
-    blocks = A8_KINDS[kind]
-    g = torch.Generator().manual_seed(5)
-    w13q, w13s, w2q, w2s, *_ = _experts(4, H_, I_, blocks, g)
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    x = (torch.randn(3, H_, generator=g) * torch.logspace(0, 2, H_)[None]).to(DEVICE, dtype)
-    ids = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(3)]).to(torch.int32).to(DEVICE)
-    weights = torch.rand(3, 2, generator=g).to(DEVICE)
-    outs = []
-    for c in (cfg, {k: v for k, v in cfg.items() if k != "QA"}):
-        monkeypatch.setattr(fm, "get_tuner", lambda c=c: _Fixed(c))
-        outs.append(fm.fused_moe(x, w13q.to(DEVICE), w2q.to(DEVICE), weights, ids, w13_scale=w13s.to(DEVICE),
-                                 w2_scale=w2s.to(DEVICE), blocks=blocks))
-    assert torch.equal(*outs)
-
-
 def test_w8a8_forms_of_tiled_configs_with_bf16_activations_only():
     for tokens in (1, 16, 1024):  # decode (one or two tokens: GEMV and folded forms too), 1 row an expert, prefill
         cands = fm.moe_candidates(tokens, 8, 128, 2, (128, 128), a8=True)
-        a8 = [c for c in cands if c.get("A8") and not c.get("QA")]
+        a8 = [c for c in cands if c.get("A8")]
         assert a8 and not any(c.get("GEMV1") or c.get("FOLD") for c in a8)  # those have no fp8 x fp8 form
         assert len(a8) == len([c for c in cands if not (c.get("A8") or c.get("GEMV1") or c.get("FOLD"))])
-        # decode (<= 16 rows an expert): each A8 form with K tiles one scale block wide, quantizing in its kernels
-        qa = [c for c in cands if c.get("QA")]
-        assert qa == ([dict(c, QA=1) for c in a8 if (c["BLOCK_K1"], c["BLOCK_K2"]) == (128, 128)]
-                      if tokens <= 16 else [])
-        assert tokens > 16 or qa
-    assert not any(c.get("QA") for c in fm.moe_candidates(16, 8, 128, 2, (0, 128), a8=True))  # per-row scales
     assert not any(c.get("A8") for c in fm.moe_candidates(1024, 8, 128, 4, (128, 128), a8=True))  # fp32 activations
     assert not any(c.get("A8") for c in fm.moe_candidates(1024, 8, 128, 2, (128, 128)))  # int4 experts
     assert not any(c.get("A8") for c in fm.moe_candidates(1024, 8, 128))  # bf16 experts

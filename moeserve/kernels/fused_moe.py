@@ -19,8 +19,8 @@ fp8 experts (e4m3 + block scales) and int4 experts (8 codes an int32 along K, a 
 take the same kernels (WSCALE: each tile widened to the activations' dtype - int4 codes first unpacked and less their
 zero, PACK - its product scaled per column) and so the same decode forms and tuning; for fp8 the tuner may also pick
 W8A8 forms of the tiled kernels (A8: activations quantized per token per scale block, fp8 x fp8 on the tensor
-cores), vLLM's arithmetic for block-fp8 experts; at decode sizes also with that quantization done inside gate/up
-and down on the tiles they load (QA: the same bits, two launches fewer).
+cores), vLLM's arithmetic for block-fp8 experts. (Quantizing those activations inside gate/up and down, two
+launches fewer, lost at every decode size on an H200: T=1 34.9 us against 23.2, session 17; deleted.)
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def _gate_up_kernel(
     PRECISION: tl.constexpr, map_ptr=None, HAS_MAP: tl.constexpr = False,
     s_ptr=None, stride_se=0, stride_sn=0, s_up=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1,
     WSCALE: tl.constexpr = 0, as_ptr=None, stride_as=0, A8: tl.constexpr = False,
-    z_ptr=None, HAS_ZEROS: tl.constexpr = False, PACK: tl.constexpr = 1, QUANT_A: tl.constexpr = False,
+    z_ptr=None, HAS_ZEROS: tl.constexpr = False, PACK: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(I, BLOCK_N)
@@ -174,8 +174,6 @@ def _gate_up_kernel(
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if QUANT_A:  # A8 with x quantized here, not by a launch before
-            a, qa_s = _fp8_linear._quant_rows(a)
         if PACK == 8:
             if HAS_ZEROS:
                 kb = ((k0 + kk) // SBK)[:, None]
@@ -198,10 +196,7 @@ def _gate_up_kernel(
             g = g.to(tl.float32)
             u = u.to(tl.float32)
         if A8:  # fp8 x fp8 (WSCALE 1): the token's group scale per row, the weight block's per column
-            if QUANT_A:
-                a_s = qa_s[:, None]
-            else:
-                a_s = tl.load(as_ptr + tok * stride_as + k0 // SBK)[:, None]
+            a_s = tl.load(as_ptr + tok * stride_as + k0 // SBK)[:, None]
             acc_g += _dot8(a, g, DOT_F32) * a_s * _col_scale(gs_col, k0, n_ok, SBK)[None, :]
             acc_u += _dot8(a, u, DOT_F32) * a_s * _col_scale(us_col, k0, n_ok, SBK)[None, :]
         elif WSCALE == 1:
@@ -308,7 +303,7 @@ def _down_kernel(
     PRECISION: tl.constexpr, map_ptr=None, HAS_MAP: tl.constexpr = False,
     s_ptr=None, stride_se=0, stride_sn=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1, WSCALE: tl.constexpr = 0,
     as_ptr=None, stride_as=0, A8: tl.constexpr = False, z_ptr=None, HAS_ZEROS: tl.constexpr = False,
-    PACK: tl.constexpr = 1, QUANT_A: tl.constexpr = False,
+    PACK: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(H, BLOCK_N)
@@ -342,8 +337,6 @@ def _down_kernel(
             k_ok = kk < I - k0
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if QUANT_A:  # A8 with the SiLU-and-mul rows quantized here
-            a, qa_s = _fp8_linear._quant_rows(a)
         if PACK == 8:
             if HAS_ZEROS:
                 bz = _zero(z_col, k0, n_ok, ((k0 + kk) // SBK)[:, None], (kk < I - k0)[:, None] & n_ok[None, :], SBK,
@@ -359,10 +352,7 @@ def _down_kernel(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         if A8:
-            if QUANT_A:
-                a_s = qa_s[:, None]
-            else:
-                a_s = tl.load(as_ptr + row * stride_as + k0 // SBK)[:, None]
+            a_s = tl.load(as_ptr + row * stride_as + k0 // SBK)[:, None]
             acc += _dot8(a, b, DOT_F32) * a_s * _col_scale(s_col, k0, n_ok, SBK)[None, :]
         elif WSCALE == 1:
             acc += tl.dot(a, b, input_precision=PRECISION) * _col_scale(s_col, k0, n_ok, SBK)[None, :]
@@ -618,13 +608,7 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
     scaled2 = _scale_args(s2, blocks["w2"], inter, bk2, z=z2, pack=pack)
     a8 = (bool(cfg.get("A8")) and scaled1.get("WSCALE") == 1 and scaled2.get("WSCALE") == 1
           and not cfg.get("GEMV1") and not cfg.get("FOLD"))
-    quant_a = a8 and bool(cfg.get("QA"))
-    if quant_a and (bk1 != blocks["w13"][1] or bk2 != blocks["w2"][1]):
-        raise ValueError(f"fused_moe: QA needs K tiles one scale block wide, not {cfg} for {blocks}")
-    if quant_a:  # W8A8, each kernel quantizing its activation tiles itself
-        scaled1.update(A8=True, QUANT_A=True)
-        scaled2.update(A8=True, QUANT_A=True)
-    elif a8:  # W8A8: x quantized per token per scale block of K (the whole row for per-row scales)
+    if a8:  # W8A8: x quantized per token per scale block of K (the whole row for per-row scales)
         x, xs = _fp8_linear.quantize_act(x, min(blocks["w13"][1], H))
         scaled1.update(as_ptr=xs, stride_as=xs.stride(0), A8=True)
     if cfg.get("GEMV1"):  # one program per (pair, BLOCK_N1 rows of I), experts straight from topk_ids
@@ -650,7 +634,7 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
         )
         return
     a = inter1
-    if a8 and not quant_a:
+    if a8:
         a, a_s = _fp8_linear.quantize_act(inter1[:pairs], min(blocks["w2"][1], inter))
         scaled2.update(as_ptr=a_s, stride_as=a_s.stride(0), A8=True)
     _down_kernel[(num_blocks * triton.cdiv(H, bn2),)](
@@ -730,9 +714,6 @@ def moe_candidates(tokens: int, top_k: int, num_experts: int, elem_bytes: int = 
         # fp8 tl.dot takes K tiles of 32 or more
         cands = [c for i, c in enumerate(fitted) if c not in fitted[:i]
                  and not (c.get("A8") and min(c["BLOCK_K1"], c["BLOCK_K2"]) < 32)]
-        if per_expert <= 16 and all(scale_k):  # decode: each W8A8 form also quantizing inside its kernels (QA),
-            # which takes K tiles one scale block wide (a tile's rows then hold one activation group each)
-            cands += [dict(c, QA=1) for c in cands if c.get("A8") and (c["BLOCK_K1"], c["BLOCK_K2"]) == scale_k]
     return cands
 
 
