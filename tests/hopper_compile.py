@@ -7,9 +7,10 @@ tests/test_hopper_compile.py in a process of its own, since it swaps Triton's ac
     python tests/hopper_compile.py      # prints one line per form, "FAILED" lines first; exit 1 if any failed
 
 Forms: fused_moe's four kernels for bf16, fp8 (scale blocks inside a K tile, per row, element-wise; W8A8, with
-the activation quant before the kernels or in them: QA) and int4 (groups of 8 and 16, with zeros and symmetric)
-experts, one config per (SORT, FOLD, GEMV1, LATE, A8, QA) at each token regime; fp8_linear's W8A8 GEMM, with the
-activation quant in it or before it, block and per-channel scales; the routers' softmax and grouped top-k, with
+the activation quant before the kernels) and int4 (groups of 8 and 16, with zeros and symmetric)
+experts, one config per (SORT, FOLD, GEMV1, LATE, A8) at each token regime; fp8_linear's W8A8 GEMM and the bf16
+skinny GEMM (GEMV and tl.dot forms), split-K (the reduce in the same launch) or not, with and without bias, block
+and per-channel scales; the routers' softmax and grouped top-k, with
 and without telemetry counts; int4_linear (GEMV and GEMM, zeros and symmetric); paged attention (decode and
 prefill) and MLA decode over bf16 and fp8 caches, and both cache writes.
 """
@@ -63,7 +64,7 @@ def _forms(cands: list[dict]) -> list[dict]:
     """One config per code path (the tile sizes do not change which code the compiler sees)."""
     seen, out = set(), []
     for c in cands:
-        key = tuple(c.get(k, d) for k, d in (("SORT", 1), ("FOLD", 0), ("GEMV1", 0), ("LATE", 0), ("A8", 0), ("QA", 0)))
+        key = tuple(c.get(k, d) for k, d in (("SORT", 1), ("FOLD", 0), ("GEMV1", 0), ("LATE", 0), ("A8", 0)))
         if key not in seen:
             seen.add(key)
             out.append(c)
@@ -127,15 +128,29 @@ def check_fp8_linear(report) -> None:
     for M in (1, 3, 40):
         x = torch.randn(M, K).bfloat16()
         cands = fl.fp8_candidates(min(64, triton.next_power_of_2(M)), N, K, 64, 132)
-        forms = {("quant in gemm" if c.get("QA") else "gemm", c["SPLIT_K"] > 1): c for c in cands}
-        for (form, split), cfg in forms.items():
+        forms = {c["SPLIT_K"] > 1: c for c in cands}
+        for split, cfg in forms.items():
             for bias in (None, torch.randn(N).bfloat16()):
                 b = "bias" if bias is not None else "no bias"
-                report(f"fp8_linear block {form} M={M} split={split} {b}",
+                report(f"fp8_linear block M={M} split={split} {b}",
                        lambda: fl.run_config(cfg, x, wq, ws, bias, torch.empty(M, N, dtype=x.dtype), 32, 64))
-                if not cfg.get("QA"):  # per-channel scales take no QA
-                    report(f"fp8_linear channel {form} M={M} split={split} {b}", lambda: fl.run_config(
-                        cfg, x, cq, cs, bias, torch.empty(M, N, dtype=x.dtype), 1, 64, True))
+                report(f"fp8_linear channel M={M} split={split} {b}", lambda: fl.run_config(
+                    cfg, x, cq, cs, bias, torch.empty(M, N, dtype=x.dtype), 1, 64, True))
+
+
+def check_linear(report) -> None:
+    """The bf16/fp32 skinny GEMM: one config per (GEMV or tl.dot, split-K or not) at each row bucket."""
+    from moeserve.kernels import linear
+
+    N, K = 96, 1024
+    for dtype in (torch.bfloat16, torch.float32):
+        for M in (1, 3, 16):
+            x, w = torch.randn(M, K).to(dtype), torch.randn(N, K).to(dtype)
+            cands = linear.linear_candidates(linear.bucket(M), N, x.element_size())[1:]  # [0]: cuBLAS
+            for (dot, split), cfg in {(c["DOT"], c["SPLIT_K"] > 1): c for c in cands}.items():
+                for bias in (None, torch.randn(N).to(dtype)):
+                    report(f"linear {dtype} M={M} dot={dot} split={split} bias={bias is not None}",
+                           lambda: linear.skinny_matmul(x, w, bias, cfg))
 
 
 def check_router(report) -> None:
@@ -218,6 +233,7 @@ def main() -> int:
 
     check_moe(report)
     check_fp8_linear(report)
+    check_linear(report)
     check_router(report)
     check_int4_linear(report)
     check_attention(report)

@@ -11,7 +11,7 @@ from triton_kernels import CUDA, DEVICE, load_kernel  # first: without a GPU it 
 
 pytest.importorskip("triton")
 
-load_kernel("linear", "_split_sum_kernel")  # fp8_linear's split-K reduce
+load_kernel("linear", "_split_reduce")  # fp8_linear's split-K reduce
 fk = load_kernel("fp8_linear", "_gemm_kernel")
 
 from moeserve.kernels.autotune import bucket  # noqa: E402
@@ -180,7 +180,6 @@ def test_every_candidate_matches_reference(M):
     tol = 1e-2 if CUDA else 2e-3
     for N, K, block in SPLIT_SHAPES:
         cands = fk.fp8_candidates(bucket(M), N, K, block[1], sms=132 if CUDA else 4)
-        cands = [c for c in cands if not c.get("QA")]  # quantizing in the GEMM: test_quant_in_gemm_is_the_same_arithmetic
         assert any(c["SPLIT_K"] > 1 for c in cands)
         # beside them: no split (twice, so that one runs with bias and one without), 3 and 8 splits
         configs = cands + [fk._c(16, 16, 1, 4, 3), fk._c(16, 64, 1, 4, 3), fk._c(16, 32, 3, 4, 3),
@@ -211,9 +210,6 @@ def test_split_ranges_cover_whole_scale_blocks():
             cands = fk.fp8_candidates(rows, N, K, 128, sms=132)
             assert len({tuple(c.items()) for c in cands}) == len(cands)
             programs = []
-            qa = [c for c in cands if c.get("QA")]  # decode only: each config once more, quantizing in the GEMM
-            assert qa == ([dict(c, QA=1) for c in cands if not c.get("QA")] if rows <= fk.QA_ROWS else [])
-            cands = [c for c in cands if not c.get("QA")]
             for c in cands:
                 assert c["BLOCK_M"] == max(16, rows) and c["SPLIT_K"] & (c["SPLIT_K"] - 1) == 0
                 assert 2 * c["SPLIT_K"] <= K // 128
@@ -271,47 +267,3 @@ def test_channel_gemm_split_k(M):
         out = fk.fp8_channel_linear(x.to(DEVICE, dtype), wq.to(DEVICE), ws.to(DEVICE), b.to(DEVICE, dtype),
                                     block_k=32, config=cfg)
         assert _rel(out, ref) < (1e-2 if CUDA else 2e-3), cfg
-
-
-# ---------------------------------------------------------------------------------------------- QA
-@pytest.mark.parametrize("M", [1, 3, 16])
-def test_quant_in_gemm_is_the_same_arithmetic(M):
-    """Each decode config with the activation quant inside the GEMM (QA) gives the bits of the same config after
-    quantize_act (the same codes and scales, the same dot and order), with and without bias, split or not, a
-    partial last K tile included; every output element written (NaN-filled out)."""
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    for N, K, block in SPLIT_SHAPES + [(40, 72, (16, 32))]:
-        cands = fk.fp8_candidates(bucket(M), N, K, block[1], sms=132 if CUDA else 4)
-        qa = [c for c in cands if c.get("QA")]
-        assert qa and len(qa) == len(cands) // 2
-        for i, cfg in enumerate(qa + [dict(fk._c(16, 16, 3, 4, 3), QA=1)]):
-            x, wq, ws, b = _block_problem(M, N, K, block, i % 2 == 1, seed=M + N + K + i)
-            args = (wq.to(DEVICE), ws.to(DEVICE), None if b is None else b.to(DEVICE, dtype))
-            out = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
-            fk.run_config(cfg, x.to(DEVICE, dtype), *args, out, block[0], block[1])
-            two_step = torch.empty_like(out)
-            fk.run_config({k: v for k, v in cfg.items() if k != "QA"}, x.to(DEVICE, dtype), *args, two_step,
-                          block[0], block[1])
-            assert torch.equal(out, two_step), (N, K, cfg)
-
-
-def test_quant_in_gemm_only_for_block_scales(monkeypatch):
-    """Online fp8's activation scale spans all of K, which no tile sees: its tuner gets no QA config, and the
-    launch refuses one."""
-    wq = torch.zeros(16, 64, device=DEVICE).to(torch.float8_e4m3fn)
-    x = torch.ones(2, 64, device=DEVICE)
-    with pytest.raises(ValueError, match="block scales"):
-        fk.fp8_gemm(x, None, wq, torch.ones(16, 1, device=DEVICE), None, torch.empty(2, 16, device=DEVICE),
-                    dict(fk._c(16, 16, 1, 4, 3), QA=1), 1, 32, per_channel=True)
-    offered = {}
-
-    class Tuner:
-        def choose(self, kernel, key, candidates, run, default):
-            offered[key.split("|")[3]] = candidates
-            return default
-
-    monkeypatch.setattr(fk, "get_tuner", lambda: Tuner())
-    fk.fp8_channel_linear(x, wq, torch.ones(16, 1, device=DEVICE), block_k=32)
-    fk.fp8_block_linear(x, wq, torch.ones(1, 2, device=DEVICE), (16, 32))
-    assert not any(c.get("QA") for c in offered["block=channel32"])
-    assert any(c.get("QA") for c in offered["block=16x32"])

@@ -507,17 +507,13 @@ def bench_fp8_linear(ceil) -> list[dict]:
             x = torch.randn(M, Kd, device=DEV, dtype=dtype)
             q, s = fp8_linear.quantize_act(x, bk)
             bytes_ = w_bytes + (M * Kd + M * N) * 2
-            timed = time_candidates(  # each with its activation quant, separate or inside the GEMM
+            timed = time_candidates(  # each with its activation quant launch
                 f"{name} M={M}", fp8_linear.fp8_candidates(bucket(M), N, Kd, bk, fp8_linear._sms(x.device)), bytes_,
                 lambda c: [lambda w=w, sc=sc: fp8_linear.run_config(c, x, w, sc, None, torch.empty(
                     M, N, dtype=dtype, device=DEV), bn, bk) for w, sc in ws])
             ms = graph_ms([lambda w=w, sc=sc: fp8_linear.fp8_block_linear(x, w, sc, block) for w, sc in ws])
             rows.append(row(f"fp8_linear {name} M={M} ({N}x{Kd})", ms, bytes_=bytes_, flops=2 * M * N * Kd,
                             ceil=ceil, mode="graph", extra={"candidates": [[c, t] for t, c in timed]}))
-            best = [min((t for t, c in timed if bool(c.get("QA")) == qa), default=None) for qa in (False, True)]
-            if best[1]:  # the same configs with the activation quant before the GEMM and inside it
-                say(f"    best with the quant launch {best[0] * 1e3:.1f} us, "
-                    f"quantizing in the GEMM {best[1] * 1e3:.1f} us")
             w, sc = ws[0]
             ref = _expand(q.unsqueeze(0), s.unsqueeze(0), 1, bk)[0] @ _expand(w, sc, bn, bk).t()  # W8A8
             post_check(f"fp8_linear {name} M={M}", fp8_linear.fp8_block_linear(x, w, sc, block), ref)
@@ -565,8 +561,8 @@ def _w8a8_moe_reference(x, w13d, w2d, tw, ids, group: int) -> torch.Tensor:
 
 def bench_fp8_moe(ceil) -> list[dict]:
     """qwen3-30b-a3b's experts in fp8 (Qwen3-FP8's [128, 128] block scales) beside the same experts in bf16, per
-    token count: the best W8A16 form (fp8 tiles widened), the best W8A8 form (fp8 x fp8 tensor cores) and the best
-    W8A8 form quantizing inside its kernels (QA, decode sizes) among fused_moe's candidates, then the tuned choice;
+    token count: the best W8A16 form (fp8 tiles widened) and the best W8A8 form (fp8 x fp8 tensor cores) among
+    fused_moe's candidates, then the tuned choice;
     TFLOP/s beside the fp8 matmul ceiling measured here."""
     from moeserve.kernels import fused_moe as fm
     from moeserve.kernels import reference
@@ -596,8 +592,8 @@ def bench_fp8_moe(ceil) -> list[dict]:
         cands = fm.moe_candidates(bucket(T), K, E, 2, scale_k, a8=True)
         timed = time_candidates(f"fp8 T={T}", cands, bytes_, lambda c: [
             lambda: fm._moe_chunk(c, x, q13, q2, tw, ids, out, inter1, inter2, None, scales)])
-        forms = (("W8A16", (0, 0)), ("W8A8", (1, 0)), ("W8A8 QA", (1, 1)))  # QA: quantizing inside the kernels
-        best = {form: min(((t, c) for t, c in timed if (bool(c.get("A8")), bool(c.get("QA"))) == key),
+        forms = (("W8A16", False), ("W8A8", True))
+        best = {form: min(((t, c) for t, c in timed if bool(c.get("A8")) == key),
                           default=(None, None), key=lambda v: v[0]) for form, key in forms}
         ms = graph_ms([lambda: fm.fused_moe(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2, blocks=blocks)])
         bf16_ms = graph_ms([lambda: fm.fused_moe(x, w13, w2, tw, ids)])

@@ -14,19 +14,19 @@ Decode (M <= MAX_TUNED_ROWS): at batch 1 a projection is a weight stream, and N 
 programs for an H100's 132 SMs (7168 -> 576 in 64-wide tiles: 9 programs). As kernels.linear does for bf16, the
 autotuner picks per shape among BLOCK_N x SPLIT_K configs that put ~2+ programs on every SM: SPLIT_K cuts K into
 ranges of whole scale blocks (each K tile still takes one activation scale per row and one weight scale per
-column), each range writes an fp32 partial, and kernels.linear's `_split_sum_kernel` adds them (and the bias) and
-rounds once. No atomics: the sum order is fixed, so eager and CUDA-graph replay give the same bits; the partial
-buffer's size depends on shapes only. More rows: one heuristic config (64 x 128 tiles, split-K only where the
+column), each range writes an fp32 partial, and the same launch adds them (kernels.linear's `_split_reduce`): one
+atomic counter per output tile tells the program that arrives last, which adds part[0], part[1], ... in that fixed
+order (and the bias), rounds once and re-arms the counter. The atomic decides only who reduces, not the order, so
+the bits do not depend on arrival order: eager and CUDA-graph replay give the same bits, those of the second
+reduce kernel this replaced; the partial buffer's size depends on shapes only, and the counters are
+kernels.linear's one buffer per device. More rows: one heuristic config (64 x 128 tiles, split-K only where the
 tiles do not fill the GPU once).
 
-Quantizing in the GEMM (configs with QA, block scales, up to QA_ROWS rows): each program quantizes its own
-activation tiles as it loads them (quantize_act's arithmetic on one K tile, which is one activation group: the same
-codes and scales), so a decode projection is one launch, not the activation quant's and then the GEMM's. Every
-N tile repeats the quantization of the same few rows: at 16 rows that is little beside the weight tile it waits
-for; at prefill sizes it would be ALU work beside compute-bound tensor cores, so it is offered only to decode.
 The W8A16 GEMV form that stood here (widened weights, no activation quant) lost to the W8A8 GEMM at every
 projection shape at 1 and 4 rows on an H200 (session 16: qwen3-30b qkv at one row 11.6 us against 9.0 us) and was
-deleted.
+deleted. So was the quantization of the activations inside the GEMM (one launch instead of two): every program
+repeating the absmax/divide/cast of its activation tile before its dot stalled the weight stream, 1.6-2.9x slower
+than the separate quant launch at every decode shape (session 17).
 
 Reference: layers/quant/fp8 (dequantize weight and, for this kernel's exact arithmetic, `quantize_act_groups`
 for the activations). Requires bk a power of two >= 32 (fp8 tl.dot's smallest K; 128 in every published
@@ -41,13 +41,12 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import linear as _linear  # its _split_sum_kernel, looked up at call time (tests reload it)
+from moeserve.kernels import linear as _linear  # its split-K reduce, looked up at call time (tests reload it)
 from moeserve.kernels import runtime
 from moeserve.kernels.autotune import Config, StreamedRun, bucket, get_tuner
 
 FP8_MAX = 448.0
 MAX_TUNED_ROWS = 64  # up to this many rows: one M tile, configs tuned per shape; above: _large_config
-QA_ROWS = 16  # up to this many rows the tuner also times each config with the activation quant in the GEMM
 
 
 @triton.jit
@@ -65,37 +64,30 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, G
 
 
 @triton.jit
-def _quant_rows(a):
-    """_act_quant_kernel's arithmetic inside a GEMM (QA), on a tile one activation group wide: e4m3 codes and one fp32
-    scale per row, the same bits as the separate launch. fused_moe's W8A8 forms use it too."""
-    af = a.to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(af), axis=1), 1e-10) / 448.0
-    return tl.clamp(tl.math.div_rn(af, scale[:, None]), -448.0, 448.0).to(tl.float8e4nv), scale
-
-
-@triton.jit
-def _store_tile(acc, part_ptr, b_ptr, out_ptr, pid_k, m, n, m_ok, n_ok, M, N, stride_om, SPLIT: tl.constexpr,
-                HAS_BIAS: tl.constexpr):
-    """A program's fp32 tile: to part[pid_k] (split-K: bias and rounding left to the reduce), else + bias, rounded
-    once into out."""
-    mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT:
-        tl.store(part_ptr + (pid_k * M + m[:, None]).to(tl.int64) * N + n[None, :], acc, mask=mask)
+def _store_tile(acc, part_ptr, cnt_ptr, b_ptr, out_ptr, pid_k, m, n, m_ok, n_ok, M, N, stride_om,
+                SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A program's fp32 tile: split-K, to part[pid_k], the tile's last program to arrive summing the partials
+    (+ bias) into out (kernels.linear._split_reduce); else + bias, rounded once into out."""
+    if SPLIT > 1:
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        _linear._split_reduce(acc, part_ptr, cnt_ptr, b_ptr, out_ptr, tile, pid_k, m, n, m_ok, n_ok, M, N, stride_om,
+                              SPLIT, HAS_BIAS)
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + m[:, None].to(tl.int64) * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=mask)
+                 mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K, tiles_per_split, stride_am,
+def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, tiles_per_split, stride_am,
                  stride_asm, stride_wn, stride_wsn, stride_om, SCALE_N: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, QUANT_A: tl.constexpr = False):
+                 HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr):
     """Program (pid_m, pid_n, pid_k): K tiles [pid_k * tiles_per_split, + tiles_per_split) of one output tile;
-    SPLIT: the fp32 partial goes to part[pid_k] (every program writes its whole tile, an empty range zeros).
-    QUANT_A: a_ptr is the unquantized x, each K tile quantized here per row (as_ptr unused)."""
+    SPLIT (the number of K ranges, the grid's third dimension) > 1: the fp32 partial goes to part[pid_k] (every
+    program writes its whole tile, an empty range zeros) and the tile's last program to arrive sums them (cnt_ptr:
+    the per-tile counters)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -122,17 +114,14 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K
         if PER_CHANNEL:  # one scale per token and per output row: applied once, after the loop
             acc += tl.dot(a, w)
         else:
-            if QUANT_A:  # this tile's rows quantized here (one group: BLOCK_K = bk)
-                a, a_s = _quant_rows(a)
-            else:
-                a_s = tl.load(as_ptrs + kb, mask=m_ok, other=0.0)
+            a_s = tl.load(as_ptrs + kb, mask=m_ok, other=0.0)
             w_s = tl.load(ws_ptrs + kb, mask=n_ok, other=0.0)
             acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if PER_CHANNEL:  # linear in the partial: each split scales its own
         acc *= tl.load(as_ptrs, mask=m_ok, other=0.0)[:, None] * tl.load(ws_ptrs, mask=n_ok, other=0.0)[None, :]
-    _store_tile(acc, part_ptr, b_ptr, out_ptr, pid_k, m, n, m_ok, n_ok, M, N, stride_om, SPLIT, HAS_BIAS)
+    _store_tile(acc, part_ptr, cnt_ptr, b_ptr, out_ptr, pid_k, m, n, m_ok, n_ok, M, N, stride_om, SPLIT, HAS_BIAS)
 
 
 def quantize_act(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +170,7 @@ def fp8_candidates(rows: int, n: int, k: int, block_k: int, sms: int) -> list[Co
             cands.append(_c(bm, bn, 2 * split, warps, 4))
         if bn <= 32:  # small tiles: more of them in flight per program
             cands.append(_c(bm, bn, split, warps, 6))
-    return cands + [dict(c, QA=1) for c in cands] if rows <= QA_ROWS else cands
+    return cands
 
 
 def _large_config(m: int, n: int, k: int, block_k: int, sms: int) -> Config:
@@ -205,8 +194,6 @@ def _choose(x, weight, ws, bias, out, scale_n: int, block_k: int, per_channel: b
     rows = bucket(m)
     key = f"M={rows}|N={n}|K={k}|block={tag}|{str(out.dtype).removeprefix('torch.')}"
     cands = fp8_candidates(rows, n, k, block_k, sms)
-    if per_channel:  # one activation scale over all of K: not known tile by tile
-        cands = [c for c in cands if not c.get("QA")]
 
     def run(cfg: Config, w: torch.Tensor, w_s: torch.Tensor) -> torch.Tensor:
         return run_config(cfg, x, w, w_s, bias, torch.empty_like(out), scale_n, block_k, per_channel)
@@ -219,37 +206,23 @@ def fp8_gemm(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_scal
              bias: torch.Tensor | None, out: torch.Tensor, cfg: Config, scale_n: int, block_k: int,
              per_channel: bool = False) -> torch.Tensor:
     """out = (q * s) @ (weight * weight_scale)^T (+ bias) with one config, for activations quantized by
-    quantize_act (q [M, K] e4m3, scales s), or with s None for q the unquantized x, quantized tile by tile in the
-    kernel (block scales only). block_k: the K tile, which is the activation group and the weight's K block
+    quantize_act (q [M, K] e4m3, scales s). block_k: the K tile, which is the activation group and the weight's K block
     (per_channel: any power of two >= 32, the scales applied after the loop)."""
     m, k = q.shape
     n = weight.shape[0]
     k_tiles = max(1, triton.cdiv(k, block_k))
     per = triton.cdiv(k_tiles, cfg["SPLIT_K"])
     split = triton.cdiv(k_tiles, per)  # no empty ranges
-    part = torch.empty(split, m, n, dtype=torch.float32, device=out.device) if split > 1 else out
     has_bias = bias is not None
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
-    quant_a = s is None
-    if quant_a and per_channel:
-        raise ValueError("fp8 GEMM: the in-kernel activation quant takes block scales, not per-channel ones")
-    _gemm_kernel[grid](q, q if quant_a else s, weight, weight_scale, bias if has_bias else out, out, part, m, n, k,
-                       per, q.stride(0), 0 if quant_a else s.stride(0), weight.stride(0), weight_scale.stride(0),
-                       out.stride(0), SCALE_N=scale_n, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                       BLOCK_K=block_k, EVEN_K=k % block_k == 0, SPLIT=split > 1, HAS_BIAS=has_bias,
-                       PER_CHANNEL=per_channel, QUANT_A=quant_a, num_warps=cfg["W"],
+    part = torch.empty(split, m, n, dtype=torch.float32, device=out.device) if split > 1 else out
+    counters = _linear.split_counters(out.device, grid[0] * grid[1]) if split > 1 else out
+    _gemm_kernel[grid](q, s, weight, weight_scale, bias if has_bias else out, out, part, counters,
+                       m, n, k, per, q.stride(0), s.stride(0), weight.stride(0),
+                       weight_scale.stride(0), out.stride(0), SCALE_N=scale_n, BLOCK_M=cfg["BLOCK_M"],
+                       BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, EVEN_K=k % block_k == 0, SPLIT=split,
+                       HAS_BIAS=has_bias, PER_CHANNEL=per_channel, num_warps=cfg["W"],
                        num_stages=cfg["S"])
-    return _sum_splits(part, bias, out, split)
-
-
-def _sum_splits(part: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, split: int) -> torch.Tensor:
-    """kernels.linear's reduce of the split-K partials (+ bias) into out, rounded once; nothing without a split."""
-    if split > 1:
-        m, n = out.shape
-        block = 1024
-        _linear._split_sum_kernel[(triton.cdiv(m * n, block),)](
-            part, part if bias is None else bias, out, m, n, out.stride(0), SPLIT_K=split, BLOCK=block,
-            HAS_BIAS=bias is not None, num_warps=4)
     return out
 
 
@@ -257,9 +230,7 @@ def run_config(cfg: Config, x: torch.Tensor, weight: torch.Tensor, weight_scale:
                bias: torch.Tensor | None, out: torch.Tensor, scale_n: int, block_k: int,
                per_channel: bool = False) -> torch.Tensor:
     """out = x @ W^T (+ bias) with one config: x quantized per block_k columns (or per token over K when
-    per_channel) by quantize_act first, or (QA) inside the GEMM."""
-    if cfg.get("QA"):
-        return fp8_gemm(x, None, weight, weight_scale, bias, out, cfg, scale_n, block_k, per_channel)
+    per_channel) by quantize_act first."""
     q, s = quantize_act(x, x.shape[1] if per_channel else block_k)
     return fp8_gemm(q, s, weight, weight_scale, bias, out, cfg, scale_n, block_k, per_channel)
 
@@ -269,7 +240,7 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
                      config: Config | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp32) @ (weight [N, K] e4m3 * block scales [ceil(N/bn), ceil(K/bk)])^T + bias -> [M, N].
     `config`: one of fp8_candidates (tests, benchmarks); default: the tuned one. x is quantized per token per bk
-    columns (W8A8), before the GEMM or (QA configs, at most QA_ROWS rows) inside it."""
+    columns (W8A8) by quantize_act, then the GEMM."""
     bn, bk = block
     if bk & (bk - 1) or bk < 32:  # fp8 tl.dot takes K tiles of 32 or more
         raise ValueError(f"fp8 block GEMM: the K block ({bk}) must be a power of two >= 32")

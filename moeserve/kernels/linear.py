@@ -7,8 +7,15 @@ rows of x beside it, accumulating in fp32:
   - GEMV form (DOT=0): products accumulate element-wise in fp32 registers and are summed over K once at the
     end, for 1-4 rows;
   - tl.dot form (DOT=1): x padded to 16 rows on the tensor cores, for up to 16 rows;
-  - SPLIT_K > 1: K is cut into SPLIT_K ranges, partial sums in fp32, then one small kernel adds them (and the
-    bias) and rounds once: more programs in flight when N alone gives too few.
+  - SPLIT_K > 1: K is cut into SPLIT_K ranges, partial sums in fp32: more programs in flight when N alone gives
+    too few. The partials are added in the same launch (`_split_reduce`, fp8_linear's GEMM uses it too): each
+    program stores its fp32 partial to part[pid_k] and bumps its output tile's int32 counter once (an acq_rel
+    atomic); the program that arrives last adds part[0], part[1], ... part[SPLIT_K - 1] in that order (+ bias),
+    rounds once into out and sets the counter back to 0. The atomic only decides WHICH program reduces; the sum
+    order is fixed, so the bits do not depend on arrival order (run to run, eager and CUDA-graph replay alike) and
+    are those of the two-launch reduce this replaced (a second kernel, ~1.5-2.5 us of a batch-1 graph each).
+    The counters are one zeroed buffer per device, allocated on the first split launch (never during graph capture)
+    and re-armed by every launch, so two split-K GEMMs must not run at once on one device (one compute stream).
 cuBLAS is one of the candidates and the default, so the autotuner only switches where the kernel is faster.
 """
 
@@ -22,10 +29,55 @@ from moeserve.kernels import runtime
 from moeserve.kernels.autotune import Config, StreamedRun, bucket, get_tuner
 
 MAX_ROWS = 16  # more rows than this: cuBLAS's tensor-core GEMMs, no tuning
+SPLIT_COUNTERS = 1 << 16  # the counter buffer's first size: output tiles of any split-K launch, generously
+
+_counters: dict[torch.device, list[torch.Tensor]] = {}  # device -> every counter buffer made (the last in use)
+
+
+def split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The device's zeroed int32 counters, one per output tile of a split-K launch (>= tiles of them). Made on first
+    use and grown only outside CUDA graph capture; an outgrown buffer is kept alive, since a captured graph may
+    still hold its address."""
+    bufs = _counters.setdefault(device, [])
+    if not bufs or bufs[-1].numel() < tiles:
+        if runtime.capturing():
+            raise RuntimeError(f"split-K GEMM: {tiles} tile counters are needed but not allocated; run the GEMM "
+                               "eagerly once before capturing it")
+        bufs.append(torch.zeros(max(SPLIT_COUNTERS, runtime.next_pow2(tiles)), dtype=torch.int32, device=device))
+    return bufs[-1]
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+def _split_reduce(acc, part_ptr, cnt_ptr, b_ptr, out_ptr, tile, pid_k, m, n, m_ok, n_ok, M, N, stride_om,
+                  SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A split-K program's fp32 tile `acc` (rows m, columns n) to part[pid_k]; the last of the tile's SPLITS
+    programs to arrive adds part[0 .. SPLITS-1] in that order (+ bias), rounds once into out and re-arms the
+    tile's counter cnt_ptr[tile] (0 again for the next launch). The loop is unrolled (SPLITS a constexpr) so that
+    the partials' loads are in flight together, not one L2 round trip after another.
+
+    Ordering (PTX memory model, as CUTLASS's split-K semaphore): the CTA barrier puts every thread's partial store
+    before thread 0's atomic, whose release (gpu scope, cumulative) publishes them; the last arrival's atomic
+    acquires all earlier releases on the counter, and the scalar atomic's result reaches the other threads through
+    shared memory and a barrier, so their loads come after the acquire; the loads go to L2 (.cg), where the stores
+    of every SM are, never to a stale L1 line."""
+    mask = m_ok[:, None] & n_ok[None, :]
+    tl.store(part_ptr + (pid_k * M + m[:, None]).to(tl.int64) * N + n[None, :], acc, mask=mask)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLITS - 1:
+        total = tl.zeros_like(acc)  # 0 + part[0] + ... + part[SPLITS-1] + bias: the two-launch reduce's adds
+        for s in tl.static_range(SPLITS):
+            total += tl.load(part_ptr + (s * M + m[:, None]).to(tl.int64) * N + n[None, :], mask=mask, other=0.0,
+                             cache_modifier=".cg")
+        if HAS_BIAS:
+            total += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + m[:, None].to(tl.int64) * stride_om + n[None, :], total.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+        tl.store(cnt_ptr + tile, 0)
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                    M_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
@@ -82,22 +134,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, M, N, K, stride_xm, s
         dst = out_ptr + m[:, None] * stride_om + n[None, :]
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(part_ptr + (pid_k * M + m[:, None]) * N + n[None, :], acc, mask=mask)
-
-
-@triton.jit
-def _split_sum_kernel(part_ptr, b_ptr, out_ptr, M, N, stride_om,
-                      SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """out[m, n] = sum over the SPLIT_K partials (+ bias), rounded once."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < M * N
-    acc = tl.zeros([BLOCK], tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(part_ptr + s * M * N + i, mask=ok, other=0.0)
-    n = i % N
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + (i // N) * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=ok)
+        _split_reduce(acc, part_ptr, cnt_ptr, b_ptr, out_ptr, pid_n, pid_k, m, n, m_ok, n_ok, M, N, stride_om,
+                      SPLIT_K, HAS_BIAS)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,18 +172,16 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"linear: config {cfg} cannot run {M} rows")
     bn, bk, split = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
     dot_f32, precision = runtime.dot_flags(x.dtype)
+    tiles = triton.cdiv(N, bn)
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out
+    counters = split_counters(x.device, tiles) if split > 1 else out
     has_bias = bias is not None
-    _skinny_kernel[(triton.cdiv(N, bn), split)](
-        x, weight, bias if has_bias else x, out, part, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
+    _skinny_kernel[(tiles, split)](
+        x, weight, bias if has_bias else x, out, part, counters, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
         M_P=max(16, runtime.next_pow2(M)) if dot else runtime.next_pow2(M), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
         EVEN_K=K % (split * bk) == 0, EVEN_N=N % bn == 0, HAS_BIAS=has_bias, DOT=dot, DOT_F32=dot_f32,
         PRECISION=precision, num_warps=cfg["W"], num_stages=cfg["S"],
     )
-    if split > 1:
-        block = 1024
-        _split_sum_kernel[(triton.cdiv(M * N, block),)](part, bias if has_bias else part, out, M, N, out.stride(0),
-                                                        SPLIT_K=split, BLOCK=block, HAS_BIAS=has_bias, num_warps=4)
     return out
 
 
