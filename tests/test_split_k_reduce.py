@@ -51,6 +51,25 @@ def _counters_zero(device) -> bool:
     return bool((lin.split_counters(torch.device(device), 0) == 0).all())
 
 
+def _twice_against_partials(launch, shape, split, bias, dtype, monkeypatch) -> list[torch.Tensor]:
+    """Two launches into NaN-filled outputs (the second finds the counters the first left): each output equals the
+    fixed-order sum of its own launch's partials, the counters are back at 0 after each, both outputs are equal.
+    Returns the partial buffers."""
+    parts = _record_partials(monkeypatch)
+    outs = []
+    for _ in range(2):
+        out = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+        launch(out)
+        assert _counters_zero(DEVICE), split
+        outs.append(out)
+    monkeypatch.undo()
+    assert len(parts) == 2 and parts[0].shape == (split, *shape)
+    for part, out in zip(parts, outs):
+        assert torch.equal(out, _fixed_order_sum(part, bias, dtype)), split
+    assert torch.equal(outs[0], outs[1])
+    return parts
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("M", [1, 3])
@@ -63,18 +82,8 @@ def test_skinny_split_reduce_is_the_fixed_order_sum(M, bias, dtype, monkeypatch)
     bk = 128 if dtype == torch.float32 else 256
     for split in (2, 3, 4):
         cfg = {"BLOCK_N": 8, "BLOCK_K": bk, "SPLIT_K": split, "W": 4, "S": 2, "DOT": 0}
-        parts = _record_partials(monkeypatch)
-        outs = []
-        for _ in range(2):  # the second launch finds the counters the first one left
-            out = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
-            lin.skinny_matmul(x, w, b, cfg, out)
-            assert _counters_zero(DEVICE), cfg
-            outs.append(out)
-        monkeypatch.undo()
-        assert len(parts) == 2 and parts[0].shape == (split, M, N)
-        for part, out in zip(parts, outs):
-            assert torch.equal(out, _fixed_order_sum(part, b, dtype)), (split, cfg)
-        assert torch.equal(outs[0], outs[1])
+        parts = _twice_against_partials(lambda out: lin.skinny_matmul(x, w, b, cfg, out), (M, N), split, b, dtype,
+                                        monkeypatch)
         # the partials are the K ranges' products (a sanity check that the reference is not vacuous)
         ref = torch.nn.functional.linear(x.double(), w.double())
         assert torch.allclose(parts[0].double().sum(0), ref, rtol=1e-3, atol=1e-3)
@@ -92,18 +101,8 @@ def test_fp8_split_reduce_is_the_fixed_order_sum(M, bias, monkeypatch):
     b = torch.randn(N, generator=g).to(DEVICE, dtype) if bias else None
     for split in (2, 3, 5):
         cfg = fk._c(16, 16, split, 4, 3)
-        parts = _record_partials(monkeypatch)
-        outs = []
-        for _ in range(2):
-            out = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
-            fk.fp8_gemm(xq, xs, wq.to(DEVICE), ws.to(DEVICE), b, out, cfg, block[0], block[1])
-            assert _counters_zero(DEVICE), cfg
-            outs.append(out)
-        monkeypatch.undo()
-        assert len(parts) == 2 and parts[0].shape == (split, M, N)
-        for part, out in zip(parts, outs):
-            assert torch.equal(out, _fixed_order_sum(part, b, dtype)), (split, cfg)
-        assert torch.equal(outs[0], outs[1])
+        _twice_against_partials(lambda out: fk.fp8_gemm(xq, xs, wq.to(DEVICE), ws.to(DEVICE), b, out, cfg, *block),
+                                (M, N), split, b, dtype, monkeypatch)
 
 
 def test_counters_are_not_allocated_during_capture(monkeypatch):
