@@ -15,7 +15,11 @@ The checkpoint has the tensors transformers' save_pretrained writes for the shap
 tensors, HF names), bf16, drawn one tensor at a time (write_streamed; on the GPU when there is one), so a model
 larger than the GPU's memory still gets written. A block-fp8 shape (DeepSeek-V3/R1, `quant_method: fp8` with
 `weight_block_size`) is written as those checkpoints ship: every projection in e4m3 with its `weight_scale_inv`
-per block; the router, embeddings, head and norms as built (bf16; transformers keeps V3's router in fp32). The
+per block; the router, embeddings, head and norms as built (bf16; transformers keeps V3's router in fp32). Every
+decoder-layer linear left in bf16 (the routers) is named in the written config's `modules_to_not_convert` if the
+config does not name it already: an engine that reads an fp8 config as "every linear not listed is fp8" (vLLM
+0.26's qwen3_moe builds its router that way) must not expect e4m3 and a scale where there are none. Session 17's
+Qwen3-FP8 config lacked the list and vLLM routed every token to experts 0-7. The
 correction bias is transformers' zeros, so the routing follows the logits (on dummy weights a +-1e-3 bias sends
 every token to the same experts). A folder that already holds the same config and seed is reused.
 """
@@ -60,7 +64,11 @@ def build(config: dict, out: Path, seed: int = 0, dtype: str = "bfloat16", devic
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t = time.perf_counter()
     block = tuple(qcfg["weight_block_size"]) if qcfg else None
-    n = write_streamed(hf_cfg, out, block, ignored_modules(qcfg or {}), getattr(torch, dtype), device, seed)
+    ignored = ignored_modules(qcfg or {})
+    n, kept = write_streamed(hf_cfg, out, block, ignored, getattr(torch, dtype), device, seed)
+    if block and (unlisted := [m for m in kept if not any(f".{i}." in f".{m}." for i in ignored)]):
+        cfg["quantization_config"] = {**qcfg, "modules_to_not_convert": list(
+            qcfg.get("modules_to_not_convert") or []) + unlisted}
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     marker.write_text(json.dumps({"fingerprint": fp, "seed": seed, "dtype": dtype, "params": n,
                                   "build_s": round(time.perf_counter() - t, 1)}))
@@ -68,13 +76,14 @@ def build(config: dict, out: Path, seed: int = 0, dtype: str = "bfloat16", devic
 
 
 def write_streamed(hf_cfg, out: Path, block: tuple[int, int] | None, ignored: list[str], dtype, device: str,
-                   seed: int, shard_bytes: float = 5e9) -> int | None:
+                   seed: int, shard_bytes: float = 5e9) -> tuple[int, list[str]]:
     """The checkpoint tensor by tensor, never the whole model in memory: the architecture is built on the meta
     device, its state dict put back into checkpoint names and layout by transformers' revert_weight_conversion
     (per-expert tensors), and each tensor drawn on `device` at transformers' init scale (normal with std
     initializer_range; norms 1, biases 0), quantized (block fp8) and written in shards of ~shard_bytes with their
     index. A 30B model's bf16 build took 78 GiB of an 80 GiB H100 and ran out of memory (session 15); this needs
-    one tensor at a time. Returns the parameter count."""
+    one tensor at a time. Returns the parameter count and the decoder-layer linears left unquantized (block fp8:
+    the routers; their module names)."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
@@ -94,6 +103,7 @@ def write_streamed(hf_cfg, out: Path, block: tuple[int, int] | None, ignored: li
     shards: list[list[str]] = []  # the tensor names of each written shard
     current: dict = {}
     size = params = 0
+    kept: list[str] = []
 
     def flush() -> None:
         save_file(current, str(out / f"model-{len(shards) + 1:05d}.safetensors"), metadata={"format": "pt"})
@@ -111,6 +121,8 @@ def write_streamed(hf_cfg, out: Path, block: tuple[int, int] | None, ignored: li
         if block and fp8_quantized(name, t, ignored):
             q, s = quantize_blocks(t, block)
             tensors = {name: q, name.removesuffix(".weight") + ".weight_scale_inv": s}
+        elif block and t.dim() == 2 and name.endswith(".weight") and ".layers." in name and "norm" not in name:
+            kept.append(name.removesuffix(".weight"))
         for k, v in tensors.items():
             current[k] = v.contiguous().cpu()
             size += v.numel() * v.element_size()
@@ -126,7 +138,7 @@ def write_streamed(hf_cfg, out: Path, block: tuple[int, int] | None, ignored: li
         weight_map.update(dict.fromkeys(names, final))
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
                                                                   indent=1))
-    return params
+    return params, kept
 
 
 def ignored_modules(qcfg: dict) -> list[str]:

@@ -278,7 +278,11 @@ def test_random_checkpoint_block_fp8_as_published(tmp_path):
                  "model.layers.1.input_layernorm.weight"):  # left as built (bf16; transformers' V3 router fp32)
         assert tensors[name].dtype in (torch.bfloat16, torch.float32), name
         assert name.removesuffix(".weight") + ".weight_scale_inv" not in tensors, name
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["weight_block_size"] == [16, 16]
+    written = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert written["weight_block_size"] == [16, 16]
+    # the bf16 routers are named unconverted: an engine reading "every linear not listed is fp8" finds no scale
+    assert "model.layers.1.mlp.gate" in written["modules_to_not_convert"]
+    assert not any("proj" in m for m in written["modules_to_not_convert"])
 
     llm = LLM(model=str(out), expert_load_telemetry=True)
     assert any(p.dtype == torch.float8_e4m3fn for p in llm.llm_engine.model.parameters())
@@ -332,5 +336,13 @@ def test_random_checkpoint_streamed_matches_save_pretrained(tmp_path, monkeypatc
         assert got[name][1] == shape, name
         assert got[name][2] == ("F8_E4M3" if name in quantized else dtype), name
     assert len({v[0] for v in got.values()}) > 2  # several shards
+    listed = json.loads((tmp_path / "streamed" / "config.json").read_text())["quantization_config"]
+    routers = sorted(k.removesuffix(".weight") for k in want if k.endswith(".mlp.gate.weight"))
+    assert len(routers) >= 2 and sorted(listed["modules_to_not_convert"]) == routers
+    cfg["quantization_config"]["modules_to_not_convert"] = ["lm_head", routers[0]]  # one listed already
+    rc.build(cfg, tmp_path / "listed", device="cpu")
+    listed = json.loads((tmp_path / "listed" / "config.json").read_text())["quantization_config"]
+    assert listed["modules_to_not_convert"][:2] == ["lm_head", routers[0]]
+    assert sorted(listed["modules_to_not_convert"][2:]) == routers[1:]
     index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())["weight_map"]
     assert index == {k: v[0] for k, v in got.items()}
