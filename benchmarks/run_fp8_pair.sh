@@ -11,6 +11,7 @@
 #            VLLM_USE_DEEP_GEMM=0 unless given (DeepGEMM's warm-up took ~7 min in session 14)
 #   kernels  bench_kernels --only fp8_linear fp8_moe
 #   profile  the fp8 decode profile at batch 1
+#   telemetry  expert-load telemetry's cost in a decode step (issue 18: < 1 % at batch 1 and 128), bf16 qwen3-30b
 #   tests    the fp8 / int4 kernel test files with tracebacks (on the last GPU)
 #   routing  benchmarks/routing_check.py on the checkpoint: moeserve's, vLLM's and transformers' greedy tokens and
 #            routed experts per decode step (batch 32), then the comparison (vLLM installed first, as for `vllm`)
@@ -29,7 +30,7 @@ export MOESERVE_CACHE_DIR="${MOESERVE_CACHE_DIR:-/tmp/moeserve-cache}"
 mkdir -p "$MOESERVE_CACHE_DIR/autotune" && cp -n benchmarks/results/autotune/*.json "$MOESERVE_CACHE_DIR/autotune/" 2>/dev/null
 O=${OUT:?set OUT}
 RW=${RW:-/root/rw/qwen3-30b-a3b-fp8}
-(($#)) || { echo "usage: run_fp8_pair.sh ckpt|random|ratio|base|vllm|kernels|profile|tests|routing..." >&2; exit 2; }
+(($#)) || { echo "usage: run_fp8_pair.sh ckpt|random|ratio|base|vllm|kernels|profile|telemetry|tests|routing..." >&2; exit 2; }
 nvidia-smi -L | tee "$O/gpus.txt"
 gpus=$(nvidia-smi -L | wc -l)
 suite() {  # seconds, engine, shape, out name, more bench_suite args
@@ -70,6 +71,10 @@ profile)
   CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/kernels/profile_decode.py --shape Qwen/Qwen3-30B-A3B-FP8 \
     --layers 8 --batches 1 --steps 5 --top 24 --no-eager > "$O/profile-fp8-b1.log" 2>&1
   echo "profile rc=$?"; grep -A26 "batch 1:" "$O/profile-fp8-b1.log" | head -28 ;;
+telemetry)
+  CUDA_VISIBLE_DEVICES=0 timeout 240 python3 benchmarks/kernels/telemetry_overhead.py --shape Qwen/Qwen3-30B-A3B \
+    --layers 8 --batches 1,128 > "$O/telemetry.log" 2>&1
+  echo "telemetry rc=$?"; tail -6 "$O/telemetry.log" ;;
 tests)
   CUDA_VISIBLE_DEVICES=$((gpus - 1)) timeout "${TESTS_S:-400}" python3 -m pytest -v --tb=short -p no:cacheprovider \
     tests/test_fp8_moe_kernel.py tests/test_int4_moe_kernel.py tests/test_int4_kernel.py tests/test_fp8_kernels.py \
