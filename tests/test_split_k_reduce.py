@@ -117,3 +117,10 @@ def test_counters_are_not_allocated_during_capture(monkeypatch):
     new = lin.split_counters(dev, need)
     assert new.numel() >= need and (new == 0).all() and lin.split_counters(dev, 0) is new
     assert any(t is old for t in lin._counters[dev]), "an outgrown buffer stays alive (a graph may hold it)"
+
+
+def test_one_counter_buffer_per_device_however_named():
+    """'cuda' and 'cuda:0' (what a tensor reports) are one device: one buffer, the one the launches re-arm."""
+    named = torch.device(DEVICE)
+    reported = torch.empty(1, device=DEVICE).device
+    assert lin.split_counters(named, 0) is lin.split_counters(reported, 0)

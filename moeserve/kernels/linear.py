@@ -37,7 +37,10 @@ _counters: dict[torch.device, list[torch.Tensor]] = {}  # device -> every counte
 def split_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """The device's zeroed int32 counters, one per output tile of a split-K launch (>= tiles of them). Made on first
     use and grown only outside CUDA graph capture; an outgrown buffer is kept alive, since a captured graph may
-    still hold its address."""
+    still hold its address. `cuda` without an index is the current device (one key per GPU, as tensors report it)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     bufs = _counters.setdefault(device, [])
     if not bufs or bufs[-1].numel() < tiles:
         if runtime.capturing():
