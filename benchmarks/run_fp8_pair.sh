@@ -11,6 +11,9 @@
 #            VLLM_USE_DEEP_GEMM=0 unless given (DeepGEMM's warm-up took ~7 min in session 14)
 #   kernels  bench_kernels --only fp8_linear fp8_moe
 #   profile  the fp8 decode profile at batch 1
+#   pdl      programmatic dependent launch, A/B in one call: bf16 latency with MOESERVE_PDL=0, then on (the default)
+#   pdlfp8   the same for fp8
+#   pdltests the PDL test, the split-K reduce tests and the CUDA model tests (graphs against eager, against the CPU)
 #   telemetry  expert-load telemetry's cost in a decode step (issue 18: < 1 % at batch 1 and 128), bf16 qwen3-30b
 #   tests    the fp8 / int4 kernel test files with tracebacks (on the last GPU)
 #   routing  benchmarks/routing_check.py on the checkpoint: moeserve's, vLLM's and transformers' greedy tokens and
@@ -71,6 +74,14 @@ profile)
   CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/kernels/profile_decode.py --shape Qwen/Qwen3-30B-A3B-FP8 \
     --layers 8 --batches 1 --steps 5 --top 24 --no-eager > "$O/profile-fp8-b1.log" 2>&1
   echo "profile rc=$?"; grep -A26 "batch 1:" "$O/profile-fp8-b1.log" | head -28 ;;
+pdl|pdlfp8)
+  shape=qwen3-30b-a3b; [[ $1 == pdlfp8 ]] && shape=qwen3-30b-a3b-fp8
+  (export MOESERVE_PDL=0; suite "${PDL_S:-170}" moeserve $shape $1-off --workloads latency)
+  suite "${PDL_S:-170}" moeserve $shape $1-on --workloads latency ;;
+pdltests)
+  CUDA_VISIBLE_DEVICES=0 timeout "${TESTS_S:-240}" python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_pdl.py \
+    tests/test_split_k_reduce.py tests/test_models_cuda.py > "$O/pdl-tests.log" 2>&1
+  echo "pdltests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$O/pdl-tests.log" | tail -15 ;;
 telemetry)
   CUDA_VISIBLE_DEVICES=0 timeout 240 python3 benchmarks/kernels/telemetry_overhead.py --shape Qwen/Qwen3-30B-A3B \
     --layers 8 --batches 1,128 > "$O/telemetry.log" 2>&1

@@ -12,7 +12,8 @@ experts, one config per (SORT, FOLD, GEMV1, LATE, A8) at each token regime; fp8_
 skinny GEMM (GEMV and tl.dot forms), split-K (the reduce in the same launch) or not, with and without bias, block
 and per-channel scales; the routers' softmax and grouped top-k, with
 and without telemetry counts; int4_linear (GEMV and GEMM, zeros and symmetric); paged attention (decode and
-prefill) and MLA decode over bf16 and fp8 caches, and both cache writes.
+prefill) and MLA decode over bf16 and fp8 caches, and both cache writes. Every form with programmatic dependent
+launch (kernels/pdl.py) on.
 """
 
 from __future__ import annotations
@@ -50,12 +51,21 @@ class _CompileOnlyDriver:
 
 
 def compile_only() -> None:
-    """Every kernel launch from here on compiles (all stages, to a cubin) and returns without running."""
+    """Every kernel launch from here on compiles (all stages, to a cubin) and returns without running, with
+    programmatic dependent launch on, as on a Hopper GPU (the launches' tensors are CPU tensors here)."""
+    from moeserve.kernels import pdl
+
     driver.set_active(_CompileOnlyDriver())
+    pdl.enabled = lambda device: True
     run = JITFunction.run
 
     def warm(self, *args, grid, warmup, **kwargs):
-        return run(self, *args, grid=grid, warmup=True, **kwargs)
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        ptx = kernel.asm.get("ptx", "")
+        if "griddepcontrol.wait" not in ptx or "griddepcontrol.launch_dependents" not in ptx:
+            raise RuntimeError(f"{self.__name__}: no griddepcontrol in its PTX: it would not wait for the kernel "
+                               "before it under programmatic dependent launch")
+        return kernel
 
     JITFunction.run = warm
 

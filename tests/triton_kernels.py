@@ -25,6 +25,9 @@ def load_kernel(name: str, probe: str):
         from triton.runtime.interpreter import InterpretedFunction
 
         runtime.patch_interpreter_for_numpy()
-        if not isinstance(getattr(mod, probe), InterpretedFunction):
+        pdl = importlib.import_module("moeserve.kernels.pdl")  # every kernel calls its pdl_begin
+        if not isinstance(pdl.pdl_begin, InterpretedFunction):
+            importlib.reload(pdl)
+        if not isinstance(getattr(mod, probe), InterpretedFunction) or mod.pdl_begin is not pdl.pdl_begin:
             mod = importlib.reload(mod)
     return mod

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import runtime
+from moeserve.kernels import pdl, runtime
+from moeserve.kernels.pdl import pdl_begin
 from moeserve.kernels.autotune import DECODE_TUNING_CONTEXT, Config, bucket, decode_tuning_inputs, get_tuner
 
 LOG2E = 1.4426950408889634
@@ -53,7 +54,9 @@ def _write_kv_kernel(
     block_size, k_inv_scale, v_inv_scale,
     KVH: tl.constexpr, D: tl.constexpr, KVH_P: tl.constexpr, D_P: tl.constexpr, FP8: tl.constexpr,
     ROUND: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     h = tl.arange(0, KVH_P)[:, None]
@@ -101,6 +104,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
         KVH=kvh, D=d, KVH_P=runtime.next_pow2(kvh), D_P=runtime.next_pow2(d), FP8=is_fp8(kv_cache),
         ROUND=runtime.interpreting(),
         num_warps=1 if kvh * d <= 512 else 4,
+        **pdl.launch(k.device),
     )
 
 
@@ -194,6 +198,7 @@ def _attn_kernel(
     PAGE: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_P: tl.constexpr, NUM_SEG: tl.constexpr, DECODE: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # seg_base > 0 (decode beside _prefix_attn_kernel): a row's keys start past its group's shared prefix
     # (row_prefix[b] tokens, 0 outside any group); its partials go to slots seg_base.. of seg_stride per (row, head),
@@ -201,6 +206,7 @@ def _attn_kernel(
     # slots (seg_base of them per (row, head)) into its own and writes the output. Otherwise seg_base = 0 and
     # seg_stride = NUM_SEG. Both are runtime values (branches uniform over the grid), so the grouped path compiles
     # no kernel of its own.
+    pdl_begin(PDL)
     if DECODE:
         tile = tl.program_id(0)
     else:  # reversed: late query tiles of long sequences have the most keys, start them first
@@ -305,6 +311,7 @@ def _prefix_attn_kernel(
     NUM_GROUPS: tl.constexpr, PAGE: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, MPT: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Decode rows that share a prefix's pages (a group) attend over that prefix together: a program packs MPT
     rows of one group x the HP query heads of one kv head into its tile and reads each prefix key once for all of
@@ -312,6 +319,7 @@ def _prefix_attn_kernel(
     seg_stride per (row, head); _attn_kernel (seg_base = num_seg) writes the rows' own keys beside them.
     Group g: rows[start[g]:start[g+1]] (decode rows: row index = token index), plen[g] prefix tokens, read
     through the block table of its first row. Groups past the real ones are empty (start repeats)."""
+    pdl_begin(PDL)
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     seg = tl.program_id(2)
@@ -358,7 +366,9 @@ def _prefix_attn_kernel(
 def _merge_segments_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr, stride_ot, stride_oh, num_heads, num_seg,
     D: tl.constexpr, D_P: tl.constexpr, BLOCK_D: tl.constexpr, SEG_P2: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -385,6 +395,7 @@ def merge_segments(out: torch.Tensor, part_acc: torch.Tensor, part_ml: torch.Ten
     _merge_segments_kernel[(rows, num_heads, d_p // block_d)](
         out, part_acc, part_ml, out.stride(0), out.stride(1), num_heads, segs,
         D=d, D_P=d_p, BLOCK_D=block_d, SEG_P2=seg_p2, num_warps=4,
+        **pdl.launch(out.device),
     )
 
 
@@ -548,6 +559,7 @@ def _launch_attention(cfg, s: AttnShape, q, kv_cache, qsl, seq_lens, block_table
         PAGE=s.page, G=s.group, HP=hp, BLOCK_Q=block_q, BLOCK_N=cfg["BLOCK_N"], D=s.d, D_P=d_p,
         NUM_SEG=segs, DECODE=s.decode, DOT_F32=dot_f32, PRECISION=precision, KV_FP8=s.kv_fp8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **pdl.launch(q.device),
     )
     if slots > 1 and not fold:
         merge_segments(out, part_acc, part_ml, s.T, num_heads, s.d, d_p, slots)
@@ -595,6 +607,7 @@ def _launch_prefix(cfg, s: AttnShape, q, kv_cache, block_tables, scale_log2e, v_
         NUM_GROUPS=num_groups, PAGE=s.page, G=s.group, HP=hp, MPT=mpt, BLOCK_N=block_n, D=s.d, D_P=d_p,
         DOT_F32=dot_f32, PRECISION=precision, KV_FP8=s.kv_fp8,
         num_warps=pc["num_warps"], num_stages=pc["num_stages"],
+        **pdl.launch(q.device),
     )
 
 

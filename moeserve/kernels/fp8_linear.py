@@ -42,7 +42,8 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import linear as _linear  # its split-K reduce, looked up at call time (tests reload it)
-from moeserve.kernels import runtime
+from moeserve.kernels import pdl, runtime
+from moeserve.kernels.pdl import pdl_begin
 from moeserve.kernels.autotune import Config, StreamedRun, bucket, get_tuner
 
 FP8_MAX = 448.0
@@ -51,7 +52,8 @@ MAX_TUNED_ROWS = 64  # up to this many rows: one M tile, configs tuned per shape
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUP: tl.constexpr,
-                      GROUP_P: tl.constexpr, FMAX: tl.constexpr):
+                      GROUP_P: tl.constexpr, FMAX: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_begin(PDL)
     m = tl.program_id(0)
     g = tl.program_id(1)
     k = g * GROUP + tl.arange(0, GROUP_P)
@@ -83,11 +85,12 @@ def _store_tile(acc, part_ptr, cnt_ptr, b_ptr, out_ptr, pid_k, m, n, m_ok, n_ok,
 def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, tiles_per_split, stride_am,
                  stride_asm, stride_wn, stride_wsn, stride_om, SCALE_N: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, PDL: tl.constexpr = False):
     """Program (pid_m, pid_n, pid_k): K tiles [pid_k * tiles_per_split, + tiles_per_split) of one output tile;
     SPLIT (the number of K ranges, the grid's third dimension) > 1: the fp32 partial goes to part[pid_k] (every
     program writes its whole tile, an empty range zeros) and the tile's last program to arrive sums them (cnt_ptr:
     the per-tile counters)."""
+    pdl_begin(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -134,7 +137,7 @@ def quantize_act(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tenso
     s = torch.empty(m, groups, dtype=torch.float32, device=x.device)
     if m:
         _act_quant_kernel[(m, groups)](x, q, s, k, x.stride(0), q.stride(0), s.stride(0), GROUP=group,
-                                       GROUP_P=runtime.next_pow2(group), FMAX=FP8_MAX)
+                                       GROUP_P=runtime.next_pow2(group), FMAX=FP8_MAX, **pdl.launch(x.device))
     return q, s
 
 
@@ -222,7 +225,7 @@ def fp8_gemm(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_scal
                        weight_scale.stride(0), out.stride(0), SCALE_N=scale_n, BLOCK_M=cfg["BLOCK_M"],
                        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, EVEN_K=k % block_k == 0, SPLIT=split,
                        HAS_BIAS=has_bias, PER_CHANNEL=per_channel, num_warps=cfg["W"],
-                       num_stages=cfg["S"])
+                       num_stages=cfg["S"], **pdl.launch(q.device))
     return out
 
 

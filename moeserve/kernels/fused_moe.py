@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import fp8_linear as _fp8_linear  # its activation quantization (looked up at call time)
-from moeserve.kernels import runtime
+from moeserve.kernels import pdl, runtime
+from moeserve.kernels.pdl import pdl_begin
 from moeserve.kernels.autotune import Config, bucket, get_tuner
 from moeserve.kernels.moe_align import align_pairs
 
@@ -143,7 +144,9 @@ def _gate_up_kernel(
     s_ptr=None, stride_se=0, stride_sn=0, s_up=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1,
     WSCALE: tl.constexpr = 0, as_ptr=None, stride_as=0, A8: tl.constexpr = False,
     z_ptr=None, HAS_ZEROS: tl.constexpr = False, PACK: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):
+    pdl_begin(PDL)
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(I, BLOCK_N)
     pid_m = pid // n_tiles
@@ -220,11 +223,13 @@ def _gate_up_gemv_kernel(
     LATE_SUM: tl.constexpr, map_ptr=None, HAS_MAP: tl.constexpr = False,
     s_ptr=None, stride_se=0, stride_sn=0, s_up=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1,
     WSCALE: tl.constexpr = 0, z_ptr=None, HAS_ZEROS: tl.constexpr = False, PACK: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):
     """inter1[pair, n-tile] = silu(gate[e] @ x[t]) * (up[e] @ x[t]), e = topk_ids[pair]: step 2 for decode.
     _gate_up_kernel's tl.dot needs BLOCK_M >= 16 rows where a pair has one, so at one or two tokens the tensor cores
     idle while the weights stream; as a GEMV the same bytes feed fp32 multiply-and-reduce, and one program per
     (pair, BLOCK_N rows of I) spreads the 8-16 pairs of a decode step over every SM."""
+    pdl_begin(PDL)
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(I, BLOCK_N)
     pair = pid // n_tiles
@@ -304,7 +309,9 @@ def _down_kernel(
     s_ptr=None, stride_se=0, stride_sn=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1, WSCALE: tl.constexpr = 0,
     as_ptr=None, stride_as=0, A8: tl.constexpr = False, z_ptr=None, HAS_ZEROS: tl.constexpr = False,
     PACK: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):
+    pdl_begin(PDL)
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(H, BLOCK_N)
     pid_m = pid // n_tiles
@@ -373,9 +380,11 @@ def _down_sum_kernel(
     LATE_SUM: tl.constexpr, num_experts=1 << 30, map_ptr=None, HAS_MAP: tl.constexpr = False,
     s_ptr=None, stride_se=0, stride_sn=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1, WSCALE: tl.constexpr = 0,
     z_ptr=None, HAS_ZEROS: tl.constexpr = False, PACK: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):
     """out[t, n-tile] = sum_k w[t,k] * w2[e_k][n-tile] @ inter1[t*K + k]: steps 3 and 4 in one launch, for decode.
     One row per expert is a GEMV (no tensor cores to feed): multiply-and-reduce in fp32 registers."""
+    pdl_begin(PDL)
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(H, BLOCK_N)
     t = pid // n_tiles
@@ -431,10 +440,12 @@ def _down_sum_kernel(
 
 
 @triton.jit
-def _topk_sum_kernel(src_ptr, out_ptr, H, stride_s, stride_o, TOPK: tl.constexpr, BLOCK: tl.constexpr):
+def _topk_sum_kernel(src_ptr, out_ptr, H, stride_s, stride_o, TOPK: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr = False):
     """out[t] = the sum of the down step's K weighted rows of token t (src row t * K + k), in fp32, rounded once.
     torch.sum over the [T, K, H] view took 4.6 us a layer at batch 1 on an H200 (session 16 profile): a strided
     reduction launch for 32 KB."""
+    pdl_begin(PDL)
     t = tl.program_id(0)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = n < H
@@ -616,6 +627,7 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
             x, w13, inter1, topk_ids, E, H, inter, x.stride(0), w13.stride(0), w13.stride(1), inter1.stride(0),
             TOPK=K, BLOCK_N=bn1, BLOCK_K=bk1, EVEN_K=H % bk1 == 0, EVEN_N=inter % bn1 == 0,
             LATE_SUM=bool(cfg.get("LATE")), num_warps=cfg["W1"], num_stages=cfg["S1"], **mapped, **scaled1,
+            **pdl.launch(x.device),
         )
     else:
         _gate_up_kernel[(num_blocks * triton.cdiv(inter, bn1),)](
@@ -624,6 +636,7 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
             TOPK=K, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=bk1, EVEN_K=H % bk1 == 0, EVEN_N=inter % bn1 == 0,
             SORTED=sort, DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg["W1"], num_stages=cfg["S1"], **mapped,
             **scaled1,
+            **pdl.launch(x.device),
         )
     if cfg.get("FOLD"):  # no-sort mode only: inter1 rows are pairs in (token, k) order
         _down_sum_kernel[(T * triton.cdiv(H, bn2),)](
@@ -631,6 +644,7 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
             out.stride(0), TOPK=K, BLOCK_N=bn2, BLOCK_K=bk2, EVEN_K=inter % bk2 == 0, EVEN_N=H % bn2 == 0,
             LATE_SUM=bool(cfg.get("LATE")), num_warps=cfg["W2"], num_stages=cfg["S2"], num_experts=E, **mapped,
             **scaled2,
+            **pdl.launch(inter1.device),
         )
         return
     a = inter1
@@ -643,10 +657,11 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
         BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=bk2, EVEN_K=inter % bk2 == 0, EVEN_N=H % bn2 == 0,
         SORTED=sort, DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg["W2"], num_stages=cfg["S2"], **mapped,
         **scaled2,
+        **pdl.launch(a.device),
     )
     block = min(1024, triton.next_power_of_2(H))
     _topk_sum_kernel[(T, triton.cdiv(H, block))](inter2, out, H, inter2.stride(0), out.stride(0), TOPK=K, BLOCK=block,
-                                                 num_warps=4)
+                                                 num_warps=4, **pdl.launch(inter2.device))
 
 
 def _cfg(bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, sort=1, fold=0, gemv1=0, late=0) -> Config:

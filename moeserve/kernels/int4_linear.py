@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import runtime
+from moeserve.kernels import pdl, runtime
+from moeserve.kernels.pdl import pdl_begin
 
 SKINNY_ROWS = 4
 
@@ -46,7 +47,8 @@ def _dequant_tile(w_ptr, s_ptr, z_ptr, n, n_ok, k, k0, stride_wn, stride_sn, GRO
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                 HAS_ZEROS: tl.constexpr):
+                 HAS_ZEROS: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_begin(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -72,7 +74,8 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm,
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_om,
                  GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_ZEROS: tl.constexpr):
+                 HAS_ZEROS: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_begin(PDL)
     row = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
@@ -121,7 +124,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
         _gemv_kernel[(m, triton.cdiv(n, bn))](x, packed, scales, zeros, b, out, n, k, x.stride(0), packed.stride(0),
                                               scales.stride(0), out.stride(0), GROUP=group, BLOCK_N=bn,
                                               BLOCK_K=block_k(group, 128), HAS_BIAS=bias is not None,
-                                              HAS_ZEROS=has_zeros, num_warps=4)
+                                              HAS_ZEROS=has_zeros, num_warps=4, **pdl.launch(x.device))
         return out
     bm, bn, warps, stages = (16, 64, 4, 4) if m <= 16 else (64, 128, 4, 3)
     bk = block_k(group)
@@ -131,5 +134,5 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     _gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         x, packed, scales, zeros, b, out, m, n, k, x.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
         GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None, DOT_F32=dot_f32,
-        INPUT_PRECISION=precision, HAS_ZEROS=has_zeros, num_warps=warps, num_stages=stages)
+        INPUT_PRECISION=precision, HAS_ZEROS=has_zeros, num_warps=warps, num_stages=stages, **pdl.launch(x.device))
     return out

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import runtime
+from moeserve.kernels import pdl, runtime
+from moeserve.kernels.pdl import pdl_begin
 from moeserve.kernels.autotune import Config, StreamedRun, bucket, get_tuner
 
 MAX_ROWS = 16  # more rows than this: cuBLAS's tensor-core GEMMs, no tuning
@@ -83,7 +84,8 @@ def _split_reduce(acc, part_ptr, cnt_ptr, b_ptr, out_ptr, tile, pid_k, m, n, m_o
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                    M_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-                   DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                   DOT_F32: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_begin(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -184,6 +186,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         M_P=max(16, runtime.next_pow2(M)) if dot else runtime.next_pow2(M), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
         EVEN_K=K % (split * bk) == 0, EVEN_N=N % bn == 0, HAS_BIAS=has_bias, DOT=dot, DOT_F32=dot_f32,
         PRECISION=precision, num_warps=cfg["W"], num_stages=cfg["S"],
+        **pdl.launch(x.device),
     )
     return out
 

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import runtime
+from moeserve.kernels import pdl, runtime
+from moeserve.kernels.pdl import pdl_begin
 from moeserve.kernels.attention import FP8_MAX, is_fp8, merge_segments, round_e4m3
 from moeserve.kernels.autotune import DECODE_TUNING_CONTEXT, Config, bucket, decode_tuning_inputs, get_tuner
 
@@ -26,7 +27,9 @@ LOG2E = 1.4426950408889634
 # ---------------------------------------------------------------------------------------------- cache write
 @triton.jit
 def _write_latent_kernel(src_ptr, cache_ptr, slot_ptr, stride_st, stride_c_blk, stride_c_tok, block_size, inv_scale,
-                         L: tl.constexpr, L_P: tl.constexpr, FP8: tl.constexpr, ROUND: tl.constexpr):
+                         L: tl.constexpr, L_P: tl.constexpr, FP8: tl.constexpr, ROUND: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     i = tl.arange(0, L_P)
@@ -58,7 +61,8 @@ def write_latent_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: 
         return
     _write_latent_kernel[(T,)](latent, cache, slot_mapping, latent.stride(0), cache.stride(0), cache.stride(1),
                                cache.shape[1], 1.0 / kv_scale, L=L, L_P=runtime.next_pow2(L), FP8=is_fp8(cache),
-                               ROUND=runtime.interpreting(), num_warps=4 if L >= 512 else 1)
+                               ROUND=runtime.interpreting(), num_warps=4 if L >= 512 else 1,
+                                   **pdl.launch(latent.device))
 
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -71,7 +75,9 @@ def _mla_decode_kernel(
     PAGE: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, P: tl.constexpr, P_P: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SEG: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_begin(PDL)
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     seg = tl.program_id(2)
@@ -240,6 +246,7 @@ def _launch(cfg, s: DecodeShape, q_lat, q_pe, cache, seq_lens, block_tables, sca
         cache.stride(0), cache.stride(1), block_tables.stride(0),
         PAGE=s.page, R=s.R, R_P=r_p, P=s.P, P_P=p_p, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], NUM_SEG=segs,
         DOT_F32=dot_f32, PRECISION=precision, KV_FP8=s.kv_fp8, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **pdl.launch(q_lat.device),
     )
     if segs > 1:
         merge_segments(out, part_acc, part_ml, s.B, s.H, s.R, r_p, segs)

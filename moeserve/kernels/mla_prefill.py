@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import runtime
+from moeserve.kernels import pdl, runtime
+from moeserve.kernels.pdl import pdl_begin
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -75,7 +76,9 @@ def _mla_prefill_kernel(
     N: tl.constexpr, P: tl.constexpr, V: tl.constexpr, N_P: tl.constexpr, P_P: tl.constexpr, V_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_LSE: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_begin(PDL)
     m_blk = tl.num_programs(0) - 1 - tl.program_id(0)  # late tiles see the most keys: start them first
     b = tl.program_id(1)
     h = tl.program_id(2).to(tl.int64)
@@ -172,6 +175,7 @@ def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torc
         N=N, P=P, V=V, N_P=N_P, P_P=P_P, V_P=V_P, BLOCK_M=bm, BLOCK_N=bn, WRITE_LSE=lse is not None,
         DOT_F32=dot_f32, PRECISION=precision,
         num_warps=warps, num_stages=stages,
+        **pdl.launch(q_nope.device),
     )
     return out
 

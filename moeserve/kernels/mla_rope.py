@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import runtime
+from moeserve.kernels import pdl, runtime
+from moeserve.kernels.pdl import pdl_begin
 
 
 @triton.jit
@@ -25,7 +26,8 @@ def _rotate(x1, x2, cos, sin):
 def _mla_rope_norm_kernel(q_ptr, kv_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, qpe_ptr, lat_ptr,
                           num_heads, stride_qt, stride_qh, stride_kv, eps,
                           NOPE: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, HALF: tl.constexpr,
-                          H_P: tl.constexpr, INTERLEAVED: tl.constexpr):
+                          H_P: tl.constexpr, INTERLEAVED: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     P: tl.constexpr = 2 * HALF
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -87,5 +89,5 @@ def mla_rope_norm(q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, co
         _mla_rope_norm_kernel[(T,)](q, kv, positions, cos, sin, norm_weight, q_pe, latent, H, q.stride(0),
                                     q.stride(1), kv.stride(0), eps, NOPE=nope_dim, R=R, R_P=runtime.next_pow2(R),
                                     HALF=half, H_P=runtime.next_pow2(H), INTERLEAVED=interleaved,
-                                    num_warps=4 if R >= 256 else 1)
+                                    num_warps=4 if R >= 256 else 1, **pdl.launch(q.device))
     return q_pe, latent

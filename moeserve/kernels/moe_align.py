@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import runtime
+from moeserve.kernels import pdl, runtime
+from moeserve.kernels.pdl import pdl_begin
 
 SORT_MAX = 2048  # pairs sorted in one program; beyond, three launches (a batch of 256 tokens at top-8)
 
@@ -72,11 +73,12 @@ def _plan_blocks(counts, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, 
 @triton.jit
 def _align_sorted_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, delta_ptr, num_pairs, num_experts,
                          num_blocks, BLOCK_M: tl.constexpr, M_P: tl.constexpr, E_P: tl.constexpr,
-                         CHUNK_B: tl.constexpr):
+                         CHUNK_B: tl.constexpr, PDL: tl.constexpr = False):
     """A histogram of the experts, the padded starts from one cumsum over E, then one sort of the keys
     expert * M_P + pair. Sorted position i of expert e goes to slot i + (padded start of e - pairs before e): four
     steps, where the same work in one-hot tiles was eleven dependent tile reductions and scans. Stable (keys are
     unique and ordered by pair id within an expert)."""
+    pdl_begin(PDL)
     p = tl.arange(0, M_P)
     ids = tl.load(ids_ptr + p, mask=p < num_pairs, other=-1).to(tl.int32)
     ok = (p < num_pairs) & (ids >= 0) & (ids < num_experts)
@@ -105,7 +107,9 @@ def _align_sorted_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, de
 
 
 @triton.jit
-def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, per_prog, E_P: tl.constexpr, CHUNK: tl.constexpr):
+def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, per_prog, E_P: tl.constexpr, CHUNK: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    pdl_begin(PDL)
     p = tl.program_id(0)
     lo = p * per_prog
     counts = _count_pairs(ids_ptr, lo, tl.minimum(lo + per_prog, num_pairs), E_P, CHUNK)
@@ -115,7 +119,9 @@ def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, per_prog, E_P: tl.conste
 @triton.jit
 def _align_plan_kernel(counts_ptr, base_ptr, sorted_ptr, block_expert_ptr, num_post_ptr,
                        num_pairs, num_experts, num_blocks, num_progs,
-                       BLOCK_M: tl.constexpr, E_P: tl.constexpr, P_P: tl.constexpr, CHUNK_B: tl.constexpr):
+                       BLOCK_M: tl.constexpr, E_P: tl.constexpr, P_P: tl.constexpr, CHUNK_B: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    pdl_begin(PDL)
     p = tl.arange(0, P_P)[:, None]
     e = tl.arange(0, E_P)[None, :]
     per_chunk = tl.load(counts_ptr + p * E_P + e, mask=p < num_progs, other=0)
@@ -127,7 +133,8 @@ def _align_plan_kernel(counts_ptr, base_ptr, sorted_ptr, block_expert_ptr, num_p
 
 @triton.jit
 def _align_scatter_kernel(ids_ptr, sorted_ptr, base_ptr, num_pairs, per_prog,
-                          E_P: tl.constexpr, CHUNK: tl.constexpr):
+                          E_P: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_begin(PDL)
     p = tl.program_id(0)
     lo = p * per_prog
     running = tl.load(base_ptr + p * E_P + tl.arange(0, E_P))
@@ -158,6 +165,7 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     _align_sorted_kernel[(1,)](
         ids, sorted_pairs, block_expert, num_post, delta, ids.numel(), num_experts, num_blocks,
         BLOCK_M=block_m, M_P=m_p, E_P=e_p, CHUNK_B=max(16, min(64, 8192 // e_p)), num_warps=4 if m_p <= 1024 else 8,
+        **pdl.launch(ids.device),
     )
     return sorted_pairs, block_expert, num_post, num_blocks
 
@@ -174,10 +182,12 @@ def align_pairs_in_three_launches(topk_ids: torch.Tensor, num_experts: int, bloc
     progs = -(-m // per_prog)
     counts = torch.empty(progs, e_p, dtype=torch.int32, device=ids.device)
     base = torch.empty(progs, e_p, dtype=torch.int32, device=ids.device)
-    _align_count_kernel[(progs,)](ids, counts, m, per_prog, E_P=e_p, CHUNK=chunk, num_warps=4)
+    _align_count_kernel[(progs,)](ids, counts, m, per_prog, E_P=e_p, CHUNK=chunk, num_warps=4, **pdl.launch(ids.device))
     _align_plan_kernel[(1,)](
         counts, base, sorted_pairs, block_expert, num_post, m, num_experts, num_blocks, progs,
         BLOCK_M=block_m, E_P=e_p, P_P=runtime.next_pow2(progs), CHUNK_B=chunk, num_warps=8,
+        **pdl.launch(counts.device),
     )
-    _align_scatter_kernel[(progs,)](ids, sorted_pairs, base, m, per_prog, E_P=e_p, CHUNK=chunk, num_warps=4)
+    _align_scatter_kernel[(progs,)](ids, sorted_pairs, base, m, per_prog, E_P=e_p, CHUNK=chunk, num_warps=4,
+        **pdl.launch(ids.device))
     return sorted_pairs, block_expert, num_post, num_blocks

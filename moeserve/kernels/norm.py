@@ -10,11 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import runtime
+from moeserve.kernels import pdl, runtime
+from moeserve.kernels.pdl import pdl_begin
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -42,5 +45,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         raise ValueError("rms_norm: x and residual must be contiguous")
     block = triton.next_power_of_2(n)
     _rms_norm_kernel[(rows,)](x, residual if residual is not None else x, weight, out, n, eps,
-                              HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+                              HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+                                  **pdl.launch(x.device))
     return out

@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import runtime
+from moeserve.kernels import pdl, runtime
+from moeserve.kernels.pdl import pdl_begin
 
 
 @triton.jit
@@ -17,7 +18,8 @@ def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, n_q_he
                  v_ptr, cache_ptr, slot_ptr, v_stride, stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head,
                  block_size,
                  HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, REST_BLOCK: tl.constexpr,
-                 D_BLOCK: tl.constexpr, NORM: tl.constexpr, WRITE_KV: tl.constexpr):
+                 D_BLOCK: tl.constexpr, NORM: tl.constexpr, WRITE_KV: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     is_q = h < n_q_heads
@@ -97,4 +99,5 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
         q.stride(0), k.stride(0), eps, *cache_args, HEAD_DIM=D, HALF=half, HALF_BLOCK=triton.next_power_of_2(half),
         REST_BLOCK=max(triton.next_power_of_2(D - 2 * half), 1), D_BLOCK=triton.next_power_of_2(D), NORM=norm,
         WRITE_KV=kv_write is not None, num_warps=1,
+        **pdl.launch(q.device),
     )

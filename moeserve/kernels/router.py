@@ -21,14 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import runtime
+from moeserve.kernels import pdl, runtime
+from moeserve.kernels.pdl import pdl_begin
 from moeserve.kernels.linear import linear
 
 
 @triton.jit
 def _topk_softmax_kernel(logits_ptr, wout_ptr, iout_ptr, counts_ptr, valid_ptr, E, stride_l, scale,
                          K: tl.constexpr, K_P: tl.constexpr, E_P: tl.constexpr, RENORM: tl.constexpr,
-                         COUNT: tl.constexpr):
+                         COUNT: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, E_P)
     em = e < E
@@ -60,11 +62,12 @@ def _topk_softmax_kernel(logits_ptr, wout_ptr, iout_ptr, counts_ptr, valid_ptr, 
 def _grouped_topk_kernel(logits_ptr, bias_ptr, wout_ptr, iout_ptr, counts_ptr, valid_ptr, stride_l, scale, eps,
                          G: tl.constexpr, EG: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
                          K_P: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, TOP2_SUM: tl.constexpr,
-                         RENORM: tl.constexpr, COUNT: tl.constexpr):
+                         RENORM: tl.constexpr, COUNT: tl.constexpr, PDL: tl.constexpr = False):
     """DeepSeek-V2/V3 and GLM-4.x routing of one token (layers/moe.Router._route_torch): scores by softmax or
     sigmoid, the correction bias added for the choice only, the best TOPK_GROUP of G groups (by their best score,
     or the sum of their best two), then top-k among those groups' experts, weighed by the unbiased scores. The
     experts are held as a [G, E/G] tile (row = group)."""
+    pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, G)
     j = tl.arange(0, EG)
@@ -139,12 +142,13 @@ def route_grouped_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                                scaling, 1e-20 if sigmoid else 0.0, G=n_group, EG=E // n_group,
                                TOPK_GROUP=topk_group, K=top_k, K_P=triton.next_power_of_2(top_k), SIGMOID=sigmoid,
                                HAS_BIAS=bias is not None, TOP2_SUM=top2_sum, RENORM=renormalize, COUNT=count,
-                               num_warps=1 if E <= 256 else 4)
+                               num_warps=1 if E <= 256 else 4, **pdl.launch(logits.device))
     return w_out, i_out
 
 
 @triton.jit
-def _count_kernel(ids_ptr, counts_ptr, valid_ptr, n, K, BLOCK: tl.constexpr):
+def _count_kernel(ids_ptr, counts_ptr, valid_ptr, n, K, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_begin(PDL)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = (i < n) & (i // K < tl.load(valid_ptr))
     ids = tl.load(ids_ptr + i, mask=ok, other=0)
@@ -158,7 +162,8 @@ def count_routed(counts: torch.Tensor, ids: torch.Tensor, valid_tokens: torch.Te
     n = ids.numel()
     if n:
         block = min(1024, triton.next_power_of_2(n))
-        _count_kernel[(triton.cdiv(n, block),)](ids, counts, valid_tokens, n, ids.shape[1], BLOCK=block)
+        _count_kernel[(triton.cdiv(n, block),)](ids, counts, valid_tokens, n, ids.shape[1], BLOCK=block,
+            **pdl.launch(ids.device))
 
 
 def route_softmax_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool,
@@ -178,5 +183,5 @@ def route_softmax_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, renorm
     _topk_softmax_kernel[(T,)](logits, w_out, i_out, counts if count else i_out, valid_tokens if count else i_out,
                                E, logits.stride(0), scaling, K=top_k, K_P=triton.next_power_of_2(top_k),
                                E_P=triton.next_power_of_2(E), RENORM=renormalize, COUNT=count,
-                               num_warps=1 if E <= 256 else 4)
+                               num_warps=1 if E <= 256 else 4, **pdl.launch(logits.device))
     return w_out, i_out
