@@ -17,7 +17,8 @@
 #   telemetry  expert-load telemetry's cost in a decode step (issue 18: < 1 % at batch 1 and 128), bf16 qwen3-30b
 #   tests    the fp8 / int4 kernel test files with tracebacks (on the last GPU)
 #   routing  benchmarks/routing_check.py on the checkpoint: moeserve's, vLLM's and transformers' greedy tokens and
-#            routed experts per decode step (batch 32), then the comparison (vLLM installed first, as for `vllm`)
+#            routed experts per decode step (batch 32), then the comparison (vLLM installed first, as for `vllm`);
+#            ROUTING_ENGINES="vllm" (say) runs fewer
 # RUN_S=570 (say) shortens a suite that would run past the call's limit.
 # Every call also returns the autotune cache (autotune-*.json): commit it to results/autotune/, or a fresh card
 # tunes every fp8 key at start-up again (160 s on an H200 in session 15, which ran a 200 s suite out of time).
@@ -93,7 +94,7 @@ tests)
   echo "tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$O/cuda-tests.log" | tail -15 ;;
 routing)
   [[ -d ${VLLM_SITE:-/tmp/vllm_site}/vllm ]] || bash benchmarks/peers/vllm/device_install.sh > "$O/vllm_import_audit.log" 2>&1
-  for engine in moeserve vllm transformers; do  # transformers: its fp8 kernels, else the weights dequantized
+  for engine in ${ROUTING_ENGINES:-moeserve vllm transformers}; do  # transformers: its fp8 kernels, else dequantized
     CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/routing_check.py run --engine $engine --model "$RW" \
       --out "$O/routing-$engine.json" > "$O/routing-$engine.log" 2>&1 \
       || { [[ $engine == transformers ]] && CUDA_VISIBLE_DEVICES=0 timeout 200 python3 \
@@ -101,7 +102,7 @@ routing)
         --engine-args '{"dequantize_fp8": true}' > "$O/routing-$engine-dequantized.log" 2>&1; }
     echo "routing $engine rc=$?"
   done
-  python3 benchmarks/routing_check.py compare "$O"/routing-{moeserve,vllm,transformers}.json 2>&1 \
+  python3 benchmarks/routing_check.py compare $(ls "$O"/routing-{moeserve,vllm,transformers}.json 2>/dev/null) 2>&1 \
     | tee "$O/routing.txt" ;;
 *) echo "unknown step $1" >&2; return 2 ;;
 esac
