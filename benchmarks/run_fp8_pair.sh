@@ -12,7 +12,7 @@
 #   kernels  bench_kernels --only fp8_linear fp8_moe
 #   profile  the fp8 decode profile at batch 1
 #   pdl      programmatic dependent launch, A/B in one call: bf16 latency with MOESERVE_PDL=0, then on (the default)
-#   pdlfp8   the same for fp8 on the checkpoint (ckpt first), the "on" run with the throughput workload too
+#   pdlfp8   the same for fp8
 #   pdltests the PDL test, the split-K reduce tests and the CUDA model tests (graphs against eager, against the CPU)
 #   telemetry  expert-load telemetry's cost in a decode step (issue 18: < 1 % at batch 1 and 128), bf16 qwen3-30b
 #   tests    the fp8 / int4 kernel test files with tracebacks (on the last GPU)
@@ -78,10 +78,9 @@ profile)
 pdl)
   (export MOESERVE_PDL=0; suite "${PDL_S:-170}" moeserve qwen3-30b-a3b pdl-off --workloads latency)
   suite "${PDL_S:-170}" moeserve qwen3-30b-a3b pdl-on --workloads latency ;;
-pdlfp8)  # on the checkpoint: the "on" run, with the throughput workload, is also moeserve's side of `vllm`
-  (export MOESERVE_PDL=0; suite "${PDL_S:-170}" moeserve qwen3-30b-a3b-fp8 pdlfp8-off --workloads latency \
-    --random-weights "$RW")
-  suite "${SUITE_S:-300}" moeserve qwen3-30b-a3b-fp8 pdlfp8-on --workloads latency,throughput --random-weights "$RW" ;;
+pdlfp8)
+  (export MOESERVE_PDL=0; suite "${PDL_S:-170}" moeserve qwen3-30b-a3b-fp8 pdlfp8-off --workloads latency)
+  suite "${PDL_S:-170}" moeserve qwen3-30b-a3b-fp8 pdlfp8-on --workloads latency ;;
 pdltests)
   CUDA_VISIBLE_DEVICES=0 timeout "${TESTS_S:-240}" python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_pdl.py \
     tests/test_split_k_reduce.py tests/test_models_cuda.py > "$O/pdl-tests.log" 2>&1

@@ -107,7 +107,7 @@ def test_fp8_split_reduce_is_the_fixed_order_sum(M, bias, monkeypatch):
 
 def test_counters_are_not_allocated_during_capture(monkeypatch):
     """A buffer too small for the launch grows outside capture; inside it the launch refuses (no allocation)."""
-    dev = torch.device(DEVICE)
+    dev = torch.empty(1, device=DEVICE).device  # as the launches name it: cuda:0, the counters' key
     need = lin.split_counters(dev, 0).numel() + 1
     monkeypatch.setattr(lin.runtime, "capturing", lambda: True)
     with pytest.raises(RuntimeError, match="before capturing"):
