@@ -23,24 +23,27 @@ from moeserve.kernels import runtime
 _on: dict[int, bool] = {}
 
 
-def enabled(device: torch.device) -> bool:
+def enabled(device: torch.device) -> int:
+    """0: off; 1: wait, then release the next kernel at once; 2: wait only (the next kernel launches as this one's
+    programs exit). MOESERVE_PDL=0 / 1 / 2."""
     if device.type != "cuda" or runtime.interpreting():
-        return False
+        return 0
     index = torch.cuda.current_device() if device.index is None else device.index
     if index not in _on:
-        _on[index] = (os.environ.get("MOESERVE_PDL", "1") != "0"
-                      and torch.cuda.get_device_capability(index)[0] >= 9)
+        mode = int(os.environ.get("MOESERVE_PDL", "1"))
+        _on[index] = mode if torch.cuda.get_device_capability(index)[0] >= 9 else 0
     return _on[index]
 
 
 def launch(device: torch.device) -> dict:
     """The launch keywords for a kernel on `device`: its PDL constexpr and Triton's launch_pdl, set together."""
-    on = enabled(device)
-    return {"PDL": on, "launch_pdl": on}
+    mode = enabled(device)
+    return {"PDL": mode, "launch_pdl": mode > 0}
 
 
 @triton.jit
 def pdl_begin(PDL: tl.constexpr):
-    if PDL:
+    if PDL > 0:
         tl.extra.cuda.gdc_wait()
+    if PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
