@@ -56,7 +56,7 @@ def compile_only() -> None:
     from moeserve.kernels import pdl
 
     driver.set_active(_CompileOnlyDriver())
-    pdl.enabled = lambda device: True
+    pdl.launch = lambda device, rows: {"PDL": 1, "launch_pdl": True}
     run = JITFunction.run
 
     def warm(self, *args, grid, warmup, **kwargs):

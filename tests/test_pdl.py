@@ -49,23 +49,25 @@ def test_every_launch_sets_pdl_and_launch_pdl_together():
     assert len(launches) >= 25
     for name, call in launches:
         spread = [ast.unparse(k.value) for k in call.keywords if k.arg is None]
-        assert any(s.startswith("pdl.launch(") for s in spread), f"{name}: {call.func.value.id} launched without PDL"
+        assert any(s.startswith("pdl.launch(") and s.count(",") == 1 for s in spread), \
+            f"{name}: {call.func.value.id} launched without pdl.launch(device, rows)"
         assert not any(k.arg in ("PDL", "launch_pdl") for k in call.keywords), name
 
 
-def test_on_for_hopper_only_and_off_by_env(monkeypatch):
-    assert pdl.launch(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
+def test_on_for_hopper_decode_sized_launches_only(monkeypatch):
+    assert pdl.launch(torch.device("cpu"), 1) == {"PDL": 0, "launch_pdl": False}
     monkeypatch.setattr(runtime, "interpreting", lambda: False)
     cuda = torch.device("cuda", 0)
-    for capability, env, on in (((9, 0), None, True), ((10, 0), None, True), ((8, 0), None, False),
-                                ((9, 0), "0", False)):
+    for capability, env, rows, mode in (((9, 0), None, 1, 1), ((10, 0), None, pdl.MAX_ROWS, 1),
+                                        ((9, 0), None, pdl.MAX_ROWS + 1, 0), ((8, 0), None, 1, 0),
+                                        ((9, 0), "0", 1, 0), ((9, 0), "2", 8, 2)):
         monkeypatch.setattr(pdl, "_on", {})
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
         if env is None:
             monkeypatch.delenv("MOESERVE_PDL", raising=False)
         else:
             monkeypatch.setenv("MOESERVE_PDL", env)
-        assert pdl.launch(cuda) == {"PDL": on, "launch_pdl": on}, (capability, env)
+        assert pdl.launch(cuda, rows) == {"PDL": mode, "launch_pdl": mode > 0}, (capability, env, rows)
 
 
 @pytest.mark.skipif(not CUDA, reason="programmatic dependent launch needs a GPU")
@@ -89,7 +91,7 @@ def test_graph_of_kernels_same_bits_with_and_without_pdl(monkeypatch):
         return h
 
     outs = {}
-    for on in (False, True):
+    for on in (0, 1, 2):
         monkeypatch.setattr(pdl, "_on", {torch.cuda.current_device(): on})
         chain()
         torch.cuda.synchronize()
@@ -100,4 +102,4 @@ def test_graph_of_kernels_same_bits_with_and_without_pdl(monkeypatch):
             graph.replay()
         torch.cuda.synchronize()
         outs[on] = out.clone()
-    assert torch.equal(outs[False], outs[True])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

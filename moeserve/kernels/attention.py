@@ -104,7 +104,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
         KVH=kvh, D=d, KVH_P=runtime.next_pow2(kvh), D_P=runtime.next_pow2(d), FP8=is_fp8(kv_cache),
         ROUND=runtime.interpreting(),
         num_warps=1 if kvh * d <= 512 else 4,
-        **pdl.launch(k.device),
+        **pdl.launch(k.device, k.shape[0]),
     )
 
 
@@ -395,7 +395,7 @@ def merge_segments(out: torch.Tensor, part_acc: torch.Tensor, part_ml: torch.Ten
     _merge_segments_kernel[(rows, num_heads, d_p // block_d)](
         out, part_acc, part_ml, out.stride(0), out.stride(1), num_heads, segs,
         D=d, D_P=d_p, BLOCK_D=block_d, SEG_P2=seg_p2, num_warps=4,
-        **pdl.launch(out.device),
+        **pdl.launch(out.device, out.shape[0]),
     )
 
 
@@ -559,7 +559,7 @@ def _launch_attention(cfg, s: AttnShape, q, kv_cache, qsl, seq_lens, block_table
         PAGE=s.page, G=s.group, HP=hp, BLOCK_Q=block_q, BLOCK_N=cfg["BLOCK_N"], D=s.d, D_P=d_p,
         NUM_SEG=segs, DECODE=s.decode, DOT_F32=dot_f32, PRECISION=precision, KV_FP8=s.kv_fp8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **pdl.launch(q.device),
+        **pdl.launch(q.device, q.shape[0]),
     )
     if slots > 1 and not fold:
         merge_segments(out, part_acc, part_ml, s.T, num_heads, s.d, d_p, slots)
@@ -607,7 +607,7 @@ def _launch_prefix(cfg, s: AttnShape, q, kv_cache, block_tables, scale_log2e, v_
         NUM_GROUPS=num_groups, PAGE=s.page, G=s.group, HP=hp, MPT=mpt, BLOCK_N=block_n, D=s.d, D_P=d_p,
         DOT_F32=dot_f32, PRECISION=precision, KV_FP8=s.kv_fp8,
         num_warps=pc["num_warps"], num_stages=pc["num_stages"],
-        **pdl.launch(q.device),
+        **pdl.launch(q.device, q.shape[0]),
     )
 
 

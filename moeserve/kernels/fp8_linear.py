@@ -137,7 +137,8 @@ def quantize_act(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tenso
     s = torch.empty(m, groups, dtype=torch.float32, device=x.device)
     if m:
         _act_quant_kernel[(m, groups)](x, q, s, k, x.stride(0), q.stride(0), s.stride(0), GROUP=group,
-                                       GROUP_P=runtime.next_pow2(group), FMAX=FP8_MAX, **pdl.launch(x.device))
+                                       GROUP_P=runtime.next_pow2(group), FMAX=FP8_MAX,
+                                       **pdl.launch(x.device, x.shape[0]))
     return q, s
 
 
@@ -225,7 +226,7 @@ def fp8_gemm(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_scal
                        weight_scale.stride(0), out.stride(0), SCALE_N=scale_n, BLOCK_M=cfg["BLOCK_M"],
                        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, EVEN_K=k % block_k == 0, SPLIT=split,
                        HAS_BIAS=has_bias, PER_CHANNEL=per_channel, num_warps=cfg["W"],
-                       num_stages=cfg["S"], **pdl.launch(q.device))
+                       num_stages=cfg["S"], **pdl.launch(q.device, q.shape[0]))
     return out
 
 

@@ -627,7 +627,7 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
             x, w13, inter1, topk_ids, E, H, inter, x.stride(0), w13.stride(0), w13.stride(1), inter1.stride(0),
             TOPK=K, BLOCK_N=bn1, BLOCK_K=bk1, EVEN_K=H % bk1 == 0, EVEN_N=inter % bn1 == 0,
             LATE_SUM=bool(cfg.get("LATE")), num_warps=cfg["W1"], num_stages=cfg["S1"], **mapped, **scaled1,
-            **pdl.launch(x.device),
+            **pdl.launch(x.device, T),
         )
     else:
         _gate_up_kernel[(num_blocks * triton.cdiv(inter, bn1),)](
@@ -636,7 +636,7 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
             TOPK=K, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=bk1, EVEN_K=H % bk1 == 0, EVEN_N=inter % bn1 == 0,
             SORTED=sort, DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg["W1"], num_stages=cfg["S1"], **mapped,
             **scaled1,
-            **pdl.launch(x.device),
+            **pdl.launch(x.device, T),
         )
     if cfg.get("FOLD"):  # no-sort mode only: inter1 rows are pairs in (token, k) order
         _down_sum_kernel[(T * triton.cdiv(H, bn2),)](
@@ -644,7 +644,7 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
             out.stride(0), TOPK=K, BLOCK_N=bn2, BLOCK_K=bk2, EVEN_K=inter % bk2 == 0, EVEN_N=H % bn2 == 0,
             LATE_SUM=bool(cfg.get("LATE")), num_warps=cfg["W2"], num_stages=cfg["S2"], num_experts=E, **mapped,
             **scaled2,
-            **pdl.launch(inter1.device),
+            **pdl.launch(inter1.device, T),
         )
         return
     a = inter1
@@ -657,11 +657,11 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
         BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=bk2, EVEN_K=inter % bk2 == 0, EVEN_N=H % bn2 == 0,
         SORTED=sort, DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg["W2"], num_stages=cfg["S2"], **mapped,
         **scaled2,
-        **pdl.launch(a.device),
+        **pdl.launch(a.device, T),
     )
     block = min(1024, triton.next_power_of_2(H))
     _topk_sum_kernel[(T, triton.cdiv(H, block))](inter2, out, H, inter2.stride(0), out.stride(0), TOPK=K, BLOCK=block,
-                                                 num_warps=4, **pdl.launch(inter2.device))
+                                                 num_warps=4, **pdl.launch(inter2.device, T))
 
 
 def _cfg(bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, sort=1, fold=0, gemv1=0, late=0) -> Config:

@@ -124,7 +124,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
         _gemv_kernel[(m, triton.cdiv(n, bn))](x, packed, scales, zeros, b, out, n, k, x.stride(0), packed.stride(0),
                                               scales.stride(0), out.stride(0), GROUP=group, BLOCK_N=bn,
                                               BLOCK_K=block_k(group, 128), HAS_BIAS=bias is not None,
-                                              HAS_ZEROS=has_zeros, num_warps=4, **pdl.launch(x.device))
+                                              HAS_ZEROS=has_zeros, num_warps=4, **pdl.launch(x.device, x.shape[0]))
         return out
     bm, bn, warps, stages = (16, 64, 4, 4) if m <= 16 else (64, 128, 4, 3)
     bk = block_k(group)
@@ -134,5 +134,6 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     _gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         x, packed, scales, zeros, b, out, m, n, k, x.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
         GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None, DOT_F32=dot_f32,
-        INPUT_PRECISION=precision, HAS_ZEROS=has_zeros, num_warps=warps, num_stages=stages, **pdl.launch(x.device))
+        INPUT_PRECISION=precision, HAS_ZEROS=has_zeros, num_warps=warps, num_stages=stages,
+        **pdl.launch(x.device, x.shape[0]))
     return out

@@ -186,7 +186,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         M_P=max(16, runtime.next_pow2(M)) if dot else runtime.next_pow2(M), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
         EVEN_K=K % (split * bk) == 0, EVEN_N=N % bn == 0, HAS_BIAS=has_bias, DOT=dot, DOT_F32=dot_f32,
         PRECISION=precision, num_warps=cfg["W"], num_stages=cfg["S"],
-        **pdl.launch(x.device),
+        **pdl.launch(x.device, x.shape[0]),
     )
     return out
 

@@ -62,7 +62,7 @@ def write_latent_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: 
     _write_latent_kernel[(T,)](latent, cache, slot_mapping, latent.stride(0), cache.stride(0), cache.stride(1),
                                cache.shape[1], 1.0 / kv_scale, L=L, L_P=runtime.next_pow2(L), FP8=is_fp8(cache),
                                ROUND=runtime.interpreting(), num_warps=4 if L >= 512 else 1,
-                                   **pdl.launch(latent.device))
+                                   **pdl.launch(latent.device, latent.shape[0]))
 
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -246,7 +246,7 @@ def _launch(cfg, s: DecodeShape, q_lat, q_pe, cache, seq_lens, block_tables, sca
         cache.stride(0), cache.stride(1), block_tables.stride(0),
         PAGE=s.page, R=s.R, R_P=r_p, P=s.P, P_P=p_p, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], NUM_SEG=segs,
         DOT_F32=dot_f32, PRECISION=precision, KV_FP8=s.kv_fp8, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **pdl.launch(q_lat.device),
+        **pdl.launch(q_lat.device, q_lat.shape[0]),
     )
     if segs > 1:
         merge_segments(out, part_acc, part_ml, s.B, s.H, s.R, r_p, segs)

@@ -175,7 +175,7 @@ def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torc
         N=N, P=P, V=V, N_P=N_P, P_P=P_P, V_P=V_P, BLOCK_M=bm, BLOCK_N=bn, WRITE_LSE=lse is not None,
         DOT_F32=dot_f32, PRECISION=precision,
         num_warps=warps, num_stages=stages,
-        **pdl.launch(q_nope.device),
+        **pdl.launch(q_nope.device, q_nope.shape[0]),
     )
     return out
 

@@ -89,5 +89,5 @@ def mla_rope_norm(q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, co
         _mla_rope_norm_kernel[(T,)](q, kv, positions, cos, sin, norm_weight, q_pe, latent, H, q.stride(0),
                                     q.stride(1), kv.stride(0), eps, NOPE=nope_dim, R=R, R_P=runtime.next_pow2(R),
                                     HALF=half, H_P=runtime.next_pow2(H), INTERLEAVED=interleaved,
-                                    num_warps=4 if R >= 256 else 1, **pdl.launch(q.device))
+                                    num_warps=4 if R >= 256 else 1, **pdl.launch(q.device, q.shape[0]))
     return q_pe, latent

@@ -165,7 +165,7 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     _align_sorted_kernel[(1,)](
         ids, sorted_pairs, block_expert, num_post, delta, ids.numel(), num_experts, num_blocks,
         BLOCK_M=block_m, M_P=m_p, E_P=e_p, CHUNK_B=max(16, min(64, 8192 // e_p)), num_warps=4 if m_p <= 1024 else 8,
-        **pdl.launch(ids.device),
+        **pdl.launch(ids.device, topk_ids.shape[0]),
     )
     return sorted_pairs, block_expert, num_post, num_blocks
 
@@ -182,12 +182,13 @@ def align_pairs_in_three_launches(topk_ids: torch.Tensor, num_experts: int, bloc
     progs = -(-m // per_prog)
     counts = torch.empty(progs, e_p, dtype=torch.int32, device=ids.device)
     base = torch.empty(progs, e_p, dtype=torch.int32, device=ids.device)
-    _align_count_kernel[(progs,)](ids, counts, m, per_prog, E_P=e_p, CHUNK=chunk, num_warps=4, **pdl.launch(ids.device))
+    _align_count_kernel[(progs,)](ids, counts, m, per_prog, E_P=e_p, CHUNK=chunk, num_warps=4,
+                                  **pdl.launch(ids.device, topk_ids.shape[0]))
     _align_plan_kernel[(1,)](
         counts, base, sorted_pairs, block_expert, num_post, m, num_experts, num_blocks, progs,
         BLOCK_M=block_m, E_P=e_p, P_P=runtime.next_pow2(progs), CHUNK_B=chunk, num_warps=8,
-        **pdl.launch(counts.device),
+        **pdl.launch(counts.device, topk_ids.shape[0]),
     )
     _align_scatter_kernel[(progs,)](ids, sorted_pairs, base, m, per_prog, E_P=e_p, CHUNK=chunk, num_warps=4,
-        **pdl.launch(ids.device))
+        **pdl.launch(ids.device, topk_ids.shape[0]))
     return sorted_pairs, block_expert, num_post, num_blocks

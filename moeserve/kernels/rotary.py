@@ -99,5 +99,5 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
         q.stride(0), k.stride(0), eps, *cache_args, HEAD_DIM=D, HALF=half, HALF_BLOCK=triton.next_power_of_2(half),
         REST_BLOCK=max(triton.next_power_of_2(D - 2 * half), 1), D_BLOCK=triton.next_power_of_2(D), NORM=norm,
         WRITE_KV=kv_write is not None, num_warps=1,
-        **pdl.launch(q.device),
+        **pdl.launch(q.device, q.shape[0]),
     )

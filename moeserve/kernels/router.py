@@ -142,7 +142,7 @@ def route_grouped_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                                scaling, 1e-20 if sigmoid else 0.0, G=n_group, EG=E // n_group,
                                TOPK_GROUP=topk_group, K=top_k, K_P=triton.next_power_of_2(top_k), SIGMOID=sigmoid,
                                HAS_BIAS=bias is not None, TOP2_SUM=top2_sum, RENORM=renormalize, COUNT=count,
-                               num_warps=1 if E <= 256 else 4, **pdl.launch(logits.device))
+                               num_warps=1 if E <= 256 else 4, **pdl.launch(logits.device, logits.shape[0]))
     return w_out, i_out
 
 
@@ -163,7 +163,7 @@ def count_routed(counts: torch.Tensor, ids: torch.Tensor, valid_tokens: torch.Te
     if n:
         block = min(1024, triton.next_power_of_2(n))
         _count_kernel[(triton.cdiv(n, block),)](ids, counts, valid_tokens, n, ids.shape[1], BLOCK=block,
-            **pdl.launch(ids.device))
+            **pdl.launch(ids.device, ids.shape[0]))
 
 
 def route_softmax_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool,
@@ -183,5 +183,5 @@ def route_softmax_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, renorm
     _topk_softmax_kernel[(T,)](logits, w_out, i_out, counts if count else i_out, valid_tokens if count else i_out,
                                E, logits.stride(0), scaling, K=top_k, K_P=triton.next_power_of_2(top_k),
                                E_P=triton.next_power_of_2(E), RENORM=renormalize, COUNT=count,
-                               num_warps=1 if E <= 256 else 4, **pdl.launch(logits.device))
+                               num_warps=1 if E <= 256 else 4, **pdl.launch(logits.device, logits.shape[0]))
     return w_out, i_out
