@@ -27,7 +27,10 @@
 # the machine stays warm (~30 s after a call; a cold machine loses the parts, the checkpoint and the Triton cache):
 #   carry .vllm_whl/p1 (+ .base): bash benchmarks/peers/vllm/device_receive.sh p1; bash benchmarks/run_fp8_pair.sh ckpt ...
 #   p2, p3: the same with other steps;  p4: ... routing vllm
-# A fresh machine compiles every Triton kernel first (~85 s of a suite's start-up): give a first suite >= 180 s.
+# A fresh machine compiles every Triton kernel first (~85 s of a suite's start-up): give a first suite >= 180 s, an fp8
+# one >= 200 s (session 18: three fp8 first suites ran out at 140-170 s). Each PDL mode compiles its own kernels.
+# The machine is given back ~30 s after a call: send the four vLLM parts first, in four short calls back to back
+# (session 18 lost machine A between a 284 s call and the next, and with it p1 and the checkpoint).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -77,14 +80,14 @@ profile)
     --layers 8 --batches 1 --steps 5 --top 24 --no-eager > "$O/profile-fp8-b1.log" 2>&1
   echo "profile rc=$?"; grep -A26 "batch 1:" "$O/profile-fp8-b1.log" | head -28 ;;
 pdl)
-  (export MOESERVE_PDL=0; suite "${PDL_S:-170}" moeserve qwen3-30b-a3b pdl-off --workloads latency)
-  suite "${PDL_S:-170}" moeserve qwen3-30b-a3b pdl-on --workloads latency ;;
+  (export MOESERVE_PDL=0; suite "${PDL_S:-200}" moeserve qwen3-30b-a3b pdl-off --workloads latency)
+  suite "${PDL_S:-200}" moeserve qwen3-30b-a3b pdl-on --workloads latency ;;
 pdlfp8)
-  (export MOESERVE_PDL=0; suite "${PDL_S:-170}" moeserve qwen3-30b-a3b-fp8 pdlfp8-off --workloads latency)
-  suite "${PDL_S:-170}" moeserve qwen3-30b-a3b-fp8 pdlfp8-on --workloads latency ;;
+  (export MOESERVE_PDL=0; suite "${PDL_S:-200}" moeserve qwen3-30b-a3b-fp8 pdlfp8-off --workloads latency)
+  suite "${PDL_S:-200}" moeserve qwen3-30b-a3b-fp8 pdlfp8-on --workloads latency ;;
 pdlwait)  # MOESERVE_PDL=2: each kernel waits, none releases the next early
-  (export MOESERVE_PDL=2; suite "${PDL_S:-170}" moeserve qwen3-30b-a3b-fp8 pdlfp8-wait --workloads latency)
-  (export MOESERVE_PDL=2; suite "${PDL_S:-170}" moeserve qwen3-30b-a3b pdl-wait --workloads latency) ;;
+  (export MOESERVE_PDL=2; suite "${PDL_S:-200}" moeserve qwen3-30b-a3b-fp8 pdlfp8-wait --workloads latency)
+  (export MOESERVE_PDL=2; suite "${PDL_S:-200}" moeserve qwen3-30b-a3b pdl-wait --workloads latency) ;;
 pdltests)
   CUDA_VISIBLE_DEVICES=0 timeout "${TESTS_S:-240}" python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_pdl.py \
     tests/test_split_k_reduce.py tests/test_models_cuda.py > "$O/pdl-tests.log" 2>&1
