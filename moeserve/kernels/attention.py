@@ -54,7 +54,7 @@ def _write_kv_kernel(
     block_size, k_inv_scale, v_inv_scale,
     KVH: tl.constexpr, D: tl.constexpr, KVH_P: tl.constexpr, D_P: tl.constexpr, FP8: tl.constexpr,
     ROUND: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -198,7 +198,7 @@ def _attn_kernel(
     PAGE: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_P: tl.constexpr, NUM_SEG: tl.constexpr, DECODE: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     # seg_base > 0 (decode beside _prefix_attn_kernel): a row's keys start past its group's shared prefix
     # (row_prefix[b] tokens, 0 outside any group); its partials go to slots seg_base.. of seg_stride per (row, head),
@@ -311,7 +311,7 @@ def _prefix_attn_kernel(
     NUM_GROUPS: tl.constexpr, PAGE: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, MPT: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     """Decode rows that share a prefix's pages (a group) attend over that prefix together: a program packs MPT
     rows of one group x the HP query heads of one kv head into its tile and reads each prefix key once for all of
@@ -366,7 +366,7 @@ def _prefix_attn_kernel(
 def _merge_segments_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr, stride_ot, stride_oh, num_heads, num_seg,
     D: tl.constexpr, D_P: tl.constexpr, BLOCK_D: tl.constexpr, SEG_P2: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)

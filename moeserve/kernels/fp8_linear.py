@@ -52,7 +52,7 @@ MAX_TUNED_ROWS = 64  # up to this many rows: one M tile, configs tuned per shape
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUP: tl.constexpr,
-                      GROUP_P: tl.constexpr, FMAX: tl.constexpr, PDL: tl.constexpr = False):
+                      GROUP_P: tl.constexpr, FMAX: tl.constexpr, PDL: tl.constexpr = 0):
     pdl_begin(PDL)
     m = tl.program_id(0)
     g = tl.program_id(1)
@@ -85,7 +85,7 @@ def _store_tile(acc, part_ptr, cnt_ptr, b_ptr, out_ptr, pid_k, m, n, m_ok, n_ok,
 def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, tiles_per_split, stride_am,
                  stride_asm, stride_wn, stride_wsn, stride_om, SCALE_N: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, PDL: tl.constexpr = False):
+                 HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, PDL: tl.constexpr = 0):
     """Program (pid_m, pid_n, pid_k): K tiles [pid_k * tiles_per_split, + tiles_per_split) of one output tile;
     SPLIT (the number of K ranges, the grid's third dimension) > 1: the fp32 partial goes to part[pid_k] (every
     program writes its whole tile, an empty range zeros) and the tile's last program to arrive sums them (cnt_ptr:

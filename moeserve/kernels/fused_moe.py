@@ -144,7 +144,7 @@ def _gate_up_kernel(
     s_ptr=None, stride_se=0, stride_sn=0, s_up=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1,
     WSCALE: tl.constexpr = 0, as_ptr=None, stride_as=0, A8: tl.constexpr = False,
     z_ptr=None, HAS_ZEROS: tl.constexpr = False, PACK: tl.constexpr = 1,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     pdl_begin(PDL)
     pid = tl.program_id(0)
@@ -223,7 +223,7 @@ def _gate_up_gemv_kernel(
     LATE_SUM: tl.constexpr, map_ptr=None, HAS_MAP: tl.constexpr = False,
     s_ptr=None, stride_se=0, stride_sn=0, s_up=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1,
     WSCALE: tl.constexpr = 0, z_ptr=None, HAS_ZEROS: tl.constexpr = False, PACK: tl.constexpr = 1,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     """inter1[pair, n-tile] = silu(gate[e] @ x[t]) * (up[e] @ x[t]), e = topk_ids[pair]: step 2 for decode.
     _gate_up_kernel's tl.dot needs BLOCK_M >= 16 rows where a pair has one, so at one or two tokens the tensor cores
@@ -309,7 +309,7 @@ def _down_kernel(
     s_ptr=None, stride_se=0, stride_sn=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1, WSCALE: tl.constexpr = 0,
     as_ptr=None, stride_as=0, A8: tl.constexpr = False, z_ptr=None, HAS_ZEROS: tl.constexpr = False,
     PACK: tl.constexpr = 1,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     pdl_begin(PDL)
     pid = tl.program_id(0)
@@ -380,7 +380,7 @@ def _down_sum_kernel(
     LATE_SUM: tl.constexpr, num_experts=1 << 30, map_ptr=None, HAS_MAP: tl.constexpr = False,
     s_ptr=None, stride_se=0, stride_sn=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1, WSCALE: tl.constexpr = 0,
     z_ptr=None, HAS_ZEROS: tl.constexpr = False, PACK: tl.constexpr = 1,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     """out[t, n-tile] = sum_k w[t,k] * w2[e_k][n-tile] @ inter1[t*K + k]: steps 3 and 4 in one launch, for decode.
     One row per expert is a GEMV (no tensor cores to feed): multiply-and-reduce in fp32 registers."""
@@ -441,7 +441,7 @@ def _down_sum_kernel(
 
 @triton.jit
 def _topk_sum_kernel(src_ptr, out_ptr, H, stride_s, stride_o, TOPK: tl.constexpr, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr = False):
+                     PDL: tl.constexpr = 0):
     """out[t] = the sum of the down step's K weighted rows of token t (src row t * K + k), in fp32, rounded once.
     torch.sum over the [T, K, H] view took 4.6 us a layer at batch 1 on an H200 (session 16 profile): a strided
     reduction launch for 32 KB."""

@@ -47,7 +47,7 @@ def _dequant_tile(w_ptr, s_ptr, z_ptr, n, n_ok, k, k0, stride_wn, stride_sn, GRO
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                 HAS_ZEROS: tl.constexpr, PDL: tl.constexpr = False):
+                 HAS_ZEROS: tl.constexpr, PDL: tl.constexpr = 0):
     pdl_begin(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -74,7 +74,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm,
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_om,
                  GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_ZEROS: tl.constexpr, PDL: tl.constexpr = False):
+                 HAS_ZEROS: tl.constexpr, PDL: tl.constexpr = 0):
     pdl_begin(PDL)
     row = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)

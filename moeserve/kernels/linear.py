@@ -84,7 +84,7 @@ def _split_reduce(acc, part_ptr, cnt_ptr, b_ptr, out_ptr, tile, pid_k, m, n, m_o
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                    M_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-                   DOT_F32: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+                   DOT_F32: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = 0):
     pdl_begin(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)

@@ -28,7 +28,7 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _write_latent_kernel(src_ptr, cache_ptr, slot_ptr, stride_st, stride_c_blk, stride_c_tok, block_size, inv_scale,
                          L: tl.constexpr, L_P: tl.constexpr, FP8: tl.constexpr, ROUND: tl.constexpr,
-                         PDL: tl.constexpr = False):
+                         PDL: tl.constexpr = 0):
     pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -75,7 +75,7 @@ def _mla_decode_kernel(
     PAGE: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, P: tl.constexpr, P_P: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SEG: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     pdl_begin(PDL)
     b = tl.program_id(0).to(tl.int64)

@@ -76,7 +76,7 @@ def _mla_prefill_kernel(
     N: tl.constexpr, P: tl.constexpr, V: tl.constexpr, N_P: tl.constexpr, P_P: tl.constexpr, V_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_LSE: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     pdl_begin(PDL)
     m_blk = tl.num_programs(0) - 1 - tl.program_id(0)  # late tiles see the most keys: start them first

@@ -26,7 +26,7 @@ def _rotate(x1, x2, cos, sin):
 def _mla_rope_norm_kernel(q_ptr, kv_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, qpe_ptr, lat_ptr,
                           num_heads, stride_qt, stride_qh, stride_kv, eps,
                           NOPE: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, HALF: tl.constexpr,
-                          H_P: tl.constexpr, INTERLEAVED: tl.constexpr, PDL: tl.constexpr = False):
+                          H_P: tl.constexpr, INTERLEAVED: tl.constexpr, PDL: tl.constexpr = 0):
     pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     P: tl.constexpr = 2 * HALF

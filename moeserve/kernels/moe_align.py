@@ -73,7 +73,7 @@ def _plan_blocks(counts, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, 
 @triton.jit
 def _align_sorted_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, delta_ptr, num_pairs, num_experts,
                          num_blocks, BLOCK_M: tl.constexpr, M_P: tl.constexpr, E_P: tl.constexpr,
-                         CHUNK_B: tl.constexpr, PDL: tl.constexpr = False):
+                         CHUNK_B: tl.constexpr, PDL: tl.constexpr = 0):
     """A histogram of the experts, the padded starts from one cumsum over E, then one sort of the keys
     expert * M_P + pair. Sorted position i of expert e goes to slot i + (padded start of e - pairs before e): four
     steps, where the same work in one-hot tiles was eleven dependent tile reductions and scans. Stable (keys are
@@ -108,7 +108,7 @@ def _align_sorted_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, de
 
 @triton.jit
 def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, per_prog, E_P: tl.constexpr, CHUNK: tl.constexpr,
-                        PDL: tl.constexpr = False):
+                        PDL: tl.constexpr = 0):
     pdl_begin(PDL)
     p = tl.program_id(0)
     lo = p * per_prog
@@ -120,7 +120,7 @@ def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, per_prog, E_P: tl.conste
 def _align_plan_kernel(counts_ptr, base_ptr, sorted_ptr, block_expert_ptr, num_post_ptr,
                        num_pairs, num_experts, num_blocks, num_progs,
                        BLOCK_M: tl.constexpr, E_P: tl.constexpr, P_P: tl.constexpr, CHUNK_B: tl.constexpr,
-                       PDL: tl.constexpr = False):
+                       PDL: tl.constexpr = 0):
     pdl_begin(PDL)
     p = tl.arange(0, P_P)[:, None]
     e = tl.arange(0, E_P)[None, :]
@@ -133,7 +133,7 @@ def _align_plan_kernel(counts_ptr, base_ptr, sorted_ptr, block_expert_ptr, num_p
 
 @triton.jit
 def _align_scatter_kernel(ids_ptr, sorted_ptr, base_ptr, num_pairs, per_prog,
-                          E_P: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False):
+                          E_P: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = 0):
     pdl_begin(PDL)
     p = tl.program_id(0)
     lo = p * per_prog

@@ -7,8 +7,9 @@ pdl_probe.py), and a decode layer has ~12-16 boundaries. Because the wait comes 
 the previous kernel, whatever it is (a kernel launched without PDL, a copy, NCCL: those are fully ordered anyway).
 
 Only for launches over at most MAX_ROWS tokens. Measured on an H200 (qwen3-30b-a3b, latency workload, results/
-kernels/2026-11-28-session18-pdl/): with PDL on every launch, decode TPOT fell 12-16 % at batch 1 and 3-5 % at
-8-32 rows in fp8, but fp8 at 128 rows rose 2.4 % and the prefill of 4k-16k tokens (TTFT) 5-25 %: large grids lose.
+kernels/2026-11-28-session18-pdl/): with PDL on every launch, decode TPOT fell 12-16 % at batch 1 and 5 / 3 % at
+8 / 32 rows in fp8 (bf16 at 8 rows rose 3 %), but fp8 at 128 rows rose 2.4 % and the prefill of 4k-16k tokens
+(TTFT) 5-25 %: large grids lose.
 On for Hopper and newer GPUs (griddepcontrol is sm_90 PTX), off under the interpreter. MOESERVE_PDL: 0 off,
 1 wait then release at once (the default), 2 wait only, for A/B timing.
 """

@@ -18,7 +18,7 @@ def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, n_q_he
                  v_ptr, cache_ptr, slot_ptr, v_stride, stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head,
                  block_size,
                  HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, REST_BLOCK: tl.constexpr,
-                 D_BLOCK: tl.constexpr, NORM: tl.constexpr, WRITE_KV: tl.constexpr, PDL: tl.constexpr = False):
+                 D_BLOCK: tl.constexpr, NORM: tl.constexpr, WRITE_KV: tl.constexpr, PDL: tl.constexpr = 0):
     pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)

@@ -29,7 +29,7 @@ from moeserve.kernels.linear import linear
 @triton.jit
 def _topk_softmax_kernel(logits_ptr, wout_ptr, iout_ptr, counts_ptr, valid_ptr, E, stride_l, scale,
                          K: tl.constexpr, K_P: tl.constexpr, E_P: tl.constexpr, RENORM: tl.constexpr,
-                         COUNT: tl.constexpr, PDL: tl.constexpr = False):
+                         COUNT: tl.constexpr, PDL: tl.constexpr = 0):
     pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, E_P)
@@ -62,7 +62,7 @@ def _topk_softmax_kernel(logits_ptr, wout_ptr, iout_ptr, counts_ptr, valid_ptr, 
 def _grouped_topk_kernel(logits_ptr, bias_ptr, wout_ptr, iout_ptr, counts_ptr, valid_ptr, stride_l, scale, eps,
                          G: tl.constexpr, EG: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
                          K_P: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, TOP2_SUM: tl.constexpr,
-                         RENORM: tl.constexpr, COUNT: tl.constexpr, PDL: tl.constexpr = False):
+                         RENORM: tl.constexpr, COUNT: tl.constexpr, PDL: tl.constexpr = 0):
     """DeepSeek-V2/V3 and GLM-4.x routing of one token (layers/moe.Router._route_torch): scores by softmax or
     sigmoid, the correction bias added for the choice only, the best TOPK_GROUP of G groups (by their best score,
     or the sum of their best two), then top-k among those groups' experts, weighed by the unbiased scores. The
@@ -147,7 +147,7 @@ def route_grouped_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 @triton.jit
-def _count_kernel(ids_ptr, counts_ptr, valid_ptr, n, K, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+def _count_kernel(ids_ptr, counts_ptr, valid_ptr, n, K, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
     pdl_begin(PDL)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = (i < n) & (i // K < tl.load(valid_ptr))
