@@ -13,7 +13,7 @@
 #   profile  the fp8 decode profile at batch 1
 #   pdl      programmatic dependent launch, A/B in one call: bf16 latency with MOESERVE_PDL=0, then on (the default)
 #   pdlfp8   the same for fp8
-#   pdlwait  both with MOESERVE_PDL=2 (wait, no early release)
+#   pdlwait  fp8 with MOESERVE_PDL=2 (wait, no early release); results under STEP-MODE
 #   pdltests the PDL test, the split-K reduce tests and the CUDA model tests (graphs against eager, against the CPU)
 #   telemetry  expert-load telemetry's cost in a decode step (issue 18: < 1 % at batch 1 and 128), bf16 qwen3-30b
 #   tests    the fp8 / int4 kernel test files with tracebacks (on the last GPU)
@@ -79,15 +79,12 @@ profile)
   CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/kernels/profile_decode.py --shape Qwen/Qwen3-30B-A3B-FP8 \
     --layers 8 --batches 1 --steps 5 --top 24 --no-eager > "$O/profile-fp8-b1.log" 2>&1
   echo "profile rc=$?"; grep -A26 "batch 1:" "$O/profile-fp8-b1.log" | head -28 ;;
-pdl)
-  (export MOESERVE_PDL=0; suite "${PDL_S:-200}" moeserve qwen3-30b-a3b pdl-off --workloads latency)
-  suite "${PDL_S:-200}" moeserve qwen3-30b-a3b pdl-on --workloads latency ;;
-pdlfp8)
-  (export MOESERVE_PDL=0; suite "${PDL_S:-200}" moeserve qwen3-30b-a3b-fp8 pdlfp8-off --workloads latency)
-  suite "${PDL_S:-200}" moeserve qwen3-30b-a3b-fp8 pdlfp8-on --workloads latency ;;
-pdlwait)  # MOESERVE_PDL=2: each kernel waits, none releases the next early
-  (export MOESERVE_PDL=2; suite "${PDL_S:-200}" moeserve qwen3-30b-a3b-fp8 pdlfp8-wait --workloads latency)
-  (export MOESERVE_PDL=2; suite "${PDL_S:-200}" moeserve qwen3-30b-a3b pdl-wait --workloads latency) ;;
+pdl|pdlfp8|pdlwait)  # one suite per PDL mode (pdlwait: 2, each kernel waits and none releases the next early)
+  shape=qwen3-30b-a3b; [[ $1 == pdl ]] || shape=qwen3-30b-a3b-fp8
+  modes="0 1"; [[ $1 == pdlwait ]] && modes=2
+  for mode in $modes; do
+    (export MOESERVE_PDL=$mode; suite "${PDL_S:-200}" moeserve $shape $1-$mode --workloads latency)
+  done ;;
 pdltests)
   CUDA_VISIBLE_DEVICES=0 timeout "${TESTS_S:-240}" python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_pdl.py \
     tests/test_split_k_reduce.py tests/test_models_cuda.py > "$O/pdl-tests.log" 2>&1
