@@ -190,5 +190,5 @@ def align_pairs_in_three_launches(topk_ids: torch.Tensor, num_experts: int, bloc
         **pdl.launch(counts.device, topk_ids.shape[0]),
     )
     _align_scatter_kernel[(progs,)](ids, sorted_pairs, base, m, per_prog, E_P=e_p, CHUNK=chunk, num_warps=4,
-        **pdl.launch(ids.device, topk_ids.shape[0]))
+                                    **pdl.launch(ids.device, topk_ids.shape[0]))
     return sorted_pairs, block_expert, num_post, num_blocks
