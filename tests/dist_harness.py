@@ -3,12 +3,15 @@
     results = run_ranks(2, fn, arg)   # fn(rank, arg) on ranks 0 and 1, torch.distributed initialised
 
 A rank that raises fails the call with its traceback; a rank that hangs fails it after `timeout` seconds.
+What a rank returns crosses as plain pickled bytes: a queue would share a tensor's storage by file descriptor,
+which the parent can no longer fetch once the rank has exited (FileNotFoundError, seen in CI).
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import traceback
 
@@ -35,7 +38,7 @@ def _entry(rank: int, world: int, port: int, fn, args, queue) -> None:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         try:
-            queue.put((rank, True, fn(rank, *args)))
+            queue.put((rank, True, pickle.dumps(fn(rank, *args))))
         finally:
             from moeserve.distributed.parallel_state import destroy_model_parallel
 
@@ -58,7 +61,7 @@ def run_ranks(world: int, fn, *args, timeout: float = 180.0) -> list:
             rank, ok, value = queue.get(timeout=timeout)
             if not ok:
                 raise AssertionError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10)
