@@ -14,6 +14,8 @@
 #   pdl      programmatic dependent launch, A/B in one call: bf16 latency with MOESERVE_PDL=0, then on (the default)
 #   pdlfp8   the same for fp8
 #   pdlwait  fp8 with MOESERVE_PDL=2 (wait, no early release); results under STEP-MODE
+#   pdlprefill / pdlprefillfp8  where PDL loses on large launches (benchmarks/kernels/pdl_prefill_ab.py): PDL off,
+#            as landed, and on every launch (wait only; wait and release), 4 layers: TTFT 1k-16k, TPOT, the kernels
 #   pdltests the PDL test, the split-K reduce tests and the CUDA model tests (graphs against eager, against the CPU)
 #   telemetry  expert-load telemetry's cost in a decode step (issue 18: < 1 % at batch 1 and 128), bf16 qwen3-30b
 #   tests    the fp8 / int4 kernel test files with tracebacks (on the last GPU)
@@ -85,6 +87,11 @@ pdl|pdlfp8|pdlwait)  # one suite per PDL mode (pdlwait: 2, each kernel waits and
   for mode in $modes; do
     (export MOESERVE_PDL=$mode; suite "${PDL_S:-200}" moeserve $shape $1-$mode --workloads latency)
   done ;;
+pdlprefill|pdlprefillfp8)  # a fresh machine compiles each PDL mode's kernels (three modes): give it >= 450 s
+  shape=Qwen/Qwen3-30B-A3B; [[ $1 == pdlprefill ]] || shape=Qwen/Qwen3-30B-A3B-FP8
+  CUDA_VISIBLE_DEVICES=0 timeout "${PDL_S:-480}" python3 benchmarks/kernels/pdl_prefill_ab.py --shape $shape \
+    --out "$O/$1.json" > "$O/$1.log" 2>&1
+  echo "$1 rc=$?"; grep "^== " "$O/$1.log"; sed -n '/^TTFT ms/,$p' "$O/$1.log" | head -48 ;;
 pdltests)
   CUDA_VISIBLE_DEVICES=0 timeout "${TESTS_S:-240}" python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_pdl.py \
     tests/test_split_k_reduce.py tests/test_models_cuda.py > "$O/pdl-tests.log" 2>&1

@@ -103,3 +103,46 @@ def test_graph_of_kernels_same_bits_with_and_without_pdl(monkeypatch):
         torch.cuda.synchronize()
         outs[on] = out.clone()
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_prefill_ab_variants_reach_the_launches(monkeypatch):
+    """benchmarks/kernels/pdl_prefill_ab.py's variants: what each sets is what a prefill-sized (4096-token) and a
+    decode-sized (8-token) launch then get."""
+    import sys
+
+    sys.path.insert(0, str(KERNELS.parents[1] / "benchmarks" / "kernels"))
+    import pdl_prefill_ab
+
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(pdl, "_on", {})
+    monkeypatch.setattr(pdl, "MAX_ROWS", pdl.MAX_ROWS)
+    monkeypatch.setenv("MOESERVE_PDL", "1")
+    cuda = torch.device("cuda", 0)
+    for variant, large, small in (("off", 0, 0), ("release-all", 1, 1), ("landed", 0, 1), ("wait-all", 2, 2)):
+        pdl_prefill_ab.apply(variant)
+        assert (pdl.launch(cuda, 4096)["PDL"], pdl.launch(cuda, 8)["PDL"]) == (large, small), variant
+
+
+def test_prefill_ab_runs_end_to_end_on_the_cpu(tmp_path):
+    """The script's plumbing (engines built per variant, TTFT, TPOT, the profiled kernels, the JSON), on a tiny
+    config, so that a device call cannot die of a typo in it."""
+    import json
+    import subprocess
+    import sys
+
+    from test_bench_workloads import TINY
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    script = KERNELS.parents[1] / "benchmarks" / "kernels" / "pdl_prefill_ab.py"
+    out = tmp_path / "ab.json"
+    proc = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "config.json"), "--lengths", "16,40",
+                           "--batches", "1,3", "--steps", "3", "--repeats", "1", "--max-model-len", "160",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in results] == ["off", "landed", "wait-all", "release-all"]
+    for r in results:
+        assert set(r["ttft_ms"]) == {"16", "40"} and set(r["tpot_ms"]) == {"1", "3"}, r
+        assert all(v > 0 for v in r["ttft_ms"].values()) and sum(r["kernels_us"].values()) > 0, r
+    assert "TTFT ms (ratio to off)" in proc.stdout
