@@ -138,7 +138,7 @@ def test_prefill_ab_runs_end_to_end_on_the_cpu(tmp_path):
     out = tmp_path / "ab.json"
     proc = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "config.json"), "--lengths", "16,40",
                            "--batches", "1,3", "--steps", "3", "--repeats", "1", "--max-model-len", "160",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--llm-args", "{}", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     assert [r["variant"] for r in results] == ["off", "landed", "wait-all", "release-all"]

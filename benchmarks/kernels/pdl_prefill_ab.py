@@ -160,7 +160,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-model-len", type=int, default=17408)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="the first is the ratios' base")
-    ap.add_argument("--llm-args", default="{}", help="more LLM(...) arguments as JSON")
+    ap.add_argument("--llm-args", default='{"kv_cache_memory_bytes": 8589934592}',
+                    help="more LLM(...) arguments as JSON; a fixed KV size by default, so that every variant gets the "
+                         "same cache (and token budget) whatever an earlier engine left allocated")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", default="", help="write the results as JSON here")
     args = ap.parse_args()
