@@ -62,7 +62,7 @@ def write_latent_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: 
     _write_latent_kernel[(T,)](latent, cache, slot_mapping, latent.stride(0), cache.stride(0), cache.stride(1),
                                cache.shape[1], 1.0 / kv_scale, L=L, L_P=runtime.next_pow2(L), FP8=is_fp8(cache),
                                ROUND=runtime.interpreting(), num_warps=4 if L >= 512 else 1,
-                                   **pdl.launch(latent.device, latent.shape[0]))
+                               **pdl.launch(latent.device, latent.shape[0]))
 
 
 # ---------------------------------------------------------------------------------------------- decode

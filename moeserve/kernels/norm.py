@@ -46,5 +46,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     block = triton.next_power_of_2(n)
     _rms_norm_kernel[(rows,)](x, residual if residual is not None else x, weight, out, n, eps,
                               HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
-                                  **pdl.launch(x.device, rows))
+                              **pdl.launch(x.device, rows))
     return out

@@ -163,7 +163,7 @@ def count_routed(counts: torch.Tensor, ids: torch.Tensor, valid_tokens: torch.Te
     if n:
         block = min(1024, triton.next_power_of_2(n))
         _count_kernel[(triton.cdiv(n, block),)](ids, counts, valid_tokens, n, ids.shape[1], BLOCK=block,
-            **pdl.launch(ids.device, ids.shape[0]))
+                                                **pdl.launch(ids.device, ids.shape[0]))
 
 
 def route_softmax_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool,
