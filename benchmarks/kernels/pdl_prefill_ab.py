@@ -26,7 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
+from profile_decode import build as build_shape, prompts, tpot_ms  # same folder
 
 from moeserve.kernels import pdl
 
@@ -48,39 +48,23 @@ def build(args):
     extra = json.loads(args.llm_args)
     if args.model:  # a local config.json (the CPU smoke test)
         return LLM(model=args.model, load_format="dummy", max_model_len=args.max_model_len, **extra)
-    from profile_decode import build as build_shape
-
     return build_shape(args.shape, args.layers, eager=False, max_model_len=args.max_model_len, **extra)[0]
 
 
-def random_prompts(llm, count: int, length: int, rng) -> list[dict]:
-    vocab = llm.llm_engine.hf_config.vocab_size
-    return [{"prompt_token_ids": rng.integers(2, vocab, length).tolist()} for _ in range(count)]
-
-
-def ttft_ms(llm, length: int, repeats: int, rng) -> float:
+def ttft_ms(llm, length: int, repeats: int) -> float:
+    """Median time to first token of one `length`-token prompt, fresh tokens every time (no prefix-cache hit); the
+    first run warms (autotune, first launches)."""
     from moeserve import SamplingParams
 
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    llm.generate(random_prompts(llm, 1, length, rng), one)  # warm: autotune, first launches
     times = []
-    for _ in range(repeats):
-        out = llm.generate(random_prompts(llm, 1, length, rng), one)[0]
+    for i in range(repeats + 1):
+        out = llm.generate(prompts(llm, 1, length, seed=1000 * length + i), one)[0]
         times.append(1e3 * (out.metrics.first_token_time - out.metrics.arrival_time))
-    return statistics.median(times)
+    return statistics.median(times[1:])
 
 
-def tpot_ms(llm, batch: int, steps: int, rng) -> float:
-    from moeserve import SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
-    llm.generate(random_prompts(llm, batch, 128, rng), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    res = llm.generate(random_prompts(llm, batch, 128, rng), params)
-    return 1e3 * statistics.median(
-        (o.metrics.last_token_time - o.metrics.first_token_time) / (steps - 1) for o in res)
-
-
-def kernel_times(llm, length: int, rng) -> tuple[dict[str, float], float]:
+def kernel_times(llm, length: int) -> tuple[dict[str, float], float]:
     """Each kernel's total time (us) in one prefill of `length` tokens (device time on a GPU, the op's own CPU time
     otherwise), and the prefill's wall time (ms)."""
     import torch
@@ -89,12 +73,11 @@ def kernel_times(llm, length: int, rng) -> tuple[dict[str, float], float]:
     from moeserve import SamplingParams
 
     cuda = torch.cuda.is_available()
-    prompts = random_prompts(llm, 1, length, rng)
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
-        llm.generate(prompts, one)
+        llm.generate(prompts(llm, 1, length, seed=2), one)  # a seed no other prompt here uses (no prefix hit)
         wall = time.perf_counter() - t0
     table: dict[str, float] = {}
     for e in prof.key_averages():
@@ -108,17 +91,16 @@ def run_variant(args, variant: str) -> dict:
     import torch
 
     apply(variant)
-    rng = np.random.default_rng(0)
     t = time.perf_counter()
     llm = build(args)
     start_s = time.perf_counter() - t
     lengths = [int(x) for x in args.lengths.split(",")]
     res = {"variant": variant, "mode": VARIANTS[variant][0], "every_launch": VARIANTS[variant][1],
            "start_s": round(start_s, 1),
-           "ttft_ms": {n: round(ttft_ms(llm, n, args.repeats, rng), 3) for n in lengths},
-           "tpot_ms": {b: round(tpot_ms(llm, b, args.steps, rng), 3) for b in
+           "ttft_ms": {n: round(ttft_ms(llm, n, args.repeats), 3) for n in lengths},
+           "tpot_ms": {b: round(tpot_ms(llm, b, args.steps), 3) for b in
                        (int(x) for x in args.batches.split(",") if x)}}
-    kernels, wall = kernel_times(llm, max(lengths), rng)
+    kernels, wall = kernel_times(llm, max(lengths))
     res["profiled_prefill_ms"] = round(wall, 3)
     res["kernels_us"] = {k: round(v, 1) for k, v in kernels.items()}
     print(f"== {variant}: start-up {start_s:.1f} s, TTFT ms {res['ttft_ms']}, TPOT ms {res['tpot_ms']}", flush=True)
