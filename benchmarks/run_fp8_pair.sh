@@ -40,6 +40,7 @@ export MOESERVE_CACHE_DIR="${MOESERVE_CACHE_DIR:-/tmp/moeserve-cache}"
 mkdir -p "$MOESERVE_CACHE_DIR/autotune" && cp -n benchmarks/results/autotune/*.json "$MOESERVE_CACHE_DIR/autotune/" 2>/dev/null
 O=${OUT:?set OUT}
 RW=${RW:-/root/rw/qwen3-30b-a3b-fp8}
+WORKLOADS=${WORKLOADS:-latency,throughput}  # of `random` and `vllm`; bench_suite also has varlen, prefix, longctx
 (($#)) || { echo "usage: run_fp8_pair.sh ckpt|random|ratio|base|vllm|kernels|profile|telemetry|tests|routing..." >&2; exit 2; }
 nvidia-smi -L | tee "$O/gpus.txt"
 gpus=$(nvidia-smi -L | wc -l)
@@ -57,7 +58,7 @@ ckpt)
   CUDA_VISIBLE_DEVICES=0 timeout 500 python3 benchmarks/random_checkpoint.py --shape qwen3-30b-a3b-fp8 --out "$RW" \
     > "$O/random-checkpoint.log" 2>&1
   echo "random checkpoint rc=$?"; tail -2 "$O/random-checkpoint.log"; du -sh "$RW" ;;
-random) suite "${SUITE_S:-330}" moeserve qwen3-30b-a3b-fp8 moeserve-fp8-random --workloads latency,throughput \
+random) suite "${SUITE_S:-330}" moeserve qwen3-30b-a3b-fp8 moeserve-fp8-random --workloads "$WORKLOADS" \
   --random-weights "$RW" ;;
 ratio)
   suite 180 moeserve qwen3-30b-a3b bf16-dummy --workloads latency
@@ -72,7 +73,7 @@ vllm)
   [[ -d ${VLLM_SITE:-/tmp/vllm_site}/vllm ]] || bash benchmarks/peers/vllm/device_install.sh > "$O/vllm_import_audit.log" 2>&1
   tail -2 "$O/vllm_import_audit.log" 2>/dev/null
   VLLM_USE_DEEP_GEMM=${VLLM_USE_DEEP_GEMM:-0} suite "${SUITE_S:-480}" vllm qwen3-30b-a3b-fp8 vllm-fp8-random \
-    --workloads latency,throughput --random-weights "$RW" ;;
+    --workloads "$WORKLOADS" --random-weights "$RW" ;;
 kernels)
   CUDA_VISIBLE_DEVICES=0 timeout 330 python3 benchmarks/kernels/bench_kernels.py --skip-checks \
     --only fp8_linear fp8_moe --out "$O/kernels" > "$O/kernels.log" 2>&1
@@ -125,5 +126,5 @@ step=$(IFS=-; echo "$*")
 cp "$MOESERVE_CACHE_DIR"/autotune/*.json "$O/" 2>/dev/null
 (cd "$O" && find . -mindepth 1 -maxdepth 1 ! -name '*.tgz' ! -name '*.json' ! -name gpus.txt -print0 \
   | xargs -0 tar czf "$step.tgz" && find . -mindepth 1 -maxdepth 1 ! -name '*.tgz' ! -name '*.json' \
-  ! -name gpus.txt -exec rm -rf {} +)
+  ! -name '*.log' ! -name gpus.txt -exec rm -rf {} +)  # top-level logs also come back as they are
 ls "$O"
