@@ -20,7 +20,7 @@ from moeserve.layers.quant.fp8 import _expand, quantize_act_groups, quantize_blo
 SHAPES = [(37, 40, (16, 32)), (20, 96, (8, 32)), (64, 33, (32, 32))] + ([(5120, 2048, (128, 128))] if CUDA else [])
 
 
-@pytest.mark.parametrize("M", [1, 3, 17])
+@pytest.mark.parametrize("M", [1, 3, 17, 16 * 8 * 2 + 5])  # the last: several rows a program, a ragged last block
 @pytest.mark.parametrize("group", [16, 32])
 def test_act_quant_matches_reference(M, group):
     g = torch.Generator().manual_seed(M * group)

@@ -39,16 +39,23 @@ def test_rms_norm_with_and_without_residual(dtype, n):
     torch.testing.assert_close(rms_norm(x, ref.weight, ref.eps), ref._norm(x), **tol)
 
 
+def _positions(T: int, g: torch.Generator) -> torch.Tensor:
+    """T positions below 256: the five of the one-token-a-program form, or many (several tokens a program)."""
+    fixed = torch.tensor([0, 3, 17, 100, 255])
+    return (fixed if T == 5 else torch.randint(0, 256, (T,), generator=g)).to(DEV)
+
+
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("head_dim,partial", [(32, 1.0), (64, 0.5)])
-def test_rope_matches_reference(qk_norm, head_dim, partial):
+@pytest.mark.parametrize("T", [5, 16 * 8 + 19])  # the last: tokens in blocks, a ragged last block
+def test_rope_matches_reference(qk_norm, head_dim, partial, T):
     g = torch.Generator().manual_seed(head_dim)
-    T, H, KVH = 5, 4, 2
+    H, KVH = 4, 2
     rot = RotaryEmbedding(int(head_dim * partial), 256, 10000.0,
                           {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64})
     q = torch.randn(T, H, head_dim, generator=g).to(DEV)
     k = torch.randn(T, KVH, head_dim, generator=g).to(DEV)
-    pos = torch.tensor([0, 3, 17, 100, 255], device=DEV)
+    pos = _positions(T, g)
     qn = kn = None
     if qk_norm:
         qn, kn = RMSNorm(head_dim).to(DEV), RMSNorm(head_dim).to(DEV)
@@ -63,19 +70,23 @@ def test_rope_matches_reference(qk_norm, head_dim, partial):
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("head_dim,partial", [(32, 1.0), (48, 0.5)])
-def test_rope_writes_k_and_v_into_the_paged_cache(qk_norm, head_dim, partial):
+@pytest.mark.parametrize("T", [5, 16 * 8 + 19])
+def test_rope_writes_k_and_v_into_the_paged_cache(qk_norm, head_dim, partial, T):
     """kv_write: the rotated K (rest dims included) and V land at each token's slot, slot -1 writes nothing, and
     q/k come out as without it."""
     from moeserve.kernels.reference import ref_write_kv_cache
 
     g = torch.Generator().manual_seed(head_dim + qk_norm)
-    T, H, KVH, blocks, page = 5, 4, 2, 6, 4
+    H, KVH, blocks, page = 4, 2, 6 if T == 5 else 40, 4
     rot = RotaryEmbedding(int(head_dim * partial), 256, 10000.0)
     q = torch.randn(T, H, head_dim, generator=g).to(DEV)
     k = torch.randn(T, KVH, head_dim, generator=g).to(DEV)
     v = torch.randn(T, KVH, head_dim, generator=g).to(DEV)
-    pos = torch.tensor([0, 3, 17, 100, 255], device=DEV)
-    slots = torch.tensor([5, -1, 0, 23, 9], device=DEV)
+    pos = _positions(T, g)
+    if T == 5:
+        slots = torch.tensor([5, -1, 0, 23, 9], device=DEV)
+    else:  # distinct slots, every third token skipped
+        slots = torch.randperm(blocks * page, generator=g)[:T].masked_fill(torch.arange(T) % 3 == 1, -1).to(DEV)
     qn = kn = None
     if qk_norm:
         qn, kn = RMSNorm(head_dim).to(DEV), RMSNorm(head_dim).to(DEV)

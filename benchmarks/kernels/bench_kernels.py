@@ -855,6 +855,69 @@ def bench_router(ceil) -> list[dict]:
     return rows
 
 
+def bench_token_ops(ceil) -> list[dict]:
+    """The per-token kernels of a prefill, one row of programs per token or several tokens a program (the form the
+    kernels take past 128 tokens), same inputs, in CUDA graphs: fp8 activation quant (qwen3-30b-a3b's MoE input,
+    K=2048, and down-projection input, K=768, groups of 128) and rope with Qwen3's per-head RMSNorm and the KV
+    write (32 q heads, 4 KV heads, head_dim 128). Both forms compute the same bits, checked here. Bytes: read +
+    written once."""
+    from moeserve.kernels import fp8_linear, rotary
+
+    counts = (256, 1024, 16384) if not SMOKE else (300,)  # past 128 tokens: where the forms differ
+    heads, kv_heads, dim, group = (32, 4, 128, 128) if not SMOKE else (HEADS, KV_HEADS, HEAD_DIM, 16)
+    say("token ops (prefill): one token a program beside several (fp8_linear.ACT_QUANT_ROWS, rotary.ROPE_TOKENS)")
+    rows = []
+
+    def forms(module, attr, run):  # -> {programs' tokens: (ms, output)}
+        default, out = getattr(module, attr), {}
+        try:
+            for n in (1, default):
+                setattr(module, attr, n)
+                out[n] = (graph_ms([run]), run())
+        finally:
+            setattr(module, attr, default)
+        return out
+
+    for T in counts:
+        for K in (2048, 768) if not SMOKE else (64,):
+            x = torch.randn(T, K, device=DEV, dtype=torch.bfloat16) * 3
+            got = forms(fp8_linear, "ACT_QUANT_ROWS", lambda: fp8_linear.quantize_act(x, group))
+            (one_ms, (q1, s1)), (many_ms, (q2, s2)) = got.values()
+            same = bool(torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2))
+            POST_CHECKS.append({"name": f"act quant T={T} K={K}: both forms equal", "rel_err": 0.0 if same else 1.0,
+                                "tol": 0.5, "ok": same})
+            bytes_ = T * K * 3 + T * (K // group) * 4
+            for n, ms in ((1, one_ms), (fp8_linear.ACT_QUANT_ROWS, many_ms)):
+                rows.append(row(f"act quant T={T} K={K} [{n} rows a program]", ms, bytes_=bytes_, ceil=ceil,
+                                mode="graph", extra={"tokens": T, "rows_a_program": n}))
+        q = torch.randn(T, heads, dim, device=DEV, dtype=torch.bfloat16)
+        k = torch.randn(T, kv_heads, dim, device=DEV, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        cache = torch.zeros(2, -(-T // 16), 16, kv_heads, dim, device=DEV, dtype=torch.bfloat16)
+        slots = torch.arange(T, device=DEV)
+        pos = torch.randint(0, 4096, (T,), device=DEV)
+        cos, sin = torch.randn(4096, dim // 2, device=DEV), torch.randn(4096, dim // 2, device=DEV)
+        qw, kw = torch.randn(dim, device=DEV, dtype=torch.bfloat16), torch.randn(dim, device=DEV, dtype=torch.bfloat16)
+
+        def rope():  # on copies: every replay starts from the same q and k
+            q2, k2 = q.clone(), k.clone()
+            rotary.apply_rope(q2, k2, pos, cos, sin, qw, kw, 1e-6, kv_write=(v, cache, slots))
+            return q2, k2, cache.clone()
+
+        got = forms(rotary, "ROPE_TOKENS", rope)
+        (one_ms, a), (many_ms, b) = got.values()
+        same = all(torch.equal(u, w) for u, w in zip(a, b))
+        POST_CHECKS.append({"name": f"rope T={T}: both forms equal", "rel_err": 0.0 if same else 1.0, "tol": 0.5,
+                            "ok": same})
+        clone_ms = graph_ms([lambda: (q.clone(), k.clone(), cache.clone())])
+        bytes_ = T * (heads + kv_heads) * dim * 2 * 2 + T * kv_heads * dim * 2 * 3  # q, k in and out; v in, K/V out
+        for n, ms in ((1, one_ms), (rotary.ROPE_TOKENS, many_ms)):
+            rows.append(row(f"rope+norm+kv write T={T} [{n} tokens a program]", ms - clone_ms, bytes_=bytes_,
+                            ceil=ceil, mode="graph", extra={"tokens": T, "tokens_a_program": n,
+                                                            "clones_ms_subtracted": clone_ms}))
+    return rows
+
+
 def bench_align(ceil) -> list[dict]:
     """The (token, expert) alignment before the fused MoE (kernels/moe_align) at decode and small-prefill sizes:
     Qwen3's routing (E=128, top-8, BLOCK_M 16), DeepSeek-V3's (E=256, top-8) and Mixtral's (E=8, top-2, BLOCK_M 64).
@@ -991,7 +1054,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer token counts")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--only", choices=("mla_prefill", "mla_decode", "fp8_linear", "fp8_moe", "router",
-                                               "shared_prefix", "align", "moe_sweep"), nargs="+",
+                                               "shared_prefix", "align", "moe_sweep", "token_ops"), nargs="+",
                     help="time only these cases (after the ceilings)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton interpreter (tests the script)")
     args = ap.parse_args()
@@ -1026,6 +1089,7 @@ def main() -> int:
                  "mla_decode": lambda: bench_mla_decode(result["ceilings"]),
                  "router": lambda: bench_router(result["ceilings"]),
                  "align": lambda: bench_align(result["ceilings"]),
+                 "token_ops": lambda: bench_token_ops(result["ceilings"]),
                  "shared_prefix": lambda: bench_shared_prefix(result["ceilings"], sweep=True),
                  "moe_sweep": lambda: bench_moe_sweep(result["ceilings"]),
                  "fp8_linear": lambda: bench_fp8_linear(result["ceilings"]),
