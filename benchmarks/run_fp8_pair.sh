@@ -16,6 +16,8 @@
 #   pdlwait  fp8 with MOESERVE_PDL=2 (wait, no early release); results under STEP-MODE
 #   pdlprefill / pdlprefillfp8  where PDL loses on large launches (benchmarks/kernels/pdl_prefill_ab.py): PDL off,
 #            as landed, and on every launch (wait only; wait and release), 4 layers: TTFT 1k-16k, TPOT, the kernels
+#   tokenops the prefill kernels' two forms (bench_kernels --only token_ops), then fp8 throughput from this tree and
+#            from .base (BASE_COMMIT names it), one after the other
 #   pdltests the PDL test, the split-K reduce tests and the CUDA model tests (graphs against eager, against the CPU)
 #   telemetry  expert-load telemetry's cost in a decode step (issue 18: < 1 % at batch 1 and 128), bf16 qwen3-30b
 #   tests    the fp8 / int4 kernel test files with tracebacks (on the last GPU)
@@ -93,6 +95,14 @@ pdlprefill|pdlprefillfp8)  # a fresh machine compiles each PDL mode's kernels (t
   CUDA_VISIBLE_DEVICES=0 timeout "${PDL_S:-480}" python3 benchmarks/kernels/pdl_prefill_ab.py --shape $shape \
     --out "$O/$1.json" > "$O/$1.log" 2>&1
   echo "$1 rc=$?"; grep "^== " "$O/$1.log"; sed -n '/^TTFT ms/,$p' "$O/$1.log" | head -48 ;;
+tokenops)  # prefill's per-token kernels, both forms (bench_kernels token_ops), then fp8 throughput here and in .base
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/kernels/bench_kernels.py --skip-checks --only token_ops \
+    --out "$O/token-ops" > "$O/token-ops.log" 2>&1
+  echo "token_ops rc=$?"; grep -E "^(act quant|rope)|checks" "$O/token-ops.log" | tail -16
+  suite "${SUITE_S:-170}" moeserve qwen3-30b-a3b-fp8 tokenops-new --workloads throughput
+  [[ -d .base/moeserve ]] || { echo "tokenops: no .base tree (carry it)"; return 2; }
+  (cd .base && export PYTHONPATH=$PWD MOESERVE_COMMIT=${BASE_COMMIT:-unknown}
+   suite "${SUITE_S:-170}" moeserve qwen3-30b-a3b-fp8 tokenops-base --workloads throughput) ;;
 pdltests)
   CUDA_VISIBLE_DEVICES=0 timeout "${TESTS_S:-240}" python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_pdl.py \
     tests/test_split_k_reduce.py tests/test_models_cuda.py > "$O/pdl-tests.log" 2>&1
