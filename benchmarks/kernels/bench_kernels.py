@@ -859,8 +859,8 @@ def bench_token_ops(ceil) -> list[dict]:
     """The per-token kernels of a prefill, one row of programs per token or several tokens a program (the form the
     kernels take past 128 tokens), same inputs, in CUDA graphs: fp8 activation quant (qwen3-30b-a3b's MoE input,
     K=2048, and down-projection input, K=768, groups of 128) and rope with Qwen3's per-head RMSNorm and the KV
-    write (32 q heads, 4 KV heads, head_dim 128). Both forms compute the same bits, checked here. Bytes: read +
-    written once."""
+    write (32 q heads, 4 KV heads, head_dim 128). Checked here: the quant's two forms give the same bits, rope's
+    agree to 1e-3 (relative norm). Bytes: read + written once."""
     from moeserve.kernels import fp8_linear, rotary
 
     counts = (256, 1024, 16384) if not SMOKE else (300,)  # past 128 tokens: where the forms differ
@@ -906,9 +906,11 @@ def bench_token_ops(ceil) -> list[dict]:
 
         got = forms(rotary, "ROPE_TOKENS", rope)
         (one_ms, a), (many_ms, b) = got.values()
-        same = all(torch.equal(u, w) for u, w in zip(a, b))
-        POST_CHECKS.append({"name": f"rope T={T}: both forms equal", "rel_err": 0.0 if same else 1.0, "tol": 0.5,
-                            "ok": same})
+        # not bit-equal: the tile's layout sets the order of the per-head norm's sum (session 20: 2.4e-6 of the
+        # q elements at T=1024 differed, by one rounding of the normed value)
+        err = max(((u.float() - w.float()).norm() / w.float().norm()).item() for u, w in zip(a, b))
+        POST_CHECKS.append({"name": f"rope T={T}: both forms agree", "rel_err": err, "tol": 1e-3,
+                            "ok": err <= 1e-3})
         clone_ms = graph_ms([lambda: (q.clone(), k.clone(), cache.clone())])
         bytes_ = T * (heads + kv_heads) * dim * 2 * 2 + T * kv_heads * dim * 2 * 3  # q, k in and out; v in, K/V out
         for n, ms in ((1, one_ms), (rotary.ROPE_TOKENS, many_ms)):
