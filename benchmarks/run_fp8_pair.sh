@@ -23,7 +23,8 @@
 #   tests    the fp8 / int4 kernel test files with tracebacks (on the last GPU)
 #   routing  benchmarks/routing_check.py on the checkpoint: moeserve's, vLLM's and transformers' greedy tokens and
 #            routed experts per decode step (batch 32), then the comparison (vLLM installed first, as for `vllm`);
-#            ROUTING_ENGINES="vllm" (say) runs fewer
+#            ROUTING_ENGINES="vllm" (say) runs fewer; VLLM_USE_DEEP_GEMM=0 as for `vllm` (session 20: DeepGEMM's
+#            797-shape warm-up ran vLLM's routing run out of its 200 s)
 # RUN_S=570 (say) shortens a suite that would run past the call's limit.
 # Every call also returns the autotune cache (autotune-*.json): commit it to results/autotune/, or a fresh card
 # tunes every fp8 key at start-up again (160 s on an H200 in session 15, which ran a 200 s suite out of time).
@@ -119,8 +120,8 @@ tests)
 routing)
   [[ -d ${VLLM_SITE:-/tmp/vllm_site}/vllm ]] || bash benchmarks/peers/vllm/device_install.sh > "$O/vllm_import_audit.log" 2>&1
   for engine in ${ROUTING_ENGINES:-moeserve vllm transformers}; do  # transformers: its fp8 kernels, else dequantized
-    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/routing_check.py run --engine $engine --model "$RW" \
-      --out "$O/routing-$engine.json" > "$O/routing-$engine.log" 2>&1 \
+    CUDA_VISIBLE_DEVICES=0 VLLM_USE_DEEP_GEMM=${VLLM_USE_DEEP_GEMM:-0} timeout 200 python3 benchmarks/routing_check.py \
+      run --engine $engine --model "$RW" --out "$O/routing-$engine.json" > "$O/routing-$engine.log" 2>&1 \
       || { [[ $engine == transformers ]] && CUDA_VISIBLE_DEVICES=0 timeout 200 python3 \
         benchmarks/routing_check.py run --engine transformers --model "$RW" --out "$O/routing-$engine.json" \
         --engine-args '{"dequantize_fp8": true}' > "$O/routing-$engine-dequantized.log" 2>&1; }
