@@ -1,7 +1,10 @@
 """Where programmatic dependent launch (PDL) loses on large launches. Session 18 measured prefill TTFT 5-25 % slower
 with PDL on every launch, and still ~7 % slower with mode 2 (each kernel waits, none releases the next early), so
-an early release is not the whole story. One process builds one engine per variant (CUDA graphs are captured
-under the variant's mode), the shape cut to a few layers with dummy weights:
+an early release is not the whole story. Each variant builds its engine in a process of its own (CUDA graphs are
+captured under the variant's mode), the shape cut to a few layers with dummy weights. In one shared process
+(session 20) each engine decoded slower than the one before it, whatever its mode: b1 TPOT 0.47, 0.54, 0.63,
+0.89 ms in build order, though two of those variants launch a 1-row step identically. So nothing an earlier engine
+or profiler left behind is shared now.
 
     off          MOESERVE_PDL=0
     landed       mode 1 for launches over <= pdl.MAX_ROWS tokens (the default; prefill should equal `off`)
@@ -19,8 +22,8 @@ in that table; time lost between kernels shows only in the wall times.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import multiprocessing
 import os
 import statistics
 import time
@@ -88,8 +91,6 @@ def kernel_times(llm, length: int) -> tuple[dict[str, float], float]:
 
 
 def run_variant(args, variant: str) -> dict:
-    import torch
-
     apply(variant)
     t = time.perf_counter()
     llm = build(args)
@@ -105,10 +106,6 @@ def run_variant(args, variant: str) -> dict:
     res["kernels_us"] = {k: round(v, 1) for k, v in kernels.items()}
     print(f"== {variant}: start-up {start_s:.1f} s, TTFT ms {res['ttft_ms']}, TPOT ms {res['tpot_ms']}", flush=True)
     llm.llm_engine.shutdown()
-    del llm
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return res
 
 
@@ -148,7 +145,10 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", default="", help="write the results as JSON here")
     args = ap.parse_args()
-    results = [run_variant(args, v) for v in args.variants.split(",")]
+    results = []
+    for variant in args.variants.split(","):
+        with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process (and CUDA context) each
+            results.append(pool.apply(run_variant, (args, variant)))
     report(results, args.top)
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
