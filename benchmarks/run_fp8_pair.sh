@@ -28,7 +28,7 @@
 # RUN_S=570 (say) shortens a suite that would run past the call's limit.
 # Every call also returns the autotune cache (autotune-*.json): commit it to results/autotune/, or a fresh card
 # tunes every fp8 key at start-up again (160 s on an H200 in session 15, which ran a 200 s suite out of time).
-# vLLM comes in four parts, one per call (64 MiB carry limit with the ~12.5 MiB tree: fetch.py --part-mib 47), while
+# vLLM comes in four parts, one per call (64 MiB carry limit with the ~20 MiB tree: fetch.py --part-mib 42), while
 # the machine stays warm (~30 s after a call; a cold machine loses the parts, the checkpoint and the Triton cache):
 #   carry .vllm_whl/p1 (+ .base): bash benchmarks/peers/vllm/device_receive.sh p1; bash benchmarks/run_fp8_pair.sh ckpt ...
 #   p2, p3: the same with other steps;  p4: ... routing vllm

@@ -47,9 +47,8 @@ from moeserve.kernels.pdl import pdl_begin
 from moeserve.kernels.autotune import Config, StreamedRun, bucket, get_tuner
 
 FP8_MAX = 448.0
-# Rows a program quantizes when there are many. One (row, group) a program made a 16k-token prefill's activation
-# quant ~5x slower than its bytes on an H200 (262k programs of 256 bytes: 1.1 ms a layer, session 20). The codes
-# and scales do not depend on it (a max and elementwise divisions).
+# Rows a program quantizes when there are many (runtime.tokens_per_program). The codes and scales do not depend on
+# it (a max and elementwise divisions).
 ACT_QUANT_ROWS = 16
 MAX_TUNED_ROWS = 64  # up to this many rows: one M tile, configs tuned per shape; above: _large_config
 
@@ -140,7 +139,7 @@ def quantize_act(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tenso
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(m, groups, dtype=torch.float32, device=x.device)
     if m:
-        rows = ACT_QUANT_ROWS if m > 8 * ACT_QUANT_ROWS else 1  # few rows: one a program, for more programs
+        rows = runtime.tokens_per_program(m, ACT_QUANT_ROWS)
         _act_quant_kernel[(triton.cdiv(m, rows), groups)](x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0),
                                                           GROUP=group, GROUP_P=runtime.next_pow2(group), ROWS=rows,
                                                           FMAX=FP8_MAX, **pdl.launch(x.device, x.shape[0]))

@@ -73,8 +73,8 @@ def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, n_toke
             tl.store(dst + stride_c_kv + d, vx.to(ty), mask=ok & (d < HEAD_DIM))
 
 
-# Tokens a program rotates when there are many. One (token, head) a program made a 16k-token prefill's rope ~4x
-# slower than its bytes on an H200 (590k programs of one warp: 0.36 ms a layer, session 20).
+# Tokens a program rotates when there are many (runtime.tokens_per_program). The per-head norm's sum is ordered by
+# the tile's layout, so the two forms can differ in the last bit.
 ROPE_TOKENS = 16
 
 
@@ -104,7 +104,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
         cache_args = (v, cache, slots, v.stride(0), *cache.stride()[:4], cache.shape[2])
     else:
         cache_args = (q, q, positions, 0, 0, 0, 0, 0, 1)
-    tokens = ROPE_TOKENS if T > 8 * ROPE_TOKENS else 1  # few tokens: one a program, for more programs
+    tokens = runtime.tokens_per_program(T, ROPE_TOKENS)
     _rope_kernel[(triton.cdiv(T, tokens), H + KVH)](
         q, k, positions, cos, sin, q_norm_weight if norm else q, k_norm_weight if norm else k, T, H, KVH,
         q.stride(0), k.stride(0), eps, *cache_args, HEAD_DIM=D, HALF=half, HALF_BLOCK=triton.next_power_of_2(half),

@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     ap.add_argument("--with", dest="with_groups", action="append", default=[], choices=sorted(SKIP_GROUPS),
                     help="also carry a group left behind by default")
     ap.add_argument("--full-vllm", action="store_true", help="carry vLLM's wheel untrimmed")
-    ap.add_argument("--part-mib", type=float, default=44.0)  # + the ~18 MiB tree: under 64 a call
+    ap.add_argument("--part-mib", type=float, default=42.0)  # + the ~20 MiB tree: under 64 a call
     ap.add_argument("--no-lzma", action="store_true", help="carry the wheels as deflated as they come")
     ap.add_argument("--pip-python", default=sys.executable, help="interpreter whose pip resolves and downloads")
     ap.add_argument("--out", default=str(OUT))
