@@ -18,6 +18,8 @@
 #            as landed, and on every launch (wait only; wait and release), 4 layers: TTFT 1k-16k, TPOT, the kernels
 #   tokenops the prefill kernels' two forms (bench_kernels --only token_ops), then fp8 throughput from this tree and
 #            from .base (BASE_COMMIT names it), one after the other
+#   trace    benchmarks/kernels/step_trace.py on the checkpoint: the throughput workload's steps by kind, then kernel
+#            profiles of TRACE_WINDOWS (default: a full prefill step and decode steps at 256 rows)
 #   pdltests the PDL test, the split-K reduce tests and the CUDA model tests (graphs against eager, against the CPU)
 #   telemetry  expert-load telemetry's cost in a decode step (issue 18: < 1 % at batch 1 and 128), bf16 qwen3-30b
 #   tests    the fp8 / int4 kernel test files with tracebacks (on the last GPU)
@@ -104,6 +106,11 @@ tokenops)  # prefill's per-token kernels, both forms (bench_kernels token_ops), 
   [[ -d .base/moeserve ]] || { echo "tokenops: no .base tree (carry it)"; return 2; }
   (cd .base && export PYTHONPATH=$PWD MOESERVE_COMMIT=${BASE_COMMIT:-unknown}
    suite "${SUITE_S:-170}" moeserve qwen3-30b-a3b-fp8 tokenops-base --workloads throughput) ;;
+trace)
+  args=(); for w in ${TRACE_WINDOWS:-throughput@8:10 throughput@120:124}; do args+=(--workload "$w"); done
+  CUDA_VISIBLE_DEVICES=0 timeout "${TRACE_S:-300}" python3 benchmarks/kernels/step_trace.py --shape qwen3-30b-a3b-fp8 \
+    --model "$RW" --engine-arg load_format=auto "${args[@]}" --top 28 > "$O/step-trace.log" 2>&1
+  echo "trace rc=$?"; grep -E "^(==|--)|wall |profile of" "$O/step-trace.log" | head -20 ;;
 pdltests)
   CUDA_VISIBLE_DEVICES=0 timeout "${TESTS_S:-240}" python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_pdl.py \
     tests/test_split_k_reduce.py tests/test_models_cuda.py > "$O/pdl-tests.log" 2>&1

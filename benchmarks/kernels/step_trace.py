@@ -23,10 +23,21 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from traffic import engine_kwargs  # noqa: E402
-from workloads import LongctxSpec, PrefixSpec, VarlenSpec, longctx_prompts, prefix_prompts, varlen_prompts  # noqa: E402
+from workloads import (  # noqa: E402
+    LongctxSpec, PrefixSpec, ThroughputSpec, VarlenSpec, longctx_prompts, prefix_prompts, throughput_prompts,
+    varlen_prompts,
+)
+
+
+def shifted(prompts: list[list[int]], k: int, vocab: int) -> list[list[int]]:
+    """The same lengths and the same sharing between prompts, other tokens: no prefix-cache hit on an earlier run."""
+    return [[(t + k) % vocab for t in p] for p in prompts]
 
 
 def workload(name: str, vocab: int, n: int | None):
+    if name == "throughput":  # the suite's fixed lengths; 512 requests, as the suite's fp8 runs give it
+        spec = ThroughputSpec(num_requests=n or 512)
+        return throughput_prompts(spec, vocab), [spec.output_len] * spec.num_requests
     if name == "varlen":
         spec = VarlenSpec(num_requests=n or VarlenSpec.num_requests)
         return varlen_prompts(spec, vocab)
@@ -161,7 +172,7 @@ def main() -> None:
     ap.add_argument("--shape", required=True)
     ap.add_argument("--model", default="", help="a local checkpoint or config.json instead of the shape's (testing)")
     ap.add_argument("--workload", action="append", required=True,
-                    help="varlen | prefix | longctx:LEN:BATCH, each optionally @A:B to profile steps A..B of a "
+                    help="throughput | varlen | prefix | longctx:LEN:BATCH, each optionally @A:B to profile steps A..B of a "
                          "rerun (repeatable: run in order on one engine)")
     ap.add_argument("--num-requests", type=int, default=0, help="varlen: fewer requests than the suite's")
     ap.add_argument("--max-model-len", type=int, default=16384)
@@ -207,11 +218,13 @@ def main() -> None:
         steps_before = eng.runner.num_shared_steps
         wl, _, window = arg.partition("@")
         prompts, out_lens = workload(wl, vocab, a.num_requests or None)
-        if mode == "grouped":  # other tokens, same lengths and sharing: nothing of the first run's prefix cache hits
-            prompts = [[(t + 1) % vocab for t in p] for p in prompts]
-        # warm-up: the same lengths' kernels compiled and tuned, outside the figures
+        if mode == "grouped":  # nothing of the first run's prefix cache hits
+            prompts = shifted(prompts, 1, vocab)
+        # warm-up: the same lengths' kernels compiled and tuned, outside the figures, on other tokens (with the
+        # workload's own, its first prompts would hit the prefix cache in the traced run)
         w = max(1, len(prompts) // 8)
-        llm.generate([{"prompt_token_ids": p} for p in prompts[:w]], [params(min(n, 16)) for n in out_lens[:w]])
+        llm.generate([{"prompt_token_ids": p} for p in shifted(prompts[:w], 3, vocab)],
+                     [params(min(n, 16)) for n in out_lens[:w]])
         tr = Tracer(eng, a.sync)
         submit(prompts, out_lens, wl)
         t = time.perf_counter()
@@ -229,7 +242,7 @@ def main() -> None:
                     f.write(json.dumps({"workload": wl, "step": i, **r}) + "\n")
         if window:
             lo, hi = (int(x) for x in window.split(":"))
-            submit(prompts, out_lens, wl + "-p")
+            submit(shifted(prompts, 5, vocab), out_lens, wl + "-p")  # the traced run's work, no cache hit on it
             for _ in range(lo):
                 eng.step()
             profile_window(eng, hi - lo, a.top)
