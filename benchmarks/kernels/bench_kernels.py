@@ -455,46 +455,25 @@ FP8_PREFILL_GATE_UP_TILES = [(64, 128, 4, 3), (64, 128, 8, 4), (128, 128, 4, 4),
 
 
 def bench_moe_sweep_fp8(ceil) -> list[dict]:
-    """qwen3-30b-a3b's fp8 experts ([128, 128] blocks, the W8A8 form) at a prefill step's 16,384 tokens, where the
-    down kernel ran at ~370 TFLOP/s against gate/up's ~570 in the engine's profile (session 21): today's candidates,
-    then a coordinate search from their best over the down tile, the gate/up tile, then BLOCK_M. The tuner times
-    both kernels under one config, so a down tile better on its own can hide behind a worse gate/up tile of the
-    same candidate. The search's best is checked against today's best output (same arithmetic, other tiles)."""
+    """qwen3-30b-a3b's fp8 experts ([128, 128] blocks, the W8A8 form) at a prefill step's 16,384 and 8,192 tokens,
+    where the down kernel ran at ~370 TFLOP/s against gate/up's ~570 in the engine's profile (session 21): today's
+    candidates, then a coordinate search from their best over the down tile, the gate/up tile, BLOCK_M, and the down
+    tile again. The tuner times both kernels under one config, so a down tile better on its own can hide behind a
+    worse gate/up tile of the same candidate. The search's best is checked against today's best output (the same
+    arithmetic, other tiles)."""
     from moeserve.kernels import fused_moe as fm
     from moeserve.kernels.autotune import bucket
     from moeserve.layers.quant.fp8 import quantize_blocks
 
     block = (128, 128) if not SMOKE else (32, 32)
     e, k, h, inter = (E, K, H, INTER) if not SMOKE else (8, 2, 64, 64)
-    T = 16384 if not SMOKE else 40
     w13, w2 = moe_inputs(1, e, k, h, inter, torch.bfloat16)[1:3]
     q13, s13 = (torch.stack(t) for t in zip(*[quantize_blocks(w13[i], block) for i in range(e)]))
     q2, s2 = (torch.stack(t) for t in zip(*[quantize_blocks(w2[i], block) for i in range(e)]))
     del w13, w2
     scales = (s13, s2, {"w13": block, "w2": block}, (None, None), 1)
-    ins = [moe_inputs(T, e, k, h, inter, torch.bfloat16, (q13, q2)) for _ in range(2)]
-    outs = [torch.empty(T, h, dtype=torch.bfloat16, device=DEV) for _ in range(2)]
-    inter1 = torch.empty(T * k, inter, dtype=torch.bfloat16, device=DEV)
-    inter2 = torch.empty(T * k, h, dtype=torch.bfloat16, device=DEV)
-    flops = 2 * T * k * 3 * h * inter
-    label = f"moe sweep fp8 T={T}"
-    say(f"{label}: E={e} K={k} H={h} I={inter}, {block[0]}x{block[1]} blocks, W8A8; {flops / 1e12:.2f} TFLOP a call")
-
-    def calls(cfg):
-        return [lambda i=i: fm._moe_chunk(cfg, *ins[i][:1], q13, q2, *ins[i][3:], outs[i], inter1, inter2, None,
-                                          scales) for i in range(2)]
-
-    def tflops(timed):
-        for ms, cfg in timed:
-            say(f"      {flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s {cfg}")
-        return timed
-
     scale_k = (block[1] if block[1] < h else 0, block[1] if block[1] < inter else 0)
-    base = [c for c in fm.moe_candidates(bucket(T), k, e, 2, scale_k, a8=True) if c.get("A8")]
-    today = min(tflops(time_candidates(label + " [today]", base, 0, calls)), key=lambda t: t[0])
-    fm._moe_chunk(today[1], ins[0][0], q13, q2, *ins[0][3:], outs[0], inter1, inter2, None, scales)
-    ref = outs[0].clone()
-    best = today
+
     def down(c):
         return [{**c, "BLOCK_N2": a, "BLOCK_K2": b, "W2": w, "S2": st} for a, b, w, st in FP8_PREFILL_DOWN_TILES]
 
@@ -504,17 +483,42 @@ def bench_moe_sweep_fp8(ceil) -> list[dict]:
     def block_m(c):
         return [{**c, "BLOCK_M": m} for m in (32, 64, 128)]
 
-    for vary in (down, gate_up, block_m):  # each step varies one part of the best so far
-        cands = [c for c in vary(best[1]) if c != best[1] and max(c["BLOCK_K1"], c["BLOCK_K2"]) <= block[1]]
-        best = min(tflops(time_candidates(label + " [search]", cands, 0, calls)) + [best], key=lambda t: t[0])
-    fm._moe_chunk(best[1], ins[0][0], q13, q2, *ins[0][3:], outs[0], inter1, inter2, None, scales)
-    post_check(f"{label} search's best against today's best", outs[0], ref)
-    say(f"    today's best {today[0] * 1e3:.1f} us {today[1]}; search's best {best[0] * 1e3:.1f} us {best[1]} "
-        f"({today[0] / best[0]:.3f}x)")
-    rows = [row(f"{label} [today]", today[0], flops=flops, ceil=ceil, mode="graph", extra={"config": today[1]}),
-            row(f"{label} [search]", best[0], flops=flops, ceil=ceil, mode="graph", extra={"config": best[1]})]
-    del ins, outs, inter1, inter2, q13, q2
-    empty_cache()
+    rows = []
+    for T in (16384, 8192) if not SMOKE else (40,):
+        ins = [moe_inputs(T, e, k, h, inter, torch.bfloat16, (q13, q2)) for _ in range(2)]
+        outs = [torch.empty(T, h, dtype=torch.bfloat16, device=DEV) for _ in range(2)]
+        inter1 = torch.empty(T * k, inter, dtype=torch.bfloat16, device=DEV)
+        inter2 = torch.empty(T * k, h, dtype=torch.bfloat16, device=DEV)
+        flops = 2 * T * k * 3 * h * inter
+        label = f"moe sweep fp8 T={T}"
+        say(f"{label}: E={e} K={k} H={h} I={inter}, {block[0]}x{block[1]} blocks, W8A8; {flops / 1e12:.2f} TFLOP a "
+            f"call")
+
+        def calls(cfg):
+            return [lambda i=i: fm._moe_chunk(cfg, ins[i][0], q13, q2, *ins[i][3:], outs[i], inter1, inter2, None,
+                                              scales) for i in range(2)]
+
+        def tflops(timed):
+            for ms, cfg in timed:
+                say(f"      {flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s {cfg}")
+            return timed
+
+        base = [c for c in fm.moe_candidates(bucket(T), k, e, 2, scale_k, a8=True) if c.get("A8")]
+        today = min(tflops(time_candidates(label + " [today]", base, 0, calls)), key=lambda t: t[0])
+        fm._moe_chunk(today[1], ins[0][0], q13, q2, *ins[0][3:], outs[0], inter1, inter2, None, scales)
+        ref = outs[0].clone()
+        best = today
+        for vary in (down, gate_up, block_m, down):  # each step varies one part of the best so far
+            cands = [c for c in vary(best[1]) if c != best[1] and max(c["BLOCK_K1"], c["BLOCK_K2"]) <= block[1]]
+            best = min(tflops(time_candidates(label + " [search]", cands, 0, calls)) + [best], key=lambda t: t[0])
+        fm._moe_chunk(best[1], ins[0][0], q13, q2, *ins[0][3:], outs[0], inter1, inter2, None, scales)
+        post_check(f"{label} search's best against today's best", outs[0], ref)
+        say(f"    today's best {today[0] * 1e3:.1f} us {today[1]}; search's best {best[0] * 1e3:.1f} us {best[1]} "
+            f"({today[0] / best[0]:.3f}x)")
+        rows += [row(f"{label} [today]", today[0], flops=flops, ceil=ceil, mode="graph", extra={"config": today[1]}),
+                 row(f"{label} [search]", best[0], flops=flops, ceil=ceil, mode="graph", extra={"config": best[1]})]
+        del ins, outs, inter1, inter2, ref
+        empty_cache()
     return rows
 
 

@@ -715,7 +715,11 @@ def moe_candidates(tokens: int, top_k: int, num_experts: int, elem_bytes: int = 
     else:
         cands = [_cfg(128, 64, 64, 4, 4, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 3, 128, 64, 8, 4),
                  _cfg(64, 128, 64, 4, 4, 128, 64, 4, 4), _cfg(128, 128, 64, 8, 4, 256, 64, 8, 3),
-                 _cfg(64, 64, 64, 4, 4, 64, 64, 4, 4)]
+                 _cfg(64, 64, 64, 4, 4, 64, 64, 4, 4),
+                 # wide gate/up tiles, 128-wide down: its W8A8 form took qwen3-30b's fp8 experts at 16k tokens from
+                 # 419 to 472 TFLOP/s on an H200 (bench_kernels moe_sweep_fp8, session 21), the tuner's pick before
+                 # (the candidate above) had down at ~370 TFLOP/s against gate/up's ~570 in the engine's profile
+                 _cfg(64, 256, 64, 8, 3, 128, 64, 4, 3)]
     if elem_bytes > 2:  # fp32: half the K depth and at most 2 stages keep the tiles inside shared memory (GEMV tiles:
         # the same bytes per load, fewer fp32 products in registers)
         for c in cands:
