@@ -210,7 +210,7 @@ def main() -> None:
     runs = a.workload
     if a.ab_shared_prefix:
         runs = [f"{w}#{mode}" for w in a.workload for mode in ("alone", "grouped")]
-    for arg in runs:
+    for run_index, arg in enumerate(runs):
         arg, _, mode = arg.partition("#")
         if mode:
             eng.runner.plan_shared = mode == "grouped"
@@ -218,8 +218,9 @@ def main() -> None:
         steps_before = eng.runner.num_shared_steps
         wl, _, window = arg.partition("@")
         prompts, out_lens = workload(wl, vocab, a.num_requests or None)
-        if mode == "grouped":  # nothing of the first run's prefix cache hits
-            prompts = shifted(prompts, 1, vocab)
+        # each run on tokens of its own (a workload given twice would hit the first run's prefix cache)
+        base = 10 * run_index
+        prompts = shifted(prompts, base, vocab)
         # warm-up: the same lengths' kernels compiled and tuned, outside the figures, on other tokens (with the
         # workload's own, its first prompts would hit the prefix cache in the traced run)
         w = max(1, len(prompts) // 8)
