@@ -1129,8 +1129,8 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for the JSON and the log ($OUT)")
     ap.add_argument("--quick", action="store_true", help="fewer token counts")
     ap.add_argument("--skip-checks", action="store_true")
-    ap.add_argument("--only", choices=("mla_prefill", "mla_decode", "fp8_linear", "fp8_moe", "router",
-                                               "shared_prefix", "align", "moe_sweep", "moe_sweep_fp8", "token_ops"), nargs="+",
+    ap.add_argument("--only", choices=("mla_prefill", "mla_decode", "fp8_linear", "fp8_moe", "router", "shared_prefix",
+                                       "align", "moe_sweep", "moe_sweep_fp8", "token_ops"), nargs="+",
                     help="time only these cases (after the ceilings)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton interpreter (tests the script)")
     args = ap.parse_args()

@@ -172,8 +172,8 @@ def main() -> None:
     ap.add_argument("--shape", required=True)
     ap.add_argument("--model", default="", help="a local checkpoint or config.json instead of the shape's (testing)")
     ap.add_argument("--workload", action="append", required=True,
-                    help="throughput | varlen | prefix | longctx:LEN:BATCH, each optionally @A:B to profile steps A..B of a "
-                         "rerun (repeatable: run in order on one engine)")
+                    help="throughput | varlen | prefix | longctx:LEN:BATCH, each optionally @A:B to profile steps "
+                         "A..B of a rerun (repeatable: run in order on one engine)")
     ap.add_argument("--num-requests", type=int, default=0, help="varlen: fewer requests than the suite's")
     ap.add_argument("--max-model-len", type=int, default=16384)
     ap.add_argument("--engine-arg", action="append", default=[])
