@@ -597,6 +597,72 @@ def bench_fp8_linear(ceil) -> list[dict]:
     return rows
 
 
+def bench_int4(ceil) -> list[dict]:
+    """W4A16 (AWQ / GPTQ layout in memory: int32 words of 8 codes along K, a scale and a uint8 zero per group of
+    128 inputs): qwen3-30b-a3b's dense projections through kernels.int4_linear and its experts through fused_moe,
+    each beside the same shape in bf16 (cuBLAS; fused_moe's bf16 experts), weights rotated past L2 for the
+    projections. Decode is memory-bound: int4 reads ~0.27 of bf16's bytes."""
+    from moeserve.kernels import fused_moe as fm
+    from moeserve.kernels import int4_linear as il
+    from moeserve.kernels import reference
+    from moeserve.layers.quant.int4 import dequantize, pack_int32
+
+    group = 128 if not SMOKE else 16
+    gen = torch.Generator(device=DEV).manual_seed(0)
+
+    def w4(*shape):  # packed codes, bf16 scales, uint8 zeros of a weight [*lead, N, K]
+        *lead, n, k = shape
+        q = torch.randint(0, 16, (*lead, n, k), device=DEV, generator=gen)
+        scales = (torch.rand(*lead, n, k // group, device=DEV, generator=gen) * 2e-3 + 1e-4).bfloat16()
+        zeros = torch.randint(1, 16, (*lead, n, k // group), device=DEV, generator=gen).to(torch.uint8)
+        return pack_int32(q, -1), scales, zeros
+
+    say(f"int4 (W4A16, group {group}, zeros) beside bf16, qwen3-30b-a3b; one layer:")
+    rows = []
+    shapes = (("qkv_proj", (HEADS + 2 * KV_HEADS) * HEAD_DIM, H), ("o_proj", H, HEADS * HEAD_DIM))
+    for name, N, Kd in shapes:
+        w_bytes = N * Kd // 2 + 3 * N * (Kd // group)  # codes, bf16 scales, uint8 zeros
+        sets = max(2, min(64, math.ceil(120e6 / w_bytes))) if not SMOKE else 2
+        ws = [w4(N, Kd) for _ in range(sets)]
+        dense = [torch.randn(N, Kd, device=DEV, dtype=torch.bfloat16) for _ in range(max(2, sets // 4))]
+        for M in (1, 4, 32, 1024) if not SMOKE else (1, 3):
+            x = torch.randn(M, Kd, device=DEV, dtype=torch.bfloat16)
+            ms = graph_ms([lambda w=w: il.int4_linear(x, w[0], w[1], w[2], group) for w in ws])
+            bf16_ms = graph_ms([lambda w=w: x @ w.t() for w in dense])
+            r = row(f"int4_linear {name} M={M} ({N}x{Kd})", ms, bytes_=w_bytes + (M * Kd + M * N) * 2,
+                    flops=2 * M * N * Kd, ceil=ceil, mode="graph", extra={"bf16_ms": bf16_ms})
+            say(f"    {name} M={M}: int4 {ms * 1e3:.1f} us, bf16 {bf16_ms * 1e3:.1f} us ({bf16_ms / ms:.2f}x)")
+            rows.append(r)
+            w = ws[0]
+            post_check(f"int4_linear {name} M={M}", il.int4_linear(x, w[0], w[1], w[2], group),
+                       x.float() @ dequantize(*w, group).t())
+        del ws, dense
+        empty_cache()
+    e, k, h, inter = (E, K, H, INTER)
+    w13, w2 = w4(e, 2 * inter, h), w4(e, h, inter)
+    bw13, bw2 = moe_inputs(1, e, k, h, inter, torch.bfloat16)[1:3]
+    blocks = {"w13": (1, group), "w2": (1, group)}
+    for T in (1, 8, 32, 128, 1024, 8192) if not SMOKE else (1, 5):
+        x, _, _, tw, ids = moe_inputs(T, e, k, h, inter, torch.bfloat16, (bw13, bw2))
+        hit = len(torch.unique(ids))
+        bytes_ = hit * 3 * h * inter * (0.5 + 3 / group) + 2 * T * h * 2
+        ms = graph_ms([lambda: fm.fused_moe(x, w13[0], w2[0], tw, ids, w13_scale=w13[1], w2_scale=w2[1],
+                                            blocks=blocks, w13_zeros=w13[2], w2_zeros=w2[2])])
+        bf16_ms = graph_ms([lambda: fm.fused_moe(x, bw13, bw2, tw, ids)])
+        rows.append(row(f"fused_moe int4 T={T}", ms, bytes_=bytes_, flops=2 * T * k * 3 * h * inter, ceil=ceil,
+                        mode="graph", extra={"tokens": T, "experts_hit": hit, "bf16_ms": bf16_ms}))
+        say(f"    fused_moe T={T}: int4 {ms * 1e3:.1f} us, bf16 {bf16_ms * 1e3:.1f} us ({bf16_ms / ms:.2f}x), "
+            f"{hit} experts hit")
+        if T in (1, 1024) or SMOKE:
+            post_check(f"fused_moe int4 T={T}", fm.fused_moe(x, w13[0], w2[0], tw, ids, w13_scale=w13[1],
+                                                              w2_scale=w2[1], blocks=blocks, w13_zeros=w13[2],
+                                                              w2_zeros=w2[2]),
+                       reference.ref_fused_moe(x.float(), dequantize(*w13, group), dequantize(*w2, group), tw, ids))
+    del w13, w2, bw13, bw2
+    empty_cache()
+    return rows
+
+
 def fp8_matmul_TFLOPs() -> float | None:
     """The fp8 (e4m3 x e4m3 -> bf16, per-tensor scales) matmul ceiling of this GPU: torch._scaled_mm at 8192^3;
     None where it does not run (the interpreter, pre-Hopper)."""
@@ -1130,7 +1196,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer token counts")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--only", choices=("mla_prefill", "mla_decode", "fp8_linear", "fp8_moe", "router", "shared_prefix",
-                                       "align", "moe_sweep", "moe_sweep_fp8", "token_ops"), nargs="+",
+                                       "align", "moe_sweep", "moe_sweep_fp8", "token_ops", "int4"), nargs="+",
                     help="time only these cases (after the ceilings)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton interpreter (tests the script)")
     args = ap.parse_args()
@@ -1169,6 +1235,7 @@ def main() -> int:
                  "shared_prefix": lambda: bench_shared_prefix(result["ceilings"], sweep=True),
                  "moe_sweep": lambda: bench_moe_sweep(result["ceilings"]),
                  "moe_sweep_fp8": lambda: bench_moe_sweep_fp8(result["ceilings"]),
+                 "int4": lambda: bench_int4(result["ceilings"]),
                  "fp8_linear": lambda: bench_fp8_linear(result["ceilings"]),
                  "fp8_moe": lambda: bench_fp8_moe(result["ceilings"])}
         for case in args.only:
