@@ -16,10 +16,10 @@
 #   pdlwait  fp8 with MOESERVE_PDL=2 (wait, no early release); results under STEP-MODE
 #   pdlprefill / pdlprefillfp8  where PDL loses on large launches (benchmarks/kernels/pdl_prefill_ab.py): PDL off,
 #            as landed, and on every launch (wait only; wait and release), 4 layers: TTFT 1k-16k, TPOT, the kernels
-#   tokenops the prefill kernels' two forms (bench_kernels --only token_ops), then fp8 throughput from this tree and
-#            from .base (BASE_COMMIT names it), one after the other
-#   ab       this tree, then .base (BASE_COMMIT names it), each a suite of WORKLOADS on the checkpoint: an engine A/B
-#            (session 21's MoE tile candidate: carry .base = git archive 3fe9ee7, run `ckpt ab`)
+#   tokenops the prefill kernels' two forms (bench_kernels --only token_ops), then `ab` on the throughput workload
+#   ab       this tree, then .base (BASE_COMMIT names it), each a suite of WORKLOADS, on the checkpoint if `ckpt` wrote
+#            one (else dummy weights): an engine A/B (session 21's MoE tile candidate: carry .base = git archive
+#            3fe9ee7, run `ckpt ab`)
 #   trace    benchmarks/kernels/step_trace.py on the checkpoint: the throughput workload's steps by kind, then kernel
 #            profiles of TRACE_WINDOWS (default: a full prefill step and decode steps at 256 rows)
 #   pdltests the PDL test, the split-K reduce tests and the CUDA model tests (graphs against eager, against the CPU);
@@ -105,16 +105,14 @@ tokenops)  # prefill's per-token kernels, both forms (bench_kernels token_ops), 
   CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/kernels/bench_kernels.py --skip-checks --only token_ops \
     --out "$O/token-ops" > "$O/token-ops.log" 2>&1
   echo "token_ops rc=$?"; grep -E "^(act quant|rope)|checks" "$O/token-ops.log" | tail -16
-  suite "${SUITE_S:-170}" moeserve qwen3-30b-a3b-fp8 tokenops-new --workloads throughput
-  [[ -d .base/moeserve ]] || { echo "tokenops: no .base tree (carry it)"; return 2; }
-  (cd .base && export PYTHONPATH=$PWD MOESERVE_COMMIT=${BASE_COMMIT:-unknown}
-   suite "${SUITE_S:-170}" moeserve qwen3-30b-a3b-fp8 tokenops-base --workloads throughput) ;;
-ab)
-  suite "${SUITE_S:-200}" moeserve qwen3-30b-a3b-fp8 ab-new --workloads "$WORKLOADS" --random-weights "$RW"
+  WORKLOADS=throughput run_step ab ;;
+ab)  # on the checkpoint where one was written (`ckpt` first), else on dummy weights
+  weights=(); [[ -d $RW ]] && weights=(--random-weights "$RW")
+  suite "${SUITE_S:-200}" moeserve qwen3-30b-a3b-fp8 ab-new --workloads "$WORKLOADS" "${weights[@]}"
   [[ -d .base/moeserve ]] || { echo "ab: no .base tree (carry it)"; return 2; }
   mkdir -p /tmp/cache-base/autotune && cp -n benchmarks/results/autotune/*.json /tmp/cache-base/autotune/
   (cd .base && export PYTHONPATH=$PWD MOESERVE_COMMIT=${BASE_COMMIT:-unknown} MOESERVE_CACHE_DIR=/tmp/cache-base
-   suite "${SUITE_S:-200}" moeserve qwen3-30b-a3b-fp8 ab-base --workloads "$WORKLOADS" --random-weights "$RW") ;;
+   suite "${SUITE_S:-200}" moeserve qwen3-30b-a3b-fp8 ab-base --workloads "$WORKLOADS" "${weights[@]}") ;;
 trace)
   args=(); for w in ${TRACE_WINDOWS:-throughput@8:10 throughput@120:124}; do args+=(--workload "$w"); done
   CUDA_VISIBLE_DEVICES=0 timeout "${TRACE_S:-300}" python3 benchmarks/kernels/step_trace.py --shape qwen3-30b-a3b-fp8 \

@@ -388,16 +388,25 @@ DOWN_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 4, 3), (128, 128, 4, 
               (256, 128, 8, 3), (64, 256, 4, 3), (32, 256, 4, 3)]  # (BLOCK_N2, BLOCK_K2, W2, S2)
 
 
-def gate_up_tiles(cfg: dict) -> list[dict]:
-    return [{**cfg, "BLOCK_N1": a, "BLOCK_K1": b, "W1": w, "S1": st} for a, b, w, st in GATE_UP_TILES]
+def gate_up_tiles(cfg: dict, tiles=GATE_UP_TILES) -> list[dict]:
+    return [{**cfg, "BLOCK_N1": a, "BLOCK_K1": b, "W1": w, "S1": st} for a, b, w, st in tiles]
 
 
-def down_tiles(cfg: dict) -> list[dict]:
-    return [{**cfg, "BLOCK_N2": a, "BLOCK_K2": b, "W2": w, "S2": st} for a, b, w, st in DOWN_TILES]
+def down_tiles(cfg: dict, tiles=DOWN_TILES) -> list[dict]:
+    return [{**cfg, "BLOCK_N2": a, "BLOCK_K2": b, "W2": w, "S2": st} for a, b, w, st in tiles]
 
 
-def block_ms(cfg: dict) -> list[dict]:
-    return [{**cfg, "BLOCK_M": m} for m in (16, 32, 64) if m != cfg["BLOCK_M"]]
+def block_ms(cfg: dict, ms=(16, 32, 64)) -> list[dict]:
+    return [{**cfg, "BLOCK_M": m} for m in ms]
+
+
+def coordinate_search(label: str, start, steps, bytes_: int, calls, keep=lambda c: True):
+    """From start (ms, cfg): each step varies one part of the best so far (step(cfg) -> configs), keeps the best."""
+    best = start
+    for step in steps:
+        cands = [c for c in step(best[1]) if c != best[1] and keep(c)]
+        best = min(time_candidates(label + " [search]", cands, bytes_, calls) + [best], key=lambda t: t[0])
+    return best
 
 
 def bench_moe_sweep(ceil) -> list[dict]:
@@ -429,10 +438,7 @@ def bench_moe_sweep(ceil) -> list[dict]:
             base = [c for c in fused_moe.moe_candidates(bucket(T), k, e) if not c.get("GEMV1")]
             timed = time_candidates(label + " [today]", base, bytes_, calls)
             today = min(timed, key=lambda t: t[0])
-            best = today
-            for step in (gate_up_tiles, down_tiles, block_ms):  # each varies one part of the best so far
-                cands = [c for c in step(best[1]) if c != best[1]]
-                best = min(time_candidates(label + " [search]", cands, bytes_, calls) + [best], key=lambda t: t[0])
+            best = coordinate_search(label, today, (gate_up_tiles, down_tiles, block_ms), bytes_, calls)
             x, w13, w2, tw, ids = ins[0]
             fused_moe._moe_chunk(best[1], x, w13, w2, tw, ids, outs[0], inter1, inter2)
             post_check(f"{label} best", outs[0], reference.ref_fused_moe(x.float(), w13.float(), w2.float(), tw, ids))
@@ -475,14 +481,12 @@ def bench_moe_sweep_fp8(ceil) -> list[dict]:
     scale_k = (block[1] if block[1] < h else 0, block[1] if block[1] < inter else 0)
 
     def down(c):
-        return [{**c, "BLOCK_N2": a, "BLOCK_K2": b, "W2": w, "S2": st} for a, b, w, st in FP8_PREFILL_DOWN_TILES]
+        return down_tiles(c, FP8_PREFILL_DOWN_TILES)
 
-    def gate_up(c):
-        return [{**c, "BLOCK_N1": a, "BLOCK_K1": b, "W1": w, "S1": st} for a, b, w, st in FP8_PREFILL_GATE_UP_TILES]
+    def fits(c):  # W8A8: each K tile inside one scale block
+        return max(c["BLOCK_K1"], c["BLOCK_K2"]) <= block[1]
 
-    def block_m(c):
-        return [{**c, "BLOCK_M": m} for m in (32, 64, 128)]
-
+    steps = (down, lambda c: gate_up_tiles(c, FP8_PREFILL_GATE_UP_TILES), lambda c: block_ms(c, (32, 64, 128)), down)
     rows = []
     for T in (16384, 8192) if not SMOKE else (40,):
         ins = [moe_inputs(T, e, k, h, inter, torch.bfloat16, (q13, q2)) for _ in range(2)]
@@ -490,6 +494,8 @@ def bench_moe_sweep_fp8(ceil) -> list[dict]:
         inter1 = torch.empty(T * k, inter, dtype=torch.bfloat16, device=DEV)
         inter2 = torch.empty(T * k, h, dtype=torch.bfloat16, device=DEV)
         flops = 2 * T * k * 3 * h * inter
+        hit = len(torch.unique(ins[0][4]))
+        bytes_ = hit * (3 * h * inter + (s13[0].numel() + s2[0].numel()) * 4) + 2 * T * h * 2  # fp8 experts, x, out
         label = f"moe sweep fp8 T={T}"
         say(f"{label}: E={e} K={k} H={h} I={inter}, {block[0]}x{block[1]} blocks, W8A8; {flops / 1e12:.2f} TFLOP a "
             f"call")
@@ -498,25 +504,18 @@ def bench_moe_sweep_fp8(ceil) -> list[dict]:
             return [lambda i=i: fm._moe_chunk(cfg, ins[i][0], q13, q2, *ins[i][3:], outs[i], inter1, inter2, None,
                                               scales) for i in range(2)]
 
-        def tflops(timed):
-            for ms, cfg in timed:
-                say(f"      {flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s {cfg}")
-            return timed
-
         base = [c for c in fm.moe_candidates(bucket(T), k, e, 2, scale_k, a8=True) if c.get("A8")]
-        today = min(tflops(time_candidates(label + " [today]", base, 0, calls)), key=lambda t: t[0])
+        today = min(time_candidates(label + " [today]", base, bytes_, calls), key=lambda t: t[0])
         fm._moe_chunk(today[1], ins[0][0], q13, q2, *ins[0][3:], outs[0], inter1, inter2, None, scales)
         ref = outs[0].clone()
-        best = today
-        for vary in (down, gate_up, block_m, down):  # each step varies one part of the best so far
-            cands = [c for c in vary(best[1]) if c != best[1] and max(c["BLOCK_K1"], c["BLOCK_K2"]) <= block[1]]
-            best = min(tflops(time_candidates(label + " [search]", cands, 0, calls)) + [best], key=lambda t: t[0])
+        best = coordinate_search(label, today, steps, bytes_, calls, keep=fits)
         fm._moe_chunk(best[1], ins[0][0], q13, q2, *ins[0][3:], outs[0], inter1, inter2, None, scales)
         post_check(f"{label} search's best against today's best", outs[0], ref)
-        say(f"    today's best {today[0] * 1e3:.1f} us {today[1]}; search's best {best[0] * 1e3:.1f} us {best[1]} "
-            f"({today[0] / best[0]:.3f}x)")
-        rows += [row(f"{label} [today]", today[0], flops=flops, ceil=ceil, mode="graph", extra={"config": today[1]}),
-                 row(f"{label} [search]", best[0], flops=flops, ceil=ceil, mode="graph", extra={"config": best[1]})]
+        say(f"    today's best {today[0] * 1e3:.1f} us ({flops / today[0] / 1e9:.0f} TFLOP/s) {today[1]}; search's "
+            f"best {best[0] * 1e3:.1f} us ({flops / best[0] / 1e9:.0f} TFLOP/s) {best[1]} ({today[0] / best[0]:.3f}x)")
+        for which, (ms, cfg) in (("today", today), ("search", best)):
+            rows.append(row(f"{label} [{which}]", ms, bytes_=bytes_, flops=flops, ceil=ceil, mode="graph",
+                            extra={"config": cfg, "experts_hit": hit}))
         del ins, outs, inter1, inter2, ref
         empty_cache()
     return rows
