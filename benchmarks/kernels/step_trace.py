@@ -53,7 +53,9 @@ def workload(name: str, vocab: int, n: int | None):
 
 
 class Tracer:
-    """Wraps one in-process engine's step and launch; keeps one record per step."""
+    """Wraps one in-process engine's step and launch; keeps one record per step. With DP attention it wraps the
+    launch of every DP rank's step at once: tokens and rows are summed over the ranks, per-rank counts kept, and the
+    GPU time is DP rank 0's (its rank is in this process; the experts' collectives hold it to the slowest rank)."""
 
     def __init__(self, eng, sync: bool = False):
         import torch
@@ -64,35 +66,56 @@ class Tracer:
         self.eng = eng
         self.rows: list[dict] = []
         self._cur: dict | None = None
-        launch, step = eng._launch, eng.step
+        self.data_parallel = len(eng.schedulers) > 1
+        self._name = "_launch_data_parallel" if self.data_parallel else "_launch"
+        launch, step = getattr(eng, self._name), eng.step
 
-        def traced_launch(batch):
+        def timed(batches, call):
             ev0, ev1 = (torch.cuda.Event(enable_timing=True) for _ in range(2)) if self.cuda else (None, None)
-            n = batch.num_tokens
-            decode = sum(1 for r, k in zip(batch.requests, n) if k == 1 and r.num_computed_tokens >= r.num_prompt_tokens)
+            counts = []
+            for batch in batches:
+                n = batch.num_tokens
+                counts.append((len(n), sum(n), sum(1 for r, k in zip(batch.requests, n)
+                                                   if k == 1 and r.num_computed_tokens >= r.num_prompt_tokens)))
             if self.cuda:
                 ev0.record()
             t = time.perf_counter()
-            out = launch(batch)
+            out = call()
             host = time.perf_counter() - t
             if self.cuda:
                 ev1.record()
-            self._cur.update(reqs=len(n), tokens=sum(n), decode_rows=decode, prefill_tokens=sum(n) - decode,
-                             host_launch_s=host, ev=(ev0, ev1), preempted=batch.num_preempted)
+            reqs, tokens, decode = (sum(c[i] for c in counts) for i in range(3))
+            self._cur.update(reqs=reqs, tokens=tokens, decode_rows=decode, prefill_tokens=tokens - decode,
+                             host_launch_s=host, ev=(ev0, ev1), preempted=sum(b.num_preempted for b in batches))
+            if self.data_parallel:
+                self._cur["per_rank_tokens"] = [c[1] for c in counts]
             return out
+
+        def traced_launch(batch):
+            return timed([batch], lambda: launch(batch))
+
+        def traced_launch_dp(batches, asynchronous):
+            return timed(batches, lambda: launch(batches, asynchronous))
 
         def traced_step():
             if self.sync:  # the GPU idle at each step's start: host_launch_s is the host's own cost
                 torch.cuda.synchronize()
-            sch = eng.scheduler
-            self._cur = {"waiting": len(sch.waiting), "running": len(sch.running), "t": time.time()}
+            scheds = eng.schedulers
+            self._cur = {"waiting": sum(len(s.waiting) for s in scheds), "running": sum(len(s.running) for s in scheds),
+                         "t": time.time()}
             t = time.perf_counter()
             out = step()
             self._cur["wall_s"] = time.perf_counter() - t
             self.rows.append(self._cur)
             return out
 
-        eng._launch, eng.step = traced_launch, traced_step
+        setattr(eng, self._name, traced_launch_dp if self.data_parallel else traced_launch)
+        eng.step = traced_step
+
+    def restore(self) -> None:
+        eng = self.eng
+        eng.step = type(eng).step.__get__(eng)
+        setattr(eng, self._name, getattr(type(eng), self._name).__get__(eng))
 
     def finish(self) -> list[dict]:
         if self.cuda:
@@ -131,6 +154,12 @@ def summarize(rows: list[dict], wall: float, out_tokens: int) -> str:
         lines.append("  decode steps by rows (<=): " + ", ".join(
             f"{b}: {len(rs)} steps {1e3 * sum(r['gpu_s'] for r in rs) / len(rs):.2f} ms GPU"
             for b, rs in sorted(buckets.items())))
+    dp = [r for r in rows if r.get("per_rank_tokens")]
+    if dp:  # DP: a step is as long as its busiest rank; the others wait in the experts' collectives
+        uneven = [r for r in dp if max(r["per_rank_tokens"]) > 2 * max(1, min(r["per_rank_tokens"]))]
+        lines.append(f"  DP steps with one rank at > 2x another's tokens: {len(uneven)} of {len(dp)}, "
+                     f"{sum(r['gpu_s'] for r in uneven):.2f} s GPU; tokens per rank summed: "
+                     f"{[sum(r['per_rank_tokens'][d] for r in dp) for d in range(len(dp[0]['per_rank_tokens']))]}")
     mix = [r for r in rows if r["kind"] in ("mixed", "prefill")]
     if mix:
         buckets = {}
@@ -233,7 +262,7 @@ def main() -> None:
             eng.step()
         wall = time.perf_counter() - t
         rows = tr.finish()
-        eng.step, eng._launch = type(eng).step.__get__(eng), type(eng)._launch.__get__(eng)
+        tr.restore()
         print(f"-- {wl}: {len(prompts)} requests, {sum(map(len, prompts))} input + {sum(out_lens)} output tokens")
         print(summarize(rows, wall, sum(out_lens)), flush=True)
         print(f"  decode steps with shared-prefix groups: {eng.runner.num_shared_steps - steps_before}", flush=True)
