@@ -80,9 +80,33 @@ def _run_engine(path: str, port: int, dtype: str, eager: bool, **layout) -> tupl
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     out = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)]
     out += [llm.generate({"prompt_token_ids": PROMPTS[1]}, params)[0].outputs[0].token_ids]  # alone: DP dummies
+    out += _staggered(llm.llm_engine, params)
     llm.llm_engine.shutdown()
     del llm
     return out, start
+
+
+def _staggered(eng, params) -> list[list[int]]:
+    """Requests that arrive while others decode: decode steps (graph replays) and eager steps with prefill chunks
+    take turns with requests in flight across the change (under DP without NCCL's graph mixing, an eager step
+    waits for the replay before it)."""
+    done: dict[str, list[int]] = {}
+
+    def step():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = list(o.outputs[0].token_ids)
+
+    for i, p in enumerate(PROMPTS[:3]):
+        eng.add_request(f"s{i}", p, params)
+    for _ in range(4):
+        step()
+    for i, p in enumerate(PROMPTS[3:], 3):
+        eng.add_request(f"s{i}", p, params)
+        step()
+    while eng.has_unfinished_requests():
+        step()
+    return [done[f"s{i}"] for i in range(len(PROMPTS))]
 
 
 def main() -> int:

@@ -228,3 +228,17 @@ def test_single_rank_layers_are_plain_linear():
     emb = VocabParallelEmbedding(12, 16)
     _load(emb, weight=w)
     assert torch.equal(emb(torch.tensor([0, 11])), w[[0, 11]])
+
+
+def test_nccl_graph_mixing_is_off_only_where_no_eager_collective_follows_a_replay():
+    """DP attention + EP at TP = 1 (a DP rank's only NCCL calls are its forward passes): mixing off. At TP > 1 the
+    sampled tokens are broadcast eagerly after every step, and pipeline stages hand over eagerly: NCCL's default."""
+    from moeserve.distributed.launch import nccl_graph_mixing_off
+
+    assert nccl_graph_mixing_off(ParallelLayout(dp=2, enable_expert_parallel=True))
+    assert nccl_graph_mixing_off(ParallelLayout(dp=4, enable_expert_parallel=True))
+    assert not nccl_graph_mixing_off(ParallelLayout(dp=2, tp=2, enable_expert_parallel=True))
+    assert not nccl_graph_mixing_off(ParallelLayout(dp=2, pp=2, enable_expert_parallel=True))
+    assert not nccl_graph_mixing_off(ParallelLayout(dp=2))  # DP without EP: replicas, no collective in a step
+    assert not nccl_graph_mixing_off(ParallelLayout(tp=2, enable_expert_parallel=True))
+    assert not nccl_graph_mixing_off(ParallelLayout(tp=2))

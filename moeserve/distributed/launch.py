@@ -59,12 +59,29 @@ def rank_device(device_type: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
 
 
+def nccl_graph_mixing_off(layout: ParallelLayout) -> bool:
+    """Whether this layout runs NCCL without its support for mixing graph-captured and eager collectives
+    (NCCL_GRAPH_MIXING_SUPPORT=0): DP attention with expert parallelism and one rank per DP replica.
+
+    With mixing support (NCCL's default) every captured collective carries cross-stream ordering through side
+    streams and events. A DP x EP decode graph holds 192 of them at 48 layers (all-gathers and reduce-scatters of
+    the experts' tokens), and on 2xH200 each cudaGraphLaunch then blocked the host for about the step's own length
+    (21 ms of a 24 ms step, qwen3-30b-a3b at 256 rows): the steps ran one after the other instead of overlapping the
+    host's next step. Without it NCCL is correct only if a rank never issues an eager collective while one of its
+    graph launches is outstanding: the runner waits for its last replay before an eager forward
+    (ModelRunner.wait_graph_before_eager), and at TP = 1 the forward passes are the only NCCL calls of a DP rank
+    (at TP > 1 the sampled tokens are broadcast eagerly after every step, so those layouts keep NCCL's default)."""
+    return layout.dp > 1 and layout.enable_expert_parallel and layout.tp == 1 and layout.pp == 1
+
+
 def init_rank(info: RankInfo, layout: ParallelLayout, device: torch.device):
     """Join the rendezvous and make the process groups. Returns the gloo control group (it sets up the step
     channel, distributed/step_channel.py, and carries step messages across nodes; the data path uses NCCL on CUDA,
     gloo on CPU)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        if nccl_graph_mixing_off(layout):  # before the first communicator: NCCL reads it once (a user's value stays)
+            os.environ.setdefault("NCCL_GRAPH_MIXING_SUPPORT", "0")
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, init_method=f"tcp://{info.master_addr}:{info.master_port}",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import os
 import time
 
 import numpy as np
@@ -89,6 +90,12 @@ class ModelRunner:
 
             self.link = StageLink(T, model.config.hidden_size, dtype, device)
             self.use_cuda_graphs = False  # not yet: a replay would need the hand-over inside the graph
+        # NCCL without graph-mixing support (distributed/launch.nccl_graph_mixing_off): no eager collective while
+        # a replay of this rank's is outstanding, so an eager forward after a replay waits for it first.
+        self.wait_graph_before_eager = (self.use_cuda_graphs and layout().world_size > 1
+                                        and os.environ.get("NCCL_GRAPH_MIXING_SUPPORT") == "0")
+        self._replayed = torch.cuda.Event() if self.wait_graph_before_eager else None
+        self._replay_outstanding = False
         # Device buffers: the same tensors every step, so CUDA graphs can replay over them.
         self.d_input_ids = torch.zeros(T, dtype=torch.int64, device=device)
         self.d_prev_rows = torch.zeros(T, dtype=torch.int64, device=device)
@@ -307,6 +314,9 @@ class ModelRunner:
         return SharedPrefixes(rows=d.rows[:B], start=d.start, plen=d.plen, row_prefix=d.row_prefix[:B])
 
     def _run_eager(self, B: int, T: int) -> torch.Tensor:
+        if self._replay_outstanding:
+            self._replayed.synchronize()
+            self._replay_outstanding = False
         qsl, seq_lens = self.meta_cpu
         meta = self._metadata(B, T, int(np.diff(qsl).max()), int(seq_lens.max()))
         return self._forward(T, ForwardContext(meta, self.kv_caches))
@@ -504,6 +514,9 @@ class ModelRunner:
             graph.replay(ForwardContext(meta, self.kv_caches), T)
         else:
             graph.replay()
+        if self._replayed is not None:
+            self._replayed.record()
+            self._replay_outstanding = True
         self.num_mixed_replays += 1
         return out[:T]
 
@@ -520,6 +533,9 @@ class ModelRunner:
                 self.d_shared.row_prefix[B:padded].zero_()  # in no group
         graph, out = (self.shared_graphs if shared else self.graphs)[padded]
         graph.replay()
+        if self._replayed is not None:
+            self._replayed.record()
+            self._replay_outstanding = True
         return out[:B]
 
     # -- memory profiling (CUDA) --
