@@ -154,6 +154,9 @@ def summarize(rows: list[dict], wall: float, out_tokens: int) -> str:
         lines.append("  decode steps by rows (<=): " + ", ".join(
             f"{b}: {len(rs)} steps {1e3 * sum(r['gpu_s'] for r in rs) / len(rs):.2f} ms GPU"
             for b, rs in sorted(buckets.items())))
+    slow = sorted(range(len(rows)), key=lambda i: -rows[i]["wall_s"])[:5]
+    lines.append("  slowest steps: " + ", ".join(
+        f"#{i} {rows[i]['kind']} {rows[i].get('tokens', 0)} tok {1e3 * rows[i]['wall_s']:.0f} ms" for i in slow))
     dp = [r for r in rows if r.get("per_rank_tokens")]
     if dp:  # DP: a step is as long as its busiest rank; the others wait in the experts' collectives
         uneven = [r for r in dp if max(r["per_rank_tokens"]) > 2 * max(1, min(r["per_rank_tokens"]))]
@@ -210,6 +213,9 @@ def main() -> None:
     ap.add_argument("--sync", action="store_true",
                     help="synchronize before every step (no overlap): a step's host launch time is then its own")
     ap.add_argument("--jsonl", default="")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="no warm-up run before each workload: its first run pays what a fresh engine pays (Triton "
+                         "compiles and tunes of shapes start-up did not see), as the suite's single run does")
     ap.add_argument("--ab-shared-prefix", action="store_true",
                     help="run each workload twice on the one engine: decode rows alone, then grouped by shared "
                          "prefix (engine/shared_prefix), the second one's figures beside the first's")
@@ -253,8 +259,9 @@ def main() -> None:
         # warm-up: the same lengths' kernels compiled and tuned, outside the figures, on other tokens (with the
         # workload's own, its first prompts would hit the prefix cache in the traced run)
         w = max(1, len(prompts) // 8)
-        llm.generate([{"prompt_token_ids": p} for p in shifted(prompts[:w], 3, vocab)],
-                     [params(min(n, 16)) for n in out_lens[:w]])
+        if not a.no_warmup:
+            llm.generate([{"prompt_token_ids": p} for p in shifted(prompts[:w], 3, vocab)],
+                         [params(min(n, 16)) for n in out_lens[:w]])
         tr = Tracer(eng, a.sync)
         submit(prompts, out_lens, wl)
         t = time.perf_counter()
