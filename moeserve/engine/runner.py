@@ -347,7 +347,7 @@ class ModelRunner:
             return 0.0
         t0 = time.perf_counter()
         limit = min(self.max_tokens, self.max_num_seqs * self.max_model_len)  # the largest step possible
-        T = 2
+        T = 1 if self.data_parallel else 2  # DP: an idle rank's dummy step is one eager token
         while True:
             T = min(T, limit)
             B = -(-T // self.max_model_len)  # sequences of at most max_model_len tokens
