@@ -24,7 +24,7 @@ if os.environ.get("MOESERVE_LOG_COMPILES") == "1":
             fn = kw.get("fn")
             name = getattr(fn, "name", None) or repr(fn)
             spent = f"{1e3 * (time.perf_counter() - t0):.0f} ms" if t0 is not None else "?"
-            print(f"[compile] t={time.time():.3f} pid={os.getpid()} {name} {spent} {str(kw.get('repr', ''))[:300]}",
+            print(f"[compile] t={time.time():.3f} pid={os.getpid()} {name} {spent} {kw.get('repr', '')}",
                   file=sys.stderr, flush=True)
             return None
 
