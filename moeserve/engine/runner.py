@@ -424,15 +424,6 @@ class ModelRunner:
         self.graph_sizes = sorted(self.graphs)
         if self._mixed_graphs_possible():
             self.capture_mixed_graphs(pool)
-        if layout().world_size > 1:
-            # A graph's first launch pays one-time costs (its upload; NCCL's set-up of the collectives captured in
-            # it): on 2xH200 under DP x EP the first decode step of a batch size took ~150 ms against ~18 ms.
-            # Paid here, once per graph, in the same order on every rank (the replays meet in their collectives);
-            # the capture inputs write no KV (slots -1).
-            for B in sorted(self.graphs, reverse=True):
-                self.graphs[B][0].replay()
-                if B in self.shared_graphs:
-                    self.shared_graphs[B][0].replay()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the eager warm-ups' blocks: the graphs keep their own pool
         return time.perf_counter() - t0
