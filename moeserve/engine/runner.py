@@ -312,6 +312,11 @@ class ModelRunner:
         d = self.d_shared
         return SharedPrefixes(rows=d.rows[:B], start=d.start, plen=d.plen, row_prefix=d.row_prefix[:B])
 
+    def _mark_replayed(self) -> None:
+        if self._replayed is not None:
+            self._replayed.record()
+            self._replay_outstanding = True
+
     def _run_eager(self, B: int, T: int) -> torch.Tensor:
         if self._replay_outstanding:
             self._replayed.synchronize()
@@ -513,9 +518,7 @@ class ModelRunner:
             graph.replay(ForwardContext(meta, self.kv_caches), T)
         else:
             graph.replay()
-        if self._replayed is not None:
-            self._replayed.record()
-            self._replay_outstanding = True
+        self._mark_replayed()
         self.num_mixed_replays += 1
         return out[:T]
 
@@ -532,9 +535,7 @@ class ModelRunner:
                 self.d_shared.row_prefix[B:padded].zero_()  # in no group
         graph, out = (self.shared_graphs if shared else self.graphs)[padded]
         graph.replay()
-        if self._replayed is not None:
-            self._replayed.record()
-            self._replay_outstanding = True
+        self._mark_replayed()
         return out[:B]
 
     # -- memory profiling (CUDA) --
