@@ -13,6 +13,9 @@ Both keep the pair order inside an expert, so the result is deterministic and th
 On an H200 (results/kernels/2026-11-27-session12-h200x4) the sort took 1.7-7.8 us up to 1,024 pairs (E=128) where
 the tiles' one-program chain took 5.4-18 us; at 2,048 pairs 17.1 against the three launches' 19.7, at 4,096 65
 against 22.7.
+The counts that change with every step's tokens are not specialised (do_not_specialize): otherwise the first eager
+step whose counts are not multiples of 16, next to constexprs only powers of two had set at warm-up, compiles a new
+variant while serving (DP=2+EP on 2xH200: _align_plan_kernel, 0.8-1.1 s inside a 2,146-token step).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def _plan_blocks(counts, sorted_ptr, block_expert_ptr, num_post_ptr, num_pairs, 
     return starts
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks"])
 def _align_sorted_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, delta_ptr, num_pairs, num_experts,
                          num_blocks, BLOCK_M: tl.constexpr, M_P: tl.constexpr, E_P: tl.constexpr,
                          CHUNK_B: tl.constexpr, PDL: tl.constexpr = 0):
@@ -106,7 +109,7 @@ def _align_sorted_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_post_ptr, de
     tl.store(block_expert_ptr + dest // BLOCK_M, expert, mask=valid)  # every used block holds a pair of its expert
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "per_prog"])
 def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, per_prog, E_P: tl.constexpr, CHUNK: tl.constexpr,
                         PDL: tl.constexpr = 0):
     pdl_begin(PDL)
@@ -116,7 +119,7 @@ def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, per_prog, E_P: tl.conste
     tl.store(counts_ptr + p * E_P + tl.arange(0, E_P), counts)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks", "num_progs"])
 def _align_plan_kernel(counts_ptr, base_ptr, sorted_ptr, block_expert_ptr, num_post_ptr,
                        num_pairs, num_experts, num_blocks, num_progs,
                        BLOCK_M: tl.constexpr, E_P: tl.constexpr, P_P: tl.constexpr, CHUNK_B: tl.constexpr,
@@ -131,7 +134,7 @@ def _align_plan_kernel(counts_ptr, base_ptr, sorted_ptr, block_expert_ptr, num_p
     tl.store(base_ptr + p * E_P + e, base, mask=p < num_progs)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "per_prog"])
 def _align_scatter_kernel(ids_ptr, sorted_ptr, base_ptr, num_pairs, per_prog,
                           E_P: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = 0):
     pdl_begin(PDL)

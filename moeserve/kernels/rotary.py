@@ -12,7 +12,8 @@ from moeserve.kernels import pdl, runtime
 from moeserve.kernels.pdl import pdl_begin
 
 
-@triton.jit
+# n_tokens is not specialised: a new token count would compile a variant while serving (moe_align.py says why)
+@triton.jit(do_not_specialize=["n_tokens"])
 def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, n_tokens, n_q_heads, n_k_heads,
                  q_stride, k_stride, eps,
                  v_ptr, cache_ptr, slot_ptr, v_stride, stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head,
