@@ -83,18 +83,44 @@ def _scale_elems(w, s_col, kb, mask):
 
 
 @triton.jit
-def _kpos(kk, PACK: tl.constexpr):
-    """Offsets along K of the weight's storage: elements, or int32 words of 8 int4 codes (PACK 8)."""
-    if PACK == 1:
-        return kk
-    return kk // PACK
+def _kpos(BLOCK_K: tl.constexpr, PACK: tl.constexpr):
+    """Offsets along K of a weight tile's storage: BLOCK_K elements, or BLOCK_K / 8 int32 words of 8 int4 codes
+    (PACK 8), each word loaded once and unpacked in registers (_w4_unpack). Indexing the word of every code instead
+    (k // 8 across the tile) ran the int4 experts at 0.04-0.18x of bf16's speed on an H200
+    (results/kernels/2026-11-28-session22-int4-h200)."""
+    return tl.arange(0, BLOCK_K // PACK)
 
 
 @triton.jit
-def _w4_codes(words, shift, zero):
-    """int4: each element's 4-bit code (bits `shift` of its word) minus its zero, fp32: small integers, exact in
-    bf16, so the scale can still be applied per column after the dot."""
-    return ((words >> shift) & 0xF).to(tl.float32) - zero
+def _w_mask(kk, k_left, n_ok, PACK: tl.constexpr, K_AXIS: tl.constexpr):
+    """The load mask of a weight tile: its K offsets (elements, or words: word c holds inputs 8c..8c+7, and K is a
+    multiple of 8) below k_left, its columns inside N."""
+    if K_AXIS == 0:
+        m = ((kk * PACK) < k_left)[:, None] & n_ok[None, :]
+    else:
+        m = n_ok[:, None] & ((kk * PACK) < k_left)[None, :]
+    return m
+
+
+@triton.jit
+def _w4_unpack(words, K_AXIS: tl.constexpr):
+    """int4: a tile of int32 words, 8 codes each along K, loaded once each ([K/8, N] for K_AXIS 0, [N, K/8] for 1),
+    as the [K, N] / [N, K] tile of its unsigned codes: code j of word c is input 8c + j."""
+    shifts = tl.arange(0, 8) * 4
+    if K_AXIS == 0:
+        q = (words[:, None, :] >> shifts[None, :, None]) & 0xF
+        q = tl.reshape(q, [words.shape[0] * 8, words.shape[1]])
+    else:
+        q = (words[:, :, None] >> shifts[None, None, :]) & 0xF
+        q = tl.reshape(q, [words.shape[0], words.shape[1] * 8])
+    return q
+
+
+@triton.jit
+def _w4_codes(codes, zero):
+    """int4: each element's code minus its zero, fp32: small integers, exact in bf16, so the scale can still be
+    applied per column after the dot."""
+    return codes.to(tl.float32) - zero
 
 
 @triton.jit
@@ -161,7 +187,8 @@ def _gate_up_kernel(
     n_ok = n < I
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * stride_xt + kk[None, :]
-    g_ptrs = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn + _kpos(kk, PACK)[:, None]
+    kw = _kpos(BLOCK_K, PACK)
+    g_ptrs = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn + kw[:, None]
     u_ptrs = g_ptrs + I * stride_wn
     if WSCALE != 0:
         gs_col, us_col, gz_col, uz_col = _side_cols(s_ptr, z_ptr, e, n, stride_se, stride_sn, s_up, SBN, HAS_ZEROS)
@@ -175,8 +202,9 @@ def _gate_up_kernel(
         else:
             k_ok = kk < H - k0
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            wm = _w_mask(kw, H - k0, n_ok, PACK, 0)
+            g = tl.load(g_ptrs, mask=wm, other=0.0)
+            u = tl.load(u_ptrs, mask=wm, other=0.0)
         if PACK == 8:
             if HAS_ZEROS:
                 kb = ((k0 + kk) // SBK)[:, None]
@@ -186,8 +214,8 @@ def _gate_up_kernel(
             else:
                 gz = 8.0
                 uz = 8.0
-            g = _w4_codes(g, ((kk % 8) * 4)[:, None], gz)
-            u = _w4_codes(u, ((kk % 8) * 4)[:, None], uz)
+            g = _w4_codes(_w4_unpack(g, 0), gz)
+            u = _w4_codes(_w4_unpack(u, 0), uz)
         if WSCALE == 2:
             g = _scale_elems(g, gs_col[None, :], ((k0 + kk) // SBK)[:, None], (kk < H - k0)[:, None] & n_ok[None, :])
             u = _scale_elems(u, us_col[None, :], ((k0 + kk) // SBK)[:, None], (kk < H - k0)[:, None] & n_ok[None, :])
@@ -240,8 +268,9 @@ def _gate_up_gemv_kernel(
     n_ok = n < I
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + (pair // TOPK).to(tl.int64) * stride_xt + kk
-    g_ptrs = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + _kpos(kk, PACK)[None, :]
-    u_ptrs = w_ptr + e * stride_we + (n + I)[:, None].to(tl.int64) * stride_wn + _kpos(kk, PACK)[None, :]
+    kw = _kpos(BLOCK_K, PACK)
+    g_ptrs = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kw[None, :]
+    u_ptrs = w_ptr + e * stride_we + (n + I)[:, None].to(tl.int64) * stride_wn + kw[None, :]
     if WSCALE != 0:
         gs_col, us_col, gz_col, uz_col = _side_cols(s_ptr, z_ptr, e, n, stride_se, stride_sn, s_up, SBN, HAS_ZEROS)
     if LATE_SUM:  # element-wise products over the K loop, summed once after it: no cross-thread reduce per step
@@ -258,8 +287,9 @@ def _gate_up_gemv_kernel(
         else:
             k_ok = kk < H - k0
             a = tl.load(a_ptrs, mask=k_ok, other=0.0)
-            g = tl.load(g_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            u = tl.load(u_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            wm = _w_mask(kw, H - k0, n_ok, PACK, 1)
+            g = tl.load(g_ptrs, mask=wm, other=0.0)
+            u = tl.load(u_ptrs, mask=wm, other=0.0)
         a = a.to(tl.float32)[None, :]
         if PACK == 8:
             if HAS_ZEROS:
@@ -270,8 +300,8 @@ def _gate_up_gemv_kernel(
             else:
                 gz = 8.0
                 uz = 8.0
-            g = _w4_codes(g, ((kk % 8) * 4)[None, :], gz)
-            u = _w4_codes(u, ((kk % 8) * 4)[None, :], uz)
+            g = _w4_codes(_w4_unpack(g, 1), gz)
+            u = _w4_codes(_w4_unpack(u, 1), uz)
         g = g.to(tl.float32)
         u = u.to(tl.float32)
         if WSCALE == 2:
@@ -332,7 +362,8 @@ def _down_kernel(
         return
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = inter_ptr + row[:, None] * stride_it + kk[None, :]
-    b_ptrs = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn + _kpos(kk, PACK)[:, None]
+    kw = _kpos(BLOCK_K, PACK)
+    b_ptrs = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn + kw[:, None]
     if WSCALE != 0:
         s_col, _, z_col, _ = _side_cols(s_ptr, z_ptr, e, n, stride_se, stride_sn, 0, SBN, HAS_ZEROS)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -343,14 +374,14 @@ def _down_kernel(
         else:
             k_ok = kk < I - k0
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=_w_mask(kw, I - k0, n_ok, PACK, 0), other=0.0)
         if PACK == 8:
             if HAS_ZEROS:
                 bz = _zero(z_col, k0, n_ok, ((k0 + kk) // SBK)[:, None], (kk < I - k0)[:, None] & n_ok[None, :], SBK,
                            WSCALE, 1)
             else:
                 bz = 8.0
-            b = _w4_codes(b, ((kk % 8) * 4)[:, None], bz)
+            b = _w4_codes(_w4_unpack(b, 0), bz)
         if WSCALE == 2:
             b = _scale_elems(b, s_col[None, :], ((k0 + kk) // SBK)[:, None], (kk < I - k0)[:, None] & n_ok[None, :])
         if WSCALE != 0:
@@ -391,6 +422,7 @@ def _down_sum_kernel(
     n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < H
     kk = tl.arange(0, BLOCK_K)
+    kw = _kpos(BLOCK_K, PACK)
     acc = tl.zeros([BLOCK_N], tl.float32)
     if LATE_SUM:  # weighted products of all K experts in one fp32 tile, summed over I once at the end
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -400,7 +432,7 @@ def _down_sum_kernel(
         wt = tl.where(e >= 0, tl.load(topk_w_ptr + pair).to(tl.float32), 0.0)
         k_end = tl.where(e >= 0, I, 0)  # a pair with no local expert: no loop, adds nothing
         a_ptrs = inter_ptr + pair.to(tl.int64) * stride_it + kk
-        b_ptrs = w_ptr + tl.maximum(e, 0) * stride_we + n[:, None].to(tl.int64) * stride_wn + _kpos(kk, PACK)[None, :]
+        b_ptrs = w_ptr + tl.maximum(e, 0) * stride_we + n[:, None].to(tl.int64) * stride_wn + kw[None, :]
         if WSCALE != 0:
             s_col, _, z_col, _ = _side_cols(s_ptr, z_ptr, tl.maximum(e, 0), n, stride_se, stride_sn, 0, SBN, HAS_ZEROS)
         part = tl.zeros([BLOCK_N], tl.float32)
@@ -411,14 +443,14 @@ def _down_sum_kernel(
             else:
                 k_ok = kk < I - k0
                 a = tl.load(a_ptrs, mask=k_ok, other=0.0)
-                b = tl.load(b_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=_w_mask(kw, I - k0, n_ok, PACK, 1), other=0.0)
             if PACK == 8:
                 if HAS_ZEROS:
                     bz = _zero(z_col, k0, n_ok, ((k0 + kk) // SBK)[None, :], n_ok[:, None] & (kk < I - k0)[None, :],
                                SBK, WSCALE, 0)
                 else:
                     bz = 8.0
-                b = _w4_codes(b, ((kk % 8) * 4)[None, :], bz)
+                b = _w4_codes(_w4_unpack(b, 1), bz)
             b = b.to(tl.float32)
             if WSCALE == 2:
                 b = _scale_elems(b, s_col[:, None], ((k0 + kk) // SBK)[None, :], n_ok[:, None] & (kk < I - k0)[None, :])

@@ -36,19 +36,23 @@ SKINNY_ROWS = 4
 
 
 @triton.jit
-def _dequant_rows(w_ptr, s_ptr, z_ptr, n, n_ok, k0, stride_wn, stride_sn, GROUP: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ZEROS: tl.constexpr):
-    """[BLOCK_N, BLOCK_K] fp32 tile of W for outputs n and inputs k0 .. k0 + BLOCK_K (one group: k0 // GROUP)."""
+def _codes(w_ptr, n, n_ok, k0, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] fp32 codes (0..15) of W for outputs n and inputs k0 .. k0 + BLOCK_K: the words loaded once
+    each, [BLOCK_N, BLOCK_K / 8], contiguous along K, and unpacked in registers (nibble j of word c: input 8c + j)."""
     c = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     words = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + c[None, :], mask=n_ok[:, None], other=0)
-    q = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF  # nibble j of word c: input 8c + j
-    q = tl.reshape(q, [BLOCK_N, BLOCK_K])
-    g = k0 // GROUP
+    q = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
+    return tl.reshape(q, [BLOCK_N, BLOCK_K]).to(tl.float32)
+
+
+@triton.jit
+def _scale_zero(s_ptr, z_ptr, n, n_ok, g, stride_sn, HAS_ZEROS: tl.constexpr):
+    """Each output's scale and zero for group g, fp32 ([BLOCK_N] each; zero 8 when symmetric)."""
     s = tl.load(s_ptr + n.to(tl.int64) * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+    z = tl.full(s.shape, 8.0, tl.float32)
     if HAS_ZEROS:
         z = tl.load(z_ptr + n.to(tl.int64) * stride_sn + g, mask=n_ok, other=0).to(tl.float32)
-        return (q.to(tl.float32) - z[:, None]) * s[:, None]
-    return (q.to(tl.float32) - 8.0) * s[:, None]
+    return s, z
 
 
 @triton.jit
@@ -56,6 +60,8 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                  HAS_ZEROS: tl.constexpr, PDL: tl.constexpr = 0):
+    """Per K tile (one group): (x @ codes^T - rowsum(x) * zero) * scale, so the codes (exact in bf16) go to tl.dot
+    as they are and the scale and zero are applied per output column once per tile."""
     pdl_begin(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -67,12 +73,15 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm,
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):  # K is a multiple of GROUP, GROUP of BLOCK_K: no partial tile
         a = tl.load(x_ptr + m[:, None].to(tl.int64) * stride_xm + (k0 + kk)[None, :], mask=m_ok[:, None], other=0.0)
-        w = tl.trans(_dequant_rows(w_ptr, s_ptr, z_ptr, n, n_ok, k0, stride_wn, stride_sn, GROUP, BLOCK_N, BLOCK_K,
-                                   HAS_ZEROS))
+        w = tl.trans(_codes(w_ptr, n, n_ok, k0, stride_wn, BLOCK_N, BLOCK_K))
+        s, z = _scale_zero(s_ptr, z_ptr, n, n_ok, k0 // GROUP, stride_sn, HAS_ZEROS)
         if DOT_F32:
-            acc += tl.dot(a.to(tl.float32), w, input_precision=INPUT_PRECISION)
+            a = a.to(tl.float32)
+            part = tl.dot(a, w, input_precision=INPUT_PRECISION)
         else:
-            acc += tl.dot(a, w.to(a.dtype), input_precision=INPUT_PRECISION)
+            part = tl.dot(a, w.to(a.dtype), input_precision=INPUT_PRECISION)
+        a_sum = tl.sum(a.to(tl.float32), axis=1)
+        acc += (part - a_sum[:, None] * z[None, :]) * s[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + m[:, None].to(tl.int64) * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -83,6 +92,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm,
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_om,
                  GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                  HAS_ZEROS: tl.constexpr, PDL: tl.constexpr = 0):
+    """Per K tile (one group): (codes . x - zero * sum(x)) * scale for each output, in fp32."""
     pdl_begin(PDL)
     row = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -91,8 +101,9 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_xm, st
     acc = tl.zeros([BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(x_ptr + row.to(tl.int64) * stride_xm + k0 + kk).to(tl.float32)
-        w = _dequant_rows(w_ptr, s_ptr, z_ptr, n, n_ok, k0, stride_wn, stride_sn, GROUP, BLOCK_N, BLOCK_K, HAS_ZEROS)
-        acc += tl.sum(w * a[None, :], axis=1)
+        part = tl.sum(_codes(w_ptr, n, n_ok, k0, stride_wn, BLOCK_N, BLOCK_K) * a[None, :], axis=1)
+        s, z = _scale_zero(s_ptr, z_ptr, n, n_ok, k0 // GROUP, stride_sn, HAS_ZEROS)
+        acc += (part - z * tl.sum(a)) * s
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + row.to(tl.int64) * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
