@@ -133,7 +133,8 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr
 def quantize_act(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], fp32 scales [M, ceil(K/group)]), per token per group of `group` columns."""
     runtime.check_device("fp8 activation quant", x)
-    x = x.contiguous()
+    if x.stride(-1) != 1:  # rows may be strided (DP x EP's gathered tokens are a view of a wider message)
+        x = x.contiguous()
     m, k = x.shape
     groups = triton.cdiv(k, group)
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)

@@ -122,14 +122,8 @@ class Experts(nn.Module):
         pad = -(-most // tp.size) * tp.size  # the reduce-scatter hands each TP rank pad / tp rows
         if pad == 0:
             return x.new_zeros(0, hidden)
-        k = ids.shape[1]
-        x_pad = x.new_zeros(pad, hidden)
-        x_pad[:n] = x
-        w_pad = weights.new_zeros(pad, k)
-        w_pad[:n] = weights
-        ids_pad = ids.new_full((pad, k), -1)  # no expert: rows that are sliced off below
-        ids_pad[:n] = ids
-        partial = self._local(dp.all_gather(x_pad), dp.all_gather(w_pad), dp.all_gather(ids_pad))
+        x_all, w_all, ids_all = _gather_routed(dp, x, weights, ids, pad)
+        partial = self._local(x_all, w_all, ids_all)
         mine = slice(dp.rank * pad, dp.rank * pad + n)
         if extra_partial is not None:
             partial[mine] += extra_partial
@@ -181,6 +175,28 @@ class Experts(nn.Module):
             dst.copy_(src)
             written += src.numel()
         return written
+
+
+def _gather_routed(dp, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, pad: int):
+    """Every DP rank's tokens with their routing, in one all-gather: each row of the message is the token's hidden
+    state then its K fp32 weights and K int32 expert ids, their bytes viewed as x's dtype. Three all-gathers (tokens,
+    weights, ids) were three NCCL launches per MoE layer; in a DP=2+EP decode step on 2xH200 the 144 all-gathers
+    took 1.2 ms of 18 ms. Rows past a rank's own tokens carry no expert (-1). Returns (tokens [dp * pad, H], a
+    strided view of the message, weights [dp * pad, K] fp32, ids [dp * pad, K] int32)."""
+    n, hidden = x.shape
+    k = ids.shape[1]
+    route = torch.empty(pad, 2 * k, dtype=torch.int32, device=x.device)
+    route[:n, :k] = weights.float().view(torch.int32)
+    route[n:, :k] = 0
+    route[:n, k:] = ids
+    route[n:, k:] = -1  # no expert: rows that are sliced off after the experts
+    msg = x.new_empty(pad, hidden + route.view(x.dtype).shape[1])
+    msg[:n, :hidden] = x
+    msg[n:, :hidden] = 0
+    msg[:, hidden:] = route.view(x.dtype)
+    got = dp.all_gather(msg)
+    route = got[:, hidden:].contiguous().view(torch.int32)
+    return got[:, :hidden], route[:, :k].contiguous().view(torch.float32), route[:, k:].contiguous()
 
 
 def experts_reference(x, w13, w2, weights, ids, expert_map: torch.Tensor | None = None) -> torch.Tensor:
