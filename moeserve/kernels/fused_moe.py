@@ -142,6 +142,17 @@ def _zero(z_col, k0, n_ok, kb, mask, SBK: tl.constexpr, WSCALE: tl.constexpr, N_
 
 
 @triton.jit
+def _col_zero(z_col, k0, n_ok, SBK: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """int4, WSCALE 1: each column's zero for the K tile at k0 ([BLOCK_N], fp32; 8 when symmetric). A GEMV subtracts
+    it once per column after the tile's sum (zero * sum(x)) instead of from every code, where the broadcast tile of
+    zeros cost one load per element of each thread's rows (64 a tile in the sm_90 code of _gate_up_gemv_kernel)."""
+    z = tl.full(n_ok.shape, 8.0, tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_col + k0 // SBK, mask=n_ok, other=0).to(tl.float32)
+    return z
+
+
+@triton.jit
 def _side_cols(s_ptr, z_ptr, e, n, stride_se, stride_sn, s_up, SBN: tl.constexpr, HAS_ZEROS: tl.constexpr):
     """Each column's row of scales for gate (or down) and for up (s_up rows further), and of int4 zeros (the same
     layout; without zeros the scales' pointers stand in, never read)."""
@@ -291,7 +302,10 @@ def _gate_up_gemv_kernel(
             g = tl.load(g_ptrs, mask=wm, other=0.0)
             u = tl.load(u_ptrs, mask=wm, other=0.0)
         a = a.to(tl.float32)[None, :]
-        if PACK == 8:
+        if PACK == 8 and WSCALE == 1 and not LATE_SUM:  # the codes as they are: each column's zero after the sum
+            g = _w4_unpack(g, 1)
+            u = _w4_unpack(u, 1)
+        elif PACK == 8:
             if HAS_ZEROS:
                 kb = ((k0 + kk) // SBK)[None, :]
                 wm = n_ok[:, None] & (kk < H - k0)[None, :]
@@ -313,6 +327,12 @@ def _gate_up_gemv_kernel(
                 u = u * _col_scale(us_col, k0, n_ok, SBK)[:, None]
             acc_g2 += g * a
             acc_u2 += u * a
+        elif WSCALE == 1 and PACK == 8:
+            a_sum = tl.sum(a)
+            acc_g += (tl.sum(g * a, axis=1) - _col_zero(gz_col, k0, n_ok, SBK, HAS_ZEROS) * a_sum) \
+                * _col_scale(gs_col, k0, n_ok, SBK)
+            acc_u += (tl.sum(u * a, axis=1) - _col_zero(uz_col, k0, n_ok, SBK, HAS_ZEROS) * a_sum) \
+                * _col_scale(us_col, k0, n_ok, SBK)
         elif WSCALE == 1:
             acc_g += tl.sum(g * a, axis=1) * _col_scale(gs_col, k0, n_ok, SBK)
             acc_u += tl.sum(u * a, axis=1) * _col_scale(us_col, k0, n_ok, SBK)
@@ -444,7 +464,9 @@ def _down_sum_kernel(
                 k_ok = kk < I - k0
                 a = tl.load(a_ptrs, mask=k_ok, other=0.0)
                 b = tl.load(b_ptrs, mask=_w_mask(kw, I - k0, n_ok, PACK, 1), other=0.0)
-            if PACK == 8:
+            if PACK == 8 and WSCALE == 1 and not LATE_SUM:  # the codes as they are: each column's zero after the sum
+                b = _w4_unpack(b, 1)
+            elif PACK == 8:
                 if HAS_ZEROS:
                     bz = _zero(z_col, k0, n_ok, ((k0 + kk) // SBK)[None, :], n_ok[:, None] & (kk < I - k0)[None, :],
                                SBK, WSCALE, 0)
@@ -458,6 +480,10 @@ def _down_sum_kernel(
                 if WSCALE == 1:
                     b = b * _col_scale(s_col, k0, n_ok, SBK)[:, None]
                 acc2 += b * (wt * a.to(tl.float32))[None, :]
+            elif WSCALE == 1 and PACK == 8:
+                af = a.to(tl.float32)
+                part += (tl.sum(b * af[None, :], axis=1) - _col_zero(z_col, k0, n_ok, SBK, HAS_ZEROS) * tl.sum(af)) \
+                    * _col_scale(s_col, k0, n_ok, SBK)
             elif WSCALE == 1:
                 part += tl.sum(b * a.to(tl.float32)[None, :], axis=1) * _col_scale(s_col, k0, n_ok, SBK)
             else:
