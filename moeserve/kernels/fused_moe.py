@@ -33,6 +33,7 @@ from moeserve.kernels import fp8_linear as _fp8_linear  # its activation quantiz
 from moeserve.kernels import pdl, runtime
 from moeserve.kernels.pdl import pdl_begin
 from moeserve.kernels.autotune import Config, bucket, get_tuner
+from moeserve.kernels.int4_linear import unpack_codes
 from moeserve.kernels.moe_align import align_pairs
 
 DEFAULT_CHUNK = 16384
@@ -85,7 +86,7 @@ def _scale_elems(w, s_col, kb, mask):
 @triton.jit
 def _kpos(BLOCK_K: tl.constexpr, PACK: tl.constexpr):
     """Offsets along K of a weight tile's storage: BLOCK_K elements, or BLOCK_K / 8 int32 words of 8 int4 codes
-    (PACK 8), each word loaded once and unpacked in registers (_w4_unpack). Indexing the word of every code instead
+    (PACK 8), each word loaded once and unpacked in registers (unpack_codes). Indexing the word of every code instead
     (k // 8 across the tile) ran the int4 experts at 0.04-0.18x of bf16's speed on an H200
     (results/kernels/2026-11-28-session22-int4-h200)."""
     return tl.arange(0, BLOCK_K // PACK)
@@ -100,20 +101,6 @@ def _w_mask(kk, k_left, n_ok, PACK: tl.constexpr, K_AXIS: tl.constexpr):
     else:
         m = n_ok[:, None] & ((kk * PACK) < k_left)[None, :]
     return m
-
-
-@triton.jit
-def _w4_unpack(words, K_AXIS: tl.constexpr):
-    """int4: a tile of int32 words, 8 codes each along K, loaded once each ([K/8, N] for K_AXIS 0, [N, K/8] for 1),
-    as the [K, N] / [N, K] tile of its unsigned codes: code j of word c is input 8c + j."""
-    shifts = tl.arange(0, 8) * 4
-    if K_AXIS == 0:
-        q = (words[:, None, :] >> shifts[None, :, None]) & 0xF
-        q = tl.reshape(q, [words.shape[0] * 8, words.shape[1]])
-    else:
-        q = (words[:, :, None] >> shifts[None, None, :]) & 0xF
-        q = tl.reshape(q, [words.shape[0], words.shape[1] * 8])
-    return q
 
 
 @triton.jit
@@ -225,8 +212,8 @@ def _gate_up_kernel(
             else:
                 gz = 8.0
                 uz = 8.0
-            g = _w4_codes(_w4_unpack(g, 0), gz)
-            u = _w4_codes(_w4_unpack(u, 0), uz)
+            g = _w4_codes(unpack_codes(g, 0), gz)
+            u = _w4_codes(unpack_codes(u, 0), uz)
         if WSCALE == 2:
             g = _scale_elems(g, gs_col[None, :], ((k0 + kk) // SBK)[:, None], (kk < H - k0)[:, None] & n_ok[None, :])
             u = _scale_elems(u, us_col[None, :], ((k0 + kk) // SBK)[:, None], (kk < H - k0)[:, None] & n_ok[None, :])
@@ -303,8 +290,8 @@ def _gate_up_gemv_kernel(
             u = tl.load(u_ptrs, mask=wm, other=0.0)
         a = a.to(tl.float32)[None, :]
         if PACK == 8 and WSCALE == 1 and not LATE_SUM:  # the codes as they are: each column's zero after the sum
-            g = _w4_unpack(g, 1)
-            u = _w4_unpack(u, 1)
+            g = unpack_codes(g, 1)
+            u = unpack_codes(u, 1)
         elif PACK == 8:
             if HAS_ZEROS:
                 kb = ((k0 + kk) // SBK)[None, :]
@@ -314,8 +301,8 @@ def _gate_up_gemv_kernel(
             else:
                 gz = 8.0
                 uz = 8.0
-            g = _w4_codes(_w4_unpack(g, 1), gz)
-            u = _w4_codes(_w4_unpack(u, 1), uz)
+            g = _w4_codes(unpack_codes(g, 1), gz)
+            u = _w4_codes(unpack_codes(u, 1), uz)
         g = g.to(tl.float32)
         u = u.to(tl.float32)
         if WSCALE == 2:
@@ -401,7 +388,7 @@ def _down_kernel(
                            WSCALE, 1)
             else:
                 bz = 8.0
-            b = _w4_codes(_w4_unpack(b, 0), bz)
+            b = _w4_codes(unpack_codes(b, 0), bz)
         if WSCALE == 2:
             b = _scale_elems(b, s_col[None, :], ((k0 + kk) // SBK)[:, None], (kk < I - k0)[:, None] & n_ok[None, :])
         if WSCALE != 0:
@@ -465,14 +452,14 @@ def _down_sum_kernel(
                 a = tl.load(a_ptrs, mask=k_ok, other=0.0)
                 b = tl.load(b_ptrs, mask=_w_mask(kw, I - k0, n_ok, PACK, 1), other=0.0)
             if PACK == 8 and WSCALE == 1 and not LATE_SUM:  # the codes as they are: each column's zero after the sum
-                b = _w4_unpack(b, 1)
+                b = unpack_codes(b, 1)
             elif PACK == 8:
                 if HAS_ZEROS:
                     bz = _zero(z_col, k0, n_ok, ((k0 + kk) // SBK)[None, :], n_ok[:, None] & (kk < I - k0)[None, :],
                                SBK, WSCALE, 0)
                 else:
                     bz = 8.0
-                b = _w4_codes(_w4_unpack(b, 1), bz)
+                b = _w4_codes(unpack_codes(b, 1), bz)
             b = b.to(tl.float32)
             if WSCALE == 2:
                 b = _scale_elems(b, s_col[:, None], ((k0 + kk) // SBK)[None, :], n_ok[:, None] & (kk < I - k0)[None, :])

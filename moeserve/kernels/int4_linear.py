@@ -36,13 +36,26 @@ SKINNY_ROWS = 4
 
 
 @triton.jit
+def unpack_codes(words, K_AXIS: tl.constexpr):
+    """A tile of int32 words, 8 codes each along K, loaded once each ([K/8, N] for K_AXIS 0, [N, K/8] for 1), as the
+    [K, N] / [N, K] tile of its unsigned codes: code j of word c is input 8c + j. (fused_moe's int4 experts too.)"""
+    shifts = tl.arange(0, 8) * 4
+    if K_AXIS == 0:
+        q = (words[:, None, :] >> shifts[None, :, None]) & 0xF
+        q = tl.reshape(q, [words.shape[0] * 8, words.shape[1]])
+    else:
+        q = (words[:, :, None] >> shifts[None, None, :]) & 0xF
+        q = tl.reshape(q, [words.shape[0], words.shape[1] * 8])
+    return q
+
+
+@triton.jit
 def _codes(w_ptr, n, n_ok, k0, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """[BLOCK_N, BLOCK_K] fp32 codes (0..15) of W for outputs n and inputs k0 .. k0 + BLOCK_K: the words loaded once
-    each, [BLOCK_N, BLOCK_K / 8], contiguous along K, and unpacked in registers (nibble j of word c: input 8c + j)."""
+    each, [BLOCK_N, BLOCK_K / 8], contiguous along K, and unpacked in registers."""
     c = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     words = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + c[None, :], mask=n_ok[:, None], other=0)
-    q = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
-    return tl.reshape(q, [BLOCK_N, BLOCK_K]).to(tl.float32)
+    return unpack_codes(words, 1).to(tl.float32)
 
 
 @triton.jit
