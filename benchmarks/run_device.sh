@@ -17,10 +17,9 @@ if [[ "${1:-}" == "--shape" ]]; then SHAPE="$2"; shift 2; fi
 echo "run_device: shape $SHAPE, results in $OUT_DIR, commit ${MOESERVE_COMMIT:-unset}"
 nvidia-smi --query-gpu=name,memory.used,memory.total,temperature.gpu,clocks.sm --format=csv || true
 python3 -c 'import torch; assert torch.cuda.is_available(), "no CUDA"; print("torch", torch.__version__, torch.cuda.get_device_name())'
-# Kernel block sizes: start from the committed autotune cache of this GPU (new shape buckets are tuned and
-# added); the cache as it ends goes back into $OUT.
+# Kernel block sizes: the package's shipped choices for this GPU (moeserve/kernels/tuned/) and the shapes they lack
+# tuned into an empty cache, which goes back into $OUT: merge it into the shipped file.
 export MOESERVE_CACHE_DIR="${MOESERVE_CACHE_DIR:-/tmp/moeserve-cache}"
-mkdir -p "$MOESERVE_CACHE_DIR/autotune" && cp -n benchmarks/results/autotune/*.json "$MOESERVE_CACHE_DIR/autotune/" 2>/dev/null || true
 start=$(date +%s)
 status=0
 python3 benchmarks/bench_suite.py --shape "$SHAPE" --workloads throughput,latency --out-dir "$OUT_DIR" "$@" || status=$?

@@ -31,7 +31,7 @@
 #            ROUTING_ENGINES="vllm" (say) runs fewer; VLLM_USE_DEEP_GEMM=0 as for `vllm` (session 20: DeepGEMM's
 #            797-shape warm-up ran vLLM's routing run out of its 200 s)
 # RUN_S=570 (say) shortens a suite that would run past the call's limit.
-# Every call also returns the autotune cache (autotune-*.json): commit it to results/autotune/, or a fresh card
+# Every call also returns the autotune cache (autotune-*.json): merge it into moeserve/kernels/tuned/, or a fresh card
 # tunes every fp8 key at start-up again (160 s on an H200 in session 15, which ran a 200 s suite out of time).
 # vLLM comes in four parts, one per call (64 MiB carry limit with the ~20 MiB tree: fetch.py --part-mib 42), while
 # the machine stays warm (~30 s after a call; a cold machine loses the parts, the checkpoint and the Triton cache):
@@ -45,7 +45,6 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MOESERVE_CACHE_DIR="${MOESERVE_CACHE_DIR:-/tmp/moeserve-cache}"
-mkdir -p "$MOESERVE_CACHE_DIR/autotune" && cp -n benchmarks/results/autotune/*.json "$MOESERVE_CACHE_DIR/autotune/" 2>/dev/null
 O=${OUT:?set OUT}
 RW=${RW:-/root/rw/qwen3-30b-a3b-fp8}
 WORKLOADS=${WORKLOADS:-latency,throughput}  # of `random` and `vllm`; bench_suite also has varlen, prefix, longctx
@@ -73,7 +72,7 @@ ratio)
   suite 150 moeserve qwen3-30b-a3b-fp8 fp8-dummy --workloads latency ;;
 base)  # a cold Triton cache for the old kernels' sources: give it the time (session 16's baseline ran out in start-up)
   [[ -d .base/moeserve ]] || { echo "base: no .base tree (carry it)"; return 2; }
-  mkdir -p /tmp/cache-base/autotune && cp -n benchmarks/results/autotune/*.json /tmp/cache-base/autotune/
+  mkdir -p /tmp/cache-base/autotune && cp -n moeserve/kernels/tuned/*.json /tmp/cache-base/autotune/
   (cd .base && export PYTHONPATH=$PWD MOESERVE_CACHE_DIR=/tmp/cache-base
    suite 180 moeserve qwen3-30b-a3b base-bf16-dummy --workloads latency
    suite 180 moeserve qwen3-30b-a3b-fp8 base-fp8-dummy --workloads latency) ;;
@@ -110,7 +109,7 @@ ab)  # on the checkpoint where one was written (`ckpt` first), else on dummy wei
   weights=(); [[ -d $RW ]] && weights=(--random-weights "$RW")
   suite "${SUITE_S:-200}" moeserve qwen3-30b-a3b-fp8 ab-new --workloads "$WORKLOADS" "${weights[@]}"
   [[ -d .base/moeserve ]] || { echo "ab: no .base tree (carry it)"; return 2; }
-  mkdir -p /tmp/cache-base/autotune && cp -n benchmarks/results/autotune/*.json /tmp/cache-base/autotune/
+  mkdir -p /tmp/cache-base/autotune && cp -n moeserve/kernels/tuned/*.json /tmp/cache-base/autotune/
   (cd .base && export PYTHONPATH=$PWD MOESERVE_COMMIT=${BASE_COMMIT:-unknown} MOESERVE_CACHE_DIR=/tmp/cache-base
    suite "${SUITE_S:-200}" moeserve qwen3-30b-a3b-fp8 ab-base --workloads "$WORKLOADS" "${weights[@]}") ;;
 trace)

@@ -25,7 +25,6 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MOESERVE_CACHE_DIR="${MOESERVE_CACHE_DIR:-/tmp/moeserve-cache}"
-mkdir -p "$MOESERVE_CACHE_DIR/autotune" && cp -n benchmarks/results/autotune/*.json "$MOESERVE_CACHE_DIR/autotune/" 2>/dev/null
 OUT_DIR="${OUT:-benchmarks/results}/flagship/${SHAPE:-deepseek-r1}"
 mkdir -p "$OUT_DIR"
 N=$(nvidia-smi -L | wc -l)
@@ -106,5 +105,5 @@ for name in $LAYOUTS; do
 done
 # a call returns only a few files: one archive of everything
 [[ -n "${OUT:-}" ]] && tar czf "$OUT/flagship.tar.gz" -C "$OUT_DIR" . && echo "wrote $OUT/flagship.tar.gz"
-# and what the kernels' autotuner chose for these shapes, so the next start (and benchmarks/results/autotune) has it
+# and what the kernels' autotuner chose for these shapes, so the next start (and moeserve/kernels/tuned/) has it
 [[ -n "${OUT:-}" ]] && tar czf "$OUT/autotune.tar.gz" -C "$MOESERVE_CACHE_DIR" autotune

@@ -106,6 +106,45 @@ def test_a_candidate_added_since_tuning_is_tried_a_failed_one_is_not_retried(gpu
     assert runs == [] and "[cache]" in _take(caplog)  # 128 failed last time: known, not a reason to retune
 
 
+def test_shipped_choices_are_used_below_the_users_cache_and_retuned_when_stale(gpu_like, tmp_path_factory, caplog):
+    """A card the package ships choices for (moeserve/kernels/tuned/<gpu>.json) times nothing at a first start for
+    the shapes it covers; the user's own cache wins over it; a shipped entry that never saw one of today's
+    candidates is tuned again, and the new choice goes to the user's cache, never into the package."""
+    shipped = tmp_path_factory.mktemp("pkg") / "Fake_GPU.json"
+    timed = [[c, FAKE_MS[c["BLOCK"]]] for c in CANDIDATES]
+    shipped.write_text(json.dumps({"entries": {
+        "k|T=8": {"config": {"BLOCK": 64}, "timings_ms": timed},  # not the fake timer's best: proves it was read
+        "k|T=16": {"config": {"BLOCK": 16}, "timings_ms": timed[:2]},  # 64 never timed: stale
+        "budget|x": {"config": {"n": 7}}}}))
+    runs: list[int] = []
+
+    def run(cfg):
+        runs.append(cfg["BLOCK"])
+        return cfg["BLOCK"]
+
+    tuner = autotune.Autotuner(shipped=shipped)
+    assert tuner.choose("k", "T=8", CANDIDATES, run, CANDIDATES[0]) == {"BLOCK": 64}
+    assert runs == [] and "k|T=8: BLOCK=64 [shipped]" in _take(caplog)
+    assert tuner.choose("k", "T=16", CANDIDATES, run, CANDIDATES[0]) == {"BLOCK": 32}
+    assert sorted(runs) == [16, 32, 64] and "[tuned]" in _take(caplog)
+    assert tuner.stored("budget|x") == {"config": {"n": 7}} and tuner.stored_in("budget|x") == shipped
+    user = gpu_like / "autotune" / "Fake_GPU.json"
+    assert tuner.stored_in("k|T=16") == user
+    assert "k|T=8" not in json.loads(user.read_text())["entries"]  # shipped choices are not copied over
+    assert json.loads(shipped.read_text())["entries"]["k|T=16"]["config"] == {"BLOCK": 16}  # package untouched
+
+    user.write_text(json.dumps({"entries": {"k|T=8": {"config": {"BLOCK": 16}, "timings_ms": timed}}}))
+    runs.clear()
+    assert autotune.Autotuner(shipped=shipped).choose("k", "T=8", CANDIDATES, run, CANDIDATES[0]) == {"BLOCK": 16}
+    assert runs == [] and "[cache]" in _take(caplog)
+
+
+def test_the_package_ships_choices_for_the_cards_it_is_measured_on():
+    for slug in ("NVIDIA_H200", "NVIDIA_H100_80GB_HBM3"):
+        entries = json.loads(autotune.shipped_path(slug).read_text())["entries"]
+        assert any(k.startswith("fused_moe|") for k in entries) and all("config" in e for e in entries.values())
+
+
 def test_no_timing_inside_graph_capture(gpu_like, monkeypatch, caplog):
     monkeypatch.setattr(runtime, "capturing", lambda: True)
     tuner = autotune.Autotuner()

@@ -124,8 +124,9 @@ def save(key: str, entry: dict) -> str:
     return str(_tuner().store(key, entry))
 
 
-def cache_path() -> str:
-    return str(_tuner().path)
+def cache_path(key: str) -> str:
+    """The file the entry under key was read from: the user's cache, or the package's shipped choices."""
+    return str(_tuner().stored_in(key))
 
 
 def describe(entry: Mapping, chosen: int, usage: str = "server") -> str:

@@ -131,7 +131,7 @@ class Worker:
                                      self.max_model_len)
         entry = token_budget.cached(key, cands)
         if entry is not None:
-            source, where = "cache", f"from {token_budget.cache_path()}"
+            source, where = "cache", f"from {token_budget.cache_path(key)}"
         else:
             t0 = time.perf_counter()
             self.runner = self._make_runner(max(cands))  # buffers for the largest candidate, while measuring
