@@ -179,7 +179,7 @@ def check_router(report) -> None:
 
 
 def check_int4_linear(report) -> None:
-    from moeserve.kernels.int4_linear import int4_linear
+    from moeserve.kernels.int4_linear import apply_config, int4_candidates, int4_linear
     from moeserve.layers.quant.int4 import pack_int32
 
     N, K = 96, 256
@@ -191,6 +191,11 @@ def check_int4_linear(report) -> None:
                 x = torch.randn(M, K).bfloat16()
                 report(f"int4_linear group={group} zeros={zeros is not None} M={M}",
                        lambda: int4_linear(x, packed, scales, zeros, group, torch.randn(N).bfloat16()))
+    scales, zeros = torch.rand(N, K // 128), torch.randint(0, 16, (N, K // 128), dtype=torch.uint8)
+    for M in (1, 3, 5, 40):  # every config the autotuner may pick (split K among them), one group size
+        x, out = torch.randn(M, K).bfloat16(), torch.empty(M, N).bfloat16()
+        for cfg in int4_candidates(M, N, 128):
+            report(f"int4_linear M={M} {cfg}", lambda: apply_config(cfg, x, packed, scales, zeros, 128, None, out))
 
 
 def check_attention(report) -> None:

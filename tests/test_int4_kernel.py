@@ -121,3 +121,26 @@ def test_activation_order_layer_through_the_kernel():
     torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(layer(x[:1]), ref[:1], rtol=1e-4, atol=1e-5)  # the skinny form
     torch.testing.assert_close(qm.dequantize(layer), w.to(DEVICE))
+
+
+@pytest.mark.parametrize("M", [1, 3, 5, 17])
+def test_every_candidate_config_matches_reference(M):
+    """What the autotuner may pick on a GPU, each config forced: GEMV slabs of all rows (K tiles cut to divide the
+    group, split K with the partials added in the same launch) and tl.dot tiles; K = 96 over split ranges that do
+    not divide it (a split may get no tile at all)."""
+    N, K, group = 40, 96, 32
+    packed, scales, zeros = _weight(N, K, group, 11 + M)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+    b = torch.randn(N, generator=torch.Generator().manual_seed(2))
+    ref = x.double() @ dequantize(packed, scales, zeros, group, torch.float64).t() + b.double()
+    cands = ik.int4_candidates(M, N, group)
+    if M <= ik.SKINNY_ROWS:
+        assert any(c["SPLIT_K"] > 1 for c in cands)
+    for cfg in cands:
+        if "BLOCK_M" not in cfg:  # tiny shape: a smaller slab, the same code paths
+            cfg = dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 16), BLOCK_K=min(cfg["BLOCK_K"], 128))
+        out = torch.empty(M, N, device=DEVICE)
+        ik.apply_config(cfg, x.to(DEVICE), packed.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), group,
+                        b.to(DEVICE), out)
+        err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+        assert err < 1e-5, (cfg, err)

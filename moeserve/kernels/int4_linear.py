@@ -9,15 +9,20 @@ group of G inputs (layers/quant/int4's in-memory layout, whatever the checkpoint
                  has one group): the words are read, unpacked in registers (shift, mask), dequantized with the
                  group's scale/zero to the activation dtype and fed to tl.dot, fp32 accumulation, one rounding at
                  the end.
-  _gemv_kernel   the skinny decode form (M <= SKINNY_ROWS): one program per (row, BLOCK_N outputs), no tl.dot
-                 (its smallest M is 16): the dequantized tile times the activation row, summed over K in fp32.
+  _gemv_kernel   the skinny decode form (M <= SKINNY_ROWS): one program per BLOCK_N outputs (and 1/SPLIT_K of K,
+                 the partials added in the same launch as linear's split-K), all rows in it, no tl.dot (its
+                 smallest M is 16): per K tile, codes . x summed where each thread holds them, then the group's
+                 zero and scale per output.
                  Decode is memory-bound, and this reads 0.5 byte per weight instead of 2.
+  The autotuner picks the launch shape per (rows bucket, N, K, group), timed on streamed copies of the weight.
 
 A tile's words are loaded as [BLOCK_N, BLOCK_K / 8], each word once, each output's words contiguous, and unpacked
 to [BLOCK_N, BLOCK_K] in registers. The first form indexed the word of every code (k // 8) across a
 [BLOCK_K, BLOCK_N] tile: eight loads of each word and no contiguity the compiler could see, and on an H200 it ran at
 7-29 GB/s (qkv_proj of qwen3-30b-a3b at batch 1: 187 us, against 7.7 us for bf16;
-benchmarks/results/kernels/2026-11-28-session22-int4-h200/).
+benchmarks/results/kernels/2026-11-28-session22-int4-h200/). With the words loaded once (session 23, same card):
+40.5 us, 3 % of the bandwidth: one program per row and 64 outputs, a tl.sum across threads every K step, 80
+programs at N = 5120, and M rows reading the weight M times. Hence slabs of all rows, split K, and tuning.
 
 Reference: layers/quant/int4.dequantize + the dense matmul (tests/test_int4_kernel.py, under TRITON_INTERPRET=1
 without a GPU).
@@ -30,6 +35,8 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import pdl, runtime
+from moeserve.kernels.autotune import Config, StreamedRun, bucket, get_tuner
+from moeserve.kernels.linear import _split_reduce, split_counters
 from moeserve.kernels.pdl import pdl_begin
 
 SKINNY_ROWS = 4
@@ -102,24 +109,41 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm,
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_om,
-                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_ZEROS: tl.constexpr, PDL: tl.constexpr = 0):
-    """Per K tile (one group): (codes . x - zero * sum(x)) * scale for each output, in fp32."""
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn,
+                 stride_sn, stride_om, GROUP: tl.constexpr, M_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 PDL: tl.constexpr = 0):
+    """All M (<= M_P) rows against one BLOCK_N-output slab of W (1/SPLIT_K of its K), so each word is read once
+    whatever the rows. Per K tile (inside one group: BLOCK_K divides GROUP): (codes . x - zero * sum(x)) * scale,
+    each output's codes summed where the thread holds them (a tile row is a few threads' consecutive words), so
+    the accumulator is [M_P, BLOCK_N] and the registers stay few: many programs resident, many loads in flight."""
     pdl_begin(PDL)
-    row = tl.program_id(0)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
+    m = tl.arange(0, M_P)
+    m_ok = m < M
     kk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a = tl.load(x_ptr + row.to(tl.int64) * stride_xm + k0 + kk).to(tl.float32)
-        part = tl.sum(_codes(w_ptr, n, n_ok, k0, stride_wn, BLOCK_N, BLOCK_K) * a[None, :], axis=1)
+    k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K  # each split's K range, whole tiles (K: whole groups)
+    acc = tl.zeros([M_P, BLOCK_N], tl.float32)
+    for k0 in range(pid_k * k_span, tl.minimum(K, (pid_k + 1) * k_span), BLOCK_K):
+        c = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        words = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + c[None, :], mask=n_ok[:, None], other=0,
+                        eviction_policy="evict_first")
+        q = unpack_codes(words, 1).to(tl.float32)
+        a = tl.load(x_ptr + m[:, None] * stride_xm + (k0 + kk)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+        part = tl.sum(a[:, None, :] * q[None, :, :], axis=2)
         s, z = _scale_zero(s_ptr, z_ptr, n, n_ok, k0 // GROUP, stride_sn, HAS_ZEROS)
-        acc += (part - z * tl.sum(a)) * s
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row.to(tl.int64) * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+        acc += (part - tl.sum(a, axis=1)[:, None] * z[None, :]) * s[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        _split_reduce(acc, part_ptr, cnt_ptr, b_ptr, out_ptr, pid_n, pid_k, m, n, m_ok, n_ok, M, N, stride_om,
+                      SPLIT_K, HAS_BIAS)
 
 
 def block_k(group: int, cap: int = 64) -> int:
@@ -132,9 +156,38 @@ def block_k(group: int, cap: int = 64) -> int:
     return b
 
 
+def _v(bn, bk, split, w=4, s=3) -> Config:
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "W": w, "S": s}
+
+
+def _t(bm, bn, bk, w, s) -> Config:
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "W": w, "S": s}
+
+
+def int4_candidates(rows: int, n: int, group: int) -> list[Config]:
+    """Configs for this many rows (a bucket); the first is the heuristic default. Up to SKINNY_ROWS rows, GEMV slabs
+    (BLOCK_K: at most one group, cut to a divisor of it at launch). A weight stream wants tens of KB in flight per
+    SM: small slabs, split K for narrow N, and warps enough that each thread loads one or two 16-byte vectors of
+    words a step. Above, tl.dot tiles with K tiles of up to one group."""
+    if rows <= SKINNY_ROWS:
+        bk = 128 if rows == 1 else 64
+        cands = [_v(64, bk, 1, 4), _v(32, bk, 1, 4), _v(16, bk, 1, 2), _v(16, bk, 2, 2), _v(32, bk, 2, 4),
+                 _v(8, bk, 4, 1)]
+        if n <= 4096:
+            cands += [_v(16, bk, 4, 2), _v(32, bk, 4, 4), _v(16, bk, 8, 2)]
+        return cands
+    bk, bk2 = block_k(group), block_k(group, 128)
+    if rows <= 16:
+        return [_t(16, 64, bk, 4, 4), _t(16, 128, bk2, 4, 3), _t(16, 64, bk2, 4, 4), _t(16, 256, bk2, 8, 3),
+                _t(16, 32, bk2, 4, 4)]
+    return [_t(64, 128, bk, 4, 3), _t(128, 128, bk, 8, 3), _t(64, 128, bk2, 4, 3), _t(128, 256, bk, 8, 3),
+            _t(64, 256, bk2, 8, 3), _t(32, 128, bk2, 4, 4)]
+
+
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [M, K] (bf16/fp16/fp32) @ ((q - zeros) * scales)^T + bias -> [M, N], fp32 accumulation."""
+    """x [M, K] (bf16/fp16/fp32) @ ((q - zeros) * scales)^T + bias -> [M, N], fp32 accumulation; the launch shape
+    chosen by the autotuner per (rows bucket, N, K, group)."""
     runtime.check_device("int4 GEMM", x, packed, scales, *([] if zeros is None else [zeros]))
     x = x.contiguous()
     m, k = x.shape
@@ -146,25 +199,48 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return out
+    packed, scales = packed.contiguous(), scales.contiguous()
+    zeros = zeros.contiguous() if zeros is not None else None
+    rows = bucket(m)
+    key = (f"M={rows}|N={n}|K={k}|g={group}|{'z' if zeros is not None else 'sym'}|"
+           f"{str(x.dtype).removeprefix('torch.')}")
+    cands = int4_candidates(rows, n, group)
+    run = StreamedRun(lambda cfg, w, s, *z: apply_config(cfg, x, w, s, z[0] if z else None, group, bias, out),
+                      packed, scales, *([] if zeros is None else [zeros]))
+    cfg = get_tuner().choose("int4_linear", key, cands, run, cands[0])
+    return apply_config(cfg, x, packed, scales, zeros, group, bias, out)
+
+
+def apply_config(cfg: Config, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor | None, group: int, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """One launch of a given config (GEMV: BLOCK_N, BLOCK_K, SPLIT_K; tl.dot tiles: BLOCK_M too) into out."""
+    m, k = x.shape
+    n = packed.shape[0]
     b = bias if bias is not None else out
     has_zeros = zeros is not None
-    packed, scales = packed.contiguous(), scales.contiguous()
-    zeros = zeros.contiguous() if has_zeros else scales  # a placeholder pointer when symmetric
-    if m <= SKINNY_ROWS:
-        bn = 64
-        _gemv_kernel[(m, triton.cdiv(n, bn))](x, packed, scales, zeros, b, out, n, k, x.stride(0), packed.stride(0),
-                                              scales.stride(0), out.stride(0), GROUP=group, BLOCK_N=bn,
-                                              BLOCK_K=block_k(group, 128), HAS_BIAS=bias is not None,
-                                              HAS_ZEROS=has_zeros, num_warps=4, **pdl.launch(x.device, x.shape[0]))
+    z = zeros if has_zeros else scales  # a placeholder pointer when symmetric
+    if "BLOCK_M" not in cfg:
+        if m > SKINNY_ROWS:
+            raise ValueError(f"int4 GEMM: GEMV config {cfg} cannot run {m} rows")
+        bn, split = cfg["BLOCK_N"], cfg["SPLIT_K"]
+        bk = block_k(group, cfg["BLOCK_K"])
+        tiles = triton.cdiv(n, bn)
+        part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
+        counters = split_counters(x.device, tiles) if split > 1 else out
+        _gemv_kernel[(tiles, split)](
+            x, packed, scales, z, b, out, part, counters, m, n, k, x.stride(0), packed.stride(0), scales.stride(0),
+            out.stride(0), GROUP=group, M_P=runtime.next_pow2(m), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+            HAS_BIAS=bias is not None, HAS_ZEROS=has_zeros,
+            num_warps=cfg["W"], num_stages=cfg["S"], **pdl.launch(x.device, m))
         return out
-    bm, bn, warps, stages = (16, 64, 4, 4) if m <= 16 else (64, 128, 4, 3)
-    bk = block_k(group)
-    if bk < 16:
-        raise ValueError(f"int4 GEMM: group size {group} gives K tiles of {bk} (< 16, tl.dot's smallest)")
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if bk < 16 or group % bk:
+        raise ValueError(f"int4 GEMM: group size {group} gives K tiles of {bk} (< 16, tl.dot's smallest, or not "
+                         "dividing the group)")
     dot_f32, precision = runtime.dot_flags(x.dtype)
     _gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        x, packed, scales, zeros, b, out, m, n, k, x.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
+        x, packed, scales, z, b, out, m, n, k, x.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
         GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None, DOT_F32=dot_f32,
-        INPUT_PRECISION=precision, HAS_ZEROS=has_zeros, num_warps=warps, num_stages=stages,
-        **pdl.launch(x.device, x.shape[0]))
+        INPUT_PRECISION=precision, HAS_ZEROS=has_zeros, num_warps=cfg["W"], num_stages=cfg["S"],
+        **pdl.launch(x.device, m))
     return out
