@@ -111,12 +111,15 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm,
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn,
                  stride_sn, stride_om, GROUP: tl.constexpr, M_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                 PDL: tl.constexpr = 0):
+                 BLOCK_K: tl.constexpr, GS: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_ZEROS: tl.constexpr, PDL: tl.constexpr = 0):
     """All M (<= M_P) rows against one BLOCK_N-output slab of W (1/SPLIT_K of its K), so each word is read once
-    whatever the rows. Per K tile (inside one group: BLOCK_K divides GROUP): (codes . x - zero * sum(x)) * scale,
-    each output's codes summed where the thread holds them (a tile row is a few threads' consecutive words), so
-    the accumulator is [M_P, BLOCK_N] and the registers stay few: many programs resident, many loads in flight."""
+    whatever the rows. A K tile is NG = BLOCK_K / GS sub-blocks; GS divides GROUP, so a sub-block has one scale and
+    zero, and K (whole groups) ends on a sub-block. Per sub-block: (codes . x - zero * sum(x)) * scale, the codes
+    summed where each thread holds them (a sub-block row is a few threads' consecutive words) before the scale and
+    zero, which are then one load per (output, sub-block) a thread holds, not one per code. Deep tiles (NG > 1)
+    put more of the weight in flight per thread; the accumulator stays [M_P, BLOCK_N]."""
+    NG: tl.constexpr = BLOCK_K // GS
     pdl_begin(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -124,18 +127,30 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, 
     n_ok = n < N
     m = tl.arange(0, M_P)
     m_ok = m < M
-    kk = tl.arange(0, BLOCK_K)
-    k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K  # each split's K range, whole tiles (K: whole groups)
+    g = tl.arange(0, NG)
+    j = tl.arange(0, GS)
+    c = tl.arange(0, GS // 8)
+    shifts = tl.arange(0, 8) * 4
+    k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K  # each split's K range, whole tiles
     acc = tl.zeros([M_P, BLOCK_N], tl.float32)
     for k0 in range(pid_k * k_span, tl.minimum(K, (pid_k + 1) * k_span), BLOCK_K):
-        c = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        words = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + c[None, :], mask=n_ok[:, None], other=0,
-                        eviction_policy="evict_first")
-        q = unpack_codes(words, 1).to(tl.float32)
-        a = tl.load(x_ptr + m[:, None] * stride_xm + (k0 + kk)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
-        part = tl.sum(a[:, None, :] * q[None, :, :], axis=2)
-        s, z = _scale_zero(s_ptr, z_ptr, n, n_ok, k0 // GROUP, stride_sn, HAS_ZEROS)
-        acc += (part - tl.sum(a, axis=1)[:, None] * z[None, :]) * s[None, :]
+        kg = k0 + g * GS  # each sub-block's first input
+        g_ok = kg < K
+        words = tl.load(w_ptr + n[:, None, None].to(tl.int64) * stride_wn + (kg // 8)[None, :, None] + c[None, None, :],
+                        mask=n_ok[:, None, None] & g_ok[None, :, None], other=0, eviction_policy="evict_first")
+        q = tl.reshape((words[:, :, :, None] >> shifts[None, None, None, :]) & 0xF, [BLOCK_N, NG, GS])
+        a = tl.load(x_ptr + m[:, None, None] * stride_xm + kg[None, :, None] + j[None, None, :],
+                    mask=m_ok[:, None, None] & g_ok[None, :, None], other=0.0).to(tl.float32)
+        part = tl.sum(a[:, None, :, :] * q.to(tl.float32)[None, :, :, :], axis=3)  # [M_P, BLOCK_N, NG]
+        sz_off = n[:, None].to(tl.int64) * stride_sn + (kg // GROUP)[None, :]
+        sz_ok = n_ok[:, None] & g_ok[None, :]
+        sc = tl.load(s_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + sz_off, mask=sz_ok, other=0).to(tl.float32)
+        else:
+            zero = tl.full(sc.shape, 8.0, tl.float32)
+        a_sum = tl.sum(a, axis=2)  # [M_P, NG]
+        acc += tl.sum((part - a_sum[:, None, :] * zero[None, :, :]) * sc[None, :, :], axis=2)
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -156,6 +171,17 @@ def block_k(group: int, cap: int = 64) -> int:
     return b
 
 
+def sub_block(block: int, group: int) -> int:
+    """A GEMV K tile's sub-block: the largest power of two <= the tile (and <= the group) that divides the group,
+    so that it has one scale and zero."""
+    gs = 1 << (min(block, group).bit_length() - 1)
+    while group % gs:
+        gs //= 2
+    if gs < 8:
+        raise ValueError(f"int4 GEMM: group size {group} is not a multiple of 8")
+    return gs
+
+
 def _v(bn, bk, split, w=4, s=3) -> Config:
     return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "W": w, "S": s}
 
@@ -165,16 +191,17 @@ def _t(bm, bn, bk, w, s) -> Config:
 
 
 def int4_candidates(rows: int, n: int, group: int) -> list[Config]:
-    """Configs for this many rows (a bucket); the first is the heuristic default. Up to SKINNY_ROWS rows, GEMV slabs
-    (BLOCK_K: at most one group, cut to a divisor of it at launch). A weight stream wants tens of KB in flight per
-    SM: small slabs, split K for narrow N, and warps enough that each thread loads one or two 16-byte vectors of
-    words a step. Above, tl.dot tiles with K tiles of up to one group."""
+    """Configs for this many rows (a bucket); the first is the heuristic default. Up to SKINNY_ROWS rows, GEMV slabs.
+    A weight stream wants tens of KB in flight per SM: small slabs and split K for narrow N give programs, deep K
+    tiles (several groups) give each thread several 16-byte word loads a step. Above, tl.dot tiles with K tiles of
+    up to one group."""
     if rows <= SKINNY_ROWS:
+        deep = 1024 // runtime.next_pow2(rows)  # 16-32 words a thread a step at 4 warps
         bk = 128 if rows == 1 else 64
         cands = [_v(64, bk, 1, 4), _v(32, bk, 1, 4), _v(16, bk, 1, 2), _v(16, bk, 2, 2), _v(32, bk, 2, 4),
-                 _v(8, bk, 4, 1)]
+                 _v(8, bk, 4, 1), _v(16, deep, 1, 4), _v(8, deep, 1, 2), _v(16, deep, 2, 4)]
         if n <= 4096:
-            cands += [_v(16, bk, 4, 2), _v(32, bk, 4, 4), _v(16, bk, 8, 2)]
+            cands += [_v(16, bk, 4, 2), _v(32, bk, 4, 4), _v(16, bk, 8, 2), _v(16, deep, 4, 4), _v(8, deep, 4, 2)]
         return cands
     bk, bk2 = block_k(group), block_k(group, 128)
     if rows <= 16:
@@ -222,15 +249,14 @@ def apply_config(cfg: Config, x: torch.Tensor, packed: torch.Tensor, scales: tor
     if "BLOCK_M" not in cfg:
         if m > SKINNY_ROWS:
             raise ValueError(f"int4 GEMM: GEMV config {cfg} cannot run {m} rows")
-        bn, split = cfg["BLOCK_N"], cfg["SPLIT_K"]
-        bk = block_k(group, cfg["BLOCK_K"])
+        bn, bk, split = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
         tiles = triton.cdiv(n, bn)
         part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
         counters = split_counters(x.device, tiles) if split > 1 else out
         _gemv_kernel[(tiles, split)](
             x, packed, scales, z, b, out, part, counters, m, n, k, x.stride(0), packed.stride(0), scales.stride(0),
-            out.stride(0), GROUP=group, M_P=runtime.next_pow2(m), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
-            HAS_BIAS=bias is not None, HAS_ZEROS=has_zeros,
+            out.stride(0), GROUP=group, M_P=runtime.next_pow2(m), BLOCK_N=bn, BLOCK_K=bk,
+            GS=sub_block(bk, group), SPLIT_K=split, HAS_BIAS=bias is not None, HAS_ZEROS=has_zeros,
             num_warps=cfg["W"], num_stages=cfg["S"], **pdl.launch(x.device, m))
         return out
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
