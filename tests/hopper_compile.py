@@ -8,7 +8,7 @@ tests/test_hopper_compile.py in a process of its own, since it swaps Triton's ac
 
 Forms: fused_moe's four kernels for bf16, fp8 (scale blocks inside a K tile, per row, element-wise; W8A8, with
 the activation quant before the kernels) and int4 (groups of 8 and 16, with zeros and symmetric)
-experts, one config per (SORT, FOLD, GEMV1, LATE, A8) at each token regime; fp8_linear's W8A8 GEMM and the bf16
+experts, one config per (SORT, FOLD, GEMV1, LATE, A8, DEEP) at each token regime; fp8_linear's W8A8 GEMM and the bf16
 skinny GEMM (GEMV and tl.dot forms), split-K (the reduce in the same launch) or not, with and without bias, block
 and per-channel scales; the routers' softmax and grouped top-k, with
 and without telemetry counts; int4_linear (GEMV and GEMM, zeros and symmetric); paged attention (decode and
@@ -74,7 +74,8 @@ def _forms(cands: list[dict]) -> list[dict]:
     """One config per code path (the tile sizes do not change which code the compiler sees)."""
     seen, out = set(), []
     for c in cands:
-        key = tuple(c.get(k, d) for k, d in (("SORT", 1), ("FOLD", 0), ("GEMV1", 0), ("LATE", 0), ("A8", 0)))
+        key = tuple(c.get(k, d) for k, d in (("SORT", 1), ("FOLD", 0), ("GEMV1", 0), ("LATE", 0), ("A8", 0),
+                                             ("DEEP", 0)))
         if key not in seen:
             seen.add(key)
             out.append(c)
@@ -119,7 +120,8 @@ def check_moe(report) -> None:
             T = min(tokens, 16)
             x = torch.randn(T, H).bfloat16()
             ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).int()
-            for cfg in _forms(fm.moe_candidates(tokens, 8, 128, 2, scale_k, a8=a8)):
+            int4 = name.startswith("int4")
+            for cfg in _forms(fm.moe_candidates(tokens, 8, 128, 2, scale_k, a8=a8, int4=int4)):
                 def launch(cfg=cfg):
                     inter1 = torch.empty(T * K, inter, dtype=x.dtype)
                     inter2 = torch.empty(T * K, H, dtype=x.dtype)

@@ -105,7 +105,7 @@ H_, I_ = 160, 96  # several K tiles, whole groups; tiles of 64 and 128 end parti
 def _candidates(group):
     elem = 2 if CUDA else 4  # bf16 on the GPU, fp32 in the interpreter
     scale_k = (group if group < H_ else 0, group if group < I_ else 0)
-    return [c for tokens in (1, 16, 128, 1024) for c in fm.moe_candidates(tokens, 8, 128, elem, scale_k)]
+    return [c for tokens in (1, 16, 128, 1024) for c in fm.moe_candidates(tokens, 8, 128, elem, scale_k, int4=True)]
 
 
 # groups of 8 (narrower than any K tile: element by element) and 32 (tiles fitted inside); zeros or symmetric

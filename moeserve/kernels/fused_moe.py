@@ -140,6 +140,27 @@ def _col_zero(z_col, k0, n_ok, SBK: tl.constexpr, HAS_ZEROS: tl.constexpr):
 
 
 @triton.jit
+def _w4_deep_dot(codes, a, s_col, z_col, k0, k_left, n_ok, SBK: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """int4, WSCALE 3 (a GEMV's K tile of NG whole scale groups): [BLOCK_N] sums over the tile of each column's
+    (codes - zero) * scale . a, each group's codes . a summed first (where the thread holds them), then its zero and
+    scale: one scale and zero load per (column, group) a thread holds, where dequantizing every code loaded one per
+    code. Deep tiles put more of a weight stream in flight per thread than one group's 128 inputs; codes [BLOCK_N,
+    BLOCK_K] (unpacked), a [BLOCK_K] fp32."""
+    NG: tl.constexpr = codes.shape[1] // SBK
+    q = tl.reshape(codes, [codes.shape[0], NG, SBK]).to(tl.float32)
+    a3 = tl.reshape(a, [NG, SBK])
+    part = tl.sum(q * a3[None, :, :], axis=2)
+    blk = tl.arange(0, NG)
+    ok = n_ok[:, None] & (blk * SBK < k_left)[None, :]
+    idx = k0 // SBK + blk[None, :]
+    sc = tl.load(s_col[:, None] + idx, mask=ok, other=0.0).to(tl.float32)
+    z = tl.full(sc.shape, 8.0, tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_col[:, None] + idx, mask=ok, other=0).to(tl.float32)
+    return tl.sum((part - tl.sum(a3, axis=1)[None, :] * z) * sc, axis=1)
+
+
+@triton.jit
 def _side_cols(s_ptr, z_ptr, e, n, stride_se, stride_sn, s_up, SBN: tl.constexpr, HAS_ZEROS: tl.constexpr):
     """Each column's row of scales for gate (or down) and for up (s_up rows further), and of int4 zeros (the same
     layout; without zeros the scales' pointers stand in, never read)."""
@@ -288,44 +309,50 @@ def _gate_up_gemv_kernel(
             wm = _w_mask(kw, H - k0, n_ok, PACK, 1)
             g = tl.load(g_ptrs, mask=wm, other=0.0)
             u = tl.load(u_ptrs, mask=wm, other=0.0)
-        a = a.to(tl.float32)[None, :]
-        if PACK == 8 and WSCALE == 1 and not LATE_SUM:  # the codes as they are: each column's zero after the sum
-            g = unpack_codes(g, 1)
-            u = unpack_codes(u, 1)
-        elif PACK == 8:
-            if HAS_ZEROS:
-                kb = ((k0 + kk) // SBK)[None, :]
-                wm = n_ok[:, None] & (kk < H - k0)[None, :]
-                gz = _zero(gz_col, k0, n_ok, kb, wm, SBK, WSCALE, 0)
-                uz = _zero(uz_col, k0, n_ok, kb, wm, SBK, WSCALE, 0)
-            else:
-                gz = 8.0
-                uz = 8.0
-            g = _w4_codes(unpack_codes(g, 1), gz)
-            u = _w4_codes(unpack_codes(u, 1), uz)
-        g = g.to(tl.float32)
-        u = u.to(tl.float32)
-        if WSCALE == 2:
-            g = _scale_elems(g, gs_col[:, None], ((k0 + kk) // SBK)[None, :], n_ok[:, None] & (kk < H - k0)[None, :])
-            u = _scale_elems(u, us_col[:, None], ((k0 + kk) // SBK)[None, :], n_ok[:, None] & (kk < H - k0)[None, :])
-        if LATE_SUM:
-            if WSCALE == 1:
-                g = g * _col_scale(gs_col, k0, n_ok, SBK)[:, None]
-                u = u * _col_scale(us_col, k0, n_ok, SBK)[:, None]
-            acc_g2 += g * a
-            acc_u2 += u * a
-        elif WSCALE == 1 and PACK == 8:
-            a_sum = tl.sum(a)
-            acc_g += (tl.sum(g * a, axis=1) - _col_zero(gz_col, k0, n_ok, SBK, HAS_ZEROS) * a_sum) \
-                * _col_scale(gs_col, k0, n_ok, SBK)
-            acc_u += (tl.sum(u * a, axis=1) - _col_zero(uz_col, k0, n_ok, SBK, HAS_ZEROS) * a_sum) \
-                * _col_scale(us_col, k0, n_ok, SBK)
-        elif WSCALE == 1:
-            acc_g += tl.sum(g * a, axis=1) * _col_scale(gs_col, k0, n_ok, SBK)
-            acc_u += tl.sum(u * a, axis=1) * _col_scale(us_col, k0, n_ok, SBK)
+        if WSCALE == 3:  # int4, several whole groups a tile
+            af = a.to(tl.float32)
+            acc_g += _w4_deep_dot(unpack_codes(g, 1), af, gs_col, gz_col, k0, H - k0, n_ok, SBK, HAS_ZEROS)
+            acc_u += _w4_deep_dot(unpack_codes(u, 1), af, us_col, uz_col, k0, H - k0, n_ok, SBK, HAS_ZEROS)
         else:
-            acc_g += tl.sum(g * a, axis=1)
-            acc_u += tl.sum(u * a, axis=1)
+            a = a.to(tl.float32)[None, :]
+            if PACK == 8 and WSCALE == 1 and not LATE_SUM:  # the codes as they are: each column's zero after the sum
+                g = unpack_codes(g, 1)
+                u = unpack_codes(u, 1)
+            elif PACK == 8:
+                if HAS_ZEROS:
+                    kb = ((k0 + kk) // SBK)[None, :]
+                    wm = n_ok[:, None] & (kk < H - k0)[None, :]
+                    gz = _zero(gz_col, k0, n_ok, kb, wm, SBK, WSCALE, 0)
+                    uz = _zero(uz_col, k0, n_ok, kb, wm, SBK, WSCALE, 0)
+                else:
+                    gz = 8.0
+                    uz = 8.0
+                g = _w4_codes(unpack_codes(g, 1), gz)
+                u = _w4_codes(unpack_codes(u, 1), uz)
+            g = g.to(tl.float32)
+            u = u.to(tl.float32)
+            if WSCALE == 2:
+                em = n_ok[:, None] & (kk < H - k0)[None, :]
+                g = _scale_elems(g, gs_col[:, None], ((k0 + kk) // SBK)[None, :], em)
+                u = _scale_elems(u, us_col[:, None], ((k0 + kk) // SBK)[None, :], em)
+            if LATE_SUM:
+                if WSCALE == 1:
+                    g = g * _col_scale(gs_col, k0, n_ok, SBK)[:, None]
+                    u = u * _col_scale(us_col, k0, n_ok, SBK)[:, None]
+                acc_g2 += g * a
+                acc_u2 += u * a
+            elif WSCALE == 1 and PACK == 8:
+                a_sum = tl.sum(a)
+                acc_g += (tl.sum(g * a, axis=1) - _col_zero(gz_col, k0, n_ok, SBK, HAS_ZEROS) * a_sum) \
+                    * _col_scale(gs_col, k0, n_ok, SBK)
+                acc_u += (tl.sum(u * a, axis=1) - _col_zero(uz_col, k0, n_ok, SBK, HAS_ZEROS) * a_sum) \
+                    * _col_scale(us_col, k0, n_ok, SBK)
+            elif WSCALE == 1:
+                acc_g += tl.sum(g * a, axis=1) * _col_scale(gs_col, k0, n_ok, SBK)
+                acc_u += tl.sum(u * a, axis=1) * _col_scale(us_col, k0, n_ok, SBK)
+            else:
+                acc_g += tl.sum(g * a, axis=1)
+                acc_u += tl.sum(u * a, axis=1)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K // PACK
         u_ptrs += BLOCK_K // PACK
@@ -451,30 +478,34 @@ def _down_sum_kernel(
                 k_ok = kk < I - k0
                 a = tl.load(a_ptrs, mask=k_ok, other=0.0)
                 b = tl.load(b_ptrs, mask=_w_mask(kw, I - k0, n_ok, PACK, 1), other=0.0)
-            if PACK == 8 and WSCALE == 1 and not LATE_SUM:  # the codes as they are: each column's zero after the sum
-                b = unpack_codes(b, 1)
-            elif PACK == 8:
-                if HAS_ZEROS:
-                    bz = _zero(z_col, k0, n_ok, ((k0 + kk) // SBK)[None, :], n_ok[:, None] & (kk < I - k0)[None, :],
-                               SBK, WSCALE, 0)
-                else:
-                    bz = 8.0
-                b = _w4_codes(unpack_codes(b, 1), bz)
-            b = b.to(tl.float32)
-            if WSCALE == 2:
-                b = _scale_elems(b, s_col[:, None], ((k0 + kk) // SBK)[None, :], n_ok[:, None] & (kk < I - k0)[None, :])
-            if LATE_SUM:
-                if WSCALE == 1:
-                    b = b * _col_scale(s_col, k0, n_ok, SBK)[:, None]
-                acc2 += b * (wt * a.to(tl.float32))[None, :]
-            elif WSCALE == 1 and PACK == 8:
-                af = a.to(tl.float32)
-                part += (tl.sum(b * af[None, :], axis=1) - _col_zero(z_col, k0, n_ok, SBK, HAS_ZEROS) * tl.sum(af)) \
-                    * _col_scale(s_col, k0, n_ok, SBK)
-            elif WSCALE == 1:
-                part += tl.sum(b * a.to(tl.float32)[None, :], axis=1) * _col_scale(s_col, k0, n_ok, SBK)
+            if WSCALE == 3:  # int4, several whole groups a tile
+                part += _w4_deep_dot(unpack_codes(b, 1), a.to(tl.float32), s_col, z_col, k0, I - k0, n_ok, SBK,
+                                     HAS_ZEROS)
             else:
-                part += tl.sum(b * a.to(tl.float32)[None, :], axis=1)
+                em = n_ok[:, None] & (kk < I - k0)[None, :]
+                if PACK == 8 and WSCALE == 1 and not LATE_SUM:  # the codes as they are: the zero after the sum
+                    b = unpack_codes(b, 1)
+                elif PACK == 8:
+                    if HAS_ZEROS:
+                        bz = _zero(z_col, k0, n_ok, ((k0 + kk) // SBK)[None, :], em, SBK, WSCALE, 0)
+                    else:
+                        bz = 8.0
+                    b = _w4_codes(unpack_codes(b, 1), bz)
+                b = b.to(tl.float32)
+                if WSCALE == 2:
+                    b = _scale_elems(b, s_col[:, None], ((k0 + kk) // SBK)[None, :], em)
+                if LATE_SUM:
+                    if WSCALE == 1:
+                        b = b * _col_scale(s_col, k0, n_ok, SBK)[:, None]
+                    acc2 += b * (wt * a.to(tl.float32))[None, :]
+                elif WSCALE == 1 and PACK == 8:
+                    af = a.to(tl.float32)
+                    zero = _col_zero(z_col, k0, n_ok, SBK, HAS_ZEROS)
+                    part += (tl.sum(b * af[None, :], axis=1) - zero * tl.sum(af)) * _col_scale(s_col, k0, n_ok, SBK)
+                elif WSCALE == 1:
+                    part += tl.sum(b * a.to(tl.float32)[None, :], axis=1) * _col_scale(s_col, k0, n_ok, SBK)
+                else:
+                    part += tl.sum(b * a.to(tl.float32)[None, :], axis=1)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K // PACK
         if not LATE_SUM:
@@ -586,7 +617,8 @@ def fused_moe(
         _moe_chunk(cfg, x[lo:hi], w13, w2, topk_weights[lo:hi], topk_ids[lo:hi], out[lo:hi], inter1, inter2,
                    expert_map, scales)
 
-    cands = moe_candidates(bucket(rows), K, num_ids, x.element_size(), scale_k, a8=quant and pack == 1)
+    cands = moe_candidates(bucket(rows), K, num_ids, x.element_size(), scale_k, a8=quant and pack == 1,
+                           int4=pack == 8)
     cfg = get_tuner().choose("fused_moe", key, cands, run, cands[0])
     for lo in range(0, T, rows):
         run(cfg, lo)
@@ -624,14 +656,18 @@ def _check_scales(w13, w2, w13_scale, w2_scale, blocks, H: int, inter: int, w13_
     return True
 
 
-def _scale_args(s, block, k: int, bk: int, up: bool = False, z=None, pack: int = 1) -> dict:
+def _scale_args(s, block, k: int, bk: int, up: bool = False, z=None, pack: int = 1, deep: bool = False) -> dict:
     """The scale (and int4: zero, packing) arguments of one expert kernel launch over a K of k in tiles of bk
-    (none for bf16 weights)."""
+    (none for bf16 weights). WSCALE: 1, the tile inside one scale block; 2, a scale per element; 3, a DEEP config's
+    int4 GEMV tile of whole groups (a power of two, summed group by group: _w4_deep_dot)."""
     if s is None:
         return {}
     sbn, sbk = block
+    wscale = 1 if sbk >= k or sbk % bk == 0 else 2
+    if wscale == 2 and deep and pack == 8 and bk % sbk == 0 and sbk & (sbk - 1) == 0:
+        wscale = 3
     args = {"s_ptr": s, "stride_se": s.stride(0), "stride_sn": s.stride(1), "SBN": sbn, "SBK": sbk,
-            "WSCALE": 1 if sbk >= k or sbk % bk == 0 else 2, "PACK": pack}
+            "WSCALE": wscale, "PACK": pack}
     if z is not None:
         args.update(z_ptr=z, HAS_ZEROS=True)
     if up:
@@ -660,8 +696,9 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
     dot_f32, precision = runtime.dot_flags(x.dtype)
     bn1, bk1 = cfg["BLOCK_N1"], cfg["BLOCK_K1"]
     bn2, bk2 = cfg["BLOCK_N2"], cfg["BLOCK_K2"]
-    scaled1 = _scale_args(s13, blocks["w13"], H, bk1, up=True, z=z13, pack=pack)
-    scaled2 = _scale_args(s2, blocks["w2"], inter, bk2, z=z2, pack=pack)
+    deep = bool(cfg.get("DEEP"))  # GEMV1 and FOLD, not LATE: both GEMVs take WSCALE 3
+    scaled1 = _scale_args(s13, blocks["w13"], H, bk1, up=True, z=z13, pack=pack, deep=deep)
+    scaled2 = _scale_args(s2, blocks["w2"], inter, bk2, z=z2, pack=pack, deep=deep)
     a8 = (bool(cfg.get("A8")) and scaled1.get("WSCALE") == 1 and scaled2.get("WSCALE") == 1
           and not cfg.get("GEMV1") and not cfg.get("FOLD"))
     if a8:  # W8A8: x quantized per token per scale block of K (the whole row for per-row scales)
@@ -709,7 +746,7 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
                                                  num_warps=4, **pdl.launch(inter2.device, T))
 
 
-def _cfg(bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, sort=1, fold=0, gemv1=0, late=0) -> Config:
+def _cfg(bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, sort=1, fold=0, gemv1=0, late=0, deep=0) -> Config:
     cfg = {"BLOCK_M": bm, "BLOCK_N1": bn1, "BLOCK_K1": bk1, "W1": w1, "S1": s1,
            "BLOCK_N2": bn2, "BLOCK_K2": bk2, "W2": w2, "S2": s2, "SORT": sort}
     if fold:  # down GEMV and the sum over K in one kernel (requires sort=0)
@@ -718,18 +755,21 @@ def _cfg(bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, sort=1, fold=0, gemv1=0, late=0
         cfg["GEMV1"] = 1
     if late:  # the GEMV kernels sum their fp32 products over K once after the loop, not at every step
         cfg["LATE"] = 1
+    if deep:  # int4 GEMVs: K tiles of several whole groups (WSCALE 3), not fitted inside one
+        cfg["DEEP"] = 1
     return cfg
 
 
 def moe_candidates(tokens: int, top_k: int, num_experts: int, elem_bytes: int = 2,
-                   scale_k: tuple[int, int] | None = None, a8: bool = False) -> list[Config]:
+                   scale_k: tuple[int, int] | None = None, a8: bool = False, int4: bool = False) -> list[Config]:
     """A handful of configs per regime of rows per expert (tokens = the bucket); the first is the heuristic.
     scale_k: quantized experts' K scale blocks (fp8) or groups (int4) of gate/up and of down (0: one block over
     all of K); None: bf16 experts. a8 (fp8 experts): with bf16 activations, also the W8A8 form (A8) of each tiled
     config. Prefill: fp8 operands double the tensor cores' rate. Decode: the W8A16 forms widen every weight element
     to bf16 (1.5 conversions an element in Triton's sm_90 PTX: e4m3x2 -> f16x2, f16 -> bf16), and fp8 experts ran at
     51-64 % of HBM bandwidth at 8-128 tokens on an H200 where bf16 experts ran at 85 % (session 16); fp8 x fp8
-    feeds the weights to the tensor cores as they are."""
+    feeds the weights to the tensor cores as they are. int4 (with scale_k): the decode GEMVs also get deep K tiles of
+    several whole groups (DEEP), whose words per thread a step are those of bf16's tiles."""
     per_expert = tokens * top_k / num_experts
     if per_expert <= 1:  # decode: each expert sees ~1 row, weight streaming dominates
         cands = [_cfg(16, 32, 128, 4, 4, 64, 128, 4, 4), _cfg(16, 64, 128, 4, 4, 128, 64, 4, 4),
@@ -775,6 +815,15 @@ def moe_candidates(tokens: int, top_k: int, num_experts: int, elem_bytes: int = 
             cands += [dict(c, A8=1, BLOCK_K1=2 * c["BLOCK_K1"], BLOCK_K2=2 * c["BLOCK_K2"]) for c in cands
                       if not (c.get("GEMV1") or c.get("FOLD"))]
         fitted = [_fit_scale_blocks(c, *scale_k) for c in cands]
+        if int4 and per_expert <= 1 and tokens * top_k <= 2 * top_k:
+            # a GEMV over one group (128 inputs: 16 words a column) keeps 4x fewer bytes in flight than bf16's
+            # tiles of the same shape; these keep the words. At T=1 the fitted GEMV forms ran at 89-126 us on an
+            # H200 against the tiled form's 47 (results/kernels/2026-11-28-session23-int4-h200)
+            # (down tiles dividing I load whole 16-byte vectors; a masked last tile loads word by word)
+            fitted += [_cfg(16, 8, 512, 2, 3, 16, 256, 2, 3, sort=0, fold=1, gemv1=1, deep=1),
+                       _cfg(16, 8, 1024, 4, 3, 16, 256, 2, 3, sort=0, fold=1, gemv1=1, deep=1),
+                       _cfg(16, 16, 512, 4, 3, 32, 256, 4, 3, sort=0, fold=1, gemv1=1, deep=1),
+                       _cfg(16, 4, 1024, 2, 3, 8, 512, 2, 3, sort=0, fold=1, gemv1=1, deep=1)]
         # fp8 tl.dot takes K tiles of 32 or more
         cands = [c for i, c in enumerate(fitted) if c not in fitted[:i]
                  and not (c.get("A8") and min(c["BLOCK_K1"], c["BLOCK_K2"]) < 32)]
