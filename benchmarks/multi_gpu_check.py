@@ -55,7 +55,10 @@ def run(path: str, port: int, dtype: str = "float32", eager: bool = False, **lay
     ok, value = queue.get(timeout=600)
     proc.join(timeout=30)
     if proc.is_alive():
+        print("  (the engine's process did not exit within 30 s of its result: killed)", flush=True)
         proc.kill()
+    elif proc.exitcode:
+        print(f"  (the engine's process exited with {proc.exitcode} after its result)", flush=True)
     if not ok:
         raise RuntimeError(value)
     return value

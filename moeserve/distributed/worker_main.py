@@ -114,14 +114,21 @@ def _data_parallel_step(worker, leader, tp, channel, step, prev, kept):
 
 
 def release_process_groups() -> None:
-    """Leave torch.distributed, so that another engine can start in this process (the CPU tests do). Not on
-    NCCL: its teardown waits on peers that may already be gone (a worker hung in destroy_process_group at
-    shutdown on 2xH200, seen with faulthandler), so a CUDA rank process just ends, and rank 0's process keeps its
-    groups: one multi-GPU engine per process there, as with vLLM."""
+    """Leave torch.distributed, so that another engine can start in this process (the CPU tests do). Not through
+    NCCL's teardown: it waits on peers that may already be gone (a worker hung in destroy_process_group at shutdown
+    on 2xH200, seen with faulthandler), so a CUDA worker process just ends (os._exit), and rank 0, whose workers
+    have been joined or killed by then, aborts its communicators, which waits on nobody. Left to the interpreter's
+    exit instead, they ended every multi-GPU engine's process with "terminate called without an active exception"
+    (SIGABRT after a clean shutdown, 2xH200, sessions 22-23)."""
     from moeserve.distributed.parallel_state import destroy_model_parallel
 
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return
     destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        try:
+            dist.distributed_c10d._abort_process_group()
+        except Exception as exc:  # an experimental torch API: keep the shutdown going whatever it does
+            logger.warning("aborting the NCCL process groups failed (%s); left to the process exit", exc)
+        return
+    dist.destroy_process_group()
