@@ -104,10 +104,19 @@ def _w_mask(kk, k_left, n_ok, PACK: tl.constexpr, K_AXIS: tl.constexpr):
 
 
 @triton.jit
-def _w4_codes(codes, zero):
-    """int4: each element's code minus its zero, fp32: small integers, exact in bf16, so the scale can still be
-    applied per column after the dot."""
-    return codes.to(tl.float32) - zero
+def _w4_tile(words, z_col, k0, kk, k_left, n_ok, SBK: tl.constexpr, WSCALE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+             K_AXIS: tl.constexpr):
+    """int4: a loaded tile of words (K along K_AXIS) as each element's code minus its zero (8 when symmetric), fp32:
+    small integers, exact in bf16, so the scale can still be applied per column after the dot."""
+    z = 8.0
+    if HAS_ZEROS:
+        if K_AXIS == 0:
+            z = _zero(z_col, k0, n_ok, ((k0 + kk) // SBK)[:, None], (kk < k_left)[:, None] & n_ok[None, :], SBK,
+                      WSCALE, 1)
+        else:
+            z = _zero(z_col, k0, n_ok, ((k0 + kk) // SBK)[None, :], n_ok[:, None] & (kk < k_left)[None, :], SBK,
+                      WSCALE, 0)
+    return unpack_codes(words, K_AXIS).to(tl.float32) - z
 
 
 @triton.jit
@@ -225,16 +234,8 @@ def _gate_up_kernel(
             g = tl.load(g_ptrs, mask=wm, other=0.0)
             u = tl.load(u_ptrs, mask=wm, other=0.0)
         if PACK == 8:
-            if HAS_ZEROS:
-                kb = ((k0 + kk) // SBK)[:, None]
-                wm = (kk < H - k0)[:, None] & n_ok[None, :]
-                gz = _zero(gz_col, k0, n_ok, kb, wm, SBK, WSCALE, 1)
-                uz = _zero(uz_col, k0, n_ok, kb, wm, SBK, WSCALE, 1)
-            else:
-                gz = 8.0
-                uz = 8.0
-            g = _w4_codes(unpack_codes(g, 0), gz)
-            u = _w4_codes(unpack_codes(u, 0), uz)
+            g = _w4_tile(g, gz_col, k0, kk, H - k0, n_ok, SBK, WSCALE, HAS_ZEROS, 0)
+            u = _w4_tile(u, uz_col, k0, kk, H - k0, n_ok, SBK, WSCALE, HAS_ZEROS, 0)
         if WSCALE == 2:
             g = _scale_elems(g, gs_col[None, :], ((k0 + kk) // SBK)[:, None], (kk < H - k0)[:, None] & n_ok[None, :])
             u = _scale_elems(u, us_col[None, :], ((k0 + kk) // SBK)[:, None], (kk < H - k0)[:, None] & n_ok[None, :])
@@ -319,16 +320,8 @@ def _gate_up_gemv_kernel(
                 g = unpack_codes(g, 1)
                 u = unpack_codes(u, 1)
             elif PACK == 8:
-                if HAS_ZEROS:
-                    kb = ((k0 + kk) // SBK)[None, :]
-                    wm = n_ok[:, None] & (kk < H - k0)[None, :]
-                    gz = _zero(gz_col, k0, n_ok, kb, wm, SBK, WSCALE, 0)
-                    uz = _zero(uz_col, k0, n_ok, kb, wm, SBK, WSCALE, 0)
-                else:
-                    gz = 8.0
-                    uz = 8.0
-                g = _w4_codes(unpack_codes(g, 1), gz)
-                u = _w4_codes(unpack_codes(u, 1), uz)
+                g = _w4_tile(g, gz_col, k0, kk, H - k0, n_ok, SBK, WSCALE, HAS_ZEROS, 1)
+                u = _w4_tile(u, uz_col, k0, kk, H - k0, n_ok, SBK, WSCALE, HAS_ZEROS, 1)
             g = g.to(tl.float32)
             u = u.to(tl.float32)
             if WSCALE == 2:
@@ -410,12 +403,7 @@ def _down_kernel(
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=_w_mask(kw, I - k0, n_ok, PACK, 0), other=0.0)
         if PACK == 8:
-            if HAS_ZEROS:
-                bz = _zero(z_col, k0, n_ok, ((k0 + kk) // SBK)[:, None], (kk < I - k0)[:, None] & n_ok[None, :], SBK,
-                           WSCALE, 1)
-            else:
-                bz = 8.0
-            b = _w4_codes(unpack_codes(b, 0), bz)
+            b = _w4_tile(b, z_col, k0, kk, I - k0, n_ok, SBK, WSCALE, HAS_ZEROS, 0)
         if WSCALE == 2:
             b = _scale_elems(b, s_col[None, :], ((k0 + kk) // SBK)[:, None], (kk < I - k0)[:, None] & n_ok[None, :])
         if WSCALE != 0:
@@ -486,11 +474,7 @@ def _down_sum_kernel(
                 if PACK == 8 and WSCALE == 1 and not LATE_SUM:  # the codes as they are: the zero after the sum
                     b = unpack_codes(b, 1)
                 elif PACK == 8:
-                    if HAS_ZEROS:
-                        bz = _zero(z_col, k0, n_ok, ((k0 + kk) // SBK)[None, :], em, SBK, WSCALE, 0)
-                    else:
-                        bz = 8.0
-                    b = _w4_codes(unpack_codes(b, 1), bz)
+                    b = _w4_tile(b, z_col, k0, kk, I - k0, n_ok, SBK, WSCALE, HAS_ZEROS, 1)
                 b = b.to(tl.float32)
                 if WSCALE == 2:
                     b = _scale_elems(b, s_col[:, None], ((k0 + kk) // SBK)[None, :], em)
