@@ -119,8 +119,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, 
     summed where each thread holds them (a sub-block row is a few threads' consecutive words) before the scale and
     zero, which are then one load per (output, sub-block) a thread holds, not one per code. Deep tiles (NG > 1)
     put more of the weight in flight per thread; the accumulator stays [M_P, BLOCK_N]."""
-    NG: tl.constexpr = BLOCK_K // GS
     pdl_begin(PDL)
+    NG: tl.constexpr = BLOCK_K // GS
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
