@@ -162,24 +162,14 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, 
 
 
 def block_k(group: int, cap: int = 64) -> int:
-    """The K tile: the largest power of two <= cap dividing the group (>= 8, one packed word; 16 for tl.dot)."""
+    """The largest power of two <= cap (a power of two) dividing the group (>= 8, one packed word; 16 for tl.dot):
+    the tl.dot K tile, or the sub-block of a GEMV K tile of cap inputs (one scale and zero)."""
     b = cap
     while b > 8 and group % b:
         b //= 2
     if group % b:
         raise ValueError(f"int4 GEMM: group size {group} is not a multiple of 8")
     return b
-
-
-def sub_block(block: int, group: int) -> int:
-    """A GEMV K tile's sub-block: the largest power of two <= the tile (and <= the group) that divides the group,
-    so that it has one scale and zero."""
-    gs = 1 << (min(block, group).bit_length() - 1)
-    while group % gs:
-        gs //= 2
-    if gs < 8:
-        raise ValueError(f"int4 GEMM: group size {group} is not a multiple of 8")
-    return gs
 
 
 def _v(bn, bk, split, w=4, s=3) -> Config:
@@ -256,7 +246,7 @@ def apply_config(cfg: Config, x: torch.Tensor, packed: torch.Tensor, scales: tor
         _gemv_kernel[(tiles, split)](
             x, packed, scales, z, b, out, part, counters, m, n, k, x.stride(0), packed.stride(0), scales.stride(0),
             out.stride(0), GROUP=group, M_P=runtime.next_pow2(m), BLOCK_N=bn, BLOCK_K=bk,
-            GS=sub_block(bk, group), SPLIT_K=split, HAS_BIAS=bias is not None, HAS_ZEROS=has_zeros,
+            GS=block_k(group, bk), SPLIT_K=split, HAS_BIAS=bias is not None, HAS_ZEROS=has_zeros,
             num_warps=cfg["W"], num_stages=cfg["S"], **pdl.launch(x.device, m))
         return out
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
