@@ -168,18 +168,16 @@ def check_linear(report) -> None:
 def check_router(report) -> None:
     from moeserve.kernels import router
 
-    w = torch.randn(64, 1000).bfloat16()
+    x, w = torch.randn(5, 64).bfloat16(), torch.randn(64, 64).bfloat16()
     counts, valid = torch.zeros(64, dtype=torch.int64), torch.tensor([4], dtype=torch.int32)
-    for rows in (5, 1):  # the GEMM and then top-k; the one-launch router
-        x = torch.randn(rows, 1000).bfloat16()
-        for telemetry in (False, True):
-            extra = {"counts": counts, "valid_tokens": valid} if telemetry else {}
-            for renorm in (False, True):
-                report(f"router softmax top-k rows={rows} renorm={renorm} counts={telemetry}",
-                       lambda: router.route_softmax_topk(x, w, 6, renorm, 1.0, **extra))
-            for sigmoid, top2, bias in ((True, True, torch.zeros(64)), (False, False, None)):
-                report(f"router grouped top-k rows={rows} sigmoid={sigmoid} top2_sum={top2} counts={telemetry}",
-                       lambda: router.route_grouped_topk(x, w, bias, 6, 8, 3, sigmoid, top2, True, 2.5, **extra))
+    for telemetry in (False, True):
+        extra = {"counts": counts, "valid_tokens": valid} if telemetry else {}
+        for renorm in (False, True):
+            report(f"router softmax top-k renorm={renorm} counts={telemetry}",
+                   lambda: router.route_softmax_topk(x, w, 6, renorm, 1.0, **extra))
+        for sigmoid, top2, bias in ((True, True, torch.zeros(64)), (False, False, None)):
+            report(f"router grouped top-k sigmoid={sigmoid} top2_sum={top2} counts={telemetry}",
+                   lambda: router.route_grouped_topk(x, w, bias, 6, 8, 3, sigmoid, top2, True, 2.5, **extra))
 
 
 def check_int4_linear(report) -> None:

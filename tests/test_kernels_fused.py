@@ -13,7 +13,6 @@ from triton_kernels import CUDA  # first: without a GPU it sets up the interpret
 
 pytest.importorskip("triton")
 
-from moeserve.kernels.linear import split_counters  # noqa: E402
 from moeserve.kernels.norm import rms_norm  # noqa: E402
 from moeserve.kernels.rotary import apply_rope  # noqa: E402
 from moeserve.layers.norm import RMSNorm  # noqa: E402
@@ -110,11 +109,8 @@ def test_rope_writes_k_and_v_into_the_paged_cache(qk_norm, head_dim, partial, T)
 
 
 @pytest.mark.parametrize("renorm", [True, False])
-@pytest.mark.parametrize("E,k,T", [(8, 2, 6), (60, 4, 6), (128, 8, 6), (64, 6, 257), (128, 8, 1), (60, 4, 1),
-                                   (8, 2, 2)])
+@pytest.mark.parametrize("E,k,T", [(8, 2, 6), (60, 4, 6), (128, 8, 6), (64, 6, 257)])
 def test_router_kernel_matches_router(renorm, E, k, T):
-    """One row: the router GEMM and the top-k in one launch (_route_gemv_kernel); more rows: the GEMM, then the
-    top-k kernel."""
     from moeserve.kernels.router import route_softmax_topk
     from moeserve.layers.moe import Router, RouterConfig
 
@@ -127,10 +123,8 @@ def test_router_kernel_matches_router(renorm, E, k, T):
     w, ids = route_softmax_topk(x.to(DEV), r.weight.to(DEV), k, renorm)
     assert torch.equal(ids.cpu().long(), want_ids.long())
     torch.testing.assert_close(w.cpu(), want_w, rtol=1e-5, atol=1e-6)
-    assert bool((split_counters(w.device, 0) == 0).all())  # the fused launch re-armed its counter
 
 
-@pytest.mark.parametrize("T", [37, 1])
 @pytest.mark.parametrize("name, cfg", [
     ("deepseek_v3", dict(num_experts=64, top_k=8, scoring="sigmoid", renormalize=True, n_group=8, topk_group=4,
                          group_score="top2_sum", correction_bias=True, routed_scaling_factor=2.5)),
@@ -139,7 +133,7 @@ def test_router_kernel_matches_router(renorm, E, k, T):
     ("glm45_no_groups", dict(num_experts=16, top_k=4, scoring="sigmoid", renormalize=True, correction_bias=True,
                              group_score="top2_sum", routed_scaling_factor=1.5)),
 ])
-def test_grouped_router_kernel_matches_router(name, cfg, T):
+def test_grouped_router_kernel_matches_router(name, cfg):
     """The grouped/sigmoid routing kernel against Router's torch path (the CPU reference): same experts (the
     groups chosen first), same weights; the bias only steers the choice."""
     from moeserve.kernels.router import grouped_topk_supported, route_grouped_topk
@@ -153,7 +147,7 @@ def test_grouped_router_kernel_matches_router(name, cfg, T):
     r.weight.data = torch.randn(rc.num_experts, H, generator=g) * 0.3
     if rc.correction_bias:
         r.e_score_correction_bias.data = torch.randn(rc.num_experts, generator=g) * 0.2
-    x = torch.randn(T, H, generator=g)  # 1: in one launch with the GEMM
+    x = torch.randn(37, H, generator=g)
     want_w, want_ids = r(x)
     w, ids = route_grouped_topk(x.to(DEV), r.weight.to(DEV),
                                 r.e_score_correction_bias.to(DEV) if rc.correction_bias else None, rc.top_k,
@@ -164,37 +158,8 @@ def test_grouped_router_kernel_matches_router(name, cfg, T):
     torch.testing.assert_close(order(ids.cpu(), w.cpu()), order(want_ids, want_w), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("E,k,H,grouped", [(64, 6, 1000, False), (256, 8, 1200, True), (256, 8, 7168, True)])
-def test_one_launch_router_over_many_programs(E, k, H, grouped):
-    """The one-launch router where H spreads over many programs (16, then 75 and 112: more partials than one
-    chunk of the last program's sum) and K does not divide into them evenly: the same experts and weights as
-    Router's torch path, and the counter back at 0."""
-    from moeserve.kernels.router import route_grouped_topk, route_softmax_topk
-    from moeserve.layers.moe import Router, RouterConfig
-
-    rc = (RouterConfig(num_experts=E, top_k=k, scoring="sigmoid", renormalize=True, n_group=8, topk_group=4,
-                       group_score="top2_sum", correction_bias=True, routed_scaling_factor=2.5) if grouped
-          else RouterConfig(num_experts=E, top_k=k, renormalize=True))
-    g = torch.Generator().manual_seed(H)
-    r = Router(H, rc)
-    r.weight.data = torch.randn(E, H, generator=g) / H ** 0.5
-    if grouped:
-        r.e_score_correction_bias.data = torch.randn(E, generator=g) * 0.2
-    x = torch.randn(1, H, generator=g)
-    want_w, want_ids = r(x)
-    if grouped:
-        w, ids = route_grouped_topk(x.to(DEV), r.weight.to(DEV), r.e_score_correction_bias.to(DEV), k, 8, 4, True,
-                                    True, True, 2.5)
-    else:
-        w, ids = route_softmax_topk(x.to(DEV), r.weight.to(DEV), k, True)
-    order = lambda i, v: v.gather(1, i.long().argsort(-1))  # noqa: E731
-    assert torch.equal(ids.cpu().long().sort(-1).values, want_ids.long().sort(-1).values)
-    torch.testing.assert_close(order(ids.cpu(), w.cpu()), order(want_ids, want_w), rtol=1e-5, atol=1e-6)
-    assert bool((split_counters(w.device, 0) == 0).all())
-
-
-@pytest.mark.parametrize("rows,valid", [(6, 0), (6, 4), (6, 6), (1, 0), (1, 1)])
-def test_routing_kernels_count_like_the_telemetry_reference(rows, valid):
+@pytest.mark.parametrize("valid", [0, 4, 6])
+def test_routing_kernels_count_like_the_telemetry_reference(valid):
     """Expert-load counts on the device: the router kernels (softmax, grouped) add their own choices, count_routed
     adds any ids in one launch; both equal layers/expert_load.count_routed's reference (padding rows past `valid`
     count nothing) and accumulate."""
@@ -203,7 +168,7 @@ def test_routing_kernels_count_like_the_telemetry_reference(rows, valid):
 
     g = torch.Generator().manual_seed(valid)
     E, k, H = 12, 3, 32
-    x, w = torch.randn(rows, H, generator=g), torch.randn(E, H, generator=g)  # 1 row: the one-launch router
+    x, w = torch.randn(6, H, generator=g), torch.randn(E, H, generator=g)
     n = torch.tensor(valid, device=DEV)
     counts = torch.full((E,), 5, dtype=torch.int64, device=DEV)
     _, ids = route_softmax_topk(x.to(DEV), w.to(DEV), k, True, counts=counts, valid_tokens=n)

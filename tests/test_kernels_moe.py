@@ -192,25 +192,3 @@ def test_gemv_gate_up_rows_and_pairs_without_an_expert(H, inter, late):
         g, u = w13[flat[p], :inter] @ x[p // K], w13[flat[p], inter:] @ x[p // K]
         torch.testing.assert_close(inter1[p], torch.nn.functional.silu(g) * u, rtol=1e-5, atol=1e-6)
     assert torch.isnan(inter1[1]).all() and torch.isnan(inter1[2]).all()
-
-
-@pytest.mark.parametrize("sort", [0, 1], ids=["nosort", "sort"])
-@pytest.mark.parametrize("T", [1, 5])
-def test_sum_in_the_down_kernel_is_the_sum_kernels_bits(T, sort, monkeypatch):
-    """Up to SUM_LAST_TOKENS tokens the down kernel adds each token's K rows itself (the program storing the last
-    row of a token's column tile): the same fixed-order fp32 sum, rounded once, as _topk_sum_kernel's launch, so the
-    same bits; and every (token, tile) counter is back at 0 for the next launch."""
-    lin = load_kernel("linear", "_split_reduce")
-    monkeypatch.setattr(fused, "_linear", lin)  # the counters the kernels re-arm, as the test reads them
-    cfg = fused._cfg(16, 16, 32, 4, 2, 16, 16, 4, 2, sort=sort)
-    monkeypatch.setattr(fused, "get_tuner", lambda: _Fixed(cfg))
-    x, w13, w2, weights, ids = make_moe(T, 8, 2, 72, 40, torch.bfloat16, seed=T + 2 * sort)
-    outs = []
-    for limit in (fused.SUM_LAST_TOKENS, 0, fused.SUM_LAST_TOKENS):  # in the kernel, in its own launch, again
-        monkeypatch.setattr(fused, "SUM_LAST_TOKENS", limit)
-        out = torch.full_like(x, float("nan"))
-        fused.fused_moe(x, w13, w2, weights, ids, out=out)
-        assert bool((lin.split_counters(out.device, 0) == 0).all())
-        outs.append(out)
-    assert not torch.isnan(outs[0]).any()
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[2], outs[1])

@@ -8,9 +8,7 @@ Per chunk of tokens (so a 64k-token prefill stays inside memory):
   2. _gate_up_kernel: one BLOCK_M x BLOCK_N tile of gate and of up per program, fp32 accumulators, SiLU(gate) * up
      in the epilogue -> inter1 [pairs, I] (model dtype), rows indexed by pair;
   3. _down_kernel: inter1 rows @ w2[e]^T, times the pair's routing weight (fp32) -> inter2 [pairs, H];
-  4. out[t] = sum over k of inter2[t*K + k] (fp32 accumulation in k order, one rounding): for up to
-     SUM_LAST_TOKENS tokens inside the down kernel, by the program that stores a token's last row (a counter per
-     token and column tile decides which; the order of the sum is fixed), else in _topk_sum_kernel.
+  4. out[t] = sum over k of inter2[t*K + k] (torch.sum: fp32 accumulation, one rounding), no atomics.
 For one or two tokens a tuning candidate may fold 3 and 4 into one launch (_down_sum_kernel: each program owns a
 token's slice of H and adds up its K experts' GEMVs in registers), and may replace 2 by _gate_up_gemv_kernel (one
 pair's slice of I per program, multiply-and-reduce in fp32 registers: no 16-row tensor-core tile of which 15 rows
@@ -32,7 +30,6 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import fp8_linear as _fp8_linear  # its activation quantization (looked up at call time)
-from moeserve.kernels import linear as _linear  # its split-K tile counters
 from moeserve.kernels import pdl, runtime
 from moeserve.kernels.pdl import pdl_begin
 from moeserve.kernels.autotune import Config, bucket, get_tuner
@@ -40,9 +37,6 @@ from moeserve.kernels.int4_linear import unpack_codes
 from moeserve.kernels.moe_align import align_pairs
 
 DEFAULT_CHUNK = 16384
-# Up to this many tokens the down kernel also adds each token's K rows (_sum_when_last), sparing the sum's launch
-# (~1.5 us of a batch-1 layer); past it the counters' atomics and the scattered row reads are left untried.
-SUM_LAST_TOKENS = 256
 
 
 @triton.jit
@@ -372,11 +366,8 @@ def _down_kernel(
     s_ptr=None, stride_se=0, stride_sn=0, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1, WSCALE: tl.constexpr = 0,
     as_ptr=None, stride_as=0, A8: tl.constexpr = False, z_ptr=None, HAS_ZEROS: tl.constexpr = False,
     PACK: tl.constexpr = 1,
-    sum_ptr=None, cnt_ptr=None, stride_sum=0, TOPK: tl.constexpr = 1, SUM_LAST: tl.constexpr = False,
     PDL: tl.constexpr = 0,
 ):
-    """out[pair, n-tile] = w[pair] * inter[pair] @ w2[e]^T for each pair of a row block. SUM_LAST: also
-    sum[t, n-tile] = the K rows of token t, added by the program that writes the last of them (_sum_when_last)."""
     pdl_begin(PDL)
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(H, BLOCK_N)
@@ -395,9 +386,6 @@ def _down_kernel(
             zero = tl.zeros([BLOCK_M, BLOCK_N], out_ptr.dtype.element_ty)
             dst = out_ptr + row[:, None] * stride_ot + n[None, :]
             tl.store(dst, zero, mask=row_ok[:, None] & n_ok[None, :])
-            if SUM_LAST:
-                _sum_when_last(out_ptr, sum_ptr, cnt_ptr, row, row_ok, n, n_ok, pid_n, n_tiles, stride_ot,
-                               stride_sum, TOPK)
         return
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = inter_ptr + row[:, None] * stride_it + kk[None, :]
@@ -435,31 +423,6 @@ def _down_kernel(
     acc = acc * tl.load(topk_w_ptr + row, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     dst = out_ptr + row[:, None] * stride_ot + n[None, :]
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
-    if SUM_LAST:
-        _sum_when_last(out_ptr, sum_ptr, cnt_ptr, row, row_ok, n, n_ok, pid_n, n_tiles, stride_ot, stride_sum, TOPK)
-
-
-@triton.jit
-def _sum_when_last(src_ptr, sum_ptr, cnt_ptr, row, row_ok, n, n_ok, pid_n, n_tiles, stride_s, stride_sum,
-                   TOPK: tl.constexpr):
-    """The down step's K weighted rows of a token, summed by whichever program stores the last of them (for the
-    columns n of tile pid_n): _topk_sum_kernel's work without its launch. Each stored row bumps its (token, tile)
-    counter once; the program that sees K - 1 adds rows t*K + 0 .. t*K + K-1 in that order in fp32 and rounds once
-    (the bits of _topk_sum_kernel), then re-arms the counter. The ordering is linear._split_reduce's: a CTA
-    barrier before the release, the acquire's result shared through a barrier, the loads from L2 (.cg)."""
-    tl.debug_barrier()
-    tok = row // TOPK
-    cnt = cnt_ptr + tok * n_tiles + pid_n
-    arrived = tl.atomic_add(cnt, 1, mask=row_ok, sem="acq_rel", scope="gpu")
-    last = row_ok & (arrived == TOPK - 1)
-    tl.debug_barrier()
-    mask = last[:, None] & n_ok[None, :]
-    acc = tl.zeros([row.shape[0], n.shape[0]], tl.float32)
-    for k in tl.static_range(TOPK):
-        acc += tl.load(src_ptr + (tok * TOPK + k)[:, None] * stride_s + n[None, :], mask=mask, other=0.0,
-                       cache_modifier=".cg").to(tl.float32)
-    tl.store(sum_ptr + tok[:, None] * stride_sum + n[None, :], acc.to(sum_ptr.dtype.element_ty), mask=mask)
-    tl.store(cnt, 0, mask=last)
 
 
 @triton.jit
@@ -754,20 +717,14 @@ def _moe_chunk(cfg: Config, x, w13, w2, topk_weights, topk_ids, out, inter1, int
     if a8:
         a, a_s = _fp8_linear.quantize_act(inter1[:pairs], min(blocks["w2"][1], inter))
         scaled2.update(as_ptr=a_s, stride_as=a_s.stride(0), A8=True)
-    n_tiles = triton.cdiv(H, bn2)
-    sum_last = T <= SUM_LAST_TOKENS and T * n_tiles <= _linear.SPLIT_COUNTERS
-    summed = {"sum_ptr": out, "cnt_ptr": _linear.split_counters(out.device, T * n_tiles),
-              "stride_sum": out.stride(0), "TOPK": K, "SUM_LAST": True} if sum_last else {}
-    _down_kernel[(num_blocks * n_tiles,)](
+    _down_kernel[(num_blocks * triton.cdiv(H, bn2),)](
         a, w2, inter2, sorted_pairs, block_expert, num_post, topk_weights,
         pairs, E, H, inter, a.stride(0), w2.stride(0), w2.stride(1), inter2.stride(0),
         BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=bk2, EVEN_K=inter % bk2 == 0, EVEN_N=H % bn2 == 0,
         SORTED=sort, DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg["W2"], num_stages=cfg["S2"], **mapped,
-        **scaled2, **summed,
+        **scaled2,
         **pdl.launch(a.device, T),
     )
-    if sum_last:
-        return
     block = min(1024, triton.next_power_of_2(H))
     _topk_sum_kernel[(T, triton.cdiv(H, block))](inter2, out, H, inter2.stride(0), out.stride(0), TOPK=K, BLOCK=block,
                                                  num_warps=4, **pdl.launch(inter2.device, T))

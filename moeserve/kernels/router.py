@@ -35,13 +35,6 @@ def _topk_softmax_kernel(logits_ptr, wout_ptr, iout_ptr, counts_ptr, valid_ptr, 
     e = tl.arange(0, E_P)
     em = e < E
     logits = tl.load(logits_ptr + t * stride_l + e, mask=em, other=float("-inf")).to(tl.float32)
-    _softmax_pick(logits, e, em, t, wout_ptr, iout_ptr, counts_ptr, valid_ptr, scale, K, K_P, E_P, RENORM, COUNT)
-
-
-@triton.jit
-def _softmax_pick(logits, e, em, t, wout_ptr, iout_ptr, counts_ptr, valid_ptr, scale, K: tl.constexpr,
-                  K_P: tl.constexpr, E_P: tl.constexpr, RENORM: tl.constexpr, COUNT: tl.constexpr):
-    """Token t's softmax top-k from its fp32 logits [E_P] (-inf past E): weights and ids out, telemetry counts."""
     m = tl.max(logits, axis=0)
     denom = tl.sum(tl.where(em, tl.exp(logits - m), 0.0), axis=0)
     slot = tl.arange(0, K_P)
@@ -80,16 +73,6 @@ def _grouped_topk_kernel(logits_ptr, bias_ptr, wout_ptr, iout_ptr, counts_ptr, v
     j = tl.arange(0, EG)
     e = g[:, None] * EG + j[None, :]
     logits = tl.load(logits_ptr + t * stride_l + e).to(tl.float32)
-    _grouped_pick(logits, g, j, e, t, bias_ptr, wout_ptr, iout_ptr, counts_ptr, valid_ptr, scale, eps, G, EG,
-                  TOPK_GROUP, K, K_P, SIGMOID, HAS_BIAS, TOP2_SUM, RENORM, COUNT)
-
-
-@triton.jit
-def _grouped_pick(logits, g, j, e, t, bias_ptr, wout_ptr, iout_ptr, counts_ptr, valid_ptr, scale, eps,
-                  G: tl.constexpr, EG: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr,
-                  SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, TOP2_SUM: tl.constexpr, RENORM: tl.constexpr,
-                  COUNT: tl.constexpr):
-    """Token t's grouped top-k from its fp32 logits as a [G, EG] tile (e: the expert ids of its cells)."""
     if SIGMOID:
         scores = tl.sigmoid(logits)
     else:
@@ -128,83 +111,6 @@ def _grouped_pick(logits, g, j, e, t, bias_ptr, wout_ptr, iout_ptr, counts_ptr, 
         tl.atomic_add(counts_ptr + ids, 1, mask=(slot < K) & real)
 
 
-@triton.jit
-def _route_gemv_kernel(x_ptr, w_ptr, part_ptr, cnt_ptr, bias_ptr, wout_ptr, iout_ptr, counts_ptr, valid_ptr,
-                       E, H, scale, eps, E_P: tl.constexpr, BLOCK_K: tl.constexpr, STEPS: tl.constexpr,
-                       PROGS: tl.constexpr, CHUNK: tl.constexpr, GROUPED: tl.constexpr, G: tl.constexpr,
-                       EG: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr,
-                       SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, TOP2_SUM: tl.constexpr, RENORM: tl.constexpr,
-                       COUNT: tl.constexpr, PDL: tl.constexpr = 0):
-    """The router of one token in one launch: PROGS programs each take STEPS x BLOCK_K inputs of every expert's row
-    and store fp32 partial logits part[pid, :]; the last program to arrive (one counter, linear._split_reduce's
-    ordering) adds the partials in a fixed order, rounds the logits to x's dtype (as the router GEMM's output) and
-    picks the experts (_softmax_pick or _grouped_pick)."""
-    pdl_begin(PDL)
-    pid = tl.program_id(0)
-    e = tl.arange(0, E_P)
-    em = e < E
-    kk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([E_P, BLOCK_K], tl.float32)  # products kept element-wise, summed over K once
-    for s in tl.static_range(STEPS):
-        k = (pid * STEPS + s) * BLOCK_K + kk
-        k_ok = k < H
-        w = tl.load(w_ptr + e[:, None].to(tl.int64) * H + k[None, :], mask=em[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + k, mask=k_ok, other=0.0)
-        acc += x.to(tl.float32)[None, :] * w.to(tl.float32)
-    tl.store(part_ptr + pid * E_P + e, tl.sum(acc, axis=1))
-    tl.debug_barrier()
-    if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == PROGS - 1:
-        c = tl.arange(0, CHUNK)
-        logits = tl.zeros([E_P], tl.float32)
-        for p0 in tl.static_range(0, PROGS, CHUNK):
-            logits += tl.sum(tl.load(part_ptr + (p0 + c[:, None]) * E_P + e[None, :], mask=(p0 + c < PROGS)[:, None],
-                                     other=0.0, cache_modifier=".cg"), axis=0)
-        logits = logits.to(x_ptr.dtype.element_ty).to(tl.float32)
-        if GROUPED:
-            g = tl.arange(0, G)
-            j = tl.arange(0, EG)
-            _grouped_pick(tl.reshape(logits, [G, EG]), g, j, g[:, None] * EG + j[None, :], 0, bias_ptr, wout_ptr,
-                          iout_ptr, counts_ptr, valid_ptr, scale, eps, G, EG, TOPK_GROUP, K, K_P, SIGMOID, HAS_BIAS,
-                          TOP2_SUM, RENORM, COUNT)
-        else:
-            _softmax_pick(tl.where(em, logits, float("-inf")), e, em, 0, wout_ptr, iout_ptr, counts_ptr, valid_ptr,
-                          scale, K, K_P, E_P, RENORM, COUNT)
-        tl.store(cnt_ptr, 0)
-
-
-def _route_gemv(x: torch.Tensor, weight: torch.Tensor, w_out: torch.Tensor, i_out: torch.Tensor, top_k: int,
-                scale: float, renormalize: bool, counts, valid_tokens, grouped: dict | None = None) -> bool:
-    """The router GEMV and top-k in one launch for one token (a batch-1 decode step: one launch fewer a layer);
-    False where it does not apply (more tokens, whose top-k runs a program per token; x and the weight unlike).
-    grouped: the grouped kernel's arguments (bias, n_group, topk_group, sigmoid, top2_sum, eps), None for softmax."""
-    T, H = x.shape
-    E = weight.shape[0]
-    if T != 1 or x.dtype != weight.dtype or x.stride(-1) != 1 or not weight.is_contiguous():
-        return False
-    from moeserve.kernels.linear import split_counters
-
-    e_p = triton.next_power_of_2(E)
-    block_k = max(8, 4096 // e_p)  # a step's fp32 products: 4096 a program, 32 a thread
-    steps = triton.cdiv(triton.cdiv(H, block_k), 128)  # at most 128 programs: the last one sums their partials
-    progs = triton.cdiv(H, steps * block_k)
-    chunk = min(triton.next_power_of_2(progs), max(1, 8192 // e_p))
-    part = torch.empty(progs * e_p, dtype=torch.float32, device=x.device)
-    count = counts is not None
-    g = grouped or {}
-    n_group, topk_group = g.get("n_group", 1), g.get("topk_group", 1)
-    if grouped is not None and n_group == 1:  # as route_grouped_topk: two halves, both kept
-        n_group = topk_group = 2
-    bias = g.get("bias")
-    _route_gemv_kernel[(progs,)](
-        x, weight, part, split_counters(x.device, 1), bias if bias is not None else part, w_out, i_out,
-        counts if count else i_out, valid_tokens if count else i_out, E, H, scale, g.get("eps", 0.0),
-        E_P=e_p, BLOCK_K=block_k, STEPS=steps, PROGS=progs, CHUNK=chunk, GROUPED=grouped is not None, G=n_group,
-        EG=E // n_group, TOPK_GROUP=topk_group, K=top_k, K_P=triton.next_power_of_2(top_k),
-        SIGMOID=g.get("sigmoid", False), HAS_BIAS=bias is not None, TOP2_SUM=g.get("top2_sum", False),
-        RENORM=renormalize, COUNT=count, num_warps=4, **pdl.launch(x.device, T))
-    return True
-
-
 def grouped_topk_supported(num_experts: int, n_group: int) -> bool:
     """The kernel's tiles are powers of two: E (>= 2), and E / n_group experts per group."""
     def pow2(n: int) -> bool:
@@ -226,10 +132,6 @@ def route_grouped_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     w_out = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
     i_out = torch.empty(T, top_k, dtype=torch.int32, device=x.device)
     if T == 0:
-        return w_out, i_out
-    if _route_gemv(x, weight, w_out, i_out, top_k, scaling, renormalize, counts, valid_tokens,
-                   grouped={"bias": bias, "n_group": n_group, "topk_group": topk_group, "sigmoid": sigmoid,
-                            "top2_sum": top2_sum, "eps": 1e-20 if sigmoid else 0.0}):
         return w_out, i_out
     logits = linear(x, weight)
     count = counts is not None
@@ -275,8 +177,6 @@ def route_softmax_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, renorm
     w_out = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
     i_out = torch.empty(T, top_k, dtype=torch.int32, device=x.device)
     if T == 0:
-        return w_out, i_out
-    if _route_gemv(x, weight, w_out, i_out, top_k, scaling, renormalize, counts, valid_tokens):
         return w_out, i_out
     logits = linear(x, weight)  # in the activation dtype, as the torch path rounds it
     count = counts is not None
