@@ -33,7 +33,7 @@ from moeserve.kernels import fp8_linear as _fp8_linear  # its activation quantiz
 from moeserve.kernels import pdl, runtime
 from moeserve.kernels.pdl import pdl_begin
 from moeserve.kernels.autotune import Config, bucket, get_tuner
-from moeserve.kernels.int4_linear import unpack_codes
+from moeserve.kernels.int4_linear import codes_minus
 from moeserve.kernels.moe_align import align_pairs
 
 DEFAULT_CHUNK = 16384
@@ -116,7 +116,7 @@ def _w4_tile(words, z_col, k0, kk, k_left, n_ok, SBK: tl.constexpr, WSCALE: tl.c
         else:
             z = _zero(z_col, k0, n_ok, ((k0 + kk) // SBK)[None, :], n_ok[:, None] & (kk < k_left)[None, :], SBK,
                       WSCALE, 0)
-    return unpack_codes(words, K_AXIS).to(tl.float32) - z
+    return codes_minus(words, z, K_AXIS)
 
 
 @triton.jit
@@ -312,13 +312,13 @@ def _gate_up_gemv_kernel(
             u = tl.load(u_ptrs, mask=wm, other=0.0)
         if WSCALE == 3:  # int4, several whole groups a tile
             af = a.to(tl.float32)
-            acc_g += _w4_deep_dot(unpack_codes(g, 1), af, gs_col, gz_col, k0, H - k0, n_ok, SBK, HAS_ZEROS)
-            acc_u += _w4_deep_dot(unpack_codes(u, 1), af, us_col, uz_col, k0, H - k0, n_ok, SBK, HAS_ZEROS)
+            acc_g += _w4_deep_dot(codes_minus(g, 0.0, 1), af, gs_col, gz_col, k0, H - k0, n_ok, SBK, HAS_ZEROS)
+            acc_u += _w4_deep_dot(codes_minus(u, 0.0, 1), af, us_col, uz_col, k0, H - k0, n_ok, SBK, HAS_ZEROS)
         else:
             a = a.to(tl.float32)[None, :]
             if PACK == 8 and WSCALE == 1 and not LATE_SUM:  # the codes as they are: each column's zero after the sum
-                g = unpack_codes(g, 1)
-                u = unpack_codes(u, 1)
+                g = codes_minus(g, 0.0, 1)
+                u = codes_minus(u, 0.0, 1)
             elif PACK == 8:
                 g = _w4_tile(g, gz_col, k0, kk, H - k0, n_ok, SBK, WSCALE, HAS_ZEROS, 1)
                 u = _w4_tile(u, uz_col, k0, kk, H - k0, n_ok, SBK, WSCALE, HAS_ZEROS, 1)
@@ -467,12 +467,12 @@ def _down_sum_kernel(
                 a = tl.load(a_ptrs, mask=k_ok, other=0.0)
                 b = tl.load(b_ptrs, mask=_w_mask(kw, I - k0, n_ok, PACK, 1), other=0.0)
             if WSCALE == 3:  # int4, several whole groups a tile
-                part += _w4_deep_dot(unpack_codes(b, 1), a.to(tl.float32), s_col, z_col, k0, I - k0, n_ok, SBK,
+                part += _w4_deep_dot(codes_minus(b, 0.0, 1), a.to(tl.float32), s_col, z_col, k0, I - k0, n_ok, SBK,
                                      HAS_ZEROS)
             else:
                 em = n_ok[:, None] & (kk < I - k0)[None, :]
                 if PACK == 8 and WSCALE == 1 and not LATE_SUM:  # the codes as they are: the zero after the sum
-                    b = unpack_codes(b, 1)
+                    b = codes_minus(b, 0.0, 1)
                 elif PACK == 8:
                     b = _w4_tile(b, z_col, k0, kk, I - k0, n_ok, SBK, WSCALE, HAS_ZEROS, 1)
                 b = b.to(tl.float32)
