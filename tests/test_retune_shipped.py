@@ -51,6 +51,7 @@ def test_stale_entries_and_merge(tmp_path, monkeypatch):
     covered = {"config": cands[0], "timings_ms": [[c, 1.0] for c in cands], "failed": []}
     short = {"config": cands[0], "timings_ms": [[c, 1.0] for c in cands[:-1]], "failed": []}
     assert rs.stale({key: covered, "linear|M=1": short}) == []
+    assert rs.stale({key: short}, min_hidden=256) == []  # a test's shape (H = 40), below the default
     assert rs.stale({key: short}) == [key]
     shipped = tmp_path / "tuned" / "GPU_X.json"
     shipped.parent.mkdir()
