@@ -57,14 +57,19 @@ def unpack_codes(words, K_AXIS: tl.constexpr):
 
 
 @triton.jit
+def codes_f32(q, less):
+    """Unpacked codes q (int32, 0..15) less `less` (the zeros, 8 when symmetric, 0 for the bare codes) in fp32, with
+    no int-to-float conversion: under the exponent bits of 2^23 (0x4B000000) a code reads as the float 2^23 + q, and
+    one subtraction of 2^23 + less leaves q - less exactly (integers below 2^24). I2F issues at a quarter of the fp32
+    rate on sm_90, and fused_moe's int4 gate/up had 133 of them a thread a K step, one a code (session 24; the int4
+    kernels sped up 0-13 %)."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - (less + 8388608.0)
+
+
+@triton.jit
 def codes_minus(words, less, K_AXIS: tl.constexpr):
-    """unpack_codes(words, K_AXIS) - less in fp32 (less: the zeros, 8 when symmetric, 0 for the bare codes), with no
-    int-to-float conversion: under the exponent bits of 2^23 (0x4B000000) a code q reads as the float 2^23 + q, and
-    one subtraction of 2^23 + less leaves q - less exactly (integers below 2^24). The dequantizing kernels are bound
-    by instruction issue, not bytes, and I2F issues at a quarter of the fp32 rate on sm_90: fused_moe's int4 gate/up
-    had 133 of them a thread a K step, one a code (session 24)."""
-    q = unpack_codes(words, K_AXIS) | 0x4B000000
-    return q.to(tl.float32, bitcast=True) - (less + 8388608.0)
+    """codes_f32(unpack_codes(words, K_AXIS), less): a tile of words as its codes less their zeros, fp32."""
+    return codes_f32(unpack_codes(words, K_AXIS), less)
 
 
 @triton.jit
@@ -149,8 +154,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, 
         g_ok = kg < K
         words = tl.load(w_ptr + n[:, None, None].to(tl.int64) * stride_wn + (kg // 8)[None, :, None] + c[None, None, :],
                         mask=n_ok[:, None, None] & g_ok[None, :, None], other=0, eviction_policy="evict_first")
-        q = tl.reshape(((words[:, :, :, None] >> shifts[None, None, None, :]) & 0xF) | 0x4B000000, [BLOCK_N, NG, GS])
-        q = q.to(tl.float32, bitcast=True) - 8388608.0  # the codes, fp32 with no I2F (codes_minus)
+        q = codes_f32(tl.reshape((words[:, :, :, None] >> shifts[None, None, None, :]) & 0xF, [BLOCK_N, NG, GS]), 0.0)
         a = tl.load(x_ptr + m[:, None, None] * stride_xm + kg[None, :, None] + j[None, None, :],
                     mask=m_ok[:, None, None] & g_ok[None, :, None], other=0.0).to(tl.float32)
         part = tl.sum(a[:, None, :, :] * q[None, :, :, :], axis=3)  # [M_P, BLOCK_N, NG]
