@@ -55,12 +55,8 @@ def blocks(p: dict) -> dict | None:
 
 def candidates(p: dict) -> list[dict]:
     """Today's candidates for the key, as fused_moe.fused_moe asks the tuner."""
-    b = blocks(p)
-    scale_k = None
-    if b:
-        scale_k = (b["w13"][1] if b["w13"][1] < p["H"] else 0, b["w2"][1] if b["w2"][1] < p["I"] else 0)
-    return fm.moe_candidates(p["T"], p["K"], p["of"], 4 if p["dtype"] == "float32" else 2, scale_k,
-                             a8=bool(p["fp8"]), int4=bool(p["int4"]))
+    return fm.tuning_candidates(p["T"], p["K"], p["of"], 4 if p["dtype"] == "float32" else 2, blocks(p), p["H"],
+                                p["I"], 8 if p["int4"] else 1)
 
 
 def stale(entries: dict, min_hidden: int = 0) -> list[str]:
@@ -157,7 +153,7 @@ def main() -> int:
     ap.add_argument("--merge", type=Path, help="a retuned-<gpu>.json to put into the shipped file")
     ap.add_argument("--list", metavar="GPU_SLUG", help="print that card's stale fused_moe keys")
     ap.add_argument("--min-hidden", type=int, default=256,
-                    help="skip smaller shapes (the CUDA tests' tiny ones: session 24 spent a third of its call on them)")
+                    help="skip smaller shapes: the CUDA tests' tiny ones (a third of session 24's call went on them)")
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge)

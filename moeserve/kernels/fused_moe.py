@@ -584,12 +584,10 @@ def fused_moe(
     key = f"T={bucket(rows)}|E={E}|K={K}|H={H}|I={inter}|{str(x.dtype).removeprefix('torch.')}"
     if expert_map is not None:
         key += f"|of={num_ids}"
-    scale_k = None
     scales = None
     if quant:
-        (bn1, bk1), (bn2, bk2) = blocks["w13"], blocks["w2"]
+        bn1, bk1 = blocks["w13"]
         key += f"|fp8={bn1}x{bk1}" if pack == 1 else f"|int4={bk1}" + ("z" if w13_zeros is not None else "")
-        scale_k = (bk1 if bk1 < H else 0, bk2 if bk2 < inter else 0)  # 0: one block spans K
         w13_scale, w2_scale = w13_scale.contiguous(), w2_scale.contiguous()  # zeros share the scales' strides
         zeros = (None, None) if w13_zeros is None else (w13_zeros.contiguous(), w2_zeros.contiguous())
         scales = (w13_scale, w2_scale, blocks, zeros, pack)
@@ -601,12 +599,24 @@ def fused_moe(
         _moe_chunk(cfg, x[lo:hi], w13, w2, topk_weights[lo:hi], topk_ids[lo:hi], out[lo:hi], inter1, inter2,
                    expert_map, scales)
 
-    cands = moe_candidates(bucket(rows), K, num_ids, x.element_size(), scale_k, a8=quant and pack == 1,
-                           int4=pack == 8)
+    cands = tuning_candidates(bucket(rows), K, num_ids, x.element_size(), blocks if quant else None, H, inter, pack)
     cfg = get_tuner().choose("fused_moe", key, cands, run, cands[0])
     for lo in range(0, T, rows):
         run(cfg, lo)
     return out
+
+
+def tuning_candidates(tokens: int, top_k: int, num_ids: int, elem_bytes: int, blocks: dict | None, H: int,
+                      inter: int, pack: int = 1) -> list[Config]:
+    """What fused_moe asks the tuner to time for this shape: moe_candidates with the K scale blocks of quantized
+    experts (blocks as fused_moe takes them, None for unquantized; pack 8 for int4). benchmarks/kernels/
+    retune_shipped.py rebuilds the same list from a tuning key."""
+    scale_k = None
+    if blocks is not None:
+        bk1, bk2 = blocks["w13"][1], blocks["w2"][1]
+        scale_k = (bk1 if bk1 < H else 0, bk2 if bk2 < inter else 0)  # 0: one block spans K
+    return moe_candidates(tokens, top_k, num_ids, elem_bytes, scale_k, a8=blocks is not None and pack == 1,
+                          int4=pack == 8)
 
 
 def _check_scales(w13, w2, w13_scale, w2_scale, blocks, H: int, inter: int, w13_zeros=None, w2_zeros=None) -> bool:
